@@ -1,0 +1,30 @@
+//! The maps of one attached bridge. Every bridge gets its own instance of the programs and
+//! maps, so ports of different bridges can never reach each other through xbr.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+};
+use bridge_common::{
+    BridgeRecord, Endpoint, EndpointKey, MAX_ENDPOINTS, MAX_PORTS, PortRecord, PortStats, Verdict,
+};
+
+/// Destination MAC -> the bridge port it lives behind. Filled by the control plane.
+#[map]
+pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Per-port counters, keyed by host-side ifindex; the control plane creates an entry per port.
+#[map]
+pub static PORT_STATS: PerCpuHashMap<u32, PortStats> = PerCpuHashMap::with_max_entries(MAX_PORTS, 0);
+
+/// How many frames got each `Verdict`.
+#[map]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Verdict::COUNT, 0);
+
+/// Control-plane bookkeeping kept beside the pins; the datapath never reads it.
+#[map]
+pub static BRIDGE: Array<BridgeRecord> = Array::with_max_entries(1, 0);
+
+/// Control-plane bookkeeping per attached port; the datapath never reads it.
+#[map]
+pub static PORTS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_PORTS, 0);

@@ -1,0 +1,68 @@
+//! The library's one error type. Every message names the object and, where there is one,
+//! the next step for the user.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bridge {0} not found; list bridges with `ip -br link show type bridge`")]
+    BridgeNotFound(String),
+    #[error("{name} is a {kind} device, not a bridge; list bridges with `ip -br link show type bridge`")]
+    NotABridge { name: String, kind: String },
+    #[error(
+        "bridge {0} filters VLANs (vlan_filtering 1); xbr does not accelerate VLAN-filtering \
+         bridges, because frames would bypass the bridge's VLAN policy"
+    )]
+    VlanFiltering(String),
+    #[error("bridge {bridge} is already attached (pinned at {}); run `xbr detach {bridge}` first", pins.display())]
+    AlreadyAttached { bridge: String, pins: PathBuf },
+    #[error("bridge {bridge} is not attached (nothing pinned at {}); see `xbr status`", pins.display())]
+    NotAttached { bridge: String, pins: PathBuf },
+    #[error("port {port} of bridge {bridge} disappeared during attach; nothing was changed, run `xbr attach {bridge}` again")]
+    PortVanished { bridge: String, port: String },
+    #[error("xbr needs root (CAP_NET_ADMIN and CAP_BPF); run it with sudo")]
+    NotRoot,
+    #[error("cannot use bpffs at {}: {reason}; mount it with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-root on a bpffs", path.display())]
+    Bpffs { path: PathBuf, reason: String },
+    #[error("this kernel lacks {feature}, which xbr needs: {detail}")]
+    MissingFeature { feature: &'static str, detail: String },
+    #[error("the pins at {} are not a complete xbr attachment ({detail}); remove them with `xbr detach --force {bridge}`", pins.display())]
+    BrokenPins { bridge: String, pins: PathBuf, detail: String },
+    #[error("netlink: {context}: {source}")]
+    Netlink {
+        context: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Ebpf {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    pub fn netlink(context: impl Into<String>, source: rtnetlink::Error) -> Self {
+        Error::Netlink { context: context.into(), source }
+    }
+
+    pub fn ebpf(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Ebpf { context: context.into(), source: Box::new(source) }
+    }
+}

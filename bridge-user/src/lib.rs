@@ -1,0 +1,15 @@
+//! xbr: a tc/XDP fast path for Linux container bridges.
+//!
+//! The control plane is observe -> plan -> apply: `observe` reads the kernel into plain
+//! values, `plan` turns them into the wanted datapath state without touching anything, and
+//! `datapath` applies it (load, attach, fill maps, pin).
+
+pub mod datapath;
+pub mod error;
+pub mod features;
+pub mod lab;
+pub mod netlink;
+pub mod netns;
+pub mod observe;
+pub mod pins;
+pub mod plan;

@@ -1,0 +1,198 @@
+//! `xbr`: attach a tc fast path to a Linux container bridge, and build labs to try it on.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use xbr::{
+    datapath::{self, ModeChoice},
+    features, lab, netlink, netns, observe, pins, plan,
+};
+
+mod report;
+
+#[derive(Parser)]
+#[command(
+    name = "xbr",
+    version,
+    about = "A tc/eBPF fast path for Linux container bridges",
+    long_about = "xbr moves container-to-container traffic on a Linux bridge (docker0, br-*, cni0, \
+                  any bridge with veth ports) off the bridge: a tc program on every veth port \
+                  redirects unicast IP frames for a known container MAC straight into that \
+                  container (bpf_redirect_peer). Everything else - ARP, broadcast, multicast, \
+                  traffic to the host or the outside, unknown MACs - takes the bridge as before.\n\n\
+                  The attachment is pinned on bpffs, so it outlives this process; `xbr detach` \
+                  removes every trace of it.",
+    after_help = "Examples:\n  \
+                  xbr attach docker0          accelerate docker0\n  \
+                  xbr status                  what is attached, with which mode\n  \
+                  xbr stats docker0 --json    per-container counters for scripts\n  \
+                  xbr detach docker0          back to the plain bridge\n  \
+                  xbr -n lab-host attach br0  the same inside network namespace lab-host\n  \
+                  xbr lab up examples/lab.toml  build a lab of namespaces to try it on"
+)]
+struct Cli {
+    /// Run in network namespace NAME (as created by `ip netns add`), like `ip -n NAME`.
+    #[arg(short = 'n', long = "netns", global = true, value_name = "NAME")]
+    netns: Option<String>,
+    /// Where attachments are pinned; must be on a bpf filesystem.
+    #[arg(long, global = true, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the fast path to BRIDGE's veth ports, pin it and exit.
+    Attach {
+        /// The bridge, e.g. docker0, br-1a2b3c4d5e6f, cni0.
+        bridge: String,
+        /// How to hook the ports: tcx links (kernel 6.6+) or a clsact qdisc with a cls_bpf filter.
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: ModeChoice,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove everything xbr added to BRIDGE: programs, links, filters, qdiscs, pins.
+    Detach {
+        bridge: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Show attached bridges, their ports and endpoints, and the kernel features in use.
+    Status {
+        /// Only this bridge.
+        bridge: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Per-endpoint counters: frames on the fast path, frames handed to the bridge.
+    Stats {
+        /// Only this bridge.
+        bridge: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Build or remove a lab of network namespaces from a topology file.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Create the namespaces, bridge and veths of FILE (idempotent).
+    Up { file: PathBuf },
+    /// Remove exactly what `lab up FILE` made, detaching xbr from the lab's bridge first.
+    Down { file: PathBuf },
+}
+
+#[derive(Args, Clone, Copy)]
+struct Output {
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli) {
+        eprintln!("xbr: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(xbr::error::Error::NotRoot);
+    }
+    if let Command::Lab(command) = &cli.command {
+        return run_lab(command, &cli.pin_root);
+    }
+    if let Some(name) = &cli.netns {
+        netns::enter(name)?;
+    }
+    let root = &cli.pin_root;
+    match cli.command {
+        Command::Attach { bridge, mode, output } => {
+            let features = features::detect();
+            if !features.sched_cls {
+                bail!(xbr::error::Error::MissingFeature {
+                    feature: "tc BPF programs (BPF_PROG_TYPE_SCHED_CLS)",
+                    detail: format!("kernel {} refused a test program", features.kernel),
+                });
+            }
+            let mode = mode.resolve(&features)?;
+            let view = netlink::run(|handle| async move { observe::bridge(&handle, &bridge).await })??;
+            let plan = plan::plan(&view)?;
+            let attached = datapath::attach(&plan, mode, &features, root)?;
+            report::attached(&plan, &attached, &features, output.json)
+        }
+        Command::Detach { bridge, output } => {
+            let detached = datapath::detach(root, &bridge)?;
+            report::detached(&bridge, &detached, output.json)
+        }
+        Command::Status { bridge, output } => {
+            let attachments = read_attachments(root, bridge.as_deref())?;
+            report::status(&attachments, &features::detect(), output.json)
+        }
+        Command::Stats { bridge, output } => {
+            let attachments = read_attachments(root, bridge.as_deref())?;
+            report::stats(&attachments, output.json)
+        }
+        Command::Lab(_) => unreachable!("handled above"),
+    }
+}
+
+/// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and
+/// what is not accelerated); `None` when the bridge is gone.
+fn read_attachments(
+    root: &std::path::Path,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<(datapath::Attachment, Option<observe::BridgeView>)>> {
+    let names = match only {
+        Some(name) => vec![name.to_owned()],
+        None => pins::attached_bridges(root)?,
+    };
+    let mut attachments = Vec::new();
+    for name in names {
+        let attachment = datapath::read(root, &name)?;
+        let view = netlink::run(|handle| async move { observe::bridge(&handle, &name).await })?.ok();
+        attachments.push((attachment, view));
+    }
+    Ok(attachments)
+}
+
+fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
+    match command {
+        LabCommand::Up { file } => {
+            let spec = lab::LabSpec::from_file(file)?;
+            lab::up(&spec).with_context(|| format!("building lab {}", spec.name))?;
+            println!(
+                "lab {} is up: bridge {} in namespace {} with {} containers",
+                spec.name,
+                spec.bridge.name,
+                spec.host_netns(),
+                spec.containers.len()
+            );
+            println!("  try: xbr -n {} attach {}", spec.host_netns(), spec.bridge.name);
+            Ok(())
+        }
+        LabCommand::Down { file } => {
+            let spec = lab::LabSpec::from_file(file)?;
+            // Deleting the namespace would take the ports but leave the pins behind.
+            let host = netns::NetNs::open(&spec.host_netns()).ok();
+            if let Some(host) = host {
+                let bridge = spec.bridge.name.clone();
+                let root = root.to_owned();
+                host.run(move || match datapath::detach(&root, &bridge) {
+                    Ok(_) | Err(xbr::error::Error::NotAttached { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                })??;
+            }
+            lab::down(&spec).with_context(|| format!("removing lab {}", spec.name))?;
+            println!("lab {} is down", spec.name);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Observe: read a bridge, its ports and the containers behind them from the kernel into
+//! plain values. Nothing here changes the kernel; `plan` decides what to do with the view.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    AddressFamily,
+    address::{AddressAttribute, AddressMessage},
+    link::{
+        BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute,
+        LinkFlags, LinkInfo, LinkMessage,
+    },
+};
+use rtnetlink::Handle;
+
+use crate::error::{Error, Result};
+
+pub type Mac = [u8; 6];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeView {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: Mac,
+    pub vlan_filtering: bool,
+    pub ports: Vec<PortView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortView {
+    pub name: String,
+    pub ifindex: u32,
+    /// The link kind ("veth", "tun", ...; empty for a physical NIC).
+    pub kind: String,
+    pub mac: Mac,
+    pub state: PortState,
+    /// Bridge port isolation: isolated ports may not talk to each other.
+    pub isolated: bool,
+    /// The other end of a veth port: the container's interface.
+    pub peer: Option<PeerView>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortState {
+    Forwarding,
+    /// Disabled (link down), listening, learning or blocking: the bridge forwards nothing
+    /// from or to it.
+    NotForwarding,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    pub name: String,
+    pub mac: Mac,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Reads bridge `name` and every port on it.
+pub async fn bridge(handle: &Handle, name: &str) -> Result<BridgeView> {
+    let message = link_by_name(handle, name)
+        .await?
+        .ok_or_else(|| Error::BridgeNotFound(name.to_owned()))?;
+    let kind = link_kind(&message);
+    if kind != "bridge" {
+        let kind = if kind.is_empty() { "physical".to_owned() } else { kind };
+        return Err(Error::NotABridge { name: name.to_owned(), kind });
+    }
+    let ifindex = message.header.index;
+    let vlan_filtering = bridge_info(&message).any(|info| matches!(info, InfoBridge::VlanFiltering(true)));
+
+    let mut ports = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(link) = links
+        .try_next()
+        .await
+        .map_err(|e| Error::netlink(format!("listing the ports of {name}"), e))?
+    {
+        let controller = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Controller(index) => Some(*index),
+            _ => None,
+        });
+        if controller == Some(ifindex) {
+            ports.push(port(handle, &link).await?);
+        }
+    }
+    ports.sort_by_key(|p| p.ifindex);
+    Ok(BridgeView {
+        name: name.to_owned(),
+        ifindex,
+        mac: link_mac(&message),
+        vlan_filtering,
+        ports,
+    })
+}
+
+async fn port(handle: &Handle, link: &LinkMessage) -> Result<PortView> {
+    let kind = link_kind(link);
+    let port_info: Vec<&InfoBridgePort> = link_infos(link)
+        .filter_map(|info| match info {
+            LinkInfo::PortData(InfoPortData::BridgePort(infos)) => Some(infos.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let forwarding = port_info
+        .iter()
+        .any(|i| matches!(i, InfoBridgePort::State(BridgePortState::Forwarding)));
+    let isolated = port_info.iter().any(|i| matches!(i, InfoBridgePort::Isolated(true)));
+    let up = link.header.flags.contains(LinkFlags::Up);
+    let peer = if kind == "veth" { veth_peer(handle, link).await? } else { None };
+    Ok(PortView {
+        name: link_name(link),
+        ifindex: link.header.index,
+        kind,
+        mac: link_mac(link),
+        state: if forwarding && up { PortState::Forwarding } else { PortState::NotForwarding },
+        isolated,
+        peer,
+    })
+}
+
+/// The container's end of a veth port, read across namespaces by netns id
+/// (IFLA_TARGET_NETNSID), so no namespace has to be found or entered.
+async fn veth_peer(handle: &Handle, port: &LinkMessage) -> Result<Option<PeerView>> {
+    let mut peer_index = None;
+    let mut peer_netns = None;
+    for attribute in &port.attributes {
+        match attribute {
+            LinkAttribute::Link(index) => peer_index = Some(*index),
+            LinkAttribute::LinkNetNsId(id) => peer_netns = Some(*id),
+            _ => {}
+        }
+    }
+    let Some(peer_index) = peer_index else {
+        return Ok(None);
+    };
+    let mut request = handle.link().get().match_index(peer_index);
+    if let Some(netns) = peer_netns {
+        request.message_mut().attributes.push(LinkAttribute::IfNetnsId(netns));
+    }
+    let peer = match request.execute().try_next().await {
+        Ok(Some(peer)) => peer,
+        // The peer (or its namespace) is going away: no endpoint to learn.
+        Ok(None) | Err(_) => return Ok(None),
+    };
+
+    let mut addresses = Vec::new();
+    let mut request = handle.address().get().set_link_index_filter(peer_index);
+    if let Some(netns) = peer_netns {
+        request.message_mut().attributes.push(AddressAttribute::TargetNetNsId(netns));
+    }
+    let mut stream = request.execute();
+    // Addresses are only shown in `xbr status`; a namespace that vanishes mid-read leaves them out.
+    while let Ok(Some(message)) = stream.try_next().await {
+        addresses.extend(address_of(&message));
+    }
+    Ok(Some(PeerView { name: link_name(&peer), mac: link_mac(&peer), addresses }))
+}
+
+/// Looks a link up by name; `None` when there is no such link.
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match handle.link().get().match_name(name.to_owned()).execute().try_next().await {
+        Ok(link) => Ok(link),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(Error::netlink(format!("looking up {name}"), e)),
+    }
+}
+
+/// Names of the current links by ifindex, for showing pinned state.
+pub async fn link_names(handle: &Handle) -> Result<std::collections::BTreeMap<u32, String>> {
+    let mut names = std::collections::BTreeMap::new();
+    let mut links = handle.link().get().execute();
+    while let Some(link) = links
+        .try_next()
+        .await
+        .map_err(|e| Error::netlink("listing links", e))?
+    {
+        names.insert(link.header.index, link_name(&link));
+    }
+    Ok(names)
+}
+
+fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+    let wanted = matches!(message.header.family, AddressFamily::Inet | AddressFamily::Inet6);
+    message.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(address) if wanted => Some(*address),
+        _ => None,
+    })
+}
+
+fn link_infos(link: &LinkMessage) -> impl Iterator<Item = &LinkInfo> {
+    link.attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+fn bridge_info(link: &LinkMessage) -> impl Iterator<Item = &InfoBridge> {
+    link_infos(link)
+        .filter_map(|info| match info {
+            LinkInfo::Data(InfoData::Bridge(infos)) => Some(infos.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+fn link_kind(link: &LinkMessage) -> String {
+    link_infos(link)
+        .find_map(|info| match info {
+            LinkInfo::Kind(InfoKind::Other(kind)) => Some(kind.clone()),
+            LinkInfo::Kind(kind) => Some(kind.to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+pub fn link_name(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn link_mac(link: &LinkMessage) -> Mac {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(bytes) => bytes.as_slice().try_into().ok(),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// `02:42:ac:11:00:02`
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

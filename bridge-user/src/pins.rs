@@ -1,0 +1,110 @@
+//! Where an attachment lives on bpffs: `<pin root>/<netns inode>/<bridge>/`, holding the
+//! program, the maps and (tcx mode) one link per port. The pins are the whole state: no
+//! process has to stay alive, and `detach` removes the directory.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    error::{Error, Result},
+    netns,
+};
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xbr";
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub const PROGRAM: &str = "port_ingress";
+/// (name in the object, name of the pin)
+pub const MAPS: [(&str, &str); 5] = [
+    ("ENDPOINTS", "endpoints"),
+    ("PORT_STATS", "port_stats"),
+    ("VERDICTS", "verdicts"),
+    ("BRIDGE", "bridge"),
+    ("PORTS", "ports"),
+];
+
+/// The directory of this network namespace's attachments under `root`. Bridges with the same
+/// name in different namespaces get different directories.
+pub fn netns_dir(root: &Path) -> Result<PathBuf> {
+    let inode = netns::current_inode()
+        .map_err(|e| Error::io("reading this network namespace's inode", std::io::Error::other(e)))?;
+    Ok(root.join(format!("netns-{inode}")))
+}
+
+pub fn bridge_dir(root: &Path, bridge: &str) -> Result<PathBuf> {
+    Ok(netns_dir(root)?.join(bridge))
+}
+
+pub fn map_pin(dir: &Path, object_name: &str) -> PathBuf {
+    let pin = MAPS
+        .iter()
+        .find(|(name, _)| *name == object_name)
+        .map(|(_, pin)| *pin)
+        .expect("every map the object defines is in MAPS");
+    dir.join(pin)
+}
+
+pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
+    dir.join(format!("link_{ifindex}"))
+}
+
+/// Makes sure `root` exists on a bpffs, mounting bpffs at /sys/fs/bpf when the default root
+/// is used and nothing is mounted there yet (the case on this project's machines at boot).
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
+    if root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::Bpffs { path: BPFFS.into(), reason: format!("mount failed: {e}") })?;
+    }
+    fs::create_dir_all(root)
+        .map_err(|e| Error::Bpffs { path: root.into(), reason: format!("cannot create it: {e}") })?;
+    if !is_bpffs(root) {
+        return Err(Error::Bpffs { path: root.into(), reason: "not a bpf filesystem".to_owned() });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Removes an attachment directory and every pin in it, then the namespace directory and
+/// the root when they are left empty: detach leaves nothing behind.
+pub fn remove(dir: &Path, root: &Path) -> Result<()> {
+    if dir.exists() {
+        for entry in fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))? {
+            let path = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?.path();
+            fs::remove_file(&path).map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
+        }
+        fs::remove_dir(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+    }
+    for empty in dir.ancestors().skip(1) {
+        if !empty.starts_with(root) || fs::remove_dir(empty).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Bridges attached in this network namespace under `root`.
+pub fn attached_bridges(root: &Path) -> Result<Vec<String>> {
+    let dir = netns_dir(root)?;
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}

@@ -1,0 +1,190 @@
+//! Plan: from an observed bridge to the datapath state xbr wants for it. A pure function,
+//! so every rule about what may take the fast path is unit-tested without root.
+
+use std::collections::BTreeMap;
+
+use bridge_common::{Endpoint, EndpointKey};
+
+use crate::{
+    error::{Error, Result},
+    observe::{BridgeView, PortState, format_mac},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub bridge: String,
+    pub bridge_ifindex: u32,
+    /// Ports that get the tc ingress program: every veth port.
+    pub ports: Vec<PlannedPort>,
+    /// Destination MAC -> port, for ports the bridge would forward to.
+    pub endpoints: BTreeMap<EndpointKey, Endpoint>,
+    /// Ports (or their MACs) left to the bridge, and why.
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedPort {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub port: String,
+    pub reason: String,
+}
+
+pub fn plan(view: &BridgeView) -> Result<Plan> {
+    if view.vlan_filtering {
+        return Err(Error::VlanFiltering(view.name.clone()));
+    }
+    let mut ports = Vec::new();
+    let mut skipped = Vec::new();
+    let mut candidates: BTreeMap<EndpointKey, Vec<(&str, u32)>> = BTreeMap::new();
+    for port in &view.ports {
+        if port.kind != "veth" {
+            let kind = if port.kind.is_empty() { "physical" } else { port.kind.as_str() };
+            skipped.push(Skipped {
+                port: port.name.clone(),
+                reason: format!("{kind} port, not a veth: left to the bridge"),
+            });
+            continue;
+        }
+        ports.push(PlannedPort { name: port.name.clone(), ifindex: port.ifindex });
+        let reason = match (&port.peer, port.state, port.isolated) {
+            (None, _, _) => Some("veth peer not readable"),
+            (_, PortState::NotForwarding, _) => Some("port is not forwarding (down or blocked)"),
+            (_, _, true) => Some("port is isolated"),
+            (Some(peer), _, _) if !is_unicast_mac(&peer.mac) => Some("peer MAC is not unicast"),
+            (Some(_), PortState::Forwarding, false) => None,
+        };
+        match (reason, &port.peer) {
+            (None, Some(peer)) => candidates
+                .entry(EndpointKey { mac: peer.mac })
+                .or_default()
+                .push((&port.name, port.ifindex)),
+            (reason, _) => skipped.push(Skipped {
+                port: port.name.clone(),
+                reason: format!("not an endpoint: {}", reason.unwrap_or("unknown")),
+            }),
+        }
+    }
+
+    let mut endpoints = BTreeMap::new();
+    for (key, owners) in candidates {
+        match owners.as_slice() {
+            [(_, ifindex)] => {
+                endpoints.insert(key, Endpoint { ifindex: *ifindex, flags: 0 });
+            }
+            // The bridge itself flaps between such ports; xbr does not pick one.
+            _ => {
+                let names: Vec<&str> = owners.iter().map(|(name, _)| *name).collect();
+                for name in &names {
+                    skipped.push(Skipped {
+                        port: (*name).to_owned(),
+                        reason: format!(
+                            "not an endpoint: MAC {} is on ports {}",
+                            format_mac(&key.mac),
+                            names.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(Plan {
+        bridge: view.name.clone(),
+        bridge_ifindex: view.ifindex,
+        ports,
+        endpoints,
+        skipped,
+    })
+}
+
+fn is_unicast_mac(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 0 && *mac != [0; 6]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::{PeerView, PortView};
+
+    fn veth(name: &str, ifindex: u32, peer_mac: [u8; 6]) -> PortView {
+        PortView {
+            name: name.to_owned(),
+            ifindex,
+            kind: "veth".to_owned(),
+            mac: [0x0a, 0, 0, 0, 0, ifindex as u8],
+            state: PortState::Forwarding,
+            isolated: false,
+            peer: Some(PeerView { name: "eth0".to_owned(), mac: peer_mac, addresses: vec![] }),
+        }
+    }
+
+    fn bridge(ports: Vec<PortView>) -> BridgeView {
+        BridgeView {
+            name: "br0".to_owned(),
+            ifindex: 2,
+            mac: [0x0a, 0, 0, 0, 0, 2],
+            vlan_filtering: false,
+            ports,
+        }
+    }
+
+    const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
+    const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+
+    #[test]
+    fn every_forwarding_veth_becomes_an_endpoint() {
+        let plan = plan(&bridge(vec![veth("veth-a", 10, MAC_A), veth("veth-b", 11, MAC_B)])).unwrap();
+        assert_eq!(plan.ports.len(), 2);
+        assert_eq!(plan.endpoints[&EndpointKey { mac: MAC_A }], Endpoint { ifindex: 10, flags: 0 });
+        assert_eq!(plan.endpoints[&EndpointKey { mac: MAC_B }], Endpoint { ifindex: 11, flags: 0 });
+        assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
+    }
+
+    #[test]
+    fn non_forwarding_and_isolated_ports_keep_the_program_but_are_no_endpoint() {
+        let mut down = veth("veth-a", 10, MAC_A);
+        down.state = PortState::NotForwarding;
+        let mut isolated = veth("veth-b", 11, MAC_B);
+        isolated.isolated = true;
+        let plan = plan(&bridge(vec![down, isolated])).unwrap();
+        assert_eq!(plan.ports.len(), 2, "the program still runs there (it passes their frames on)");
+        assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
+        assert_eq!(plan.skipped.len(), 2);
+    }
+
+    #[test]
+    fn non_veth_ports_are_left_to_the_bridge() {
+        let mut tap = veth("tap0", 12, MAC_A);
+        tap.kind = "tun".to_owned();
+        tap.peer = None;
+        let plan = plan(&bridge(vec![tap])).unwrap();
+        assert!(plan.ports.is_empty());
+        assert!(plan.endpoints.is_empty());
+        assert_eq!(plan.skipped[0].port, "tap0");
+    }
+
+    #[test]
+    fn a_mac_on_two_ports_is_on_neither() {
+        let plan = plan(&bridge(vec![veth("veth-a", 10, MAC_A), veth("veth-b", 11, MAC_A)])).unwrap();
+        assert!(plan.endpoints.is_empty());
+        assert_eq!(plan.skipped.len(), 2);
+        assert!(plan.skipped[0].reason.contains("veth-a, veth-b"), "{:?}", plan.skipped);
+    }
+
+    #[test]
+    fn multicast_peer_mac_is_no_endpoint() {
+        let plan = plan(&bridge(vec![veth("veth-a", 10, [0x01, 0, 0x5e, 0, 0, 1])])).unwrap();
+        assert!(plan.endpoints.is_empty());
+    }
+
+    #[test]
+    fn vlan_filtering_bridge_is_refused() {
+        let mut view = bridge(vec![veth("veth-a", 10, MAC_A)]);
+        view.vlan_filtering = true;
+        assert!(matches!(plan(&view), Err(Error::VlanFiltering(name)) if name == "br0"));
+    }
+}

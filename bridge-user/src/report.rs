@@ -1,0 +1,249 @@
+//! What the CLI prints: a table for people, JSON (`--json`) for scripts, from the same values.
+
+use std::collections::BTreeMap;
+
+use bridge_common::{AttachMode, EndpointKey, PortStats};
+use serde_json::{Value, json};
+use xbr::{
+    datapath::{Attached, Attachment, Detached, mode_name},
+    features::Features,
+    observe::{BridgeView, format_mac},
+    plan::{Plan, plan},
+};
+
+type Observed = (Attachment, Option<BridgeView>);
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn redirect_name(redirect_peer: bool) -> &'static str {
+    if redirect_peer { "bpf_redirect_peer" } else { "bpf_redirect" }
+}
+
+pub fn attached(plan: &Plan, attached: &Attached, features: &Features, as_json: bool) -> anyhow::Result<()> {
+    let mode = mode_name(attached.mode as u32);
+    if as_json {
+        return print_json(&json!({
+            "bridge": plan.bridge,
+            "mode": mode,
+            "redirect": redirect_name(features.redirect_peer),
+            "ports": attached.ports,
+            "endpoints": attached.endpoints,
+            "pins": attached.dir,
+            "not_accelerated": skipped_json(plan),
+        }));
+    }
+    println!(
+        "attached {} ({mode}, {}): {} ports, {} endpoints; pinned at {}",
+        plan.bridge,
+        redirect_name(features.redirect_peer),
+        attached.ports,
+        attached.endpoints,
+        attached.dir.display()
+    );
+    for skipped in &plan.skipped {
+        println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
+    }
+    if attached.mode == AttachMode::Clsact {
+        println!("  (clsact mode: detach with `xbr detach {}` before removing the qdisc by hand)", plan.bridge);
+    }
+    Ok(())
+}
+
+pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return print_json(&json!({ "bridge": bridge, "ports": detached.ports, "removed": detached.dir }));
+    }
+    println!("detached {bridge}: {} ports back on the plain bridge; removed {}", detached.ports, detached.dir.display());
+    Ok(())
+}
+
+fn skipped_json(plan: &Plan) -> Value {
+    plan.skipped.iter().map(|s| json!({ "port": s.port, "reason": s.reason })).collect()
+}
+
+/// The endpoint MAC of each port, from the pinned endpoints map.
+fn macs_by_port(attachment: &Attachment) -> BTreeMap<u32, EndpointKey> {
+    attachment.endpoints.iter().map(|(key, endpoint)| (endpoint.ifindex, *key)).collect()
+}
+
+struct PortLine {
+    ifindex: u32,
+    name: String,
+    mac: Option<String>,
+    container_interface: Option<String>,
+    container_ips: Vec<String>,
+}
+
+fn port_lines(attachment: &Attachment, view: Option<&BridgeView>) -> Vec<PortLine> {
+    let macs = macs_by_port(attachment);
+    attachment
+        .ports
+        .keys()
+        .map(|ifindex| {
+            let port = view.and_then(|v| v.ports.iter().find(|p| p.ifindex == *ifindex));
+            let peer = port.and_then(|p| p.peer.as_ref());
+            PortLine {
+                ifindex: *ifindex,
+                name: port.map(|p| p.name.clone()).unwrap_or_else(|| "(gone)".to_owned()),
+                mac: macs.get(ifindex).map(|k| format_mac(&k.mac)),
+                container_interface: peer.map(|p| p.name.clone()),
+                container_ips: peer
+                    .map(|p| p.addresses.iter().map(|a| a.to_string()).collect())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> anyhow::Result<()> {
+    let kernel = json!({
+        "release": features.kernel,
+        "tcx": features.tcx,
+        "redirect_peer": features.redirect_peer,
+    });
+    if as_json {
+        let bridges: Vec<Value> = attachments
+            .iter()
+            .map(|(attachment, view)| {
+                let ports: Vec<Value> = port_lines(attachment, view.as_ref())
+                    .into_iter()
+                    .map(|line| {
+                        json!({
+                            "name": line.name,
+                            "ifindex": line.ifindex,
+                            "endpoint_mac": line.mac,
+                            "container_interface": line.container_interface,
+                            "container_ips": line.container_ips,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": attachment.bridge,
+                    "ifindex": attachment.record.ifindex,
+                    "present": view.is_some(),
+                    "mode": mode_name(attachment.record.attach_mode),
+                    "redirect": redirect_name(attachment.record.redirect_peer != 0),
+                    "pins": attachment.dir,
+                    "ports": ports,
+                    "not_accelerated": view.as_ref().and_then(|v| plan(v).ok()).map(|p| skipped_json(&p)),
+                })
+            })
+            .collect();
+        return print_json(&json!({ "kernel": kernel, "bridges": bridges }));
+    }
+
+    println!(
+        "kernel {}: tcx {}, bpf_redirect_peer {}",
+        features.kernel,
+        if features.tcx { "yes" } else { "no" },
+        if features.redirect_peer { "yes" } else { "no" }
+    );
+    if attachments.is_empty() {
+        println!("no bridge attached in this network namespace; attach one with `xbr attach BRIDGE`");
+    }
+    for (attachment, view) in attachments {
+        println!();
+        println!(
+            "bridge {}  mode {}  {}  pins {}{}",
+            attachment.bridge,
+            mode_name(attachment.record.attach_mode),
+            redirect_name(attachment.record.redirect_peer != 0),
+            attachment.dir.display(),
+            if view.is_none() { "  (bridge is gone: run `xbr detach` to clean up)" } else { "" }
+        );
+        println!("  {:<16} {:>7}  {:<17}  {:<10} {}", "PORT", "IFINDEX", "ENDPOINT MAC", "CONTAINER", "IPS");
+        for line in port_lines(attachment, view.as_ref()) {
+            println!(
+                "  {:<16} {:>7}  {:<17}  {:<10} {}",
+                line.name,
+                line.ifindex,
+                line.mac.as_deref().unwrap_or("-"),
+                line.container_interface.as_deref().unwrap_or("-"),
+                line.container_ips.join(" ")
+            );
+        }
+        if let Some(plan) = view.as_ref().and_then(|v| plan(v).ok()) {
+            for skipped in &plan.skipped {
+                println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
+    let mut endpoints = Vec::new();
+    for (attachment, view) in attachments {
+        for line in port_lines(attachment, view.as_ref()) {
+            let stats = attachment.stats.get(&line.ifindex).copied().unwrap_or_default();
+            endpoints.push((attachment.bridge.as_str(), line, stats));
+        }
+    }
+    if as_json {
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|(bridge, line, stats)| {
+                let PortStats {
+                    fast_path_packets,
+                    fast_path_bytes,
+                    bridge_packets,
+                    bridge_bytes,
+                    delivered_packets,
+                    delivered_bytes,
+                } = *stats;
+                json!({
+                    "bridge": bridge,
+                    "port": line.name,
+                    "ifindex": line.ifindex,
+                    "mac": line.mac,
+                    "fast_path_packets": fast_path_packets,
+                    "fast_path_bytes": fast_path_bytes,
+                    "bridge_packets": bridge_packets,
+                    "bridge_bytes": bridge_bytes,
+                    "delivered_packets": delivered_packets,
+                    "delivered_bytes": delivered_bytes,
+                })
+            })
+            .collect();
+        let verdicts: Vec<Value> = attachments
+            .iter()
+            .map(|(attachment, _)| {
+                let mut counts = serde_json::Map::new();
+                counts.insert("bridge".to_owned(), json!(attachment.bridge));
+                for (verdict, count) in &attachment.verdicts {
+                    counts.insert(verdict.name().to_owned(), json!(count));
+                }
+                Value::Object(counts)
+            })
+            .collect();
+        return print_json(&json!({ "endpoints": endpoints, "verdicts": verdicts }));
+    }
+    println!(
+        "{:<10} {:<16} {:<17} {:>12} {:>14} {:>12} {:>12}",
+        "BRIDGE", "PORT", "MAC", "FAST PKTS", "FAST BYTES", "BRIDGE PKTS", "DELIVERED"
+    );
+    for (bridge, line, stats) in &endpoints {
+        println!(
+            "{:<10} {:<16} {:<17} {:>12} {:>14} {:>12} {:>12}",
+            bridge,
+            line.name,
+            line.mac.as_deref().unwrap_or("-"),
+            stats.fast_path_packets,
+            stats.fast_path_bytes,
+            stats.bridge_packets,
+            stats.delivered_packets
+        );
+    }
+    for (attachment, _) in attachments {
+        let verdicts: Vec<String> = attachment
+            .verdicts
+            .iter()
+            .map(|(verdict, count)| format!("{}={count}", verdict.name()))
+            .collect();
+        println!("verdicts {}: {}", attachment.bridge, verdicts.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Shared pieces of xbr's kernel-facing tests: unique lab names, cleanup guards, witnesses.
+
+pub mod lab_support;
