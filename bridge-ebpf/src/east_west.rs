@@ -74,7 +74,8 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
         if !ipv6_header_is_sane(ctx) {
             return Decision::Pass(Verdict::Malformed);
         }
-    } else if ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16
+    } else if ether_type == EtherType::Ieee8021q as u16
+        || ether_type == EtherType::Ieee8021ad as u16
     {
         return Decision::Pass(Verdict::VlanTagged);
     } else {

@@ -15,7 +15,8 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> = HashMap::with_max_entries
 
 /// Per-port counters, keyed by host-side ifindex; the control plane creates an entry per port.
 #[map]
-pub static PORT_STATS: PerCpuHashMap<u32, PortStats> = PerCpuHashMap::with_max_entries(MAX_PORTS, 0);
+pub static PORT_STATS: PerCpuHashMap<u32, PortStats> =
+    PerCpuHashMap::with_max_entries(MAX_PORTS, 0);
 
 /// How many frames got each `Verdict`.
 #[map]

@@ -25,8 +25,7 @@ use netlink_packet_route::tc::{TcAttribute, TcHandle};
 use crate::{
     error::{Error, Result},
     features::Features,
-    netlink,
-    pins,
+    netlink, pins,
     plan::Plan,
 };
 
@@ -49,7 +48,10 @@ impl ModeChoice {
             ModeChoice::Tcx if features.tcx => Ok(AttachMode::Tcx),
             ModeChoice::Tcx => Err(Error::MissingFeature {
                 feature: "tcx links",
-                detail: format!("kernel {} is older than 6.6; use --mode clsact", features.kernel),
+                detail: format!(
+                    "kernel {} is older than 6.6; use --mode clsact",
+                    features.kernel
+                ),
             }),
         }
     }
@@ -114,10 +116,18 @@ pub fn attach(plan: &Plan, mode: AttachMode, features: &Features, root: &Path) -
     pins::ensure_bpffs(root)?;
     let dir = pins::bridge_dir(root, &plan.bridge)?;
     if dir.exists() {
-        return Err(Error::AlreadyAttached { bridge: plan.bridge.clone(), pins: dir });
+        return Err(Error::AlreadyAttached {
+            bridge: plan.bridge.clone(),
+            pins: dir,
+        });
     }
-    let mut undo = Undo::default();
-    match attach_steps(plan, mode, features, root, &dir, &mut undo) {
+    // Registered up front: a failure also prunes the root and namespace directories that
+    // ensure_bpffs or the pinning may have created.
+    let mut undo = Undo {
+        pin_dir: Some((dir.clone(), root.to_owned())),
+        ..Undo::default()
+    };
+    match attach_steps(plan, mode, features, &dir, &mut undo) {
         Ok(attached) => {
             undo.commit();
             Ok(attached)
@@ -133,7 +143,6 @@ fn attach_steps(
     plan: &Plan,
     mode: AttachMode,
     features: &Features,
-    root: &Path,
     dir: &Path,
     undo: &mut Undo,
 ) -> Result<Attached> {
@@ -144,7 +153,9 @@ fn attach_steps(
     fill_maps(&mut ebpf, plan, mode, features)?;
 
     let program: &mut SchedClassifier = program_mut(&mut ebpf)?;
-    program.load().map_err(|e| Error::ebpf("loading the port program into the kernel", e))?;
+    program
+        .load()
+        .map_err(|e| Error::ebpf("loading the port program into the kernel", e))?;
     let mut port_records = Vec::new();
     for port in &plan.ports {
         let record = attach_port(program, plan, port, mode, undo)?;
@@ -152,15 +163,18 @@ fn attach_steps(
     }
     let mut ports: HashMap<_, u32, PortRecord> = typed_map(&mut ebpf, "PORTS")?;
     for (ifindex, record) in port_records {
-        ports.insert(ifindex, record, 0).map_err(|e| Error::ebpf("filling the ports map", e))?;
+        ports
+            .insert(ifindex, record, 0)
+            .map_err(|e| Error::ebpf("filling the ports map", e))?;
     }
 
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    undo.pin_dir = Some((dir.to_owned(), root.to_owned()));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     for (object_name, _) in pins::MAPS {
         let map = ebpf.map(object_name).expect("map defined by the object");
-        map.pin(pins::map_pin(dir, object_name))
-            .map_err(|e| Error::ebpf(format!("pinning map {object_name} in {}", dir.display()), e))?;
+        map.pin(pins::map_pin(dir, object_name)).map_err(|e| {
+            Error::ebpf(format!("pinning map {object_name} in {}", dir.display()), e)
+        })?;
     }
     program_mut(&mut ebpf)?
         .pin(dir.join(pins::PROGRAM))
@@ -187,7 +201,10 @@ fn attach_port(
     undo: &mut Undo,
 ) -> Result<PortRecord> {
     // Attach goes by name: make sure the name still means the port we planned for.
-    let vanished = || Error::PortVanished { bridge: plan.bridge.clone(), port: port.name.clone() };
+    let vanished = || Error::PortVanished {
+        bridge: plan.bridge.clone(),
+        port: port.name.clone(),
+    };
     if nix::net::if_::if_nametoindex(port.name.as_str()).ok() != Some(port.ifindex) {
         return Err(vanished());
     }
@@ -195,7 +212,10 @@ fn attach_port(
         if nix::net::if_::if_nametoindex(port.name.as_str()).ok() != Some(port.ifindex) {
             vanished()
         } else {
-            Error::ebpf(format!("attaching to port {} of {}", port.name, plan.bridge), e)
+            Error::ebpf(
+                format!("attaching to port {} of {}", port.name, plan.bridge),
+                e,
+            )
         }
     };
     let mut record = PortRecord::default();
@@ -261,7 +281,9 @@ fn fill_maps(ebpf: &mut Ebpf, plan: &Plan, mode: AttachMode, features: &Features
         redirect_peer: u32::from(features.redirect_peer),
         _pad: 0,
     };
-    bridge.set(0, record, 0).map_err(|e| Error::ebpf("writing the bridge record", e))
+    bridge
+        .set(0, record, 0)
+        .map_err(|e| Error::ebpf("writing the bridge record", e))
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
@@ -286,7 +308,9 @@ fn delete_clsact(ifindex: u32) -> Result<()> {
         let message = request.message_mut();
         message.header.parent = TcHandle::CLSACT;
         message.header.handle = TcHandle::from(0xffff_0000);
-        message.attributes.push(TcAttribute::Kind("clsact".to_owned()));
+        message
+            .attributes
+            .push(TcAttribute::Kind("clsact".to_owned()));
         request.execute().await
     })
     .map_err(|e| Error::io("opening a netlink socket", e))?
@@ -316,7 +340,10 @@ fn open_pinned(dir: &Path, object_name: &str) -> Result<Map> {
 pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
     let dir = pins::bridge_dir(root, bridge)?;
     if !dir.exists() {
-        return Err(Error::NotAttached { bridge: bridge.to_owned(), pins: dir });
+        return Err(Error::NotAttached {
+            bridge: bridge.to_owned(),
+            pins: dir,
+        });
     }
     let broken = |e: Error| Error::BrokenPins {
         bridge: bridge.to_owned(),
@@ -359,7 +386,8 @@ pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
     }
 
     let map = open_pinned(&dir, "VERDICTS").map_err(broken)?;
-    let counters = PerCpuArray::<_, u64>::try_from(map).map_err(|e| as_error("opening the verdicts", e))?;
+    let counters =
+        PerCpuArray::<_, u64>::try_from(map).map_err(|e| as_error("opening the verdicts", e))?;
     let mut verdicts = Vec::new();
     for verdict in Verdict::ALL {
         let per_cpu = counters
@@ -367,7 +395,15 @@ pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
             .map_err(|e| as_error("reading the verdicts", e))?;
         verdicts.push((verdict, per_cpu.iter().sum()));
     }
-    Ok(Attachment { bridge: bridge.to_owned(), dir, record, ports, endpoints, stats, verdicts })
+    Ok(Attachment {
+        bridge: bridge.to_owned(),
+        dir,
+        record,
+        ports,
+        endpoints,
+        stats,
+        verdicts,
+    })
 }
 
 /// What detach removed.
@@ -407,8 +443,10 @@ fn remove_clsact_filter(ifindex: u32, record: &PortRecord) -> Result<()> {
     if record.flags & PortRecord::ADDED_CLSACT != 0 {
         // Deleting the qdisc xbr added removes our filter with it.
         return match delete_clsact(ifindex) {
-            Err(Error::Netlink { source: rtnetlink::Error::NetlinkError(e), .. })
-                if e.raw_code() == -libc::ENODEV || e.raw_code() == -libc::EINVAL => Ok(()),
+            Err(Error::Netlink {
+                source: rtnetlink::Error::NetlinkError(e),
+                ..
+            }) if e.raw_code() == -libc::ENODEV || e.raw_code() == -libc::EINVAL => Ok(()),
             other => other,
         };
     }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("bridge {0} not found; list bridges with `ip -br link show type bridge`")]
     BridgeNotFound(String),
-    #[error("{name} is a {kind} device, not a bridge; list bridges with `ip -br link show type bridge`")]
+    #[error(
+        "{name} is a {kind} device, not a bridge; list bridges with `ip -br link show type bridge`"
+    )]
     NotABridge { name: String, kind: String },
     #[error(
         "bridge {0} filters VLANs (vlan_filtering 1); xbr does not accelerate VLAN-filtering \
@@ -18,16 +20,25 @@ pub enum Error {
     AlreadyAttached { bridge: String, pins: PathBuf },
     #[error("bridge {bridge} is not attached (nothing pinned at {}); see `xbr status`", pins.display())]
     NotAttached { bridge: String, pins: PathBuf },
-    #[error("port {port} of bridge {bridge} disappeared during attach; nothing was changed, run `xbr attach {bridge}` again")]
+    #[error(
+        "port {port} of bridge {bridge} disappeared during attach; nothing was changed, run `xbr attach {bridge}` again"
+    )]
     PortVanished { bridge: String, port: String },
     #[error("xbr needs root (CAP_NET_ADMIN and CAP_BPF); run it with sudo")]
     NotRoot,
     #[error("cannot use bpffs at {}: {reason}; mount it with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-root on a bpffs", path.display())]
     Bpffs { path: PathBuf, reason: String },
     #[error("this kernel lacks {feature}, which xbr needs: {detail}")]
-    MissingFeature { feature: &'static str, detail: String },
+    MissingFeature {
+        feature: &'static str,
+        detail: String,
+    },
     #[error("the pins at {} are not a complete xbr attachment ({detail}); remove them with `xbr detach --force {bridge}`", pins.display())]
-    BrokenPins { bridge: String, pins: PathBuf, detail: String },
+    BrokenPins {
+        bridge: String,
+        pins: PathBuf,
+        detail: String,
+    },
     #[error("netlink: {context}: {source}")]
     Netlink {
         context: String,
@@ -52,17 +63,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn netlink(context: impl Into<String>, source: rtnetlink::Error) -> Self {
-        Error::Netlink { context: context.into(), source }
+        Error::Netlink {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn ebpf(
         context: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        Error::Ebpf { context: context.into(), source: Box::new(source) }
+        Error::Ebpf {
+            context: context.into(),
+            source: Box::new(source),
+        }
     }
 }

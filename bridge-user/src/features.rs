@@ -23,11 +23,15 @@ pub fn detect() -> Features {
     let version = KernelVersion::current().ok();
     let at_least = |major, minor| version.is_some_and(|v| v >= KernelVersion::new(major, minor, 0));
     let sched_cls = is_program_supported(ProgramType::SchedClassifier).unwrap_or(false);
-    let redirect_peer =
-        is_helper_supported(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_peer)
-            .unwrap_or_else(|_| at_least(5, 10));
+    let redirect_peer = is_helper_supported(
+        ProgramType::SchedClassifier,
+        BpfHelper::BPF_FUNC_redirect_peer,
+    )
+    .unwrap_or_else(|_| at_least(5, 10));
     Features {
-        kernel: version.map(|v| format!("{v}")).unwrap_or_else(|| "unknown".to_owned()),
+        kernel: version
+            .map(|v| format!("{v}"))
+            .unwrap_or_else(|| "unknown".to_owned()),
         sched_cls,
         tcx: at_least(6, 6),
         redirect_peer,

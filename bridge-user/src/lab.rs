@@ -16,8 +16,12 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 use serde::Deserialize;
 
 use crate::netlink;
@@ -85,21 +89,36 @@ pub enum LabError {
     #[error("cannot read lab file {}: {cause}", path.display())]
     Read { path: PathBuf, cause: io::Error },
     #[error("{origin}: not a lab topology (see examples/lab.toml for the format): {cause}")]
-    Syntax { origin: String, cause: toml::de::Error },
+    Syntax {
+        origin: String,
+        cause: toml::de::Error,
+    },
     #[error("{origin}: `{key}` {problem}")]
-    Invalid { origin: String, key: String, problem: String },
+    Invalid {
+        origin: String,
+        key: String,
+        problem: String,
+    },
     #[error(transparent)]
     NetNs(#[from] NetNsError),
     #[error(
         "cannot {step} in network namespace {netns}: {cause}; inspect it with \
          `ip -n {netns} addr` and `ip -n {netns} route`"
     )]
-    Kernel { netns: String, step: String, cause: io::Error },
+    Kernel {
+        netns: String,
+        step: String,
+        cause: io::Error,
+    },
     #[error(
         "network namespace {netns} already has a link {ifname}, but {problem}; delete it with \
          `ip -n {netns} link del {ifname}` or give the lab another name"
     )]
-    Conflict { netns: String, ifname: String, problem: String },
+    Conflict {
+        netns: String,
+        ifname: String,
+        problem: String,
+    },
     #[error(
         "lab namespace {netns} is incomplete ({problem}); rebuild the lab with \
          `xbr lab down FILE` then `xbr lab up FILE`"
@@ -109,8 +128,10 @@ pub enum LabError {
 
 impl LabSpec {
     pub fn from_file(path: &Path) -> Result<LabSpec, LabError> {
-        let text = fs::read_to_string(path)
-            .map_err(|cause| LabError::Read { path: path.to_owned(), cause })?;
+        let text = fs::read_to_string(path).map_err(|cause| LabError::Read {
+            path: path.to_owned(),
+            cause,
+        })?;
         parse_lab(&text, &path.display().to_string())
     }
 
@@ -137,8 +158,14 @@ impl LabSpec {
 
     /// Every namespace `up` makes: host, containers in order, then outside.
     pub fn namespaces(&self) -> Vec<String> {
-        let containers = self.containers.iter().map(|c| self.container_netns(&c.name));
-        std::iter::once(self.host_netns()).chain(containers).chain(self.outside_netns()).collect()
+        let containers = self
+            .containers
+            .iter()
+            .map(|c| self.container_netns(&c.name));
+        std::iter::once(self.host_netns())
+            .chain(containers)
+            .chain(self.outside_netns())
+            .collect()
     }
 
     /// Host-side name of a container's veth, the bridge port.
@@ -173,21 +200,29 @@ impl LabSpec {
                 format!("makes namespace name {long} longer than 255 bytes; shorten it"),
             ));
         }
-        check_ifname(&self.bridge.name).map_err(|problem| invalid("bridge.name".into(), problem))?;
+        check_ifname(&self.bridge.name)
+            .map_err(|problem| invalid("bridge.name".into(), problem))?;
         if let Some(address) = self.bridge.address {
-            address.check().map_err(|problem| invalid("bridge.address".into(), problem))?;
+            address
+                .check()
+                .map_err(|problem| invalid("bridge.address".into(), problem))?;
         }
 
         let mut names = HashSet::new();
         let mut macs = HashSet::new();
         for (index, container) in self.containers.iter().enumerate() {
             let key = |field: &str| format!("containers[{index}].{field}");
-            let in_container = |problem: String| format!("(container {}) {problem}", container.name);
-            check_container_name(&container.name).map_err(|problem| invalid(key("name"), problem))?;
+            let in_container =
+                |problem: String| format!("(container {}) {problem}", container.name);
+            check_container_name(&container.name)
+                .map_err(|problem| invalid(key("name"), problem))?;
             if !names.insert(container.name.as_str()) {
                 return Err(invalid(
                     key("name"),
-                    format!("= {:?} is used by an earlier container; names must be unique", container.name),
+                    format!(
+                        "= {:?} is used by an earlier container; names must be unique",
+                        container.name
+                    ),
                 ));
             }
             container
@@ -195,11 +230,14 @@ impl LabSpec {
                 .check()
                 .map_err(|problem| invalid(key("address"), in_container(problem)))?;
             if let Some(mac) = container.mac {
-                mac.check().map_err(|problem| invalid(key("mac"), in_container(problem)))?;
+                mac.check()
+                    .map_err(|problem| invalid(key("mac"), in_container(problem)))?;
                 if !macs.insert(mac) {
                     return Err(invalid(
                         key("mac"),
-                        in_container(format!("= {mac} is used by an earlier container; MACs must be unique")),
+                        in_container(format!(
+                            "= {mac} is used by an earlier container; MACs must be unique"
+                        )),
                     ));
                 }
             }
@@ -209,7 +247,10 @@ impl LabSpec {
         host_links.extend(self.containers.iter().map(|c| LabSpec::port_name(&c.name)));
         if let Some(uplink) = &self.uplink {
             host_links.push(UPLINK_IFNAME.to_owned());
-            uplink.host_address.check().map_err(|problem| invalid("uplink.host_address".into(), problem))?;
+            uplink
+                .host_address
+                .check()
+                .map_err(|problem| invalid("uplink.host_address".into(), problem))?;
             uplink
                 .outside_address
                 .check()
@@ -234,7 +275,9 @@ impl Ipv4Cidr {
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len.min(32))).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len.min(32)))
+            .unwrap_or(0);
         u32::from(self.addr) & mask == u32::from(ip) & mask
     }
 
@@ -251,9 +294,12 @@ impl FromStr for Ipv4Cidr {
 
     fn from_str(text: &str) -> Result<Ipv4Cidr, String> {
         let wanted = "want an IPv4 address with prefix length, like 10.77.0.2/24";
-        let (addr, prefix_len) =
-            text.split_once('/').ok_or_else(|| format!("= {text:?} has no prefix length; {wanted}"))?;
-        let addr = addr.parse().map_err(|_| format!("= {text:?} is not an IPv4 address; {wanted}"))?;
+        let (addr, prefix_len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("= {text:?} has no prefix length; {wanted}"))?;
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("= {text:?} is not an IPv4 address; {wanted}"))?;
         let prefix_len = prefix_len
             .parse()
             .ok()
@@ -285,11 +331,16 @@ impl FromStr for MacAddr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<MacAddr, String> {
-        let problem = || format!("= {text:?} is not a MAC address; want six hex bytes like 02:77:00:00:00:02");
+        let problem = || {
+            format!("= {text:?} is not a MAC address; want six hex bytes like 02:77:00:00:00:02")
+        };
         let mut mac = [0u8; 6];
         let mut bytes = text.split(':');
         for byte in &mut mac {
-            let part = bytes.next().filter(|part| part.len() == 2).ok_or_else(problem)?;
+            let part = bytes
+                .next()
+                .filter(|part| part.len() == 2)
+                .ok_or_else(problem)?;
             *byte = u8::from_str_radix(part, 16).map_err(|_| problem())?;
         }
         if bytes.next().is_some() {
@@ -340,12 +391,19 @@ struct UplinkFile {
 }
 
 fn parse_lab(text: &str, origin: &str) -> Result<LabSpec, LabError> {
-    let file: LabFile =
-        toml::from_str(text).map_err(|cause| LabError::Syntax { origin: origin.to_owned(), cause })?;
+    let file: LabFile = toml::from_str(text).map_err(|cause| LabError::Syntax {
+        origin: origin.to_owned(),
+        cause,
+    })?;
     let cidr = |key: String, value: &str| parse_field::<Ipv4Cidr>(origin, key, value);
     let mac = |key: String, value: &str| parse_field::<MacAddr>(origin, key, value);
     let bridge = BridgeSpec {
-        address: file.bridge.address.as_deref().map(|a| cidr("bridge.address".into(), a)).transpose()?,
+        address: file
+            .bridge
+            .address
+            .as_deref()
+            .map(|a| cidr("bridge.address".into(), a))
+            .transpose()?,
         name: file.bridge.name,
     };
     let mut containers = Vec::new();
@@ -366,13 +424,26 @@ fn parse_lab(text: &str, origin: &str) -> Result<LabSpec, LabError> {
         }),
         None => None,
     };
-    let spec = LabSpec { name: file.name, bridge, containers, uplink };
+    let spec = LabSpec {
+        name: file.name,
+        bridge,
+        containers,
+        uplink,
+    };
     spec.validate_in(origin)?;
     Ok(spec)
 }
 
-fn parse_field<T: FromStr<Err = String>>(origin: &str, key: String, value: &str) -> Result<T, LabError> {
-    value.parse().map_err(|problem| LabError::Invalid { origin: origin.to_owned(), key, problem })
+fn parse_field<T: FromStr<Err = String>>(
+    origin: &str,
+    key: String,
+    value: &str,
+) -> Result<T, LabError> {
+    value.parse().map_err(|problem| LabError::Invalid {
+        origin: origin.to_owned(),
+        key,
+        problem,
+    })
 }
 
 /// Lab and container names become parts of namespace and interface names.
@@ -380,8 +451,13 @@ fn check_plain_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty".into());
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(format!("= {name:?} may hold only letters, digits, '-' and '_'"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "= {name:?} may hold only letters, digits, '-' and '_'"
+        ));
     }
     Ok(())
 }
@@ -389,7 +465,9 @@ fn check_plain_name(name: &str) -> Result<(), String> {
 fn check_container_name(name: &str) -> Result<(), String> {
     check_plain_name(name)?;
     if RESERVED_CONTAINER_NAMES.contains(&name) {
-        return Err(format!("= {name:?} is reserved for the lab's own namespace; rename the container"));
+        return Err(format!(
+            "= {name:?} is reserved for the lab's own namespace; rename the container"
+        ));
     }
     let port = LabSpec::port_name(name);
     if port.len() > IFNAME_MAX {
@@ -403,16 +481,29 @@ fn check_container_name(name: &str) -> Result<(), String> {
 
 fn check_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > IFNAME_MAX {
-        return Err(format!("= {name:?} must be 1 to {IFNAME_MAX} bytes long (an interface name)"));
+        return Err(format!(
+            "= {name:?} must be 1 to {IFNAME_MAX} bytes long (an interface name)"
+        ));
     }
-    if name == "." || name == ".." || name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace()) {
-        return Err(format!("= {name:?} is not a valid interface name (no '/', ':' or spaces)"));
+    if name == "."
+        || name == ".."
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+    {
+        return Err(format!(
+            "= {name:?} is not a valid interface name (no '/', ':' or spaces)"
+        ));
     }
     Ok(())
 }
 
 /// Builds the lab, completing whatever part of it already exists; a second `up` on a complete
-/// lab changes nothing. When a step fails, everything this call made is removed again.
+/// lab changes nothing. When a step fails, the namespaces and links this call made are removed
+/// again (an address added to an older link stays).
+///
+/// Traffic flows as soon as this returns; the kernel may still report the bridge's operstate as
+/// UNKNOWN for up to a second (linkwatch), which matters only to code comparing link states.
 pub fn up(spec: &LabSpec) -> Result<(), LabError> {
     spec.validate()?;
     let mut made = Rollback::default();
@@ -486,7 +577,11 @@ impl Rollback {
 
     fn links_in(&mut self, netns: &NetNs, links: Vec<String>) {
         if !self.namespaces.iter().any(|name| name == netns.name()) {
-            self.links.extend(links.into_iter().map(|link| (netns.name().to_owned(), link)));
+            self.links.extend(
+                links
+                    .into_iter()
+                    .map(|link| (netns.name().to_owned(), link)),
+            );
         }
     }
 
@@ -518,11 +613,17 @@ fn build(spec: &LabSpec, made: &mut Rollback) -> Result<(), LabError> {
         .iter()
         .map(|container| made.netns(&spec.container_netns(&container.name)))
         .collect::<Result<Vec<_>, _>>()?;
-    let outside = spec.outside_netns().map(|name| made.netns(&name)).transpose()?;
+    let outside = spec
+        .outside_netns()
+        .map(|name| made.netns(&name))
+        .transpose()?;
 
     // The container ends of the veths are born in their namespaces, so nothing ever appears in
     // the root namespace, even for a moment.
-    let peers = containers.iter().map(NetNs::file).collect::<Result<Vec<_>, _>>()?;
+    let peers = containers
+        .iter()
+        .map(NetNs::file)
+        .collect::<Result<Vec<_>, _>>()?;
     let outside_peer = outside.as_ref().map(NetNs::file).transpose()?;
     let mut host_links = Vec::new();
     let host_built = in_netns(&host, |nl| {
@@ -559,8 +660,11 @@ async fn build_host(
             bridge
         }
         None => {
-            nl.add_link(LinkBridge::new(bridge_name).build(), format!("create bridge {bridge_name}"))
-                .await?;
+            nl.add_link(
+                LinkBridge::new(bridge_name).build(),
+                format!("create bridge {bridge_name}"),
+            )
+            .await?;
             made.push(bridge_name.clone());
             nl.require_link(bridge_name).await?
         }
@@ -575,13 +679,19 @@ async fn build_host(
             Some(link) => {
                 nl.expect_kind(&port, &link, InfoKind::Veth)?;
                 if link.controller != Some(bridge.index) {
-                    let message = LinkUnspec::new_with_index(link.index).controller(bridge.index).build();
-                    nl.set_link(message, format!("attach {port} to bridge {bridge_name}")).await?;
+                    let message = LinkUnspec::new_with_index(link.index)
+                        .controller(bridge.index)
+                        .build();
+                    nl.set_link(message, format!("attach {port} to bridge {bridge_name}"))
+                        .await?;
                 }
                 nl.ensure_up(&port, &link).await?;
             }
             None => {
-                let message = veth_into(&port, peer, container.mac).controller(bridge.index).up().build();
+                let message = veth_into(&port, peer, container.mac)
+                    .controller(bridge.index)
+                    .up()
+                    .build();
                 let step = format!(
                     "create veth {port} on bridge {bridge_name} with peer {CONTAINER_IFNAME} in {}",
                     spec.container_netns(&container.name)
@@ -597,7 +707,9 @@ async fn build_host(
             Some(link) => {
                 nl.expect_kind(UPLINK_IFNAME, &link, InfoKind::Veth)?;
                 if link.controller.is_some() {
-                    return Err(nl.conflict(UPLINK_IFNAME, "it is a port of a bridge or bond".into()));
+                    return Err(
+                        nl.conflict(UPLINK_IFNAME, "it is a port of a bridge or bond".into())
+                    );
                 }
                 nl.ensure_up(UPLINK_IFNAME, &link).await?;
                 link
@@ -607,28 +719,41 @@ async fn build_host(
                     "create veth {UPLINK_IFNAME} with peer {CONTAINER_IFNAME} in {}",
                     spec.outside_netns().unwrap_or_default()
                 );
-                nl.add_link(veth_into(UPLINK_IFNAME, outside_peer, None).up().build(), step).await?;
+                nl.add_link(
+                    veth_into(UPLINK_IFNAME, outside_peer, None).up().build(),
+                    step,
+                )
+                .await?;
                 made.push(UPLINK_IFNAME.to_owned());
                 nl.require_link(UPLINK_IFNAME).await?
             }
         };
-        nl.ensure_address(UPLINK_IFNAME, &link, uplink.host_address).await?;
+        nl.ensure_address(UPLINK_IFNAME, &link, uplink.host_address)
+            .await?;
     }
     Ok(())
 }
 
-async fn build_container(nl: Netlink, spec: &LabSpec, container: &ContainerSpec) -> Result<(), LabError> {
+async fn build_container(
+    nl: Netlink,
+    spec: &LabSpec,
+    container: &ContainerSpec,
+) -> Result<(), LabError> {
     nl.loopback_up().await?;
     let eth0 = nl.require_link(CONTAINER_IFNAME).await?;
     if let Some(mac) = container.mac
         && eth0.mac.as_deref() != Some(&mac.0[..])
     {
         // veth takes a new MAC while up (IFF_LIVE_ADDR_CHANGE).
-        let message = LinkUnspec::new_with_index(eth0.index).address(mac.0.to_vec()).build();
-        nl.set_link(message, format!("set MAC {mac} on {CONTAINER_IFNAME}")).await?;
+        let message = LinkUnspec::new_with_index(eth0.index)
+            .address(mac.0.to_vec())
+            .build();
+        nl.set_link(message, format!("set MAC {mac} on {CONTAINER_IFNAME}"))
+            .await?;
     }
     nl.ensure_up(CONTAINER_IFNAME, &eth0).await?;
-    nl.ensure_address(CONTAINER_IFNAME, &eth0, container.address).await?;
+    nl.ensure_address(CONTAINER_IFNAME, &eth0, container.address)
+        .await?;
     if let Some(gateway) = spec.gateway(container) {
         nl.ensure_default_route(gateway).await?;
     }
@@ -639,16 +764,22 @@ async fn build_outside(nl: Netlink, uplink: &UplinkSpec) -> Result<(), LabError>
     nl.loopback_up().await?;
     let eth0 = nl.require_link(CONTAINER_IFNAME).await?;
     nl.ensure_up(CONTAINER_IFNAME, &eth0).await?;
-    nl.ensure_address(CONTAINER_IFNAME, &eth0, uplink.outside_address).await
+    nl.ensure_address(CONTAINER_IFNAME, &eth0, uplink.outside_address)
+        .await
 }
 
 /// A veth `name` whose peer is created as eth0 directly in the namespace behind `peer_netns`.
-fn veth_into(name: &str, peer_netns: &File, peer_mac: Option<MacAddr>) -> LinkMessageBuilder<LinkVeth> {
+fn veth_into(
+    name: &str,
+    peer_netns: &File,
+    peer_mac: Option<MacAddr>,
+) -> LinkMessageBuilder<LinkVeth> {
     let mut peer = LinkUnspec::new_with_name(CONTAINER_IFNAME).setns_by_fd(peer_netns.as_raw_fd());
     if let Some(mac) = peer_mac {
         peer = peer.address(mac.0.to_vec());
     }
-    LinkVeth::new(name, CONTAINER_IFNAME).set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+    LinkVeth::new(name, CONTAINER_IFNAME)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
 }
 
 /// /proc/sys/net belongs to the reading thread's network namespace, hence the trip into it.
@@ -675,7 +806,14 @@ where
 {
     let name = netns.name().to_owned();
     netns
-        .run(move || netlink::run(move |handle| job(Netlink { handle, netns: name })))?
+        .run(move || {
+            netlink::run(move |handle| {
+                job(Netlink {
+                    handle,
+                    netns: name,
+                })
+            })
+        })?
         .map_err(|cause| LabError::Kernel {
             netns: netns.name().to_owned(),
             step: "open a netlink connection".into(),
@@ -730,17 +868,35 @@ impl Netlink {
             rtnetlink::Error::NetlinkError(message) => message.to_io(),
             other => io::Error::other(other.to_string()),
         };
-        LabError::Kernel { netns: self.netns.clone(), step, cause }
+        LabError::Kernel {
+            netns: self.netns.clone(),
+            step,
+            cause,
+        }
     }
 
     fn conflict(&self, ifname: &str, problem: String) -> LabError {
-        LabError::Conflict { netns: self.netns.clone(), ifname: ifname.to_owned(), problem }
+        LabError::Conflict {
+            netns: self.netns.clone(),
+            ifname: ifname.to_owned(),
+            problem,
+        }
     }
 
     async fn link(&self, name: &str) -> Result<Option<Link>, LabError> {
-        match self.handle.link().get().match_name(name).execute().try_next().await {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await
+        {
             Ok(found) => Ok(found.map(Link::from)),
-            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => {
+                Ok(None)
+            }
             Err(error) => Err(self.failed(format!("look up link {name}"), error)),
         }
     }
@@ -762,11 +918,21 @@ impl Netlink {
     }
 
     async fn add_link(&self, message: LinkMessage, step: String) -> Result<(), LabError> {
-        self.handle.link().add(message).execute().await.map_err(|error| self.failed(step, error))
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|error| self.failed(step, error))
     }
 
     async fn set_link(&self, message: LinkMessage, step: String) -> Result<(), LabError> {
-        self.handle.link().set(message).execute().await.map_err(|error| self.failed(step, error))
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|error| self.failed(step, error))
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), LabError> {
@@ -774,7 +940,9 @@ impl Netlink {
             return Ok(());
         };
         match self.handle.link().del(link.index).execute().await {
-            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => {
+                Ok(())
+            }
             result => result.map_err(|error| self.failed(format!("delete link {name}"), error)),
         }
     }
@@ -792,7 +960,12 @@ impl Netlink {
         self.ensure_up("lo", &lo).await
     }
 
-    async fn ensure_address(&self, name: &str, link: &Link, address: Ipv4Cidr) -> Result<(), LabError> {
+    async fn ensure_address(
+        &self,
+        name: &str,
+        link: &Link,
+        address: Ipv4Cidr,
+    ) -> Result<(), LabError> {
         let wanted = IpAddr::V4(address.addr);
         let present = self
             .handle
@@ -835,12 +1008,19 @@ impl Netlink {
                 && route.header.kind == RouteType::Unicast
         });
         let via = |route: &RouteMessage| {
-            route.attributes.iter().find_map(|attribute| match attribute {
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            })
+            route
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                })
         };
-        let request = self.handle.route().add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).build());
+        let request = self.handle.route().add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway)
+                .build(),
+        );
         let request = match default {
             Some(route) if via(route) == Some(gateway) => return Ok(()),
             Some(_) => request.replace(),
@@ -868,7 +1048,9 @@ mod tests {
         match LabSpec::parse(text) {
             Err(error @ LabError::Invalid { .. }) => {
                 let message = error.to_string();
-                let LabError::Invalid { key: found, .. } = &error else { unreachable!() };
+                let LabError::Invalid { key: found, .. } = &error else {
+                    unreachable!()
+                };
                 assert_eq!(found, key, "wrong key blamed in: {message}");
                 message
             }
@@ -900,14 +1082,20 @@ mod tests {
         let uplink = spec.uplink.as_ref().expect("the example has an uplink");
         assert_eq!(uplink.host_address, cidr("10.78.0.1/24"));
         assert_eq!(uplink.outside_address, cidr("10.78.0.2/24"));
-        assert_eq!(spec.namespaces(), ["demo-host", "demo-a", "demo-b", "demo-c", "demo-out"]);
+        assert_eq!(
+            spec.namespaces(),
+            ["demo-host", "demo-a", "demo-b", "demo-c", "demo-out"]
+        );
         assert_eq!(spec.gateway(a), Some(Ipv4Addr::new(10, 77, 0, 1)));
     }
 
     #[test]
     fn from_file_names_the_file() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/lab.toml");
-        assert_eq!(LabSpec::from_file(&path).unwrap(), LabSpec::parse(EXAMPLE).unwrap());
+        assert_eq!(
+            LabSpec::from_file(&path).unwrap(),
+            LabSpec::parse(EXAMPLE).unwrap()
+        );
         let missing = Path::new("/nonexistent/lab.toml");
         let message = LabSpec::from_file(missing).unwrap_err().to_string();
         assert!(message.contains("/nonexistent/lab.toml"), "{message}");
@@ -941,44 +1129,90 @@ mod tests {
         assert!(cidr("0.0.0.0/0").contains(Ipv4Addr::new(192, 0, 2, 1)));
         let mac: MacAddr = "02:77:0A:00:00:ff".parse().unwrap();
         assert_eq!(mac.to_string(), "02:77:0a:00:00:ff");
-        for bad in ["02:77:00:00:00", "02:77:00:00:00:02:03", "0277.0000.0002", "02:77:00:00:00:2", "zz:77:00:00:00:02"] {
-            assert!(bad.parse::<MacAddr>().is_err(), "{bad} should not parse as a MAC");
+        for bad in [
+            "02:77:00:00:00",
+            "02:77:00:00:00:02:03",
+            "0277.0000.0002",
+            "02:77:00:00:00:2",
+            "zz:77:00:00:00:02",
+        ] {
+            assert!(
+                bad.parse::<MacAddr>().is_err(),
+                "{bad} should not parse as a MAC"
+            );
         }
-        for bad in ["10.77.0.2", "10.77.0.2/33", "10.77.0/24", "10.77.0.2/x", "fd00::1/64"] {
-            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad} should not parse as an IPv4 CIDR");
+        for bad in [
+            "10.77.0.2",
+            "10.77.0.2/33",
+            "10.77.0/24",
+            "10.77.0.2/x",
+            "fd00::1/64",
+        ] {
+            assert!(
+                bad.parse::<Ipv4Cidr>().is_err(),
+                "{bad} should not parse as an IPv4 CIDR"
+            );
         }
     }
 
     #[test]
     fn malformed_values_name_their_key() {
-        let message = invalid(&MINIMAL.replace("10.77.0.2/24", "10.77.0.2"), "containers[0].address");
+        let message = invalid(
+            &MINIMAL.replace("10.77.0.2/24", "10.77.0.2"),
+            "containers[0].address",
+        );
         assert!(message.contains("no prefix length"), "{message}");
-        invalid(&MINIMAL.replace("10.77.0.1/24", "10.77.0.300/24"), "bridge.address");
+        invalid(
+            &MINIMAL.replace("10.77.0.1/24", "10.77.0.300/24"),
+            "bridge.address",
+        );
         let with_mac = format!("{MINIMAL}        mac = \"02:77:00:00:00\"\n");
         let message = invalid(&with_mac, "containers[0].mac");
-        assert!(message.starts_with("lab spec: `containers[0].mac`"), "{message}");
-        invalid(&format!("{MINIMAL}        mac = \"01:00:5e:00:00:01\"\n"), "containers[0].mac");
-        let uplink = format!("{MINIMAL}[uplink]\nhost_address = \"10.78.0.1/24\"\noutside_address = \"nope\"\n");
+        assert!(
+            message.starts_with("lab spec: `containers[0].mac`"),
+            "{message}"
+        );
+        invalid(
+            &format!("{MINIMAL}        mac = \"01:00:5e:00:00:01\"\n"),
+            "containers[0].mac",
+        );
+        let uplink = format!(
+            "{MINIMAL}[uplink]\nhost_address = \"10.78.0.1/24\"\noutside_address = \"nope\"\n"
+        );
         invalid(&uplink, "uplink.outside_address");
     }
 
     #[test]
     fn names_are_checked() {
         let second = |name: &str| {
-            format!("{MINIMAL}        [[containers]]\n        name = \"{name}\"\n        address = \"10.77.0.3/24\"\n")
+            format!(
+                "{MINIMAL}        [[containers]]\n        name = \"{name}\"\n        address = \"10.77.0.3/24\"\n"
+            )
         };
         let message = invalid(&second("a"), "containers[1].name");
         assert!(message.contains("unique"), "{message}");
         let message = invalid(&second("abcdefghijk"), "containers[1].name");
         assert!(message.contains("veth-abcdefghijk"), "{message}");
-        assert!(LabSpec::parse(&second("abcdefghij")).is_ok(), "10 bytes fit veth-NAME in 15");
+        assert!(
+            LabSpec::parse(&second("abcdefghij")).is_ok(),
+            "10 bytes fit veth-NAME in 15"
+        );
         invalid(&second("host"), "containers[1].name");
         invalid(&second("out"), "containers[1].name");
         invalid(&second("a/b"), "containers[1].name");
         invalid(&MINIMAL.replace("name = \"t\"", "name = \"t/x\""), "name");
-        invalid(&MINIMAL.replace("name = \"br0\"", "name = \"a-very-long-bridge\""), "bridge.name");
-        invalid(&MINIMAL.replace("name = \"br0\"", "name = \"veth-a\""), "bridge.name");
-        invalid(&MINIMAL.replace("name = \"br0\"", "name = \"lo\""), "bridge.name");
+        invalid(
+            &MINIMAL.replace("name = \"br0\"", "name = \"a-very-long-bridge\""),
+            "bridge.name",
+        );
+        invalid(
+            &MINIMAL.replace("name = \"br0\"", "name = \"veth-a\""),
+            "bridge.name",
+        );
+        invalid(
+            &MINIMAL.replace("name = \"br0\"", "name = \"lo\""),
+            "bridge.name",
+        );
     }
 
     #[test]
@@ -999,7 +1233,12 @@ mod tests {
         ] {
             match LabSpec::parse(text) {
                 Err(error @ LabError::Syntax { .. }) => {
-                    assert!(error.to_string().starts_with("lab spec: not a lab topology"), "{error}");
+                    assert!(
+                        error
+                            .to_string()
+                            .starts_with("lab spec: not a lab topology"),
+                        "{error}"
+                    );
                 }
                 other => panic!("expected a syntax error for {text:?}, got {other:?}"),
             }
@@ -1010,9 +1249,13 @@ mod tests {
     fn code_built_specs_are_validated_too() {
         let mut spec = LabSpec::parse(MINIMAL).unwrap();
         spec.containers[0].mac = Some(MacAddr([0xff; 6]));
-        assert!(matches!(spec.validate(), Err(LabError::Invalid { key, .. }) if key == "containers[0].mac"));
+        assert!(
+            matches!(spec.validate(), Err(LabError::Invalid { key, .. }) if key == "containers[0].mac")
+        );
         let mut spec = LabSpec::parse(MINIMAL).unwrap();
         spec.containers[0].address.prefix_len = 40;
-        assert!(matches!(up(&spec), Err(LabError::Invalid { key, .. }) if key == "containers[0].address"));
+        assert!(
+            matches!(up(&spec), Err(LabError::Invalid { key, .. }) if key == "containers[0].address")
+        );
     }
 }

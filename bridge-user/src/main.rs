@@ -114,7 +114,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let root = &cli.pin_root;
     match cli.command {
-        Command::Attach { bridge, mode, output } => {
+        Command::Attach {
+            bridge,
+            mode,
+            output,
+        } => {
             let features = features::detect();
             if !features.sched_cls {
                 bail!(xbr::error::Error::MissingFeature {
@@ -123,7 +127,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             let mode = mode.resolve(&features)?;
-            let view = netlink::run(|handle| async move { observe::bridge(&handle, &bridge).await })??;
+            let view =
+                netlink::run(|handle| async move { observe::bridge(&handle, &bridge).await })??;
             let plan = plan::plan(&view)?;
             let attached = datapath::attach(&plan, mode, &features, root)?;
             report::attached(&plan, &attached, &features, output.json)
@@ -157,7 +162,8 @@ fn read_attachments(
     let mut attachments = Vec::new();
     for name in names {
         let attachment = datapath::read(root, &name)?;
-        let view = netlink::run(|handle| async move { observe::bridge(&handle, &name).await })?.ok();
+        let view =
+            netlink::run(|handle| async move { observe::bridge(&handle, &name).await })?.ok();
         attachments.push((attachment, view));
     }
     Ok(attachments)
@@ -175,7 +181,11 @@ fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
                 spec.host_netns(),
                 spec.containers.len()
             );
-            println!("  try: xbr -n {} attach {}", spec.host_netns(), spec.bridge.name);
+            println!(
+                "  try: xbr -n {} attach {}",
+                spec.host_netns(),
+                spec.bridge.name
+            );
             Ok(())
         }
         LabCommand::Down { file } => {

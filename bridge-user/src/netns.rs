@@ -62,17 +62,22 @@ impl NetNs {
     pub fn create(name: &str) -> Result<NetNs, NetNsError> {
         validate_name(name)?;
         if NetNs::exists(name) {
-            return Ok(NetNs { name: name.to_owned() });
+            return Ok(NetNs {
+                name: name.to_owned(),
+            });
         }
         prepare_run_dir()?;
         let path = path_of(name);
-        let create_error = |cause: io::Error| NetNsError::Create { name: name.to_owned(), cause };
+        let create_error = |cause: io::Error| NetNsError::Create {
+            name: name.to_owned(),
+            cause,
+        };
         // Mode 0 like iproute2: the file is only a mount point for the nsfs inode.
         fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0)
+            .mode(0o000)
             .open(&path)
             .map_err(create_error)?;
         // unshare moves the calling thread for good, so a throwaway thread does it; the bind
@@ -90,28 +95,36 @@ impl NetNs {
                         None::<&str>,
                     )
                 })
-                .map_err(|cause| NetNsError::Thread { name: name.to_owned(), cause })?;
+                .map_err(|cause| NetNsError::Thread {
+                    name: name.to_owned(),
+                    cause,
+                })?;
             Ok(join(worker))
         })?;
         if let Err(errno) = mounted {
             let _ = fs::remove_file(&path);
             return Err(create_error(errno.into()));
         }
-        Ok(NetNs { name: name.to_owned() })
+        Ok(NetNs {
+            name: name.to_owned(),
+        })
     }
 
     pub fn open(name: &str) -> Result<NetNs, NetNsError> {
         validate_name(name)?;
         if !NetNs::exists(name) {
-            return Err(NetNsError::NotFound { name: name.to_owned() });
+            return Err(NetNsError::NotFound {
+                name: name.to_owned(),
+            });
         }
-        Ok(NetNs { name: name.to_owned() })
+        Ok(NetNs {
+            name: name.to_owned(),
+        })
     }
 
     pub fn exists(name: &str) -> bool {
         validate_name(name).is_ok()
-            && statfs(&path_of(name))
-                .is_ok_and(|fs| fs.filesystem_type().0 as u64 == NSFS_MAGIC)
+            && statfs(&path_of(name)).is_ok_and(|fs| fs.filesystem_type().0 as u64 == NSFS_MAGIC)
     }
 
     /// Removes namespace `name` the way `ip netns delete` does; the kernel destroys it (and
@@ -119,7 +132,10 @@ impl NetNs {
     pub fn delete(name: &str) -> Result<(), NetNsError> {
         validate_name(name)?;
         let path = path_of(name);
-        let delete_error = |cause: io::Error| NetNsError::Delete { name: name.to_owned(), cause };
+        let delete_error = |cause: io::Error| NetNsError::Delete {
+            name: name.to_owned(),
+            cause,
+        };
         // Two racing creators can stack two mounts on one file; peel them all.
         for _ in 0..8 {
             match umount2(&path, MntFlags::MNT_DETACH) {
@@ -144,14 +160,20 @@ impl NetNs {
 
     /// An fd on the namespace, for setns or IFLA_NET_NS_FD.
     pub fn file(&self) -> Result<File, NetNsError> {
-        File::open(self.path()).map_err(|cause| NetNsError::Open { name: self.name.clone(), cause })
+        File::open(self.path()).map_err(|cause| NetNsError::Open {
+            name: self.name.clone(),
+            cause,
+        })
     }
 
     /// Inode of this namespace: equals `current_inode()` on a thread inside it.
     pub fn inode(&self) -> Result<u64, NetNsError> {
         fs::metadata(self.path())
             .map(|meta| meta.ino())
-            .map_err(|cause| NetNsError::Open { name: self.name.clone(), cause })
+            .map_err(|cause| NetNsError::Open {
+                name: self.name.clone(),
+                cause,
+            })
     }
 
     /// Runs `f` on a scoped thread that has entered this namespace (setns CLONE_NEWNET only,
@@ -166,7 +188,10 @@ impl NetNs {
                 .spawn_scoped(scope, move || {
                     setns(&file, CloneFlags::CLONE_NEWNET).map(|()| f())
                 })
-                .map_err(|cause| NetNsError::Thread { name: self.name.clone(), cause })?;
+                .map_err(|cause| NetNsError::Thread {
+                    name: self.name.clone(),
+                    cause,
+                })?;
             join(worker).map_err(|errno| NetNsError::Enter {
                 name: self.name.clone(),
                 cause: errno.into(),
@@ -179,8 +204,10 @@ impl NetNs {
 pub fn enter(name: &str) -> Result<(), NetNsError> {
     let netns = NetNs::open(name)?;
     let file = netns.file()?;
-    setns(&file, CloneFlags::CLONE_NEWNET)
-        .map_err(|errno| NetNsError::Enter { name: name.to_owned(), cause: errno.into() })
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| NetNsError::Enter {
+        name: name.to_owned(),
+        cause: errno.into(),
+    })
 }
 
 /// Inode of the calling thread's network namespace; it keys per-namespace pins.
@@ -204,11 +231,16 @@ fn validate_name(name: &str) -> Result<(), NetNsError> {
     } else {
         return Ok(());
     };
-    Err(NetNsError::InvalidName { name: name.to_owned(), reason })
+    Err(NetNsError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    })
 }
 
 fn join<T>(worker: thread::ScopedJoinHandle<'_, T>) -> T {
-    worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    worker
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Makes /run/netns a shared mount, as iproute2 does, so namespace mounts propagate to other
@@ -216,26 +248,32 @@ fn join<T>(worker: thread::ScopedJoinHandle<'_, T>) -> T {
 fn prepare_run_dir() -> Result<(), NetNsError> {
     // Threads of one process would otherwise stack bind mounts of /run/netns on each other.
     static PREPARING: Mutex<()> = Mutex::new(());
-    let _serialized = PREPARING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serialized = PREPARING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let run_dir_error = |cause: io::Error| NetNsError::RunDir { cause };
     fs::create_dir_all(RUN_DIR).map_err(run_dir_error)?;
     let make_shared = || {
-        mount(None::<&str>, RUN_DIR, Some("none"), MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
+        mount(
+            None::<&str>,
+            RUN_DIR,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
     };
     match make_shared() {
         Ok(()) => Ok(()),
         // EINVAL: not a mount point yet; bind it onto itself and try again.
-        Err(Errno::EINVAL) => {
-            mount(
-                Some(RUN_DIR),
-                RUN_DIR,
-                Some("none"),
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .and_then(|()| make_shared())
-            .map_err(|errno| run_dir_error(errno.into()))
-        }
+        Err(Errno::EINVAL) => mount(
+            Some(RUN_DIR),
+            RUN_DIR,
+            Some("none"),
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| make_shared())
+        .map_err(|errno| run_dir_error(errno.into())),
         Err(errno) => Err(run_dir_error(errno.into())),
     }
 }
@@ -258,7 +296,9 @@ mod tests {
 
     #[test]
     fn paths_live_under_run_netns() {
-        let netns = NetNs { name: "demo-a".into() };
+        let netns = NetNs {
+            name: "demo-a".into(),
+        };
         assert_eq!(netns.path(), Path::new("/run/netns/demo-a"));
     }
 }

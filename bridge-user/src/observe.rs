@@ -8,8 +8,8 @@ use netlink_packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
     link::{
-        BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute,
-        LinkFlags, LinkInfo, LinkMessage,
+        BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData,
+        LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
     },
 };
 use rtnetlink::Handle;
@@ -63,11 +63,19 @@ pub async fn bridge(handle: &Handle, name: &str) -> Result<BridgeView> {
         .ok_or_else(|| Error::BridgeNotFound(name.to_owned()))?;
     let kind = link_kind(&message);
     if kind != "bridge" {
-        let kind = if kind.is_empty() { "physical".to_owned() } else { kind };
-        return Err(Error::NotABridge { name: name.to_owned(), kind });
+        let kind = if kind.is_empty() {
+            "physical".to_owned()
+        } else {
+            kind
+        };
+        return Err(Error::NotABridge {
+            name: name.to_owned(),
+            kind,
+        });
     }
     let ifindex = message.header.index;
-    let vlan_filtering = bridge_info(&message).any(|info| matches!(info, InfoBridge::VlanFiltering(true)));
+    let vlan_filtering =
+        bridge_info(&message).any(|info| matches!(info, InfoBridge::VlanFiltering(true)));
 
     let mut ports = Vec::new();
     let mut links = handle.link().get().execute();
@@ -106,15 +114,25 @@ async fn port(handle: &Handle, link: &LinkMessage) -> Result<PortView> {
     let forwarding = port_info
         .iter()
         .any(|i| matches!(i, InfoBridgePort::State(BridgePortState::Forwarding)));
-    let isolated = port_info.iter().any(|i| matches!(i, InfoBridgePort::Isolated(true)));
+    let isolated = port_info
+        .iter()
+        .any(|i| matches!(i, InfoBridgePort::Isolated(true)));
     let up = link.header.flags.contains(LinkFlags::Up);
-    let peer = if kind == "veth" { veth_peer(handle, link).await? } else { None };
+    let peer = if kind == "veth" {
+        veth_peer(handle, link).await?
+    } else {
+        None
+    };
     Ok(PortView {
         name: link_name(link),
         ifindex: link.header.index,
         kind,
         mac: link_mac(link),
-        state: if forwarding && up { PortState::Forwarding } else { PortState::NotForwarding },
+        state: if forwarding && up {
+            PortState::Forwarding
+        } else {
+            PortState::NotForwarding
+        },
         isolated,
         peer,
     })
@@ -137,7 +155,10 @@ async fn veth_peer(handle: &Handle, port: &LinkMessage) -> Result<Option<PeerVie
     };
     let mut request = handle.link().get().match_index(peer_index);
     if let Some(netns) = peer_netns {
-        request.message_mut().attributes.push(LinkAttribute::IfNetnsId(netns));
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(netns));
     }
     let peer = match request.execute().try_next().await {
         Ok(Some(peer)) => peer,
@@ -148,19 +169,33 @@ async fn veth_peer(handle: &Handle, port: &LinkMessage) -> Result<Option<PeerVie
     let mut addresses = Vec::new();
     let mut request = handle.address().get().set_link_index_filter(peer_index);
     if let Some(netns) = peer_netns {
-        request.message_mut().attributes.push(AddressAttribute::TargetNetNsId(netns));
+        request
+            .message_mut()
+            .attributes
+            .push(AddressAttribute::TargetNetNsId(netns));
     }
     let mut stream = request.execute();
     // Addresses are only shown in `xbr status`; a namespace that vanishes mid-read leaves them out.
     while let Ok(Some(message)) = stream.try_next().await {
         addresses.extend(address_of(&message));
     }
-    Ok(Some(PeerView { name: link_name(&peer), mac: link_mac(&peer), addresses }))
+    Ok(Some(PeerView {
+        name: link_name(&peer),
+        mac: link_mac(&peer),
+        addresses,
+    }))
 }
 
 /// Looks a link up by name; `None` when there is no such link.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
-    match handle.link().get().match_name(name.to_owned()).execute().try_next().await {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(link) => Ok(link),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(e) => Err(Error::netlink(format!("looking up {name}"), e)),
@@ -182,7 +217,10 @@ pub async fn link_names(handle: &Handle) -> Result<std::collections::BTreeMap<u3
 }
 
 fn address_of(message: &AddressMessage) -> Option<IpAddr> {
-    let wanted = matches!(message.header.family, AddressFamily::Inet | AddressFamily::Inet6);
+    let wanted = matches!(
+        message.header.family,
+        AddressFamily::Inet | AddressFamily::Inet6
+    );
     message.attributes.iter().find_map(|a| match a {
         AddressAttribute::Address(address) if wanted => Some(*address),
         _ => None,
@@ -240,5 +278,8 @@ fn link_mac(link: &LinkMessage) -> Mac {
 
 /// `02:42:ac:11:00:02`
 pub fn format_mac(mac: &Mac) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

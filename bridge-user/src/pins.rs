@@ -29,8 +29,12 @@ pub const MAPS: [(&str, &str); 5] = [
 /// The directory of this network namespace's attachments under `root`. Bridges with the same
 /// name in different namespaces get different directories.
 pub fn netns_dir(root: &Path) -> Result<PathBuf> {
-    let inode = netns::current_inode()
-        .map_err(|e| Error::io("reading this network namespace's inode", std::io::Error::other(e)))?;
+    let inode = netns::current_inode().map_err(|e| {
+        Error::io(
+            "reading this network namespace's inode",
+            std::io::Error::other(e),
+        )
+    })?;
     Ok(root.join(format!("netns-{inode}")))
 }
 
@@ -62,32 +66,50 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(|e| Error::Bpffs { path: BPFFS.into(), reason: format!("mount failed: {e}") })?;
+        .map_err(|e| Error::Bpffs {
+            path: BPFFS.into(),
+            reason: format!("mount failed: {e}"),
+        })?;
     }
-    fs::create_dir_all(root)
-        .map_err(|e| Error::Bpffs { path: root.into(), reason: format!("cannot create it: {e}") })?;
-    if !is_bpffs(root) {
-        return Err(Error::Bpffs { path: root.into(), reason: "not a bpf filesystem".to_owned() });
+    // Check before creating anything: a root outside bpffs must be refused without a trace.
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        return Err(Error::Bpffs {
+            path: root.into(),
+            reason: format!("{} is not on a bpf filesystem", existing.display()),
+        });
     }
-    Ok(())
+    fs::create_dir_all(root).map_err(|e| Error::Bpffs {
+        path: root.into(),
+        reason: format!("cannot create it: {e}"),
+    })
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Removes an attachment directory and every pin in it, then the namespace directory and
 /// the root when they are left empty: detach leaves nothing behind.
 pub fn remove(dir: &Path, root: &Path) -> Result<()> {
     if dir.exists() {
-        for entry in fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))? {
-            let path = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?.path();
-            fs::remove_file(&path).map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
+        for entry in
+            fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+        {
+            let path = entry
+                .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+                .path();
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
         }
         fs::remove_dir(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
     }
-    for empty in dir.ancestors().skip(1) {
-        if !empty.starts_with(root) || fs::remove_dir(empty).is_err() {
+    for parent in dir.ancestors().skip(1).filter(|p| p.exists()) {
+        // remove_dir refuses a directory that is not empty: other attachments keep theirs.
+        if !parent.starts_with(root) || fs::remove_dir(parent).is_err() {
             break;
         }
     }

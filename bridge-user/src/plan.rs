@@ -43,14 +43,21 @@ pub fn plan(view: &BridgeView) -> Result<Plan> {
     let mut candidates: BTreeMap<EndpointKey, Vec<(&str, u32)>> = BTreeMap::new();
     for port in &view.ports {
         if port.kind != "veth" {
-            let kind = if port.kind.is_empty() { "physical" } else { port.kind.as_str() };
+            let kind = if port.kind.is_empty() {
+                "physical"
+            } else {
+                port.kind.as_str()
+            };
             skipped.push(Skipped {
                 port: port.name.clone(),
                 reason: format!("{kind} port, not a veth: left to the bridge"),
             });
             continue;
         }
-        ports.push(PlannedPort { name: port.name.clone(), ifindex: port.ifindex });
+        ports.push(PlannedPort {
+            name: port.name.clone(),
+            ifindex: port.ifindex,
+        });
         let reason = match (&port.peer, port.state, port.isolated) {
             (None, _, _) => Some("veth peer not readable"),
             (_, PortState::NotForwarding, _) => Some("port is not forwarding (down or blocked)"),
@@ -74,7 +81,13 @@ pub fn plan(view: &BridgeView) -> Result<Plan> {
     for (key, owners) in candidates {
         match owners.as_slice() {
             [(_, ifindex)] => {
-                endpoints.insert(key, Endpoint { ifindex: *ifindex, flags: 0 });
+                endpoints.insert(
+                    key,
+                    Endpoint {
+                        ifindex: *ifindex,
+                        flags: 0,
+                    },
+                );
             }
             // The bridge itself flaps between such ports; xbr does not pick one.
             _ => {
@@ -118,7 +131,11 @@ mod tests {
             mac: [0x0a, 0, 0, 0, 0, ifindex as u8],
             state: PortState::Forwarding,
             isolated: false,
-            peer: Some(PeerView { name: "eth0".to_owned(), mac: peer_mac, addresses: vec![] }),
+            peer: Some(PeerView {
+                name: "eth0".to_owned(),
+                mac: peer_mac,
+                addresses: vec![],
+            }),
         }
     }
 
@@ -137,10 +154,26 @@ mod tests {
 
     #[test]
     fn every_forwarding_veth_becomes_an_endpoint() {
-        let plan = plan(&bridge(vec![veth("veth-a", 10, MAC_A), veth("veth-b", 11, MAC_B)])).unwrap();
+        let plan = plan(&bridge(vec![
+            veth("veth-a", 10, MAC_A),
+            veth("veth-b", 11, MAC_B),
+        ]))
+        .unwrap();
         assert_eq!(plan.ports.len(), 2);
-        assert_eq!(plan.endpoints[&EndpointKey { mac: MAC_A }], Endpoint { ifindex: 10, flags: 0 });
-        assert_eq!(plan.endpoints[&EndpointKey { mac: MAC_B }], Endpoint { ifindex: 11, flags: 0 });
+        assert_eq!(
+            plan.endpoints[&EndpointKey { mac: MAC_A }],
+            Endpoint {
+                ifindex: 10,
+                flags: 0
+            }
+        );
+        assert_eq!(
+            plan.endpoints[&EndpointKey { mac: MAC_B }],
+            Endpoint {
+                ifindex: 11,
+                flags: 0
+            }
+        );
         assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
     }
 
@@ -151,7 +184,11 @@ mod tests {
         let mut isolated = veth("veth-b", 11, MAC_B);
         isolated.isolated = true;
         let plan = plan(&bridge(vec![down, isolated])).unwrap();
-        assert_eq!(plan.ports.len(), 2, "the program still runs there (it passes their frames on)");
+        assert_eq!(
+            plan.ports.len(),
+            2,
+            "the program still runs there (it passes their frames on)"
+        );
         assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
         assert_eq!(plan.skipped.len(), 2);
     }
@@ -169,10 +206,18 @@ mod tests {
 
     #[test]
     fn a_mac_on_two_ports_is_on_neither() {
-        let plan = plan(&bridge(vec![veth("veth-a", 10, MAC_A), veth("veth-b", 11, MAC_A)])).unwrap();
+        let plan = plan(&bridge(vec![
+            veth("veth-a", 10, MAC_A),
+            veth("veth-b", 11, MAC_A),
+        ]))
+        .unwrap();
         assert!(plan.endpoints.is_empty());
         assert_eq!(plan.skipped.len(), 2);
-        assert!(plan.skipped[0].reason.contains("veth-a, veth-b"), "{:?}", plan.skipped);
+        assert!(
+            plan.skipped[0].reason.contains("veth-a, veth-b"),
+            "{:?}",
+            plan.skipped
+        );
     }
 
     #[test]

@@ -19,10 +19,19 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 }
 
 fn redirect_name(redirect_peer: bool) -> &'static str {
-    if redirect_peer { "bpf_redirect_peer" } else { "bpf_redirect" }
+    if redirect_peer {
+        "bpf_redirect_peer"
+    } else {
+        "bpf_redirect"
+    }
 }
 
-pub fn attached(plan: &Plan, attached: &Attached, features: &Features, as_json: bool) -> anyhow::Result<()> {
+pub fn attached(
+    plan: &Plan,
+    attached: &Attached,
+    features: &Features,
+    as_json: bool,
+) -> anyhow::Result<()> {
     let mode = mode_name(attached.mode as u32);
     if as_json {
         return print_json(&json!({
@@ -47,26 +56,42 @@ pub fn attached(plan: &Plan, attached: &Attached, features: &Features, as_json: 
         println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
     }
     if attached.mode == AttachMode::Clsact {
-        println!("  (clsact mode: detach with `xbr detach {}` before removing the qdisc by hand)", plan.bridge);
+        println!(
+            "  (clsact mode: detach with `xbr detach {}` before removing the qdisc by hand)",
+            plan.bridge
+        );
     }
     Ok(())
 }
 
 pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Result<()> {
     if as_json {
-        return print_json(&json!({ "bridge": bridge, "ports": detached.ports, "removed": detached.dir }));
+        return print_json(
+            &json!({ "bridge": bridge, "ports": detached.ports, "removed": detached.dir }),
+        );
     }
-    println!("detached {bridge}: {} ports back on the plain bridge; removed {}", detached.ports, detached.dir.display());
+    println!(
+        "detached {bridge}: {} ports back on the plain bridge; removed {}",
+        detached.ports,
+        detached.dir.display()
+    );
     Ok(())
 }
 
 fn skipped_json(plan: &Plan) -> Value {
-    plan.skipped.iter().map(|s| json!({ "port": s.port, "reason": s.reason })).collect()
+    plan.skipped
+        .iter()
+        .map(|s| json!({ "port": s.port, "reason": s.reason }))
+        .collect()
 }
 
 /// The endpoint MAC of each port, from the pinned endpoints map.
 fn macs_by_port(attachment: &Attachment) -> BTreeMap<u32, EndpointKey> {
-    attachment.endpoints.iter().map(|(key, endpoint)| (endpoint.ifindex, *key)).collect()
+    attachment
+        .endpoints
+        .iter()
+        .map(|(key, endpoint)| (endpoint.ifindex, *key))
+        .collect()
 }
 
 struct PortLine {
@@ -87,7 +112,9 @@ fn port_lines(attachment: &Attachment, view: Option<&BridgeView>) -> Vec<PortLin
             let peer = port.and_then(|p| p.peer.as_ref());
             PortLine {
                 ifindex: *ifindex,
-                name: port.map(|p| p.name.clone()).unwrap_or_else(|| "(gone)".to_owned()),
+                name: port
+                    .map(|p| p.name.clone())
+                    .unwrap_or_else(|| "(gone)".to_owned()),
                 mac: macs.get(ifindex).map(|k| format_mac(&k.mac)),
                 container_interface: peer.map(|p| p.name.clone()),
                 container_ips: peer
@@ -142,7 +169,9 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
         if features.redirect_peer { "yes" } else { "no" }
     );
     if attachments.is_empty() {
-        println!("no bridge attached in this network namespace; attach one with `xbr attach BRIDGE`");
+        println!(
+            "no bridge attached in this network namespace; attach one with `xbr attach BRIDGE`"
+        );
     }
     for (attachment, view) in attachments {
         println!();
@@ -152,9 +181,16 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
             mode_name(attachment.record.attach_mode),
             redirect_name(attachment.record.redirect_peer != 0),
             attachment.dir.display(),
-            if view.is_none() { "  (bridge is gone: run `xbr detach` to clean up)" } else { "" }
+            if view.is_none() {
+                "  (bridge is gone: run `xbr detach` to clean up)"
+            } else {
+                ""
+            }
         );
-        println!("  {:<16} {:>7}  {:<17}  {:<10} {}", "PORT", "IFINDEX", "ENDPOINT MAC", "CONTAINER", "IPS");
+        println!(
+            "  {:<16} {:>7}  {:<17}  {:<10} IPS",
+            "PORT", "IFINDEX", "ENDPOINT MAC", "CONTAINER"
+        );
         for line in port_lines(attachment, view.as_ref()) {
             println!(
                 "  {:<16} {:>7}  {:<17}  {:<10} {}",
@@ -178,7 +214,11 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
     let mut endpoints = Vec::new();
     for (attachment, view) in attachments {
         for line in port_lines(attachment, view.as_ref()) {
-            let stats = attachment.stats.get(&line.ifindex).copied().unwrap_or_default();
+            let stats = attachment
+                .stats
+                .get(&line.ifindex)
+                .copied()
+                .unwrap_or_default();
             endpoints.push((attachment.bridge.as_str(), line, stats));
         }
     }

@@ -1,3 +1,4 @@
 //! Shared pieces of xbr's kernel-facing tests: unique lab names, cleanup guards, witnesses.
 
 pub mod lab_support;
+pub mod witness;

@@ -1,0 +1,290 @@
+//! Independent witnesses of what xbr did, read with the kernel's own tools (nft, tc,
+//! bpftool) rather than through xbr, plus a runner for the real `xbr` binary.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use std::io::{Read as _, Write as _};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use xbr::netns::NetNs;
+
+/// Counts frames the bridge forwards between its ports (nftables, bridge family, forward
+/// hook): frames that xbr redirects never reach that hook.
+pub struct BridgeForwardCounter {
+    netns: String,
+}
+
+/// Frames the bridge forwarded, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Unicast IPv4: what xbr takes off the bridge.
+    pub ipv4_unicast: u64,
+    /// ARP (requests are broadcast, replies unicast): what must stay on the bridge.
+    pub arp: u64,
+}
+
+const TABLE: &str = "xbr_witness";
+
+impl BridgeForwardCounter {
+    pub fn install(netns: &str) -> BridgeForwardCounter {
+        let rules = format!(
+            "table bridge {TABLE} {{\n chain forward {{\n  type filter hook forward priority 0; policy accept;\n  \
+             ether type ip ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 counter comment \"ipv4_unicast\"\n  \
+             ether type arp counter comment \"arp\"\n }}\n}}\n"
+        );
+        nft(netns, &["-f", "-"], Some(&rules));
+        BridgeForwardCounter {
+            netns: netns.to_owned(),
+        }
+    }
+
+    pub fn read(&self) -> Forwarded {
+        let listing = nft(&self.netns, &["-j", "list", "table", "bridge", TABLE], None);
+        let json: serde_json::Value = serde_json::from_str(&listing).expect("nft -j prints JSON");
+        let mut forwarded = Forwarded::default();
+        for item in json["nftables"].as_array().expect("nftables array") {
+            let Some(expr) = item["rule"]["expr"].as_array() else {
+                continue;
+            };
+            let packets = expr
+                .iter()
+                .find_map(|e| e["counter"]["packets"].as_u64())
+                .expect("rule has a counter");
+            match item["rule"]["comment"].as_str() {
+                Some("ipv4_unicast") => forwarded.ipv4_unicast = packets,
+                Some("arp") => forwarded.arp = packets,
+                other => panic!("unexpected witness rule {other:?}"),
+            }
+        }
+        forwarded
+    }
+}
+
+fn nft(netns: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns, "nft"]).args(args);
+    let output = run_with_stdin(command, stdin);
+    assert!(
+        output.status.success(),
+        "nft {} in {netns} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn run_with_stdin(mut command: Command, stdin: Option<&str>) -> Output {
+    use std::process::Stdio;
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn witness command");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("wait for witness command")
+}
+
+/// tc filters on a port's ingress (clsact mode leaves its trace here).
+pub fn tc_ingress_filters(netns: &str, port: &str) -> String {
+    let output = Command::new("tc")
+        .args(["-n", netns, "filter", "show", "dev", port, "ingress"])
+        .output()
+        .expect("run tc");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Qdiscs of a port, as `tc qdisc show` lists them.
+pub fn tc_qdiscs(netns: &str, port: &str) -> String {
+    let output = Command::new("tc")
+        .args(["-n", netns, "qdisc", "show", "dev", port])
+        .output()
+        .expect("run tc");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Names of the BPF programs on `port`'s tc ingress, as the kernel reports them: cls_bpf
+/// filters through bpftool, tcx links through BPF_PROG_QUERY (this bpftool predates tcx).
+pub fn tc_programs(netns: &str, port: &str) -> Vec<String> {
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(["bpftool", "-j", "net", "show", "dev", port])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        output.status.success(),
+        "bpftool net show failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("bpftool -j prints JSON");
+    let mut names = Vec::new();
+    for section in json.as_array().into_iter().flatten() {
+        for entry in section["tc"].as_array().into_iter().flatten() {
+            if let Some(name) = entry["name"].as_str() {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    let port = port.to_owned();
+    let tcx = NetNs::open(netns)
+        .expect("namespace exists")
+        .run(move || SchedClassifier::query_tcx(&port, TcAttachType::Ingress))
+        .expect("enter namespace");
+    // Kernels before 6.6 have no tcx: nothing can be attached that way there.
+    if let Ok((_, programs)) = tcx {
+        names.extend(
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
+        );
+    }
+    names
+}
+
+/// The `xbr` binary built beside these tests (`cargo test --workspace` builds it; so does
+/// `cargo build -p bridge-user`). `XBR` overrides the path.
+pub fn xbr_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("XBR") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let binary = profile_dir.join("xbr");
+    assert!(
+        binary.exists(),
+        "{} not built; run `cargo build -p bridge-user` with the same profile, or set XBR",
+        binary.display()
+    );
+    binary
+}
+
+/// Runs `xbr ARGS...`; returns (exit code, stdout, stderr).
+pub fn xbr(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(xbr_binary())
+        .args(args)
+        .output()
+        .expect("run xbr");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `xbr ARGS...` and panics with its stderr unless it succeeds; returns stdout.
+pub fn xbr_ok(args: &[&str]) -> String {
+    let (code, stdout, stderr) = xbr(args);
+    assert_eq!(code, 0, "`xbr {}` failed: {stderr}", args.join(" "));
+    stdout
+}
+
+/// A TCP echo exchange from namespace `client` to `server_ip` in namespace `server`: the
+/// client sends `bytes` bytes and must get the same bytes back.
+pub fn tcp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, bytes: usize) {
+    let listener = server
+        .run(|| TcpListener::bind((server_ip, 0)))
+        .expect("enter server namespace")
+        .expect("bind TCP listener");
+    let address = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buffer).expect("server read");
+            if n == 0 {
+                break;
+            }
+            stream.write_all(&buffer[..n]).expect("server write");
+        }
+    });
+    let mut stream = client
+        .run(|| TcpStream::connect_timeout(&address, Duration::from_secs(5)))
+        .expect("enter client namespace")
+        .unwrap_or_else(|e| panic!("TCP connect to {address} from {}: {e}", client.name()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let sent: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let mut stream = stream.try_clone().unwrap();
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            stream.write_all(&sent).expect("client write");
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut received = Vec::new();
+    stream
+        .read_to_end(&mut received)
+        .unwrap_or_else(|e| panic!("TCP echo from {address}: {e}"));
+    writer.join().unwrap();
+    echo.join().unwrap();
+    assert!(
+        received == sent,
+        "TCP echo from {address} returned {} of {bytes} bytes, or other bytes",
+        received.len()
+    );
+}
+
+/// UDP from `client` to `server_ip` in `server`: `count` datagrams, each answered; returns
+/// how many answers came back.
+pub fn udp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, count: usize) -> usize {
+    let server_socket = server
+        .run(|| UdpSocket::bind((server_ip, 0)))
+        .expect("enter server namespace")
+        .expect("bind UDP socket");
+    let address: SocketAddr = server_socket.local_addr().unwrap();
+    server_socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        let mut answered = 0;
+        while answered < count {
+            let Ok((n, from)) = server_socket.recv_from(&mut buffer) else {
+                break;
+            };
+            server_socket.send_to(&buffer[..n], from).unwrap();
+            answered += 1;
+        }
+    });
+    let socket = client
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .expect("enter client namespace")
+        .expect("bind UDP client");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut answers = 0;
+    let mut buffer = [0u8; 2048];
+    for i in 0..count {
+        let payload = format!("datagram {i} of {count}");
+        socket.send_to(payload.as_bytes(), address).unwrap();
+        if let Ok((n, _)) = socket.recv_from(&mut buffer)
+            && &buffer[..n] == payload.as_bytes()
+        {
+            answers += 1;
+        }
+    }
+    echo.join().unwrap();
+    answers
+}
