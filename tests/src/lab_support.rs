@@ -1,1 +1,159 @@
+//! Labs for kernel-facing tests: names no parallel test shares, the usual three-container lab,
+//! and witnesses (`ip`, `ping`) that check what xbr built without trusting xbr.
 
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use xbr::lab::{BridgeSpec, ContainerSpec, Ipv4Cidr, LabGuard, LabSpec, MacAddr, UplinkSpec};
+
+/// A name unique across parallel tests and test processes: `prefix`, this process's id (five
+/// digits) and a counter. Short, because lab names prefix namespace names.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id() % 100_000;
+    format!("{prefix}{pid:05}{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The usual test lab: containers a, b and c (10.77.0.2-4/24, MACs 02:77:00:00:00:02-04) on
+/// bridge br0 (10.77.0.1/24), under a unique lab name.
+pub struct LabBuilder {
+    spec: LabSpec,
+}
+
+impl LabBuilder {
+    pub fn three_containers() -> LabBuilder {
+        LabBuilder::named(&unique_name("l"))
+    }
+
+    pub fn named(name: &str) -> LabBuilder {
+        let container = |name: &str, last: u8| ContainerSpec {
+            name: name.to_owned(),
+            address: Ipv4Cidr::new(Ipv4Addr::new(10, 77, 0, last), 24),
+            mac: Some(MacAddr([0x02, 0x77, 0, 0, 0, last])),
+        };
+        LabBuilder {
+            spec: LabSpec {
+                name: name.to_owned(),
+                bridge: BridgeSpec {
+                    name: "br0".to_owned(),
+                    address: Some(Ipv4Cidr::new(Ipv4Addr::new(10, 77, 0, 1), 24)),
+                },
+                containers: vec![container("a", 2), container("b", 3), container("c", 4)],
+                uplink: None,
+            },
+        }
+    }
+
+    /// Adds the outside namespace: uplink0 10.78.0.1/24 in the host, eth0 10.78.0.2/24 outside.
+    pub fn with_uplink(mut self) -> LabBuilder {
+        self.spec.uplink = Some(UplinkSpec {
+            host_address: Ipv4Cidr::new(Ipv4Addr::new(10, 78, 0, 1), 24),
+            outside_address: Ipv4Cidr::new(Ipv4Addr::new(10, 78, 0, 2), 24),
+        });
+        self
+    }
+
+    pub fn build(self) -> LabSpec {
+        self.spec
+    }
+
+    /// Builds the lab in the kernel; it is torn down when the guard drops.
+    pub fn up(self) -> LabGuard {
+        let name = self.spec.name.clone();
+        LabGuard::up(self.spec).unwrap_or_else(|error| panic!("lab {name} should come up: {error}"))
+    }
+}
+
+/// Deletes the lab's namespaces on drop, for tests whose lab may never have come up whole.
+pub struct DownOnDrop(pub LabSpec);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = xbr::lab::down(&self.0);
+    }
+}
+
+/// Waits until the kernel has finished reporting on a fresh lab: the bridge's operstate moves
+/// from UNKNOWN to UP asynchronously (linkwatch may hold the event up to a second), so tests that
+/// compare link states call this first. Traffic does not need it.
+pub fn wait_settled(spec: &LabSpec) {
+    if spec.containers.is_empty() {
+        return;
+    }
+    let host = spec.host_netns();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let bridge = ip_in(&host, &["-o", "link", "show", &spec.bridge.name]);
+        if bridge.contains(" state UP ") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bridge {} in {host} should reach state UP: {bridge}",
+            spec.bridge.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Namespace names `ip netns list` shows.
+pub fn netns_list() -> Vec<String> {
+    let listing = run("ip", &["netns", "list"]);
+    listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// stdout of `ip -n NETNS ARGS...`; panics when `ip` fails.
+pub fn ip_in(netns: &str, args: &[&str]) -> String {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Whether `ping` from inside `netns` gets an answer from `addr`; a few tries, since the first
+/// packets of a fresh lab may wait on ARP.
+pub fn ping(netns: &str, addr: Ipv4Addr) -> bool {
+    (0..3).any(|_| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "ping",
+                "-c1",
+                "-W1",
+                "-q",
+                &addr.to_string(),
+            ])
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run ping in {netns}: {error}"))
+            .status
+            .success()
+    })
+}
+
+pub fn assert_ping(netns: &str, addr: Ipv4Addr) {
+    assert!(
+        ping(netns, addr),
+        "{addr} should answer ping from namespace {netns}"
+    );
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {program} {}: {error}", args.join(" ")));
+    assert!(
+        output.status.success(),
+        "`{program} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
