@@ -71,10 +71,13 @@ pub enum Verdict {
     /// Source MAC is not the endpoint learned on the port the frame came in on (spoofed,
     /// moved, or a port the bridge does not forward from): the bridge decides.
     UnknownSource = 7,
+    /// The endpoint entry names a port that no longer holds that MAC (the control plane is
+    /// catching up with a change): the bridge decides.
+    StaleEndpoint = 8,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Redirected,
         Verdict::NotUnicast,
@@ -84,6 +87,7 @@ impl Verdict {
         Verdict::SamePort,
         Verdict::Malformed,
         Verdict::UnknownSource,
+        Verdict::StaleEndpoint,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -96,6 +100,7 @@ impl Verdict {
             Verdict::SamePort => "same_port",
             Verdict::Malformed => "malformed",
             Verdict::UnknownSource => "unknown_source",
+            Verdict::StaleEndpoint => "stale_endpoint",
         }
     }
 }
@@ -123,7 +128,7 @@ pub struct BridgeRecord {
     pub _pad: u32,
 }
 
-/// `PORTS` map value, keyed by the port's host-side ifindex.
+/// `PORTS` map value, keyed by the port's host-side ifindex: one record per port xbr hooked.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortRecord {
@@ -131,6 +136,11 @@ pub struct PortRecord {
     /// The cls_bpf filter's priority and handle (clsact mode), to remove exactly that filter.
     pub tc_priority: u32,
     pub tc_handle: u32,
+    /// The endpoint MAC learned on this port (all zero: none). The datapath redirects to a
+    /// port only when this MAC is the frame's destination, so a stale endpoint entry alone can
+    /// never deliver a frame to the wrong container.
+    pub endpoint_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl PortRecord {

@@ -15,7 +15,7 @@ use network_types::{
 use crate::{
     counters::{count_delivered, count_sent, count_verdict},
     frame::ptr_at,
-    maps::ENDPOINTS,
+    maps::{ENDPOINTS, PORTS},
 };
 
 /// Set by the loader: 1 where the kernel has bpf_redirect_peer (5.10+), 0 for plain
@@ -93,8 +93,14 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     // bridge does not forward from has no endpoint, so its frames meet the bridge's rules.
     let source = EndpointKey { mac: eth.src_addr };
     match unsafe { ENDPOINTS.get(&source) } {
-        Some(sender) if sender.ifindex == ingress_port => Decision::Redirect(endpoint.ifindex),
-        _ => Decision::Pass(Verdict::UnknownSource),
+        Some(sender) if sender.ifindex == ingress_port => {}
+        _ => return Decision::Pass(Verdict::UnknownSource),
+    }
+    // The target port must still hold that MAC: endpoint and port records are written
+    // separately, and either one being current is enough to stop a wrong delivery.
+    match unsafe { PORTS.get(&endpoint.ifindex) } {
+        Some(port) if port.endpoint_mac == eth.dst_addr => Decision::Redirect(endpoint.ifindex),
+        _ => Decision::Pass(Verdict::StaleEndpoint),
     }
 }
 

@@ -26,6 +26,7 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Verdict::C
 #[map]
 pub static BRIDGE: Array<BridgeRecord> = Array::with_max_entries(1, 0);
 
-/// Control-plane bookkeeping per attached port; the datapath never reads it.
+/// Every port xbr hooked, with the endpoint MAC it holds: the datapath checks a redirect
+/// target here. Written by the control plane.
 #[map]
 pub static PORTS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_PORTS, 0);

@@ -1,6 +1,8 @@
-//! Apply: load the programs, fill the maps, attach to the ports and pin it all — or, on any
-//! failure, undo every step so that a failed attach leaves the machine as it was. Also reads
-//! pinned attachments back for `status`, `stats` and `detach`.
+//! Apply: bring a bridge's pinned datapath to what the plan wants. A first attach loads the
+//! programs and pins them with empty maps; from then on every attach (and every event of a
+//! follower) reconciles the pinned state: removals first, then additions, so that at every
+//! moment each map entry points at a port that holds it. Also reads the pins back for
+//! `status`, `stats` and `detach`.
 
 use std::{
     collections::BTreeMap,
@@ -8,12 +10,14 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
+        links::{FdLink, Link as _},
+        tc::{
+            self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle as AyaTcHandle,
+        },
     },
     util::nr_cpus,
 };
@@ -26,7 +30,7 @@ use crate::{
     error::{Error, Result},
     features::Features,
     netlink, pins,
-    plan::Plan,
+    plan::{Plan, PlannedPort},
 };
 
 /// The compiled kernel programs, built by this crate's build script.
@@ -65,55 +69,50 @@ pub fn mode_name(mode: u32) -> &'static str {
     }
 }
 
-/// Everything a finished attach did, for the CLI to report.
+/// What one reconcile changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub ports_added: Vec<String>,
+    pub ports_removed: Vec<u32>,
+    pub endpoints_added: usize,
+    pub endpoints_removed: usize,
+    /// Ports that could not be hooked this time (they vanished meanwhile); a later reconcile
+    /// picks them up if they come back.
+    pub ports_skipped: Vec<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// The result of `attach`.
 #[derive(Debug)]
 pub struct Attached {
     pub dir: PathBuf,
     pub mode: AttachMode,
+    /// False when the bridge was attached already and this attach brought it up to date.
+    pub created: bool,
     pub ports: usize,
     pub endpoints: usize,
+    pub changes: Changes,
 }
 
-/// What to undo if attach fails part-way. Each step registers its undo before the next one.
-#[derive(Default)]
-struct Undo {
-    pin_dir: Option<(PathBuf, PathBuf)>,
-    /// tcx links not pinned yet, by port ifindex; dropping one detaches it.
-    tcx_links: Vec<(u32, FdLink)>,
-    /// tcx links pinned so far; dropped after their pins are removed, they detach.
-    tcx_pinned: Vec<PinnedLink>,
-    clsact_filters: Vec<SchedClassifierLink>,
-    clsact_qdiscs: Vec<u32>,
-}
-
-impl Undo {
-    fn run(mut self) {
-        // Pins first: a pinned link would keep its program attached.
-        if let Some((dir, root)) = self.pin_dir.take() {
-            let _ = pins::remove(&dir, &root);
+/// Attaches `plan`'s bridge: creates the pinned datapath, or picks up the one already pinned
+/// and reconciles it. A failed first attach removes everything it made.
+pub fn attach(plan: &Plan, mode: ModeChoice, features: &Features, root: &Path) -> Result<Attached> {
+    if let Ok(mut pinned) = Pinned::open(root, &plan.bridge) {
+        if mode != ModeChoice::Auto && pinned.mode() != mode.resolve(features)? {
+            return Err(Error::ModeMismatch {
+                bridge: plan.bridge.clone(),
+                attached: mode_name(pinned.record.attach_mode),
+                wanted: mode_name(mode.resolve(features)? as u32),
+            });
         }
-        drop(std::mem::take(&mut self.tcx_links));
-        drop(std::mem::take(&mut self.tcx_pinned));
-        for filter in self.clsact_filters.drain(..) {
-            let _ = aya::programs::links::Link::detach(filter);
-        }
-        for ifindex in std::mem::take(&mut self.clsact_qdiscs) {
-            let _ = delete_clsact(ifindex);
-        }
+        let changes = pinned.reconcile(plan, false)?;
+        return Ok(pinned.attached(plan, false, changes));
     }
-
-    /// Attach succeeded: the pins own the tcx links; a clsact filter lives in its qdisc, so
-    /// letting go of its handle without detaching keeps it attached.
-    fn commit(mut self) {
-        self.tcx_pinned.clear();
-        for filter in self.clsact_filters.drain(..) {
-            std::mem::forget(filter);
-        }
-    }
-}
-
-pub fn attach(plan: &Plan, mode: AttachMode, features: &Features, root: &Path) -> Result<Attached> {
-    pins::ensure_bpffs(root)?;
     let dir = pins::bridge_dir(root, &plan.bridge)?;
     if dir.exists() {
         return Err(Error::AlreadyAttached {
@@ -121,184 +120,435 @@ pub fn attach(plan: &Plan, mode: AttachMode, features: &Features, root: &Path) -
             pins: dir,
         });
     }
-    // Registered up front: a failure also prunes the root and namespace directories that
-    // ensure_bpffs or the pinning may have created.
-    let mut undo = Undo {
-        pin_dir: Some((dir.clone(), root.to_owned())),
-        ..Undo::default()
-    };
-    match attach_steps(plan, mode, features, &dir, &mut undo) {
-        Ok(attached) => {
-            undo.commit();
-            Ok(attached)
-        }
+    let mode = mode.resolve(features)?;
+    let mut pinned = match Pinned::create(plan, mode, features, root) {
+        Ok(pinned) => pinned,
         Err(error) => {
-            undo.run();
+            let _ = pins::remove(&dir, root);
+            return Err(error);
+        }
+    };
+    match pinned.reconcile(plan, true) {
+        Ok(changes) => Ok(pinned.attached(plan, true, changes)),
+        Err(error) => {
+            let _ = pinned.detach();
             Err(error)
         }
     }
 }
 
-fn attach_steps(
-    plan: &Plan,
-    mode: AttachMode,
-    features: &Features,
-    dir: &Path,
-    undo: &mut Undo,
-) -> Result<Attached> {
-    let mut ebpf = EbpfLoader::new()
-        .override_global("REDIRECT_PEER", &u8::from(features.redirect_peer), true)
-        .load(OBJECT)
-        .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;
-    fill_maps(&mut ebpf, plan, mode, features)?;
-
-    let program: &mut SchedClassifier = program_mut(&mut ebpf)?;
-    program
-        .load()
-        .map_err(|e| Error::ebpf("loading the port program into the kernel", e))?;
-    let mut port_records = Vec::new();
-    for port in &plan.ports {
-        let record = attach_port(program, plan, port, mode, undo)?;
-        port_records.push((port.ifindex, record));
-    }
-    let mut ports: HashMap<_, u32, PortRecord> = typed_map(&mut ebpf, "PORTS")?;
-    for (ifindex, record) in port_records {
-        ports
-            .insert(ifindex, record, 0)
-            .map_err(|e| Error::ebpf("filling the ports map", e))?;
-    }
-
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    for (object_name, _) in pins::MAPS {
-        let map = ebpf.map(object_name).expect("map defined by the object");
-        map.pin(pins::map_pin(dir, object_name)).map_err(|e| {
-            Error::ebpf(format!("pinning map {object_name} in {}", dir.display()), e)
-        })?;
-    }
-    program_mut(&mut ebpf)?
-        .pin(dir.join(pins::PROGRAM))
-        .map_err(|e| Error::ebpf(format!("pinning the program in {}", dir.display()), e))?;
-    for (ifindex, link) in std::mem::take(&mut undo.tcx_links) {
-        let pinned = link
-            .pin(pins::link_pin(dir, ifindex))
-            .map_err(|e| Error::ebpf(format!("pinning the tcx link of ifindex {ifindex}"), e))?;
-        undo.tcx_pinned.push(pinned);
-    }
-    Ok(Attached {
-        dir: dir.to_owned(),
-        mode,
-        ports: plan.ports.len(),
-        endpoints: plan.endpoints.len(),
-    })
+/// A pinned attachment, opened: the program and the maps of one bridge.
+pub struct Pinned {
+    pub bridge: String,
+    pub dir: PathBuf,
+    root: PathBuf,
+    pub record: BridgeRecord,
+    program: SchedClassifier,
+    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    ports: HashMap<MapData, u32, PortRecord>,
+    stats: PerCpuHashMap<MapData, u32, PortStats>,
+    verdicts: PerCpuArray<MapData, u64>,
 }
 
-fn attach_port(
-    program: &mut SchedClassifier,
-    plan: &Plan,
-    port: &crate::plan::PlannedPort,
-    mode: AttachMode,
-    undo: &mut Undo,
-) -> Result<PortRecord> {
-    // Attach goes by name: make sure the name still means the port we planned for.
-    let vanished = || Error::PortVanished {
-        bridge: plan.bridge.clone(),
-        port: port.name.clone(),
-    };
-    if nix::net::if_::if_nametoindex(port.name.as_str()).ok() != Some(port.ifindex) {
-        return Err(vanished());
-    }
-    let attach_error = |e: aya::programs::ProgramError| {
-        if nix::net::if_::if_nametoindex(port.name.as_str()).ok() != Some(port.ifindex) {
-            vanished()
-        } else {
-            Error::ebpf(
-                format!("attaching to port {} of {}", port.name, plan.bridge),
-                e,
-            )
-        }
-    };
-    let mut record = PortRecord::default();
-    match mode {
-        AttachMode::Tcx => {
-            let id = program
-                .attach_with_options(
-                    &port.name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(attach_error)?;
-            let link = program.take_link(id).map_err(attach_error)?;
-            let link = FdLink::try_from(link)
-                .map_err(|e| Error::ebpf(format!("taking the tcx link of {}", port.name), e))?;
-            undo.tcx_links.push((port.ifindex, link));
-        }
-        AttachMode::Clsact => {
-            match tc::qdisc_add_clsact(&port.name) {
-                Ok(()) => {
-                    undo.clsact_qdiscs.push(port.ifindex);
-                    record.flags |= PortRecord::ADDED_CLSACT;
-                }
-                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(attach_error(e.into())),
-            }
-            let id = program
-                .attach_with_options(
-                    &port.name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(attach_error)?;
-            let link = program.take_link(id).map_err(attach_error)?;
-            record.tc_priority = u32::from(link.priority().map_err(attach_error)?);
-            record.tc_handle = u32::from(link.handle().map_err(attach_error)?);
-            undo.clsact_filters.push(link);
-        }
-    }
-    Ok(record)
-}
-
-fn fill_maps(ebpf: &mut Ebpf, plan: &Plan, mode: AttachMode, features: &Features) -> Result<()> {
-    let mut endpoints: HashMap<_, EndpointKey, Endpoint> = typed_map(ebpf, "ENDPOINTS")?;
-    for (key, endpoint) in &plan.endpoints {
-        endpoints
-            .insert(key, endpoint, 0)
-            .map_err(|e| Error::ebpf("filling the endpoints map", e))?;
-    }
-    let cpus = nr_cpus().map_err(|(what, e)| Error::io(format!("counting CPUs ({what})"), e))?;
-    let mut stats: PerCpuHashMap<_, u32, PortStats> = typed_map(ebpf, "PORT_STATS")?;
-    for port in &plan.ports {
-        let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
-            .map_err(|e| Error::ebpf("preparing port counters", e))?;
-        stats
-            .insert(port.ifindex, zeros, 0)
-            .map_err(|e| Error::ebpf("filling the port counters map", e))?;
-    }
-    let mut bridge: Array<_, BridgeRecord> = typed_map(ebpf, "BRIDGE")?;
-    let record = BridgeRecord {
-        ifindex: plan.bridge_ifindex,
-        attach_mode: mode as u32,
-        redirect_peer: u32::from(features.redirect_peer),
-        _pad: 0,
-    };
-    bridge
-        .set(0, record, 0)
-        .map_err(|e| Error::ebpf("writing the bridge record", e))
-}
-
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    ebpf.program_mut(pins::PROGRAM)
-        .expect("program defined by the object")
-        .try_into()
-        .map_err(|e| Error::ebpf("the port program is not a classifier", e))
-}
-
-fn typed_map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
 where
-    T: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
+    T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.map_mut(name).expect("map defined by the object");
-    T::try_from(map).map_err(|e| Error::ebpf(format!("opening map {name}"), e))
+    let path = pins::map_pin(dir, object_name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::ebpf(format!("opening pinned map {}", path.display()), e))?;
+    let map = Map::from_map_data(data)
+        .map_err(|e| Error::ebpf(format!("opening {}", path.display()), e))?;
+    T::try_from(map).map_err(|e| Error::ebpf(format!("opening {}", path.display()), e))
+}
+
+impl Pinned {
+    pub fn open(root: &Path, bridge: &str) -> Result<Pinned> {
+        let dir = pins::bridge_dir(root, bridge)?;
+        if !dir.exists() {
+            return Err(Error::NotAttached {
+                bridge: bridge.to_owned(),
+                pins: dir,
+            });
+        }
+        let broken = |e: Error| Error::BrokenPins {
+            bridge: bridge.to_owned(),
+            pins: dir.clone(),
+            detail: e.to_string(),
+        };
+        let record_map: Array<MapData, BridgeRecord> =
+            open_pinned(&dir, "BRIDGE").map_err(broken)?;
+        let record = record_map
+            .get(&0, 0)
+            .map_err(|e| broken(Error::ebpf("reading the bridge record", e)))?;
+        let program = SchedClassifier::from_pin(dir.join(pins::PROGRAM))
+            .map_err(|e| broken(Error::ebpf("opening the pinned program", e)))?;
+        Ok(Pinned {
+            bridge: bridge.to_owned(),
+            root: root.to_owned(),
+            record,
+            program,
+            endpoints: open_pinned(&dir, "ENDPOINTS").map_err(broken)?,
+            ports: open_pinned(&dir, "PORTS").map_err(broken)?,
+            stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
+            verdicts: open_pinned(&dir, "VERDICTS").map_err(broken)?,
+            dir,
+        })
+    }
+
+    /// Loads the programs, pins them and their (empty) maps, and opens the result.
+    fn create(plan: &Plan, mode: AttachMode, features: &Features, root: &Path) -> Result<Pinned> {
+        pins::ensure_bpffs(root)?;
+        let dir = pins::bridge_dir(root, &plan.bridge)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("REDIRECT_PEER", &u8::from(features.redirect_peer), true)
+            .load(OBJECT)
+            .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;
+        let record = BridgeRecord {
+            ifindex: plan.bridge_ifindex,
+            attach_mode: mode as u32,
+            redirect_peer: u32::from(features.redirect_peer),
+            _pad: 0,
+        };
+        let mut bridge: Array<_, BridgeRecord> =
+            Array::try_from(ebpf.map_mut("BRIDGE").expect("BRIDGE map"))
+                .map_err(|e| Error::ebpf("opening the bridge record", e))?;
+        bridge
+            .set(0, record, 0)
+            .map_err(|e| Error::ebpf("writing the bridge record", e))?;
+
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(pins::PROGRAM)
+            .expect("program defined by the object")
+            .try_into()
+            .map_err(|e| Error::ebpf("the port program is not a classifier", e))?;
+        program
+            .load()
+            .map_err(|e| Error::ebpf("loading the port program into the kernel", e))?;
+
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        program
+            .pin(dir.join(pins::PROGRAM))
+            .map_err(|e| Error::ebpf(format!("pinning the program in {}", dir.display()), e))?;
+        for (object_name, _) in pins::MAPS {
+            let map = ebpf.map(object_name).expect("map defined by the object");
+            map.pin(pins::map_pin(&dir, object_name)).map_err(|e| {
+                Error::ebpf(format!("pinning map {object_name} in {}", dir.display()), e)
+            })?;
+        }
+        Pinned::open(root, &plan.bridge)
+    }
+
+    fn attached(&self, plan: &Plan, created: bool, changes: Changes) -> Attached {
+        let mode = if self.record.attach_mode == AttachMode::Tcx as u32 {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Clsact
+        };
+        Attached {
+            dir: self.dir.clone(),
+            mode,
+            created,
+            ports: self.ports.keys().filter_map(|k| k.ok()).count(),
+            endpoints: plan.endpoints.len(),
+            changes,
+        }
+    }
+
+    fn mode(&self) -> AttachMode {
+        if self.record.attach_mode == AttachMode::Tcx as u32 {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Clsact
+        }
+    }
+
+    /// Brings the pinned state to `plan`. With `strict`, a port that cannot be hooked is an
+    /// error (a first attach is all or nothing); otherwise it is skipped and reported.
+    pub fn reconcile(&mut self, plan: &Plan, strict: bool) -> Result<Changes> {
+        let mut changes = Changes::default();
+        let current: BTreeMap<u32, PortRecord> = self
+            .ports
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::ebpf("reading the ports map", e))?;
+        let wanted_mac: BTreeMap<u32, [u8; 6]> = plan
+            .endpoints
+            .iter()
+            .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
+            .collect();
+        let wanted: BTreeMap<u32, &PlannedPort> =
+            plan.ports.iter().map(|p| (p.ifindex, p)).collect();
+
+        // 1. Ports that left: their record goes first, which alone stops redirects to them.
+        for (ifindex, record) in &current {
+            if !wanted.contains_key(ifindex) {
+                self.ports
+                    .remove(ifindex)
+                    .map_err(|e| Error::ebpf("updating the ports map", e))?;
+                self.unhook(*ifindex, record)?;
+                let _ = self.stats.remove(ifindex);
+                changes.ports_removed.push(*ifindex);
+            }
+        }
+        // 2. Kept ports whose endpoint MAC changed (or went): the record first, as above.
+        for (ifindex, record) in &current {
+            let mac = wanted_mac.get(ifindex).copied().unwrap_or_default();
+            if wanted.contains_key(ifindex) && record.endpoint_mac != mac {
+                let updated = PortRecord {
+                    endpoint_mac: mac,
+                    ..*record
+                };
+                self.ports
+                    .insert(ifindex, updated, 0)
+                    .map_err(|e| Error::ebpf("updating the ports map", e))?;
+            }
+        }
+        // 3. Endpoint entries the plan does not have, or has on another port.
+        let stale: Vec<EndpointKey> = self
+            .endpoints
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, endpoint)| plan.endpoints.get(key) != Some(endpoint))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            self.endpoints
+                .remove(&key)
+                .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
+            changes.endpoints_removed += 1;
+        }
+        // 4. New ports: counters, hook, then the record that lets frames be delivered there.
+        let cpus =
+            nr_cpus().map_err(|(what, e)| Error::io(format!("counting CPUs ({what})"), e))?;
+        for (ifindex, port) in &wanted {
+            if current.contains_key(ifindex) {
+                continue;
+            }
+            let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
+                .map_err(|e| Error::ebpf("preparing port counters", e))?;
+            self.stats
+                .insert(ifindex, zeros, 0)
+                .map_err(|e| Error::ebpf("adding port counters", e))?;
+            match self.hook(plan, port) {
+                Ok(mut record) => {
+                    record.endpoint_mac = wanted_mac.get(ifindex).copied().unwrap_or_default();
+                    self.ports
+                        .insert(ifindex, record, 0)
+                        .map_err(|e| Error::ebpf("updating the ports map", e))?;
+                    changes.ports_added.push(port.name.clone());
+                }
+                Err(Error::PortVanished { .. }) if !strict => {
+                    let _ = self.stats.remove(ifindex);
+                    changes.ports_skipped.push(port.name.clone());
+                }
+                Err(error) => {
+                    let _ = self.stats.remove(ifindex);
+                    return Err(error);
+                }
+            }
+        }
+        // 5. Endpoints, last: every port they name now holds them.
+        let hooked: std::collections::BTreeSet<u32> =
+            self.ports.keys().filter_map(|k| k.ok()).collect();
+        for (key, endpoint) in &plan.endpoints {
+            if !hooked.contains(&endpoint.ifindex) {
+                continue;
+            }
+            let present = self.endpoints.get(key, 0).ok() == Some(*endpoint);
+            if !present {
+                self.endpoints
+                    .insert(key, endpoint, 0)
+                    .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
+                changes.endpoints_added += 1;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Hooks the pinned program to a port's tc ingress.
+    fn hook(&mut self, plan: &Plan, port: &PlannedPort) -> Result<PortRecord> {
+        // Attach goes by name: make sure the name still means the port we planned for.
+        let vanished = || Error::PortVanished {
+            bridge: plan.bridge.clone(),
+            port: port.name.clone(),
+        };
+        let still_there =
+            || nix::net::if_::if_nametoindex(port.name.as_str()).ok() == Some(port.ifindex);
+        if !still_there() {
+            return Err(vanished());
+        }
+        let attach_error = |e: aya::programs::ProgramError| {
+            if still_there() {
+                Error::ebpf(
+                    format!("attaching to port {} of {}", port.name, plan.bridge),
+                    e,
+                )
+            } else {
+                vanished()
+            }
+        };
+        let mut record = PortRecord::default();
+        match self.mode() {
+            AttachMode::Tcx => {
+                let id = self
+                    .program
+                    .attach_with_options(
+                        &port.name,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(attach_error)?;
+                let link = self.program.take_link(id).map_err(attach_error)?;
+                let link = FdLink::try_from(link)
+                    .map_err(|e| Error::ebpf(format!("taking the tcx link of {}", port.name), e))?;
+                // The pin owns the link from here; dropping our fd leaves it attached.
+                link.pin(pins::link_pin(&self.dir, port.ifindex))
+                    .map_err(|e| {
+                        Error::ebpf(format!("pinning the tcx link of {}", port.name), e)
+                    })?;
+            }
+            AttachMode::Clsact => {
+                match tc::qdisc_add_clsact(&port.name) {
+                    Ok(()) => record.flags |= PortRecord::ADDED_CLSACT,
+                    Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(attach_error(e.into())),
+                }
+                let hooked = self
+                    .program
+                    .attach_with_options(
+                        &port.name,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .and_then(|id| self.program.take_link(id));
+                let link = match hooked {
+                    Ok(link) => link,
+                    Err(e) => {
+                        if record.flags & PortRecord::ADDED_CLSACT != 0 {
+                            let _ = delete_clsact(port.ifindex);
+                        }
+                        return Err(attach_error(e));
+                    }
+                };
+                record.tc_priority = u32::from(link.priority().map_err(attach_error)?);
+                record.tc_handle = u32::from(link.handle().map_err(attach_error)?);
+                // A clsact filter lives in its qdisc, not in an fd: letting go of the handle
+                // without detaching keeps it attached.
+                std::mem::forget(link);
+            }
+        }
+        Ok(record)
+    }
+
+    /// Takes the program off a port. A port that no longer exists took it along.
+    fn unhook(&self, ifindex: u32, record: &PortRecord) -> Result<()> {
+        match self.mode() {
+            AttachMode::Tcx => {
+                // Unpinning drops the link's last reference: the kernel detaches the program.
+                match std::fs::remove_file(pins::link_pin(&self.dir, ifindex)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(
+                        format!("unpinning the link of ifindex {ifindex}"),
+                        e,
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            AttachMode::Clsact => remove_clsact_filter(ifindex, record),
+        }
+    }
+
+    /// Counters and map contents, read back for `status` and `stats`.
+    pub fn snapshot(&self) -> Result<Attachment> {
+        let as_error = |what: &str, e: aya::maps::MapError| Error::ebpf(what.to_owned(), e);
+        let ports = self
+            .ports
+            .iter()
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(|e| as_error("reading the ports map", e))?;
+        let endpoints = self
+            .endpoints
+            .iter()
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(|e| as_error("reading the endpoints map", e))?;
+        let mut stats = BTreeMap::new();
+        for entry in self.stats.iter() {
+            let (ifindex, per_cpu) = entry.map_err(|e| as_error("reading the port counters", e))?;
+            let mut total = PortStats::default();
+            for value in per_cpu.iter() {
+                total.add(value);
+            }
+            stats.insert(ifindex, total);
+        }
+        let mut verdicts = Vec::new();
+        for verdict in Verdict::ALL {
+            let per_cpu = self
+                .verdicts
+                .get(&(verdict as u32), 0)
+                .map_err(|e| as_error("reading the verdicts", e))?;
+            verdicts.push((verdict, per_cpu.iter().sum()));
+        }
+        Ok(Attachment {
+            bridge: self.bridge.clone(),
+            dir: self.dir.clone(),
+            record: self.record,
+            ports,
+            endpoints,
+            stats,
+            verdicts,
+        })
+    }
+
+    /// Removes everything: hooks, qdiscs xbr added, pins.
+    pub fn detach(self) -> Result<Detached> {
+        let ports: Vec<(u32, PortRecord)> = self.ports.iter().filter_map(|e| e.ok()).collect();
+        for (ifindex, record) in &ports {
+            self.unhook(*ifindex, record)?;
+        }
+        pins::remove(&self.dir, &self.root)?;
+        Ok(Detached {
+            dir: self.dir.clone(),
+            ports: ports.len(),
+        })
+    }
+}
+
+/// A pinned attachment as read back from bpffs.
+#[derive(Debug)]
+pub struct Attachment {
+    pub bridge: String,
+    pub dir: PathBuf,
+    pub record: BridgeRecord,
+    pub ports: BTreeMap<u32, PortRecord>,
+    pub endpoints: BTreeMap<EndpointKey, Endpoint>,
+    /// Per port, summed over CPUs.
+    pub stats: BTreeMap<u32, PortStats>,
+    pub verdicts: Vec<(Verdict, u64)>,
+}
+
+pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
+    Pinned::open(root, bridge)?.snapshot()
+}
+
+/// What detach removed.
+#[derive(Debug)]
+pub struct Detached {
+    pub dir: PathBuf,
+    pub ports: usize,
+}
+
+/// Removes the attachment of `bridge`. Pins that are not a whole attachment (an attach
+/// killed half-way) are removed as they are: tcx links go with their pins.
+pub fn detach(root: &Path, bridge: &str) -> Result<Detached> {
+    match Pinned::open(root, bridge) {
+        Ok(pinned) => pinned.detach(),
+        Err(Error::BrokenPins { pins: dir, .. }) => {
+            pins::remove(&dir, root)?;
+            Ok(Detached { dir, ports: 0 })
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Deletes the clsact qdisc of `ifindex` (and with it every filter on it).
@@ -317,124 +567,6 @@ fn delete_clsact(ifindex: u32) -> Result<()> {
     .map_err(|e| Error::netlink(format!("deleting the clsact qdisc of ifindex {ifindex}"), e))
 }
 
-/// A pinned attachment as read back from bpffs.
-#[derive(Debug)]
-pub struct Attachment {
-    pub bridge: String,
-    pub dir: PathBuf,
-    pub record: BridgeRecord,
-    pub ports: BTreeMap<u32, PortRecord>,
-    pub endpoints: BTreeMap<EndpointKey, Endpoint>,
-    /// Per port, summed over CPUs.
-    pub stats: BTreeMap<u32, PortStats>,
-    pub verdicts: Vec<(Verdict, u64)>,
-}
-
-fn open_pinned(dir: &Path, object_name: &str) -> Result<Map> {
-    let path = pins::map_pin(dir, object_name);
-    let data = MapData::from_pin(&path)
-        .map_err(|e| Error::ebpf(format!("opening pinned map {}", path.display()), e))?;
-    Map::from_map_data(data).map_err(|e| Error::ebpf(format!("opening {}", path.display()), e))
-}
-
-pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
-    let dir = pins::bridge_dir(root, bridge)?;
-    if !dir.exists() {
-        return Err(Error::NotAttached {
-            bridge: bridge.to_owned(),
-            pins: dir,
-        });
-    }
-    let broken = |e: Error| Error::BrokenPins {
-        bridge: bridge.to_owned(),
-        pins: dir.clone(),
-        detail: e.to_string(),
-    };
-    let as_error = |what: &str, e: aya::maps::MapError| broken(Error::ebpf(what.to_owned(), e));
-
-    let map = open_pinned(&dir, "BRIDGE").map_err(broken)?;
-    let record = Array::<_, BridgeRecord>::try_from(map)
-        .and_then(|a| a.get(&0, 0))
-        .map_err(|e| as_error("reading the bridge record", e))?;
-
-    let map = open_pinned(&dir, "PORTS").map_err(broken)?;
-    let ports = HashMap::<_, u32, PortRecord>::try_from(map)
-        .map_err(|e| as_error("opening the ports map", e))?
-        .iter()
-        .collect::<Result<BTreeMap<_, _>, _>>()
-        .map_err(|e| as_error("reading the ports map", e))?;
-
-    let map = open_pinned(&dir, "ENDPOINTS").map_err(broken)?;
-    let endpoints = HashMap::<_, EndpointKey, Endpoint>::try_from(map)
-        .map_err(|e| as_error("opening the endpoints map", e))?
-        .iter()
-        .collect::<Result<BTreeMap<_, _>, _>>()
-        .map_err(|e| as_error("reading the endpoints map", e))?;
-
-    let map = open_pinned(&dir, "PORT_STATS").map_err(broken)?;
-    let mut stats = BTreeMap::new();
-    for entry in PerCpuHashMap::<_, u32, PortStats>::try_from(map)
-        .map_err(|e| as_error("opening the port counters", e))?
-        .iter()
-    {
-        let (ifindex, per_cpu) = entry.map_err(|e| as_error("reading the port counters", e))?;
-        let mut total = PortStats::default();
-        for value in per_cpu.iter() {
-            total.add(value);
-        }
-        stats.insert(ifindex, total);
-    }
-
-    let map = open_pinned(&dir, "VERDICTS").map_err(broken)?;
-    let counters =
-        PerCpuArray::<_, u64>::try_from(map).map_err(|e| as_error("opening the verdicts", e))?;
-    let mut verdicts = Vec::new();
-    for verdict in Verdict::ALL {
-        let per_cpu = counters
-            .get(&(verdict as u32), 0)
-            .map_err(|e| as_error("reading the verdicts", e))?;
-        verdicts.push((verdict, per_cpu.iter().sum()));
-    }
-    Ok(Attachment {
-        bridge: bridge.to_owned(),
-        dir,
-        record,
-        ports,
-        endpoints,
-        stats,
-        verdicts,
-    })
-}
-
-/// What detach removed.
-#[derive(Debug)]
-pub struct Detached {
-    pub dir: PathBuf,
-    pub ports: usize,
-}
-
-/// Removes the attachment of `bridge`: its filters or links, the qdiscs xbr added, and every
-/// pin. Ports that no longer exist took their filters with them.
-pub fn detach(root: &Path, bridge: &str) -> Result<Detached> {
-    let attachment = read(root, bridge);
-    let dir = pins::bridge_dir(root, bridge)?;
-    let ports = match &attachment {
-        Ok(attachment) if attachment.record.attach_mode == AttachMode::Clsact as u32 => {
-            for (ifindex, record) in &attachment.ports {
-                remove_clsact_filter(*ifindex, record)?;
-            }
-            attachment.ports.len()
-        }
-        Ok(attachment) => attachment.ports.len(),
-        Err(Error::NotAttached { .. }) => return Err(attachment.unwrap_err()),
-        // Unreadable bookkeeping: remove what is pinned; tcx links go with their pins.
-        Err(_) => 0,
-    };
-    // Unpinning a tcx link drops its last reference: the kernel detaches the program.
-    pins::remove(&dir, root)?;
-    Ok(Detached { dir, ports })
-}
-
 fn remove_clsact_filter(ifindex: u32, record: &PortRecord) -> Result<()> {
     let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
         return Ok(()); // the port is gone, and its qdisc with it
@@ -446,7 +578,12 @@ fn remove_clsact_filter(ifindex: u32, record: &PortRecord) -> Result<()> {
             Err(Error::Netlink {
                 source: rtnetlink::Error::NetlinkError(e),
                 ..
-            }) if e.raw_code() == -libc::ENODEV || e.raw_code() == -libc::EINVAL => Ok(()),
+            }) if e.raw_code() == -libc::ENODEV
+                || e.raw_code() == -libc::EINVAL
+                || e.raw_code() == -libc::ENOENT =>
+            {
+                Ok(())
+            }
             other => other,
         };
     }
@@ -454,11 +591,11 @@ fn remove_clsact_filter(ifindex: u32, record: &PortRecord) -> Result<()> {
         &name,
         TcAttachType::Ingress,
         record.tc_priority as u16,
-        aya::programs::tc::TcHandle::from(record.tc_handle),
+        AyaTcHandle::from(record.tc_handle),
         None,
     )
     .map_err(|e| Error::io(format!("finding the filter on {name}"), e))?;
-    match aya::programs::links::Link::detach(filter) {
+    match filter.detach() {
         Ok(()) => Ok(()),
         // Already gone (someone flushed the qdisc): nothing left to remove.
         Err(e) if e.to_string().contains("No such file") => Ok(()),

@@ -18,6 +18,14 @@ pub enum Error {
     VlanFiltering(String),
     #[error("bridge {bridge} is already attached (pinned at {}); run `xbr detach {bridge}` first", pins.display())]
     AlreadyAttached { bridge: String, pins: PathBuf },
+    #[error(
+        "bridge {bridge} is attached in {attached} mode; run `xbr detach {bridge}` first to attach it in {wanted} mode"
+    )]
+    ModeMismatch {
+        bridge: String,
+        attached: &'static str,
+        wanted: &'static str,
+    },
     #[error("bridge {bridge} is not attached (nothing pinned at {}); see `xbr status`", pins.display())]
     NotAttached { bridge: String, pins: PathBuf },
     #[error(
@@ -33,7 +41,7 @@ pub enum Error {
         feature: &'static str,
         detail: String,
     },
-    #[error("the pins at {} are not a complete xbr attachment ({detail}); remove them with `xbr detach --force {bridge}`", pins.display())]
+    #[error("the pins at {} are not a complete xbr attachment ({detail}); remove them with `xbr detach {bridge}`", pins.display())]
     BrokenPins {
         bridge: String,
         pins: PathBuf,

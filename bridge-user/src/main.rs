@@ -126,7 +126,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     detail: format!("kernel {} refused a test program", features.kernel),
                 });
             }
-            let mode = mode.resolve(&features)?;
             let view =
                 netlink::run(|handle| async move { observe::bridge(&handle, &bridge).await })??;
             let plan = plan::plan(&view)?;

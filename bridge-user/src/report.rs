@@ -36,6 +36,7 @@ pub fn attached(
     if as_json {
         return print_json(&json!({
             "bridge": plan.bridge,
+            "created": attached.created,
             "mode": mode,
             "redirect": redirect_name(features.redirect_peer),
             "ports": attached.ports,
@@ -44,8 +45,13 @@ pub fn attached(
             "not_accelerated": skipped_json(plan),
         }));
     }
+    let verb = if attached.created {
+        "attached"
+    } else {
+        "already attached; brought up to date"
+    };
     println!(
-        "attached {} ({mode}, {}): {} ports, {} endpoints; pinned at {}",
+        "{verb} {} ({mode}, {}): {} ports, {} endpoints; pinned at {}",
         plan.bridge,
         redirect_name(features.redirect_peer),
         attached.ports,

@@ -302,12 +302,9 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert!(stderr.contains("needs root"), "{stderr}");
 
     pins.xbr_ok(&["attach", "br0"]);
-    let (code, _, stderr) = pins.xbr(&["attach", "br0"]);
-    assert_eq!(code, 1);
-    assert!(
-        stderr.contains("already attached") && stderr.contains("xbr detach br0"),
-        "{stderr}"
-    );
+    // A second attach picks up the pinned state: no second program, and it says so.
+    let stdout = pins.xbr_ok(&["attach", "br0"]);
+    assert!(stdout.contains("already attached"), "{stdout}");
     for port in PORTS {
         assert_eq!(
             tc_programs(&host, port),
@@ -315,6 +312,12 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
             "a second attach must not add programs on {port}"
         );
     }
+    let (code, _, stderr) = pins.xbr(&["attach", "br0", "--mode", "clsact"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("attached in tcx mode") && stderr.contains("xbr detach br0"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -345,8 +348,7 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
             .unwrap()
             .unwrap();
             let features = xbr::features::detect();
-            let mode = xbr::datapath::ModeChoice::Auto.resolve(&features).unwrap();
-            xbr::datapath::attach(&plan, mode, &features, &root)
+            xbr::datapath::attach(&plan, xbr::datapath::ModeChoice::Auto, &features, &root)
         })
         .unwrap();
     match result {

@@ -8,7 +8,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     util::nr_cpus,
 };
-use bridge_common::{Endpoint, EndpointKey, PortStats, Verdict};
+use bridge_common::{Endpoint, EndpointKey, PortRecord, PortStats, Verdict};
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
 
 const TC_ACT_OK: u32 = 0;
@@ -46,6 +46,16 @@ impl PortProgram {
             endpoints
                 .insert(EndpointKey { mac }, Endpoint { ifindex, flags: 0 }, 0)
                 .unwrap();
+        }
+        // Each port records the endpoint it holds, as the control plane writes it.
+        let mut ports: HashMap<_, u32, PortRecord> =
+            HashMap::try_from(ebpf.map_mut("PORTS").unwrap()).unwrap();
+        for (mac, ifindex) in [(MAC_A, PORT_A), (MAC_B, PORT_B), (MAC_C, PORT_C)] {
+            let record = PortRecord {
+                endpoint_mac: mac,
+                ..PortRecord::default()
+            };
+            ports.insert(ifindex, record, 0).unwrap();
         }
         let mut stats: PerCpuHashMap<_, u32, PortStats> =
             PerCpuHashMap::try_from(ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
@@ -358,4 +368,39 @@ fn a_port_without_counters_still_forwards() {
     stats.remove(&PORT_A).unwrap();
     let (code, _) = program.run(&udp4(MAC_A, MAC_B, b"hello"));
     assert_eq!(code, TC_ACT_REDIRECT);
+}
+
+/// The misdelivery guard: a redirect needs the endpoint entry *and* the target port's record
+/// to agree, so a control plane that has updated either one has already stopped it.
+#[test]
+fn a_stale_endpoint_entry_alone_delivers_nothing() {
+    let frame = udp4(MAC_A, MAC_B, b"hello");
+
+    // The port was removed (its record went first), the endpoint entry not yet.
+    let mut program = PortProgram::load(true);
+    let mut ports: HashMap<_, u32, PortRecord> =
+        HashMap::try_from(program.ebpf.map_mut("PORTS").unwrap()).unwrap();
+    ports.remove(&PORT_B).unwrap();
+    let (code, out) = program.run(&frame);
+    assert_eq!((code, out), (TC_ACT_OK, frame.clone()), "removed port");
+    assert_eq!(program.verdict_count(Verdict::StaleEndpoint), 1);
+    assert_eq!(program.port_stats(PORT_B).delivered_packets, 0);
+
+    // The container behind port B took another MAC; the entry for its old MAC is stale.
+    let mut program = PortProgram::load(true);
+    let mut ports: HashMap<_, u32, PortRecord> =
+        HashMap::try_from(program.ebpf.map_mut("PORTS").unwrap()).unwrap();
+    let moved = PortRecord {
+        endpoint_mac: UNKNOWN_MAC,
+        ..PortRecord::default()
+    };
+    ports.insert(PORT_B, moved, 0).unwrap();
+    let (code, out) = program.run(&frame);
+    assert_eq!(
+        (code, out),
+        (TC_ACT_OK, frame),
+        "MAC moved away from the port"
+    );
+    assert_eq!(program.verdict_count(Verdict::StaleEndpoint), 1);
+    assert_eq!(program.port_stats(PORT_B).delivered_packets, 0);
 }
