@@ -1,6 +1,8 @@
 //! Container to container on one bridge: a unicast IP frame for a known endpoint MAC goes
 //! straight into the destination container; everything else takes the bridge unchanged.
 
+// Pruned by the verifier unless the loader turns eBPF logging on (AYA_LOG_LEVEL).
+use aya_log_ebpf::debug;
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::{bpf_redirect, bpf_redirect_peer},
@@ -33,11 +35,13 @@ pub fn forward(ctx: &TcContext) -> i32 {
     let ingress_port = unsafe { (*ctx.skb.skb).ifindex };
     match decide(ctx, ingress_port) {
         Decision::Pass(verdict) => {
+            debug!(ctx, "port {}: to the bridge, verdict {}", ingress_port, verdict as u32);
             count_verdict(verdict);
             count_sent(ctx, ingress_port, false);
             TC_ACT_OK as i32
         }
         Decision::Redirect(port) => {
+            debug!(ctx, "port {}: fast path to port {}", ingress_port, port);
             count_verdict(Verdict::Redirected);
             count_sent(ctx, ingress_port, true);
             count_delivered(ctx, port);

@@ -200,8 +200,15 @@ impl Pinned {
     fn create(plan: &Plan, mode: AttachMode, features: &Features, root: &Path) -> Result<Pinned> {
         pins::ensure_bpffs(root)?;
         let dir = pins::bridge_dir(root, &plan.bridge)?;
+        // eBPF logging is decided at load time: off, the verifier prunes every log call.
+        let log_level: u8 = if tracing::enabled!(target: "xbr::ebpf", tracing::Level::DEBUG) {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("REDIRECT_PEER", &u8::from(features.redirect_peer), true)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)
             .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;
         let record = BridgeRecord {
@@ -322,32 +329,43 @@ impl Pinned {
         // 4. New ports: counters, hook, then the record that lets frames be delivered there.
         let cpus =
             nr_cpus().map_err(|(what, e)| Error::io(format!("counting CPUs ({what})"), e))?;
-        for (ifindex, port) in &wanted {
-            if current.contains_key(ifindex) {
-                continue;
-            }
+        let new_ports: Vec<&PlannedPort> = wanted
+            .iter()
+            .filter(|(ifindex, _)| !current.contains_key(ifindex))
+            .map(|(_, port)| *port)
+            .collect();
+        for port in &new_ports {
             let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
                 .map_err(|e| Error::ebpf("preparing port counters", e))?;
             self.stats
-                .insert(ifindex, zeros, 0)
+                .insert(port.ifindex, zeros, 0)
                 .map_err(|e| Error::ebpf("adding port counters", e))?;
-            match self.hook(plan, port) {
+        }
+        let mut failure = None;
+        for (port, hooked) in new_ports.iter().zip(self.hook_all(plan, &new_ports)) {
+            match hooked {
                 Ok(mut record) => {
-                    record.endpoint_mac = wanted_mac.get(ifindex).copied().unwrap_or_default();
+                    record.endpoint_mac =
+                        wanted_mac.get(&port.ifindex).copied().unwrap_or_default();
                     self.ports
-                        .insert(ifindex, record, 0)
+                        .insert(port.ifindex, record, 0)
                         .map_err(|e| Error::ebpf("updating the ports map", e))?;
                     changes.ports_added.push(port.name.clone());
                 }
-                Err(Error::PortVanished { .. }) if !strict => {
-                    let _ = self.stats.remove(ifindex);
-                    changes.ports_skipped.push(port.name.clone());
-                }
                 Err(error) => {
-                    let _ = self.stats.remove(ifindex);
-                    return Err(error);
+                    let _ = self.stats.remove(&port.ifindex);
+                    match error {
+                        Error::PortVanished { .. } if !strict => {
+                            changes.ports_skipped.push(port.name.clone())
+                        }
+                        // Keep recording the ports that did get hooked, so undo finds them.
+                        error => failure = failure.or(Some(error)),
+                    }
                 }
             }
+        }
+        if let Some(error) = failure {
+            return Err(error);
         }
         // 5. Endpoints, last: every port they name now holds them.
         let hooked: std::collections::BTreeSet<u32> =
@@ -367,79 +385,14 @@ impl Pinned {
         Ok(changes)
     }
 
-    /// Hooks the pinned program to a port's tc ingress.
-    fn hook(&mut self, plan: &Plan, port: &PlannedPort) -> Result<PortRecord> {
-        // Attach goes by name: make sure the name still means the port we planned for.
-        let vanished = || Error::PortVanished {
-            bridge: plan.bridge.clone(),
-            port: port.name.clone(),
-        };
-        let still_there =
-            || nix::net::if_::if_nametoindex(port.name.as_str()).ok() == Some(port.ifindex);
-        if !still_there() {
-            return Err(vanished());
-        }
-        let attach_error = |e: aya::programs::ProgramError| {
-            if still_there() {
-                Error::ebpf(
-                    format!("attaching to port {} of {}", port.name, plan.bridge),
-                    e,
-                )
-            } else {
-                vanished()
-            }
-        };
-        let mut record = PortRecord::default();
-        match self.mode() {
-            AttachMode::Tcx => {
-                let id = self
-                    .program
-                    .attach_with_options(
-                        &port.name,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(attach_error)?;
-                let link = self.program.take_link(id).map_err(attach_error)?;
-                let link = FdLink::try_from(link)
-                    .map_err(|e| Error::ebpf(format!("taking the tcx link of {}", port.name), e))?;
-                // The pin owns the link from here; dropping our fd leaves it attached.
-                link.pin(pins::link_pin(&self.dir, port.ifindex))
-                    .map_err(|e| {
-                        Error::ebpf(format!("pinning the tcx link of {}", port.name), e)
-                    })?;
-            }
-            AttachMode::Clsact => {
-                match tc::qdisc_add_clsact(&port.name) {
-                    Ok(()) => record.flags |= PortRecord::ADDED_CLSACT,
-                    Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(attach_error(e.into())),
-                }
-                let hooked = self
-                    .program
-                    .attach_with_options(
-                        &port.name,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::Netlink(NlOptions::default()),
-                    )
-                    .and_then(|id| self.program.take_link(id));
-                let link = match hooked {
-                    Ok(link) => link,
-                    Err(e) => {
-                        if record.flags & PortRecord::ADDED_CLSACT != 0 {
-                            let _ = delete_clsact(port.ifindex);
-                        }
-                        return Err(attach_error(e));
-                    }
-                };
-                record.tc_priority = u32::from(link.priority().map_err(attach_error)?);
-                record.tc_handle = u32::from(link.handle().map_err(attach_error)?);
-                // A clsact filter lives in its qdisc, not in an fd: letting go of the handle
-                // without detaching keeps it attached.
-                std::mem::forget(link);
-            }
-        }
-        Ok(record)
+    /// Hooks the program to each port, one by one: a tcx attach waits for an RCU grace
+    /// period under the RTNL lock (~15 ms here), so threads would not make it faster.
+    fn hook_all(&mut self, plan: &Plan, ports: &[&PlannedPort]) -> Vec<Result<PortRecord>> {
+        let mode = self.mode();
+        ports
+            .iter()
+            .map(|port| hook(&mut self.program, mode, &self.dir, plan, port))
+            .collect()
     }
 
     /// Takes the program off a port. A port that no longer exists took it along.
@@ -457,6 +410,19 @@ impl Pinned {
             }
             AttachMode::Clsact => remove_clsact_filter(ifindex, record),
         }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The kernel's id of the pinned program (for reading its log ring buffer).
+    pub fn program_id(&self) -> Result<u32> {
+        Ok(self
+            .program
+            .info()
+            .map_err(|e| Error::ebpf("reading the program's info", e))?
+            .id())
     }
 
     /// Counters and map contents, read back for `status` and `stats`.
@@ -512,6 +478,83 @@ impl Pinned {
             ports: ports.len(),
         })
     }
+}
+
+/// Hooks `program` to one port's tc ingress; returns the port's record (without its MAC).
+fn hook(
+    program: &mut SchedClassifier,
+    mode: AttachMode,
+    dir: &Path,
+    plan: &Plan,
+    port: &PlannedPort,
+) -> Result<PortRecord> {
+    // Attach goes by name: make sure the name still means the port we planned for.
+    let vanished = || Error::PortVanished {
+        bridge: plan.bridge.clone(),
+        port: port.name.clone(),
+    };
+    let still_there =
+        || nix::net::if_::if_nametoindex(port.name.as_str()).ok() == Some(port.ifindex);
+    if !still_there() {
+        return Err(vanished());
+    }
+    let attach_error = |e: aya::programs::ProgramError| {
+        if still_there() {
+            Error::ebpf(
+                format!("attaching to port {} of {}", port.name, plan.bridge),
+                e,
+            )
+        } else {
+            vanished()
+        }
+    };
+    let mut record = PortRecord::default();
+    match mode {
+        AttachMode::Tcx => {
+            let id = program
+                .attach_with_options(
+                    &port.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_error)?;
+            let link = program.take_link(id).map_err(attach_error)?;
+            let link = FdLink::try_from(link)
+                .map_err(|e| Error::ebpf(format!("taking the tcx link of {}", port.name), e))?;
+            // The pin owns the link from here; dropping our fd leaves it attached.
+            link.pin(pins::link_pin(dir, port.ifindex))
+                .map_err(|e| Error::ebpf(format!("pinning the tcx link of {}", port.name), e))?;
+        }
+        AttachMode::Clsact => {
+            match tc::qdisc_add_clsact(&port.name) {
+                Ok(()) => record.flags |= PortRecord::ADDED_CLSACT,
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(attach_error(e.into())),
+            }
+            let hooked = program
+                .attach_with_options(
+                    &port.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .and_then(|id| program.take_link(id));
+            let link = match hooked {
+                Ok(link) => link,
+                Err(e) => {
+                    if record.flags & PortRecord::ADDED_CLSACT != 0 {
+                        let _ = delete_clsact(port.ifindex);
+                    }
+                    return Err(attach_error(e));
+                }
+            };
+            record.tc_priority = u32::from(link.priority().map_err(attach_error)?);
+            record.tc_handle = u32::from(link.handle().map_err(attach_error)?);
+            // A clsact filter lives in its qdisc, not in an fd: letting go of the handle
+            // without detaching keeps it attached.
+            std::mem::forget(link);
+        }
+    }
+    Ok(record)
 }
 
 /// A pinned attachment as read back from bpffs.

@@ -7,7 +7,9 @@
 pub mod datapath;
 pub mod error;
 pub mod features;
+pub mod follow;
 pub mod lab;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod observe;

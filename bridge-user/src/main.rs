@@ -6,7 +6,9 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use xbr::{
     datapath::{self, ModeChoice},
-    features, lab, netlink, netns, observe, pins, plan,
+    features,
+    follow::Stopped,
+    lab, netlink, netns, observe, pins, plan,
 };
 
 mod report;
@@ -35,6 +37,10 @@ struct Cli {
     /// Run in network namespace NAME (as created by `ip netns add`), like `ip -n NAME`.
     #[arg(short = 'n', long = "netns", global = true, value_name = "NAME")]
     netns: Option<String>,
+    /// More log output: -v info, -vv debug (also logs from the eBPF programs of a new
+    /// attachment). RUST_LOG (e.g. RUST_LOG=xbr=debug) takes precedence.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     /// Where attachments are pinned; must be on a bpf filesystem.
     #[arg(long, global = true, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -51,6 +57,22 @@ enum Command {
         /// How to hook the ports: tcx links (kernel 6.6+) or a clsact qdisc with a cls_bpf filter.
         #[arg(long, value_enum, default_value = "auto")]
         mode: ModeChoice,
+        /// Stay in the foreground and follow the bridge: containers that join are on the fast
+        /// path within milliseconds, containers that leave are removed. Ctrl-C or SIGTERM stop
+        /// following and leave the datapath in place; `xbr detach` stops the follower too.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9477).
+        #[arg(long, value_name = "ADDR", requires = "follow")]
+        metrics: Option<std::net::SocketAddr>,
+        /// With --follow: reconcile this often even without events, as a safety net.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 30,
+            requires = "follow"
+        )]
+        resync: u64,
         #[command(flatten)]
         output: Output,
     },
@@ -96,10 +118,27 @@ struct Output {
 
 fn main() {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     if let Err(error) = run(cli) {
         eprintln!("xbr: {error:#}");
         std::process::exit(1);
     }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -117,6 +156,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach {
             bridge,
             mode,
+            follow,
+            metrics,
+            resync,
             output,
         } => {
             let features = features::detect();
@@ -126,11 +168,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     detail: format!("kernel {} refused a test program", features.kernel),
                 });
             }
-            let view =
-                netlink::run(|handle| async move { observe::bridge(&handle, &bridge).await })??;
+            let view = netlink::run(|handle| async move {
+                observe::bridge(&handle, &bridge, observe::Detail::Macs).await
+            })??;
             let plan = plan::plan(&view)?;
             let attached = datapath::attach(&plan, mode, &features, root)?;
-            report::attached(&plan, &attached, &features, output.json)
+            report::attached(&plan, &attached, &features, output.json)?;
+            if !follow {
+                return Ok(());
+            }
+            let pinned = datapath::Pinned::open(root, &plan.bridge)?;
+            let options = xbr::follow::FollowOptions {
+                metrics,
+                resync: std::time::Duration::from_secs(resync.max(1)),
+            };
+            match xbr::follow::follow(pinned, options)? {
+                Stopped::Signal => {
+                    eprintln!(
+                        "xbr: stopped following {}; the datapath stays attached",
+                        plan.bridge
+                    );
+                    Ok(())
+                }
+                Stopped::Detached => {
+                    eprintln!("xbr: {} was detached; stopped following", plan.bridge);
+                    Ok(())
+                }
+                Stopped::BridgeDeleted(detached) => bail!(
+                    "bridge {} was deleted; removed xbr from its {} former ports ({})",
+                    plan.bridge,
+                    detached.ports,
+                    detached.dir.display()
+                ),
+            }
         }
         Command::Detach { bridge, output } => {
             let detached = datapath::detach(root, &bridge)?;
@@ -161,8 +231,10 @@ fn read_attachments(
     let mut attachments = Vec::new();
     for name in names {
         let attachment = datapath::read(root, &name)?;
-        let view =
-            netlink::run(|handle| async move { observe::bridge(&handle, &name).await })?.ok();
+        let view = netlink::run(|handle| async move {
+            observe::bridge(&handle, &name, observe::Detail::Addresses).await
+        })?
+        .ok();
         attachments.push((attachment, view));
     }
     Ok(attachments)

@@ -1,13 +1,31 @@
-//! The one way xbr talks rtnetlink: a connection in the calling thread's network namespace,
-//! driven by a current-thread runtime for the duration of one job.
+//! The one way xbr talks rtnetlink from synchronous code: a connection in the calling
+//! thread's network namespace, driven by a current-thread runtime for one job.
 
 use std::future::Future;
 
 /// Runs `job` with an rtnetlink handle bound to the calling thread's network namespace.
 ///
 /// The socket is opened before the job starts, so a thread that entered another namespace
-/// (see `netns::NetNs::run`) gets a handle for that namespace.
+/// (see `netns::NetNs::run`) gets a handle for that namespace. Called from inside a runtime
+/// (the follower), the job runs on a helper thread, which inherits the caller's namespace.
 pub fn run<T, F, Fut>(job: F) -> std::io::Result<T>
+where
+    T: Send,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send,
+    Fut: Future<Output = T>,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return std::thread::scope(|scope| {
+            scope
+                .spawn(|| run_here(job))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+    }
+    run_here(job)
+}
+
+fn run_here<T, F, Fut>(job: F) -> std::io::Result<T>
 where
     F: FnOnce(rtnetlink::Handle) -> Fut,
     Fut: Future<Output = T>,

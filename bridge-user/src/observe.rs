@@ -56,8 +56,17 @@ pub struct PeerView {
     pub addresses: Vec<IpAddr>,
 }
 
+/// How much to read about the containers behind the ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// Their MACs: what a plan needs.
+    Macs,
+    /// Their MACs and IP addresses, for showing people (one more request per container).
+    Addresses,
+}
+
 /// Reads bridge `name` and every port on it.
-pub async fn bridge(handle: &Handle, name: &str) -> Result<BridgeView> {
+pub async fn bridge(handle: &Handle, name: &str, detail: Detail) -> Result<BridgeView> {
     let message = link_by_name(handle, name)
         .await?
         .ok_or_else(|| Error::BridgeNotFound(name.to_owned()))?;
@@ -89,7 +98,7 @@ pub async fn bridge(handle: &Handle, name: &str) -> Result<BridgeView> {
             _ => None,
         });
         if controller == Some(ifindex) {
-            ports.push(port(handle, &link).await?);
+            ports.push(port(handle, &link, detail).await?);
         }
     }
     ports.sort_by_key(|p| p.ifindex);
@@ -102,7 +111,7 @@ pub async fn bridge(handle: &Handle, name: &str) -> Result<BridgeView> {
     })
 }
 
-async fn port(handle: &Handle, link: &LinkMessage) -> Result<PortView> {
+async fn port(handle: &Handle, link: &LinkMessage, detail: Detail) -> Result<PortView> {
     let kind = link_kind(link);
     let port_info: Vec<&InfoBridgePort> = link_infos(link)
         .filter_map(|info| match info {
@@ -119,7 +128,7 @@ async fn port(handle: &Handle, link: &LinkMessage) -> Result<PortView> {
         .any(|i| matches!(i, InfoBridgePort::Isolated(true)));
     let up = link.header.flags.contains(LinkFlags::Up);
     let peer = if kind == "veth" {
-        veth_peer(handle, link).await?
+        veth_peer(handle, link, detail).await?
     } else {
         None
     };
@@ -140,7 +149,11 @@ async fn port(handle: &Handle, link: &LinkMessage) -> Result<PortView> {
 
 /// The container's end of a veth port, read across namespaces by netns id
 /// (IFLA_TARGET_NETNSID), so no namespace has to be found or entered.
-async fn veth_peer(handle: &Handle, port: &LinkMessage) -> Result<Option<PeerView>> {
+async fn veth_peer(
+    handle: &Handle,
+    port: &LinkMessage,
+    detail: Detail,
+) -> Result<Option<PeerView>> {
     let mut peer_index = None;
     let mut peer_netns = None;
     for attribute in &port.attributes {
@@ -167,6 +180,13 @@ async fn veth_peer(handle: &Handle, port: &LinkMessage) -> Result<Option<PeerVie
     };
 
     let mut addresses = Vec::new();
+    if detail == Detail::Macs {
+        return Ok(Some(PeerView {
+            name: link_name(&peer),
+            mac: link_mac(&peer),
+            addresses,
+        }));
+    }
     let mut request = handle.address().get().set_link_index_filter(peer_index);
     if let Some(netns) = peer_netns {
         request

@@ -157,3 +157,43 @@ fn run(program: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Containers added to (and removed from) a running lab's bridge with `ip`, one at a time,
+/// the way a container runtime does; every namespace made is deleted on drop.
+pub struct ExtraContainers {
+    host: String,
+    bridge: String,
+    made: Vec<String>,
+}
+
+impl ExtraContainers {
+    pub fn new(spec: &LabSpec) -> ExtraContainers {
+        ExtraContainers { host: spec.host_netns(), bridge: spec.bridge.name.clone(), made: Vec::new() }
+    }
+
+    /// Adds container `netns` behind port `port` with `mac` and `address` (CIDR).
+    pub fn add(&mut self, netns: &str, port: &str, mac: &str, address: &str) {
+        run("ip", &["netns", "add", netns]);
+        self.made.push(netns.to_owned());
+        run("ip", &["-n", &self.host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns]);
+        run("ip", &["-n", netns, "link", "set", "eth0", "address", mac]);
+        run("ip", &["-n", netns, "addr", "add", address, "dev", "eth0"]);
+        run("ip", &["-n", netns, "link", "set", "eth0", "up"]);
+        run("ip", &["-n", netns, "link", "set", "lo", "up"]);
+        run("ip", &["-n", &self.host, "link", "set", port, "master", &self.bridge, "up"]);
+    }
+
+    /// Deletes container `netns` (its veth pair goes with it).
+    pub fn remove(&mut self, netns: &str) {
+        run("ip", &["netns", "del", netns]);
+        self.made.retain(|made| made != netns);
+    }
+}
+
+impl Drop for ExtraContainers {
+    fn drop(&mut self) {
+        for netns in &self.made {
+            let _ = Command::new("ip").args(["netns", "del", netns]).output();
+        }
+    }
+}

@@ -288,3 +288,176 @@ pub fn udp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, count: usiz
     echo.join().unwrap();
     answers
 }
+
+/// An `xbr attach --follow` process this test started; killed by pid on drop if still running.
+pub struct Follower {
+    child: std::process::Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Follower {
+    /// Starts `xbr -n NETNS --pin-root ROOT attach BRIDGE --follow EXTRA...` and waits until
+    /// its first attach is done (the pins exist).
+    pub fn start(netns: &str, pin_root: &Path, bridge: &str, extra: &[&str]) -> Follower {
+        let stderr_path = std::env::temp_dir().join(format!("{}.follower.log", crate::lab_support::unique_name("xbr")));
+        let stderr = std::fs::File::create(&stderr_path).expect("follower log file");
+        let child = Command::new(xbr_binary())
+            .args(["-v", "-n", netns, "--pin-root", pin_root.to_str().unwrap(), "attach", bridge, "--follow"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the follower");
+        let follower = Follower { child, stderr_path };
+        let started = std::time::Instant::now();
+        while !follower.log().contains("following the bridge") {
+            assert!(started.elapsed() < Duration::from_secs(10), "the follower did not start: {}", follower.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        follower
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits up to `limit` for the follower to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("poll the follower") {
+                return Some(status.code().unwrap_or(128 + status.signal_number()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+trait SignalNumber {
+    fn signal_number(&self) -> i32;
+}
+
+impl SignalNumber for std::process::ExitStatus {
+    fn signal_number(&self) -> i32 {
+        use std::os::unix::process::ExitStatusExt as _;
+        self.signal().unwrap_or(0)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Counts UDP frames to `port` arriving at `device` in `netns` (nftables netdev ingress:
+/// every frame the device receives, whatever its destination MAC).
+pub struct IngressCounter {
+    netns: String,
+}
+
+impl IngressCounter {
+    pub fn install(netns: &str, device: &str, port: u16) -> IngressCounter {
+        let rules = format!(
+            "table netdev xbr_ingress {{\n chain ingress {{\n  type filter hook ingress device {device} priority 0; policy accept;\n  \
+             udp dport {port} counter\n }}\n}}\n"
+        );
+        nft(netns, &["-f", "-"], Some(&rules));
+        IngressCounter { netns: netns.to_owned() }
+    }
+
+    pub fn read(&self) -> u64 {
+        let listing = nft(&self.netns, &["-j", "list", "table", "netdev", "xbr_ingress"], None);
+        let json: serde_json::Value = serde_json::from_str(&listing).expect("nft -j prints JSON");
+        json["nftables"]
+            .as_array()
+            .expect("nftables array")
+            .iter()
+            .filter_map(|item| item["rule"]["expr"].as_array())
+            .flatten()
+            .find_map(|e| e["counter"]["packets"].as_u64())
+            .expect("the rule has a counter")
+    }
+}
+
+/// A steady UDP stream from `client` to `server_ip:port` in `server`, each datagram numbered;
+/// `finish` stops it and returns (sent, received).
+pub struct UdpStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<u64>,
+    receiver: std::thread::JoinHandle<u64>,
+}
+
+impl UdpStream {
+    pub fn start(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, port: u16, interval: Duration) -> UdpStream {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let socket = server
+            .run(|| UdpSocket::bind((server_ip, port)))
+            .expect("enter server namespace")
+            .expect("bind UDP receiver");
+        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        // A large receive buffer, so that a receiver starved by a busy machine does not drop:
+        // the stream is judged by what the network delivered, not by the scheduler.
+        let size: libc::c_int = 16 << 20;
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let receiver_stop = stop.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut received = 0u64;
+            let mut buffer = [0u8; 64];
+            // After the sender stops, drain until the wire is quiet.
+            loop {
+                match socket.recv(&mut buffer) {
+                    Ok(_) => received += 1,
+                    Err(_) if receiver_stop.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            received
+        });
+        let sender_socket = client
+            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .expect("enter client namespace")
+            .expect("bind UDP sender");
+        let sender_stop = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !sender_stop.load(Ordering::Relaxed) {
+                sender_socket.send_to(&sent.to_be_bytes(), (server_ip, port)).expect("send datagram");
+                sent += 1;
+                std::thread::sleep(interval);
+            }
+            sent
+        });
+        UdpStream { stop, sender, receiver }
+    }
+
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self.sender.join().expect("sender thread");
+        let received = self.receiver.join().expect("receiver thread");
+        (sent, received)
+    }
+}

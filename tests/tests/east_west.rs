@@ -330,7 +330,7 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
         .run(|| {
             let view =
                 xbr::netlink::run(
-                    |handle| async move { xbr::observe::bridge(&handle, "br0").await },
+                    |handle| async move { xbr::observe::bridge(&handle, "br0", xbr::observe::Detail::Macs).await },
                 )
                 .unwrap()
                 .unwrap();

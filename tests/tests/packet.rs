@@ -38,6 +38,7 @@ impl PortProgram {
     fn load(redirect_peer: bool) -> PortProgram {
         let mut ebpf = EbpfLoader::new()
             .override_global("REDIRECT_PEER", &u8::from(redirect_peer), true)
+            .override_global(aya_log::LEVEL, &0u8, true)
             .load(xbr::datapath::OBJECT)
             .expect("xbr's eBPF object loads (run the tests as root)");
         let mut endpoints: HashMap<_, EndpointKey, Endpoint> =

@@ -1,0 +1,195 @@
+//! Follow: after attach, stay and keep the bridge's pinned datapath in step with the kernel.
+//! Every netlink event (links here and in the containers' namespaces, FDB changes) triggers
+//! the same observe -> plan -> reconcile that attach runs. The follower owns nothing the
+//! datapath needs: killing it leaves traffic flowing on the pins.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use rtnetlink::{MulticastGroup, sys::AsyncSocket as _};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, info, warn};
+
+use crate::{
+    datapath::{Detached, Pinned},
+    error::{Error, Result},
+    metrics::{FollowMetrics, serve_metrics},
+    observe::{self, Detail},
+    plan,
+};
+
+/// Events closer together than this are handled by one reconcile.
+const QUIET: Duration = Duration::from_millis(20);
+/// ...but a storm of events does not postpone a reconcile longer than this.
+const MAX_DELAY: Duration = Duration::from_millis(200);
+/// How often the follower checks that its pins still exist (`xbr detach` removes them).
+const PIN_CHECK: Duration = Duration::from_millis(250);
+
+pub struct FollowOptions {
+    pub metrics: Option<SocketAddr>,
+    /// A full reconcile this often even without events: a safety net for missed events.
+    pub resync: Duration,
+}
+
+/// Why the follower stopped.
+#[derive(Debug)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT: the datapath stays in place.
+    Signal,
+    /// `xbr detach` removed the pins.
+    Detached,
+    /// The bridge was deleted (or replaced); the follower removed what was left.
+    BridgeDeleted(Detached),
+}
+
+pub fn follow(pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the follower's runtime", e))?;
+    runtime.block_on(run(pinned, options))
+}
+
+async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
+    let (mut connection, _, mut events) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])
+            .map_err(|e| Error::io("subscribing to netlink link and neighbour events", e))?;
+    // Containers change their MACs in their own namespaces: hear those too.
+    connection
+        .socket_mut()
+        .socket_mut()
+        .set_listen_all_namespaces(true)
+        .map_err(|e| Error::io("listening to all namespaces' netlink events", e))?;
+    tokio::spawn(connection);
+    let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
+        .map_err(|e| Error::io("opening a netlink socket", e))?;
+    tokio::spawn(connection);
+
+    let metrics = Arc::new(FollowMetrics::default());
+    if let Some(address) = options.metrics {
+        serve_metrics(
+            address,
+            pinned.root().to_owned(),
+            pinned.bridge.clone(),
+            metrics.clone(),
+        )?;
+        info!(%address, "serving Prometheus metrics at /metrics");
+    }
+    let mut ebpf_logs = if tracing::enabled!(target: "xbr::ebpf", tracing::Level::DEBUG) {
+        pinned
+            .program_id()
+            .ok()
+            .and_then(|id| aya_log::EbpfLogger::init_from_id(id).ok())
+    } else {
+        None
+    };
+
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("handling SIGTERM", e))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("handling SIGINT", e))?;
+    let mut pin_check = tokio::time::interval(PIN_CHECK);
+    let mut resync = tokio::time::interval(options.resync);
+    resync.reset();
+    info!(bridge = %pinned.bridge, "following the bridge; Ctrl-C stops following and leaves the datapath in place");
+
+    let mut dirty = true;
+    loop {
+        if dirty {
+            // Let a burst of events (a container start is a dozen of them) settle.
+            let first = Instant::now();
+            while first.elapsed() < MAX_DELAY {
+                match tokio::time::timeout(QUIET, events.next()).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {
+                        return Err(Error::io(
+                            "netlink events",
+                            std::io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                    Err(_) => break,
+                }
+            }
+            dirty = false;
+            if !pinned.dir.exists() {
+                return Ok(Stopped::Detached);
+            }
+            if reconcile(&handle, &mut pinned, &metrics).await? == Outcome::BridgeGone {
+                // Deleting a bridge releases its ports with our programs still on them.
+                return Ok(Stopped::BridgeDeleted(pinned.detach()?));
+            }
+        }
+        tokio::select! {
+            event = events.next() => match event {
+                Some(_) => dirty = true,
+                None => return Err(Error::io("netlink events", std::io::ErrorKind::UnexpectedEof.into())),
+            },
+            _ = terminate.recv() => return Ok(Stopped::Signal),
+            _ = interrupt.recv() => return Ok(Stopped::Signal),
+            _ = pin_check.tick() => {
+                if let Some(logs) = ebpf_logs.as_mut() {
+                    logs.flush();
+                }
+                if !pinned.dir.exists() {
+                    return Ok(Stopped::Detached);
+                }
+            }
+            _ = resync.tick() => dirty = true,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Continue,
+    /// The bridge was deleted, or another bridge now has its name.
+    BridgeGone,
+}
+
+/// One observe -> plan -> reconcile.
+async fn reconcile(
+    handle: &rtnetlink::Handle,
+    pinned: &mut Pinned,
+    metrics: &FollowMetrics,
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let view = match observe::bridge(handle, &pinned.bridge, Detail::Macs).await {
+        Ok(view) if view.ifindex == pinned.record.ifindex => view,
+        Ok(_) | Err(Error::BridgeNotFound(_)) | Err(Error::NotABridge { .. }) => {
+            return Ok(Outcome::BridgeGone);
+        }
+        Err(error) => {
+            metrics.error();
+            warn!(%error, "observing the bridge failed; retrying on the next event");
+            return Ok(Outcome::Continue);
+        }
+    };
+    let plan = plan::plan(&view)?;
+    match pinned.reconcile(&plan, false) {
+        Ok(changes) => {
+            metrics.reconciled(started.elapsed());
+            if changes.is_empty() {
+                debug!(took = ?started.elapsed(), "reconciled: no change");
+            } else {
+                info!(
+                    took = ?started.elapsed(),
+                    ports_added = ?changes.ports_added,
+                    ports_removed = ?changes.ports_removed,
+                    endpoints_added = changes.endpoints_added,
+                    endpoints_removed = changes.endpoints_removed,
+                    ports_skipped = ?changes.ports_skipped,
+                    "reconciled"
+                );
+            }
+        }
+        Err(error) => {
+            metrics.error();
+            warn!(%error, "reconcile failed; retrying on the next event");
+        }
+    }
+    Ok(Outcome::Continue)
+}

@@ -1,0 +1,182 @@
+//! Prometheus metrics of a follower (`--metrics ADDR`): per-endpoint datapath counters, read
+//! from the pinned maps at each scrape, and the follower's own reconcile count, duration and
+//! errors. Served as text format at /metrics by a small HTTP server on its own thread.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{counter::ConstCounter, counter::Counter, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{
+    datapath::Pinned,
+    error::{Error, Result},
+    observe::format_mac,
+};
+
+#[derive(Debug)]
+pub struct FollowMetrics {
+    reconciles: Counter,
+    errors: Counter,
+    duration: Histogram,
+}
+
+impl Default for FollowMetrics {
+    fn default() -> Self {
+        FollowMetrics {
+            reconciles: Counter::default(),
+            errors: Counter::default(),
+            // 100 µs to ~3 s.
+            duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 15,
+            )),
+        }
+    }
+}
+
+impl FollowMetrics {
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self) {
+        self.errors.inc();
+    }
+}
+
+/// Reads the pinned counters at scrape time.
+#[derive(Debug)]
+struct DatapathCollector {
+    root: PathBuf,
+    bridge: String,
+}
+
+type Labels = Vec<(String, String)>;
+
+/// A per-port counter series: name, help, and which counter of `PortStats` it shows.
+type Series = (&'static str, &'static str, fn(&bridge_common::PortStats) -> u64);
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), std::fmt::Error> {
+        let Ok(attachment) = Pinned::open(&self.root, &self.bridge).and_then(|p| p.snapshot())
+        else {
+            return Ok(()); // detached meanwhile: nothing to report
+        };
+        let macs: std::collections::BTreeMap<u32, String> = attachment
+            .ports
+            .iter()
+            .map(|(ifindex, record)| (*ifindex, format_mac(&record.endpoint_mac)))
+            .collect();
+        let series: [Series; 5] = [
+            (
+                "xbr_fast_path_packets",
+                "Frames a container sent that took the fast path",
+                |s| s.fast_path_packets,
+            ),
+            (
+                "xbr_fast_path_bytes",
+                "Bytes a container sent that took the fast path",
+                |s| s.fast_path_bytes,
+            ),
+            (
+                "xbr_bridge_packets",
+                "Frames a container sent that were handed to the bridge",
+                |s| s.bridge_packets,
+            ),
+            (
+                "xbr_bridge_bytes",
+                "Bytes a container sent that were handed to the bridge",
+                |s| s.bridge_bytes,
+            ),
+            (
+                "xbr_delivered_packets",
+                "Frames the fast path delivered to a container",
+                |s| s.delivered_packets,
+            ),
+        ];
+        for (name, help, value) in series {
+            let counter_type = ConstCounter::new(0u64).metric_type();
+            let mut family = encoder.encode_descriptor(name, help, None, counter_type)?;
+            for (ifindex, stats) in &attachment.stats {
+                let port = nix::net::if_::if_indextoname(*ifindex)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| ifindex.to_string());
+                let labels: Labels = vec![
+                    ("bridge".to_owned(), self.bridge.clone()),
+                    ("port".to_owned(), port),
+                    (
+                        "mac".to_owned(),
+                        macs.get(ifindex).cloned().unwrap_or_default(),
+                    ),
+                ];
+                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves /metrics on `address` from a thread of its own until the process exits.
+pub fn serve_metrics(
+    address: SocketAddr,
+    root: PathBuf,
+    bridge: String,
+    metrics: Arc<FollowMetrics>,
+) -> Result<()> {
+    let server = tiny_http::Server::http(address).map_err(|e| {
+        Error::io(
+            format!("serving metrics on {address}"),
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    let mut registry = Registry::default();
+    registry.register(
+        "xbr_reconciles",
+        "Reconciles the follower ran",
+        metrics.reconciles.clone(),
+    );
+    registry.register(
+        "xbr_reconcile_errors",
+        "Reconciles or observations that failed",
+        metrics.errors.clone(),
+    );
+    registry.register(
+        "xbr_reconcile_duration_seconds",
+        "How long a reconcile took",
+        metrics.duration.clone(),
+    );
+    registry.register_collector(Box::new(DatapathCollector { root, bridge }));
+    let registry = Mutex::new(registry);
+    std::thread::Builder::new()
+        .name("xbr-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    let mut body = String::new();
+                    let registry = registry.lock().expect("metrics registry");
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => tiny_http::Response::from_string(body).with_header(
+                            "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                                .parse::<tiny_http::Header>()
+                                .expect("static header"),
+                        ),
+                        Err(_) => tiny_http::Response::from_string("encoding failed").with_status_code(500),
+                    }
+                } else {
+                    tiny_http::Response::from_string("xbr metrics are at /metrics\n").with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        })
+        .map_err(|e| Error::io("starting the metrics thread", e))?;
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! The datapath follows the bridge (run as root): `xbr attach --follow` picks up containers
+//! that come and go, never delivers a frame to the wrong namespace, survives its own restart
+//! (the pins carry the datapath), and stops cleanly on detach and on bridge deletion.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use xbr::netns::NetNs;
+use xbr_tests::{
+    lab_support::{ExtraContainers, LabBuilder, ip_in, unique_name},
+    witness::{BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo, xbr, xbr_ok},
+};
+
+/// A pin root of this test's own, detached and removed on drop.
+struct PinRoot {
+    path: PathBuf,
+    netns: String,
+}
+
+impl PinRoot {
+    fn new(netns: &str) -> PinRoot {
+        PinRoot { path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))), netns: netns.to_owned() }
+    }
+
+    fn xbr_ok(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.path.to_str().unwrap()];
+        full.extend_from_slice(args);
+        xbr_ok(&full)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.xbr_ok(&["status", "--json"])).expect("status --json")
+    }
+
+    /// Endpoint MAC per port name, from `xbr status --json`.
+    fn endpoints(&self) -> std::collections::BTreeMap<String, String> {
+        let status = self.status();
+        let mut endpoints = std::collections::BTreeMap::new();
+        for bridge in status["bridges"].as_array().into_iter().flatten() {
+            for port in bridge["ports"].as_array().into_iter().flatten() {
+                if let Some(mac) = port["endpoint_mac"].as_str() {
+                    endpoints.insert(port["name"].as_str().unwrap().to_owned(), mac.to_owned());
+                }
+            }
+        }
+        endpoints
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = xbr(&["-n", &self.netns, "--pin-root", self.path.to_str().unwrap(), "detach", "br0"]);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what} did not happen within {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_new_container_is_on_the_fast_path_within_a_second() {
+    let lab = LabBuilder::three_containers().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let pins = PinRoot::new(&host);
+    let _follower = Follower::start(&host, &pins.path, "br0", &[]);
+    let bridge = BridgeForwardCounter::install(&host);
+
+    let mut extra = ExtraContainers::new(&spec);
+    let netns = format!("{}-new", spec.name);
+    let added = Instant::now();
+    extra.add(&netns, "veth-new", "02:77:00:00:01:01", "10.77.0.101/24");
+    let took = wait_for("the new container's endpoint", Duration::from_secs(1), || {
+        pins.endpoints().get("veth-new").map(String::as_str) == Some("02:77:00:00:01:01")
+    });
+    eprintln!("time to fast path for a new container: {:?} (port added {:?} before)", took, added.elapsed() - took);
+
+    let before = bridge.read();
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let new = NetNs::open(&netns).unwrap();
+    tcp_echo(&a, &new, "10.77.0.101".parse().unwrap(), 128 * 1024);
+    assert_eq!(bridge.read().ipv4_unicast, before.ipv4_unicast, "traffic to the new container crossed the bridge");
+
+    // And when it leaves, its endpoint goes.
+    extra.remove(&netns);
+    wait_for("the removed container's endpoint to go", Duration::from_secs(1), || {
+        !pins.endpoints().contains_key("veth-new")
+    });
+}
+
+#[test]
+fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
+    const PAIR_PORT: u16 = 7777;
+    let lab = LabBuilder::three_containers().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let pins = PinRoot::new(&host);
+    let follower = Follower::start(&host, &pins.path, "br0", &[]);
+    let bridge = BridgeForwardCounter::install(&host);
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let b = NetNs::open(&spec.container_netns("b")).unwrap();
+    // Warm up ARP so that the stream starts on the fast path.
+    tcp_echo(&a, &b, "10.77.0.3".parse().unwrap(), 1024);
+    let before = bridge.read();
+    // The same witness on the stream's own receiver: it must count every datagram.
+    let at_b = IngressCounter::install(&spec.container_netns("b"), "eth0", PAIR_PORT);
+    let stream = UdpStream::start(&a, &b, "10.77.0.3".parse().unwrap(), PAIR_PORT, Duration::from_micros(500));
+
+    // 50 containers come and go; names and MACs repeat every ten.
+    let mut extra = ExtraContainers::new(&spec);
+    let mut misdelivered = Vec::new();
+    for round in 0..50 {
+        let slot = round % 10;
+        let netns = format!("{}-x{slot}", spec.name);
+        let port = format!("veth-x{slot}");
+        extra.add(&netns, &port, &format!("02:77:00:00:02:{slot:02x}"), &format!("10.77.0.{}/24", 110 + slot));
+        let counter = IngressCounter::install(&netns, "eth0", PAIR_PORT);
+        std::thread::sleep(Duration::from_millis(20));
+        let arrived = counter.read();
+        if arrived != 0 {
+            misdelivered.push((round, netns.clone(), arrived));
+        }
+        extra.remove(&netns);
+    }
+    let (sent, received) = stream.finish();
+    let after = bridge.read();
+    assert!(misdelivered.is_empty(), "frames of the a->b stream reached other namespaces: {misdelivered:?}");
+    assert!(sent > 1000, "the stream ran ({sent} datagrams)");
+    assert_eq!(received, sent, "the long-lived pair lost datagrams during churn");
+    assert_eq!(at_b.read(), sent, "the ingress witness at b counts the stream");
+    assert_eq!(after.ipv4_unicast, before.ipv4_unicast, "the long-lived pair left the fast path during churn");
+    let endpoints = pins.endpoints();
+    assert_eq!(endpoints.len(), 3, "only a, b and c are left: {endpoints:?}");
+    assert!(!follower.log().contains("WARN"), "the follower warned: {}", follower.log());
+}
+
+#[test]
+fn the_datapath_survives_the_follower_and_a_new_one_reconciles() {
+    let lab = LabBuilder::three_containers().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let pins = PinRoot::new(&host);
+    let bridge = BridgeForwardCounter::install(&host);
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let b = NetNs::open(&spec.container_netns("b")).unwrap();
+    let b_ip = "10.77.0.3".parse().unwrap();
+    tcp_echo(&a, &b, b_ip, 1024);
+
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        let mut follower = Follower::start(&host, &pins.path, "br0", &[]);
+        let before = bridge.read();
+        let stream = UdpStream::start(&a, &b, b_ip, 7000 + signal as u16, Duration::from_micros(500));
+        std::thread::sleep(Duration::from_millis(200));
+        follower.signal(signal);
+        let code = follower.wait_exit(Duration::from_secs(5)).expect("the follower exits");
+        if signal == libc::SIGTERM {
+            assert_eq!(code, 0, "SIGTERM is a clean stop: {}", follower.log());
+            assert!(follower.log().contains("stays attached"), "{}", follower.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let (sent, received) = stream.finish();
+        assert_eq!(received, sent, "{name}: datagrams were lost when the follower stopped");
+        assert_eq!(bridge.read().ipv4_unicast, before.ipv4_unicast, "{name}: traffic left the fast path");
+        for port in ["veth-a", "veth-b", "veth-c"] {
+            assert_eq!(tc_programs(&host, port), vec!["port_ingress"], "{name}: {port}");
+        }
+    }
+
+    // While no follower runs, a container arrives; the next follower picks it up.
+    let mut extra = ExtraContainers::new(&spec);
+    extra.add(&format!("{}-late", spec.name), "veth-late", "02:77:00:00:03:01", "10.77.0.120/24");
+    assert!(!pins.endpoints().contains_key("veth-late"), "nobody followed, yet the endpoint appeared");
+    let _follower = Follower::start(&host, &pins.path, "br0", &[]);
+    wait_for("the late container's endpoint", Duration::from_secs(1), || pins.endpoints().contains_key("veth-late"));
+    for port in ["veth-a", "veth-b", "veth-c", "veth-late"] {
+        assert_eq!(tc_programs(&host, port), vec!["port_ingress"], "one program on {port} after the restart");
+    }
+}
+
+#[test]
+fn detach_stops_the_follower_and_leaves_nothing() {
+    let lab = LabBuilder::three_containers().up();
+    let host = lab.spec().host_netns();
+    let pins = PinRoot::new(&host);
+    let mut follower = Follower::start(&host, &pins.path, "br0", &[]);
+    pins.xbr_ok(&["detach", "br0"]);
+    let code = follower.wait_exit(Duration::from_secs(2)).expect("the follower notices the detach");
+    assert_eq!(code, 0, "{}", follower.log());
+    assert!(follower.log().contains("was detached"), "{}", follower.log());
+    for port in ["veth-a", "veth-b", "veth-c"] {
+        assert!(tc_programs(&host, port).is_empty(), "a program is left on {port}");
+    }
+    assert!(!pins.path.exists(), "pins left at {}", pins.path.display());
+}
+
+#[test]
+fn a_deleted_bridge_stops_the_follower_and_leaves_nothing() {
+    for mode in ["tcx", "clsact"] {
+        let lab = LabBuilder::three_containers().up();
+        let host = lab.spec().host_netns();
+        let pins = PinRoot::new(&host);
+        let mut follower = Follower::start(&host, &pins.path, "br0", &["--mode", mode]);
+        ip_in(&host, &["link", "del", "br0"]);
+        let code = follower.wait_exit(Duration::from_secs(2)).expect("the follower notices the deletion");
+        assert_eq!(code, 1, "{mode}: {}", follower.log());
+        assert!(follower.log().contains("bridge br0 was deleted"), "{mode}: {}", follower.log());
+        for port in ["veth-a", "veth-b", "veth-c"] {
+            assert!(tc_programs(&host, port).is_empty(), "{mode}: a program is left on former port {port}");
+        }
+        assert!(!pins.path.exists(), "{mode}: pins left at {}", pins.path.display());
+    }
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text_format() {
+    let lab = LabBuilder::three_containers().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let pins = PinRoot::new(&host);
+    // The follower runs in the lab's namespace, so its metrics port is on that loopback.
+    let _follower = Follower::start(&host, &pins.path, "br0", &["--metrics", "127.0.0.1:9477"]);
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let b = NetNs::open(&spec.container_netns("b")).unwrap();
+    tcp_echo(&a, &b, "10.77.0.3".parse().unwrap(), 64 * 1024);
+    let body = NetNs::open(&host)
+        .unwrap()
+        .run(|| {
+            use std::io::{Read as _, Write as _};
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9477").expect("connect to the metrics port");
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+        })
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.") && body.contains(" 200 "), "{body}");
+    assert!(body.contains("# TYPE xbr_reconciles counter"), "{body}");
+    assert!(body.contains("xbr_reconcile_duration_seconds_bucket"), "{body}");
+    let fast_path_a = body
+        .lines()
+        .find(|line| line.starts_with("xbr_fast_path_packets_total{") && line.contains("port=\"veth-a\""))
+        .unwrap_or_else(|| panic!("no fast path counter for veth-a: {body}"));
+    let value: u64 = fast_path_a.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value > 0, "{fast_path_a}");
+}
+
+/// 1000 containers on one bridge: attach, a reconcile without change, and the follower's
+/// reconcile when one more container arrives. Prints the times (see the lifecycle note).
+#[test]
+fn a_thousand_endpoints() {
+    let count: usize = std::env::var("XBR_SCALE_ENDPOINTS").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
+    let mut spec = LabBuilder::three_containers().build();
+    spec.bridge.address = Some(xbr::lab::Ipv4Cidr::new("10.77.0.1".parse().unwrap(), 16));
+    spec.containers = (0..count)
+        .map(|i| {
+            let i = i as u32 + 2;
+            xbr::lab::ContainerSpec {
+                name: format!("c{i}"),
+                address: xbr::lab::Ipv4Cidr::new(std::net::Ipv4Addr::from(0x0a4d_0000 | i), 16),
+                mac: Some(xbr::lab::MacAddr([0x02, 0x77, 0x10, 0, (i >> 8) as u8, i as u8])),
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let lab = xbr::lab::LabGuard::up(spec).expect("the big lab comes up");
+    eprintln!("lab of {count} containers up in {:?}", started.elapsed());
+    let host = lab.spec().host_netns();
+    let pins = PinRoot::new(&host);
+
+    let mode = std::env::var("XBR_SCALE_MODE").unwrap_or_else(|_| "auto".to_owned());
+    let started = Instant::now();
+    pins.xbr_ok(&["attach", "br0", "--mode", &mode]);
+    eprintln!("attach ({mode}) with {count} endpoints: {:?}", started.elapsed());
+    assert_eq!(pins.endpoints().len(), count);
+
+    let started = Instant::now();
+    let stdout = pins.xbr_ok(&["attach", "br0"]);
+    eprintln!("reconcile without change at {count} endpoints (a second attach): {:?}", started.elapsed());
+    assert!(stdout.contains("already attached"), "{stdout}");
+
+    let follower = Follower::start(&host, &pins.path, "br0", &[]);
+    let mut extra = ExtraContainers::new(lab.spec());
+    extra.add(&format!("{}-more", lab.spec().name), "veth-more", "02:77:00:00:04:01", "10.77.200.1/16");
+    let took = wait_for("the extra container's endpoint", Duration::from_secs(5), || {
+        pins.endpoints().contains_key("veth-more")
+    });
+    eprintln!("time to fast path at {count} endpoints: {took:?}");
+    let reconciles: Vec<&str> = follower.log().lines().filter(|l| l.contains("reconciled")).map(|_| "").collect();
+    assert!(!reconciles.is_empty());
+    for line in follower.log().lines().filter(|l| l.contains("reconciled")) {
+        eprintln!("follower: {line}");
+    }
+}
