@@ -1,0 +1,34 @@
+//! `cargo xtask build`: the single `xbr` binary, with its eBPF object built in by
+//! bridge-user's build script (aya-build).
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use crate::{cmd, setup};
+
+pub fn run() -> anyhow::Result<PathBuf> {
+    setup::run()?;
+    let binary = release_binary()?;
+    println!("xbr is at {}", binary.display());
+    Ok(binary)
+}
+
+/// Builds target/release/xbr and returns its path.
+pub fn release_binary() -> anyhow::Result<PathBuf> {
+    println!(
+        "building xbr (release; bridge-user's build script prints `Compiling` warnings for the eBPF crate)"
+    );
+    cmd::run(
+        cmd::cargo().args(["build", "--release", "-p", "bridge-user"]),
+        "building the xbr binary",
+    )?;
+    let binary = cmd::target_dir().join("release/xbr");
+    if !binary.is_file() {
+        bail!(
+            "cargo built bridge-user but {} is not there",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
