@@ -6,6 +6,17 @@
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// How many bridge ports one attached bridge can hold.
 pub const MAX_PORTS: u32 = 16384;
+/// How many published ports one attached bridge can hold.
+pub const MAX_PUBLISHED: u32 = 4096;
+/// How many NATed connections one attached bridge tracks (two entries each, one per
+/// direction). A full table sends new connections to the kernel path.
+pub const MAX_FLOW_ENTRIES: u32 = 131072;
+/// How many uplinks one attached bridge can have.
+pub const MAX_UPLINKS: u32 = 64;
+
+/// IP protocol numbers of the published-port path.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Endpoints map key: a destination MAC address.
 #[repr(C)]
@@ -74,10 +85,19 @@ pub enum Verdict {
     /// The endpoint entry names a port that no longer holds that MAC (the control plane is
     /// catching up with a change): the bridge decides.
     StaleEndpoint = 8,
+    /// Arrived on an uplink for a published port: DNATed and delivered into the container.
+    NatIn = 9,
+    /// A container's reply on a NATed connection: SNATed and sent out of the uplink.
+    NatOut = 10,
+    /// For a published port, but not translated: fragment, IP options, TTL about to expire,
+    /// or a TCP segment of a connection the fast path did not see start.
+    NatNotTranslated = 11,
+    /// For a published port, but the connection table is full: the kernel path takes it.
+    NatTableFull = 12,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Redirected,
         Verdict::NotUnicast,
@@ -88,6 +108,10 @@ impl Verdict {
         Verdict::Malformed,
         Verdict::UnknownSource,
         Verdict::StaleEndpoint,
+        Verdict::NatIn,
+        Verdict::NatOut,
+        Verdict::NatNotTranslated,
+        Verdict::NatTableFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -101,6 +125,10 @@ impl Verdict {
             Verdict::Malformed => "malformed",
             Verdict::UnknownSource => "unknown_source",
             Verdict::StaleEndpoint => "stale_endpoint",
+            Verdict::NatIn => "nat_in",
+            Verdict::NatOut => "nat_out",
+            Verdict::NatNotTranslated => "nat_not_translated",
+            Verdict::NatTableFull => "nat_table_full",
         }
     }
 }
@@ -148,6 +176,78 @@ impl PortRecord {
     pub const ADDED_CLSACT: u32 = 1;
 }
 
+/// `PUBLISHED` map key: what a client connects to. `host_ip` all zero means any address
+/// of the host (like `-p 8080:80`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublishedKey {
+    pub proto: u8,
+    pub _pad: u8,
+    /// Network byte order.
+    pub host_port: [u8; 2],
+    pub host_ip: [u8; 4],
+}
+
+/// `PUBLISHED` map value: where the connection goes. The control plane keeps the derived
+/// fields (port ifindex, MACs) current as containers come and go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishedPort {
+    pub container_ip: [u8; 4],
+    /// Network byte order.
+    pub container_port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// Host-side ifindex of the container's bridge port (0: container not found now, so
+    /// the kernel path serves the port).
+    pub ifindex: u32,
+    pub container_mac: [u8; 6],
+    /// The source MAC of frames delivered into the container: the bridge's, as if routed
+    /// by the host.
+    pub gateway_mac: [u8; 6],
+}
+
+/// `NAT_FLOWS` key: a connection as one direction sees it (source, then destination).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    /// Network byte order.
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+}
+
+/// `NAT_FLOWS` value: how to translate and where to send a frame of that direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// The address and port that replace the destination (inbound) or the source (outbound).
+    pub new_ip: [u8; 4],
+    pub new_port: [u8; 2],
+    /// `Flow::INBOUND` or `Flow::OUTBOUND`, plus state flags.
+    pub flags: u16,
+    /// Inbound: the container's host-side port (redirect into its peer). Outbound: the uplink
+    /// (redirect to its egress).
+    pub ifindex: u32,
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    /// bpf_ktime_get_ns of the last frame; the control plane retires idle entries.
+    pub last_seen_ns: u64,
+    /// The other direction's key, to retire both together.
+    pub peer: FlowKey,
+}
+
+impl Flow {
+    /// Client to container: rewrite the destination.
+    pub const INBOUND: u16 = 1;
+    /// Container to client: rewrite the source.
+    pub const OUTBOUND: u16 = 2;
+    /// A FIN went by in this direction.
+    pub const FIN_SEEN: u16 = 4;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -156,4 +256,8 @@ mod pod {
     unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for BridgeRecord {}
     unsafe impl aya::Pod for PortRecord {}
+    unsafe impl aya::Pod for PublishedKey {}
+    unsafe impl aya::Pod for PublishedPort {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
 }

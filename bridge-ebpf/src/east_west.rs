@@ -1,13 +1,9 @@
 //! Container to container on one bridge: a unicast IP frame for a known endpoint MAC goes
 //! straight into the destination container; everything else takes the bridge unchanged.
 
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 // Pruned by the verifier unless the loader turns eBPF logging on (AYA_LOG_LEVEL).
 use aya_log_ebpf::debug;
-use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    helpers::{bpf_redirect, bpf_redirect_peer},
-    programs::TcContext,
-};
 use bridge_common::{EndpointKey, Verdict};
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -16,26 +12,40 @@ use network_types::{
 
 use crate::{
     counters::{count_delivered, count_sent, count_verdict},
+    deliver,
     frame::ptr_at,
     maps::{ENDPOINTS, PORTS},
+    nat::{self, Nat},
 };
 
-/// Set by the loader: 1 where the kernel has bpf_redirect_peer (5.10+), 0 for plain
-/// bpf_redirect. A load-time constant, so the verifier prunes the helper the kernel lacks.
-#[unsafe(no_mangle)]
-static REDIRECT_PEER: u8 = 1;
-
 enum Decision {
+    /// Into the container behind this bridge port.
     Redirect(u32),
+    /// A reply on a NATed connection, translated: out of this uplink.
+    Uplink(u32),
     Pass(Verdict),
 }
 
 #[inline(always)]
 pub fn forward(ctx: &TcContext) -> i32 {
     let ingress_port = unsafe { (*ctx.skb.skb).ifindex };
-    match decide(ctx, ingress_port) {
+    let decision = match decide(ctx, ingress_port) {
+        // Not for a container here: maybe a reply to a client of a published port.
+        Decision::Pass(Verdict::UnknownDestination) => {
+            match nat::parse(ctx).map(|s| nat::outbound(ctx, &s)) {
+                Some(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
+                Some(Nat::Pass(verdict)) => Decision::Pass(verdict),
+                Some(Nat::NotOurs) | None => Decision::Pass(Verdict::UnknownDestination),
+            }
+        }
+        decision => decision,
+    };
+    match decision {
         Decision::Pass(verdict) => {
-            debug!(ctx, "port {}: to the bridge, verdict {}", ingress_port, verdict as u32);
+            debug!(
+                ctx,
+                "port {}: to the bridge, verdict {}", ingress_port, verdict as u32
+            );
             count_verdict(verdict);
             count_sent(ctx, ingress_port, false);
             TC_ACT_OK as i32
@@ -45,12 +55,16 @@ pub fn forward(ctx: &TcContext) -> i32 {
             count_verdict(Verdict::Redirected);
             count_sent(ctx, ingress_port, true);
             count_delivered(ctx, port);
-            let redirect_peer = unsafe { core::ptr::read_volatile(&REDIRECT_PEER) };
-            if redirect_peer != 0 {
-                unsafe { bpf_redirect_peer(port, 0) as i32 }
-            } else {
-                unsafe { bpf_redirect(port, 0) as i32 }
-            }
+            deliver::into_container(port)
+        }
+        Decision::Uplink(uplink) => {
+            debug!(
+                ctx,
+                "port {}: NATed reply out of uplink {}", ingress_port, uplink
+            );
+            count_verdict(Verdict::NatOut);
+            count_sent(ctx, ingress_port, true);
+            deliver::out_of(uplink)
         }
     }
 }

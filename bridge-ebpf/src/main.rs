@@ -4,9 +4,12 @@
 #![no_main]
 
 mod counters;
+mod deliver;
 mod east_west;
 mod frame;
 mod maps;
+mod nat;
+mod uplink;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -14,6 +17,12 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 #[classifier]
 pub fn port_ingress(ctx: TcContext) -> i32 {
     east_west::forward(&ctx)
+}
+
+/// tc ingress of an uplink: a frame from outside, maybe for a published port.
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    uplink::receive(&ctx)
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
-    BridgeRecord, Endpoint, EndpointKey, MAX_ENDPOINTS, MAX_PORTS, PortRecord, PortStats, Verdict,
+    BridgeRecord, Endpoint, EndpointKey, Flow, FlowKey, MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_PORTS,
+    MAX_PUBLISHED, MAX_UPLINKS, PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
 
 /// Destination MAC -> the bridge port it lives behind. Filled by the control plane.
@@ -30,3 +31,17 @@ pub static BRIDGE: Array<BridgeRecord> = Array::with_max_entries(1, 0);
 /// target here. Written by the control plane.
 #[map]
 pub static PORTS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+/// Published ports: what a client connects to -> the container that serves it.
+#[map]
+pub static PUBLISHED: HashMap<PublishedKey, PublishedPort> =
+    HashMap::with_max_entries(MAX_PUBLISHED, 0);
+
+/// NATed connections, one entry per direction. A plain hash (not LRU): evicting a live
+/// entry would strand its connection; a full table sends new connections to the kernel.
+#[map]
+pub static NAT_FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(MAX_FLOW_ENTRIES, 0);
+
+/// Every uplink xbr hooked (control-plane bookkeeping; the datapath never reads it).
+#[map]
+pub static UPLINKS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_UPLINKS, 0);

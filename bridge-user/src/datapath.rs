@@ -22,14 +22,17 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    AttachMode, BridgeRecord, Endpoint, EndpointKey, PortRecord, PortStats, Verdict,
+    AttachMode, BridgeRecord, Endpoint, EndpointKey, Flow, FlowKey, PortRecord, PortStats,
+    PublishedKey, PublishedPort, Verdict,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 
 use crate::{
     error::{Error, Result},
     features::Features,
-    netlink, pins,
+    netlink,
+    observe::UplinkView,
+    pins,
     plan::{Plan, PlannedPort},
 };
 
@@ -79,6 +82,9 @@ pub struct Changes {
     /// Ports that could not be hooked this time (they vanished meanwhile); a later reconcile
     /// picks them up if they come back.
     pub ports_skipped: Vec<String>,
+    pub uplinks_added: Vec<String>,
+    /// Published ports whose container (port, MAC) changed.
+    pub published_updated: usize,
 }
 
 impl Changes {
@@ -99,9 +105,16 @@ pub struct Attached {
     pub changes: Changes,
 }
 
-/// Attaches `plan`'s bridge: creates the pinned datapath, or picks up the one already pinned
-/// and reconciles it. A failed first attach removes everything it made.
-pub fn attach(plan: &Plan, mode: ModeChoice, features: &Features, root: &Path) -> Result<Attached> {
+/// Attaches `plan`'s bridge (and hooks `uplinks` for its published ports): creates the pinned
+/// datapath, or picks up the one already pinned and reconciles it. A failed first attach
+/// removes everything it made.
+pub fn attach(
+    plan: &Plan,
+    uplinks: &[UplinkView],
+    mode: ModeChoice,
+    features: &Features,
+    root: &Path,
+) -> Result<Attached> {
     if let Ok(mut pinned) = Pinned::open(root, &plan.bridge) {
         if mode != ModeChoice::Auto && pinned.mode() != mode.resolve(features)? {
             return Err(Error::ModeMismatch {
@@ -110,7 +123,8 @@ pub fn attach(plan: &Plan, mode: ModeChoice, features: &Features, root: &Path) -
                 wanted: mode_name(mode.resolve(features)? as u32),
             });
         }
-        let changes = pinned.reconcile(plan, false)?;
+        let mut changes = pinned.reconcile(plan, false)?;
+        changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
         return Ok(pinned.attached(plan, false, changes));
     }
     let dir = pins::bridge_dir(root, &plan.bridge)?;
@@ -128,7 +142,11 @@ pub fn attach(plan: &Plan, mode: ModeChoice, features: &Features, root: &Path) -
             return Err(error);
         }
     };
-    match pinned.reconcile(plan, true) {
+    let attached = pinned.reconcile(plan, true).and_then(|mut changes| {
+        changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
+        Ok(changes)
+    });
+    match attached {
         Ok(changes) => Ok(pinned.attached(plan, true, changes)),
         Err(error) => {
             let _ = pinned.detach();
@@ -144,10 +162,14 @@ pub struct Pinned {
     root: PathBuf,
     pub record: BridgeRecord,
     program: SchedClassifier,
+    uplink_program: SchedClassifier,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     ports: HashMap<MapData, u32, PortRecord>,
     stats: PerCpuHashMap<MapData, u32, PortStats>,
     verdicts: PerCpuArray<MapData, u64>,
+    pub(crate) published: HashMap<MapData, PublishedKey, PublishedPort>,
+    pub(crate) flows: HashMap<MapData, FlowKey, Flow>,
+    uplinks: HashMap<MapData, u32, PortRecord>,
 }
 
 fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
@@ -181,13 +203,19 @@ impl Pinned {
         let record = record_map
             .get(&0, 0)
             .map_err(|e| broken(Error::ebpf("reading the bridge record", e)))?;
-        let program = SchedClassifier::from_pin(dir.join(pins::PROGRAM))
-            .map_err(|e| broken(Error::ebpf("opening the pinned program", e)))?;
+        let program = SchedClassifier::from_pin(dir.join(pins::PORT_PROGRAM))
+            .map_err(|e| broken(Error::ebpf("opening the pinned port program", e)))?;
+        let uplink_program = SchedClassifier::from_pin(dir.join(pins::UPLINK_PROGRAM))
+            .map_err(|e| broken(Error::ebpf("opening the pinned uplink program", e)))?;
         Ok(Pinned {
             bridge: bridge.to_owned(),
             root: root.to_owned(),
             record,
             program,
+            uplink_program,
+            published: open_pinned(&dir, "PUBLISHED").map_err(broken)?,
+            flows: open_pinned(&dir, "NAT_FLOWS").map_err(broken)?,
+            uplinks: open_pinned(&dir, "UPLINKS").map_err(broken)?,
             endpoints: open_pinned(&dir, "ENDPOINTS").map_err(broken)?,
             ports: open_pinned(&dir, "PORTS").map_err(broken)?,
             stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
@@ -224,20 +252,21 @@ impl Pinned {
             .set(0, record, 0)
             .map_err(|e| Error::ebpf("writing the bridge record", e))?;
 
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(pins::PROGRAM)
-            .expect("program defined by the object")
-            .try_into()
-            .map_err(|e| Error::ebpf("the port program is not a classifier", e))?;
-        program
-            .load()
-            .map_err(|e| Error::ebpf("loading the port program into the kernel", e))?;
-
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        program
-            .pin(dir.join(pins::PROGRAM))
-            .map_err(|e| Error::ebpf(format!("pinning the program in {}", dir.display()), e))?;
+        for name in [pins::PORT_PROGRAM, pins::UPLINK_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program defined by the object")
+                .try_into()
+                .map_err(|e| Error::ebpf(format!("program {name} is not a classifier"), e))?;
+            program
+                .load()
+                .map_err(|e| Error::ebpf(format!("loading program {name} into the kernel"), e))?;
+            program.pin(dir.join(name)).map_err(|e| {
+                Error::ebpf(format!("pinning program {name} in {}", dir.display()), e)
+            })?;
+        }
         for (object_name, _) in pins::MAPS {
             let map = ebpf.map(object_name).expect("map defined by the object");
             map.pin(pins::map_pin(&dir, object_name)).map_err(|e| {
@@ -294,7 +323,7 @@ impl Pinned {
                 self.ports
                     .remove(ifindex)
                     .map_err(|e| Error::ebpf("updating the ports map", e))?;
-                self.unhook(*ifindex, record)?;
+                self.unhook(*ifindex, record, &pins::link_pin(&self.dir, *ifindex))?;
                 let _ = self.stats.remove(ifindex);
                 changes.ports_removed.push(*ifindex);
             }
@@ -382,7 +411,40 @@ impl Pinned {
                 changes.endpoints_added += 1;
             }
         }
+        // 6. Published ports follow their container to its current port and MAC.
+        if let Some(containers) = &plan.containers {
+            changes.published_updated = self.update_published(containers, plan.bridge_mac)?;
+        }
         Ok(changes)
+    }
+
+    /// Points every published port at its container's current port and MAC (ifindex 0 when
+    /// no container has the address now: the kernel path serves it then).
+    fn update_published(
+        &mut self,
+        containers: &BTreeMap<std::net::Ipv4Addr, (u32, [u8; 6])>,
+        bridge_mac: [u8; 6],
+    ) -> Result<usize> {
+        let entries: Vec<(PublishedKey, PublishedPort)> =
+            self.published.iter().filter_map(|e| e.ok()).collect();
+        let mut updated = 0;
+        for (key, published) in entries {
+            let target = containers.get(&std::net::Ipv4Addr::from(published.container_ip));
+            let (ifindex, container_mac) = target.copied().unwrap_or((0, [0; 6]));
+            let current = PublishedPort {
+                ifindex,
+                container_mac,
+                gateway_mac: bridge_mac,
+                ..published
+            };
+            if current != published {
+                self.published
+                    .insert(key, current, 0)
+                    .map_err(|e| Error::ebpf("updating the published ports map", e))?;
+                updated += 1;
+            }
+        }
+        Ok(updated)
     }
 
     /// Hooks the program to each port, one by one: a tcx attach waits for an RCU grace
@@ -391,16 +453,19 @@ impl Pinned {
         let mode = self.mode();
         ports
             .iter()
-            .map(|port| hook(&mut self.program, mode, &self.dir, plan, port))
+            .map(|port| {
+                let pin = pins::link_pin(&self.dir, port.ifindex);
+                hook(&mut self.program, mode, &pin, &plan.bridge, port)
+            })
             .collect()
     }
 
     /// Takes the program off a port. A port that no longer exists took it along.
-    fn unhook(&self, ifindex: u32, record: &PortRecord) -> Result<()> {
+    fn unhook(&self, ifindex: u32, record: &PortRecord, link_pin: &Path) -> Result<()> {
         match self.mode() {
             AttachMode::Tcx => {
                 // Unpinning drops the link's last reference: the kernel detaches the program.
-                match std::fs::remove_file(pins::link_pin(&self.dir, ifindex)) {
+                match std::fs::remove_file(link_pin) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(
                         format!("unpinning the link of ifindex {ifindex}"),
                         e,
@@ -463,14 +528,48 @@ impl Pinned {
             endpoints,
             stats,
             verdicts,
+            uplinks: self.uplink_ifindexes(),
+            published: self.published(),
+            connections: self.connection_count(),
         })
+    }
+
+    /// Hooks the uplink program to uplinks not hooked yet; returns their names.
+    pub fn hook_uplinks(&mut self, plan: &Plan, uplinks: &[UplinkView]) -> Result<Vec<String>> {
+        let mut added = Vec::new();
+        let mode = self.mode();
+        for uplink in uplinks {
+            if self.uplinks.get(&uplink.ifindex, 0).is_ok() {
+                continue;
+            }
+            let port = PlannedPort {
+                name: uplink.name.clone(),
+                ifindex: uplink.ifindex,
+            };
+            let pin = pins::uplink_pin(&self.dir, uplink.ifindex);
+            let record = hook(&mut self.uplink_program, mode, &pin, &plan.bridge, &port)?;
+            self.uplinks
+                .insert(uplink.ifindex, record, 0)
+                .map_err(|e| Error::ebpf("updating the uplinks map", e))?;
+            added.push(uplink.name.clone());
+        }
+        Ok(added)
+    }
+
+    /// The hooked uplinks' ifindexes.
+    pub fn uplink_ifindexes(&self) -> Vec<u32> {
+        self.uplinks.keys().filter_map(|k| k.ok()).collect()
     }
 
     /// Removes everything: hooks, qdiscs xbr added, pins.
     pub fn detach(self) -> Result<Detached> {
         let ports: Vec<(u32, PortRecord)> = self.ports.iter().filter_map(|e| e.ok()).collect();
         for (ifindex, record) in &ports {
-            self.unhook(*ifindex, record)?;
+            self.unhook(*ifindex, record, &pins::link_pin(&self.dir, *ifindex))?;
+        }
+        let uplinks: Vec<(u32, PortRecord)> = self.uplinks.iter().filter_map(|e| e.ok()).collect();
+        for (ifindex, record) in &uplinks {
+            self.unhook(*ifindex, record, &pins::uplink_pin(&self.dir, *ifindex))?;
         }
         pins::remove(&self.dir, &self.root)?;
         Ok(Detached {
@@ -484,13 +583,13 @@ impl Pinned {
 fn hook(
     program: &mut SchedClassifier,
     mode: AttachMode,
-    dir: &Path,
-    plan: &Plan,
+    link_pin: &Path,
+    bridge: &str,
     port: &PlannedPort,
 ) -> Result<PortRecord> {
     // Attach goes by name: make sure the name still means the port we planned for.
     let vanished = || Error::PortVanished {
-        bridge: plan.bridge.clone(),
+        bridge: bridge.to_owned(),
         port: port.name.clone(),
     };
     let still_there =
@@ -500,10 +599,7 @@ fn hook(
     }
     let attach_error = |e: aya::programs::ProgramError| {
         if still_there() {
-            Error::ebpf(
-                format!("attaching to port {} of {}", port.name, plan.bridge),
-                e,
-            )
+            Error::ebpf(format!("attaching to {} (for {bridge})", port.name), e)
         } else {
             vanished()
         }
@@ -522,7 +618,7 @@ fn hook(
             let link = FdLink::try_from(link)
                 .map_err(|e| Error::ebpf(format!("taking the tcx link of {}", port.name), e))?;
             // The pin owns the link from here; dropping our fd leaves it attached.
-            link.pin(pins::link_pin(dir, port.ifindex))
+            link.pin(link_pin)
                 .map_err(|e| Error::ebpf(format!("pinning the tcx link of {}", port.name), e))?;
         }
         AttachMode::Clsact => {
@@ -568,6 +664,10 @@ pub struct Attachment {
     /// Per port, summed over CPUs.
     pub stats: BTreeMap<u32, PortStats>,
     pub verdicts: Vec<(Verdict, u64)>,
+    pub uplinks: Vec<u32>,
+    pub published: Vec<crate::publish::Published>,
+    /// NATed connections tracked now.
+    pub connections: usize,
 }
 
 pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {

@@ -32,6 +32,10 @@ pub enum Error {
         "port {port} of bridge {bridge} disappeared during attach; nothing was changed, run `xbr attach {bridge}` again"
     )]
     PortVanished { bridge: String, port: String },
+    #[error("uplink {0} not found; list interfaces with `ip -br link`")]
+    UplinkNotFound(String),
+    #[error("{0}")]
+    Publish(String),
     #[error("xbr needs root (CAP_NET_ADMIN and CAP_BPF); run it with sudo")]
     NotRoot,
     #[error("cannot use bpffs at {}: {reason}; mount it with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-root on a bpffs", path.display())]

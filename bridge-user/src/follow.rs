@@ -20,6 +20,7 @@ use crate::{
     metrics::{FollowMetrics, serve_metrics},
     observe::{self, Detail},
     plan,
+    publish::Timeouts,
 };
 
 /// Events closer together than this are handled by one reconcile.
@@ -138,7 +139,13 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
                     return Ok(Stopped::Detached);
                 }
             }
-            _ = resync.tick() => dirty = true,
+            _ = resync.tick() => {
+                let ended = pinned.expire_flows(&Timeouts::default());
+                if ended > 0 {
+                    info!(ended, "retired closed or idle NATed connections");
+                }
+                dirty = true;
+            }
         }
     }
 }
@@ -157,7 +164,13 @@ async fn reconcile(
     metrics: &FollowMetrics,
 ) -> Result<Outcome> {
     let started = Instant::now();
-    let view = match observe::bridge(handle, &pinned.bridge, Detail::Macs).await {
+    // Container addresses are read only when published ports need them.
+    let detail = if pinned.has_published() {
+        Detail::Addresses
+    } else {
+        Detail::Macs
+    };
+    let view = match observe::bridge(handle, &pinned.bridge, detail).await {
         Ok(view) if view.ifindex == pinned.record.ifindex => view,
         Ok(_) | Err(Error::BridgeNotFound(_)) | Err(Error::NotABridge { .. }) => {
             return Ok(Outcome::BridgeGone);

@@ -15,3 +15,4 @@ pub mod netns;
 pub mod observe;
 pub mod pins;
 pub mod plan;
+pub mod publish;

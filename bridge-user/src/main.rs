@@ -9,6 +9,7 @@ use xbr::{
     features,
     follow::Stopped,
     lab, netlink, netns, observe, pins, plan,
+    publish::PublishSpec,
 };
 
 mod report;
@@ -57,6 +58,12 @@ enum Command {
         /// How to hook the ports: tcx links (kernel 6.6+) or a clsact qdisc with a cls_bpf filter.
         #[arg(long, value_enum, default_value = "auto")]
         mode: ModeChoice,
+        /// An interface where outside traffic to published ports arrives (repeatable). Default,
+        /// on the first attach: the interfaces of this namespace's IPv4 default routes, since
+        /// that is where clients of `-p HOSTPORT:...` come from; none when there is no
+        /// default route. A later attach keeps the uplinks it finds and adds those named.
+        #[arg(long = "uplink", value_name = "IFACE")]
+        uplinks: Vec<String>,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
         /// path within milliseconds, containers that leave are removed. Ctrl-C or SIGTERM stop
         /// following and leave the datapath in place; `xbr detach` stops the follower too.
@@ -73,6 +80,26 @@ enum Command {
             requires = "follow"
         )]
         resync: u64,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Publish a container's port on the uplinks, like `docker run -p`: connections to
+    /// HOSTPORT are DNATed to CONTAINERIP:CONTAINERPORT in the datapath.
+    #[command(after_help = "Examples:\n  \
+                            xbr publish docker0 8080:172.17.0.2:80             any host address, TCP\n  \
+                            xbr publish docker0 192.0.2.10:5353:172.17.0.3:53/udp")]
+    Publish {
+        bridge: String,
+        /// [HOSTIP:]HOSTPORT:CONTAINERIP:CONTAINERPORT[/tcp|/udp]
+        spec: PublishSpec,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Stop publishing a port; its connections end.
+    Unpublish {
+        bridge: String,
+        /// As given to `xbr publish`.
+        spec: PublishSpec,
         #[command(flatten)]
         output: Output,
     },
@@ -156,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach {
             bridge,
             mode,
+            uplinks,
             follow,
             metrics,
             resync,
@@ -172,7 +200,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 observe::bridge(&handle, &bridge, observe::Detail::Macs).await
             })??;
             let plan = plan::plan(&view)?;
-            let attached = datapath::attach(&plan, mode, &features, root)?;
+            let first_attach = datapath::Pinned::open(root, &plan.bridge).is_err();
+            let uplinks = netlink::run(|handle| async move {
+                let names = if uplinks.is_empty() && first_attach {
+                    observe::default_route_interfaces(&handle).await?
+                } else {
+                    uplinks
+                };
+                observe::uplinks(&handle, &names).await
+            })??;
+            let attached = datapath::attach(&plan, &uplinks, mode, &features, root)?;
             report::attached(&plan, &attached, &features, output.json)?;
             if !follow {
                 return Ok(());
@@ -201,6 +238,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     detached.dir.display()
                 ),
             }
+        }
+        Command::Publish {
+            bridge,
+            spec,
+            output,
+        } => {
+            let mut pinned = datapath::Pinned::open(root, &bridge)?;
+            let name = bridge.clone();
+            let view = netlink::run(|handle| async move {
+                observe::bridge(&handle, &name, observe::Detail::Addresses).await
+            })??;
+            let plan = plan::plan(&view)?;
+            pinned.publish(
+                &spec,
+                plan.containers.as_ref().expect("addresses were read"),
+                plan.bridge_mac,
+            )?;
+            report::published(
+                &bridge,
+                &spec,
+                pinned.uplink_ifindexes().is_empty(),
+                output.json,
+            )
+        }
+        Command::Unpublish {
+            bridge,
+            spec,
+            output,
+        } => {
+            let mut pinned = datapath::Pinned::open(root, &bridge)?;
+            let ended = pinned.unpublish(&spec)?;
+            report::unpublished(&bridge, &spec, ended, output.json)
         }
         Command::Detach { bridge, output } => {
             let detached = datapath::detach(root, &bridge)?;

@@ -63,7 +63,11 @@ struct DatapathCollector {
 type Labels = Vec<(String, String)>;
 
 /// A per-port counter series: name, help, and which counter of `PortStats` it shows.
-type Series = (&'static str, &'static str, fn(&bridge_common::PortStats) -> u64);
+type Series = (
+    &'static str,
+    &'static str,
+    fn(&bridge_common::PortStats) -> u64,
+);
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), std::fmt::Error> {

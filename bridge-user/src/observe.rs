@@ -24,6 +24,8 @@ pub struct BridgeView {
     pub ifindex: u32,
     pub mac: Mac,
     pub vlan_filtering: bool,
+    /// Whether the containers' addresses were read (`Detail::Addresses`).
+    pub addresses_read: bool,
     pub ports: Vec<PortView>,
 }
 
@@ -107,6 +109,7 @@ pub async fn bridge(handle: &Handle, name: &str, detail: Detail) -> Result<Bridg
         ifindex,
         mac: link_mac(&message),
         vlan_filtering,
+        addresses_read: detail == Detail::Addresses,
         ports,
     })
 }
@@ -302,4 +305,57 @@ pub fn format_mac(mac: &Mac) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// An interface outside the bridge where traffic to published ports arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkView {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+/// Looks up uplinks by name.
+pub async fn uplinks(handle: &Handle, names: &[String]) -> Result<Vec<UplinkView>> {
+    let mut uplinks = Vec::new();
+    for name in names {
+        let link = link_by_name(handle, name)
+            .await?
+            .ok_or_else(|| Error::UplinkNotFound(name.clone()))?;
+        uplinks.push(UplinkView {
+            name: name.clone(),
+            ifindex: link.header.index,
+        });
+    }
+    Ok(uplinks)
+}
+
+/// The interfaces of this namespace's IPv4 default routes: where outside traffic arrives,
+/// so the default uplinks.
+pub async fn default_route_interfaces(handle: &Handle) -> Result<Vec<String>> {
+    use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+    let mut request = RouteMessage::default();
+    request.header.address_family = AddressFamily::Inet;
+    let mut routes = handle.route().get(request).execute();
+    let mut indexes = Vec::new();
+    while let Some(route) = routes
+        .try_next()
+        .await
+        .map_err(|e| Error::netlink("listing routes", e))?
+    {
+        if route.header.destination_prefix_length != 0 {
+            continue;
+        }
+        for attribute in &route.attributes {
+            if let RouteAttribute::Oif(index) = attribute
+                && !indexes.contains(index)
+            {
+                indexes.push(*index);
+            }
+        }
+    }
+    let names = link_names(handle).await?;
+    Ok(indexes
+        .iter()
+        .filter_map(|index| names.get(index).cloned())
+        .collect())
 }

@@ -16,14 +16,19 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xbr";
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-pub const PROGRAM: &str = "port_ingress";
+/// The program on every bridge port, and the one on every uplink.
+pub const PORT_PROGRAM: &str = "port_ingress";
+pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 5] = [
+pub const MAPS: [(&str, &str); 8] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
     ("BRIDGE", "bridge"),
     ("PORTS", "ports"),
+    ("PUBLISHED", "published"),
+    ("NAT_FLOWS", "nat_flows"),
+    ("UPLINKS", "uplinks"),
 ];
 
 /// The directory of this network namespace's attachments under `root`. Bridges with the same
@@ -51,8 +56,14 @@ pub fn map_pin(dir: &Path, object_name: &str) -> PathBuf {
     dir.join(pin)
 }
 
+/// The tcx link of bridge port `ifindex`.
 pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
     dir.join(format!("link_{ifindex}"))
+}
+
+/// The tcx link of uplink `ifindex`.
+pub fn uplink_pin(dir: &Path, ifindex: u32) -> PathBuf {
+    dir.join(format!("uplink_{ifindex}"))
 }
 
 /// Makes sure `root` exists on a bpffs, mounting bpffs at /sys/fs/bpf when the default root

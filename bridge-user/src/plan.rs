@@ -20,6 +20,11 @@ pub struct Plan {
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
     /// Ports (or their MACs) left to the bridge, and why.
     pub skipped: Vec<Skipped>,
+    /// Containers' IPv4 addresses -> (bridge port, container MAC), for published ports;
+    /// `None` when the observation did not read addresses (then published ports keep theirs).
+    pub containers: Option<BTreeMap<std::net::Ipv4Addr, (u32, [u8; 6])>>,
+    /// The bridge's MAC: the source MAC of frames NAT delivers into a container.
+    pub bridge_mac: [u8; 6],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +82,7 @@ pub fn plan(view: &BridgeView) -> Result<Plan> {
         }
     }
 
-    let mut endpoints = BTreeMap::new();
+    let mut endpoints: BTreeMap<EndpointKey, Endpoint> = BTreeMap::new();
     for (key, owners) in candidates {
         match owners.as_slice() {
             [(_, ifindex)] => {
@@ -105,12 +110,29 @@ pub fn plan(view: &BridgeView) -> Result<Plan> {
             }
         }
     }
+    let containers = view.addresses_read.then(|| {
+        let mut containers = BTreeMap::new();
+        for port in &view.ports {
+            let Some(peer) = &port.peer else { continue };
+            let endpoint = endpoints.get(&EndpointKey { mac: peer.mac });
+            if endpoint.is_some_and(|e| e.ifindex == port.ifindex) {
+                for address in &peer.addresses {
+                    if let std::net::IpAddr::V4(address) = address {
+                        containers.insert(*address, (port.ifindex, peer.mac));
+                    }
+                }
+            }
+        }
+        containers
+    });
     Ok(Plan {
         bridge: view.name.clone(),
         bridge_ifindex: view.ifindex,
         ports,
         endpoints,
         skipped,
+        containers,
+        bridge_mac: view.mac,
     })
 }
 
@@ -145,6 +167,7 @@ mod tests {
             ifindex: 2,
             mac: [0x0a, 0, 0, 0, 0, 2],
             vlan_filtering: false,
+            addresses_read: false,
             ports,
         }
     }

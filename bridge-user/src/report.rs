@@ -9,6 +9,7 @@ use xbr::{
     features::Features,
     observe::{BridgeView, format_mac},
     plan::{Plan, plan},
+    publish::{PublishSpec, Published},
 };
 
 type Observed = (Attachment, Option<BridgeView>);
@@ -70,6 +71,42 @@ pub fn attached(
     Ok(())
 }
 
+pub fn published(
+    bridge: &str,
+    spec: &PublishSpec,
+    no_uplink: bool,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        return print_json(
+            &json!({ "bridge": bridge, "published": spec.to_string(), "uplinks": !no_uplink }),
+        );
+    }
+    println!("published {spec} on {bridge}");
+    if no_uplink {
+        println!(
+            "  warning: {bridge} has no uplink, so no outside connection reaches this port through xbr; \
+             attach one with `xbr attach {bridge} --uplink IFACE`"
+        );
+    }
+    Ok(())
+}
+
+pub fn unpublished(
+    bridge: &str,
+    spec: &PublishSpec,
+    ended: usize,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        return print_json(
+            &json!({ "bridge": bridge, "unpublished": spec.to_string(), "connections_ended": ended }),
+        );
+    }
+    println!("unpublished {spec} on {bridge}; ended {ended} connections");
+    Ok(())
+}
+
 pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return print_json(
@@ -82,6 +119,12 @@ pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Res
         detached.dir.display()
     );
     Ok(())
+}
+
+fn link_name(ifindex: u32) -> String {
+    nix::net::if_::if_indextoname(ifindex)
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("ifindex {ifindex}"))
 }
 
 fn skipped_json(plan: &Plan) -> Value {
@@ -153,7 +196,15 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                         })
                     })
                     .collect();
+                let published: Vec<Value> = attachment
+                    .published
+                    .iter()
+                    .map(|p| json!({ "spec": p.spec.to_string(), "container_port_ifindex": p.port_ifindex }))
+                    .collect();
                 json!({
+                    "published": published,
+                    "uplinks": attachment.uplinks.iter().map(|i| link_name(*i)).collect::<Vec<_>>(),
+                    "connections": attachment.connections,
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
                     "present": view.is_some(),
@@ -206,6 +257,23 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                 line.container_interface.as_deref().unwrap_or("-"),
                 line.container_ips.join(" ")
             );
+        }
+        let uplinks: Vec<String> = attachment.uplinks.iter().map(|i| link_name(*i)).collect();
+        println!(
+            "  uplinks: {}   NATed connections: {}",
+            if uplinks.is_empty() {
+                "none".to_owned()
+            } else {
+                uplinks.join(" ")
+            },
+            attachment.connections
+        );
+        for Published { spec, port_ifindex } in &attachment.published {
+            let target = match port_ifindex {
+                Some(ifindex) => format!("via {}", link_name(*ifindex)),
+                None => "container not on the bridge now: kernel path".to_owned(),
+            };
+            println!("  published {spec}  ({target})");
         }
         if let Some(plan) = view.as_ref().and_then(|v| plan(v).ok()) {
             for skipped in &plan.skipped {

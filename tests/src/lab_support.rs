@@ -168,19 +168,41 @@ pub struct ExtraContainers {
 
 impl ExtraContainers {
     pub fn new(spec: &LabSpec) -> ExtraContainers {
-        ExtraContainers { host: spec.host_netns(), bridge: spec.bridge.name.clone(), made: Vec::new() }
+        ExtraContainers {
+            host: spec.host_netns(),
+            bridge: spec.bridge.name.clone(),
+            made: Vec::new(),
+        }
     }
 
     /// Adds container `netns` behind port `port` with `mac` and `address` (CIDR).
     pub fn add(&mut self, netns: &str, port: &str, mac: &str, address: &str) {
         run("ip", &["netns", "add", netns]);
         self.made.push(netns.to_owned());
-        run("ip", &["-n", &self.host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns]);
+        run(
+            "ip",
+            &[
+                "-n", &self.host, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                "netns", netns,
+            ],
+        );
         run("ip", &["-n", netns, "link", "set", "eth0", "address", mac]);
         run("ip", &["-n", netns, "addr", "add", address, "dev", "eth0"]);
         run("ip", &["-n", netns, "link", "set", "eth0", "up"]);
         run("ip", &["-n", netns, "link", "set", "lo", "up"]);
-        run("ip", &["-n", &self.host, "link", "set", port, "master", &self.bridge, "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.host,
+                "link",
+                "set",
+                port,
+                "master",
+                &self.bridge,
+                "up",
+            ],
+        );
     }
 
     /// Deletes container `netns` (its veth pair goes with it).

@@ -299,10 +299,22 @@ impl Follower {
     /// Starts `xbr -n NETNS --pin-root ROOT attach BRIDGE --follow EXTRA...` and waits until
     /// its first attach is done (the pins exist).
     pub fn start(netns: &str, pin_root: &Path, bridge: &str, extra: &[&str]) -> Follower {
-        let stderr_path = std::env::temp_dir().join(format!("{}.follower.log", crate::lab_support::unique_name("xbr")));
+        let stderr_path = std::env::temp_dir().join(format!(
+            "{}.follower.log",
+            crate::lab_support::unique_name("xbr")
+        ));
         let stderr = std::fs::File::create(&stderr_path).expect("follower log file");
         let child = Command::new(xbr_binary())
-            .args(["-v", "-n", netns, "--pin-root", pin_root.to_str().unwrap(), "attach", bridge, "--follow"])
+            .args([
+                "-v",
+                "-n",
+                netns,
+                "--pin-root",
+                pin_root.to_str().unwrap(),
+                "attach",
+                bridge,
+                "--follow",
+            ])
             .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
@@ -311,7 +323,11 @@ impl Follower {
         let follower = Follower { child, stderr_path };
         let started = std::time::Instant::now();
         while !follower.log().contains("following the bridge") {
-            assert!(started.elapsed() < Duration::from_secs(10), "the follower did not start: {}", follower.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the follower did not start: {}",
+                follower.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         follower
@@ -376,11 +392,17 @@ impl IngressCounter {
              udp dport {port} counter\n }}\n}}\n"
         );
         nft(netns, &["-f", "-"], Some(&rules));
-        IngressCounter { netns: netns.to_owned() }
+        IngressCounter {
+            netns: netns.to_owned(),
+        }
     }
 
     pub fn read(&self) -> u64 {
-        let listing = nft(&self.netns, &["-j", "list", "table", "netdev", "xbr_ingress"], None);
+        let listing = nft(
+            &self.netns,
+            &["-j", "list", "table", "netdev", "xbr_ingress"],
+            None,
+        );
         let json: serde_json::Value = serde_json::from_str(&listing).expect("nft -j prints JSON");
         json["nftables"]
             .as_array()
@@ -402,13 +424,21 @@ pub struct UdpStream {
 }
 
 impl UdpStream {
-    pub fn start(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, port: u16, interval: Duration) -> UdpStream {
+    pub fn start(
+        client: &NetNs,
+        server: &NetNs,
+        server_ip: Ipv4Addr,
+        port: u16,
+        interval: Duration,
+    ) -> UdpStream {
         use std::sync::atomic::{AtomicBool, Ordering};
         let socket = server
             .run(|| UdpSocket::bind((server_ip, port)))
             .expect("enter server namespace")
             .expect("bind UDP receiver");
-        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         // A large receive buffer, so that a receiver starved by a busy machine does not drop:
         // the stream is judged by what the network delivered, not by the scheduler.
         let size: libc::c_int = 16 << 20;
@@ -445,13 +475,19 @@ impl UdpStream {
         let sender = std::thread::spawn(move || {
             let mut sent = 0u64;
             while !sender_stop.load(Ordering::Relaxed) {
-                sender_socket.send_to(&sent.to_be_bytes(), (server_ip, port)).expect("send datagram");
+                sender_socket
+                    .send_to(&sent.to_be_bytes(), (server_ip, port))
+                    .expect("send datagram");
                 sent += 1;
                 std::thread::sleep(interval);
             }
             sent
         });
-        UdpStream { stop, sender, receiver }
+        UdpStream {
+            stop,
+            sender,
+            receiver,
+        }
     }
 
     pub fn finish(self) -> (u64, u64) {

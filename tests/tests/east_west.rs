@@ -328,12 +328,11 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
     let root = pins.path.clone();
     let result = host
         .run(|| {
-            let view =
-                xbr::netlink::run(
-                    |handle| async move { xbr::observe::bridge(&handle, "br0", xbr::observe::Detail::Macs).await },
-                )
-                .unwrap()
-                .unwrap();
+            let view = xbr::netlink::run(|handle| async move {
+                xbr::observe::bridge(&handle, "br0", xbr::observe::Detail::Macs).await
+            })
+            .unwrap()
+            .unwrap();
             let plan = xbr::plan::plan(&view).unwrap();
             // The port goes away after xbr looked at the bridge.
             xbr::netlink::run(|handle| async move {
@@ -348,7 +347,13 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
             .unwrap()
             .unwrap();
             let features = xbr::features::detect();
-            xbr::datapath::attach(&plan, xbr::datapath::ModeChoice::Auto, &features, &root)
+            xbr::datapath::attach(
+                &plan,
+                &[],
+                xbr::datapath::ModeChoice::Auto,
+                &features,
+                &root,
+            )
         })
         .unwrap();
     match result {

@@ -10,7 +10,10 @@ use std::{
 use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::{ExtraContainers, LabBuilder, ip_in, unique_name},
-    witness::{BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo, xbr, xbr_ok},
+    witness::{
+        BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo, xbr,
+        xbr_ok,
+    },
 };
 
 /// A pin root of this test's own, detached and removed on drop.
@@ -21,11 +24,19 @@ struct PinRoot {
 
 impl PinRoot {
     fn new(netns: &str) -> PinRoot {
-        PinRoot { path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))), netns: netns.to_owned() }
+        PinRoot {
+            path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))),
+            netns: netns.to_owned(),
+        }
     }
 
     fn xbr_ok(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.path.to_str().unwrap()];
+        let mut full = vec![
+            "-n",
+            self.netns.as_str(),
+            "--pin-root",
+            self.path.to_str().unwrap(),
+        ];
         full.extend_from_slice(args);
         xbr_ok(&full)
     }
@@ -51,7 +62,14 @@ impl PinRoot {
 
 impl Drop for PinRoot {
     fn drop(&mut self) {
-        let _ = xbr(&["-n", &self.netns, "--pin-root", self.path.to_str().unwrap(), "detach", "br0"]);
+        let _ = xbr(&[
+            "-n",
+            &self.netns,
+            "--pin-root",
+            self.path.to_str().unwrap(),
+            "detach",
+            "br0",
+        ]);
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
@@ -59,7 +77,10 @@ impl Drop for PinRoot {
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !done() {
-        assert!(started.elapsed() < limit, "{what} did not happen within {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     started.elapsed()
@@ -78,22 +99,34 @@ fn a_new_container_is_on_the_fast_path_within_a_second() {
     let netns = format!("{}-new", spec.name);
     let added = Instant::now();
     extra.add(&netns, "veth-new", "02:77:00:00:01:01", "10.77.0.101/24");
-    let took = wait_for("the new container's endpoint", Duration::from_secs(1), || {
-        pins.endpoints().get("veth-new").map(String::as_str) == Some("02:77:00:00:01:01")
-    });
-    eprintln!("time to fast path for a new container: {:?} (port added {:?} before)", took, added.elapsed() - took);
+    let took = wait_for(
+        "the new container's endpoint",
+        Duration::from_secs(1),
+        || pins.endpoints().get("veth-new").map(String::as_str) == Some("02:77:00:00:01:01"),
+    );
+    eprintln!(
+        "time to fast path for a new container: {:?} (port added {:?} before)",
+        took,
+        added.elapsed() - took
+    );
 
     let before = bridge.read();
     let a = NetNs::open(&spec.container_netns("a")).unwrap();
     let new = NetNs::open(&netns).unwrap();
     tcp_echo(&a, &new, "10.77.0.101".parse().unwrap(), 128 * 1024);
-    assert_eq!(bridge.read().ipv4_unicast, before.ipv4_unicast, "traffic to the new container crossed the bridge");
+    assert_eq!(
+        bridge.read().ipv4_unicast,
+        before.ipv4_unicast,
+        "traffic to the new container crossed the bridge"
+    );
 
     // And when it leaves, its endpoint goes.
     extra.remove(&netns);
-    wait_for("the removed container's endpoint to go", Duration::from_secs(1), || {
-        !pins.endpoints().contains_key("veth-new")
-    });
+    wait_for(
+        "the removed container's endpoint to go",
+        Duration::from_secs(1),
+        || !pins.endpoints().contains_key("veth-new"),
+    );
 }
 
 #[test]
@@ -112,7 +145,13 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
     let before = bridge.read();
     // The same witness on the stream's own receiver: it must count every datagram.
     let at_b = IngressCounter::install(&spec.container_netns("b"), "eth0", PAIR_PORT);
-    let stream = UdpStream::start(&a, &b, "10.77.0.3".parse().unwrap(), PAIR_PORT, Duration::from_micros(500));
+    let stream = UdpStream::start(
+        &a,
+        &b,
+        "10.77.0.3".parse().unwrap(),
+        PAIR_PORT,
+        Duration::from_micros(500),
+    );
 
     // 50 containers come and go; names and MACs repeat every ten.
     let mut extra = ExtraContainers::new(&spec);
@@ -121,7 +160,12 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
         let slot = round % 10;
         let netns = format!("{}-x{slot}", spec.name);
         let port = format!("veth-x{slot}");
-        extra.add(&netns, &port, &format!("02:77:00:00:02:{slot:02x}"), &format!("10.77.0.{}/24", 110 + slot));
+        extra.add(
+            &netns,
+            &port,
+            &format!("02:77:00:00:02:{slot:02x}"),
+            &format!("10.77.0.{}/24", 110 + slot),
+        );
         let counter = IngressCounter::install(&netns, "eth0", PAIR_PORT);
         std::thread::sleep(Duration::from_millis(20));
         let arrived = counter.read();
@@ -132,14 +176,35 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
     }
     let (sent, received) = stream.finish();
     let after = bridge.read();
-    assert!(misdelivered.is_empty(), "frames of the a->b stream reached other namespaces: {misdelivered:?}");
+    assert!(
+        misdelivered.is_empty(),
+        "frames of the a->b stream reached other namespaces: {misdelivered:?}"
+    );
     assert!(sent > 1000, "the stream ran ({sent} datagrams)");
-    assert_eq!(received, sent, "the long-lived pair lost datagrams during churn");
-    assert_eq!(at_b.read(), sent, "the ingress witness at b counts the stream");
-    assert_eq!(after.ipv4_unicast, before.ipv4_unicast, "the long-lived pair left the fast path during churn");
+    assert_eq!(
+        received, sent,
+        "the long-lived pair lost datagrams during churn"
+    );
+    assert_eq!(
+        at_b.read(),
+        sent,
+        "the ingress witness at b counts the stream"
+    );
+    assert_eq!(
+        after.ipv4_unicast, before.ipv4_unicast,
+        "the long-lived pair left the fast path during churn"
+    );
     let endpoints = pins.endpoints();
-    assert_eq!(endpoints.len(), 3, "only a, b and c are left: {endpoints:?}");
-    assert!(!follower.log().contains("WARN"), "the follower warned: {}", follower.log());
+    assert_eq!(
+        endpoints.len(),
+        3,
+        "only a, b and c are left: {endpoints:?}"
+    );
+    assert!(
+        !follower.log().contains("WARN"),
+        "the follower warned: {}",
+        follower.log()
+    );
 }
 
 #[test]
@@ -157,31 +222,70 @@ fn the_datapath_survives_the_follower_and_a_new_one_reconciles() {
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
         let mut follower = Follower::start(&host, &pins.path, "br0", &[]);
         let before = bridge.read();
-        let stream = UdpStream::start(&a, &b, b_ip, 7000 + signal as u16, Duration::from_micros(500));
+        let stream = UdpStream::start(
+            &a,
+            &b,
+            b_ip,
+            7000 + signal as u16,
+            Duration::from_micros(500),
+        );
         std::thread::sleep(Duration::from_millis(200));
         follower.signal(signal);
-        let code = follower.wait_exit(Duration::from_secs(5)).expect("the follower exits");
+        let code = follower
+            .wait_exit(Duration::from_secs(5))
+            .expect("the follower exits");
         if signal == libc::SIGTERM {
             assert_eq!(code, 0, "SIGTERM is a clean stop: {}", follower.log());
-            assert!(follower.log().contains("stays attached"), "{}", follower.log());
+            assert!(
+                follower.log().contains("stays attached"),
+                "{}",
+                follower.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
         let (sent, received) = stream.finish();
-        assert_eq!(received, sent, "{name}: datagrams were lost when the follower stopped");
-        assert_eq!(bridge.read().ipv4_unicast, before.ipv4_unicast, "{name}: traffic left the fast path");
+        assert_eq!(
+            received, sent,
+            "{name}: datagrams were lost when the follower stopped"
+        );
+        assert_eq!(
+            bridge.read().ipv4_unicast,
+            before.ipv4_unicast,
+            "{name}: traffic left the fast path"
+        );
         for port in ["veth-a", "veth-b", "veth-c"] {
-            assert_eq!(tc_programs(&host, port), vec!["port_ingress"], "{name}: {port}");
+            assert_eq!(
+                tc_programs(&host, port),
+                vec!["port_ingress"],
+                "{name}: {port}"
+            );
         }
     }
 
     // While no follower runs, a container arrives; the next follower picks it up.
     let mut extra = ExtraContainers::new(&spec);
-    extra.add(&format!("{}-late", spec.name), "veth-late", "02:77:00:00:03:01", "10.77.0.120/24");
-    assert!(!pins.endpoints().contains_key("veth-late"), "nobody followed, yet the endpoint appeared");
+    extra.add(
+        &format!("{}-late", spec.name),
+        "veth-late",
+        "02:77:00:00:03:01",
+        "10.77.0.120/24",
+    );
+    assert!(
+        !pins.endpoints().contains_key("veth-late"),
+        "nobody followed, yet the endpoint appeared"
+    );
     let _follower = Follower::start(&host, &pins.path, "br0", &[]);
-    wait_for("the late container's endpoint", Duration::from_secs(1), || pins.endpoints().contains_key("veth-late"));
+    wait_for(
+        "the late container's endpoint",
+        Duration::from_secs(1),
+        || pins.endpoints().contains_key("veth-late"),
+    );
     for port in ["veth-a", "veth-b", "veth-c", "veth-late"] {
-        assert_eq!(tc_programs(&host, port), vec!["port_ingress"], "one program on {port} after the restart");
+        assert_eq!(
+            tc_programs(&host, port),
+            vec!["port_ingress"],
+            "one program on {port} after the restart"
+        );
     }
 }
 
@@ -192,11 +296,20 @@ fn detach_stops_the_follower_and_leaves_nothing() {
     let pins = PinRoot::new(&host);
     let mut follower = Follower::start(&host, &pins.path, "br0", &[]);
     pins.xbr_ok(&["detach", "br0"]);
-    let code = follower.wait_exit(Duration::from_secs(2)).expect("the follower notices the detach");
+    let code = follower
+        .wait_exit(Duration::from_secs(2))
+        .expect("the follower notices the detach");
     assert_eq!(code, 0, "{}", follower.log());
-    assert!(follower.log().contains("was detached"), "{}", follower.log());
+    assert!(
+        follower.log().contains("was detached"),
+        "{}",
+        follower.log()
+    );
     for port in ["veth-a", "veth-b", "veth-c"] {
-        assert!(tc_programs(&host, port).is_empty(), "a program is left on {port}");
+        assert!(
+            tc_programs(&host, port).is_empty(),
+            "a program is left on {port}"
+        );
     }
     assert!(!pins.path.exists(), "pins left at {}", pins.path.display());
 }
@@ -209,13 +322,26 @@ fn a_deleted_bridge_stops_the_follower_and_leaves_nothing() {
         let pins = PinRoot::new(&host);
         let mut follower = Follower::start(&host, &pins.path, "br0", &["--mode", mode]);
         ip_in(&host, &["link", "del", "br0"]);
-        let code = follower.wait_exit(Duration::from_secs(2)).expect("the follower notices the deletion");
+        let code = follower
+            .wait_exit(Duration::from_secs(2))
+            .expect("the follower notices the deletion");
         assert_eq!(code, 1, "{mode}: {}", follower.log());
-        assert!(follower.log().contains("bridge br0 was deleted"), "{mode}: {}", follower.log());
+        assert!(
+            follower.log().contains("bridge br0 was deleted"),
+            "{mode}: {}",
+            follower.log()
+        );
         for port in ["veth-a", "veth-b", "veth-c"] {
-            assert!(tc_programs(&host, port).is_empty(), "{mode}: a program is left on former port {port}");
+            assert!(
+                tc_programs(&host, port).is_empty(),
+                "{mode}: a program is left on former port {port}"
+            );
         }
-        assert!(!pins.path.exists(), "{mode}: pins left at {}", pins.path.display());
+        assert!(
+            !pins.path.exists(),
+            "{mode}: pins left at {}",
+            pins.path.display()
+        );
     }
 }
 
@@ -234,19 +360,30 @@ fn metrics_are_served_in_prometheus_text_format() {
         .unwrap()
         .run(|| {
             use std::io::{Read as _, Write as _};
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9477").expect("connect to the metrics port");
-            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9477")
+                .expect("connect to the metrics port");
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
             let mut response = String::new();
             stream.read_to_string(&mut response).unwrap();
             response
         })
         .unwrap();
-    assert!(body.starts_with("HTTP/1.") && body.contains(" 200 "), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains(" 200 "),
+        "{body}"
+    );
     assert!(body.contains("# TYPE xbr_reconciles counter"), "{body}");
-    assert!(body.contains("xbr_reconcile_duration_seconds_bucket"), "{body}");
+    assert!(
+        body.contains("xbr_reconcile_duration_seconds_bucket"),
+        "{body}"
+    );
     let fast_path_a = body
         .lines()
-        .find(|line| line.starts_with("xbr_fast_path_packets_total{") && line.contains("port=\"veth-a\""))
+        .find(|line| {
+            line.starts_with("xbr_fast_path_packets_total{") && line.contains("port=\"veth-a\"")
+        })
         .unwrap_or_else(|| panic!("no fast path counter for veth-a: {body}"));
     let value: u64 = fast_path_a.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(value > 0, "{fast_path_a}");
@@ -256,7 +393,10 @@ fn metrics_are_served_in_prometheus_text_format() {
 /// reconcile when one more container arrives. Prints the times (see the lifecycle note).
 #[test]
 fn a_thousand_endpoints() {
-    let count: usize = std::env::var("XBR_SCALE_ENDPOINTS").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
+    let count: usize = std::env::var("XBR_SCALE_ENDPOINTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
     let mut spec = LabBuilder::three_containers().build();
     spec.bridge.address = Some(xbr::lab::Ipv4Cidr::new("10.77.0.1".parse().unwrap(), 16));
     spec.containers = (0..count)
@@ -265,7 +405,14 @@ fn a_thousand_endpoints() {
             xbr::lab::ContainerSpec {
                 name: format!("c{i}"),
                 address: xbr::lab::Ipv4Cidr::new(std::net::Ipv4Addr::from(0x0a4d_0000 | i), 16),
-                mac: Some(xbr::lab::MacAddr([0x02, 0x77, 0x10, 0, (i >> 8) as u8, i as u8])),
+                mac: Some(xbr::lab::MacAddr([
+                    0x02,
+                    0x77,
+                    0x10,
+                    0,
+                    (i >> 8) as u8,
+                    i as u8,
+                ])),
             }
         })
         .collect();
@@ -278,22 +425,40 @@ fn a_thousand_endpoints() {
     let mode = std::env::var("XBR_SCALE_MODE").unwrap_or_else(|_| "auto".to_owned());
     let started = Instant::now();
     pins.xbr_ok(&["attach", "br0", "--mode", &mode]);
-    eprintln!("attach ({mode}) with {count} endpoints: {:?}", started.elapsed());
+    eprintln!(
+        "attach ({mode}) with {count} endpoints: {:?}",
+        started.elapsed()
+    );
     assert_eq!(pins.endpoints().len(), count);
 
     let started = Instant::now();
     let stdout = pins.xbr_ok(&["attach", "br0"]);
-    eprintln!("reconcile without change at {count} endpoints (a second attach): {:?}", started.elapsed());
+    eprintln!(
+        "reconcile without change at {count} endpoints (a second attach): {:?}",
+        started.elapsed()
+    );
     assert!(stdout.contains("already attached"), "{stdout}");
 
     let follower = Follower::start(&host, &pins.path, "br0", &[]);
     let mut extra = ExtraContainers::new(lab.spec());
-    extra.add(&format!("{}-more", lab.spec().name), "veth-more", "02:77:00:00:04:01", "10.77.200.1/16");
-    let took = wait_for("the extra container's endpoint", Duration::from_secs(5), || {
-        pins.endpoints().contains_key("veth-more")
-    });
+    extra.add(
+        &format!("{}-more", lab.spec().name),
+        "veth-more",
+        "02:77:00:00:04:01",
+        "10.77.200.1/16",
+    );
+    let took = wait_for(
+        "the extra container's endpoint",
+        Duration::from_secs(5),
+        || pins.endpoints().contains_key("veth-more"),
+    );
     eprintln!("time to fast path at {count} endpoints: {took:?}");
-    let reconciles: Vec<&str> = follower.log().lines().filter(|l| l.contains("reconciled")).map(|_| "").collect();
+    let reconciles: Vec<&str> = follower
+        .log()
+        .lines()
+        .filter(|l| l.contains("reconciled"))
+        .map(|_| "")
+        .collect();
     assert!(!reconciles.is_empty());
     for line in follower.log().lines().filter(|l| l.contains("reconciled")) {
         eprintln!("follower: {line}");

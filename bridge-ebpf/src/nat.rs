@@ -1,0 +1,276 @@
+//! Published ports: a connection from outside to `host:port` is DNATed on the uplink and
+//! delivered into the container; the container's replies are SNATed at its bridge port and
+//! sent out of the uplink. Both directions skip the bridge and netfilter, so the kernel's
+//! conntrack never sees the connection; `NAT_FLOWS` is its state here.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use bridge_common::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, Verdict};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+use crate::{
+    frame::ptr_at,
+    maps::{NAT_FLOWS, PUBLISHED},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Offsets in the frame: the Ethernet header, then an IPv4 header without options.
+const IP: usize = EthHdr::LEN;
+const IP_TTL: usize = IP + 8;
+const IP_CHECK: usize = IP + 10;
+const IP_SRC: usize = IP + 12;
+const IP_DST: usize = IP + 16;
+const L4: usize = IP + Ipv4Hdr::LEN;
+const L4_SRC_PORT: usize = L4;
+const L4_DST_PORT: usize = L4 + 2;
+const TCP_FLAGS: usize = L4 + 13;
+const TCP_CHECK: usize = L4 + 16;
+const UDP_CHECK: usize = L4 + 6;
+
+/// The parts of an IPv4 TCP/UDP frame that NAT reads.
+pub struct Segment {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub key: FlowKey,
+    pub ttl: u8,
+    pub tcp_flags: u8,
+}
+
+/// Reads an IPv4 TCP or UDP frame that NAT can translate: no fragment, no IP options, the
+/// whole transport header present. Anything else is the kernel's.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Option<Segment> {
+    let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0)? };
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        return None;
+    }
+    let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, IP)? };
+    // Options would move the transport header; fragments have no ports (or only some).
+    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
+    if ip.vihl != 0x45 || fragment {
+        return None;
+    }
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let (header_len, tcp_flags) = match ip.proto {
+        IPPROTO_TCP => (20, unsafe { *ptr_at::<u8>(ctx, TCP_FLAGS)? }),
+        IPPROTO_UDP => (8, 0),
+        _ => return None,
+    };
+    // The transport header must be there, and inside what the IP header claims.
+    if total_len < Ipv4Hdr::LEN + header_len || IP + total_len > ctx.len() as usize {
+        return None;
+    }
+    let ports = unsafe { &*ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT)? };
+    if header_len == 20 {
+        ptr_at::<[u8; 20]>(ctx, L4)?;
+    } else {
+        ptr_at::<[u8; 8]>(ctx, L4)?;
+    }
+    Some(Segment {
+        eth_dst: eth.dst_addr,
+        eth_src: eth.src_addr,
+        key: FlowKey {
+            proto: ip.proto,
+            _pad: [0; 3],
+            src_ip: ip.src_addr,
+            dst_ip: ip.dst_addr,
+            src_port: ports[0],
+            dst_port: ports[1],
+        },
+        ttl: ip.ttl,
+        tcp_flags,
+    })
+}
+
+/// What NAT decided for a frame.
+pub enum Nat {
+    /// Not a NATed connection or published port: someone else's frame.
+    NotOurs,
+    /// Ours, but the kernel path takes it (the verdict says why).
+    Pass(Verdict),
+    /// Translated; send it to this ifindex (into the container, or out of the uplink).
+    Redirect(u32),
+}
+
+/// A frame that arrived on an uplink: an existing inbound connection, or the first frame of a
+/// new one to a published port.
+#[inline(always)]
+pub fn inbound(ctx: &TcContext, segment: &Segment, uplink: u32) -> Nat {
+    let flow = match unsafe { NAT_FLOWS.get(&segment.key) } {
+        Some(flow) if flow.flags & Flow::INBOUND != 0 => *flow,
+        Some(_) => return Nat::NotOurs,
+        None => match open(segment, uplink) {
+            Ok(flow) => flow,
+            Err(nat) => return nat,
+        },
+    };
+    translate(ctx, segment, &flow, IP_DST, L4_DST_PORT)
+}
+
+/// Creates both directions of a new connection to a published port.
+#[inline(always)]
+fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
+    let key = &segment.key;
+    let exact = PublishedKey {
+        proto: key.proto,
+        _pad: 0,
+        host_port: key.dst_port,
+        host_ip: key.dst_ip,
+    };
+    let any = PublishedKey {
+        host_ip: [0; 4],
+        ..exact
+    };
+    let published = match unsafe { PUBLISHED.get(&exact).or_else(|| PUBLISHED.get(&any)) } {
+        Some(published) => *published,
+        None => return Err(Nat::NotOurs),
+    };
+    // Only a connection's first segment opens it: a TCP connection that began on the kernel
+    // path (before attach, or while the table was full) stays there.
+    let opening =
+        key.proto == IPPROTO_UDP || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+    if published.ifindex == 0 || !opening {
+        return Err(Nat::Pass(Verdict::NatNotTranslated));
+    }
+    let reply_key = FlowKey {
+        proto: key.proto,
+        _pad: [0; 3],
+        src_ip: published.container_ip,
+        dst_ip: key.src_ip,
+        src_port: published.container_port,
+        dst_port: key.src_port,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let inbound = Flow {
+        new_ip: published.container_ip,
+        new_port: published.container_port,
+        flags: Flow::INBOUND,
+        ifindex: published.ifindex,
+        eth_src: published.gateway_mac,
+        eth_dst: published.container_mac,
+        last_seen_ns: now,
+        peer: reply_key,
+    };
+    let outbound = Flow {
+        new_ip: key.dst_ip,
+        new_port: key.dst_port,
+        flags: Flow::OUTBOUND,
+        ifindex: uplink,
+        // Replies leave from the uplink's MAC to the MAC the connection came from (the
+        // client, or the router in front of it).
+        eth_src: segment.eth_dst,
+        eth_dst: segment.eth_src,
+        last_seen_ns: now,
+        peer: *key,
+    };
+    // The reply direction first, and only if no other connection owns that tuple.
+    if NAT_FLOWS
+        .insert(&reply_key, &outbound, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return Err(Nat::Pass(Verdict::NatTableFull));
+    }
+    if NAT_FLOWS.insert(key, &inbound, BPF_NOEXIST as u64).is_err() {
+        let _ = NAT_FLOWS.remove(&reply_key);
+        return Err(Nat::Pass(Verdict::NatTableFull));
+    }
+    Ok(inbound)
+}
+
+/// A frame a container sent: the reply direction of a NATed connection, if there is one.
+#[inline(always)]
+pub fn outbound(ctx: &TcContext, segment: &Segment) -> Nat {
+    match unsafe { NAT_FLOWS.get(&segment.key) } {
+        Some(flow) if flow.flags & Flow::OUTBOUND != 0 => {
+            let flow = *flow;
+            translate(ctx, segment, &flow, IP_SRC, L4_SRC_PORT)
+        }
+        _ => Nat::NotOurs,
+    }
+}
+
+/// Rewrites one address and port (at `ip_at`, `port_at`), the MACs and the TTL, keeping
+/// every checksum right (incrementally: also correct for CHECKSUM_PARTIAL frames, where
+/// the helpers update the pseudo-header part only).
+#[inline(always)]
+fn translate(ctx: &TcContext, segment: &Segment, flow: &Flow, ip_at: usize, port_at: usize) -> Nat {
+    // Routing semantics: the kernel path answers an expiring TTL with ICMP; so does it here.
+    if segment.ttl <= 1 {
+        return Nat::Pass(Verdict::NatNotTranslated);
+    }
+    let key = &segment.key;
+    let (old_ip, old_port) = if ip_at == IP_DST {
+        (key.dst_ip, key.dst_port)
+    } else {
+        (key.src_ip, key.src_port)
+    };
+    let (l4_check, zero_means_none) = if key.proto == IPPROTO_TCP {
+        (TCP_CHECK, 0)
+    } else {
+        (UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let old_ip_word = u32::from_ne_bytes(old_ip) as u64;
+    let new_ip_word = u32::from_ne_bytes(flow.new_ip) as u64;
+    let old_port_word = u16::from_ne_bytes(old_port) as u64;
+    let new_port_word = u16::from_ne_bytes(flow.new_port) as u64;
+    let old_ttl_word = u16::from_ne_bytes([segment.ttl, key.proto]) as u64;
+    let new_ttl_word = u16::from_ne_bytes([segment.ttl - 1, key.proto]) as u64;
+    let rewritten = ctx
+        .l4_csum_replace(
+            l4_check,
+            old_ip_word,
+            new_ip_word,
+            BPF_F_PSEUDO_HDR as u64 | zero_means_none | 4,
+        )
+        .is_ok()
+        && ctx
+            .l4_csum_replace(l4_check, old_port_word, new_port_word, zero_means_none | 2)
+            .is_ok()
+        && ctx
+            .l3_csum_replace(IP_CHECK, old_ip_word, new_ip_word, 4)
+            .is_ok()
+        && ctx
+            .l3_csum_replace(IP_CHECK, old_ttl_word, new_ttl_word, 2)
+            .is_ok()
+        && ctx.store(ip_at, &flow.new_ip, 0).is_ok()
+        && ctx.store(port_at, &flow.new_port, 0).is_ok()
+        && ctx.store(IP_TTL, &(segment.ttl - 1), 0).is_ok()
+        && ctx.store(0, &flow.eth_dst, 0).is_ok()
+        && ctx.store(6, &flow.eth_src, 0).is_ok();
+    if !rewritten {
+        // Only a frame too short for its headers fails here, and parse() rules those out.
+        return Nat::Pass(Verdict::Malformed);
+    }
+    track(key, segment.tcp_flags);
+    Nat::Redirect(flow.ifindex)
+}
+
+/// Connection state: the time of the last frame, FINs seen, and RST closes at once.
+#[inline(always)]
+fn track(key: &FlowKey, tcp_flags: u8) {
+    if tcp_flags & TCP_RST != 0 {
+        if let Some(flow) = unsafe { NAT_FLOWS.get(key) } {
+            let peer = flow.peer;
+            let _ = NAT_FLOWS.remove(&peer);
+        }
+        let _ = NAT_FLOWS.remove(key);
+        return;
+    }
+    if let Some(flow) = NAT_FLOWS.get_ptr_mut(key) {
+        let flow = unsafe { &mut *flow };
+        flow.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+        if tcp_flags & TCP_FIN != 0 {
+            flow.flags |= Flow::FIN_SEEN;
+        }
+    }
+}

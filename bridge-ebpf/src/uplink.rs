@@ -1,0 +1,33 @@
+//! The uplink: frames from outside. Connections to published ports are translated and
+//! delivered into their container; every other frame goes on to the kernel (or to the next
+//! program on the uplink) untouched.
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
+use bridge_common::Verdict;
+
+use crate::{
+    counters::{count_delivered, count_verdict},
+    deliver,
+    nat::{self, Nat},
+};
+
+#[inline(always)]
+pub fn receive(ctx: &TcContext) -> i32 {
+    let uplink = unsafe { (*ctx.skb.skb).ifindex };
+    // TC_ACT_UNSPEC, not OK: other programs on a shared uplink (another bridge's) still run.
+    let Some(segment) = nat::parse(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    match nat::inbound(ctx, &segment, uplink) {
+        Nat::NotOurs => TC_ACT_UNSPEC,
+        Nat::Pass(verdict) => {
+            count_verdict(verdict);
+            TC_ACT_UNSPEC
+        }
+        Nat::Redirect(port) => {
+            count_verdict(Verdict::NatIn);
+            count_delivered(ctx, port);
+            deliver::into_container(port)
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Published ports (`docker run -p` semantics): parsing `[HOSTIP:]HOSTPORT:CONTAINERIP:
+//! CONTAINERPORT[/tcp|/udp]`, the entries in the pinned `PUBLISHED` map, and retiring the
+//! connections of `NAT_FLOWS` when they close, go idle, or lose their port.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
+
+use bridge_common::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort};
+
+use crate::{
+    datapath::Pinned,
+    error::{Error, Result},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    fn from_number(number: u8) -> Option<Proto> {
+        match number {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// One published port, as the user writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PublishSpec {
+    /// `None`: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+    pub proto: Proto,
+}
+
+impl FromStr for PublishSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let usage = || {
+            format!(
+                "`{text}` is not a published port; write [HOSTIP:]HOSTPORT:CONTAINERIP:CONTAINERPORT[/tcp|/udp], e.g. 8080:172.17.0.2:80"
+            )
+        };
+        let (ports, proto) = match text.rsplit_once('/') {
+            Some((ports, "tcp")) => (ports, Proto::Tcp),
+            Some((ports, "udp")) => (ports, Proto::Udp),
+            Some(_) => return Err(usage()),
+            None => (text, Proto::Tcp),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, rest) = match parts.as_slice() {
+            [host_ip, rest @ ..] if rest.len() == 3 => {
+                (Some(host_ip.parse().map_err(|_| usage())?), rest)
+            }
+            rest if rest.len() == 3 => (None, rest),
+            _ => return Err(usage()),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(usage);
+        Ok(PublishSpec {
+            host_ip,
+            host_port: port(rest[0])?,
+            container_ip: rest[1].parse().map_err(|_| usage())?,
+            container_port: port(rest[2])?,
+            proto,
+        })
+    }
+}
+
+impl fmt::Display for PublishSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(host_ip) = self.host_ip {
+            write!(f, "{host_ip}:")?;
+        }
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        write!(
+            f,
+            "{}:{}:{}/{proto}",
+            self.host_port, self.container_ip, self.container_port
+        )
+    }
+}
+
+impl PublishSpec {
+    pub fn key(&self) -> PublishedKey {
+        PublishedKey {
+            proto: self.proto.number(),
+            _pad: 0,
+            host_port: self.host_port.to_be_bytes(),
+            host_ip: self.host_ip.map(|ip| ip.octets()).unwrap_or([0; 4]),
+        }
+    }
+
+    fn from_entry(key: &PublishedKey, value: &PublishedPort) -> Option<PublishSpec> {
+        Some(PublishSpec {
+            host_ip: (key.host_ip != [0; 4]).then(|| Ipv4Addr::from(key.host_ip)),
+            host_port: u16::from_be_bytes(key.host_port),
+            container_ip: Ipv4Addr::from(value.container_ip),
+            container_port: u16::from_be_bytes(value.container_port),
+            proto: Proto::from_number(key.proto)?,
+        })
+    }
+
+    /// Whether an inbound connection to `key`'s destination came through this port.
+    fn matches_inbound(&self, key: &FlowKey) -> bool {
+        key.proto == self.proto.number()
+            && u16::from_be_bytes(key.dst_port) == self.host_port
+            && self.host_ip.is_none_or(|ip| ip.octets() == key.dst_ip)
+    }
+}
+
+/// A published port with where it points now.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub spec: PublishSpec,
+    /// The container's bridge port, when a container has the address now.
+    pub port_ifindex: Option<u32>,
+}
+
+impl Pinned {
+    /// Publishes `spec`. The container must be on the bridge now (`containers` maps the
+    /// bridge's container addresses to their port and MAC); the follower keeps it current.
+    pub fn publish(
+        &mut self,
+        spec: &PublishSpec,
+        containers: &std::collections::BTreeMap<Ipv4Addr, (u32, [u8; 6])>,
+        bridge_mac: [u8; 6],
+    ) -> Result<()> {
+        let Some((ifindex, container_mac)) = containers.get(&spec.container_ip).copied() else {
+            return Err(Error::Publish(format!(
+                "no container on bridge {} has address {}; see the container addresses with `xbr status`",
+                self.bridge, spec.container_ip
+            )));
+        };
+        let key = spec.key();
+        if let Ok(existing) = self.published.get(&key, 0)
+            && let Some(existing) = PublishSpec::from_entry(&key, &existing)
+            && existing != *spec
+        {
+            return Err(Error::Publish(format!(
+                "{} is already published to {}:{}; unpublish it first with `xbr unpublish {} {existing}`",
+                self.bridge_port_name(spec),
+                existing.container_ip,
+                existing.container_port,
+                self.bridge
+            )));
+        }
+        let value = PublishedPort {
+            container_ip: spec.container_ip.octets(),
+            container_port: spec.container_port.to_be_bytes(),
+            _pad: [0; 2],
+            ifindex,
+            container_mac,
+            gateway_mac: bridge_mac,
+        };
+        self.published
+            .insert(key, value, 0)
+            .map_err(|e| Error::ebpf("writing the published ports map", e))
+    }
+
+    fn bridge_port_name(&self, spec: &PublishSpec) -> String {
+        match spec.host_ip {
+            Some(ip) => format!(
+                "{ip}:{}/{}",
+                spec.host_port,
+                if spec.proto == Proto::Tcp {
+                    "tcp"
+                } else {
+                    "udp"
+                }
+            ),
+            None => format!(
+                "port {}/{}",
+                spec.host_port,
+                if spec.proto == Proto::Tcp {
+                    "tcp"
+                } else {
+                    "udp"
+                }
+            ),
+        }
+    }
+
+    /// Unpublishes `spec` and ends the connections that came through it.
+    pub fn unpublish(&mut self, spec: &PublishSpec) -> Result<usize> {
+        let key = spec.key();
+        match self
+            .published
+            .get(&key, 0)
+            .ok()
+            .and_then(|v| PublishSpec::from_entry(&key, &v))
+        {
+            Some(existing) if existing == *spec => {}
+            _ => {
+                return Err(Error::Publish(format!(
+                    "{spec} is not published on bridge {}; list published ports with `xbr status`",
+                    self.bridge
+                )));
+            }
+        }
+        self.published
+            .remove(&key)
+            .map_err(|e| Error::ebpf("updating the published ports map", e))?;
+        Ok(self
+            .retire_flows(|key, flow| flow.flags & Flow::INBOUND != 0 && spec.matches_inbound(key)))
+    }
+
+    pub fn published(&self) -> Vec<Published> {
+        let mut published: Vec<Published> = self
+            .published
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter_map(|(key, value)| {
+                Some(Published {
+                    spec: PublishSpec::from_entry(&key, &value)?,
+                    port_ifindex: (value.ifindex != 0).then_some(value.ifindex),
+                })
+            })
+            .collect();
+        published.sort_by_key(|p| p.spec);
+        published
+    }
+
+    pub fn has_published(&self) -> bool {
+        self.published.keys().next().is_some()
+    }
+
+    /// Retires connections that closed (FIN seen and quiet for `Timeouts::closed`) or went
+    /// idle. Returns how many connections it ended.
+    pub fn expire_flows(&mut self, timeouts: &Timeouts) -> usize {
+        let now = monotonic_ns();
+        self.retire_flows(|key, flow| {
+            let idle = Duration::from_nanos(now.saturating_sub(flow.last_seen_ns));
+            let limit = match key.proto {
+                IPPROTO_TCP if flow.flags & Flow::FIN_SEEN != 0 => timeouts.closed,
+                IPPROTO_TCP => timeouts.tcp,
+                _ => timeouts.udp,
+            };
+            idle > limit
+        })
+    }
+
+    /// Removes every connection one of whose directions `retire` picks (both directions go).
+    fn retire_flows(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
+        let doomed: Vec<(FlowKey, FlowKey)> = self
+            .flows
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, flow)| retire(key, flow))
+            .map(|(key, flow)| (key, flow.peer))
+            .collect();
+        let mut ended = 0;
+        for (key, peer) in doomed {
+            // A connection whose both directions were picked is counted once.
+            if self.flows.remove(&key).is_ok() {
+                ended += 1;
+                let _ = self.flows.remove(&peer);
+            }
+        }
+        ended
+    }
+
+    /// Connections the datapath tracks now.
+    pub fn connection_count(&self) -> usize {
+        self.flows.keys().filter_map(|k| k.ok()).count() / 2
+    }
+}
+
+/// How long a connection may stay quiet before it is retired.
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    pub tcp: Duration,
+    pub closed: Duration,
+    pub udp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        // The kernel's conntrack keeps an established TCP connection for days; a long idle
+        // limit keeps quiet connections (ssh) alive. UDP follows nf_conntrack_udp_timeout_stream.
+        Timeouts {
+            tcp: Duration::from_secs(24 * 3600),
+            closed: Duration::from_secs(60),
+            udp: Duration::from_secs(120),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let now =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_like_docker_run_p() {
+        let spec: PublishSpec = "8080:172.17.0.2:80".parse().unwrap();
+        assert_eq!(
+            spec,
+            PublishSpec {
+                host_ip: None,
+                host_port: 8080,
+                container_ip: "172.17.0.2".parse().unwrap(),
+                container_port: 80,
+                proto: Proto::Tcp
+            }
+        );
+        let spec: PublishSpec = "10.78.0.1:5353:10.77.0.2:53/udp".parse().unwrap();
+        assert_eq!(spec.host_ip, Some("10.78.0.1".parse().unwrap()));
+        assert_eq!(spec.proto, Proto::Udp);
+        assert_eq!(spec.to_string(), "10.78.0.1:5353:10.77.0.2:53/udp");
+        assert_eq!(
+            "8080:172.17.0.2:80"
+                .parse::<PublishSpec>()
+                .unwrap()
+                .to_string(),
+            "8080:172.17.0.2:80/tcp"
+        );
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_expected() {
+        for bad in [
+            "8080",
+            "8080:80",
+            "0:10.0.0.1:80",
+            "8080:10.0.0.1:80/sctp",
+            "x:8080:10.0.0.1:80",
+            "8080:nohost:80",
+            "70000:10.0.0.1:80",
+        ] {
+            let error = bad.parse::<PublishSpec>().unwrap_err();
+            assert!(
+                error.contains("HOSTPORT:CONTAINERIP:CONTAINERPORT"),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_port_published_on_any_address_matches_every_destination() {
+        let spec: PublishSpec = "8080:10.77.0.2:80".parse().unwrap();
+        let key = FlowKey {
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+            src_ip: [10, 78, 0, 2],
+            dst_ip: [10, 78, 0, 1],
+            src_port: 40000u16.to_be_bytes(),
+            dst_port: 8080u16.to_be_bytes(),
+        };
+        assert!(spec.matches_inbound(&key));
+        let exact: PublishSpec = "10.78.0.9:8080:10.77.0.2:80".parse().unwrap();
+        assert!(!exact.matches_inbound(&key));
+        let udp: PublishSpec = "8080:10.77.0.2:80/udp".parse().unwrap();
+        assert!(!udp.matches_inbound(&key));
+    }
+}
