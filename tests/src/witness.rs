@@ -174,6 +174,18 @@ pub fn xbr_binary() -> PathBuf {
     binary
 }
 
+/// Runs `xbr ARGS...` for cleanup in a `Drop`: never panics (a panic while unwinding would
+/// abort the whole test binary), ignores the outcome.
+pub fn xbr_quietly(args: &[&str]) {
+    let binary = std::env::var_os("XBR").map(PathBuf::from).or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        Some(exe.parent()?.parent()?.join("xbr"))
+    });
+    if let Some(binary) = binary {
+        let _ = Command::new(binary).args(args).output();
+    }
+}
+
 /// Runs `xbr ARGS...`; returns (exit code, stdout, stderr).
 pub fn xbr(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(xbr_binary())

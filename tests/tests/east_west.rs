@@ -10,7 +10,7 @@ use xbr_tests::{
     lab_support::{LabBuilder, assert_ping, ip_in, unique_name},
     witness::{
         BridgeForwardCounter, tc_ingress_filters, tc_programs, tc_qdiscs, tcp_echo, udp_echo, xbr,
-        xbr_ok,
+        xbr_ok, xbr_quietly,
     },
 };
 
@@ -51,7 +51,7 @@ impl PinRoot {
 
 impl Drop for PinRoot {
     fn drop(&mut self) {
-        let _ = self.xbr(&["detach", "br0"]);
+        xbr_quietly(&["-n", &self.netns, "--pin-root", self.path.to_str().unwrap(), "detach", "br0"]);
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -11,8 +11,8 @@ use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::{ExtraContainers, LabBuilder, ip_in, unique_name},
     witness::{
-        BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo, xbr,
-        xbr_ok,
+        BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo,
+        xbr_ok, xbr_quietly,
     },
 };
 
@@ -62,7 +62,7 @@ impl PinRoot {
 
 impl Drop for PinRoot {
     fn drop(&mut self) {
-        let _ = xbr(&[
+        xbr_quietly(&[
             "-n",
             &self.netns,
             "--pin-root",

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use crate::{cmd, setup};
+use crate::{build, cmd, setup};
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -13,8 +13,10 @@ pub fn run(extra_args: &[String]) -> anyhow::Result<()> {
     cmd::require_root("the tests create network namespaces and load BPF programs")?;
     setup::run()?;
     mount_bpffs()?;
+    // The traffic tests drive the real binary; `cargo test` builds no other package's bins.
+    let xbr = build::release_binary()?;
     let mut test = cmd::cargo();
-    test.args(["test", "--workspace", "--release"]).args(extra_args);
+    test.args(["test", "--workspace", "--release"]).args(extra_args).env("XBR", &xbr);
     let status = test.status().with_context(|| {
         format!(
             "running the test suite: cannot start `{}`",
