@@ -139,7 +139,8 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
     // path (before attach, or while the table was full) stays there.
     let opening =
         key.proto == IPPROTO_UDP || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-    if published.ifindex == 0 || !opening {
+    // An expiring TTL is answered by the kernel (ICMP); no connection is opened for it.
+    if published.ifindex == 0 || !opening || segment.ttl <= 1 {
         return Err(Nat::Pass(Verdict::NatNotTranslated));
     }
     let reply_key = FlowKey {

@@ -2,17 +2,11 @@
 //! the verdict, the counters, and that the frame's bytes come out exactly as they went in.
 //! Needs root (loads BPF programs); touches no interface.
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-    util::nr_cpus,
-};
-use bridge_common::{Endpoint, EndpointKey, PortRecord, PortStats, Verdict};
+use aya::maps::{HashMap, PerCpuHashMap};
+use bridge_common::{PortRecord, PortStats, Verdict};
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
+use xbr_tests::datapath_support::{Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT};
 
 /// BPF_PROG_TEST_RUN runs a tc program on loopback: the frame "arrives" on ifindex 1, so
 /// container A's port is 1 here.
@@ -28,89 +22,35 @@ const BROADCAST: [u8; 6] = [0xff; 6];
 const IP_A: [u8; 4] = [10, 77, 0, 10];
 const IP_B: [u8; 4] = [10, 77, 0, 11];
 
-/// The port program of one attached bridge with endpoints A, B and C, loaded but attached
-/// nowhere.
+/// The datapath of one attached bridge with endpoints A, B and C, loaded but attached
+/// nowhere; frames go through the port program.
 struct PortProgram {
-    ebpf: Ebpf,
+    datapath: Datapath,
 }
 
 impl PortProgram {
     fn load(redirect_peer: bool) -> PortProgram {
-        let mut ebpf = EbpfLoader::new()
-            .override_global("REDIRECT_PEER", &u8::from(redirect_peer), true)
-            .override_global(aya_log::LEVEL, &0u8, true)
-            .load(xbr::datapath::OBJECT)
-            .expect("xbr's eBPF object loads (run the tests as root)");
-        let mut endpoints: HashMap<_, EndpointKey, Endpoint> =
-            HashMap::try_from(ebpf.map_mut("ENDPOINTS").unwrap()).unwrap();
-        for (mac, ifindex) in [(MAC_A, PORT_A), (MAC_B, PORT_B), (MAC_C, PORT_C)] {
-            endpoints
-                .insert(EndpointKey { mac }, Endpoint { ifindex, flags: 0 }, 0)
-                .unwrap();
+        let mut datapath = Datapath::load(redirect_peer, None);
+        for (mac, port) in [(MAC_A, PORT_A), (MAC_B, PORT_B), (MAC_C, PORT_C)] {
+            datapath.add_endpoint(mac, port);
         }
-        // Each port records the endpoint it holds, as the control plane writes it.
-        let mut ports: HashMap<_, u32, PortRecord> =
-            HashMap::try_from(ebpf.map_mut("PORTS").unwrap()).unwrap();
-        for (mac, ifindex) in [(MAC_A, PORT_A), (MAC_B, PORT_B), (MAC_C, PORT_C)] {
-            let record = PortRecord {
-                endpoint_mac: mac,
-                ..PortRecord::default()
-            };
-            ports.insert(ifindex, record, 0).unwrap();
-        }
-        let mut stats: PerCpuHashMap<_, u32, PortStats> =
-            PerCpuHashMap::try_from(ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
-        let cpus = nr_cpus().unwrap();
-        for port in [PORT_A, PORT_B, PORT_C] {
-            let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus]).unwrap();
-            stats.insert(port, zeros, 0).unwrap();
-        }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut("port_ingress")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        program
-            .load()
-            .expect("the verifier accepts the port program");
-        PortProgram { ebpf }
+        PortProgram { datapath }
     }
 
-    /// Runs `frame` through the program; returns the return code and the frame as it left.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.try_run(frame).expect("BPF_PROG_TEST_RUN")
     }
 
     fn try_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut("port_ingress")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut options = TestRunOptions::new();
-        options.data_in = Some(frame);
-        options.data_out = Some(&mut out);
-        let result = program.test_run(options)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        self.datapath.run(PORT_PROGRAM, frame)
     }
 
     fn verdict_count(&self, verdict: Verdict) -> u64 {
-        let verdicts: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("VERDICTS").unwrap()).unwrap();
-        verdicts.get(&(verdict as u32), 0).unwrap().iter().sum()
+        self.datapath.verdict_count(verdict)
     }
 
     fn port_stats(&self, port: u32) -> PortStats {
-        let stats: PerCpuHashMap<_, u32, PortStats> =
-            PerCpuHashMap::try_from(self.ebpf.map("PORT_STATS").unwrap()).unwrap();
-        let mut total = PortStats::default();
-        for value in stats.get(&port, 0).unwrap().iter() {
-            total.add(value);
-        }
-        total
+        self.datapath.port_stats(port)
     }
 }
 
@@ -365,7 +305,7 @@ fn a_port_without_counters_still_forwards() {
     // Counters are optional bookkeeping: a missing entry must not change the verdict.
     let mut program = PortProgram::load(true);
     let mut stats: PerCpuHashMap<_, u32, PortStats> =
-        PerCpuHashMap::try_from(program.ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
+        PerCpuHashMap::try_from(program.datapath.ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
     stats.remove(&PORT_A).unwrap();
     let (code, _) = program.run(&udp4(MAC_A, MAC_B, b"hello"));
     assert_eq!(code, TC_ACT_REDIRECT);
@@ -380,7 +320,7 @@ fn a_stale_endpoint_entry_alone_delivers_nothing() {
     // The port was removed (its record went first), the endpoint entry not yet.
     let mut program = PortProgram::load(true);
     let mut ports: HashMap<_, u32, PortRecord> =
-        HashMap::try_from(program.ebpf.map_mut("PORTS").unwrap()).unwrap();
+        HashMap::try_from(program.datapath.ebpf.map_mut("PORTS").unwrap()).unwrap();
     ports.remove(&PORT_B).unwrap();
     let (code, out) = program.run(&frame);
     assert_eq!((code, out), (TC_ACT_OK, frame.clone()), "removed port");
@@ -390,7 +330,7 @@ fn a_stale_endpoint_entry_alone_delivers_nothing() {
     // The container behind port B took another MAC; the entry for its old MAC is stale.
     let mut program = PortProgram::load(true);
     let mut ports: HashMap<_, u32, PortRecord> =
-        HashMap::try_from(program.ebpf.map_mut("PORTS").unwrap()).unwrap();
+        HashMap::try_from(program.datapath.ebpf.map_mut("PORTS").unwrap()).unwrap();
     let moved = PortRecord {
         endpoint_mac: UNKNOWN_MAC,
         ..PortRecord::default()

@@ -1,0 +1,99 @@
+//! xbr's kernel programs loaded for BPF_PROG_TEST_RUN: one fresh instance (programs and
+//! maps) per test, attached nowhere, with helpers to fill the maps and run frames.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    util::nr_cpus,
+};
+use bridge_common::{
+    Endpoint, EndpointKey, Flow, FlowKey, PortRecord, PortStats, PublishedKey, PublishedPort,
+    Verdict,
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_REDIRECT: u32 = 7;
+/// TC_ACT_UNSPEC (-1) as the u32 BPF_PROG_TEST_RUN reports: "not mine, next program".
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+pub const PORT_PROGRAM: &str = "port_ingress";
+pub const UPLINK_PROGRAM: &str = "uplink_ingress";
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Both programs, loaded; `flow_capacity` shrinks the NAT connection table.
+    pub fn load(redirect_peer: bool, flow_capacity: Option<u32>) -> Datapath {
+        let redirect_peer = u8::from(redirect_peer);
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("REDIRECT_PEER", &redirect_peer, true)
+            .override_global(aya_log::LEVEL, &0u8, true);
+        if let Some(capacity) = flow_capacity {
+            loader.map_max_entries("NAT_FLOWS", capacity);
+        }
+        let mut ebpf = loader
+            .load(xbr::datapath::OBJECT)
+            .expect("xbr's eBPF object loads (run the tests as root)");
+        for name in [PORT_PROGRAM, UPLINK_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap_or_else(|e| panic!("the verifier rejects {name}: {e:?}"));
+        }
+        Datapath { ebpf }
+    }
+
+    /// An endpoint as the control plane writes it: the MAC, the port's record and counters.
+    pub fn add_endpoint(&mut self, mac: [u8; 6], port: u32) {
+        let mut endpoints: HashMap<_, EndpointKey, Endpoint> =
+            HashMap::try_from(self.ebpf.map_mut("ENDPOINTS").unwrap()).unwrap();
+        endpoints.insert(EndpointKey { mac }, Endpoint { ifindex: port, flags: 0 }, 0).unwrap();
+        let mut ports: HashMap<_, u32, PortRecord> =
+            HashMap::try_from(self.ebpf.map_mut("PORTS").unwrap()).unwrap();
+        ports.insert(port, PortRecord { endpoint_mac: mac, ..PortRecord::default() }, 0).unwrap();
+        let mut stats: PerCpuHashMap<_, u32, PortStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
+        let zeros = PerCpuValues::try_from(vec![PortStats::default(); nr_cpus().unwrap()]).unwrap();
+        stats.insert(port, zeros, 0).unwrap();
+    }
+
+    pub fn publish(&mut self, key: PublishedKey, port: PublishedPort) {
+        let mut published: HashMap<_, PublishedKey, PublishedPort> =
+            HashMap::try_from(self.ebpf.map_mut("PUBLISHED").unwrap()).unwrap();
+        published.insert(key, port, 0).unwrap();
+    }
+
+    pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
+        let flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(self.ebpf.map("NAT_FLOWS").unwrap()).unwrap();
+        flows.iter().map(|entry| entry.unwrap()).collect()
+    }
+
+    /// Runs `frame` through `program`; returns the return code and the frame as it left.
+    pub fn run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let program: &mut SchedClassifier = self.ebpf.program_mut(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.data_out = Some(&mut out);
+        let result = program.test_run(options)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    pub fn verdict_count(&self, verdict: Verdict) -> u64 {
+        let verdicts: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("VERDICTS").unwrap()).unwrap();
+        verdicts.get(&(verdict as u32), 0).unwrap().iter().sum()
+    }
+
+    pub fn port_stats(&self, port: u32) -> PortStats {
+        let stats: PerCpuHashMap<_, u32, PortStats> =
+            PerCpuHashMap::try_from(self.ebpf.map("PORT_STATS").unwrap()).unwrap();
+        let mut total = PortStats::default();
+        for value in stats.get(&port, 0).unwrap().iter() {
+            total.add(value);
+        }
+        total
+    }
+}

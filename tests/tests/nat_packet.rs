@@ -1,0 +1,370 @@
+//! Published-port packet tests through BPF_PROG_TEST_RUN (run as root): the uplink program's
+//! DNAT and the port program's SNAT byte for byte (checksums, TTL, MACs), connection state,
+//! the full-table fallback, frames NAT must leave alone, and random and mutated frames.
+
+use bridge_common::{Flow, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort, Verdict};
+use etherparse::PacketBuilder;
+use xbr_tests::datapath_support::{
+    Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UPLINK_PROGRAM,
+};
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x02];
+const UPLINK_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x01];
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
+const CONTAINER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x02];
+const CLIENT_IP: [u8; 4] = [10, 78, 0, 2];
+const HOST_IP: [u8; 4] = [10, 78, 0, 1];
+const CONTAINER_IP: [u8; 4] = [10, 77, 0, 2];
+const CONTAINER_PORT_IFINDEX: u32 = 11;
+const HOST_PORT: u16 = 8080;
+const CONTAINER_PORT: u16 = 80;
+const CLIENT_PORT: u16 = 40000;
+
+fn published(proto: u8, ifindex: u32) -> (PublishedKey, PublishedPort) {
+    (
+        PublishedKey { proto, _pad: 0, host_port: HOST_PORT.to_be_bytes(), host_ip: [0; 4] },
+        PublishedPort {
+            container_ip: CONTAINER_IP,
+            container_port: CONTAINER_PORT.to_be_bytes(),
+            _pad: [0; 2],
+            ifindex,
+            container_mac: CONTAINER_MAC,
+            gateway_mac: BRIDGE_MAC,
+        },
+    )
+}
+
+/// A datapath with TCP and UDP port 8080 published to the container's port 80.
+fn nat_datapath(flow_capacity: Option<u32>) -> Datapath {
+    let mut datapath = Datapath::load(true, flow_capacity);
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        let (key, port) = published(proto, CONTAINER_PORT_IFINDEX);
+        datapath.publish(key, port);
+    }
+    datapath
+}
+
+struct Addresses {
+    eth: ([u8; 6], [u8; 6]),
+    ip: ([u8; 4], [u8; 4]),
+    ports: (u16, u16),
+    ttl: u8,
+}
+
+/// Client -> host:8080, as it arrives on the uplink.
+fn inbound() -> Addresses {
+    Addresses { eth: (CLIENT_MAC, UPLINK_MAC), ip: (CLIENT_IP, HOST_IP), ports: (CLIENT_PORT, HOST_PORT), ttl: 64 }
+}
+
+/// The same after DNAT, as it must enter the container.
+fn inbound_translated() -> Addresses {
+    Addresses {
+        eth: (BRIDGE_MAC, CONTAINER_MAC),
+        ip: (CLIENT_IP, CONTAINER_IP),
+        ports: (CLIENT_PORT, CONTAINER_PORT),
+        ttl: 63,
+    }
+}
+
+/// The container's reply, as it arrives at its bridge port (to the gateway's MAC).
+fn reply() -> Addresses {
+    Addresses {
+        eth: (CONTAINER_MAC, BRIDGE_MAC),
+        ip: (CONTAINER_IP, CLIENT_IP),
+        ports: (CONTAINER_PORT, CLIENT_PORT),
+        ttl: 64,
+    }
+}
+
+/// The reply after SNAT, as it must leave the uplink.
+fn reply_translated() -> Addresses {
+    Addresses { eth: (UPLINK_MAC, CLIENT_MAC), ip: (HOST_IP, CLIENT_IP), ports: (HOST_PORT, CLIENT_PORT), ttl: 63 }
+}
+
+fn tcp(a: &Addresses, flags: &str, payload: &[u8]) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(a.eth.0, a.eth.1)
+        .ipv4(a.ip.0, a.ip.1, a.ttl)
+        .tcp(a.ports.0, a.ports.1, 1000, 64240);
+    for flag in flags.chars() {
+        builder = match flag {
+            'S' => builder.syn(),
+            'A' => builder.ack(2000),
+            'F' => builder.fin(),
+            'R' => builder.rst(),
+            'P' => builder.psh(),
+            other => panic!("unknown TCP flag {other}"),
+        };
+    }
+    let mut frame = Vec::new();
+    builder.write(&mut frame, payload).unwrap();
+    frame
+}
+
+fn udp(a: &Addresses, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(a.eth.0, a.eth.1)
+        .ipv4(a.ip.0, a.ip.1, a.ttl)
+        .udp(a.ports.0, a.ports.1)
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+const UDP_CHECKSUM: usize = 14 + 20 + 6;
+
+/// Recomputes the IPv4 header checksum after a hand edit.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let header_len = usize::from(frame[14] & 0x0f) * 4;
+    frame[24] = 0;
+    frame[25] = 0;
+    let mut sum: u32 = 0;
+    for chunk in frame[14..14 + header_len].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+fn show(frame: &[u8]) -> String {
+    frame.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("")
+}
+
+fn assert_frame(case: &str, got: &[u8], want: &[u8]) {
+    assert!(got == want, "{case}: the translated frame differs\n got: {}\nwant: {}", show(got), show(want));
+}
+
+#[test]
+fn tcp_syn_is_dnated_and_the_reply_snated_byte_for_byte() {
+    let mut datapath = nat_datapath(None);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "the SYN goes into the container");
+    assert_frame("SYN", &out, &tcp(&inbound_translated(), "S", &[]));
+    assert_eq!(datapath.verdict_count(Verdict::NatIn), 1);
+    let flows = datapath.flows();
+    assert_eq!(flows.len(), 2, "both directions are tracked: {flows:?}");
+
+    let (code, out) = datapath.run(PORT_PROGRAM, &tcp(&reply(), "SA", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "the SYN-ACK goes out of the uplink");
+    assert_frame("SYN-ACK", &out, &tcp(&reply_translated(), "SA", &[]));
+    assert_eq!(datapath.verdict_count(Verdict::NatOut), 1);
+
+    // Data both ways, odd-length payloads included.
+    for payload in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"odd", b"x"] {
+        let (code, out) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "AP", payload)).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT);
+        assert_frame("data in", &out, &tcp(&inbound_translated(), "AP", payload));
+        let (code, out) = datapath.run(PORT_PROGRAM, &tcp(&reply(), "AP", payload)).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT);
+        assert_frame("data out", &out, &tcp(&reply_translated(), "AP", payload));
+    }
+}
+
+#[test]
+fn udp_is_translated_and_a_zero_checksum_stays_zero() {
+    let mut datapath = nat_datapath(None);
+    for payload in [&b"even"[..], b"odd", b""] {
+        let (code, out) = datapath.run(UPLINK_PROGRAM, &udp(&inbound(), payload)).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT, "{payload:?}");
+        assert_frame("UDP in", &out, &udp(&inbound_translated(), payload));
+        let (code, out) = datapath.run(PORT_PROGRAM, &udp(&reply(), payload)).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT, "{payload:?}");
+        assert_frame("UDP out", &out, &udp(&reply_translated(), payload));
+    }
+    // UDP over IPv4 may go without a checksum (0): translation must not invent one.
+    let mut frame = udp(&inbound(), b"no checksum");
+    frame[UDP_CHECKSUM..UDP_CHECKSUM + 2].copy_from_slice(&[0, 0]);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    let mut want = udp(&inbound_translated(), b"no checksum");
+    want[UDP_CHECKSUM..UDP_CHECKSUM + 2].copy_from_slice(&[0, 0]);
+    assert_frame("UDP without checksum", &out, &want);
+}
+
+#[test]
+fn rst_ends_the_connection_and_fin_marks_it() {
+    let mut datapath = nat_datapath(None);
+    datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    let (code, _) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "AF", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "a FIN is translated like any segment");
+    assert!(
+        datapath.flows().iter().any(|(_, flow)| flow.flags & Flow::FIN_SEEN != 0),
+        "the FIN is remembered for the control plane's timeout: {:?}",
+        datapath.flows()
+    );
+    let (code, out) = datapath.run(PORT_PROGRAM, &tcp(&reply(), "R", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "the RST itself still reaches the client");
+    assert_frame("RST", &out, &tcp(&reply_translated(), "R", &[]));
+    assert!(datapath.flows().is_empty(), "RST ends both directions: {:?}", datapath.flows());
+    // The connection is gone: a late segment is not translated.
+    let late = tcp(&inbound(), "A", b"late");
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &late).unwrap();
+    assert_eq!((code, out), (TC_ACT_UNSPEC, late));
+}
+
+#[test]
+fn a_full_connection_table_sends_new_connections_to_the_kernel() {
+    let mut datapath = nat_datapath(Some(2));
+    let (code, _) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "the first connection fits");
+    let mut second = inbound();
+    second.ports.0 = CLIENT_PORT + 1;
+    let frame = tcp(&second, "S", &[]);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap();
+    assert_eq!(code, TC_ACT_UNSPEC, "the second is passed on, not dropped");
+    assert_eq!(out, frame, "untouched");
+    assert_eq!(datapath.verdict_count(Verdict::NatTableFull), 1);
+    assert_eq!(datapath.flows().len(), 2, "no half connection is left behind");
+}
+
+#[test]
+fn frames_nat_must_not_touch_pass_unchanged() {
+    let mut datapath = nat_datapath(None);
+    let mut other_port = inbound();
+    other_port.ports.1 = 9090;
+    let mut fragment = udp(&inbound(), b"first fragment");
+    fragment[20] |= 0x20; // more fragments
+    fix_ip_checksum(&mut fragment);
+    let mut later_fragment = udp(&inbound(), b"later fragment");
+    later_fragment[21] = 0x10; // offset 16 * 8
+    fix_ip_checksum(&mut later_fragment);
+    let mut options = tcp(&inbound(), "S", &[]);
+    options.splice(34..34, [1u8, 1, 1, 0]); // NOP NOP NOP EOL
+    options[14] = 0x46;
+    let total = u16::from_be_bytes([options[16], options[17]]) + 4;
+    options[16..18].copy_from_slice(&total.to_be_bytes());
+    fix_ip_checksum(&mut options);
+    let mut tcp_cut = tcp(&inbound(), "S", &[]);
+    tcp_cut[16..18].copy_from_slice(&30u16.to_be_bytes()); // IP says: 10 bytes of TCP
+    fix_ip_checksum(&mut tcp_cut);
+    let mut dying = inbound();
+    dying.ttl = 1;
+    let mut icmp_error = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, UPLINK_MAC)
+        .ipv4(CLIENT_IP, HOST_IP, 64)
+        .icmpv4_raw(3, 3, [0; 4])
+        .write(&mut icmp_error, &tcp(&reply_translated(), "S", &[])[14..42])
+        .unwrap();
+    let mut ipv6 = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, UPLINK_MAC)
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .tcp(CLIENT_PORT, HOST_PORT, 1, 1000)
+        .syn()
+        .write(&mut ipv6, &[])
+        .unwrap();
+
+    let cases: Vec<(&str, Vec<u8>, Option<Verdict>)> = vec![
+        ("a port nobody published", tcp(&other_port, "S", &[]), None),
+        ("TCP without SYN, no connection", tcp(&inbound(), "A", b"data"), Some(Verdict::NatNotTranslated)),
+        ("SYN-ACK from outside", tcp(&inbound(), "SA", &[]), Some(Verdict::NatNotTranslated)),
+        ("first fragment", fragment, None),
+        ("later fragment", later_fragment, None),
+        ("IP options", options, None),
+        ("TCP header cut short", tcp_cut, None),
+        ("TTL about to expire", tcp(&dying, "S", &[]), Some(Verdict::NatNotTranslated)),
+        ("ICMP error about a connection", icmp_error, None),
+        ("IPv6", ipv6, None),
+    ];
+    for (case, frame, verdict) in cases {
+        let before = verdict.map(|v| datapath.verdict_count(v));
+        let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap_or_else(|e| panic!("{case}: {e:?}"));
+        assert_eq!(code, TC_ACT_UNSPEC, "{case}: must go on to the kernel");
+        assert_frame(case, &out, &frame);
+        if let (Some(verdict), Some(before)) = (verdict, before) {
+            assert_eq!(datapath.verdict_count(verdict), before + 1, "{case}: verdict {verdict:?}");
+        }
+    }
+    assert!(datapath.flows().is_empty(), "no connection was opened: {:?}", datapath.flows());
+
+    // A published port whose container is not on the bridge now: the kernel's.
+    let mut datapath = Datapath::load(true, None);
+    let (key, port) = published(IPPROTO_TCP, 0);
+    datapath.publish(key, port);
+    let frame = tcp(&inbound(), "S", &[]);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap();
+    assert_eq!((code, out), (TC_ACT_UNSPEC, frame));
+}
+
+/// xorshift64*: deterministic, so a failure can be replayed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random frames, and valid ones with random bytes changed or cut off, through both programs:
+/// nothing crashes, everything not translated comes out unchanged, and whatever is
+/// translated was for the published port and goes to the container.
+#[test]
+fn random_and_mutated_frames_never_misdeliver() {
+    let mut datapath = nat_datapath(None);
+    let mut random = Random(0x5eed_0f_0b5e55ed);
+    let seeds = [
+        tcp(&inbound(), "S", b""),
+        tcp(&inbound(), "AP", b"payload"),
+        udp(&inbound(), b"datagram"),
+        tcp(&reply(), "SA", b""),
+        udp(&reply(), b"answer"),
+    ];
+    let mut translated = 0;
+    for round in 0..4000 {
+        let frame: Vec<u8> = if round % 4 == 0 {
+            let len = 14 + random.below(120);
+            (0..len).map(|_| random.next() as u8).collect()
+        } else {
+            let mut frame = seeds[random.below(seeds.len())].clone();
+            for _ in 0..1 + random.below(3) {
+                let at = random.below(frame.len());
+                frame[at] = random.next() as u8;
+            }
+            if random.below(4) == 0 {
+                let keep = 14 + random.below(frame.len() - 13);
+                frame.truncate(keep);
+            }
+            frame
+        };
+        for program in [UPLINK_PROGRAM, PORT_PROGRAM] {
+            let connections = datapath.flows();
+            // The kernel refuses some frames (IP shorter than an IP header): not the program's.
+            let Ok((code, out)) = datapath.run(program, &frame) else { continue };
+            match code {
+                TC_ACT_OK | TC_ACT_UNSPEC => {
+                    assert_frame(&format!("round {round}, {program}: passed"), &out, &frame)
+                }
+                TC_ACT_REDIRECT => {
+                    translated += 1;
+                    let (dst_mac, dst_ip, dst_port) = (&out[0..6], &out[30..34], u16::from_be_bytes([out[36], out[37]]));
+                    let into_container = dst_mac == CONTAINER_MAC && dst_ip == CONTAINER_IP && dst_port == CONTAINER_PORT;
+                    // A reply goes back exactly where a connection came from (the frame that
+                    // opened it may itself have been a mutated one).
+                    let to_client = connections.iter().any(|(key, flow)| {
+                        flow.flags & Flow::INBOUND != 0
+                            && key.src_ip == dst_ip
+                            && key.src_port == out[36..38]
+                            && key.dst_ip == out[26..30]
+                            && key.dst_port == out[34..36]
+                    });
+                    assert!(
+                        (program == UPLINK_PROGRAM && into_container) || (program == PORT_PROGRAM && to_client),
+                        "round {round}, {program}: redirected somewhere else\n in: {}\nout: {}",
+                        show(&frame),
+                        show(&out)
+                    );
+                    assert_eq!(out[22], frame[22] - 1, "round {round}: TTL decremented once");
+                }
+                other => panic!("round {round}, {program}: unexpected return code {other}"),
+            }
+        }
+    }
+    assert!(translated > 100, "the mutations kept enough frames valid to exercise NAT ({translated})");
+}
