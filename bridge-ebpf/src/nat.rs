@@ -16,7 +16,7 @@ use network_types::{
 
 use crate::{
     frame::ptr_at,
-    maps::{NAT_FLOWS, PUBLISHED},
+    maps::{NAT_FLOWS, PORTS, PUBLISHED},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -107,7 +107,21 @@ pub enum Nat {
 #[inline(always)]
 pub fn inbound(ctx: &TcContext, segment: &Segment, uplink: u32) -> Nat {
     let flow = match unsafe { NAT_FLOWS.get(&segment.key) } {
-        Some(flow) if flow.flags & Flow::INBOUND != 0 => *flow,
+        Some(flow) if flow.flags & Flow::INBOUND != 0 && port_holds(flow.ifindex, &flow.eth_dst) => *flow,
+        Some(flow) if flow.flags & Flow::INBOUND != 0 => {
+            // Its container left that port (stopped, restarted elsewhere): the connection
+            // is over. A retransmitted SYN opens it anew toward where the port points now.
+            let peer = flow.peer;
+            let _ = NAT_FLOWS.remove(&peer);
+            let _ = NAT_FLOWS.remove(&segment.key);
+            if !opens_connection(segment) {
+                return Nat::Pass(Verdict::StaleEndpoint);
+            }
+            match open(segment, uplink) {
+                Ok(flow) => flow,
+                Err(nat) => return nat,
+            }
+        }
         Some(_) => return Nat::NotOurs,
         None => match open(segment, uplink) {
             Ok(flow) => flow,
@@ -115,6 +129,24 @@ pub fn inbound(ctx: &TcContext, segment: &Segment, uplink: u32) -> Nat {
         },
     };
     translate(ctx, segment, &flow, IP_DST, L4_DST_PORT)
+}
+
+/// Only a connection's first segment opens it: a TCP connection that began on the kernel
+/// path (before attach, or while the table was full) stays there.
+#[inline(always)]
+fn opens_connection(segment: &Segment) -> bool {
+    segment.key.proto == IPPROTO_UDP
+        || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+}
+
+/// Whether bridge port `ifindex` is one xbr hooked and still holds container `mac`: the
+/// same guard as east-west, so a connection never follows a stale port to another container.
+#[inline(always)]
+fn port_holds(ifindex: u32, mac: &[u8; 6]) -> bool {
+    match unsafe { PORTS.get(&ifindex) } {
+        Some(port) => port.endpoint_mac == *mac,
+        None => false,
+    }
 }
 
 /// Creates both directions of a new connection to a published port.
@@ -135,12 +167,9 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
         Some(published) => *published,
         None => return Err(Nat::NotOurs),
     };
-    // Only a connection's first segment opens it: a TCP connection that began on the kernel
-    // path (before attach, or while the table was full) stays there.
-    let opening =
-        key.proto == IPPROTO_UDP || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     // An expiring TTL is answered by the kernel (ICMP); no connection is opened for it.
-    if published.ifindex == 0 || !opening || segment.ttl <= 1 {
+    let here = port_holds(published.ifindex, &published.container_mac);
+    if !here || !opens_connection(segment) || segment.ttl <= 1 {
         return Err(Nat::Pass(Verdict::NatNotTranslated));
     }
     let reply_key = FlowKey {

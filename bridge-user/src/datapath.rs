@@ -125,6 +125,8 @@ pub fn attach(
         }
         let mut changes = pinned.reconcile(plan, false)?;
         changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
+        // Without a follower, an attach is when closed connections get retired.
+        pinned.expire_flows(&crate::publish::Timeouts::default());
         return Ok(pinned.attached(plan, false, changes));
     }
     let dir = pins::bridge_dir(root, &plan.bridge)?;
@@ -325,6 +327,8 @@ impl Pinned {
                     .map_err(|e| Error::ebpf("updating the ports map", e))?;
                 self.unhook(*ifindex, record, &pins::link_pin(&self.dir, *ifindex))?;
                 let _ = self.stats.remove(ifindex);
+                // Connections into the container that left end with it.
+                self.retire_flows(|_, flow| flow.flags & Flow::INBOUND != 0 && flow.ifindex == *ifindex);
                 changes.ports_removed.push(*ifindex);
             }
         }
@@ -464,7 +468,9 @@ impl Pinned {
     fn unhook(&self, ifindex: u32, record: &PortRecord, link_pin: &Path) -> Result<()> {
         match self.mode() {
             AttachMode::Tcx => {
-                // Unpinning drops the link's last reference: the kernel detaches the program.
+                crate::bpf_link::detach_pinned(link_pin).map_err(|e| {
+                    Error::io(format!("detaching the tcx link of ifindex {ifindex}"), e)
+                })?;
                 match std::fs::remove_file(link_pin) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(
                         format!("unpinning the link of ifindex {ifindex}"),

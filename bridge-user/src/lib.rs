@@ -4,6 +4,7 @@
 //! values, `plan` turns them into the wanted datapath state without touching anything, and
 //! `datapath` applies it (load, attach, fill maps, pin).
 
+pub mod bpf_link;
 pub mod datapath;
 pub mod error;
 pub mod features;

@@ -256,7 +256,7 @@ impl Pinned {
     }
 
     /// Removes every connection one of whose directions `retire` picks (both directions go).
-    fn retire_flows(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
+    pub(crate) fn retire_flows(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
         let doomed: Vec<(FlowKey, FlowKey)> = self
             .flows
             .iter()

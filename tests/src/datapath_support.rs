@@ -40,7 +40,9 @@ impl Datapath {
             .expect("xbr's eBPF object loads (run the tests as root)");
         for name in [PORT_PROGRAM, UPLINK_PROGRAM] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap_or_else(|e| panic!("the verifier rejects {name}: {e:?}"));
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("the verifier rejects {name}: {e:?}"));
         }
         Datapath { ebpf }
     }
@@ -49,10 +51,28 @@ impl Datapath {
     pub fn add_endpoint(&mut self, mac: [u8; 6], port: u32) {
         let mut endpoints: HashMap<_, EndpointKey, Endpoint> =
             HashMap::try_from(self.ebpf.map_mut("ENDPOINTS").unwrap()).unwrap();
-        endpoints.insert(EndpointKey { mac }, Endpoint { ifindex: port, flags: 0 }, 0).unwrap();
+        endpoints
+            .insert(
+                EndpointKey { mac },
+                Endpoint {
+                    ifindex: port,
+                    flags: 0,
+                },
+                0,
+            )
+            .unwrap();
         let mut ports: HashMap<_, u32, PortRecord> =
             HashMap::try_from(self.ebpf.map_mut("PORTS").unwrap()).unwrap();
-        ports.insert(port, PortRecord { endpoint_mac: mac, ..PortRecord::default() }, 0).unwrap();
+        ports
+            .insert(
+                port,
+                PortRecord {
+                    endpoint_mac: mac,
+                    ..PortRecord::default()
+                },
+                0,
+            )
+            .unwrap();
         let mut stats: PerCpuHashMap<_, u32, PortStats> =
             PerCpuHashMap::try_from(self.ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
         let zeros = PerCpuValues::try_from(vec![PortStats::default(); nr_cpus().unwrap()]).unwrap();
@@ -66,13 +86,15 @@ impl Datapath {
     }
 
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
-        let flows: HashMap<_, FlowKey, Flow> = HashMap::try_from(self.ebpf.map("NAT_FLOWS").unwrap()).unwrap();
+        let flows: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.ebpf.map("NAT_FLOWS").unwrap()).unwrap();
         flows.iter().map(|entry| entry.unwrap()).collect()
     }
 
     /// Runs `frame` through `program`; returns the return code and the frame as it left.
     pub fn run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
-        let program: &mut SchedClassifier = self.ebpf.program_mut(program).unwrap().try_into().unwrap();
+        let program: &mut SchedClassifier =
+            self.ebpf.program_mut(program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
@@ -83,7 +105,8 @@ impl Datapath {
     }
 
     pub fn verdict_count(&self, verdict: Verdict) -> u64 {
-        let verdicts: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("VERDICTS").unwrap()).unwrap();
+        let verdicts: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("VERDICTS").unwrap()).unwrap();
         verdicts.get(&(verdict as u32), 0).unwrap().iter().sum()
     }
 

@@ -163,6 +163,8 @@ fn run(program: &str, args: &[&str]) -> String {
 pub struct ExtraContainers {
     host: String,
     bridge: String,
+    /// The bridge's address: the containers' default gateway, as in a lab container.
+    gateway: Option<Ipv4Addr>,
     made: Vec<String>,
 }
 
@@ -171,6 +173,7 @@ impl ExtraContainers {
         ExtraContainers {
             host: spec.host_netns(),
             bridge: spec.bridge.name.clone(),
+            gateway: spec.bridge.address.map(|cidr| cidr.addr),
             made: Vec::new(),
         }
     }
@@ -203,6 +206,20 @@ impl ExtraContainers {
                 "up",
             ],
         );
+        if let Some(gateway) = self.gateway {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    netns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gateway.to_string(),
+                ],
+            );
+        }
     }
 
     /// Deletes container `netns` (its veth pair goes with it).

@@ -51,7 +51,14 @@ impl PinRoot {
 
 impl Drop for PinRoot {
     fn drop(&mut self) {
-        xbr_quietly(&["-n", &self.netns, "--pin-root", self.path.to_str().unwrap(), "detach", "br0"]);
+        xbr_quietly(&[
+            "-n",
+            &self.netns,
+            "--pin-root",
+            self.path.to_str().unwrap(),
+            "detach",
+            "br0",
+        ]);
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -11,8 +11,8 @@ use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::{ExtraContainers, LabBuilder, ip_in, unique_name},
     witness::{
-        BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo,
-        xbr_ok, xbr_quietly,
+        BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo, xbr_ok,
+        xbr_quietly,
     },
 };
 

@@ -22,7 +22,12 @@ const CLIENT_PORT: u16 = 40000;
 
 fn published(proto: u8, ifindex: u32) -> (PublishedKey, PublishedPort) {
     (
-        PublishedKey { proto, _pad: 0, host_port: HOST_PORT.to_be_bytes(), host_ip: [0; 4] },
+        PublishedKey {
+            proto,
+            _pad: 0,
+            host_port: HOST_PORT.to_be_bytes(),
+            host_ip: [0; 4],
+        },
         PublishedPort {
             container_ip: CONTAINER_IP,
             container_port: CONTAINER_PORT.to_be_bytes(),
@@ -37,6 +42,7 @@ fn published(proto: u8, ifindex: u32) -> (PublishedKey, PublishedPort) {
 /// A datapath with TCP and UDP port 8080 published to the container's port 80.
 fn nat_datapath(flow_capacity: Option<u32>) -> Datapath {
     let mut datapath = Datapath::load(true, flow_capacity);
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
     for proto in [IPPROTO_TCP, IPPROTO_UDP] {
         let (key, port) = published(proto, CONTAINER_PORT_IFINDEX);
         datapath.publish(key, port);
@@ -53,7 +59,12 @@ struct Addresses {
 
 /// Client -> host:8080, as it arrives on the uplink.
 fn inbound() -> Addresses {
-    Addresses { eth: (CLIENT_MAC, UPLINK_MAC), ip: (CLIENT_IP, HOST_IP), ports: (CLIENT_PORT, HOST_PORT), ttl: 64 }
+    Addresses {
+        eth: (CLIENT_MAC, UPLINK_MAC),
+        ip: (CLIENT_IP, HOST_IP),
+        ports: (CLIENT_PORT, HOST_PORT),
+        ttl: 64,
+    }
 }
 
 /// The same after DNAT, as it must enter the container.
@@ -78,7 +89,12 @@ fn reply() -> Addresses {
 
 /// The reply after SNAT, as it must leave the uplink.
 fn reply_translated() -> Addresses {
-    Addresses { eth: (UPLINK_MAC, CLIENT_MAC), ip: (HOST_IP, CLIENT_IP), ports: (HOST_PORT, CLIENT_PORT), ttl: 63 }
+    Addresses {
+        eth: (UPLINK_MAC, CLIENT_MAC),
+        ip: (HOST_IP, CLIENT_IP),
+        ports: (HOST_PORT, CLIENT_PORT),
+        ttl: 63,
+    }
 }
 
 fn tcp(a: &Addresses, flags: &str, payload: &[u8]) -> Vec<u8> {
@@ -128,34 +144,51 @@ fn fix_ip_checksum(frame: &mut [u8]) {
 }
 
 fn show(frame: &[u8]) -> String {
-    frame.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("")
+    frame
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join("")
 }
 
 fn assert_frame(case: &str, got: &[u8], want: &[u8]) {
-    assert!(got == want, "{case}: the translated frame differs\n got: {}\nwant: {}", show(got), show(want));
+    assert!(
+        got == want,
+        "{case}: the translated frame differs\n got: {}\nwant: {}",
+        show(got),
+        show(want)
+    );
 }
 
 #[test]
 fn tcp_syn_is_dnated_and_the_reply_snated_byte_for_byte() {
     let mut datapath = nat_datapath(None);
-    let (code, out) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    let (code, out) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+        .unwrap();
     assert_eq!(code, TC_ACT_REDIRECT, "the SYN goes into the container");
     assert_frame("SYN", &out, &tcp(&inbound_translated(), "S", &[]));
     assert_eq!(datapath.verdict_count(Verdict::NatIn), 1);
     let flows = datapath.flows();
     assert_eq!(flows.len(), 2, "both directions are tracked: {flows:?}");
 
-    let (code, out) = datapath.run(PORT_PROGRAM, &tcp(&reply(), "SA", &[])).unwrap();
+    let (code, out) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "SA", &[]))
+        .unwrap();
     assert_eq!(code, TC_ACT_REDIRECT, "the SYN-ACK goes out of the uplink");
     assert_frame("SYN-ACK", &out, &tcp(&reply_translated(), "SA", &[]));
     assert_eq!(datapath.verdict_count(Verdict::NatOut), 1);
 
     // Data both ways, odd-length payloads included.
     for payload in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"odd", b"x"] {
-        let (code, out) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "AP", payload)).unwrap();
+        let (code, out) = datapath
+            .run(UPLINK_PROGRAM, &tcp(&inbound(), "AP", payload))
+            .unwrap();
         assert_eq!(code, TC_ACT_REDIRECT);
         assert_frame("data in", &out, &tcp(&inbound_translated(), "AP", payload));
-        let (code, out) = datapath.run(PORT_PROGRAM, &tcp(&reply(), "AP", payload)).unwrap();
+        let (code, out) = datapath
+            .run(PORT_PROGRAM, &tcp(&reply(), "AP", payload))
+            .unwrap();
         assert_eq!(code, TC_ACT_REDIRECT);
         assert_frame("data out", &out, &tcp(&reply_translated(), "AP", payload));
     }
@@ -165,7 +198,9 @@ fn tcp_syn_is_dnated_and_the_reply_snated_byte_for_byte() {
 fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let mut datapath = nat_datapath(None);
     for payload in [&b"even"[..], b"odd", b""] {
-        let (code, out) = datapath.run(UPLINK_PROGRAM, &udp(&inbound(), payload)).unwrap();
+        let (code, out) = datapath
+            .run(UPLINK_PROGRAM, &udp(&inbound(), payload))
+            .unwrap();
         assert_eq!(code, TC_ACT_REDIRECT, "{payload:?}");
         assert_frame("UDP in", &out, &udp(&inbound_translated(), payload));
         let (code, out) = datapath.run(PORT_PROGRAM, &udp(&reply(), payload)).unwrap();
@@ -185,18 +220,37 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
 #[test]
 fn rst_ends_the_connection_and_fin_marks_it() {
     let mut datapath = nat_datapath(None);
-    datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
-    let (code, _) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "AF", &[])).unwrap();
-    assert_eq!(code, TC_ACT_REDIRECT, "a FIN is translated like any segment");
+    datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+        .unwrap();
+    let (code, _) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "AF", &[]))
+        .unwrap();
+    assert_eq!(
+        code, TC_ACT_REDIRECT,
+        "a FIN is translated like any segment"
+    );
     assert!(
-        datapath.flows().iter().any(|(_, flow)| flow.flags & Flow::FIN_SEEN != 0),
+        datapath
+            .flows()
+            .iter()
+            .any(|(_, flow)| flow.flags & Flow::FIN_SEEN != 0),
         "the FIN is remembered for the control plane's timeout: {:?}",
         datapath.flows()
     );
-    let (code, out) = datapath.run(PORT_PROGRAM, &tcp(&reply(), "R", &[])).unwrap();
-    assert_eq!(code, TC_ACT_REDIRECT, "the RST itself still reaches the client");
+    let (code, out) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "R", &[]))
+        .unwrap();
+    assert_eq!(
+        code, TC_ACT_REDIRECT,
+        "the RST itself still reaches the client"
+    );
     assert_frame("RST", &out, &tcp(&reply_translated(), "R", &[]));
-    assert!(datapath.flows().is_empty(), "RST ends both directions: {:?}", datapath.flows());
+    assert!(
+        datapath.flows().is_empty(),
+        "RST ends both directions: {:?}",
+        datapath.flows()
+    );
     // The connection is gone: a late segment is not translated.
     let late = tcp(&inbound(), "A", b"late");
     let (code, out) = datapath.run(UPLINK_PROGRAM, &late).unwrap();
@@ -206,7 +260,9 @@ fn rst_ends_the_connection_and_fin_marks_it() {
 #[test]
 fn a_full_connection_table_sends_new_connections_to_the_kernel() {
     let mut datapath = nat_datapath(Some(2));
-    let (code, _) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    let (code, _) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+        .unwrap();
     assert_eq!(code, TC_ACT_REDIRECT, "the first connection fits");
     let mut second = inbound();
     second.ports.0 = CLIENT_PORT + 1;
@@ -215,7 +271,11 @@ fn a_full_connection_table_sends_new_connections_to_the_kernel() {
     assert_eq!(code, TC_ACT_UNSPEC, "the second is passed on, not dropped");
     assert_eq!(out, frame, "untouched");
     assert_eq!(datapath.verdict_count(Verdict::NatTableFull), 1);
-    assert_eq!(datapath.flows().len(), 2, "no half connection is left behind");
+    assert_eq!(
+        datapath.flows().len(),
+        2,
+        "no half connection is left behind"
+    );
 }
 
 #[test]
@@ -256,26 +316,48 @@ fn frames_nat_must_not_touch_pass_unchanged() {
 
     let cases: Vec<(&str, Vec<u8>, Option<Verdict>)> = vec![
         ("a port nobody published", tcp(&other_port, "S", &[]), None),
-        ("TCP without SYN, no connection", tcp(&inbound(), "A", b"data"), Some(Verdict::NatNotTranslated)),
-        ("SYN-ACK from outside", tcp(&inbound(), "SA", &[]), Some(Verdict::NatNotTranslated)),
+        (
+            "TCP without SYN, no connection",
+            tcp(&inbound(), "A", b"data"),
+            Some(Verdict::NatNotTranslated),
+        ),
+        (
+            "SYN-ACK from outside",
+            tcp(&inbound(), "SA", &[]),
+            Some(Verdict::NatNotTranslated),
+        ),
         ("first fragment", fragment, None),
         ("later fragment", later_fragment, None),
         ("IP options", options, None),
         ("TCP header cut short", tcp_cut, None),
-        ("TTL about to expire", tcp(&dying, "S", &[]), Some(Verdict::NatNotTranslated)),
+        (
+            "TTL about to expire",
+            tcp(&dying, "S", &[]),
+            Some(Verdict::NatNotTranslated),
+        ),
         ("ICMP error about a connection", icmp_error, None),
         ("IPv6", ipv6, None),
     ];
     for (case, frame, verdict) in cases {
         let before = verdict.map(|v| datapath.verdict_count(v));
-        let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap_or_else(|e| panic!("{case}: {e:?}"));
+        let (code, out) = datapath
+            .run(UPLINK_PROGRAM, &frame)
+            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
         assert_eq!(code, TC_ACT_UNSPEC, "{case}: must go on to the kernel");
         assert_frame(case, &out, &frame);
         if let (Some(verdict), Some(before)) = (verdict, before) {
-            assert_eq!(datapath.verdict_count(verdict), before + 1, "{case}: verdict {verdict:?}");
+            assert_eq!(
+                datapath.verdict_count(verdict),
+                before + 1,
+                "{case}: verdict {verdict:?}"
+            );
         }
     }
-    assert!(datapath.flows().is_empty(), "no connection was opened: {:?}", datapath.flows());
+    assert!(
+        datapath.flows().is_empty(),
+        "no connection was opened: {:?}",
+        datapath.flows()
+    );
 
     // A published port whose container is not on the bridge now: the kernel's.
     let mut datapath = Datapath::load(true, None);
@@ -284,6 +366,37 @@ fn frames_nat_must_not_touch_pass_unchanged() {
     let frame = tcp(&inbound(), "S", &[]);
     let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap();
     assert_eq!((code, out), (TC_ACT_UNSPEC, frame));
+}
+
+/// Connections carry the container's port with them; when the container leaves that port
+/// (stopped, restarted elsewhere, port recycled), they must not follow the port.
+#[test]
+fn a_connection_never_follows_a_port_its_container_left() {
+    let mut datapath = nat_datapath(None);
+    let (code, _) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+
+    // Another container now holds the port (the control plane rewrote its record).
+    const OTHER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x99];
+    datapath.add_endpoint(OTHER_MAC, CONTAINER_PORT_IFINDEX);
+    let segment = tcp(&inbound(), "A", b"for the old container");
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &segment).unwrap();
+    assert_eq!((code, out), (TC_ACT_UNSPEC, segment), "not delivered to the port's new container");
+    assert_eq!(datapath.verdict_count(Verdict::StaleEndpoint), 1);
+    assert!(datapath.flows().is_empty(), "the connection is over: {:?}", datapath.flows());
+
+    // The container came back on another port: the published port points there, and a
+    // (retransmitted) SYN opens the connection toward it.
+    const NEW_PORT: u32 = 12;
+    const NEW_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x03];
+    datapath.add_endpoint(NEW_MAC, NEW_PORT);
+    let (key, mut port) = published(IPPROTO_TCP, NEW_PORT);
+    port.container_mac = NEW_MAC;
+    datapath.publish(key, port);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &NEW_MAC, "delivered to the container's new port");
+    assert_eq!(datapath.port_stats(NEW_PORT).delivered_packets, 1, "{:?} {:?} {:?}", datapath.port_stats(NEW_PORT), datapath.port_stats(CONTAINER_PORT_IFINDEX), datapath.port_stats(1));
 }
 
 /// xorshift64*: deterministic, so a failure can be replayed.
@@ -336,15 +449,23 @@ fn random_and_mutated_frames_never_misdeliver() {
         for program in [UPLINK_PROGRAM, PORT_PROGRAM] {
             let connections = datapath.flows();
             // The kernel refuses some frames (IP shorter than an IP header): not the program's.
-            let Ok((code, out)) = datapath.run(program, &frame) else { continue };
+            let Ok((code, out)) = datapath.run(program, &frame) else {
+                continue;
+            };
             match code {
                 TC_ACT_OK | TC_ACT_UNSPEC => {
                     assert_frame(&format!("round {round}, {program}: passed"), &out, &frame)
                 }
                 TC_ACT_REDIRECT => {
                     translated += 1;
-                    let (dst_mac, dst_ip, dst_port) = (&out[0..6], &out[30..34], u16::from_be_bytes([out[36], out[37]]));
-                    let into_container = dst_mac == CONTAINER_MAC && dst_ip == CONTAINER_IP && dst_port == CONTAINER_PORT;
+                    let (dst_mac, dst_ip, dst_port) = (
+                        &out[0..6],
+                        &out[30..34],
+                        u16::from_be_bytes([out[36], out[37]]),
+                    );
+                    let into_container = dst_mac == CONTAINER_MAC
+                        && dst_ip == CONTAINER_IP
+                        && dst_port == CONTAINER_PORT;
                     // A reply goes back exactly where a connection came from (the frame that
                     // opened it may itself have been a mutated one).
                     let to_client = connections.iter().any(|(key, flow)| {
@@ -355,16 +476,24 @@ fn random_and_mutated_frames_never_misdeliver() {
                             && key.dst_port == out[34..36]
                     });
                     assert!(
-                        (program == UPLINK_PROGRAM && into_container) || (program == PORT_PROGRAM && to_client),
+                        (program == UPLINK_PROGRAM && into_container)
+                            || (program == PORT_PROGRAM && to_client),
                         "round {round}, {program}: redirected somewhere else\n in: {}\nout: {}",
                         show(&frame),
                         show(&out)
                     );
-                    assert_eq!(out[22], frame[22] - 1, "round {round}: TTL decremented once");
+                    assert_eq!(
+                        out[22],
+                        frame[22] - 1,
+                        "round {round}: TTL decremented once"
+                    );
                 }
                 other => panic!("round {round}, {program}: unexpected return code {other}"),
             }
         }
     }
-    assert!(translated > 100, "the mutations kept enough frames valid to exercise NAT ({translated})");
+    assert!(
+        translated > 100,
+        "the mutations kept enough frames valid to exercise NAT ({translated})"
+    );
 }

@@ -28,11 +28,19 @@ struct PinRoot {
 
 impl PinRoot {
     fn new(netns: &str) -> PinRoot {
-        PinRoot { path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))), netns: netns.to_owned() }
+        PinRoot {
+            path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))),
+            netns: netns.to_owned(),
+        }
     }
 
     fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.path.to_str().unwrap()];
+        let mut full = vec![
+            "-n",
+            self.netns.as_str(),
+            "--pin-root",
+            self.path.to_str().unwrap(),
+        ];
         full.extend_from_slice(args);
         full
     }
@@ -45,12 +53,41 @@ impl Drop for PinRoot {
     }
 }
 
-/// A TCP echo server in a namespace, answering every connection until the test ends.
-fn tcp_echo_server(ns: &NetNs, address: Ipv4Addr, port: u16) {
-    let listener = ns.run(|| TcpListener::bind((address, port))).unwrap().expect("bind the echo server");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
+/// A TCP echo server in a namespace; dropping it closes its socket, so the namespace can go.
+struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn tcp_echo_server(ns: &NetNs, address: Ipv4Addr, port: u16) -> EchoServer {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let listener = ns
+        .run(|| TcpListener::bind((address, port)))
+        .unwrap()
+        .expect("bind the echo server");
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let acceptor = std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok((mut stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             std::thread::spawn(move || {
                 let mut buffer = vec![0u8; 64 * 1024];
                 while let Ok(n) = stream.read(&mut buffer) {
@@ -61,11 +98,17 @@ fn tcp_echo_server(ns: &NetNs, address: Ipv4Addr, port: u16) {
             });
         }
     });
+    EchoServer {
+        stop,
+        acceptor: Some(acceptor),
+    }
 }
 
 /// One connection: send `bytes`, read them back, close. Err when the connection fails.
 fn exchange(client: &NetNs, to: SocketAddr, bytes: usize) -> std::io::Result<()> {
-    let mut stream = client.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2))).unwrap()?;
+    let mut stream = client
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+        .unwrap()?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let sent: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
     let writer = {
@@ -80,19 +123,30 @@ fn exchange(client: &NetNs, to: SocketAddr, bytes: usize) -> std::io::Result<()>
     stream.read_to_end(&mut received)?;
     writer.join().unwrap();
     if received != sent {
-        return Err(std::io::Error::other(format!("echo returned {} of {bytes} bytes, or other bytes", received.len())));
+        return Err(std::io::Error::other(format!(
+            "echo returned {} of {bytes} bytes, or other bytes",
+            received.len()
+        )));
     }
     Ok(())
 }
 
 fn verdict(pins: &PinRoot, name: &str) -> u64 {
-    let stats: serde_json::Value = serde_json::from_str(&xbr_ok(&pins.args(&["stats", "--json"]))).unwrap();
-    stats["verdicts"][0][name].as_u64().unwrap_or_else(|| panic!("no verdict {name}: {stats}"))
+    let stats: serde_json::Value =
+        serde_json::from_str(&xbr_ok(&pins.args(&["stats", "--json"]))).unwrap();
+    stats["verdicts"][0][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no verdict {name}: {stats}"))
 }
 
 fn tx_checksum_offload(netns: &str, device: &str) -> bool {
-    let output = Command::new("ip").args(["netns", "exec", netns, "ethtool", "-k", device]).output().unwrap();
-    String::from_utf8_lossy(&output.stdout).lines().any(|l| l.trim() == "tx-checksumming: on")
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns, "ethtool", "-k", device])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .any(|l| l.trim() == "tx-checksumming: on")
 }
 
 #[test]
@@ -103,37 +157,68 @@ fn a_published_port_is_served_through_xbr_alone() {
     let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
     let a = NetNs::open(&spec.container_netns("a")).unwrap();
     let pins = PinRoot::new(&host);
-    assert!(tx_checksum_offload(outside.name(), "eth0"), "the test wants CHECKSUM_PARTIAL frames from the client");
-    assert!(tx_checksum_offload(a.name(), "eth0"), "and from the container");
-    tcp_echo_server(&a, CONTAINER_A, 80);
+    assert!(
+        tx_checksum_offload(outside.name(), "eth0"),
+        "the test wants CHECKSUM_PARTIAL frames from the client"
+    );
+    assert!(
+        tx_checksum_offload(a.name(), "eth0"),
+        "and from the container"
+    );
+    let _server = tcp_echo_server(&a, CONTAINER_A, 80);
     let published = SocketAddr::from((HOST, 8080));
 
     // Nothing serves host:8080 before xbr: no NAT rule exists in the lab.
-    assert!(exchange(&outside, published, 10).is_err(), "host:8080 answered before anything was published");
+    assert!(
+        exchange(&outside, published, 10).is_err(),
+        "host:8080 answered before anything was published"
+    );
 
     xbr_ok(&pins.args(&["attach", "br0", "--uplink", "uplink0"]));
     xbr_ok(&pins.args(&["publish", "br0", "8080:10.77.0.2:80"]));
     for round in 0..100 {
-        exchange(&outside, published, 1000).unwrap_or_else(|e| panic!("connection {round} through the published port: {e}"));
+        exchange(&outside, published, 1000)
+            .unwrap_or_else(|e| panic!("connection {round} through the published port: {e}"));
     }
     // Large transfers: GSO segments and partial checksums both ways.
     exchange(&outside, published, 4 << 20).expect("4 MiB through the published port");
     let nat_in = verdict(&pins, "nat_in");
-    assert!(nat_in > 100 * 3, "the connections went through xbr's NAT ({nat_in} frames in)");
+    assert!(
+        nat_in > 100 * 3,
+        "the connections went through xbr's NAT ({nat_in} frames in)"
+    );
     assert!(verdict(&pins, "nat_out") > 100 * 3);
 
-    let status: serde_json::Value = serde_json::from_str(&xbr_ok(&pins.args(&["status", "--json"]))).unwrap();
-    assert_eq!(status["bridges"][0]["published"][0]["spec"], "8080:10.77.0.2:80/tcp", "{status}");
+    let status: serde_json::Value =
+        serde_json::from_str(&xbr_ok(&pins.args(&["status", "--json"]))).unwrap();
+    assert_eq!(
+        status["bridges"][0]["published"][0]["spec"], "8080:10.77.0.2:80/tcp",
+        "{status}"
+    );
     assert_eq!(status["bridges"][0]["uplinks"][0], "uplink0", "{status}");
 
     xbr_ok(&pins.args(&["unpublish", "br0", "8080:10.77.0.2:80"]));
-    assert!(exchange(&outside, published, 10).is_err(), "host:8080 still answers after unpublish");
+    assert!(
+        exchange(&outside, published, 10).is_err(),
+        "host:8080 still answers after unpublish"
+    );
 
     // Published again, then detached: gone again.
     xbr_ok(&pins.args(&["publish", "br0", "8080:10.77.0.2:80"]));
     exchange(&outside, published, 10).expect("published again");
     xbr_ok(&pins.args(&["detach", "br0"]));
-    assert!(exchange(&outside, published, 10).is_err(), "host:8080 still answers after detach");
+    assert!(
+        exchange(&outside, published, 10).is_err(),
+        "host:8080 still answers after detach; programs on uplink0: {:?}; listening in {host}: {}",
+        xbr_tests::witness::tc_programs(&host, "uplink0"),
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "exec", &host, "ss", "-ltnp"])
+                .output()
+                .unwrap()
+                .stdout
+        )
+    );
     assert!(!pins.path.exists());
 }
 
@@ -149,17 +234,31 @@ fn a_published_udp_port_answers_and_bad_publish_requests_change_nothing() {
 
     let (code, _, stderr) = xbr(&pins.args(&["publish", "br0", "5353:10.77.0.99:53/udp"]));
     assert_eq!(code, 1);
-    assert!(stderr.contains("no container on bridge br0 has address 10.77.0.99"), "{stderr}");
+    assert!(
+        stderr.contains("no container on bridge br0 has address 10.77.0.99"),
+        "{stderr}"
+    );
     let (code, _, stderr) = xbr(&pins.args(&["publish", "br0", "5353:53"]));
     assert_eq!(code, 2, "clap rejects a malformed spec");
-    assert!(stderr.contains("HOSTPORT:CONTAINERIP:CONTAINERPORT"), "{stderr}");
+    assert!(
+        stderr.contains("HOSTPORT:CONTAINERIP:CONTAINERPORT"),
+        "{stderr}"
+    );
     let (code, _, stderr) = xbr(&pins.args(&["unpublish", "br0", "5353:10.77.0.3:53/udp"]));
     assert_eq!(code, 1);
-    assert!(stderr.contains("is not published on bridge br0"), "{stderr}");
+    assert!(
+        stderr.contains("is not published on bridge br0"),
+        "{stderr}"
+    );
 
     xbr_ok(&pins.args(&["publish", "br0", "10.78.0.1:5353:10.77.0.3:53/udp"]));
-    let server = b.run(|| UdpSocket::bind(("10.77.0.3", 53))).unwrap().unwrap();
-    server.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let server = b
+        .run(|| UdpSocket::bind(("10.77.0.3", 53)))
+        .unwrap()
+        .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let answer = std::thread::spawn(move || {
         let mut buffer = [0u8; 2048];
         let mut answered = 0;
@@ -170,17 +269,92 @@ fn a_published_udp_port_answers_and_bad_publish_requests_change_nothing() {
         }
         answered
     });
-    let client = outside.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap().unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let client = outside
+        .run(|| UdpSocket::bind(("0.0.0.0", 0)))
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     for (i, size) in [1usize, 3, 512, 1401].into_iter().enumerate() {
         let datagram: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
         client.send_to(&datagram, ("10.78.0.1", 5353)).unwrap();
         let mut buffer = [0u8; 2048];
-        let (n, from) = client.recv_from(&mut buffer).unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
-        assert_eq!(from, SocketAddr::from((HOST, 5353)), "the answer comes from the published address");
+        let (n, from) = client
+            .recv_from(&mut buffer)
+            .unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
+        assert_eq!(
+            from,
+            SocketAddr::from((HOST, 5353)),
+            "the answer comes from the published address"
+        );
         let mut want = datagram.clone();
         want.reverse();
         assert_eq!(&buffer[..n], &want[..]);
     }
     assert_eq!(answer.join().unwrap(), 4);
+}
+
+#[test]
+fn a_published_port_follows_its_container_to_a_new_port() {
+    use xbr_tests::{lab_support::ExtraContainers, witness::Follower};
+    let lab = LabBuilder::three_containers().with_uplink().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
+    let pins = PinRoot::new(&host);
+    let published = SocketAddr::from((HOST, 8080));
+    // The container behind 10.77.0.50 starts, stops, and starts again on another port
+    // with another MAC, as a restarted container does.
+    let mut extra = ExtraContainers::new(&spec);
+    let first = format!("{}-web1", spec.name);
+    extra.add(&first, "veth-web1", "02:77:00:00:05:01", "10.77.0.50/24");
+    let first_server = tcp_echo_server(
+        &NetNs::open(&first).unwrap(),
+        Ipv4Addr::new(10, 77, 0, 50),
+        80,
+    );
+    xbr_ok(&pins.args(&["attach", "br0", "--uplink", "uplink0"]));
+    xbr_ok(&pins.args(&["publish", "br0", "8080:10.77.0.50:80"]));
+    let _follower = Follower::start(&host, &pins.path, "br0", &[]);
+    let serve = |what: &str| {
+        let started = std::time::Instant::now();
+        while exchange(&outside, published, 100).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{what}: the published port does not answer\n{}\n{}",
+                xbr_ok(&pins.args(&["status"])),
+                xbr_ok(&pins.args(&["stats"]))
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    serve("first container");
+    drop(first_server);
+    extra.remove(&first);
+    let second = format!("{}-web2", spec.name);
+    extra.add(&second, "veth-web2", "02:77:00:00:05:02", "10.77.0.50/24");
+    let _second_server = tcp_echo_server(
+        &NetNs::open(&second).unwrap(),
+        Ipv4Addr::new(10, 77, 0, 50),
+        80,
+    );
+    serve("restarted container");
+    let status: serde_json::Value =
+        serde_json::from_str(&xbr_ok(&pins.args(&["status", "--json"]))).unwrap();
+    let port_ifindex = status["bridges"][0]["published"][0]["container_port_ifindex"]
+        .as_u64()
+        .unwrap();
+    let web2 = status["bridges"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "veth-web2")
+        .unwrap_or_else(|| panic!("no port veth-web2: {status}"));
+    assert_eq!(Some(port_ifindex), web2["ifindex"].as_u64(), "{status}");
+    let ports = status["bridges"][0]["ports"].as_array().unwrap();
+    assert!(
+        ports.iter().all(|p| p["name"] != "veth-web1"),
+        "the first container's port is gone: {status}"
+    );
 }
