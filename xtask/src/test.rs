@@ -61,8 +61,11 @@ impl Summary {
         let counts = line.strip_prefix("test result: ")?.split_once(". ")?.1;
         let mut summary = Summary::default();
         for part in counts.split("; ") {
-            let (number, what) = part.split_once(' ')?;
-            let number: u64 = number.parse().ok()?;
+            // "finished in 3.59s" has no count.
+            let Some((Ok(number), what)) = part.split_once(' ').map(|(n, w)| (n.parse::<u64>(), w))
+            else {
+                continue;
+            };
             match what {
                 "passed" => summary.passed = number,
                 "failed" => summary.failed = number,
