@@ -98,6 +98,31 @@ pub fn wait_settled(spec: &LabSpec) {
     }
 }
 
+/// Waits until every port of the lab's bridge is forwarding (carrier detection runs late on
+/// a busy machine, and the bridge forwards nothing on a port before that), up to `limit`.
+pub fn wait_ports_forwarding(spec: &LabSpec, limit: Duration) {
+    let host = spec.host_netns();
+    let deadline = Instant::now() + limit;
+    loop {
+        let output = Command::new("bridge")
+            .args(["-n", &host, "-j", "link", "show"])
+            .output()
+            .expect("run bridge");
+        let ports: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let ports = ports.as_array().cloned().unwrap_or_default();
+        let waiting = ports.iter().filter(|p| p["state"] != "forwarding").count();
+        if ports.len() >= spec.containers.len() && waiting == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} ports of {} in {host} are not forwarding after {limit:?}",
+            spec.bridge.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Namespace names `ip netns list` shows.
 pub fn netns_list() -> Vec<String> {
     let listing = run("ip", &["netns", "list"]);

@@ -509,3 +509,68 @@ impl UdpStream {
         (sent, received)
     }
 }
+
+/// A pin root of a test's own (parallel tests never share one) for `xbr -n NETNS`; the bridge
+/// `br0` is detached and the root removed on drop, on every path.
+pub struct PinRoot {
+    pub path: PathBuf,
+    pub netns: String,
+}
+
+impl PinRoot {
+    pub fn new(netns: &str) -> PinRoot {
+        let path = PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            crate::lab_support::unique_name("xbrtest")
+        ));
+        PinRoot {
+            path,
+            netns: netns.to_owned(),
+        }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("UTF-8 pin root")
+    }
+
+    /// `-n NETNS --pin-root ROOT ARGS...`
+    pub fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.arg()];
+        full.extend_from_slice(args);
+        full
+    }
+
+    /// `xbr -n NETNS --pin-root ROOT ARGS...` as (code, stdout, stderr).
+    pub fn xbr(&self, args: &[&str]) -> (i32, String, String) {
+        xbr(&self.args(args))
+    }
+
+    pub fn xbr_ok(&self, args: &[&str]) -> String {
+        xbr_ok(&self.args(args))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.xbr_ok(&["status", "--json"])).expect("status --json")
+    }
+
+    /// Endpoint MAC per port name, from `xbr status --json`.
+    pub fn endpoints(&self) -> std::collections::BTreeMap<String, String> {
+        let status = self.status();
+        let mut endpoints = std::collections::BTreeMap::new();
+        for bridge in status["bridges"].as_array().into_iter().flatten() {
+            for port in bridge["ports"].as_array().into_iter().flatten() {
+                if let Some(mac) = port["endpoint_mac"].as_str() {
+                    endpoints.insert(port["name"].as_str().unwrap().to_owned(), mac.to_owned());
+                }
+            }
+        }
+        endpoints
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        xbr_quietly(&self.args(&["detach", "br0"]));
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

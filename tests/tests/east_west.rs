@@ -3,65 +3,18 @@
 //! crosses the bridge (an nftables bridge-family counter says so, not xbr); ARP still does.
 //! After `xbr detach` nothing of xbr is left and traffic crosses the bridge again.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::net::Ipv4Addr;
 
 use xbr::{lab::LabSpec, netns::NetNs};
 use xbr_tests::{
     lab_support::{LabBuilder, assert_ping, ip_in, unique_name},
     witness::{
-        BridgeForwardCounter, tc_ingress_filters, tc_programs, tc_qdiscs, tcp_echo, udp_echo, xbr,
-        xbr_ok, xbr_quietly,
+        BridgeForwardCounter, PinRoot, tc_ingress_filters, tc_programs, tc_qdiscs, tcp_echo,
+        udp_echo, xbr, xbr_ok,
     },
 };
 
 const PORTS: [&str; 3] = ["veth-a", "veth-b", "veth-c"];
-
-/// A pin root of this test's own (so parallel tests never share one), detached and removed
-/// on drop, on every path.
-struct PinRoot {
-    path: PathBuf,
-    netns: String,
-}
-
-impl PinRoot {
-    fn new(netns: &str) -> PinRoot {
-        PinRoot {
-            path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))),
-            netns: netns.to_owned(),
-        }
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().unwrap()
-    }
-
-    /// `xbr -n NETNS --pin-root ROOT ARGS...` as (code, stdout, stderr).
-    fn xbr(&self, args: &[&str]) -> (i32, String, String) {
-        let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.arg()];
-        full.extend_from_slice(args);
-        xbr(&full)
-    }
-
-    fn xbr_ok(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.arg()];
-        full.extend_from_slice(args);
-        xbr_ok(&full)
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        xbr_quietly(&[
-            "-n",
-            &self.netns,
-            "--pin-root",
-            self.path.to_str().unwrap(),
-            "detach",
-            "br0",
-        ]);
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 struct Containers {
     spec: LabSpec,

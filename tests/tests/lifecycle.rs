@@ -2,77 +2,15 @@
 //! that come and go, never delivers a frame to the wrong namespace, survives its own restart
 //! (the pins carry the datapath), and stops cleanly on detach and on bridge deletion.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use xbr::netns::NetNs;
 use xbr_tests::{
-    lab_support::{ExtraContainers, LabBuilder, ip_in, unique_name},
+    lab_support::{ExtraContainers, LabBuilder, ip_in},
     witness::{
-        BridgeForwardCounter, Follower, IngressCounter, UdpStream, tc_programs, tcp_echo, xbr_ok,
-        xbr_quietly,
+        BridgeForwardCounter, Follower, IngressCounter, PinRoot, UdpStream, tc_programs, tcp_echo,
     },
 };
-
-/// A pin root of this test's own, detached and removed on drop.
-struct PinRoot {
-    path: PathBuf,
-    netns: String,
-}
-
-impl PinRoot {
-    fn new(netns: &str) -> PinRoot {
-        PinRoot {
-            path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))),
-            netns: netns.to_owned(),
-        }
-    }
-
-    fn xbr_ok(&self, args: &[&str]) -> String {
-        let mut full = vec![
-            "-n",
-            self.netns.as_str(),
-            "--pin-root",
-            self.path.to_str().unwrap(),
-        ];
-        full.extend_from_slice(args);
-        xbr_ok(&full)
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.xbr_ok(&["status", "--json"])).expect("status --json")
-    }
-
-    /// Endpoint MAC per port name, from `xbr status --json`.
-    fn endpoints(&self) -> std::collections::BTreeMap<String, String> {
-        let status = self.status();
-        let mut endpoints = std::collections::BTreeMap::new();
-        for bridge in status["bridges"].as_array().into_iter().flatten() {
-            for port in bridge["ports"].as_array().into_iter().flatten() {
-                if let Some(mac) = port["endpoint_mac"].as_str() {
-                    endpoints.insert(port["name"].as_str().unwrap().to_owned(), mac.to_owned());
-                }
-            }
-        }
-        endpoints
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        xbr_quietly(&[
-            "-n",
-            &self.netns,
-            "--pin-root",
-            self.path.to_str().unwrap(),
-            "detach",
-            "br0",
-        ]);
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
@@ -421,6 +359,7 @@ fn a_thousand_endpoints() {
     eprintln!("lab of {count} containers up in {:?}", started.elapsed());
     let host = lab.spec().host_netns();
     let pins = PinRoot::new(&host);
+    xbr_tests::lab_support::wait_ports_forwarding(lab.spec(), Duration::from_secs(60));
 
     let mode = std::env::var("XBR_SCALE_MODE").unwrap_or_else(|_| "auto".to_owned());
     let started = Instant::now();

@@ -7,51 +7,18 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
 
 use xbr::netns::NetNs;
 use xbr_tests::{
-    lab_support::{LabBuilder, unique_name},
-    witness::{xbr, xbr_ok, xbr_quietly},
+    lab_support::LabBuilder,
+    witness::{PinRoot, xbr, xbr_ok},
 };
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const CONTAINER_A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-
-struct PinRoot {
-    path: PathBuf,
-    netns: String,
-}
-
-impl PinRoot {
-    fn new(netns: &str) -> PinRoot {
-        PinRoot {
-            path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrtest"))),
-            netns: netns.to_owned(),
-        }
-    }
-
-    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut full = vec![
-            "-n",
-            self.netns.as_str(),
-            "--pin-root",
-            self.path.to_str().unwrap(),
-        ];
-        full.extend_from_slice(args);
-        full
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        xbr_quietly(&self.args(&["detach", "br0"]));
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 /// A TCP echo server in a namespace; dropping it closes its socket, so the namespace can go.
 struct EchoServer {
