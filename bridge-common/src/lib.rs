@@ -196,6 +196,8 @@ pub struct PublishedPort {
     pub container_ip: [u8; 4],
     /// Network byte order.
     pub container_port: [u8; 2],
+    /// Byte 0: who published the port (`PublishedPort::BY_DOCKER`, or 0 for `xbr publish`);
+    /// the datapath never reads it. Byte 1: padding.
     pub _pad: [u8; 2],
     /// Host-side ifindex of the container's bridge port (0: container not found now, so
     /// the kernel path serves the port).
@@ -204,6 +206,16 @@ pub struct PublishedPort {
     /// The source MAC of frames delivered into the container: the bridge's, as if routed
     /// by the host.
     pub gateway_mac: [u8; 6],
+}
+
+impl PublishedPort {
+    /// In `_pad[0]`: the entry mirrors a Docker port binding, so the Docker sync may remove
+    /// it; entries without it came from `xbr publish` and are left alone.
+    pub const BY_DOCKER: u8 = 1;
+
+    pub fn by_docker(&self) -> bool {
+        self._pad[0] & Self::BY_DOCKER != 0
+    }
 }
 
 /// `NAT_FLOWS` key: a connection as one direction sees it (source, then destination).

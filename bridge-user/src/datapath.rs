@@ -311,11 +311,7 @@ impl Pinned {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(|e| Error::ebpf("reading the ports map", e))?;
-        let wanted_mac: BTreeMap<u32, [u8; 6]> = plan
-            .endpoints
-            .iter()
-            .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
-            .collect();
+        let wanted_mac = &plan.port_macs;
         let wanted: BTreeMap<u32, &PlannedPort> =
             plan.ports.iter().map(|p| (p.ifindex, p)).collect();
 

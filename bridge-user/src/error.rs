@@ -36,6 +36,15 @@ pub enum Error {
     UplinkNotFound(String),
     #[error("{0}")]
     Publish(String),
+    /// Docker was asked for (`--docker on`) but cannot be used; the message says what to do.
+    #[error("{0}")]
+    DockerUnavailable(String),
+    #[error("docker: {context}: {source}")]
+    Docker {
+        context: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
     #[error("xbr needs root (CAP_NET_ADMIN and CAP_BPF); run it with sudo")]
     NotRoot,
     #[error("cannot use bpffs at {}: {reason}; mount it with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-root on a bpffs", path.display())]
@@ -83,6 +92,13 @@ impl Error {
 
     pub fn netlink(context: impl Into<String>, source: rtnetlink::Error) -> Self {
         Error::Netlink {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn docker(context: impl Into<String>, source: bollard::errors::Error) -> Self {
+        Error::Docker {
             context: context.into(),
             source,
         }

@@ -1,7 +1,8 @@
 //! Follow: after attach, stay and keep the bridge's pinned datapath in step with the kernel.
 //! Every netlink event (links here and in the containers' namespaces, FDB changes) triggers
-//! the same observe -> plan -> reconcile that attach runs. The follower owns nothing the
-//! datapath needs: killing it leaves traffic flowing on the pins.
+//! the same observe -> plan -> reconcile that attach runs; on a Docker bridge, so do Docker's
+//! events and iptables changes, and each reconcile also syncs Docker's published ports. The
+//! follower owns nothing the datapath needs: killing it leaves traffic flowing on the pins.
 
 use std::{
     net::SocketAddr,
@@ -16,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{Detached, Pinned},
+    docker::{self, DockerBridge},
     error::{Error, Result},
     metrics::{FollowMetrics, serve_metrics},
     observe::{self, Detail},
@@ -34,6 +36,8 @@ pub struct FollowOptions {
     pub metrics: Option<SocketAddr>,
     /// A full reconcile this often even without events: a safety net for missed events.
     pub resync: Duration,
+    /// Mirror this Docker network: its published ports and what its firewall lets through.
+    pub docker: Option<DockerBridge>,
 }
 
 /// Why the follower stopped.
@@ -96,6 +100,10 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
     let mut pin_check = tokio::time::interval(PIN_CHECK);
     let mut resync = tokio::time::interval(options.resync);
     resync.reset();
+    let mut docker = match options.docker {
+        Some(bridge) => Some(docker::Follow::start(bridge).await),
+        None => None,
+    };
     info!(bridge = %pinned.bridge, "following the bridge; Ctrl-C stops following and leaves the datapath in place");
 
     let mut dirty = true;
@@ -119,7 +127,9 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
             if !pinned.dir.exists() {
                 return Ok(Stopped::Detached);
             }
-            if reconcile(&handle, &mut pinned, &metrics).await? == Outcome::BridgeGone {
+            if reconcile(&handle, &mut pinned, &metrics, docker.as_mut()).await?
+                == Outcome::BridgeGone
+            {
                 // Deleting a bridge releases its ports with our programs still on them.
                 return Ok(Stopped::BridgeDeleted(pinned.detach()?));
             }
@@ -129,8 +139,9 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
                 Some(_) => dirty = true,
                 None => return Err(Error::io("netlink events", std::io::ErrorKind::UnexpectedEof.into())),
             },
-            _ = terminate.recv() => return Ok(Stopped::Signal),
-            _ = interrupt.recv() => return Ok(Stopped::Signal),
+            _ = terminate.recv() => return Ok(stop(&mut pinned, &docker)),
+            _ = interrupt.recv() => return Ok(stop(&mut pinned, &docker)),
+            _ = docker::changed(&mut docker) => dirty = true,
             _ = pin_check.tick() => {
                 if let Some(logs) = ebpf_logs.as_mut() {
                     logs.flush();
@@ -144,10 +155,26 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
                 if ended > 0 {
                     info!(ended, "retired closed or idle NATed connections");
                 }
+                if let Some(docker) = docker.as_mut() {
+                    docker.subscribe().await;
+                }
                 dirty = true;
             }
         }
     }
+}
+
+/// Stopping on a signal: Docker's published ports go back to Docker's path, since nothing
+/// would keep them current; the rest of the datapath stays.
+fn stop(pinned: &mut Pinned, docker: &Option<docker::Follow>) -> Stopped {
+    if docker.is_some() {
+        let withdrawn = pinned.withdraw_docker_published();
+        info!(
+            withdrawn,
+            "Docker's published ports take Docker's path again (established connections stay)"
+        );
+    }
+    Stopped::Signal
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -157,15 +184,16 @@ enum Outcome {
     BridgeGone,
 }
 
-/// One observe -> plan -> reconcile.
+/// One observe -> plan -> reconcile (and, with Docker, a sync of its published ports).
 async fn reconcile(
     handle: &rtnetlink::Handle,
     pinned: &mut Pinned,
     metrics: &FollowMetrics,
+    docker: Option<&mut docker::Follow>,
 ) -> Result<Outcome> {
     let started = Instant::now();
     // Container addresses are read only when published ports need them.
-    let detail = if pinned.has_published() {
+    let detail = if pinned.has_published() || docker.is_some() {
         Detail::Addresses
     } else {
         Detail::Macs
@@ -181,7 +209,15 @@ async fn reconcile(
             return Ok(Outcome::Continue);
         }
     };
-    let plan = plan::plan(&view)?;
+    let docker = match docker {
+        Some(docker) => Some(docker.observe().await),
+        None => None,
+    };
+    let policy = docker
+        .as_ref()
+        .map(|d| d.policy.clone())
+        .unwrap_or_default();
+    let plan = plan::plan_with(&view, &policy)?;
     match pinned.reconcile(&plan, false) {
         Ok(changes) => {
             metrics.reconciled(started.elapsed());
@@ -202,6 +238,20 @@ async fn reconcile(
         Err(error) => {
             metrics.error();
             warn!(%error, "reconcile failed; retrying on the next event");
+        }
+    }
+    if let Some(state) = &docker {
+        match docker::apply(pinned, state, &plan, true) {
+            Ok(synced) if !synced.is_empty() => info!(
+                added = ?synced.added.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                removed = ?synced.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "synced Docker's published ports"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                metrics.error();
+                warn!(%error, "syncing Docker's published ports failed; retrying on the next event");
+            }
         }
     }
     Ok(Outcome::Continue)

@@ -6,6 +6,7 @@
 
 pub mod bpf_link;
 pub mod datapath;
+pub mod docker;
 pub mod error;
 pub mod features;
 pub mod follow;

@@ -80,6 +80,15 @@ enum Command {
             requires = "follow"
         )]
         resync: u64,
+        /// Mirror Docker when a Docker network owns BRIDGE (`auto`: when Docker's socket,
+        /// DOCKER_HOST or /var/run/docker.sock, answers and one of its networks uses the
+        /// bridge). Then the network's enable_icc=false and the iptables rules on the
+        /// forwarding path (DOCKER-USER rules, FORWARD rules for the bridge) keep the traffic
+        /// they apply to on the kernel path, and `xbr status` says so; with --follow, the ports
+        /// Docker publishes (`docker run -p`) are published here too and follow containers
+        /// starting and stopping. `on` fails when Docker cannot be used; `off` never asks it.
+        #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
+        docker: xbr::docker::DockerChoice,
         #[command(flatten)]
         output: Output,
     },
@@ -187,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             metrics,
             resync,
+            docker,
             output,
         } => {
             let features = features::detect();
@@ -196,11 +206,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     detail: format!("kernel {} refused a test program", features.kernel),
                 });
             }
-            let view = netlink::run(|handle| async move {
-                observe::bridge(&handle, &bridge, observe::Detail::Macs).await
-            })??;
-            let plan = plan::plan(&view)?;
-            let first_attach = datapath::Pinned::open(root, &plan.bridge).is_err();
+            let docker = xbr::docker::find(docker, &bridge)?;
+            let docker_state = docker.as_ref().map(|d| d.observe_blocking()).transpose()?;
+            let existing = datapath::Pinned::open(root, &bridge).ok();
+            let first_attach = existing.is_none();
+            // Published ports follow their containers, whose addresses cost a request each.
+            let detail = match existing {
+                Some(pinned) if pinned.has_published() => observe::Detail::Addresses,
+                _ if docker.is_some() => observe::Detail::Addresses,
+                _ => observe::Detail::Macs,
+            };
+            let view =
+                netlink::run(
+                    |handle| async move { observe::bridge(&handle, &bridge, detail).await },
+                )??;
+            let policy = docker_state.as_ref().map(|d| d.policy.clone());
+            let plan = plan::plan_with(&view, &policy.unwrap_or_default())?;
             let uplinks = netlink::run(|handle| async move {
                 let names = if uplinks.is_empty() && first_attach {
                     observe::default_route_interfaces(&handle).await?
@@ -210,7 +231,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 observe::uplinks(&handle, &names).await
             })??;
             let attached = datapath::attach(&plan, &uplinks, mode, &features, root)?;
-            report::attached(&plan, &attached, &features, output.json)?;
+            let synced = match &docker_state {
+                Some(state) => {
+                    let mut pinned = datapath::Pinned::open(root, &plan.bridge)?;
+                    let synced = xbr::docker::apply(&mut pinned, state, &plan, follow)?;
+                    Some((state, synced))
+                }
+                None => None,
+            };
+            report::attached(&plan, &attached, &features, synced, output.json)?;
             if !follow {
                 return Ok(());
             }
@@ -218,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = xbr::follow::FollowOptions {
                 metrics,
                 resync: std::time::Duration::from_secs(resync.max(1)),
+                docker,
             };
             match xbr::follow::follow(pinned, options)? {
                 Stopped::Signal => {
@@ -276,11 +306,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report::detached(&bridge, &detached, output.json)
         }
         Command::Status { bridge, output } => {
-            let attachments = read_attachments(root, bridge.as_deref())?;
+            let attachments = read_attachments(root, bridge.as_deref(), true)?;
             report::status(&attachments, &features::detect(), output.json)
         }
         Command::Stats { bridge, output } => {
-            let attachments = read_attachments(root, bridge.as_deref())?;
+            let attachments = read_attachments(root, bridge.as_deref(), false)?;
             report::stats(&attachments, output.json)
         }
         Command::Lab(_) => unreachable!("handled above"),
@@ -288,11 +318,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and
-/// what is not accelerated); `None` when the bridge is gone.
+/// what is not accelerated); `None` when the bridge is gone. `with_docker`: also what Docker
+/// and the firewall say about it, where a Docker network owns it.
 fn read_attachments(
     root: &std::path::Path,
     only: Option<&str>,
-) -> anyhow::Result<Vec<(datapath::Attachment, Option<observe::BridgeView>)>> {
+    with_docker: bool,
+) -> anyhow::Result<Vec<report::Observed>> {
     let names = match only {
         Some(name) => vec![name.to_owned()],
         None => pins::attached_bridges(root)?,
@@ -300,11 +332,12 @@ fn read_attachments(
     let mut attachments = Vec::new();
     for name in names {
         let attachment = datapath::read(root, &name)?;
+        let docker = with_docker.then(|| xbr::docker::status(&name)).flatten();
         let view = netlink::run(|handle| async move {
             observe::bridge(&handle, &name, observe::Detail::Addresses).await
         })?
         .ok();
-        attachments.push((attachment, view));
+        attachments.push((attachment, view, docker));
     }
     Ok(attachments)
 }

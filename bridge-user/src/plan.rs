@@ -18,6 +18,10 @@ pub struct Plan {
     pub ports: Vec<PlannedPort>,
     /// Destination MAC -> port, for ports the bridge would forward to.
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
+    /// Port -> the container MAC it holds (its record's `endpoint_mac`): the endpoints, and
+    /// also the ports the policy keeps out of `endpoints`, whose containers still get their
+    /// published ports.
+    pub port_macs: BTreeMap<u32, [u8; 6]>,
     /// Ports (or their MACs) left to the bridge, and why.
     pub skipped: Vec<Skipped>,
     /// Containers' IPv4 addresses -> (bridge port, container MAC), for published ports;
@@ -25,6 +29,19 @@ pub struct Plan {
     pub containers: Option<BTreeMap<std::net::Ipv4Addr, (u32, [u8; 6])>>,
     /// The bridge's MAC: the source MAC of frames NAT delivers into a container.
     pub bridge_mac: [u8; 6],
+    /// Traffic classes the kernel path's own rules keep off the fast path.
+    pub policy: Policy,
+}
+
+/// Traffic classes that must take the kernel path, each with the reason (Docker's
+/// `enable_icc=false`, a DOCKER-USER rule, ...): xbr never delivers what the kernel path would
+/// drop. Empty (the default): everything the datapath understands is accelerated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Container to container on the bridge: no endpoints, every frame takes the bridge.
+    pub east_west: Option<String>,
+    /// Connections from outside to published ports (those the Docker sync mirrors).
+    pub published: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +57,13 @@ pub struct Skipped {
 }
 
 pub fn plan(view: &BridgeView) -> Result<Plan> {
+    plan_with(view, &Policy::default())
+}
+
+/// `plan` under `policy`: with east-west traffic kept on the bridge, the ports still get the
+/// program (it translates replies of published ports) and containers are still found for
+/// published ports, but no MAC becomes an endpoint.
+pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
     if view.vlan_filtering {
         return Err(Error::VlanFiltering(view.name.clone()));
     }
@@ -125,14 +149,23 @@ pub fn plan(view: &BridgeView) -> Result<Plan> {
         }
         containers
     });
+    let port_macs = endpoints
+        .iter()
+        .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
+        .collect();
+    if policy.east_west.is_some() {
+        endpoints.clear();
+    }
     Ok(Plan {
         bridge: view.name.clone(),
         bridge_ifindex: view.ifindex,
         ports,
         endpoints,
+        port_macs,
         skipped,
         containers,
         bridge_mac: view.mac,
+        policy: policy.clone(),
     })
 }
 
@@ -247,6 +280,36 @@ mod tests {
     fn multicast_peer_mac_is_no_endpoint() {
         let plan = plan(&bridge(vec![veth("veth-a", 10, [0x01, 0, 0x5e, 0, 0, 1])])).unwrap();
         assert!(plan.endpoints.is_empty());
+    }
+
+    #[test]
+    fn east_west_off_leaves_no_endpoint_but_keeps_ports_and_containers() {
+        let mut a = veth("veth-a", 10, MAC_A);
+        a.peer.as_mut().unwrap().addresses = vec!["10.77.0.2".parse().unwrap()];
+        let mut view = bridge(vec![a, veth("veth-b", 11, MAC_B)]);
+        view.addresses_read = true;
+        let policy = Policy {
+            east_west: Some("enable_icc=false".to_owned()),
+            published: None,
+        };
+        let plan = plan_with(&view, &policy).unwrap();
+        assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
+        assert_eq!(
+            plan.ports.len(),
+            2,
+            "replies of published ports still need the program"
+        );
+        assert_eq!(
+            plan.port_macs,
+            BTreeMap::from([(10, MAC_A), (11, MAC_B)]),
+            "the port records keep their MACs: NAT delivers only to a port that holds one"
+        );
+        assert_eq!(
+            plan.containers.unwrap()[&"10.77.0.2".parse().unwrap()],
+            (10, MAC_A),
+            "published ports still find their container"
+        );
+        assert_eq!(plan.policy, policy);
     }
 
     #[test]

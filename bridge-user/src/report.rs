@@ -6,13 +6,15 @@ use bridge_common::{AttachMode, EndpointKey, PortStats};
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name},
+    docker::{DockerState, Synced},
     features::Features,
     observe::{BridgeView, format_mac},
-    plan::{Plan, plan},
+    plan::{Plan, Policy, plan},
     publish::{PublishSpec, Published},
 };
 
-type Observed = (Attachment, Option<BridgeView>);
+/// An attachment, its bridge now (`None`: gone), and Docker's view of it (where Docker owns it).
+pub type Observed = (Attachment, Option<BridgeView>, Option<DockerState>);
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -27,15 +29,55 @@ fn redirect_name(redirect_peer: bool) -> &'static str {
     }
 }
 
+/// The traffic classes a policy keeps on the kernel path, as (class, reason).
+fn held_back(policy: &Policy) -> Vec<(&'static str, &str)> {
+    let mut held = Vec::new();
+    if let Some(reason) = &policy.east_west {
+        held.push(("east-west traffic", reason.as_str()));
+    }
+    if let Some(reason) = &policy.published {
+        held.push(("Docker's published ports", reason.as_str()));
+    }
+    held
+}
+
+fn policy_json(policy: &Policy) -> Value {
+    json!({ "east_west": policy.east_west, "published": policy.published })
+}
+
+fn docker_json(state: &DockerState) -> Value {
+    json!({
+        "network": state.network.name,
+        "network_id": state.network.id,
+        "enable_icc": state.network.icc,
+        "published": state.ports.specs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "left_to_docker": state.ports.skipped,
+        "policy": policy_json(&state.policy),
+    })
+}
+
 pub fn attached(
     plan: &Plan,
     attached: &Attached,
     features: &Features,
+    docker: Option<(&DockerState, Synced)>,
     as_json: bool,
 ) -> anyhow::Result<()> {
     let mode = mode_name(attached.mode as u32);
     if as_json {
+        let docker = docker.as_ref().map(|(state, synced)| {
+            let mut value = docker_json(state);
+            value["synced"] = json!({
+                "added": synced.added.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "removed": synced.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "held_by_xbr_publish": synced.held_by_user.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "mirrored": synced.mirrored,
+            });
+            value
+        });
         return print_json(&json!({
+            "policy": policy_json(&plan.policy),
+            "docker": docker,
             "bridge": plan.bridge,
             "created": attached.created,
             "mode": mode,
@@ -61,6 +103,30 @@ pub fn attached(
     );
     for skipped in &plan.skipped {
         println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
+    }
+    for (class, reason) in held_back(&plan.policy) {
+        println!("  not accelerated: {class}: {reason}");
+    }
+    if let Some((state, synced)) = &docker {
+        let bindings = state.ports.specs.len();
+        let mirrored = match (bindings, synced.mirrored) {
+            (0, _) => "none".to_owned(),
+            _ if plan.policy.published.is_some() => {
+                format!("{bindings}, left to Docker while the firewall holds them back")
+            }
+            (_, 0) => format!(
+                "{bindings}, left to Docker: they are mirrored with --follow only, which keeps \
+                 them in step with containers"
+            ),
+            (_, mirrored) => format!("{bindings}, {mirrored} of them accelerated"),
+        };
+        println!(
+            "  Docker network {}: published ports: {mirrored}",
+            state.network.name
+        );
+        for spec in &synced.held_by_user {
+            println!("  Docker's {spec} is held by an `xbr publish` entry for the same host port");
+        }
     }
     if attached.mode == AttachMode::Clsact {
         println!(
@@ -183,7 +249,7 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
     if as_json {
         let bridges: Vec<Value> = attachments
             .iter()
-            .map(|(attachment, view)| {
+            .map(|(attachment, view, docker)| {
                 let ports: Vec<Value> = port_lines(attachment, view.as_ref())
                     .into_iter()
                     .map(|line| {
@@ -213,6 +279,8 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                     "pins": attachment.dir,
                     "ports": ports,
                     "not_accelerated": view.as_ref().and_then(|v| plan(v).ok()).map(|p| skipped_json(&p)),
+                    "policy": policy_json(&docker.as_ref().map(|d| d.policy.clone()).unwrap_or_default()),
+                    "docker": docker.as_ref().map(docker_json),
                 })
             })
             .collect();
@@ -230,7 +298,7 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
             "no bridge attached in this network namespace; attach one with `xbr attach BRIDGE`"
         );
     }
-    for (attachment, view) in attachments {
+    for (attachment, view, docker) in attachments {
         println!();
         println!(
             "bridge {}  mode {}  {}  pins {}{}",
@@ -280,13 +348,46 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                 println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
             }
         }
+        if let Some(docker) = docker {
+            println!(
+                "  Docker network {} (enable_icc {})",
+                docker.network.name, docker.network.icc
+            );
+            for (class, reason) in held_back(&docker.policy) {
+                println!("  not accelerated: {class}: {reason}");
+            }
+            // What the firewall says now, against what the pins do: without a follower, a
+            // change since the last attach is not applied yet.
+            if docker.policy.east_west.is_some() && !attachment.endpoints.is_empty() {
+                println!(
+                    "  warning: east-west traffic is still accelerated; run `xbr attach {}` (or keep \
+                     `xbr attach {} --follow` running) to apply this",
+                    attachment.bridge, attachment.bridge
+                );
+            }
+            // Docker binds every port on [::] too: say how many, not each.
+            let (ipv6, other): (Vec<&String>, Vec<&String>) = docker
+                .ports
+                .skipped
+                .iter()
+                .partition(|skipped| skipped.contains("IPv6 binding"));
+            if !ipv6.is_empty() {
+                println!(
+                    "  left to Docker: {} IPv6 bindings (xbr translates IPv4)",
+                    ipv6.len()
+                );
+            }
+            for skipped in other {
+                println!("  left to Docker: {skipped}");
+            }
+        }
     }
     Ok(())
 }
 
 pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
     let mut endpoints = Vec::new();
-    for (attachment, view) in attachments {
+    for (attachment, view, _) in attachments {
         for line in port_lines(attachment, view.as_ref()) {
             let stats = attachment
                 .stats
@@ -324,7 +425,7 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
             .collect();
         let verdicts: Vec<Value> = attachments
             .iter()
-            .map(|(attachment, _)| {
+            .map(|(attachment, _, _)| {
                 let mut counts = serde_json::Map::new();
                 counts.insert("bridge".to_owned(), json!(attachment.bridge));
                 for (verdict, count) in &attachment.verdicts {
@@ -351,7 +452,7 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
             stats.delivered_packets
         );
     }
-    for (attachment, _) in attachments {
+    for (attachment, _, _) in attachments {
         let verdicts: Vec<String> = attachment
             .verdicts
             .iter()

@@ -15,7 +15,21 @@ const BUILD_PACKAGES: [&str; 4] = [
     "zlib1g-dev",
 ];
 /// Test witnesses and traffic tools.
-const TOOL_PACKAGES: [&str; 5] = ["iproute2", "iputils-ping", "nftables", "iperf3", "ethtool"];
+const TOOL_PACKAGES: [&str; 9] = [
+    // The Docker end-to-end test's own dockerd (its image is busybox-static, listed below).
+    "docker.io",
+    "iproute2",
+    "iputils-ping",
+    "nftables",
+    "iperf3",
+    "ethtool",
+    // The bench: latency, Docker's netfilter setup, BPF program run times.
+    "sockperf",
+    "iptables",
+    "bpftool",
+];
+/// `cargo xtask vmtest`: QEMU, a static busybox for the initramfs, kmod for depmod/modprobe.
+const VMTEST_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "kmod"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// aya-build compiles the eBPF crate with nightly's `-Z build-std`, hence rust-src.
 const NIGHTLY: &str = "nightly";
@@ -33,7 +47,11 @@ fn report(what: &str, state: &str) {
 
 fn apt_packages() -> anyhow::Result<()> {
     let mut missing = Vec::new();
-    for package in BUILD_PACKAGES.into_iter().chain(TOOL_PACKAGES) {
+    for package in BUILD_PACKAGES
+        .into_iter()
+        .chain(TOOL_PACKAGES)
+        .chain(VMTEST_PACKAGES)
+    {
         let installed = package_installed(package)?;
         report(
             &format!("apt {package}"),
