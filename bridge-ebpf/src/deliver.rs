@@ -1,7 +1,13 @@
 //! Where a fast-path frame goes: into a container (through its bridge port's veth peer), or
 //! out of an uplink.
 
-use aya_ebpf::helpers::{bpf_redirect, bpf_redirect_peer};
+use aya_ebpf::{
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+
+/// `PACKET_HOST`: the frame is for the device that receives it.
+const PACKET_HOST: u32 = 0;
 
 /// Set by the loader: 1 where the kernel has bpf_redirect_peer (5.10+), 0 for plain
 /// bpf_redirect. A load-time constant, so the verifier prunes the helper the kernel lacks.
@@ -11,7 +17,12 @@ static REDIRECT_PEER: u8 = 1;
 /// Into the container behind bridge port `port`: straight into its ingress with
 /// bpf_redirect_peer, else out of the port (the veth hands it to the peer).
 #[inline(always)]
-pub fn into_container(port: u32) -> i32 {
+pub fn into_container(ctx: &TcContext, port: u32) -> i32 {
+    // The frame arrived on the sending port addressed to another MAC, so the kernel marked it
+    // PACKET_OTHERHOST. Kernels before "bpf: Scrub packet on bpf_redirect_peer" (5.10, for
+    // one) deliver it into the container with that mark, and the container's IP stack drops
+    // it; the frame is for the container now.
+    let _ = ctx.change_type(PACKET_HOST);
     let redirect_peer = unsafe { core::ptr::read_volatile(&REDIRECT_PEER) };
     if redirect_peer != 0 {
         unsafe { bpf_redirect_peer(port, 0) as i32 }

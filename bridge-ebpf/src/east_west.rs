@@ -55,7 +55,7 @@ pub fn forward(ctx: &TcContext) -> i32 {
             count_verdict(Verdict::Redirected);
             count_sent(ctx, ingress_port, true);
             count_delivered(ctx, port);
-            deliver::into_container(port)
+            deliver::into_container(ctx, port)
         }
         Decision::Uplink(uplink) => {
             debug!(

@@ -27,7 +27,7 @@ pub fn receive(ctx: &TcContext) -> i32 {
         Nat::Redirect(port) => {
             count_verdict(Verdict::NatIn);
             count_delivered(ctx, port);
-            deliver::into_container(port)
+            deliver::into_container(ctx, port)
         }
     }
 }
