@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vmtest;
 
 use std::path::PathBuf;
 
@@ -42,6 +43,21 @@ enum Verb {
         #[arg(long, value_name = "SECONDS", default_value_t = 3)]
         seconds: u32,
     },
+    /// Set up, build, then run the kernel-facing tests in QEMU on Debian kernels (5.10 to the
+    /// newest backport) and print a kernel x suite matrix; about a minute per kernel on TCG.
+    Vmtest {
+        /// A Debian kernel series (5.10, 6.1, 6.12), `newest` (the newest backport), or a path to
+        /// a linux-image .deb or a vmlinuz; repeatable. Default: 5.10, 6.1, 6.12, newest.
+        #[arg(long = "kernel", value_name = "SPEC")]
+        kernels: Vec<String>,
+        /// Run only this suite (packet, auto-attach, east-west-clsact, east-west-tcx, published);
+        /// repeatable.
+        #[arg(long = "suite", value_name = "NAME")]
+        suites: Vec<String>,
+        /// QEMU's accelerator: auto uses KVM when a kernel really boots with it here.
+        #[arg(long, value_enum, default_value_t = vmtest::Accel::Auto)]
+        accel: vmtest::Accel,
+    },
 }
 
 fn main() {
@@ -53,6 +69,15 @@ fn main() {
         Verb::Demo { lab, seconds } => demo::run(demo::Options {
             lab: lab.unwrap_or_else(|| cmd::workspace_root().join("examples/lab.toml")),
             seconds,
+        }),
+        Verb::Vmtest {
+            kernels,
+            suites,
+            accel,
+        } => vmtest::run(vmtest::Options {
+            kernels,
+            suites,
+            accel,
         }),
     };
     if let Err(error) = result {
