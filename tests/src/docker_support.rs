@@ -4,6 +4,7 @@
 //! drop, panics included. Plus the outside world of a published port (a namespace behind a
 //! veth uplink), servers inside containers, clients, and the iptables witnesses.
 
+use crate::witness::Follower;
 use std::{
     fs::File,
     io::{Read as _, Write as _},
@@ -823,81 +824,20 @@ impl Drop for InsertedRule {
     }
 }
 
-/// `xbr attach ... --follow` against this Docker; killed by pid on drop if still running.
-pub struct DockerFollower {
-    child: Child,
-    log: PathBuf,
-}
-
-impl DockerFollower {
-    /// Starts `xbr -v --pin-root ROOT attach BRIDGE --follow EXTRA...` with DOCKER_HOST set and
-    /// waits until it follows.
-    pub fn start(
-        docker_host: &str,
-        pin_root: &Path,
-        bridge: &str,
-        extra: &[&str],
-    ) -> DockerFollower {
-        let log = std::env::temp_dir().join(format!(
-            "{}.docker-follower.log",
-            crate::lab_support::unique_name("xbr")
-        ));
-        let child = Command::new(crate::witness::xbr_binary())
-            .env("DOCKER_HOST", docker_host)
-            .args([
-                "-v",
-                "--pin-root",
-                pin_root.to_str().unwrap(),
-                "attach",
-                bridge,
-                "--follow",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("follower log"))
-            .spawn()
-            .expect("start the follower");
-        let follower = DockerFollower { child, log };
-        let started = Instant::now();
-        while !follower.log().contains("following the bridge") {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the follower of {bridge} did not start: {}",
-                follower.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        follower
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM: the follower stops following, as on Ctrl-C.
-    pub fn terminate(&self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-    }
-
-    /// Waits up to `limit` for the follower to exit; returns its exit code.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if let Some(status) = self.child.try_wait().expect("poll the follower") {
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for DockerFollower {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
+/// `xbr --pin-root ROOT attach BRIDGE --follow EXTRA...` against this Docker (DOCKER_HOST);
+/// killed by pid on drop if still running.
+pub fn docker_follower(
+    docker_host: &str,
+    pin_root: &Path,
+    bridge: &str,
+    extra: &[&str],
+) -> Follower {
+    let root = pin_root.to_str().expect("UTF-8 pin root");
+    let mut args = vec!["--pin-root", root, "attach", bridge, "--follow"];
+    args.extend_from_slice(extra);
+    Follower::spawn(
+        &[("DOCKER_HOST", docker_host)],
+        &args,
+        Duration::from_secs(20),
+    )
 }

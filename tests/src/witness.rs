@@ -309,25 +309,34 @@ pub struct Follower {
 
 impl Follower {
     /// Starts `xbr -n NETNS --pin-root ROOT attach BRIDGE --follow EXTRA...` and waits until
-    /// its first attach is done (the pins exist).
+    /// its first attach is done.
     pub fn start(netns: &str, pin_root: &Path, bridge: &str, extra: &[&str]) -> Follower {
+        let root = pin_root.to_str().expect("UTF-8 pin root");
+        let mut args = vec![
+            "-n",
+            netns,
+            "--pin-root",
+            root,
+            "attach",
+            bridge,
+            "--follow",
+        ];
+        args.extend_from_slice(extra);
+        Follower::spawn(&[], &args, Duration::from_secs(10))
+    }
+
+    /// Starts `xbr -v ARGS...` (an `attach ... --follow`) with `env` set, and waits up to
+    /// `startup` until it says it follows.
+    pub fn spawn(env: &[(&str, &str)], args: &[&str], startup: Duration) -> Follower {
         let stderr_path = std::env::temp_dir().join(format!(
             "{}.follower.log",
             crate::lab_support::unique_name("xbr")
         ));
         let stderr = std::fs::File::create(&stderr_path).expect("follower log file");
         let child = Command::new(xbr_binary())
-            .args([
-                "-v",
-                "-n",
-                netns,
-                "--pin-root",
-                pin_root.to_str().unwrap(),
-                "attach",
-                bridge,
-                "--follow",
-            ])
-            .args(extra)
+            .envs(env.iter().copied())
+            .arg("-v")
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -336,13 +345,19 @@ impl Follower {
         let started = std::time::Instant::now();
         while !follower.log().contains("following the bridge") {
             assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "the follower did not start: {}",
+                started.elapsed() < startup,
+                "the follower ({}) did not start: {}",
+                args.join(" "),
                 follower.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
         follower
+    }
+
+    /// SIGTERM: the follower stops following, as on Ctrl-C.
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
     }
 
     pub fn pid(&self) -> i32 {

@@ -15,11 +15,11 @@ use std::{
 use serde_json::Value;
 use xbr_tests::{
     docker_support::{
-        DockerFollower, Dockerd, INDEX_HTML, InsertedRule, OUTSIDE_IP, Outside, Rate, TcpEcho,
-        UPLINK_HOST_IP, UdpEcho, connection_rate, dnat_packets, http_get, request_rate,
+        Dockerd, INDEX_HTML, InsertedRule, OUTSIDE_IP, Outside, Rate, TcpEcho, UPLINK_HOST_IP,
+        UdpEcho, connection_rate, dnat_packets, docker_follower, http_get, request_rate,
         tcp_exchange, udp_exchange,
     },
-    witness::xbr_binary,
+    witness::{Follower, xbr_binary},
 };
 
 const ECHO_PORT: u16 = 9000;
@@ -96,9 +96,9 @@ impl Xbr {
         stdout
     }
 
-    fn follow(&mut self, bridge: &str, uplink: &str) -> DockerFollower {
+    fn follow(&mut self, bridge: &str, uplink: &str) -> Follower {
         self.attached.push(bridge.to_owned());
-        DockerFollower::start(&self.docker_host, &self.root, bridge, &["--uplink", uplink])
+        docker_follower(&self.docker_host, &self.root, bridge, &["--uplink", uplink])
     }
 
     fn bridge_status(&self, bridge: &str) -> Value {
