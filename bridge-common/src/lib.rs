@@ -94,10 +94,13 @@ pub enum Verdict {
     NatNotTranslated = 11,
     /// For a published port, but the connection table is full: the kernel path takes it.
     NatTableFull = 12,
+    /// Arrived on an uplink in XDP mode for a published port: DNATed by the XDP program and
+    /// redirected into the container's port (`nat_in` counts what the tc program delivers).
+    NatInXdp = 13,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Redirected,
         Verdict::NotUnicast,
@@ -112,6 +115,7 @@ impl Verdict {
         Verdict::NatOut,
         Verdict::NatNotTranslated,
         Verdict::NatTableFull,
+        Verdict::NatInXdp,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -129,6 +133,7 @@ impl Verdict {
             Verdict::NatOut => "nat_out",
             Verdict::NatNotTranslated => "nat_not_translated",
             Verdict::NatTableFull => "nat_table_full",
+            Verdict::NatInXdp => "nat_in_xdp",
         }
     }
 }
@@ -153,7 +158,17 @@ pub struct BridgeRecord {
     pub attach_mode: u32,
     /// 1 when frames are moved with bpf_redirect_peer, 0 with plain bpf_redirect.
     pub redirect_peer: u32,
-    pub _pad: u32,
+    /// An `UplinkMode` value; 0 (attachments made before XDP mode existed) means tc.
+    pub uplink_mode: u32,
+}
+
+/// How the uplinks are hooked: the tc program alone, or an XDP program in front of it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkMode {
+    Tc = 1,
+    /// XDP program `uplink_xdp` delivers what it can; the tc program takes what it passes.
+    Xdp = 2,
 }
 
 /// `PORTS` map value, keyed by the port's host-side ifindex: one record per port xbr hooked.
@@ -174,6 +189,11 @@ pub struct PortRecord {
 impl PortRecord {
     /// xbr created the port's clsact qdisc, so detach removes it again.
     pub const ADDED_CLSACT: u32 = 1;
+    /// (Uplinks in XDP mode) `uplink_xdp` is attached in native (driver) mode, its link
+    /// pinned beside the tc link.
+    pub const XDP_NATIVE: u32 = 2;
+    /// (Uplinks in XDP mode) `uplink_xdp` is attached in generic (SKB) mode.
+    pub const XDP_GENERIC: u32 = 4;
 }
 
 /// `PUBLISHED` map key: what a client connects to. `host_ip` all zero means any address

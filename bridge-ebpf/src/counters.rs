@@ -4,7 +4,10 @@
 use aya_ebpf::programs::TcContext;
 use bridge_common::{PortStats, Verdict};
 
-use crate::maps::{PORT_STATS, VERDICTS};
+use crate::{
+    frame::Frame,
+    maps::{PORT_STATS, VERDICTS},
+};
 
 #[inline(always)]
 pub fn count_verdict(verdict: Verdict) {
@@ -32,10 +35,10 @@ pub fn count_sent(ctx: &TcContext, port: u32, fast_path: bool) {
 
 /// A frame the fast path delivered to the container on `port`.
 #[inline(always)]
-pub fn count_delivered(ctx: &TcContext, port: u32) {
+pub fn count_delivered(ctx: &impl Frame, port: u32) {
     if let Some(stats) = PORT_STATS.get_ptr_mut(port) {
         let stats: &mut PortStats = unsafe { &mut *stats };
         stats.delivered_packets += 1;
-        stats.delivered_bytes += u64::from(ctx.len());
+        stats.delivered_bytes += ctx.frame_len() as u64;
     }
 }

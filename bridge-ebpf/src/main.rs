@@ -10,8 +10,12 @@ mod frame;
 mod maps;
 mod nat;
 mod uplink;
+mod uplink_xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// tc ingress of a bridge port: a frame a container just sent.
 #[classifier]
@@ -23,6 +27,13 @@ pub fn port_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     uplink::receive(&ctx)
+}
+
+/// XDP on an uplink (opt-in): published-port connections straight into their container's
+/// port; everything else passes to `uplink_ingress` and the kernel.
+#[xdp]
+pub fn uplink_xdp(ctx: XdpContext) -> u32 {
+    uplink_xdp::receive(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,6 +2,10 @@
 //! delivered into the container; the container's replies are SNATed at its bridge port and
 //! sent out of the uplink. Both directions skip the bridge and netfilter, so the kernel's
 //! conntrack never sees the connection; `NAT_FLOWS` is its state here.
+//!
+//! The decisions (parsing, lookups, opening and ending connections) are written once, for
+//! any `Frame`; only writing the translation differs by program type (`Rewriter`): the skb
+//! helpers here for tc, direct writes with RFC 1624 arithmetic in `uplink_xdp` for XDP.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
@@ -15,7 +19,7 @@ use network_types::{
 };
 
 use crate::{
-    frame::ptr_at,
+    frame::{Frame, ptr_at},
     maps::{NAT_FLOWS, PORTS, PUBLISHED},
 };
 
@@ -25,17 +29,17 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// Offsets in the frame: the Ethernet header, then an IPv4 header without options.
-const IP: usize = EthHdr::LEN;
-const IP_TTL: usize = IP + 8;
-const IP_CHECK: usize = IP + 10;
-const IP_SRC: usize = IP + 12;
-const IP_DST: usize = IP + 16;
-const L4: usize = IP + Ipv4Hdr::LEN;
-const L4_SRC_PORT: usize = L4;
-const L4_DST_PORT: usize = L4 + 2;
+pub const IP: usize = EthHdr::LEN;
+pub const IP_TTL: usize = IP + 8;
+pub const IP_CHECK: usize = IP + 10;
+pub const IP_SRC: usize = IP + 12;
+pub const IP_DST: usize = IP + 16;
+pub const L4: usize = IP + Ipv4Hdr::LEN;
+pub const L4_SRC_PORT: usize = L4;
+pub const L4_DST_PORT: usize = L4 + 2;
 const TCP_FLAGS: usize = L4 + 13;
-const TCP_CHECK: usize = L4 + 16;
-const UDP_CHECK: usize = L4 + 6;
+pub const TCP_CHECK: usize = L4 + 16;
+pub const UDP_CHECK: usize = L4 + 6;
 
 /// The parts of an IPv4 TCP/UDP frame that NAT reads.
 pub struct Segment {
@@ -49,7 +53,7 @@ pub struct Segment {
 /// Reads an IPv4 TCP or UDP frame that NAT can translate: no fragment, no IP options, the
 /// whole transport header present. Anything else is the kernel's.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Segment> {
+pub fn parse(ctx: &impl Frame) -> Option<Segment> {
     let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0)? };
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return None;
@@ -67,7 +71,7 @@ pub fn parse(ctx: &TcContext) -> Option<Segment> {
         _ => return None,
     };
     // The transport header must be there, and inside what the IP header claims.
-    if total_len < Ipv4Hdr::LEN + header_len || IP + total_len > ctx.len() as usize {
+    if total_len < Ipv4Hdr::LEN + header_len || IP + total_len > ctx.frame_len() {
         return None;
     }
     let ports = unsafe { &*ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT)? };
@@ -105,9 +109,13 @@ pub enum Nat {
 /// A frame that arrived on an uplink: an existing inbound connection, or the first frame of a
 /// new one to a published port.
 #[inline(always)]
-pub fn inbound(ctx: &TcContext, segment: &Segment, uplink: u32) -> Nat {
+pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
     let flow = match unsafe { NAT_FLOWS.get(&segment.key) } {
-        Some(flow) if flow.flags & Flow::INBOUND != 0 && port_holds(flow.ifindex, &flow.eth_dst) => *flow,
+        Some(flow)
+            if flow.flags & Flow::INBOUND != 0 && port_holds(flow.ifindex, &flow.eth_dst) =>
+        {
+            *flow
+        }
         Some(flow) if flow.flags & Flow::INBOUND != 0 => {
             // Its container left that port (stopped, restarted elsewhere): the connection
             // is over. A retransmitted SYN opens it anew toward where the port points now.
@@ -135,8 +143,7 @@ pub fn inbound(ctx: &TcContext, segment: &Segment, uplink: u32) -> Nat {
 /// path (before attach, or while the table was full) stays there.
 #[inline(always)]
 fn opens_connection(segment: &Segment) -> bool {
-    segment.key.proto == IPPROTO_UDP
-        || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    segment.key.proto == IPPROTO_UDP || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
 /// Whether bridge port `ifindex` is one xbr hooked and still holds container `mac`: the
@@ -219,7 +226,7 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
 
 /// A frame a container sent: the reply direction of a NATed connection, if there is one.
 #[inline(always)]
-pub fn outbound(ctx: &TcContext, segment: &Segment) -> Nat {
+pub fn outbound(ctx: &impl Rewriter, segment: &Segment) -> Nat {
     match unsafe { NAT_FLOWS.get(&segment.key) } {
         Some(flow) if flow.flags & Flow::OUTBOUND != 0 => {
             let flow = *flow;
@@ -229,11 +236,84 @@ pub fn outbound(ctx: &TcContext, segment: &Segment) -> Nat {
     }
 }
 
+/// One translation, as the NAT decisions made it: the address and port at `ip_at` and
+/// `port_at` change from `old_*` to `new_*`, the TTL drops by one, the MACs are replaced, and
+/// the IP and L4 (`l4_check`) checksums must stay right.
+pub struct Rewrite {
+    pub ip_at: usize,
+    pub port_at: usize,
+    pub l4_check: usize,
+    pub proto: u8,
+    pub old_ip: [u8; 4],
+    pub new_ip: [u8; 4],
+    pub old_port: [u8; 2],
+    pub new_port: [u8; 2],
+    /// The TTL as it arrived (> 1).
+    pub ttl: u8,
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+}
+
+/// Writes a `Rewrite` into the frame; false when the frame is too short for it.
+pub trait Rewriter: Frame {
+    fn rewrite(&self, rewrite: &Rewrite) -> bool;
+}
+
+/// tc: the skb helpers, which update checksums incrementally, also correctly for
+/// CHECKSUM_PARTIAL frames (where they update the pseudo-header part only).
+impl Rewriter for TcContext {
+    #[inline(always)]
+    fn rewrite(&self, r: &Rewrite) -> bool {
+        let zero_means_none = if r.proto == IPPROTO_TCP {
+            0
+        } else {
+            BPF_F_MARK_MANGLED_0 as u64
+        };
+        let old_ip_word = u32::from_ne_bytes(r.old_ip) as u64;
+        let new_ip_word = u32::from_ne_bytes(r.new_ip) as u64;
+        let old_port_word = u16::from_ne_bytes(r.old_port) as u64;
+        let new_port_word = u16::from_ne_bytes(r.new_port) as u64;
+        let old_ttl_word = u16::from_ne_bytes([r.ttl, r.proto]) as u64;
+        let new_ttl_word = u16::from_ne_bytes([r.ttl - 1, r.proto]) as u64;
+        self.l4_csum_replace(
+            r.l4_check,
+            old_ip_word,
+            new_ip_word,
+            BPF_F_PSEUDO_HDR as u64 | zero_means_none | 4,
+        )
+        .is_ok()
+            && self
+                .l4_csum_replace(
+                    r.l4_check,
+                    old_port_word,
+                    new_port_word,
+                    zero_means_none | 2,
+                )
+                .is_ok()
+            && self
+                .l3_csum_replace(IP_CHECK, old_ip_word, new_ip_word, 4)
+                .is_ok()
+            && self
+                .l3_csum_replace(IP_CHECK, old_ttl_word, new_ttl_word, 2)
+                .is_ok()
+            && self.store(r.ip_at, &r.new_ip, 0).is_ok()
+            && self.store(r.port_at, &r.new_port, 0).is_ok()
+            && self.store(IP_TTL, &(r.ttl - 1), 0).is_ok()
+            && self.store(0, &r.eth_dst, 0).is_ok()
+            && self.store(6, &r.eth_src, 0).is_ok()
+    }
+}
+
 /// Rewrites one address and port (at `ip_at`, `port_at`), the MACs and the TTL, keeping
-/// every checksum right (incrementally: also correct for CHECKSUM_PARTIAL frames, where
-/// the helpers update the pseudo-header part only).
+/// every checksum right.
 #[inline(always)]
-fn translate(ctx: &TcContext, segment: &Segment, flow: &Flow, ip_at: usize, port_at: usize) -> Nat {
+fn translate(
+    ctx: &impl Rewriter,
+    segment: &Segment,
+    flow: &Flow,
+    ip_at: usize,
+    port_at: usize,
+) -> Nat {
     // Routing semantics: the kernel path answers an expiring TTL with ICMP; so does it here.
     if segment.ttl <= 1 {
         return Nat::Pass(Verdict::NatNotTranslated);
@@ -244,40 +324,24 @@ fn translate(ctx: &TcContext, segment: &Segment, flow: &Flow, ip_at: usize, port
     } else {
         (key.src_ip, key.src_port)
     };
-    let (l4_check, zero_means_none) = if key.proto == IPPROTO_TCP {
-        (TCP_CHECK, 0)
-    } else {
-        (UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
+    let rewrite = Rewrite {
+        ip_at,
+        port_at,
+        l4_check: if key.proto == IPPROTO_TCP {
+            TCP_CHECK
+        } else {
+            UDP_CHECK
+        },
+        proto: key.proto,
+        old_ip,
+        new_ip: flow.new_ip,
+        old_port,
+        new_port: flow.new_port,
+        ttl: segment.ttl,
+        eth_dst: flow.eth_dst,
+        eth_src: flow.eth_src,
     };
-    let old_ip_word = u32::from_ne_bytes(old_ip) as u64;
-    let new_ip_word = u32::from_ne_bytes(flow.new_ip) as u64;
-    let old_port_word = u16::from_ne_bytes(old_port) as u64;
-    let new_port_word = u16::from_ne_bytes(flow.new_port) as u64;
-    let old_ttl_word = u16::from_ne_bytes([segment.ttl, key.proto]) as u64;
-    let new_ttl_word = u16::from_ne_bytes([segment.ttl - 1, key.proto]) as u64;
-    let rewritten = ctx
-        .l4_csum_replace(
-            l4_check,
-            old_ip_word,
-            new_ip_word,
-            BPF_F_PSEUDO_HDR as u64 | zero_means_none | 4,
-        )
-        .is_ok()
-        && ctx
-            .l4_csum_replace(l4_check, old_port_word, new_port_word, zero_means_none | 2)
-            .is_ok()
-        && ctx
-            .l3_csum_replace(IP_CHECK, old_ip_word, new_ip_word, 4)
-            .is_ok()
-        && ctx
-            .l3_csum_replace(IP_CHECK, old_ttl_word, new_ttl_word, 2)
-            .is_ok()
-        && ctx.store(ip_at, &flow.new_ip, 0).is_ok()
-        && ctx.store(port_at, &flow.new_port, 0).is_ok()
-        && ctx.store(IP_TTL, &(segment.ttl - 1), 0).is_ok()
-        && ctx.store(0, &flow.eth_dst, 0).is_ok()
-        && ctx.store(6, &flow.eth_src, 0).is_ok();
-    if !rewritten {
+    if !ctx.rewrite(&rewrite) {
         // Only a frame too short for its headers fails here, and parse() rules those out.
         return Nat::Pass(Verdict::Malformed);
     }

@@ -13,7 +13,7 @@ use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _},
         tc::{
             self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle as AyaTcHandle,
@@ -23,7 +23,7 @@ use aya::{
 };
 use bridge_common::{
     AttachMode, BridgeRecord, Endpoint, EndpointKey, Flow, FlowKey, PortRecord, PortStats,
-    PublishedKey, PublishedPort, Verdict,
+    PublishedKey, PublishedPort, UplinkMode, Verdict,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 
@@ -64,6 +64,57 @@ impl ModeChoice {
     }
 }
 
+/// How to hook the uplinks (`--uplink-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UplinkModeChoice {
+    /// tc: right for every uplink. XDP cannot tell a frame with a partial (offloaded) L4
+    /// checksum from a full one, and its redirect into a container's veth is dropped unless
+    /// the container's end has NAPI (GRO on, or an XDP program) - neither can be probed from
+    /// here, so xdp is never chosen automatically. A bridge attached already keeps its mode.
+    Auto,
+    /// The tc program alone.
+    Tc,
+    /// An XDP program in front of the tc program (native where the driver has it, else
+    /// generic): published-port connections are delivered from XDP, the rest goes on to tc.
+    /// Only for uplinks whose frames carry full checksums (physical NICs), and containers
+    /// whose eth0 has GRO on (`ethtool -K eth0 gro on`) or an XDP program.
+    Xdp,
+}
+
+impl UplinkModeChoice {
+    pub fn resolve(self, features: &Features) -> Result<UplinkMode> {
+        match self {
+            UplinkModeChoice::Auto | UplinkModeChoice::Tc => Ok(UplinkMode::Tc),
+            UplinkModeChoice::Xdp if features.xdp => Ok(UplinkMode::Xdp),
+            UplinkModeChoice::Xdp => Err(Error::MissingFeature {
+                feature: "XDP programs (BPF_PROG_TYPE_XDP) with bpf links",
+                detail: format!(
+                    "kernel {} refused a test program or is older than 5.9; use --uplink-mode tc",
+                    features.kernel
+                ),
+            }),
+        }
+    }
+}
+
+pub fn uplink_mode_name(mode: u32) -> &'static str {
+    match mode {
+        m if m == UplinkMode::Xdp as u32 => "xdp",
+        _ => "tc",
+    }
+}
+
+/// How `uplink_xdp` is attached to an uplink, from its record's flags.
+pub fn xdp_attach_name(flags: u32) -> Option<&'static str> {
+    if flags & PortRecord::XDP_NATIVE != 0 {
+        Some("native")
+    } else if flags & PortRecord::XDP_GENERIC != 0 {
+        Some("generic")
+    } else {
+        None
+    }
+}
+
 pub fn mode_name(mode: u32) -> &'static str {
     match mode {
         m if m == AttachMode::Tcx as u32 => "tcx",
@@ -98,6 +149,8 @@ impl Changes {
 pub struct Attached {
     pub dir: PathBuf,
     pub mode: AttachMode,
+    /// A `UplinkMode` value (as pinned).
+    pub uplink_mode: u32,
     /// False when the bridge was attached already and this attach brought it up to date.
     pub created: bool,
     pub ports: usize,
@@ -112,6 +165,7 @@ pub fn attach(
     plan: &Plan,
     uplinks: &[UplinkView],
     mode: ModeChoice,
+    uplink_mode: UplinkModeChoice,
     features: &Features,
     root: &Path,
 ) -> Result<Attached> {
@@ -121,6 +175,24 @@ pub fn attach(
                 bridge: plan.bridge.clone(),
                 attached: mode_name(pinned.record.attach_mode),
                 wanted: mode_name(mode.resolve(features)? as u32),
+            });
+        }
+        let pinned_uplink_mode = uplink_mode_name(pinned.record.uplink_mode);
+        if uplink_mode != UplinkModeChoice::Auto
+            && pinned_uplink_mode != uplink_mode_name(uplink_mode.resolve(features)? as u32)
+        {
+            return Err(Error::ModeMismatch {
+                bridge: plan.bridge.clone(),
+                attached: if pinned_uplink_mode == "xdp" {
+                    "uplink xdp"
+                } else {
+                    "uplink tc"
+                },
+                wanted: if pinned_uplink_mode == "xdp" {
+                    "uplink tc"
+                } else {
+                    "uplink xdp"
+                },
             });
         }
         let mut changes = pinned.reconcile(plan, false)?;
@@ -137,7 +209,8 @@ pub fn attach(
         });
     }
     let mode = mode.resolve(features)?;
-    let mut pinned = match Pinned::create(plan, mode, features, root) {
+    let uplink_mode = uplink_mode.resolve(features)?;
+    let mut pinned = match Pinned::create(plan, mode, uplink_mode, features, root) {
         Ok(pinned) => pinned,
         Err(error) => {
             let _ = pins::remove(&dir, root);
@@ -165,6 +238,8 @@ pub struct Pinned {
     pub record: BridgeRecord,
     program: SchedClassifier,
     uplink_program: SchedClassifier,
+    /// In uplink xdp mode: the XDP program in front of `uplink_program`.
+    uplink_xdp: Option<Xdp>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     ports: HashMap<MapData, u32, PortRecord>,
     stats: PerCpuHashMap<MapData, u32, PortStats>,
@@ -209,12 +284,23 @@ impl Pinned {
             .map_err(|e| broken(Error::ebpf("opening the pinned port program", e)))?;
         let uplink_program = SchedClassifier::from_pin(dir.join(pins::UPLINK_PROGRAM))
             .map_err(|e| broken(Error::ebpf("opening the pinned uplink program", e)))?;
+        let uplink_xdp = if record.uplink_mode == UplinkMode::Xdp as u32 {
+            let xdp = Xdp::from_pin(
+                dir.join(pins::UPLINK_XDP_PROGRAM),
+                aya_obj::programs::XdpAttachType::Interface,
+            )
+            .map_err(|e| broken(Error::ebpf("opening the pinned uplink XDP program", e)))?;
+            Some(xdp)
+        } else {
+            None
+        };
         Ok(Pinned {
             bridge: bridge.to_owned(),
             root: root.to_owned(),
             record,
             program,
             uplink_program,
+            uplink_xdp,
             published: open_pinned(&dir, "PUBLISHED").map_err(broken)?,
             flows: open_pinned(&dir, "NAT_FLOWS").map_err(broken)?,
             uplinks: open_pinned(&dir, "UPLINKS").map_err(broken)?,
@@ -227,7 +313,13 @@ impl Pinned {
     }
 
     /// Loads the programs, pins them and their (empty) maps, and opens the result.
-    fn create(plan: &Plan, mode: AttachMode, features: &Features, root: &Path) -> Result<Pinned> {
+    fn create(
+        plan: &Plan,
+        mode: AttachMode,
+        uplink_mode: UplinkMode,
+        features: &Features,
+        root: &Path,
+    ) -> Result<Pinned> {
         pins::ensure_bpffs(root)?;
         let dir = pins::bridge_dir(root, &plan.bridge)?;
         // eBPF logging is decided at load time: off, the verifier prunes every log call.
@@ -245,7 +337,7 @@ impl Pinned {
             ifindex: plan.bridge_ifindex,
             attach_mode: mode as u32,
             redirect_peer: u32::from(features.redirect_peer),
-            _pad: 0,
+            uplink_mode: uplink_mode as u32,
         };
         let mut bridge: Array<_, BridgeRecord> =
             Array::try_from(ebpf.map_mut("BRIDGE").expect("BRIDGE map"))
@@ -262,6 +354,20 @@ impl Pinned {
                 .expect("program defined by the object")
                 .try_into()
                 .map_err(|e| Error::ebpf(format!("program {name} is not a classifier"), e))?;
+            program
+                .load()
+                .map_err(|e| Error::ebpf(format!("loading program {name} into the kernel"), e))?;
+            program.pin(dir.join(name)).map_err(|e| {
+                Error::ebpf(format!("pinning program {name} in {}", dir.display()), e)
+            })?;
+        }
+        if uplink_mode == UplinkMode::Xdp {
+            let name = pins::UPLINK_XDP_PROGRAM;
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .expect("program defined by the object")
+                .try_into()
+                .map_err(|e| Error::ebpf(format!("program {name} is not an XDP program"), e))?;
             program
                 .load()
                 .map_err(|e| Error::ebpf(format!("loading program {name} into the kernel"), e))?;
@@ -287,6 +393,7 @@ impl Pinned {
         Attached {
             dir: self.dir.clone(),
             mode,
+            uplink_mode: self.record.uplink_mode,
             created,
             ports: self.ports.keys().filter_map(|k| k.ok()).count(),
             endpoints: plan.endpoints.len(),
@@ -324,7 +431,9 @@ impl Pinned {
                 self.unhook(*ifindex, record, &pins::link_pin(&self.dir, *ifindex))?;
                 let _ = self.stats.remove(ifindex);
                 // Connections into the container that left end with it.
-                self.retire_flows(|_, flow| flow.flags & Flow::INBOUND != 0 && flow.ifindex == *ifindex);
+                self.retire_flows(|_, flow| {
+                    flow.flags & Flow::INBOUND != 0 && flow.ifindex == *ifindex
+                });
                 changes.ports_removed.push(*ifindex);
             }
         }
@@ -463,18 +572,7 @@ impl Pinned {
     /// Takes the program off a port. A port that no longer exists took it along.
     fn unhook(&self, ifindex: u32, record: &PortRecord, link_pin: &Path) -> Result<()> {
         match self.mode() {
-            AttachMode::Tcx => {
-                crate::bpf_link::detach_pinned(link_pin).map_err(|e| {
-                    Error::io(format!("detaching the tcx link of ifindex {ifindex}"), e)
-                })?;
-                match std::fs::remove_file(link_pin) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(
-                        format!("unpinning the link of ifindex {ifindex}"),
-                        e,
-                    )),
-                    _ => Ok(()),
-                }
-            }
+            AttachMode::Tcx => unpin_link(link_pin, ifindex, "tcx"),
             AttachMode::Clsact => remove_clsact_filter(ifindex, record),
         }
     }
@@ -516,10 +614,15 @@ impl Pinned {
         }
         let mut verdicts = Vec::new();
         for verdict in Verdict::ALL {
-            let per_cpu = self
-                .verdicts
-                .get(&(verdict as u32), 0)
-                .map_err(|e| as_error("reading the verdicts", e))?;
+            let per_cpu = match self.verdicts.get(&(verdict as u32), 0) {
+                Ok(per_cpu) => per_cpu,
+                // Pinned by an xbr from before this verdict existed: never counted.
+                Err(_) if verdict == Verdict::NatInXdp => {
+                    verdicts.push((verdict, 0));
+                    continue;
+                }
+                Err(e) => return Err(as_error("reading the verdicts", e)),
+            };
             verdicts.push((verdict, per_cpu.iter().sum()));
         }
         Ok(Attachment {
@@ -531,6 +634,12 @@ impl Pinned {
             stats,
             verdicts,
             uplinks: self.uplink_ifindexes(),
+            uplink_xdp: self
+                .uplinks
+                .iter()
+                .filter_map(|e| e.ok())
+                .filter_map(|(ifindex, record)| Some((ifindex, xdp_attach_name(record.flags)?)))
+                .collect(),
             published: self.published(),
             connections: self.connection_count(),
         })
@@ -549,7 +658,17 @@ impl Pinned {
                 ifindex: uplink.ifindex,
             };
             let pin = pins::uplink_pin(&self.dir, uplink.ifindex);
-            let record = hook(&mut self.uplink_program, mode, &pin, &plan.bridge, &port)?;
+            let mut record = hook(&mut self.uplink_program, mode, &pin, &plan.bridge, &port)?;
+            if let Some(xdp) = &mut self.uplink_xdp {
+                let xdp_pin = pins::uplink_xdp_pin(&self.dir, uplink.ifindex);
+                match hook_xdp(xdp, &xdp_pin, &port) {
+                    Ok(flags) => record.flags |= flags,
+                    Err(error) => {
+                        let _ = self.unhook(uplink.ifindex, &record, &pin);
+                        return Err(error);
+                    }
+                }
+            }
             self.uplinks
                 .insert(uplink.ifindex, record, 0)
                 .map_err(|e| Error::ebpf("updating the uplinks map", e))?;
@@ -571,6 +690,10 @@ impl Pinned {
         }
         let uplinks: Vec<(u32, PortRecord)> = self.uplinks.iter().filter_map(|e| e.ok()).collect();
         for (ifindex, record) in &uplinks {
+            // XDP first: it runs in front of the tc program.
+            if xdp_attach_name(record.flags).is_some() {
+                unpin_link(&pins::uplink_xdp_pin(&self.dir, *ifindex), *ifindex, "XDP")?;
+            }
             self.unhook(*ifindex, record, &pins::uplink_pin(&self.dir, *ifindex))?;
         }
         pins::remove(&self.dir, &self.root)?;
@@ -579,6 +702,56 @@ impl Pinned {
             ports: ports.len(),
         })
     }
+}
+
+/// Detaches the bpf link pinned at `link_pin` at once, then removes the pin.
+fn unpin_link(link_pin: &Path, ifindex: u32, what: &str) -> Result<()> {
+    crate::bpf_link::detach_pinned(link_pin)
+        .map_err(|e| Error::io(format!("detaching the {what} link of ifindex {ifindex}"), e))?;
+    match std::fs::remove_file(link_pin) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(
+            format!("unpinning the {what} link of ifindex {ifindex}"),
+            e,
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Attaches the uplink XDP program to `port`, native (driver) mode where the driver has it,
+/// generic (SKB) mode otherwise, and pins its bpf link; returns the record flag that says
+/// which.
+fn hook_xdp(program: &mut Xdp, link_pin: &Path, port: &PlannedPort) -> Result<u32> {
+    let attached = match program.attach_to_if_index(port.ifindex, XdpMode::Driver) {
+        Ok(id) => Ok((id, PortRecord::XDP_NATIVE)),
+        Err(native) => {
+            tracing::info!(
+                "{}: native XDP refused ({native}); attaching in generic mode",
+                port.name
+            );
+            program
+                .attach_to_if_index(port.ifindex, XdpMode::Skb)
+                .map(|id| (id, PortRecord::XDP_GENERIC))
+        }
+    };
+    let (id, flag) = attached
+        .map_err(|e| Error::ebpf(format!("attaching the XDP program to {}", port.name), e))?;
+    let link = program
+        .take_link(id)
+        .map_err(|e| Error::ebpf(format!("taking the XDP link of {}", port.name), e))?;
+    // A netlink attachment (kernels before 5.9) has no link to pin: refuse rather than leave
+    // an attachment that detach cannot find.
+    let link = match FdLink::try_from(link) {
+        Ok(link) => link,
+        Err(e) => {
+            return Err(Error::ebpf(
+                format!("the XDP attachment of {} is not a bpf link", port.name),
+                e,
+            ));
+        }
+    };
+    link.pin(link_pin)
+        .map_err(|e| Error::ebpf(format!("pinning the XDP link of {}", port.name), e))?;
+    Ok(flag)
 }
 
 /// Hooks `program` to one port's tc ingress; returns the port's record (without its MAC).
@@ -667,6 +840,8 @@ pub struct Attachment {
     pub stats: BTreeMap<u32, PortStats>,
     pub verdicts: Vec<(Verdict, u64)>,
     pub uplinks: Vec<u32>,
+    /// Uplinks with the XDP program, and how it is attached there ("native", "generic").
+    pub uplink_xdp: BTreeMap<u32, &'static str>,
     pub published: Vec<crate::publish::Published>,
     /// NATed connections tracked now.
     pub connections: usize,

@@ -17,6 +17,8 @@ pub struct Features {
     pub tcx: bool,
     /// bpf_redirect_peer (5.10+): straight into the peer's ingress, no backlog pass.
     pub redirect_peer: bool,
+    /// XDP programs attached through bpf links (5.9+), for `--uplink-mode xdp`.
+    pub xdp: bool,
 }
 
 pub fn detect() -> Features {
@@ -35,5 +37,6 @@ pub fn detect() -> Features {
         sched_cls,
         tcx: at_least(6, 6),
         redirect_peer,
+        xdp: at_least(5, 9) && is_program_supported(ProgramType::Xdp).unwrap_or(false),
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use xbr::{
-    datapath::{self, ModeChoice},
+    datapath::{self, ModeChoice, UplinkModeChoice},
     features,
     follow::Stopped,
     lab, netlink, netns, observe, pins, plan,
@@ -64,6 +64,10 @@ enum Command {
         /// default route. A later attach keeps the uplinks it finds and adds those named.
         #[arg(long = "uplink", value_name = "IFACE")]
         uplinks: Vec<String>,
+        /// How to hook the uplinks. `auto`: tc, or the mode the bridge is attached with
+        /// (why XDP is never chosen automatically: see `auto` below).
+        #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+        uplink_mode: UplinkModeChoice,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
         /// path within milliseconds, containers that leave are removed. Ctrl-C or SIGTERM stop
         /// following and leave the datapath in place; `xbr detach` stops the follower too.
@@ -193,6 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bridge,
             mode,
             uplinks,
+            uplink_mode,
             follow,
             metrics,
             resync,
@@ -230,7 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 observe::uplinks(&handle, &names).await
             })??;
-            let attached = datapath::attach(&plan, &uplinks, mode, &features, root)?;
+            let attached = datapath::attach(&plan, &uplinks, mode, uplink_mode, &features, root)?;
             let synced = match &docker_state {
                 Some(state) => {
                     let mut pinned = datapath::Pinned::open(root, &plan.bridge)?;

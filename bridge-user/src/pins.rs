@@ -19,6 +19,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The program on every bridge port, and the one on every uplink.
 pub const PORT_PROGRAM: &str = "port_ingress";
 pub const UPLINK_PROGRAM: &str = "uplink_ingress";
+/// The XDP program in front of the uplink program (uplink xdp mode only).
+pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
 /// (name in the object, name of the pin)
 pub const MAPS: [(&str, &str); 8] = [
     ("ENDPOINTS", "endpoints"),
@@ -64,6 +66,11 @@ pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
 /// The tcx link of uplink `ifindex`.
 pub fn uplink_pin(dir: &Path, ifindex: u32) -> PathBuf {
     dir.join(format!("uplink_{ifindex}"))
+}
+
+/// The XDP link of uplink `ifindex` (uplink xdp mode).
+pub fn uplink_xdp_pin(dir: &Path, ifindex: u32) -> PathBuf {
+    dir.join(format!("uplink_xdp_{ifindex}"))
 }
 
 /// Makes sure `root` exists on a bpffs, mounting bpffs at /sys/fs/bpf when the default root

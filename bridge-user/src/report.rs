@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use bridge_common::{AttachMode, EndpointKey, PortStats};
 use serde_json::{Value, json};
 use xbr::{
-    datapath::{Attached, Attachment, Detached, mode_name},
+    datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
     docker::{DockerState, Synced},
     features::Features,
     observe::{BridgeView, format_mac},
@@ -81,6 +81,7 @@ pub fn attached(
             "bridge": plan.bridge,
             "created": attached.created,
             "mode": mode,
+            "uplink_mode": uplink_mode_name(attached.uplink_mode),
             "redirect": redirect_name(features.redirect_peer),
             "ports": attached.ports,
             "endpoints": attached.endpoints,
@@ -94,9 +95,10 @@ pub fn attached(
         "already attached; brought up to date"
     };
     println!(
-        "{verb} {} ({mode}, {}): {} ports, {} endpoints; pinned at {}",
+        "{verb} {} ({mode}, {}, uplinks {}): {} ports, {} endpoints; pinned at {}",
         plan.bridge,
         redirect_name(features.redirect_peer),
+        uplink_mode_name(attached.uplink_mode),
         attached.ports,
         attached.endpoints,
         attached.dir.display()
@@ -245,6 +247,7 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
         "release": features.kernel,
         "tcx": features.tcx,
         "redirect_peer": features.redirect_peer,
+        "xdp": features.xdp,
     });
     if as_json {
         let bridges: Vec<Value> = attachments
@@ -270,6 +273,12 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                 json!({
                     "published": published,
                     "uplinks": attachment.uplinks.iter().map(|i| link_name(*i)).collect::<Vec<_>>(),
+                    "uplink_mode": uplink_mode_name(attachment.record.uplink_mode),
+                    "uplink_xdp": attachment
+                        .uplink_xdp
+                        .iter()
+                        .map(|(i, how)| (link_name(*i), *how))
+                        .collect::<BTreeMap<_, _>>(),
                     "connections": attachment.connections,
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
@@ -288,10 +297,11 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
     }
 
     println!(
-        "kernel {}: tcx {}, bpf_redirect_peer {}",
+        "kernel {}: tcx {}, bpf_redirect_peer {}, xdp {}",
         features.kernel,
         if features.tcx { "yes" } else { "no" },
-        if features.redirect_peer { "yes" } else { "no" }
+        if features.redirect_peer { "yes" } else { "no" },
+        if features.xdp { "yes" } else { "no" }
     );
     if attachments.is_empty() {
         println!(
@@ -326,9 +336,17 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                 line.container_ips.join(" ")
             );
         }
-        let uplinks: Vec<String> = attachment.uplinks.iter().map(|i| link_name(*i)).collect();
+        let uplinks: Vec<String> = attachment
+            .uplinks
+            .iter()
+            .map(|i| match attachment.uplink_xdp.get(i) {
+                Some(how) => format!("{} (xdp {how})", link_name(*i)),
+                None => link_name(*i),
+            })
+            .collect();
         println!(
-            "  uplinks: {}   NATed connections: {}",
+            "  uplinks ({} mode): {}   NATed connections: {}",
+            uplink_mode_name(attachment.record.uplink_mode),
             if uplinks.is_empty() {
                 "none".to_owned()
             } else {

@@ -4,7 +4,7 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
     util::nr_cpus,
 };
 use bridge_common::{
@@ -19,13 +19,17 @@ pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 pub const PORT_PROGRAM: &str = "port_ingress";
 pub const UPLINK_PROGRAM: &str = "uplink_ingress";
+pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
 
 pub struct Datapath {
     pub ebpf: Ebpf,
 }
 
 impl Datapath {
-    /// Both programs, loaded; `flow_capacity` shrinks the NAT connection table.
+    /// The programs, loaded (the tc ones and the uplink's XDP one); `flow_capacity` shrinks the NAT connection table.
     pub fn load(redirect_peer: bool, flow_capacity: Option<u32>) -> Datapath {
         let redirect_peer = u8::from(redirect_peer);
         let mut loader = EbpfLoader::new();
@@ -44,6 +48,13 @@ impl Datapath {
                 .load()
                 .unwrap_or_else(|e| panic!("the verifier rejects {name}: {e:?}"));
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(UPLINK_XDP_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        xdp.load()
+            .unwrap_or_else(|e| panic!("the verifier rejects {UPLINK_XDP_PROGRAM}: {e:?}"));
         Datapath { ebpf }
     }
 
@@ -95,6 +106,23 @@ impl Datapath {
     pub fn run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
         let program: &mut SchedClassifier =
             self.ebpf.program_mut(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.data_out = Some(&mut out);
+        let result = program.test_run(options)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs `frame` through the uplink's XDP program; returns the XDP action and the frame.
+    pub fn run_xdp(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(UPLINK_XDP_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);

@@ -311,6 +311,7 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
                 &plan,
                 &[],
                 xbr::datapath::ModeChoice::Auto,
+                xbr::datapath::UplinkModeChoice::Auto,
                 &features,
                 &root,
             )

@@ -1,11 +1,14 @@
 //! Published-port packet tests through BPF_PROG_TEST_RUN (run as root): the uplink program's
 //! DNAT and the port program's SNAT byte for byte (checksums, TTL, MACs), connection state,
-//! the full-table fallback, frames NAT must leave alone, and random and mutated frames.
+//! the full-table fallback, frames NAT must leave alone, and random and mutated frames; and
+//! the same for the uplink's XDP program (`--uplink-mode xdp`), which writes the checksums
+//! itself.
 
 use bridge_common::{Flow, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort, Verdict};
 use etherparse::PacketBuilder;
 use xbr_tests::datapath_support::{
-    Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UPLINK_PROGRAM,
+    Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UPLINK_PROGRAM, XDP_PASS,
+    XDP_REDIRECT,
 };
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x02];
@@ -278,9 +281,8 @@ fn a_full_connection_table_sends_new_connections_to_the_kernel() {
     );
 }
 
-#[test]
-fn frames_nat_must_not_touch_pass_unchanged() {
-    let mut datapath = nat_datapath(None);
+/// Frames NAT must leave alone, with the verdict the tc program counts for them.
+fn frames_to_leave_alone() -> Vec<(&'static str, Vec<u8>, Option<Verdict>)> {
     let mut other_port = inbound();
     other_port.ports.1 = 9090;
     let mut fragment = udp(&inbound(), b"first fragment");
@@ -314,7 +316,7 @@ fn frames_nat_must_not_touch_pass_unchanged() {
         .write(&mut ipv6, &[])
         .unwrap();
 
-    let cases: Vec<(&str, Vec<u8>, Option<Verdict>)> = vec![
+    vec![
         ("a port nobody published", tcp(&other_port, "S", &[]), None),
         (
             "TCP without SYN, no connection",
@@ -337,7 +339,13 @@ fn frames_nat_must_not_touch_pass_unchanged() {
         ),
         ("ICMP error about a connection", icmp_error, None),
         ("IPv6", ipv6, None),
-    ];
+    ]
+}
+
+#[test]
+fn frames_nat_must_not_touch_pass_unchanged() {
+    let mut datapath = nat_datapath(None);
+    let cases = frames_to_leave_alone();
     for (case, frame, verdict) in cases {
         let before = verdict.map(|v| datapath.verdict_count(v));
         let (code, out) = datapath
@@ -373,7 +381,9 @@ fn frames_nat_must_not_touch_pass_unchanged() {
 #[test]
 fn a_connection_never_follows_a_port_its_container_left() {
     let mut datapath = nat_datapath(None);
-    let (code, _) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    let (code, _) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+        .unwrap();
     assert_eq!(code, TC_ACT_REDIRECT);
 
     // Another container now holds the port (the control plane rewrote its record).
@@ -381,9 +391,17 @@ fn a_connection_never_follows_a_port_its_container_left() {
     datapath.add_endpoint(OTHER_MAC, CONTAINER_PORT_IFINDEX);
     let segment = tcp(&inbound(), "A", b"for the old container");
     let (code, out) = datapath.run(UPLINK_PROGRAM, &segment).unwrap();
-    assert_eq!((code, out), (TC_ACT_UNSPEC, segment), "not delivered to the port's new container");
+    assert_eq!(
+        (code, out),
+        (TC_ACT_UNSPEC, segment),
+        "not delivered to the port's new container"
+    );
     assert_eq!(datapath.verdict_count(Verdict::StaleEndpoint), 1);
-    assert!(datapath.flows().is_empty(), "the connection is over: {:?}", datapath.flows());
+    assert!(
+        datapath.flows().is_empty(),
+        "the connection is over: {:?}",
+        datapath.flows()
+    );
 
     // The container came back on another port: the published port points there, and a
     // (retransmitted) SYN opens the connection toward it.
@@ -393,10 +411,23 @@ fn a_connection_never_follows_a_port_its_container_left() {
     let (key, mut port) = published(IPPROTO_TCP, NEW_PORT);
     port.container_mac = NEW_MAC;
     datapath.publish(key, port);
-    let (code, out) = datapath.run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[])).unwrap();
+    let (code, out) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+        .unwrap();
     assert_eq!(code, TC_ACT_REDIRECT);
-    assert_eq!(&out[0..6], &NEW_MAC, "delivered to the container's new port");
-    assert_eq!(datapath.port_stats(NEW_PORT).delivered_packets, 1, "{:?} {:?} {:?}", datapath.port_stats(NEW_PORT), datapath.port_stats(CONTAINER_PORT_IFINDEX), datapath.port_stats(1));
+    assert_eq!(
+        &out[0..6],
+        &NEW_MAC,
+        "delivered to the container's new port"
+    );
+    assert_eq!(
+        datapath.port_stats(NEW_PORT).delivered_packets,
+        1,
+        "{:?} {:?} {:?}",
+        datapath.port_stats(NEW_PORT),
+        datapath.port_stats(CONTAINER_PORT_IFINDEX),
+        datapath.port_stats(1)
+    );
 }
 
 /// xorshift64*: deterministic, so a failure can be replayed.
@@ -496,4 +527,201 @@ fn random_and_mutated_frames_never_misdeliver() {
         translated > 100,
         "the mutations kept enough frames valid to exercise NAT ({translated})"
     );
+}
+
+// The uplink's XDP program (`--uplink-mode xdp`): the same translation as the tc program,
+// with the checksums computed by the program itself (RFC 1624), byte for byte.
+
+#[test]
+fn xdp_dnats_a_tcp_syn_and_data_byte_for_byte() {
+    let mut datapath = nat_datapath(None);
+    let (code, out) = datapath.run_xdp(&tcp(&inbound(), "S", &[])).unwrap();
+    assert_eq!(code, XDP_REDIRECT, "the SYN goes into the container's port");
+    assert_frame("XDP SYN", &out, &tcp(&inbound_translated(), "S", &[]));
+    assert_eq!(datapath.verdict_count(Verdict::NatInXdp), 1);
+    assert_eq!(
+        datapath.verdict_count(Verdict::NatIn),
+        0,
+        "nat_in is the tc program's"
+    );
+    assert_eq!(datapath.flows().len(), 2, "both directions are tracked");
+    assert_eq!(
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
+        1
+    );
+
+    // The reply direction is the tc program's, on the connection XDP opened.
+    let (code, out) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "SA", &[]))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame("SYN-ACK", &out, &tcp(&reply_translated(), "SA", &[]));
+
+    for payload in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"odd", b"x", b""] {
+        let (code, out) = datapath.run_xdp(&tcp(&inbound(), "AP", payload)).unwrap();
+        assert_eq!(code, XDP_REDIRECT, "{payload:?}");
+        assert_frame(
+            "XDP data in",
+            &out,
+            &tcp(&inbound_translated(), "AP", payload),
+        );
+    }
+    // And the tc program translates the same connection the same way (a frame XDP passed).
+    let (code, out) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "A", b"tc"))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame("tc data in", &out, &tcp(&inbound_translated(), "A", b"tc"));
+
+    // RST ends the connection from XDP too.
+    let (code, _) = datapath.run_xdp(&tcp(&inbound(), "R", &[])).unwrap();
+    assert_eq!(code, XDP_REDIRECT);
+    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+}
+
+#[test]
+fn xdp_translates_udp_and_a_zero_checksum_stays_zero() {
+    let mut datapath = nat_datapath(None);
+    for payload in [&b"even"[..], b"odd", b"", b"a longer odd-length datagram"] {
+        let (code, out) = datapath.run_xdp(&udp(&inbound(), payload)).unwrap();
+        assert_eq!(code, XDP_REDIRECT, "{payload:?}");
+        assert_frame("XDP UDP in", &out, &udp(&inbound_translated(), payload));
+        let (code, out) = datapath.run(PORT_PROGRAM, &udp(&reply(), payload)).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT, "{payload:?}");
+        assert_frame("UDP out", &out, &udp(&reply_translated(), payload));
+    }
+    let mut frame = udp(&inbound(), b"no checksum");
+    frame[UDP_CHECKSUM..UDP_CHECKSUM + 2].copy_from_slice(&[0, 0]);
+    let (code, out) = datapath.run_xdp(&frame).unwrap();
+    assert_eq!(code, XDP_REDIRECT);
+    let mut want = udp(&inbound_translated(), b"no checksum");
+    want[UDP_CHECKSUM..UDP_CHECKSUM + 2].copy_from_slice(&[0, 0]);
+    assert_frame("XDP UDP without checksum", &out, &want);
+    assert_eq!(datapath.verdict_count(Verdict::NatInXdp), 5);
+}
+
+/// Random source ports and payloads: the incremental update always equals a full
+/// recomputation (etherparse's), including the checksums that come out 0x0000/0xffff.
+#[test]
+fn xdp_checksums_equal_full_recomputation_for_many_frames() {
+    let mut datapath = nat_datapath(Some(4096));
+    let mut random = Random(0x0dd_c0ffee);
+    for round in 0..600u16 {
+        let mut client = inbound();
+        client.ports.0 = 1024 + round;
+        client.ip.0 = [
+            10,
+            78,
+            (random.next() % 256) as u8,
+            (random.next() % 256) as u8,
+        ];
+        let len = random.below(40);
+        let payload: Vec<u8> = (0..len).map(|_| random.next() as u8).collect();
+        let mut translated = inbound_translated();
+        translated.ports.0 = client.ports.0;
+        translated.ip.0 = client.ip.0;
+        let (frame, want) = if round % 2 == 0 {
+            (udp(&client, &payload), udp(&translated, &payload))
+        } else {
+            (tcp(&client, "S", &payload), tcp(&translated, "S", &payload))
+        };
+        let (code, out) = datapath.run_xdp(&frame).unwrap();
+        assert_eq!(code, XDP_REDIRECT, "round {round}");
+        assert_frame(&format!("round {round}"), &out, &want);
+    }
+}
+
+#[test]
+fn xdp_passes_frames_nat_must_not_touch_and_leaves_their_verdicts_to_tc() {
+    let mut datapath = nat_datapath(None);
+    for (case, frame, _) in frames_to_leave_alone() {
+        let (code, out) = datapath
+            .run_xdp(&frame)
+            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
+        assert_eq!(code, XDP_PASS, "{case}: must go on to tc and the kernel");
+        assert_frame(case, &out, &frame);
+    }
+    for verdict in Verdict::ALL {
+        assert_eq!(
+            datapath.verdict_count(verdict),
+            0,
+            "{verdict:?}: XDP counts only what it delivers; tc counts what it passes"
+        );
+    }
+    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+
+    // A full table: passed, and no half connection.
+    let mut datapath = nat_datapath(Some(2));
+    let (code, _) = datapath.run_xdp(&tcp(&inbound(), "S", &[])).unwrap();
+    assert_eq!(code, XDP_REDIRECT);
+    let mut second = inbound();
+    second.ports.0 = CLIENT_PORT + 1;
+    let frame = tcp(&second, "S", &[]);
+    assert_eq!(datapath.run_xdp(&frame).unwrap(), (XDP_PASS, frame));
+    assert_eq!(datapath.flows().len(), 2);
+
+    // A connection whose container left its port: not delivered there, and over.
+    let mut datapath = nat_datapath(None);
+    datapath.run_xdp(&tcp(&inbound(), "S", &[])).unwrap();
+    datapath.add_endpoint([0x02, 0x77, 0, 0, 0, 0x99], CONTAINER_PORT_IFINDEX);
+    let segment = tcp(&inbound(), "A", b"for the old container");
+    assert_eq!(datapath.run_xdp(&segment).unwrap(), (XDP_PASS, segment));
+    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+}
+
+/// Random and mutated frames through the XDP program: passed unchanged, or translated into
+/// the container.
+#[test]
+fn xdp_random_and_mutated_frames_never_misdeliver() {
+    let mut datapath = nat_datapath(None);
+    let mut random = Random(0x00c0_ffee_5eed_0bad);
+    let seeds = [
+        tcp(&inbound(), "S", b""),
+        tcp(&inbound(), "AP", b"payload"),
+        udp(&inbound(), b"datagram"),
+    ];
+    let mut translated = 0;
+    for round in 0..3000 {
+        let frame: Vec<u8> = if round % 4 == 0 {
+            let len = 14 + random.below(120);
+            (0..len).map(|_| random.next() as u8).collect()
+        } else {
+            let mut frame = seeds[random.below(seeds.len())].clone();
+            for _ in 0..1 + random.below(3) {
+                let at = random.below(frame.len());
+                frame[at] = random.next() as u8;
+            }
+            if random.below(4) == 0 {
+                let keep = 14 + random.below(frame.len() - 13);
+                frame.truncate(keep);
+            }
+            frame
+        };
+        let Ok((code, out)) = datapath.run_xdp(&frame) else {
+            continue;
+        };
+        match code {
+            XDP_PASS => assert_frame(&format!("round {round}: passed"), &out, &frame),
+            XDP_REDIRECT => {
+                translated += 1;
+                assert!(
+                    out[0..6] == CONTAINER_MAC
+                        && out[30..34] == CONTAINER_IP
+                        && u16::from_be_bytes([out[36], out[37]]) == CONTAINER_PORT,
+                    "round {round}: redirected somewhere else\n in: {}\nout: {}",
+                    show(&frame),
+                    show(&out)
+                );
+                assert_eq!(
+                    out[22],
+                    frame[22] - 1,
+                    "round {round}: TTL decremented once"
+                );
+            }
+            other => panic!("round {round}: unexpected XDP action {other}"),
+        }
+    }
+    assert!(translated > 100, "{translated}");
 }

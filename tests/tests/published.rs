@@ -325,3 +325,149 @@ fn a_published_port_follows_its_container_to_a_new_port() {
         "the first container's port is gone: {status}"
     );
 }
+
+fn ethtool_k(netns: &str, device: &str, feature: &str, value: &str) {
+    let output = Command::new("ip")
+        .args([
+            "netns", "exec", netns, "ethtool", "-K", device, feature, value,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ethtool -K {device} {feature} {value} in {netns}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `--uplink-mode xdp`: the uplink's XDP program delivers published-port connections into the
+/// container. Its conditions are met as on a physical uplink: the client sends full
+/// checksums (tx offload off on its eth0, as a NIC's frames arrive), and the container's eth0
+/// has GRO on, so the veth has NAPI to take XDP-redirected frames.
+#[test]
+fn xdp_uplink_mode_delivers_published_ports_from_xdp() {
+    let lab = LabBuilder::three_containers().with_uplink().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let pins = PinRoot::new(&host);
+    ethtool_k(outside.name(), "eth0", "tx", "off");
+    ethtool_k(a.name(), "eth0", "gro", "on");
+    let _server = tcp_echo_server(&a, CONTAINER_A, 80);
+
+    xbr_ok(&pins.args(&[
+        "attach",
+        "br0",
+        "--uplink",
+        "uplink0",
+        "--uplink-mode",
+        "xdp",
+    ]));
+    xbr_ok(&pins.args(&["publish", "br0", "8080:10.77.0.2:80"]));
+    xbr_ok(&pins.args(&["publish", "br0", "5353:10.77.0.2:53/udp"]));
+    let link = Command::new("ip")
+        .args(["-n", &host, "link", "show", "uplink0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "an XDP program is on uplink0: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&xbr_ok(&pins.args(&["status", "--json"]))).unwrap();
+    assert_eq!(status["bridges"][0]["uplink_mode"], "xdp", "{status}");
+    assert!(
+        status["bridges"][0]["uplink_xdp"]["uplink0"] == "native",
+        "veth has native XDP: {status}"
+    );
+    let text = xbr_ok(&pins.args(&["status"]));
+    assert!(
+        text.contains("uplinks (xdp mode): uplink0 (xdp native)"),
+        "{text}"
+    );
+
+    let published = SocketAddr::from((HOST, 8080));
+    for round in 0..100 {
+        exchange(&outside, published, 1000)
+            .unwrap_or_else(|e| panic!("connection {round} through the published port: {e}"));
+    }
+    exchange(&outside, published, 1 << 20).expect("1 MiB through the published port");
+
+    let server = a
+        .run(|| UdpSocket::bind((CONTAINER_A, 53)))
+        .unwrap()
+        .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let answer = std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        let mut answered = 0;
+        while let Ok((n, from)) = server.recv_from(&mut buffer) {
+            buffer[..n].reverse();
+            server.send_to(&buffer[..n], from).unwrap();
+            answered += 1;
+        }
+        answered
+    });
+    let client = outside
+        .run(|| UdpSocket::bind(("0.0.0.0", 0)))
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    for (i, size) in [1usize, 3, 512, 1401].into_iter().enumerate() {
+        let datagram: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
+        client.send_to(&datagram, (HOST, 5353)).unwrap();
+        let mut buffer = [0u8; 2048];
+        let (n, from) = client
+            .recv_from(&mut buffer)
+            .unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
+        assert_eq!(from, SocketAddr::from((HOST, 5353)));
+        let mut want = datagram.clone();
+        want.reverse();
+        assert_eq!(&buffer[..n], &want[..]);
+    }
+    assert_eq!(answer.join().unwrap(), 4);
+
+    let nat_in_xdp = verdict(&pins, "nat_in_xdp");
+    let nat_in = verdict(&pins, "nat_in");
+    assert!(
+        nat_in_xdp > 100 * 3 + 4,
+        "XDP delivered the connections ({nat_in_xdp} frames from XDP, {nat_in} from tc)"
+    );
+    assert!(
+        nat_in < nat_in_xdp / 10,
+        "the tc program delivered few of them ({nat_in} frames from tc, {nat_in_xdp} from XDP)"
+    );
+    assert!(verdict(&pins, "nat_out") > 100 * 3);
+
+    // A re-attach keeps the mode; asking for the other one is refused.
+    xbr_ok(&pins.args(&["attach", "br0"]));
+    let (code, _, stderr) = xbr(&pins.args(&["attach", "br0", "--uplink-mode", "tc"]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("uplink xdp mode"), "{stderr}");
+
+    xbr_ok(&pins.args(&["detach", "br0"]));
+    let link = Command::new("ip")
+        .args(["-n", &host, "link", "show", "uplink0"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "detach leaves no XDP program on uplink0: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    assert!(
+        xbr_tests::witness::tc_programs(&host, "uplink0").is_empty(),
+        "nor a tc program"
+    );
+    assert!(
+        exchange(&outside, published, 10).is_err(),
+        "host:8080 still answers after detach"
+    );
+    assert!(!pins.path.exists());
+}
