@@ -589,3 +589,16 @@ impl Drop for PinRoot {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// Polls `done` until it holds; panics naming `what` after `limit`. Returns how long it took.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
