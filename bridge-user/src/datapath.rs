@@ -77,7 +77,7 @@ pub enum UplinkModeChoice {
     /// An XDP program in front of the tc program (native where the driver has it, else
     /// generic): published-port connections are delivered from XDP, the rest goes on to tc.
     /// Only for uplinks whose frames carry full checksums (physical NICs), and containers
-    /// whose eth0 has GRO on (`ethtool -K eth0 gro on`) or an XDP program.
+    /// whose eth0 has GRO on (`ethtool -K eth0 gro on`, kernel 5.13+) or an XDP program.
     Xdp,
 }
 

@@ -346,6 +346,13 @@ fn ethtool_k(netns: &str, device: &str, feature: &str, value: &str) {
 /// has GRO on, so the veth has NAPI to take XDP-redirected frames.
 #[test]
 fn xdp_uplink_mode_delivers_published_ports_from_xdp() {
+    // GRO on a veth gives it the NAPI an XDP redirect needs only since 5.13 ("veth: allow
+    // enabling NAPI even without XDP"); before, the container's end would need an XDP program.
+    let kernel = aya::util::KernelVersion::current().expect("kernel version");
+    if kernel < aya::util::KernelVersion::new(5, 13, 0) {
+        eprintln!("skipped: kernel {kernel} has no GRO-driven NAPI on veth (5.13+)");
+        return;
+    }
     let lab = LabBuilder::three_containers().with_uplink().up();
     let spec = lab.spec().clone();
     let host = spec.host_netns();

@@ -9,8 +9,12 @@ use std::time::Duration;
 pub const MARK: &str = "XBR-VMTEST";
 
 /// Where the guest puts a fresh tmpfs over the host's directories; the workspace must not be
-/// under one of them.
-pub const TMPFS_DIRS: [&str; 3] = ["/tmp", "/run", "/var/tmp"];
+/// under one of them. Not /tmp: a workspace (a CI clone, say) may well live there, and the
+/// guest must see it; the guest's scratch space is `GUEST_TMPDIR` instead.
+pub const TMPFS_DIRS: [&str; 1] = ["/run"];
+
+/// TMPDIR inside the guest: writable, on the guest's own tmpfs.
+pub const GUEST_TMPDIR: &str = "/run/xbr-vmtest-tmp";
 
 /// The 9p mount tag of the host's root.
 pub const HOST_TAG: &str = "hostroot";
@@ -85,14 +89,13 @@ mount -t proc proc /host/proc || fatal "cannot mount /proc"
 mount -t sysfs sysfs /host/sys || fatal "cannot mount /sys"
 mount -t devtmpfs devtmpfs /host/dev || fatal "cannot mount /dev"
 mount -t bpf bpf /host/sys/fs/bpf || fatal "cannot mount bpffs"
-for dir in /tmp /run /var/tmp; do
-    mount -t tmpfs -o mode=1777 tmpfs /host$dir || fatal "cannot mount a tmpfs on $dir"
-done
+mount -t tmpfs -o mode=1777 tmpfs /host/run || fatal "cannot mount a tmpfs on /run"
+mkdir -p -m 1777 /host{GUEST_TMPDIR}
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
 ln -s /proc/self/fd /host/dev/fd 2>/dev/null
-host() {{ chroot /host /usr/bin/env -i PATH={HOST_PATH} HOME=/root TERM=dumb RUST_BACKTRACE=1 "$@"; }}
+host() {{ chroot /host /usr/bin/env -i PATH={HOST_PATH} HOME=/root TERM=dumb TMPDIR={GUEST_TMPDIR} RUST_BACKTRACE=1 "$@"; }}
 "#
     );
     if let Some((base, names)) = &plan.modprobe {
@@ -131,7 +134,7 @@ case "$STATUS" in *"tcx yes"*) TCX=yes ;; *"tcx no"*) TCX=no ;; *) TCX=unknown ;
     say "suite=$name result=start"
     start=$(date +%s)
     timeout -s KILL "$limit" chroot /host /usr/bin/env -i PATH=$HOST_PATH HOME=/root TERM=dumb \
-        RUST_BACKTRACE=1 XBR=$XBR /bin/sh -c 'cd "$0" && exec "$@"' "$dir" "$@" </dev/null
+        TMPDIR=$GUEST_TMPDIR RUST_BACKTRACE=1 XBR=$XBR /bin/sh -c 'cd "$0" && exec "$@"' "$dir" "$@" </dev/null
     rc=$?
     seconds=$(( $(date +%s) - start ))
     if [ $rc -eq 0 ]; then
@@ -145,6 +148,7 @@ case "$STATUS" in *"tcx yes"*) TCX=yes ;; *"tcx no"*) TCX=no ;; *) TCX=unknown ;
 "#,
     );
     let _ = writeln!(s, "HOST_PATH={HOST_PATH}");
+    let _ = writeln!(s, "GUEST_TMPDIR={GUEST_TMPDIR}");
     let _ = writeln!(
         s,
         "XBR={}",
