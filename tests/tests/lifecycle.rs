@@ -77,7 +77,10 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
         &b,
         "10.77.0.3".parse().unwrap(),
         PAIR_PORT,
-        Duration::from_micros(500),
+        // Slow enough that the per-CPU backlog of the container's veth (1000 frames) never
+        // fills while tests beside this one keep both cores busy: a loss there would be the
+        // kernel's first veth hop, the same with or without xbr.
+        Duration::from_millis(2),
     );
 
     // 50 containers come and go; names and MACs repeat every ten.
@@ -107,7 +110,7 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
         misdelivered.is_empty(),
         "frames of the a->b stream reached other namespaces: {misdelivered:?}"
     );
-    assert!(sent > 1000, "the stream ran ({sent} datagrams)");
+    assert!(sent > 300, "the stream ran ({sent} datagrams)");
     assert_eq!(
         received, sent,
         "the long-lived pair lost datagrams during churn"
@@ -154,7 +157,10 @@ fn the_datapath_survives_the_follower_and_a_new_one_reconciles() {
             &b,
             b_ip,
             7000 + signal as u16,
-            Duration::from_micros(500),
+            // Slow enough that the per-CPU backlog of the container's veth (1000 frames) never
+            // fills while tests beside this one keep both cores busy: a loss there would be the
+            // kernel's first veth hop, the same with or without xbr.
+            Duration::from_millis(2),
         );
         std::thread::sleep(Duration::from_millis(200));
         follower.signal(signal);
