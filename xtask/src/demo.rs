@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: a lab bridge with containers on its ports (examples/lab.toml), the same
 //! traffic before and after `xbr attach`, and the bridge's own nftables counters as witness.
 
-mod processes;
+pub(crate) mod processes;
 mod traffic;
 mod witness;
 

@@ -1,6 +1,7 @@
 //! Developer tasks for xbr, run as `cargo xtask <verb>`: install the prerequisites, build the
 //! `xbr` binary, run the test suite, and show the fast path at work in a lab of namespaces.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -43,6 +44,9 @@ enum Verb {
         #[arg(long, value_name = "SECONDS", default_value_t = 3)]
         seconds: u32,
     },
+    /// Set up, build, then measure xbr against a plain bridge, Docker's netfilter path and a
+    /// direct veth pair; writes target/bench/bench.{json,svg,md} (root).
+    Bench(bench::Args),
     /// Set up, build, then run the kernel-facing tests in QEMU on Debian kernels (5.10 to the
     /// newest backport) and print a kernel x suite matrix; about a minute per kernel on TCG.
     Vmtest {
@@ -70,6 +74,7 @@ fn main() {
             lab: lab.unwrap_or_else(|| cmd::workspace_root().join("examples/lab.toml")),
             seconds,
         }),
+        Verb::Bench(args) => bench::run(args),
         Verb::Vmtest {
             kernels,
             suites,

@@ -1,0 +1,716 @@
+//! `cargo xtask bench`: xbr side by side with a plain bridge, Docker's netfilter path and a
+//! direct veth pair (the limit), interleaved round by round; see BENCHMARKS.md.
+
+mod chart;
+mod host;
+mod report;
+mod workloads;
+mod worlds;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use self::host::{BpfStats, Machine};
+use self::report::{ConfigDescription, Report, Sample, summarize};
+use self::workloads::{Load, Workload};
+use self::worlds::{Config, Placement, Worlds};
+use crate::demo::processes::Interrupt;
+use crate::{build, cmd, setup};
+
+/// Every namespace of a `cargo xtask bench` run starts with `xbench-`.
+const PREFIX: &str = "xbench";
+/// Endpoints on each bridge in the base rounds: the client, the server and idle containers.
+const BASE_ENDPOINTS: usize = 10;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// One short round of everything (about a second per workload): a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds; each runs every workload in every configuration [default: 5, --quick 1].
+    #[arg(long, value_name = "N")]
+    rounds: Option<u32>,
+    /// Seconds per traffic run [default: 3, --quick 1].
+    #[arg(long, value_name = "SECONDS")]
+    seconds: Option<u32>,
+    /// Endpoints on each bridge in the scale rounds.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    scale_endpoints: usize,
+    /// Offered load of the CPU-per-packet workload, in thousands of 64-byte datagrams per
+    /// second; low enough that every configuration delivers all of it.
+    #[arg(long, value_name = "KPPS", default_value_t = 20)]
+    cpu_kpps: u32,
+    /// Where bench.json, bench.svg and bench.md go [default: target/bench].
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Measure this xbr binary instead of building the workspace's.
+    #[arg(long, value_name = "PATH")]
+    xbr: Option<PathBuf>,
+    /// Measure nothing: redraw the table, chart and Markdown of an earlier bench.json.
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["quick", "rounds", "seconds", "xbr"])]
+    from: Option<PathBuf>,
+}
+
+/// What one bench run does, as recorded in its report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub rounds: u32,
+    pub seconds: u32,
+    pub endpoints: usize,
+    pub scale_endpoints: usize,
+    /// Rounds that time `xbr attach` (clsact, then tcx) at the scale endpoint count: at
+    /// 1000 ports a tcx attach and detach take tens of seconds, so at most three.
+    pub attach_rounds: u32,
+    pub cpu_pps: u32,
+    pub client_cpu: Option<usize>,
+    pub server_cpu: Option<usize>,
+}
+
+impl Settings {
+    fn new(args: &Args) -> Settings {
+        // Many short rounds rather than few long ones: on a shared machine, bursts of other
+        // load spoil a run, and the median of more rounds shrugs more of them off.
+        let (rounds, seconds) = if args.quick { (1, 1) } else { (5, 3) };
+        // The client on the first CPU, the server on the second: every configuration gets the
+        // same placement. One CPU: nothing to choose.
+        let two_cpus = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
+        let rounds = args.rounds.unwrap_or(rounds).max(1);
+        Settings {
+            quick: args.quick,
+            rounds,
+            attach_rounds: rounds.min(3),
+            seconds: args.seconds.unwrap_or(seconds).max(1),
+            endpoints: BASE_ENDPOINTS,
+            scale_endpoints: args.scale_endpoints.max(2),
+            cpu_pps: args.cpu_kpps.max(1) * 1000,
+            client_cpu: two_cpus.then_some(0),
+            server_cpu: two_cpus.then_some(1),
+        }
+    }
+
+    fn placement(&self) -> Placement {
+        Placement {
+            client_cpu: self.client_cpu,
+            server_cpu: self.server_cpu,
+        }
+    }
+
+    /// Progress steps: building, every run, the profile, growing, attaching.
+    fn steps(&self) -> u64 {
+        let configs = Config::ALL.len() as u64;
+        let base = Workload::TRAFFIC.len() as u64 * configs;
+        let scale = Workload::SCALE.len() as u64 * configs;
+        let attach = Workload::ATTACH.len() as u64 * u64::from(self.attach_rounds);
+        configs + u64::from(self.rounds) * (base + scale) + attach + 1 + (configs - 1)
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(json) = &args.from {
+        return redraw(json, args.out_dir.as_deref());
+    }
+    cmd::require_root("the bench creates network namespaces and loads BPF programs")?;
+    let interrupt = Interrupt::install()?;
+    setup::run()?;
+    let built = match &args.xbr {
+        Some(xbr) => std::path::absolute(xbr)
+            .with_context(|| format!("finding the xbr binary {}", xbr.display()))?,
+        None => build::release_binary()?,
+    };
+    interrupt.check().context("building xbr")?;
+    let settings = Settings::new(&args);
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| cmd::target_dir().join("bench"));
+    // A copy of its own: a rebuild of the workspace during the run cannot swap the binary.
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let xbr = out_dir.join("xbr");
+    std::fs::copy(&built, &xbr)
+        .with_context(|| format!("copying {} to {}", built.display(), xbr.display()))?;
+    let about = About {
+        command: std::iter::once("cargo xtask".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        xbr_source: match &args.xbr {
+            Some(_) => format!("the binary {}", built.display()),
+            None => source_revision(),
+        },
+    };
+    println!();
+    println!(
+        "== xbr bench: {} round{} of {} s runs, {} endpoints per bridge, then {}",
+        settings.rounds,
+        if settings.rounds == 1 { "" } else { "s" },
+        settings.seconds,
+        settings.endpoints,
+        settings.scale_endpoints
+    );
+    for config in Config::ALL {
+        println!("   {:<12} {}", config.name(), config.describe());
+    }
+    let report = measure(
+        &settings,
+        &xbr,
+        PREFIX,
+        &out_dir.join("labs"),
+        &about,
+        &interrupt,
+    )?;
+    print!("{}", report.table());
+    let written = report.write(&out_dir)?;
+    println!();
+    println!(
+        "== {:.0} s in all; wrote {} (every sample), {} (chart), {} (tables)",
+        report.wall_seconds,
+        written.json.display(),
+        written.svg.display(),
+        written.markdown.display()
+    );
+    Ok(())
+}
+
+/// How a run was asked for, and which xbr it measured.
+pub struct About {
+    pub command: String,
+    pub xbr_source: String,
+}
+
+/// The workspace's commit, and whether the tree differs from it: what `build` compiled.
+fn source_revision() -> String {
+    let git = |args: &[&str]| {
+        cmd::output(
+            std::process::Command::new("git")
+                .arg("-C")
+                .arg(cmd::workspace_root())
+                .args(args),
+            "asking git for the workspace's commit",
+        )
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Ok(commit) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .map(|status| !status.trim().is_empty())
+                .unwrap_or(false);
+            format!(
+                "the workspace at commit {}{}",
+                commit.trim(),
+                if dirty {
+                    " with uncommitted changes"
+                } else {
+                    ""
+                }
+            )
+        }
+        Err(_) => "the workspace (not a git checkout)".to_owned(),
+    }
+}
+
+/// Rewrites bench.svg and bench.md (and prints the table) from a saved report.
+fn redraw(json: &Path, out_dir: Option<&Path>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(json)
+        .with_context(|| format!("reading the report {}", json.display()))?;
+    let report: Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a bench report", json.display()))?;
+    let out_dir = out_dir.map_or_else(|| cmd::target_dir().join("bench"), Path::to_owned);
+    print!("{}", report.table());
+    let written = report.write(&out_dir)?;
+    println!();
+    println!(
+        "== redrew {} and {} from {}",
+        written.svg.display(),
+        written.markdown.display(),
+        json.display()
+    );
+    Ok(())
+}
+
+/// Builds the worlds, runs every round, tears everything down (also on errors, Ctrl-C and
+/// panics: `Worlds` cleans up when dropped) and returns the report.
+pub fn measure(
+    settings: &Settings,
+    xbr: &Path,
+    prefix: &str,
+    lab_dir: &Path,
+    about: &About,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let machine = Machine::describe();
+    let load = Load {
+        seconds: settings.seconds,
+        cpu_pps: settings.cpu_pps,
+        placement: settings.placement(),
+    };
+    let progress = Progress::new(settings.steps());
+    let mut worlds = Worlds::new(xbr, prefix, lab_dir, settings.placement(), interrupt);
+    let leftovers = worlds.remove_leftovers()?;
+    if leftovers > 0 {
+        progress.say(&format!(
+            "   removed {leftovers} namespaces left by an earlier run ({prefix}-*)"
+        ));
+    }
+    worlds.build(settings.endpoints, &|what| progress.step(what))?;
+    settle(
+        settings,
+        "building the worlds",
+        &progress,
+        &mut worlds,
+        interrupt,
+    )?;
+
+    let mut samples = Vec::new();
+    progress.say(&format!(
+        "   base rounds: {} endpoints on each bridge",
+        settings.endpoints
+    ));
+    for round in 1..=settings.rounds {
+        for workload in Workload::TRAFFIC {
+            for config in Config::ALL {
+                let sample = traffic_sample(
+                    &mut worlds,
+                    settings.endpoints,
+                    (round, workload, config),
+                    &load,
+                    &progress,
+                    interrupt,
+                )?;
+                samples.push(sample);
+            }
+        }
+    }
+    progress.step("profiling xbr's program");
+    let xbr_program = match profile(&worlds, &load, interrupt) {
+        Ok(profile) => Some(profile),
+        Err(error) => {
+            interrupt.check()?;
+            worlds.notes.push(format!(
+                "no BPF run-time statistics for xbr's program: {error:#}"
+            ));
+            None
+        }
+    };
+    let xbr_stats = worlds.xbr_stats().ok();
+
+    progress.say(&format!(
+        "   scale rounds: {} endpoints on each bridge",
+        settings.scale_endpoints
+    ));
+    worlds.grow(settings.scale_endpoints, &|what| progress.step(what))?;
+    settle(
+        settings,
+        "growing the labs",
+        &progress,
+        &mut worlds,
+        interrupt,
+    )?;
+    for round in 1..=settings.rounds {
+        for workload in Workload::ATTACH
+            .into_iter()
+            .filter(|_| round <= settings.attach_rounds)
+        {
+            samples.push(attach_sample(
+                &mut worlds,
+                round,
+                workload,
+                settings,
+                &progress,
+            )?);
+        }
+        for workload in Workload::SCALE {
+            for config in Config::ALL {
+                let sample = traffic_sample(
+                    &mut worlds,
+                    settings.scale_endpoints,
+                    (round, workload, config),
+                    &load,
+                    &progress,
+                    interrupt,
+                )?;
+                samples.push(sample);
+            }
+        }
+    }
+    progress.finish("tearing down");
+    worlds.teardown()?;
+    let notes = std::mem::take(&mut worlds.notes);
+    drop(worlds);
+
+    Ok(Report {
+        command: about.command.clone(),
+        xbr_source: Some(about.xbr_source.clone()),
+        machine,
+        settings: settings.clone(),
+        configurations: Config::ALL
+            .iter()
+            .map(|config| ConfigDescription {
+                name: config.name().to_owned(),
+                description: config.describe().to_owned(),
+            })
+            .collect(),
+        notes,
+        started_unix,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        summary: summarize(&samples, &[settings.endpoints, settings.scale_endpoints]),
+        samples,
+        xbr_program,
+        xbr_stats,
+    })
+}
+
+/// Waits for the kernel to finish what building or growing the labs set off, so that no
+/// configuration pays for it; says so in the report when the machine stayed busy.
+fn settle(
+    settings: &Settings,
+    after: &str,
+    progress: &Progress,
+    worlds: &mut Worlds,
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    let max = Duration::from_secs(if settings.quick { 30 } else { 90 });
+    progress.set(&format!("waiting for the kernel to go quiet after {after}"));
+    let quiet = host::wait_quiet(max, interrupt)?;
+    let line = format!(
+        "waited {:.0} s after {after} for the kernel to go quiet: system + irq + softirq at \
+         {:.0}% of all CPUs",
+        quiet.waited.as_secs_f64(),
+        quiet.kernel_busy * 100.0
+    );
+    progress.say(&format!("   {line}"));
+    if quiet.waited >= max {
+        worlds
+            .notes
+            .push(format!("{line}; the machine stayed busy (other load?)"));
+    }
+    Ok(())
+}
+
+/// One traffic run, ENDPOINTS on each bridge; a failed run is retried once with fresh servers.
+fn traffic_sample(
+    worlds: &mut Worlds,
+    endpoints: usize,
+    (round, workload, config): (u32, Workload, Config),
+    load: &Load,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Sample> {
+    let world = worlds.get(config);
+    progress.set(&format!(
+        "round {round}: {} in {} ({endpoints} endpoints)",
+        workload.id(),
+        config.name()
+    ));
+    let measured = match workloads::run(workload, world, load, interrupt) {
+        Ok(measured) => measured,
+        Err(error) => {
+            interrupt.check()?;
+            progress.say(&format!(
+                "   {} in {} failed, retrying with fresh servers: {error:#}",
+                workload.id(),
+                config.name()
+            ));
+            worlds.restart_servers(config)?;
+            workloads::run(workload, worlds.get(config), load, interrupt).with_context(|| {
+                format!(
+                    "{} in {} failed twice (first: {error:#})",
+                    workload.id(),
+                    config.name()
+                )
+            })?
+        }
+    };
+    let sample = Sample {
+        round,
+        endpoints,
+        config: config.name().to_owned(),
+        workload: workload.id().to_owned(),
+        metrics: measured.metrics,
+        details: measured.details,
+    };
+    progress.done(&sample);
+    Ok(sample)
+}
+
+/// Detach, then time `xbr attach --mode tcx|clsact` on the xbr lab's grown bridge. The last
+/// attach of a round leaves xbr attached for the traffic that follows.
+fn attach_sample(
+    worlds: &mut Worlds,
+    round: u32,
+    workload: Workload,
+    settings: &Settings,
+    progress: &Progress,
+) -> anyhow::Result<Sample> {
+    let mode = match workload {
+        Workload::AttachTcx => "tcx",
+        _ => "clsact",
+    };
+    progress.set(&format!(
+        "round {round}: xbr attach --mode {mode} ({} endpoints)",
+        settings.scale_endpoints
+    ));
+    worlds.detach_xbr()?;
+    let took = worlds.attach(mode)?;
+    let sample = Sample {
+        round,
+        endpoints: settings.scale_endpoints,
+        config: Config::Xbr.name().to_owned(),
+        workload: workload.id().to_owned(),
+        metrics: [("ms".to_owned(), took.as_secs_f64() * 1e3)].into(),
+        details: json!({ "mode": mode, "ports": settings.scale_endpoints }),
+    };
+    progress.done(&sample);
+    Ok(sample)
+}
+
+/// ns per run of xbr's tc program over one UDP 64 B run, from the kernel's BPF run-time
+/// statistics (on only for this run: they cost two clock reads per program run).
+fn profile(worlds: &Worlds, load: &Load, interrupt: &Interrupt) -> anyhow::Result<Value> {
+    let pins = worlds
+        .pins
+        .clone()
+        .context("`xbr attach` reported no pin directory")?;
+    let stats = BpfStats::enable()?;
+    let before = host::program_runs(&pins)?;
+    let measured = workloads::run(Workload::UdpPps, worlds.get(Config::Xbr), load, interrupt)?;
+    let after = host::program_runs(&pins)?;
+    drop(stats);
+    let runs = after.run_cnt.saturating_sub(before.run_cnt);
+    let run_time_ns = after.run_time_ns.saturating_sub(before.run_time_ns);
+    anyhow::ensure!(runs > 0, "xbr's program did not run during the profile");
+    Ok(json!({
+        "workload": Workload::UdpPps.id(),
+        "run_cnt": runs,
+        "run_time_ns": run_time_ns,
+        "ns_per_run": run_time_ns as f64 / runs as f64,
+        "kpps": measured.metrics.get("kpps"),
+    }))
+}
+
+/// The progress bar on a terminal; plain lines, one per run, anywhere else (a log, CI).
+struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    fn new(steps: u64) -> Progress {
+        let bar = ProgressBar::new(steps);
+        bar.set_style(
+            ProgressStyle::with_template("   [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .expect("the template is valid"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(250));
+        Progress { bar }
+    }
+
+    /// A line above the bar (or in the log).
+    fn say(&self, line: &str) {
+        self.bar.suspend(|| println!("{line}"));
+    }
+
+    fn set(&self, what: &str) {
+        self.bar.set_message(what.to_owned());
+    }
+
+    fn step(&self, what: &str) {
+        self.set(what);
+        if self.bar.is_hidden() {
+            self.say(&format!("   {what}"));
+        }
+        self.bar.inc(1);
+    }
+
+    fn done(&self, sample: &Sample) {
+        if self.bar.is_hidden() {
+            let metrics: Vec<String> = sample
+                .metrics
+                .iter()
+                .map(|(key, value)| format!("{key} {}", report::number(*value)))
+                .collect();
+            self.say(&format!(
+                "   round {} {} {} ({} endpoints): {}",
+                sample.round,
+                sample.workload,
+                sample.config,
+                sample.endpoints,
+                metrics.join(", ")
+            ));
+        }
+        self.bar.inc(1);
+    }
+
+    fn finish(&self, what: &str) {
+        self.bar.finish_with_message(what.to_owned());
+        if self.bar.is_hidden() {
+            self.say(&format!("   {what}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Enough idle containers to exercise the scale rounds, few enough for the suite.
+    const TEST_SCALE_ENDPOINTS: usize = 100;
+
+    /// Every configuration x workload is in the summary, every number finite and positive.
+    fn check_well_formed(report: &Value, settings: &Settings) -> Result<(), String> {
+        let summary = report["summary"].as_array().ok_or("no summary array")?;
+        let samples = report["samples"].as_array().ok_or("no samples array")?;
+        let positive = |what: String, value: &Value| -> Result<(), String> {
+            match value.as_f64() {
+                Some(number) if number.is_finite() && number > 0.0 => Ok(()),
+                _ => Err(format!(
+                    "{what} is {value}, expected a finite positive number"
+                )),
+            }
+        };
+        let mut expected = Vec::new();
+        for workload in Workload::TRAFFIC {
+            expected.push((settings.endpoints, workload));
+        }
+        for workload in Workload::SCALE.into_iter().chain(Workload::ATTACH) {
+            expected.push((settings.scale_endpoints, workload));
+        }
+        for (endpoints, workload) in expected {
+            let configs: &[Config] = if workload.xbr_only() {
+                &[Config::Xbr]
+            } else {
+                &Config::ALL
+            };
+            for config in configs {
+                for metric in workload.metrics() {
+                    let what = format!(
+                        "{} / {} / {} at {endpoints} endpoints",
+                        workload.id(),
+                        metric.key,
+                        config.name()
+                    );
+                    let row = summary
+                        .iter()
+                        .find(|row| {
+                            row["endpoints"].as_u64() == Some(endpoints as u64)
+                                && row["workload"] == workload.id()
+                                && row["metric"] == metric.key
+                                && row["config"] == config.name()
+                        })
+                        .ok_or_else(|| format!("the summary has no row for {what}"))?;
+                    for field in ["median", "min", "max"] {
+                        positive(format!("{field} of {what}"), &row[field])?;
+                    }
+                    if !workload.xbr_only() {
+                        positive(format!("x docker-like of {what}"), &row["vs_docker_like"])?;
+                        positive(format!("x limit of {what}"), &row["vs_limit"])?;
+                    }
+                }
+            }
+        }
+        for sample in samples {
+            let metrics = sample["metrics"]
+                .as_object()
+                .ok_or("a sample without metrics")?;
+            for (key, value) in metrics {
+                positive(format!("sample {} / {key}", sample["workload"]), value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The quick bench, in-process, on namespaces named after this process: it must produce
+    /// a well-formed report and leave nothing behind. Never a speed assertion.
+    #[test]
+    fn quick_bench_writes_a_well_formed_report() {
+        if !cmd::is_root() {
+            eprintln!("skipped: the quick bench needs root (network namespaces, BPF)");
+            return;
+        }
+        let xbr = build::release_binary().expect("building the xbr binary for the quick bench");
+        let interrupt = Interrupt::install().expect("installing the Ctrl-C handler");
+        let prefix = format!("xbt{}", std::process::id() % 100_000);
+        let dir = cmd::target_dir().join(format!("bench-test-{prefix}"));
+        let args = Args {
+            quick: true,
+            rounds: None,
+            seconds: None,
+            scale_endpoints: TEST_SCALE_ENDPOINTS,
+            cpu_kpps: 20,
+            out_dir: Some(dir.clone()),
+            xbr: None,
+            from: None,
+        };
+        let settings = Settings::new(&args);
+        let measured = measure(
+            &settings,
+            &xbr,
+            &prefix,
+            &dir.join("labs"),
+            &About {
+                command: "xtask test: quick bench".to_owned(),
+                xbr_source: "the workspace".to_owned(),
+            },
+            &interrupt,
+        );
+        let left =
+            worlds::namespaces_with_prefix(&format!("{prefix}-")).expect("listing /run/netns");
+        let report =
+            measured.unwrap_or_else(|error| panic!("the quick bench should run: {error:#}"));
+        assert!(
+            left.is_empty(),
+            "the quick bench should remove its namespaces, left: {left:?}"
+        );
+        let written = report.write(&dir).expect("writing the report");
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(&written.json).expect("reading bench.json"),
+        )
+        .expect("bench.json should be JSON");
+        if let Err(problem) = check_well_formed(&json, &settings) {
+            panic!("bench.json is not well-formed: {problem}");
+        }
+        let svg = std::fs::read_to_string(&written.svg).expect("reading bench.svg");
+        assert!(
+            svg.contains("<svg") && svg.contains("</svg>"),
+            "bench.svg should be an SVG document"
+        );
+        assert!(
+            std::fs::read_to_string(&written.markdown)
+                .expect("reading bench.md")
+                .contains("| workload |"),
+            "bench.md should hold the tables"
+        );
+        std::fs::remove_dir_all(&dir).expect("removing the test's report directory");
+    }
+
+    #[test]
+    fn quick_settings_are_one_short_round() {
+        let args = Args {
+            quick: true,
+            rounds: None,
+            seconds: None,
+            scale_endpoints: 1000,
+            cpu_kpps: 20,
+            out_dir: None,
+            xbr: None,
+            from: None,
+        };
+        let settings = Settings::new(&args);
+        assert_eq!(
+            (settings.rounds, settings.seconds, settings.cpu_pps),
+            (1, 1, 20_000)
+        );
+        let full = Settings::new(&Args {
+            quick: false,
+            ..args
+        });
+        assert_eq!((full.rounds, full.seconds), (5, 3));
+    }
+}

@@ -1,0 +1,516 @@
+//! The bench's results: every raw sample, medians with min-max per configuration, ratios
+//! against `docker-like` and `limit`, as JSON, as a terminal table and as Markdown.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Settings;
+use super::host::Machine;
+use super::workloads::{Better, Workload};
+use super::worlds::Config;
+
+/// One run of one workload in one configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    pub round: u32,
+    pub endpoints: usize,
+    pub config: String,
+    pub workload: String,
+    pub metrics: BTreeMap<String, f64>,
+    pub details: Value,
+}
+
+/// One metric of one workload in one configuration, over all rounds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub endpoints: usize,
+    pub workload: String,
+    pub metric: String,
+    pub unit: String,
+    pub better: String,
+    pub config: String,
+    pub samples: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Median over docker-like's median (and limit's) for the same workload and metric.
+    pub vs_docker_like: Option<f64>,
+    pub vs_limit: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigDescription {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub command: String,
+    /// What the measured xbr binary was built from.
+    #[serde(default)]
+    pub xbr_source: Option<String>,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub configurations: Vec<ConfigDescription>,
+    pub notes: Vec<String>,
+    pub started_unix: u64,
+    pub wall_seconds: f64,
+    pub samples: Vec<Sample>,
+    pub summary: Vec<Summary>,
+    /// ns per run of xbr's tc program, from the kernel's BPF run-time statistics.
+    pub xbr_program: Option<Value>,
+    /// `xbr stats --json` after the base rounds: what took the fast path.
+    pub xbr_stats: Option<Value>,
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    }
+}
+
+/// Medians and ranges, in table order: endpoint count, workload, metric, configuration.
+pub fn summarize(samples: &[Sample], endpoint_counts: &[usize]) -> Vec<Summary> {
+    let mut summary = Vec::new();
+    for &endpoints in endpoint_counts {
+        for workload in Workload::ALL {
+            for metric in workload.metrics() {
+                let mut rows = Vec::new();
+                for config in Config::ALL {
+                    let values: Vec<f64> = samples
+                        .iter()
+                        .filter(|s| {
+                            s.endpoints == endpoints
+                                && s.workload == workload.id()
+                                && s.config == config.name()
+                        })
+                        .filter_map(|s| s.metrics.get(metric.key).copied())
+                        .collect();
+                    if values.is_empty() {
+                        continue;
+                    }
+                    rows.push(Summary {
+                        endpoints,
+                        workload: workload.id().to_owned(),
+                        metric: metric.key.to_owned(),
+                        unit: metric.unit.to_owned(),
+                        better: match metric.better {
+                            Better::Higher => "higher",
+                            Better::Lower => "lower",
+                        }
+                        .to_owned(),
+                        config: config.name().to_owned(),
+                        samples: values.len(),
+                        median: median(&values),
+                        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+                        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        vs_docker_like: None,
+                        vs_limit: None,
+                    });
+                }
+                let reference = |config: Config| {
+                    rows.iter()
+                        .find(|row| row.config == config.name())
+                        .map(|row| row.median)
+                        .filter(|median| *median > 0.0)
+                };
+                let (docker_like, limit) =
+                    (reference(Config::DockerLike), reference(Config::Limit));
+                for row in &mut rows {
+                    row.vs_docker_like = docker_like.map(|reference| row.median / reference);
+                    row.vs_limit = limit.map(|reference| row.median / reference);
+                }
+                summary.extend(rows);
+            }
+        }
+    }
+    summary
+}
+
+impl Report {
+    pub fn find(
+        &self,
+        endpoints: usize,
+        workload: Workload,
+        metric: &str,
+        config: Config,
+    ) -> Option<&Summary> {
+        self.summary.iter().find(|row| {
+            row.endpoints == endpoints
+                && row.workload == workload.id()
+                && row.metric == metric
+                && row.config == config.name()
+        })
+    }
+
+    /// The terminal table: one block per endpoint count, one row per configuration.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        if let Some(source) = &self.xbr_source {
+            let _ = writeln!(out, "\n== xbr built from {source}");
+        }
+        for &endpoints in &self.endpoint_counts() {
+            let _ = writeln!(
+                out,
+                "\n== east-west, {endpoints} endpoints on each bridge: median [min - max] of {} \
+                 round{}; ratios are of medians",
+                self.settings.rounds,
+                if self.settings.rounds == 1 { "" } else { "s" }
+            );
+            let _ = writeln!(
+                out,
+                "   {:<12} {:>10}  {:<21} {:>13} {:>8}",
+                "config", "median", "[min - max]", "x docker-like", "x limit"
+            );
+            let mut heading = String::new();
+            for row in self.summary.iter().filter(|row| row.endpoints == endpoints) {
+                let title = self.row_title(row);
+                if title != heading {
+                    let _ = writeln!(out, "{title}");
+                    heading = title;
+                }
+                let _ = writeln!(
+                    out,
+                    "   {:<12} {:>10}  {:<21} {:>13} {:>8}",
+                    row.config,
+                    number(row.median),
+                    format!("[{} - {}]", number(row.min), number(row.max)),
+                    ratio(row.vs_docker_like),
+                    ratio(row.vs_limit)
+                );
+            }
+        }
+        out.push_str(&self.findings(false));
+        out
+    }
+
+    /// The same as Markdown, for BENCHMARKS.md.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        if let Some(source) = &self.xbr_source {
+            let _ = writeln!(out, "xbr built from {source}; `{}`.", self.command);
+        }
+        for &endpoints in &self.endpoint_counts() {
+            let _ = writeln!(
+                out,
+                "\n**East-west, {endpoints} endpoints on each bridge** (median [min - max] of {} \
+                 round{}; ratios are of medians)\n",
+                self.settings.rounds,
+                if self.settings.rounds == 1 { "" } else { "s" }
+            );
+            out.push_str(
+                "| workload | config | median | [min - max] | × docker-like | × limit |\n\
+                 | --- | --- | ---: | ---: | ---: | ---: |\n",
+            );
+            let mut heading = String::new();
+            for row in self.summary.iter().filter(|row| row.endpoints == endpoints) {
+                let title = self.row_title(row);
+                let shown = if title == heading {
+                    String::new()
+                } else {
+                    title.clone()
+                };
+                heading = title;
+                let _ = writeln!(
+                    out,
+                    "| {shown} | {} | {} | [{} - {}] | {} | {} |",
+                    row.config,
+                    number(row.median),
+                    number(row.min),
+                    number(row.max),
+                    ratio(row.vs_docker_like),
+                    ratio(row.vs_limit)
+                );
+            }
+        }
+        out.push('\n');
+        out.push_str(&self.findings(true));
+        out
+    }
+
+    fn endpoint_counts(&self) -> Vec<usize> {
+        let mut counts: Vec<usize> = self.summary.iter().map(|row| row.endpoints).collect();
+        counts.dedup();
+        counts
+    }
+
+    fn row_title(&self, row: &Summary) -> String {
+        let workload = Workload::from_id(&row.workload).map_or_else(
+            || row.workload.clone(),
+            |workload| workload.label().to_owned(),
+        );
+        let rate = if row.workload == Workload::CpuPerPacket.id() {
+            format!(
+                " ({} kpps offered)",
+                number(self.settings.cpu_pps as f64 / 1e3)
+            )
+        } else {
+            String::new()
+        };
+        format!("{workload}{rate}, {} ({} is better)", row.unit, row.better)
+    }
+
+    /// The issue's targets, checked (never asserted), and what xbr's own counters say.
+    fn findings(&self, markdown: bool) -> String {
+        let bullet = if markdown { "- " } else { "   " };
+        let mut out = String::new();
+        let base = self.settings.endpoints;
+        let _ = writeln!(
+            out,
+            "{}",
+            if markdown {
+                "**Targets** (shown, not asserted)\n"
+            } else {
+                "\n== targets (shown, not asserted)"
+            }
+        );
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::Xbr.name() && row.better == "higher" && row.vs_limit.is_some()
+        }) {
+            let ratio_to_limit = row.vs_limit.unwrap_or(f64::NAN);
+            let verdict = if ratio_to_limit >= 0.95 {
+                "met".to_owned()
+            } else {
+                format!("missed by {}", percent((0.95 - ratio_to_limit) / 0.95))
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}xbr >= 0.95x limit, {} at {} endpoints: {:.2}x ({verdict})",
+                self.row_title(row),
+                row.endpoints,
+                ratio_to_limit
+            );
+        }
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::Xbr.name() && row.workload == Workload::CpuPerPacket.id()
+        }) {
+            let Some(ratio_to_docker) = row.vs_docker_like else {
+                continue;
+            };
+            let verdict = if ratio_to_docker <= 0.6 {
+                "met".to_owned()
+            } else {
+                format!("missed by {}", percent((ratio_to_docker - 0.6) / 0.6))
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}xbr CPU per packet <= 0.6x docker-like ({}) at {} endpoints: \
+                 {ratio_to_docker:.2}x ({verdict})",
+                row.unit, row.endpoints
+            );
+        }
+        // What each configuration adds to the limit's cost: the part a datapath can save.
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::Xbr.name() && row.workload == Workload::CpuPerPacket.id()
+        }) {
+            let median = |config: Config| {
+                self.find(row.endpoints, Workload::CpuPerPacket, &row.metric, config)
+                    .map(|row| row.median)
+            };
+            if let (Some(limit), Some(docker_like), Some(xbr)) = (
+                median(Config::Limit),
+                median(Config::DockerLike),
+                median(Config::Xbr),
+            ) && docker_like > limit
+            {
+                let removed = (1.0 - (xbr - limit) / (docker_like - limit)) * 100.0;
+                let _ = writeln!(
+                    out,
+                    "{bullet}above the limit ({}, {} endpoints): docker-like adds {} ns per \
+                     packet, xbr {} ns ({})",
+                    row.unit,
+                    row.endpoints,
+                    number(docker_like - limit),
+                    number(xbr - limit),
+                    if removed > 100.0 {
+                        "xbr at the limit, within noise".to_owned()
+                    } else {
+                        format!("{removed:.0}% of docker-like's path cost removed")
+                    }
+                );
+            }
+        }
+        if let Some(program) = &self.xbr_program
+            && let Some(ns) = program["ns_per_run"].as_f64()
+        {
+            let cpu = self
+                .find(
+                    base,
+                    Workload::CpuPerPacket,
+                    "task_ns_per_packet",
+                    Config::Xbr,
+                )
+                .map(|row| {
+                    format!(
+                        "; compare {} ns of the bench's tasks per packet in the CPU workload",
+                        number(row.median)
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{bullet}xbr's tc program ran {} times at {ns:.0} ns per run (kernel BPF run-time \
+                 statistics during one UDP 64 B run){cpu}",
+                program["run_cnt"]
+            );
+        }
+        if let Some(share) = self.fast_path_share() {
+            let _ = writeln!(
+                out,
+                "{bullet}xbr's counters after the base rounds: {:.2}% of the frames from the \
+                 containers took the fast path, the rest the bridge",
+                share * 100.0
+            );
+        }
+        let short: Vec<String> = self
+            .samples
+            .iter()
+            .filter(|sample| sample.workload == Workload::CpuPerPacket.id())
+            .filter_map(|sample| {
+                let delivered = sample.details["delivered_pps"].as_f64()?;
+                (delivered < 0.95 * f64::from(self.settings.cpu_pps)).then(|| {
+                    format!(
+                        "{} round {} at {} endpoints ({} pps)",
+                        sample.config,
+                        sample.round,
+                        sample.endpoints,
+                        number(delivered)
+                    )
+                })
+            })
+            .collect();
+        if !short.is_empty() {
+            let _ = writeln!(
+                out,
+                "{bullet}note: the CPU workload delivered less than 95% of the offered {} pps in: \
+                 {}; its figures are per delivered packet",
+                self.settings.cpu_pps,
+                short.join(", ")
+            );
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "{bullet}note: {note}");
+        }
+        out
+    }
+
+    /// fast_path_packets over all packets xbr saw leave the containers, from `xbr stats`.
+    pub fn fast_path_share(&self) -> Option<f64> {
+        let endpoints = self.xbr_stats.as_ref()?["endpoints"].as_array()?;
+        let sum = |key: &str| -> f64 {
+            endpoints
+                .iter()
+                .filter_map(|endpoint| endpoint[key].as_f64())
+                .sum()
+        };
+        let (fast, bridge) = (sum("fast_path_packets"), sum("bridge_packets"));
+        (fast + bridge > 0.0).then(|| fast / (fast + bridge))
+    }
+
+    /// Writes bench.json (everything), bench.svg (the chart) and bench.md (the tables) into DIR.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<Written> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let written = Written {
+            json: dir.join("bench.json"),
+            svg: dir.join("bench.svg"),
+            markdown: dir.join("bench.md"),
+        };
+        let json = serde_json::to_string_pretty(self).context("serializing the report")?;
+        std::fs::write(&written.json, json + "\n")
+            .with_context(|| format!("writing {}", written.json.display()))?;
+        super::chart::draw(self, &written.svg)
+            .with_context(|| format!("drawing {}", written.svg.display()))?;
+        std::fs::write(&written.markdown, self.markdown())
+            .with_context(|| format!("writing {}", written.markdown.display()))?;
+        Ok(written)
+    }
+}
+
+pub struct Written {
+    pub json: PathBuf,
+    pub svg: PathBuf,
+    pub markdown: PathBuf,
+}
+
+/// Three significant digits or so.
+pub fn number(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// A share as a percentage, with a decimal where it is small.
+fn percent(share: f64) -> String {
+    let percent = share * 100.0;
+    if percent.abs() < 10.0 {
+        format!("{percent:.1}%")
+    } else {
+        format!("{percent:.0}%")
+    }
+}
+
+fn ratio(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |value| format!("{value:.2}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(round: u32, config: Config, value: f64) -> Sample {
+        Sample {
+            round,
+            endpoints: 10,
+            config: config.name().to_owned(),
+            workload: Workload::TcpOneStream.id().to_owned(),
+            metrics: BTreeMap::from([("gbit_per_s".to_owned(), value)]),
+            details: Value::Null,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn summary_has_ranges_and_ratios() {
+        let samples = vec![
+            sample(1, Config::Limit, 10.0),
+            sample(2, Config::Limit, 12.0),
+            sample(3, Config::Limit, 11.0),
+            sample(1, Config::DockerLike, 5.0),
+            sample(2, Config::DockerLike, 6.0),
+            sample(3, Config::DockerLike, 4.0),
+            sample(1, Config::Xbr, 11.0),
+        ];
+        let summary = summarize(&samples, &[10]);
+        assert_eq!(summary.len(), 3, "one row per configuration with samples");
+        let xbr = summary.iter().find(|row| row.config == "xbr").unwrap();
+        assert_eq!(xbr.vs_limit, Some(1.0));
+        assert_eq!(xbr.vs_docker_like, Some(11.0 / 5.0));
+        let limit = summary.iter().find(|row| row.config == "limit").unwrap();
+        assert_eq!((limit.median, limit.min, limit.max), (11.0, 10.0, 12.0));
+        assert_eq!(limit.better, "higher");
+    }
+}
