@@ -98,6 +98,49 @@ fn exchange(client: &NetNs, to: SocketAddr, bytes: usize) -> std::io::Result<()>
     Ok(())
 }
 
+/// A UDP server in `server` at `bind` answers each datagram reversed; the client in `client`
+/// sends datagrams of 1, 3, 512 and 1401 bytes to `to` (the published address) and must get
+/// every answer back, from `to`.
+fn udp_round_trips(server: &NetNs, bind: SocketAddr, client: &NetNs, to: SocketAddr) {
+    let socket = server
+        .run(|| UdpSocket::bind(bind))
+        .unwrap()
+        .expect("bind the UDP server");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let answer = std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        let mut answered = 0;
+        while let Ok((n, from)) = socket.recv_from(&mut buffer) {
+            buffer[..n].reverse();
+            socket.send_to(&buffer[..n], from).unwrap();
+            answered += 1;
+        }
+        answered
+    });
+    let sender = client
+        .run(|| UdpSocket::bind(("0.0.0.0", 0)))
+        .unwrap()
+        .unwrap();
+    sender
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    for (i, size) in [1usize, 3, 512, 1401].into_iter().enumerate() {
+        let datagram: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
+        sender.send_to(&datagram, to).unwrap();
+        let mut buffer = [0u8; 2048];
+        let (n, from) = sender
+            .recv_from(&mut buffer)
+            .unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
+        assert_eq!(from, to, "the answer comes from the published address");
+        let mut want = datagram.clone();
+        want.reverse();
+        assert_eq!(&buffer[..n], &want[..]);
+    }
+    assert_eq!(answer.join().unwrap(), 4);
+}
+
 fn verdict(pins: &PinRoot, name: &str) -> u64 {
     let stats: serde_json::Value =
         serde_json::from_str(&xbr_ok(&pins.args(&["stats", "--json"]))).unwrap();
@@ -219,47 +262,12 @@ fn a_published_udp_port_answers_and_bad_publish_requests_change_nothing() {
     );
 
     xbr_ok(&pins.args(&["publish", "br0", "10.78.0.1:5353:10.77.0.3:53/udp"]));
-    let server = b
-        .run(|| UdpSocket::bind(("10.77.0.3", 53)))
-        .unwrap()
-        .unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let answer = std::thread::spawn(move || {
-        let mut buffer = [0u8; 2048];
-        let mut answered = 0;
-        while let Ok((n, from)) = server.recv_from(&mut buffer) {
-            buffer[..n].reverse();
-            server.send_to(&buffer[..n], from).unwrap();
-            answered += 1;
-        }
-        answered
-    });
-    let client = outside
-        .run(|| UdpSocket::bind(("0.0.0.0", 0)))
-        .unwrap()
-        .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    for (i, size) in [1usize, 3, 512, 1401].into_iter().enumerate() {
-        let datagram: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
-        client.send_to(&datagram, ("10.78.0.1", 5353)).unwrap();
-        let mut buffer = [0u8; 2048];
-        let (n, from) = client
-            .recv_from(&mut buffer)
-            .unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
-        assert_eq!(
-            from,
-            SocketAddr::from((HOST, 5353)),
-            "the answer comes from the published address"
-        );
-        let mut want = datagram.clone();
-        want.reverse();
-        assert_eq!(&buffer[..n], &want[..]);
-    }
-    assert_eq!(answer.join().unwrap(), 4);
+    udp_round_trips(
+        &b,
+        SocketAddr::from(([10, 77, 0, 3], 53)),
+        &outside,
+        SocketAddr::from((HOST, 5353)),
+    );
 }
 
 #[test]
@@ -402,43 +410,12 @@ fn xdp_uplink_mode_delivers_published_ports_from_xdp() {
     }
     exchange(&outside, published, 1 << 20).expect("1 MiB through the published port");
 
-    let server = a
-        .run(|| UdpSocket::bind((CONTAINER_A, 53)))
-        .unwrap()
-        .unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let answer = std::thread::spawn(move || {
-        let mut buffer = [0u8; 2048];
-        let mut answered = 0;
-        while let Ok((n, from)) = server.recv_from(&mut buffer) {
-            buffer[..n].reverse();
-            server.send_to(&buffer[..n], from).unwrap();
-            answered += 1;
-        }
-        answered
-    });
-    let client = outside
-        .run(|| UdpSocket::bind(("0.0.0.0", 0)))
-        .unwrap()
-        .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    for (i, size) in [1usize, 3, 512, 1401].into_iter().enumerate() {
-        let datagram: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
-        client.send_to(&datagram, (HOST, 5353)).unwrap();
-        let mut buffer = [0u8; 2048];
-        let (n, from) = client
-            .recv_from(&mut buffer)
-            .unwrap_or_else(|e| panic!("no answer to {size} bytes: {e}"));
-        assert_eq!(from, SocketAddr::from((HOST, 5353)));
-        let mut want = datagram.clone();
-        want.reverse();
-        assert_eq!(&buffer[..n], &want[..]);
-    }
-    assert_eq!(answer.join().unwrap(), 4);
+    udp_round_trips(
+        &a,
+        SocketAddr::from((CONTAINER_A, 53)),
+        &outside,
+        SocketAddr::from((HOST, 5353)),
+    );
 
     let nat_in_xdp = verdict(&pins, "nat_in_xdp");
     let nat_in = verdict(&pins, "nat_in");
