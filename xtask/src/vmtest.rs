@@ -110,6 +110,20 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         report::matrix(&rows, &runner.suite_names())
     );
+    // One plain closing line with every kernel's suites counted (CI reads the last line); a
+    // kernel whose VM failed as a whole counts as one failure.
+    let count = |wanted: fn(&report::Outcome) -> bool| -> usize {
+        rows.iter()
+            .map(|row| row.suites.iter().filter(|(_, o)| wanted(o)).count())
+            .sum()
+    };
+    let vm_failures = rows.iter().filter(|row| row.failure.is_some()).count();
+    println!(
+        "vmtest: {} passed, {} failed, {} skipped",
+        count(|o| matches!(o, report::Outcome::Pass)),
+        count(|o| matches!(o, report::Outcome::Fail(_))) + vm_failures,
+        count(|o| matches!(o, report::Outcome::Skip(_)))
+    );
     verdict(&rows)
 }
 
