@@ -107,21 +107,38 @@ pub fn ensure_installed() -> Result<(), String> {
 }
 
 /// An exclusive lock across processes, released when dropped (or when the process dies).
+/// The holder removes the lock file on drop, so nothing is left on the machine; a waiter that
+/// locked a file removed meanwhile notices (the path names another inode) and tries again.
 struct MachineLock {
-    _file: File,
+    file: File,
 }
 
 impl MachineLock {
     fn take() -> MachineLock {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK)
-            .unwrap_or_else(|e| panic!("cannot open {LOCK}: {e}"));
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock {LOCK}: {}", std::io::Error::last_os_error());
-        MachineLock { _file: file }
+        use std::os::unix::fs::MetadataExt as _;
+        loop {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(LOCK)
+                .unwrap_or_else(|e| panic!("cannot open {LOCK}: {e}"));
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            assert_eq!(rc, 0, "flock {LOCK}: {}", std::io::Error::last_os_error());
+            let locked = file.metadata().map(|m| m.ino()).ok();
+            let current = std::fs::metadata(LOCK).map(|m| m.ino()).ok();
+            if locked.is_some() && locked == current {
+                return MachineLock { file };
+            }
+        }
+    }
+}
+
+impl Drop for MachineLock {
+    fn drop(&mut self) {
+        // Unlinked while still held: the next taker creates a fresh file.
+        let _ = std::fs::remove_file(LOCK);
+        let _ = &self.file;
     }
 }
 
