@@ -24,10 +24,15 @@ mod report;
                   redirects unicast IP frames for a known container MAC straight into that \
                   container (bpf_redirect_peer). Everything else - ARP, broadcast, multicast, \
                   traffic to the host or the outside, unknown MACs - takes the bridge as before.\n\n\
+                  Published ports (`xbr publish`, or Docker's `-p` with --follow) are NATed in \
+                  the datapath too: connections arriving on an uplink go straight into their \
+                  container, replies straight back out.\n\n\
                   The attachment is pinned on bpffs, so it outlives this process; `xbr detach` \
                   removes every trace of it.",
     after_help = "Examples:\n  \
                   xbr attach docker0          accelerate docker0\n  \
+                  xbr attach docker0 --follow follow containers (and Docker's -p) as they come and go\n  \
+                  xbr publish docker0 8080:172.17.0.2:80  a published port in the datapath\n  \
                   xbr status                  what is attached, with which mode\n  \
                   xbr stats docker0 --json    per-container counters for scripts\n  \
                   xbr detach docker0          back to the plain bridge\n  \
