@@ -444,6 +444,25 @@ impl Random {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
+
+    /// Every fourth round a frame of random bytes, otherwise one of `seeds` with up to three
+    /// bytes changed and, one time in four, cut short.
+    fn frame(&mut self, round: usize, seeds: &[Vec<u8>]) -> Vec<u8> {
+        if round % 4 == 0 {
+            let len = 14 + self.below(120);
+            return (0..len).map(|_| self.next() as u8).collect();
+        }
+        let mut frame = seeds[self.below(seeds.len())].clone();
+        for _ in 0..1 + self.below(3) {
+            let at = self.below(frame.len());
+            frame[at] = self.next() as u8;
+        }
+        if self.below(4) == 0 {
+            let keep = 14 + self.below(frame.len() - 13);
+            frame.truncate(keep);
+        }
+        frame
+    }
 }
 
 /// Random frames, and valid ones with random bytes changed or cut off, through both programs:
@@ -462,21 +481,7 @@ fn random_and_mutated_frames_never_misdeliver() {
     ];
     let mut translated = 0;
     for round in 0..4000 {
-        let frame: Vec<u8> = if round % 4 == 0 {
-            let len = 14 + random.below(120);
-            (0..len).map(|_| random.next() as u8).collect()
-        } else {
-            let mut frame = seeds[random.below(seeds.len())].clone();
-            for _ in 0..1 + random.below(3) {
-                let at = random.below(frame.len());
-                frame[at] = random.next() as u8;
-            }
-            if random.below(4) == 0 {
-                let keep = 14 + random.below(frame.len() - 13);
-                frame.truncate(keep);
-            }
-            frame
-        };
+        let frame = random.frame(round, &seeds);
         for program in [UPLINK_PROGRAM, PORT_PROGRAM] {
             let connections = datapath.flows();
             // The kernel refuses some frames (IP shorter than an IP header): not the program's.
@@ -684,21 +689,7 @@ fn xdp_random_and_mutated_frames_never_misdeliver() {
     ];
     let mut translated = 0;
     for round in 0..3000 {
-        let frame: Vec<u8> = if round % 4 == 0 {
-            let len = 14 + random.below(120);
-            (0..len).map(|_| random.next() as u8).collect()
-        } else {
-            let mut frame = seeds[random.below(seeds.len())].clone();
-            for _ in 0..1 + random.below(3) {
-                let at = random.below(frame.len());
-                frame[at] = random.next() as u8;
-            }
-            if random.below(4) == 0 {
-                let keep = 14 + random.below(frame.len() - 13);
-                frame.truncate(keep);
-            }
-            frame
-        };
+        let frame = random.frame(round, &seeds);
         let Ok((code, out)) = datapath.run_xdp(&frame) else {
             continue;
         };
