@@ -24,9 +24,12 @@ pub fn run(extra_args: &[String]) -> anyhow::Result<()> {
         .args(extra_args)
         .env("XBR", &xbr)
         .stdout(Stdio::piped());
-    let mut child = test
-        .spawn()
-        .with_context(|| format!("running the test suite: cannot start `{}`", cmd::show(&test)))?;
+    let mut child = test.spawn().with_context(|| {
+        format!(
+            "running the test suite: cannot start `{}`",
+            cmd::show(&test)
+        )
+    })?;
     let mut total = Summary::default();
     let stdout = child.stdout.take().expect("piped stdout");
     for line in BufReader::new(stdout).lines() {
@@ -83,18 +86,6 @@ impl Summary {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Summary;
-
-    #[test]
-    fn cargo_test_summaries_are_read() {
-        let line = "test result: FAILED. 5 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 3.59s";
-        assert_eq!(Summary::parse(line), Some(Summary { passed: 5, failed: 2, ignored: 1 }));
-        assert_eq!(Summary::parse("running 3 tests"), None);
-    }
-}
-
 /// xbr mounts bpffs itself when it is absent; this is belt and braces for tests that pin.
 fn mount_bpffs() -> anyhow::Result<()> {
     let fs_type = cmd::output(
@@ -109,4 +100,23 @@ fn mount_bpffs() -> anyhow::Result<()> {
         Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
         &format!("mounting bpffs at {BPFFS}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Summary;
+
+    #[test]
+    fn cargo_test_summaries_are_read() {
+        let line = "test result: FAILED. 5 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 3.59s";
+        assert_eq!(
+            Summary::parse(line),
+            Some(Summary {
+                passed: 5,
+                failed: 2,
+                ignored: 1
+            })
+        );
+        assert_eq!(Summary::parse("running 3 tests"), None);
+    }
 }
