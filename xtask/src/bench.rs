@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: xbr side by side with a plain bridge, Docker's netfilter path and a
-//! direct veth pair (the limit), interleaved round by round; see BENCHMARKS.md.
+//! direct veth pair (the limit), and for published ports with Docker's DNAT and docker-proxy,
+//! interleaved round by round; see BENCHMARKS.md.
 
 mod chart;
 mod host;
+mod peer;
 mod report;
 mod workloads;
 mod worlds;
@@ -18,7 +20,7 @@ use serde_json::{Value, json};
 use self::host::{BpfStats, Machine};
 use self::report::{ConfigDescription, Report, Sample, summarize};
 use self::workloads::{Load, Workload};
-use self::worlds::{Config, Placement, Worlds};
+use self::worlds::{Config, PathCounters, Placement, Worlds};
 use crate::demo::processes::Interrupt;
 use crate::{build, cmd, setup};
 
@@ -70,6 +72,9 @@ pub struct Settings {
     pub cpu_pps: u32,
     pub client_cpu: Option<usize>,
     pub server_cpu: Option<usize>,
+    /// The one CPU of the published-port workloads (absent in reports from before them).
+    #[serde(default)]
+    pub published_cpu: Option<usize>,
 }
 
 impl Settings {
@@ -91,6 +96,7 @@ impl Settings {
             cpu_pps: args.cpu_kpps.max(1) * 1000,
             client_cpu: two_cpus.then_some(0),
             server_cpu: two_cpus.then_some(1),
+            published_cpu: Some(0),
         }
     }
 
@@ -98,16 +104,19 @@ impl Settings {
         Placement {
             client_cpu: self.client_cpu,
             server_cpu: self.server_cpu,
+            published_cpu: self.published_cpu,
         }
     }
 
     /// Progress steps: building, every run, the profile, growing, attaching.
     fn steps(&self) -> u64 {
-        let configs = Config::ALL.len() as u64;
-        let base = Workload::TRAFFIC.len() as u64 * configs;
-        let scale = Workload::SCALE.len() as u64 * configs;
+        let east_west = Config::EAST_WEST.len() as u64;
+        let base = Workload::TRAFFIC.len() as u64 * east_west
+            + (Workload::PUBLISHED.len() * Config::PUBLISHED.len()) as u64;
+        let scale = Workload::SCALE.len() as u64 * east_west;
         let attach = Workload::ATTACH.len() as u64 * u64::from(self.attach_rounds);
-        configs + u64::from(self.rounds) * (base + scale) + attach + 1 + (configs - 1)
+        let grow = east_west - 1;
+        Config::ALL.len() as u64 + u64::from(self.rounds) * (base + scale) + attach + 1 + grow
     }
 }
 
@@ -275,18 +284,22 @@ pub fn measure(
         settings.endpoints
     ));
     for round in 1..=settings.rounds {
-        for workload in Workload::TRAFFIC {
-            for config in Config::ALL {
-                let sample = traffic_sample(
-                    &mut worlds,
-                    settings.endpoints,
-                    (round, workload, config),
-                    &load,
-                    &progress,
-                    interrupt,
-                )?;
-                samples.push(sample);
-            }
+        let east_west = Workload::TRAFFIC
+            .into_iter()
+            .flat_map(|workload| Config::EAST_WEST.map(|config| (workload, config)));
+        let published = Workload::PUBLISHED
+            .into_iter()
+            .flat_map(|workload| Config::PUBLISHED.map(|config| (workload, config)));
+        for (workload, config) in east_west.chain(published) {
+            let sample = traffic_sample(
+                &mut worlds,
+                settings.endpoints,
+                (round, workload, config),
+                &load,
+                &progress,
+                interrupt,
+            )?;
+            samples.push(sample);
         }
     }
     progress.step("profiling xbr's program");
@@ -328,7 +341,7 @@ pub fn measure(
             )?);
         }
         for workload in Workload::SCALE {
-            for config in Config::ALL {
+            for config in Config::EAST_WEST {
                 let sample = traffic_sample(
                     &mut worlds,
                     settings.scale_endpoints,
@@ -396,6 +409,7 @@ fn settle(
 }
 
 /// One traffic run, ENDPOINTS on each bridge; a failed run is retried once with fresh servers.
+/// A published-port run must also show, in the counters, that it took the path it measures.
 fn traffic_sample(
     worlds: &mut Worlds,
     endpoints: usize,
@@ -404,13 +418,18 @@ fn traffic_sample(
     progress: &Progress,
     interrupt: &Interrupt,
 ) -> anyhow::Result<Sample> {
-    let world = worlds.get(config);
     progress.set(&format!(
         "round {round}: {} in {} ({endpoints} endpoints)",
         workload.id(),
         config.name()
     ));
-    let measured = match workloads::run(workload, world, load, interrupt) {
+    let counted_before = if workload.is_published() {
+        Some(worlds.path_counters(config)?)
+    } else {
+        None
+    };
+    let world = worlds.get(config);
+    let mut measured = match workloads::run(workload, world, load, interrupt) {
         Ok(measured) => measured,
         Err(error) => {
             interrupt.check()?;
@@ -429,6 +448,11 @@ fn traffic_sample(
             })?
         }
     };
+    if let Some(before) = counted_before {
+        let after = worlds.path_counters(config)?;
+        let completed = measured.details["completed"].as_u64().unwrap_or(0);
+        measured.details["path"] = check_path(config, &before, &after, completed)?;
+    }
     let sample = Sample {
         round,
         endpoints,
@@ -439,6 +463,34 @@ fn traffic_sample(
     };
     progress.done(&sample);
     Ok(sample)
+}
+
+/// What the counters grew by during a published-port run, after checking that they grew as
+/// the configuration's path implies: Docker's DNAT rule counts (the first packet of) each
+/// connection it translates, xbr each frame its tc or XDP program delivers.
+fn check_path(
+    config: Config,
+    before: &PathCounters,
+    after: &PathCounters,
+    completed: u64,
+) -> anyhow::Result<Value> {
+    let dnat = after.dnat_packets.saturating_sub(before.dnat_packets);
+    let tc = after.xbr_nat_in.saturating_sub(before.xbr_nat_in);
+    let xdp = after.xbr_nat_in_xdp.saturating_sub(before.xbr_nat_in_xdp);
+    let took_its_path = match config {
+        Config::Dnat => dnat > 0,
+        Config::DockerProxy => dnat == 0,
+        Config::XbrNat => dnat == 0 && tc >= completed,
+        Config::XbrNatXdp => dnat == 0 && xdp >= completed,
+        _ => true,
+    };
+    anyhow::ensure!(
+        took_its_path,
+        "{} did not take its own path: Docker's DNAT rule +{dnat} packets, xbr's NAT +{tc} \
+         frames from tc and +{xdp} from XDP, for {completed} exchanges",
+        config.name()
+    );
+    Ok(json!({ "dnat_packets": dnat, "xbr_nat_in": tc, "xbr_nat_in_xdp": xdp }))
 }
 
 /// Detach, then time `xbr attach --mode tcx|clsact` on the xbr lab's grown bridge. The last
@@ -576,7 +628,7 @@ mod tests {
             }
         };
         let mut expected = Vec::new();
-        for workload in Workload::TRAFFIC {
+        for workload in Workload::TRAFFIC.into_iter().chain(Workload::PUBLISHED) {
             expected.push((settings.endpoints, workload));
         }
         for workload in Workload::SCALE.into_iter().chain(Workload::ATTACH) {
@@ -586,7 +638,7 @@ mod tests {
             let configs: &[Config] = if workload.xbr_only() {
                 &[Config::Xbr]
             } else {
-                &Config::ALL
+                report::configs(workload)
             };
             for config in configs {
                 for metric in workload.metrics() {
@@ -609,13 +661,24 @@ mod tests {
                         positive(format!("{field} of {what}"), &row[field])?;
                     }
                     if !workload.xbr_only() {
-                        positive(format!("x docker-like of {what}"), &row["vs_docker_like"])?;
-                        positive(format!("x limit of {what}"), &row["vs_limit"])?;
+                        for reference in report::references(workload) {
+                            let field = format!("vs_{}", reference.name().replace('-', "_"));
+                            positive(format!("{field} of {what}"), &row[field.as_str()])?;
+                        }
                     }
                 }
             }
         }
         for sample in samples {
+            if Workload::PUBLISHED
+                .iter()
+                .any(|workload| sample["workload"] == workload.id())
+                && !sample["details"]["path"].is_object()
+            {
+                return Err(format!(
+                    "a published-port sample without its path check: {sample}"
+                ));
+            }
             let metrics = sample["metrics"]
                 .as_object()
                 .ok_or("a sample without metrics")?;

@@ -1,5 +1,6 @@
-//! The chart: two panels of grouped bars, throughput relative to `limit` and cost relative to
-//! `docker-like`, each bar a median with its min-max as a whisker, drawn as SVG by plotters.
+//! The chart: panels of grouped bars - east-west throughput relative to `limit` and cost
+//! relative to `docker-like`, published-port rates relative to `dnat` - each bar a median with
+//! its min-max as a whisker, drawn as SVG by plotters.
 
 use std::path::Path;
 
@@ -12,15 +13,21 @@ use super::report::Report;
 use super::workloads::Workload;
 use super::worlds::Config;
 
-const SIZE: (u32, u32) = (1200, 920);
+const SIZE: (u32, u32) = (1200, 1300);
 /// Ratios above this are drawn cut off (their labels still say the value).
 const Y_CAP: f64 = 3.0;
 const TARGET: RGBColor = RGBColor(0xd6, 0x27, 0x28);
-const COLORS: [RGBColor; 4] = [
+const EAST_WEST_COLORS: [RGBColor; 4] = [
     RGBColor(0x9a, 0x9a, 0x9a), // limit
     RGBColor(0x4c, 0x78, 0xa8), // bridge
     RGBColor(0xf5, 0x85, 0x18), // docker-like
     RGBColor(0x54, 0xa2, 0x4b), // xbr
+];
+const PUBLISHED_COLORS: [RGBColor; 4] = [
+    RGBColor(0xf5, 0x85, 0x18), // dnat
+    RGBColor(0xb2, 0x79, 0xa2), // docker-proxy
+    RGBColor(0x54, 0xa2, 0x4b), // xbr-nat
+    RGBColor(0x2e, 0x6b, 0x2a), // xbr-nat-xdp
 ];
 
 /// The x axis: one unit per group, a tick (and label) at each group's middle.
@@ -46,10 +53,12 @@ impl Ranged for GroupAxis {
     }
 }
 
-/// One group of bars: one workload metric, one bar per configuration.
+/// One group of bars: one workload metric, one bar per configuration; a target line over it
+/// where the issue sets one.
 struct Group {
     label: String,
     bars: Vec<Option<Bar>>,
+    target: Option<f64>,
 }
 
 /// Median, min and max over the reference configuration's median.
@@ -62,16 +71,15 @@ struct Bar {
 fn group(
     report: &Report,
     label: String,
-    endpoints: usize,
-    workload: Workload,
-    metric: &str,
+    (endpoints, workload, metric): (usize, Workload, &str),
+    configs: &[Config],
     reference: Config,
 ) -> Option<Group> {
     let reference = report.find(endpoints, workload, metric, reference)?.median;
     if reference <= 0.0 {
         return None;
     }
-    let bars = Config::ALL
+    let bars = configs
         .iter()
         .map(|config| {
             report
@@ -83,7 +91,11 @@ fn group(
                 })
         })
         .collect();
-    Some(Group { label, bars })
+    Some(Group {
+        label,
+        bars,
+        target: None,
+    })
 }
 
 pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
@@ -130,7 +142,17 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     ]
     .into_iter()
     .filter_map(|(label, endpoints, workload, metric)| {
-        group(report, label, endpoints, workload, metric, Config::Limit)
+        group(
+            report,
+            label,
+            (endpoints, workload, metric),
+            &Config::EAST_WEST,
+            Config::Limit,
+        )
+    })
+    .map(|group| Group {
+        target: Some(0.95),
+        ..group
     })
     .collect();
     let cost: Vec<Group> = [
@@ -188,42 +210,66 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
         group(
             report,
             label,
-            endpoints,
-            workload,
-            metric,
+            (endpoints, workload, metric),
+            &Config::EAST_WEST,
             Config::DockerLike,
         )
+        .map(|group| Group {
+            target: (workload == Workload::CpuPerPacket).then_some(0.6),
+            ..group
+        })
     })
     .collect();
+    let published = published_groups(report, base);
 
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let machine = &report.machine;
     let title = format!(
-        "xbr east-west: medians of {} round{}, whiskers min-max",
+        "xbr east-west and published ports: medians of {} round{}, whiskers min-max",
         report.settings.rounds,
         if report.settings.rounds == 1 { "" } else { "s" }
     );
     let root = root.titled(&title, ("sans-serif", 22))?;
     let (legend, root) = root.split_vertically(26);
-    draw_legend(&legend)?;
+    draw_legend(
+        &legend,
+        &Config::EAST_WEST,
+        &EAST_WEST_COLORS,
+        "target: xbr >= 0.95x limit; xbr CPU/packet <= 0.6x docker-like",
+    )?;
     let height = root.dim_in_pixel().1 as i32;
     let (panels, footer) = root.split_vertically(height - 28);
-    let half = panels.dim_in_pixel().1 as i32 / 2;
-    let (top, bottom) = panels.split_vertically(half);
+    let third = panels.dim_in_pixel().1 as i32 / 3;
+    let (top, rest) = panels.split_vertically(third);
+    let (middle, bottom) = rest.split_vertically(third);
     panel(
         &top,
-        "Throughput relative to limit (higher is better)",
+        "East-west throughput relative to limit (higher is better)",
         "x limit",
         &throughput,
-        Some((0.95, throughput.len())),
+        &EAST_WEST_COLORS,
+    )?;
+    panel(
+        &middle,
+        "East-west cost relative to docker-like (lower is better)",
+        "x docker-like",
+        &cost,
+        &EAST_WEST_COLORS,
+    )?;
+    let (legend, bottom) = bottom.split_vertically(26);
+    draw_legend(
+        &legend,
+        &Config::PUBLISHED,
+        &PUBLISHED_COLORS,
+        "target: xbr > dnat on connections/s; >= 3x docker-proxy on requests/s",
     )?;
     panel(
         &bottom,
-        "Cost relative to docker-like (lower is better)",
-        "x docker-like",
-        &cost,
-        Some((0.6, 4)),
+        "Published port, from outside to a container, relative to dnat (higher is better)",
+        "x dnat",
+        &published,
+        &PUBLISHED_COLORS,
     )?;
     let footer_text = format!(
         "{} CPUs ({}), kernel {}, {}; {} s per run; {} endpoints per bridge unless noted; `{}`",
@@ -244,13 +290,56 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One legend for both panels: a colour per configuration, and the issue's targets.
-fn draw_legend(area: &DrawingArea<SVGBackend, Shift>) -> anyhow::Result<()> {
+/// The published-port groups, relative to dnat; the targets drawn over them are xbr ahead of
+/// dnat on connections/s and 3x docker-proxy (as a multiple of dnat) on requests/s.
+fn published_groups(report: &Report, endpoints: usize) -> Vec<Group> {
+    [
+        (
+            "connections/s",
+            Workload::TcpConnections,
+            "connections_per_s",
+        ),
+        ("requests/s", Workload::TcpRequests, "requests_per_s"),
+    ]
+    .into_iter()
+    .filter_map(|(label, workload, metric)| {
+        let group = group(
+            report,
+            label.to_owned(),
+            (endpoints, workload, metric),
+            &Config::PUBLISHED,
+            Config::Dnat,
+        )?;
+        let target = match workload {
+            Workload::TcpRequests => {
+                let median = |config| {
+                    report
+                        .find(endpoints, workload, metric, config)
+                        .map(|r| r.median)
+                };
+                median(Config::DockerProxy)
+                    .zip(median(Config::Dnat))
+                    .map(|(proxy, dnat)| 3.0 * proxy / dnat)
+            }
+            _ => Some(1.0),
+        };
+        Some(Group { target, ..group })
+    })
+    .collect()
+}
+
+/// A legend row: a colour per configuration, and the issue's targets for the panels below.
+fn draw_legend(
+    area: &DrawingArea<SVGBackend, Shift>,
+    configs: &[Config],
+    colors: &[RGBColor],
+    targets: &str,
+) -> anyhow::Result<()> {
     let width = area.dim_in_pixel().0 as i32;
-    let step = 120;
-    let target_width = 420;
-    let mut x = (width - step * Config::ALL.len() as i32 - target_width) / 2;
-    for (config, color) in Config::ALL.iter().zip(COLORS) {
+    let step = 130;
+    let target_width = 440;
+    let mut x = (width - step * configs.len() as i32 - target_width) / 2;
+    for (config, color) in configs.iter().zip(colors) {
         area.draw(&Rectangle::new([(x, 6), (x + 14, 20)], color.filled()))?;
         area.draw(&Text::new(
             config.name(),
@@ -264,7 +353,7 @@ fn draw_legend(area: &DrawingArea<SVGBackend, Shift>) -> anyhow::Result<()> {
         TARGET.stroke_width(2),
     ))?;
     area.draw(&Text::new(
-        "target: xbr >= 0.95x limit; xbr CPU/packet <= 0.6x docker-like",
+        targets,
         (x + 24, 6),
         ("sans-serif", 14).into_font(),
     ))?;
@@ -276,7 +365,7 @@ fn panel(
     caption: &str,
     y_desc: &str,
     groups: &[Group],
-    target: Option<(f64, usize)>,
+    colors: &[RGBColor],
 ) -> anyhow::Result<()> {
     let count = groups.len().max(1);
     let tallest = groups
@@ -307,10 +396,10 @@ fn panel(
         .label_style(("sans-serif", 12))
         .draw()?;
 
-    let slot = 0.8 / Config::ALL.len() as f64;
+    let slot = 0.8 / colors.len() as f64;
     let value_style =
         TextStyle::from(("sans-serif", 10).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
-    for (index, color) in COLORS.into_iter().enumerate() {
+    for (index, color) in colors.iter().enumerate() {
         let bars: Vec<(f64, &Bar)> = groups
             .iter()
             .enumerate()
@@ -342,13 +431,14 @@ fn panel(
             )
         }))?;
     }
-    // A target line spans the groups it applies to: the first GROUPS.
-    if let Some((y, target_groups)) = target {
-        let end = target_groups.min(count) as f64;
-        chart.draw_series(std::iter::once(PathElement::new(
-            vec![(0.0, y), (end, y)],
+    // A target line across each group that has one.
+    chart.draw_series(groups.iter().enumerate().filter_map(|(position, group)| {
+        let y = group.target?.min(y_max);
+        let left = position as f64;
+        Some(PathElement::new(
+            vec![(left, y), (left + 1.0, y)],
             TARGET.stroke_width(1),
-        )))?;
-    }
+        ))
+    }))?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The bench's results: every raw sample, medians with min-max per configuration, ratios
-//! against `docker-like` and `limit`, as JSON, as a terminal table and as Markdown.
+//! against `docker-like` and `limit` (east-west) or `dnat` and `docker-proxy` (published
+//! ports), as JSON, as a terminal table and as Markdown.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,6 +42,42 @@ pub struct Summary {
     /// Median over docker-like's median (and limit's) for the same workload and metric.
     pub vs_docker_like: Option<f64>,
     pub vs_limit: Option<f64>,
+    /// The same over dnat's and docker-proxy's, for the published-port workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_dnat: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_docker_proxy: Option<f64>,
+}
+
+impl Summary {
+    /// This row's median over REFERENCE's, for one of the two references of its section.
+    pub fn ratio_to(&self, reference: Config) -> Option<f64> {
+        match reference {
+            Config::DockerLike => self.vs_docker_like,
+            Config::Limit => self.vs_limit,
+            Config::Dnat => self.vs_dnat,
+            Config::DockerProxy => self.vs_docker_proxy,
+            _ => None,
+        }
+    }
+}
+
+/// The two configurations every row of a workload is compared with.
+pub fn references(workload: Workload) -> [Config; 2] {
+    if workload.is_published() {
+        [Config::Dnat, Config::DockerProxy]
+    } else {
+        [Config::DockerLike, Config::Limit]
+    }
+}
+
+/// The configurations a workload runs in.
+pub fn configs(workload: Workload) -> &'static [Config] {
+    if workload.is_published() {
+        &Config::PUBLISHED
+    } else {
+        &Config::EAST_WEST
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,7 +126,7 @@ pub fn summarize(samples: &[Sample], endpoint_counts: &[usize]) -> Vec<Summary> 
         for workload in Workload::ALL {
             for metric in workload.metrics() {
                 let mut rows = Vec::new();
-                for config in Config::ALL {
+                for &config in configs(workload) {
                     let values: Vec<f64> = samples
                         .iter()
                         .filter(|s| {
@@ -119,6 +156,8 @@ pub fn summarize(samples: &[Sample], endpoint_counts: &[usize]) -> Vec<Summary> 
                         max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                         vs_docker_like: None,
                         vs_limit: None,
+                        vs_dnat: None,
+                        vs_docker_proxy: None,
                     });
                 }
                 let reference = |config: Config| {
@@ -127,11 +166,15 @@ pub fn summarize(samples: &[Sample], endpoint_counts: &[usize]) -> Vec<Summary> 
                         .map(|row| row.median)
                         .filter(|median| *median > 0.0)
                 };
-                let (docker_like, limit) =
-                    (reference(Config::DockerLike), reference(Config::Limit));
+                let [first, second] = references(workload).map(reference);
                 for row in &mut rows {
-                    row.vs_docker_like = docker_like.map(|reference| row.median / reference);
-                    row.vs_limit = limit.map(|reference| row.median / reference);
+                    let [first, second] = [first, second]
+                        .map(|reference| reference.map(|reference| row.median / reference));
+                    if workload.is_published() {
+                        (row.vs_dnat, row.vs_docker_proxy) = (first, second);
+                    } else {
+                        (row.vs_docker_like, row.vs_limit) = (first, second);
+                    }
                 }
                 summary.extend(rows);
             }
@@ -156,40 +199,41 @@ impl Report {
         })
     }
 
-    /// The terminal table: one block per endpoint count, one row per configuration.
+    /// The terminal table: one block per section, one row per configuration.
     pub fn table(&self) -> String {
         let mut out = String::new();
         if let Some(source) = &self.xbr_source {
             let _ = writeln!(out, "\n== xbr built from {source}");
         }
-        for &endpoints in &self.endpoint_counts() {
+        for section in self.sections() {
             let _ = writeln!(
                 out,
-                "\n== east-west, {endpoints} endpoints on each bridge: median [min - max] of {} \
-                 round{}; ratios are of medians",
-                self.settings.rounds,
-                if self.settings.rounds == 1 { "" } else { "s" }
+                "\n== {}: median [min - max] of {}; ratios are of medians",
+                section.title,
+                self.rounds_text()
             );
+            let [first, second] = section
+                .references
+                .map(|config| format!("x {}", config.name()));
             let _ = writeln!(
                 out,
-                "   {:<12} {:>10}  {:<21} {:>13} {:>8}",
-                "config", "median", "[min - max]", "x docker-like", "x limit"
+                "   {:<12} {:>10}  {:<21} {first:>13} {second:>14}",
+                "config", "median", "[min - max]"
             );
             let mut heading = String::new();
-            for row in self.summary.iter().filter(|row| row.endpoints == endpoints) {
+            for row in section.rows {
                 let title = self.row_title(row);
                 if title != heading {
                     let _ = writeln!(out, "{title}");
                     heading = title;
                 }
+                let [first, second] = section.references.map(|config| ratio(row.ratio_to(config)));
                 let _ = writeln!(
                     out,
-                    "   {:<12} {:>10}  {:<21} {:>13} {:>8}",
+                    "   {:<12} {:>10}  {:<21} {first:>13} {second:>14}",
                     row.config,
                     number(row.median),
                     format!("[{} - {}]", number(row.min), number(row.max)),
-                    ratio(row.vs_docker_like),
-                    ratio(row.vs_limit)
                 );
             }
         }
@@ -203,20 +247,22 @@ impl Report {
         if let Some(source) = &self.xbr_source {
             let _ = writeln!(out, "xbr built from {source}; `{}`.", self.command);
         }
-        for &endpoints in &self.endpoint_counts() {
+        for section in self.sections() {
+            let mut title = section.title.clone();
+            title[..1].make_ascii_uppercase();
             let _ = writeln!(
                 out,
-                "\n**East-west, {endpoints} endpoints on each bridge** (median [min - max] of {} \
-                 round{}; ratios are of medians)\n",
-                self.settings.rounds,
-                if self.settings.rounds == 1 { "" } else { "s" }
+                "\n**{title}** (median [min - max] of {}; ratios are of medians)\n",
+                self.rounds_text()
             );
-            out.push_str(
-                "| workload | config | median | [min - max] | × docker-like | × limit |\n\
-                 | --- | --- | ---: | ---: | ---: | ---: |\n",
+            let [first, second] = section.references.map(|config| config.name());
+            let _ = writeln!(
+                out,
+                "| workload | config | median | [min - max] | × {first} | × {second} |\n\
+                 | --- | --- | ---: | ---: | ---: | ---: |"
             );
             let mut heading = String::new();
-            for row in self.summary.iter().filter(|row| row.endpoints == endpoints) {
+            for row in section.rows {
                 let title = self.row_title(row);
                 let shown = if title == heading {
                     String::new()
@@ -224,15 +270,14 @@ impl Report {
                     title.clone()
                 };
                 heading = title;
+                let [first, second] = section.references.map(|config| ratio(row.ratio_to(config)));
                 let _ = writeln!(
                     out,
-                    "| {shown} | {} | {} | [{} - {}] | {} | {} |",
+                    "| {shown} | {} | {} | [{} - {}] | {first} | {second} |",
                     row.config,
                     number(row.median),
                     number(row.min),
                     number(row.max),
-                    ratio(row.vs_docker_like),
-                    ratio(row.vs_limit)
                 );
             }
         }
@@ -241,10 +286,50 @@ impl Report {
         out
     }
 
-    fn endpoint_counts(&self) -> Vec<usize> {
-        let mut counts: Vec<usize> = self.summary.iter().map(|row| row.endpoints).collect();
+    fn rounds_text(&self) -> String {
+        format!(
+            "{} round{}",
+            self.settings.rounds,
+            if self.settings.rounds == 1 { "" } else { "s" }
+        )
+    }
+
+    /// East-west at each endpoint count, then the published port.
+    fn sections(&self) -> Vec<Section<'_>> {
+        let published =
+            |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_published);
+        let mut counts: Vec<usize> = self
+            .summary
+            .iter()
+            .filter(|row| !published(row))
+            .map(|row| row.endpoints)
+            .collect();
         counts.dedup();
-        counts
+        let mut sections: Vec<Section> = counts
+            .into_iter()
+            .map(|endpoints| Section {
+                title: format!("east-west, {endpoints} endpoints on each bridge"),
+                references: [Config::DockerLike, Config::Limit],
+                rows: self
+                    .summary
+                    .iter()
+                    .filter(|row| row.endpoints == endpoints && !published(row))
+                    .collect(),
+            })
+            .collect();
+        let rows: Vec<&Summary> = self.summary.iter().filter(|row| published(row)).collect();
+        if let Some(first) = rows.first() {
+            sections.push(Section {
+                title: format!(
+                    "published port, from outside through the uplink to a container, {} \
+                     endpoints on the bridge",
+                    first.endpoints
+                ),
+                references: [Config::Dnat, Config::DockerProxy],
+                rows,
+            });
+        }
+        sections
     }
 
     fn row_title(&self, row: &Summary) -> String {
@@ -343,6 +428,42 @@ impl Report {
                 );
             }
         }
+        // Published ports: far ahead of the userland proxy, ahead of DNAT on new connections.
+        let published_targets = [
+            (
+                Workload::TcpRequests,
+                Config::DockerProxy,
+                3.0,
+                "far ahead of (>= 3x)",
+            ),
+            (Workload::TcpConnections, Config::Dnat, 1.0, "ahead of"),
+        ];
+        for (workload, reference, target, phrase) in published_targets {
+            for config in [Config::XbrNat, Config::XbrNatXdp] {
+                let Some(row) = self
+                    .summary
+                    .iter()
+                    .find(|row| row.workload == workload.id() && row.config == config.name())
+                else {
+                    continue;
+                };
+                let Some(ratio) = row.ratio_to(reference) else {
+                    continue;
+                };
+                let verdict = if ratio >= target {
+                    "met".to_owned()
+                } else {
+                    format!("missed by {}", percent((target - ratio) / target))
+                };
+                let _ = writeln!(
+                    out,
+                    "{bullet}{} {phrase} {} on {}: {ratio:.2}x ({verdict})",
+                    config.name(),
+                    reference.name(),
+                    row.unit
+                );
+            }
+        }
         if let Some(program) = &self.xbr_program
             && let Some(ns) = program["ns_per_run"].as_f64()
         {
@@ -437,6 +558,13 @@ impl Report {
             .with_context(|| format!("writing {}", written.markdown.display()))?;
         Ok(written)
     }
+}
+
+/// One block of the tables.
+struct Section<'a> {
+    title: String,
+    references: [Config; 2],
+    rows: Vec<&'a Summary>,
 }
 
 pub struct Written {

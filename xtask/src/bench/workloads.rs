@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::host::{self, CpuTimes};
+use super::peer::{self, RateKind};
 use super::worlds::{
     IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, World, on_cpu,
 };
@@ -32,6 +33,8 @@ pub enum Workload {
     SockperfUdp,
     AttachTcx,
     AttachClsact,
+    TcpConnections,
+    TcpRequests,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,16 @@ const ROUND_TRIPS: [Metric; 3] = [
         better: Better::Lower,
     },
 ];
+const CONNECTIONS: Metric = Metric {
+    key: "connections_per_s",
+    unit: "connections/s",
+    better: Better::Higher,
+};
+const REQUESTS: Metric = Metric {
+    key: "requests_per_s",
+    unit: "requests/s",
+    better: Better::Higher,
+};
 const ATTACH_MS: Metric = Metric {
     key: "ms",
     unit: "ms",
@@ -116,7 +129,9 @@ impl Workload {
     /// What the scale phase repeats with many endpoints.
     pub const SCALE: [Workload; 2] = [Workload::UdpPps, Workload::CpuPerPacket];
     pub const ATTACH: [Workload; 2] = [Workload::AttachClsact, Workload::AttachTcx];
-    pub const ALL: [Workload; 8] = [
+    /// From outside to a container's published port, in the published-port configurations.
+    pub const PUBLISHED: [Workload; 2] = [Workload::TcpConnections, Workload::TcpRequests];
+    pub const ALL: [Workload; 10] = [
         Workload::TcpOneStream,
         Workload::TcpTwoStreams,
         Workload::UdpPps,
@@ -125,6 +140,8 @@ impl Workload {
         Workload::SockperfUdp,
         Workload::AttachTcx,
         Workload::AttachClsact,
+        Workload::TcpConnections,
+        Workload::TcpRequests,
     ];
 
     pub fn id(self) -> &'static str {
@@ -137,6 +154,8 @@ impl Workload {
             Workload::SockperfUdp => "sockperf-udp",
             Workload::AttachTcx => "attach-tcx",
             Workload::AttachClsact => "attach-clsact",
+            Workload::TcpConnections => "tcp-connections",
+            Workload::TcpRequests => "tcp-requests",
         }
     }
 
@@ -156,6 +175,12 @@ impl Workload {
             Workload::SockperfUdp => "sockperf ping-pong UDP",
             Workload::AttachTcx => "xbr attach, tcx",
             Workload::AttachClsact => "xbr attach, clsact",
+            Workload::TcpConnections => {
+                "TCP connections to a published port: connect, 64 B request, response, close"
+            }
+            Workload::TcpRequests => {
+                "TCP requests to a published port, 64 B each way, one connection"
+            }
         }
     }
 
@@ -166,7 +191,13 @@ impl Workload {
             Workload::CpuPerPacket => &CPU_PER_PACKET,
             Workload::SockperfTcp | Workload::SockperfUdp => &ROUND_TRIPS,
             Workload::AttachTcx | Workload::AttachClsact => &[ATTACH_MS],
+            Workload::TcpConnections => &[CONNECTIONS],
+            Workload::TcpRequests => &[REQUESTS],
         }
+    }
+
+    pub fn is_published(self) -> bool {
+        Workload::PUBLISHED.contains(&self)
     }
 
     /// Attaching is xbr's alone; traffic runs in every configuration.
@@ -207,7 +238,51 @@ pub fn run(
         Workload::AttachTcx | Workload::AttachClsact => {
             unreachable!("attach time is measured by the worlds")
         }
+        Workload::TcpConnections => rate(world, RateKind::Connections, load, interrupt),
+        Workload::TcpRequests => rate(world, RateKind::Requests, load, interrupt),
     }
+}
+
+/// The bench's own client, from outside to the world's published port. A run with more than
+/// one failed exchange in a thousand is an error, not a number.
+fn rate(
+    world: &World,
+    kind: RateKind,
+    load: &Load,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Measured> {
+    let to = world
+        .published
+        .with_context(|| format!("{} has no published port", world.config.name()))?;
+    let rate = peer::measure_rate(
+        kind,
+        &world.client_netns,
+        load.placement.published_cpu,
+        to,
+        load.seconds,
+        interrupt,
+    )?;
+    let what = match kind {
+        RateKind::Connections => "connections",
+        RateKind::Requests => "requests",
+    };
+    if rate.completed == 0 || rate.failed * 1000 > rate.completed {
+        bail!(
+            "{what} to {to} in {}: {} completed, {} failed (first: {})",
+            world.config.name(),
+            rate.completed,
+            rate.failed,
+            rate.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    let key = match kind {
+        RateKind::Connections => CONNECTIONS.key,
+        RateKind::Requests => REQUESTS.key,
+    };
+    Ok(Measured {
+        metrics: metrics(&[(key, rate.per_second())]),
+        details: rate.as_json(),
+    })
 }
 
 fn metrics(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {

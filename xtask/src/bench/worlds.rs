@@ -1,9 +1,14 @@
 //! The worlds the bench compares, all built before the first round so that rounds can
-//! interleave them without rebuilding: `limit`, a veth pair without a bridge, and three labs
-//! from the lab builder (`xbr lab up`) - a plain bridge, Docker's netfilter setup, and that
-//! setup with xbr attached. Everything made here is removed again on every way out.
+//! interleave them without rebuilding. East-west: `limit`, a veth pair without a bridge, and
+//! three labs from the lab builder (`xbr lab up`) - a plain bridge, Docker's netfilter setup,
+//! and that setup with xbr attached. Published ports: four labs with an uplink to an outside
+//! namespace, where the client connects to the host's port 8080 - served by Docker's DNAT
+//! rule, by docker-proxy, by xbr's tc NAT and by its XDP NAT. Everything made here is removed
+//! again on every way out.
 
 use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+use super::peer::EchoServer;
 use crate::cmd;
 use crate::demo::processes::{Interrupt, Processes, run_captured};
 
@@ -31,6 +37,17 @@ const FIRST_IDLE: usize = 4;
 pub const IPERF3_PORT: u16 = 5201;
 pub const SOCKPERF_UDP_PORT: u16 = 11111;
 pub const SOCKPERF_TCP_PORT: u16 = 11112;
+
+/// The published-port labs: uplink0 in the host namespace, eth0 in the outside namespace
+/// (the client's), and the server's port 80 published as the host's port 8080.
+const UPLINK: &str = "uplink0";
+const UPLINK_HOST_ADDRESS: &str = "10.78.0.1/24";
+const UPLINK_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+const OUTSIDE_ADDRESS: &str = "10.78.0.2/24";
+const HOST_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 80;
+/// Where Debian's docker.io installs Docker's userland proxy.
+const DOCKER_PROXY: &str = "/usr/sbin/docker-proxy";
 /// From a server starting to its socket listening: milliseconds, unless the machine is busy.
 const SERVER_START: Duration = Duration::from_secs(10);
 
@@ -41,24 +58,44 @@ const BR_NETFILTER_SYSCTLS: [&str; 3] = [
     "net.bridge.bridge-nf-call-arptables",
 ];
 
-/// What traffic between two containers crosses. North-south configurations (iptables DNAT,
-/// docker-proxy, xbr NAT for published ports) join this list with the NAT issue; a world
-/// for them adds an outside namespace (the lab's `[uplink]`) and a client there.
+/// What the traffic crosses: between two containers (east-west), or from outside to a
+/// container's published port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Config {
     Limit,
     Bridge,
     DockerLike,
     Xbr,
+    Dnat,
+    DockerProxy,
+    XbrNat,
+    XbrNatXdp,
 }
 
 impl Config {
-    /// In the order every round runs them, and the tables list them.
-    pub const ALL: [Config; 4] = [
+    /// East-west, in the order every round runs them, and the tables list them.
+    pub const EAST_WEST: [Config; 4] = [
         Config::Limit,
         Config::Bridge,
         Config::DockerLike,
         Config::Xbr,
+    ];
+    /// Published ports, likewise.
+    pub const PUBLISHED: [Config; 4] = [
+        Config::Dnat,
+        Config::DockerProxy,
+        Config::XbrNat,
+        Config::XbrNatXdp,
+    ];
+    pub const ALL: [Config; 8] = [
+        Config::Limit,
+        Config::Bridge,
+        Config::DockerLike,
+        Config::Xbr,
+        Config::Dnat,
+        Config::DockerProxy,
+        Config::XbrNat,
+        Config::XbrNatXdp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +104,23 @@ impl Config {
             Config::Bridge => "bridge",
             Config::DockerLike => "docker-like",
             Config::Xbr => "xbr",
+            Config::Dnat => "dnat",
+            Config::DockerProxy => "docker-proxy",
+            Config::XbrNat => "xbr-nat",
+            Config::XbrNatXdp => "xbr-nat-xdp",
+        }
+    }
+
+    pub fn is_published(self) -> bool {
+        Config::PUBLISHED.contains(&self)
+    }
+
+    /// How xbr's uplink is hooked in the configurations that attach it for published ports.
+    fn uplink_mode(self) -> Option<&'static str> {
+        match self {
+            Config::XbrNat => Some("tc"),
+            Config::XbrNatXdp => Some("xdp"),
+            _ => None,
         }
     }
 
@@ -79,6 +133,25 @@ impl Config {
                  with conntrack RELATED,ESTABLISHED accept, intra-bridge accept, MASQUERADE"
             }
             Config::Xbr => "docker-like after `xbr attach br0`",
+            Config::Dnat => {
+                "a client outside (behind the lab's uplink) connects to the host's port 8080; \
+                 Docker's rules for `-p 8080:80` (DNAT, FORWARD accept) send it to the \
+                 container, conntrack tracks every connection"
+            }
+            Config::DockerProxy => {
+                "the same port served by Docker's userland proxy, docker-proxy from docker.io, \
+                 in the host namespace: a second connection to the container per connection \
+                 (the path of connections the DNAT rule does not catch)"
+            }
+            Config::XbrNat => {
+                "dnat after `xbr attach br0 --uplink uplink0` and `xbr publish br0 \
+                 8080:CONTAINER:80`: the uplink's tc program NATs (Docker's rules stay, unused)"
+            }
+            Config::XbrNatXdp => {
+                "xbr-nat with --uplink-mode xdp: the uplink's XDP program NATs; as on a physical \
+                 uplink the client sends full checksums (tx offload off), and the container's \
+                 eth0 has GRO on (the NAPI an XDP redirect into a veth needs)"
+            }
         }
     }
 
@@ -89,6 +162,10 @@ impl Config {
             Config::Bridge => Some("bridge"),
             Config::DockerLike => Some("docker"),
             Config::Xbr => Some("xbr"),
+            Config::Dnat => Some("dnat"),
+            Config::DockerProxy => Some("proxy"),
+            Config::XbrNat => Some("nat"),
+            Config::XbrNatXdp => Some("natxdp"),
         }
     }
 }
@@ -100,6 +177,8 @@ pub struct World {
     pub server_netns: String,
     /// The namespace holding the bridge; None for `limit`.
     pub host_netns: Option<String>,
+    /// Where the client connects in the published-port worlds: the host's port 8080.
+    pub published: Option<SocketAddr>,
     lab: Option<Lab>,
     servers: Servers,
 }
@@ -109,12 +188,28 @@ struct Lab {
     file: PathBuf,
 }
 
-/// Pids of the servers in the world's server namespace, running from build to teardown.
+/// The servers of a world, running from build to teardown: pids of processes in its
+/// server namespace, the echo server's thread, docker-proxy in its host namespace.
 #[derive(Default)]
 struct Servers {
     iperf3: Option<u32>,
     sockperf_udp: Option<u32>,
     sockperf_tcp: Option<u32>,
+    echo: Option<EchoServer>,
+    docker_proxy: Option<u32>,
+}
+
+impl Servers {
+    fn pids(&self) -> impl Iterator<Item = u32> {
+        [
+            self.iperf3,
+            self.sockperf_udp,
+            self.sockperf_tcp,
+            self.docker_proxy,
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 impl World {
@@ -132,6 +227,12 @@ impl World {
 pub struct Placement {
     pub client_cpu: Option<usize>,
     pub server_cpu: Option<usize>,
+    /// Client and server of the published-port workloads, both on one CPU. Their
+    /// exchanges are one at a time: across two CPUs each would wait for a wake-up of the
+    /// other CPU (tens of µs here, alike for every path, and hiding the path); on one CPU a
+    /// connection or request costs exactly the CPU time of its path, so the rate is the
+    /// inverse of that cost.
+    pub published_cpu: Option<usize>,
 }
 
 /// The nice value of every traffic process: other load on a shared machine (a build, say)
@@ -163,7 +264,8 @@ pub struct Worlds {
     /// Set before the step that might leave something behind.
     limit_made: bool,
     labs_up: Vec<PathBuf>,
-    attached: Option<String>,
+    /// Host namespaces of the labs xbr is attached in.
+    attached: Vec<String>,
     /// Facts about this machine the report should state (e.g. br_netfilter missing).
     pub notes: Vec<String>,
     /// The pin directory `xbr attach --json` reported, for reading the program's stats.
@@ -188,7 +290,7 @@ impl Worlds {
             worlds: Vec::new(),
             limit_made: false,
             labs_up: Vec::new(),
-            attached: None,
+            attached: Vec::new(),
             notes: Vec::new(),
             pins: None,
         }
@@ -215,13 +317,16 @@ impl Worlds {
     }
 
     /// Removes what an earlier, killed run left: namespaces named `{prefix}-*` (detaching xbr
-    /// from the xbr lab's bridge first, so no pins stay behind). Returns how many there were.
+    /// from the xbr labs' bridges first, so no pins stay behind). Returns how many there were.
     pub fn remove_leftovers(&self) -> anyhow::Result<usize> {
         let leftovers = namespaces_with_prefix(&format!("{}-", self.prefix))?;
         if leftovers.is_empty() {
             return Ok(0);
         }
-        if let Some(lab) = self.lab_name(Config::Xbr) {
+        for config in [Config::Xbr, Config::XbrNat, Config::XbrNatXdp] {
+            let lab = self
+                .lab_name(config)
+                .expect("xbr's configurations are labs");
             let host = format!("{lab}-host");
             if leftovers.contains(&host) {
                 self.detach(&host)?;
@@ -236,8 +341,8 @@ impl Worlds {
         Ok(leftovers.len())
     }
 
-    /// Builds every world with ENDPOINTS containers on each bridge, attaches xbr, and starts
-    /// the servers. STEP is told what is being built.
+    /// Builds every world with ENDPOINTS containers on each bridge, attaches xbr, publishes
+    /// the port, and starts the servers. STEP is told what is being built.
     pub fn build(&mut self, endpoints: usize, step: &dyn Fn(&str)) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.lab_dir)
             .with_context(|| format!("creating {}", self.lab_dir.display()))?;
@@ -257,6 +362,18 @@ impl Worlds {
                     self.docker_netfilter(Config::Xbr)?;
                     self.attach("auto")?;
                 }
+                Config::Dnat | Config::XbrNat | Config::XbrNatXdp => {
+                    self.docker_netfilter(config)?;
+                    self.publish_with_dnat(config)?;
+                }
+                // Docker's base rules; the proxy itself starts with the servers.
+                Config::DockerProxy => self.docker_netfilter(config)?,
+            }
+            if config == Config::XbrNatXdp {
+                self.xdp_conditions(config)?;
+            }
+            if let Some(uplink_mode) = config.uplink_mode() {
+                self.attach_uplink(config, uplink_mode)?;
             }
             self.start_servers(config)?;
         }
@@ -313,6 +430,7 @@ impl Worlds {
             client_netns: client,
             server_netns: server,
             host_netns: None,
+            published: None,
             lab: None,
             servers: Servers::default(),
         })
@@ -321,31 +439,41 @@ impl Worlds {
     fn build_lab(&mut self, config: Config, endpoints: usize) -> anyhow::Result<World> {
         let name = self.lab_name(config).expect("labs have names");
         let file = self.lab_dir.join(format!("{name}.toml"));
-        write_lab_file(&file, &name, endpoints)?;
+        let uplink = config.is_published();
+        write_lab_file(&file, &name, endpoints, uplink)?;
         self.labs_up.push(file.clone());
         self.xbr(&["lab", "up", &file.display().to_string()])?;
         Ok(World {
             config,
-            client_netns: format!("{name}-{CLIENT}"),
+            // The published-port client is outside, behind the uplink.
+            client_netns: if uplink {
+                format!("{name}-out")
+            } else {
+                format!("{name}-{CLIENT}")
+            },
             server_netns: format!("{name}-{SERVER}"),
             host_netns: Some(format!("{name}-host")),
+            published: uplink.then(|| SocketAddr::from((UPLINK_HOST_IP, HOST_PORT))),
             lab: Some(Lab { name, file }),
             servers: Servers::default(),
         })
     }
 
-    /// Adds idle containers to every lab until each bridge has ENDPOINTS; `xbr lab up`
-    /// completes what exists. xbr's new ports are attached by the next `attach`.
+    /// Adds idle containers to every east-west lab until each bridge has ENDPOINTS; `xbr lab
+    /// up` completes what exists. xbr's new ports are attached by the next `attach`.
     pub fn grow(&mut self, endpoints: usize, step: &dyn Fn(&str)) -> anyhow::Result<()> {
         for index in 0..self.worlds.len() {
             self.interrupt.check()?;
             let world = &self.worlds[index];
             let Some(lab) = &world.lab else { continue };
+            if world.config.is_published() {
+                continue;
+            }
             step(&format!(
                 "growing {} to {endpoints} endpoints",
                 world.config.name()
             ));
-            write_lab_file(&lab.file, &lab.name, endpoints)?;
+            write_lab_file(&lab.file, &lab.name, endpoints, false)?;
             let file = lab.file.display().to_string();
             self.xbr(&["lab", "up", &file])?;
         }
@@ -403,6 +531,50 @@ impl Worlds {
         Ok(())
     }
 
+    /// Docker's rules for `-p 8080:80` on the server container: DNAT in the nat table's
+    /// DOCKER chain, the FORWARD accept, and the hairpin MASQUERADE.
+    fn publish_with_dnat(&mut self, config: Config) -> anyhow::Result<()> {
+        let host = self.host(config);
+        let rules = [
+            format!(
+                "-t filter -A DOCKER -d {SERVER_IP}/32 ! -i {BRIDGE} -o {BRIDGE} -p tcp -m tcp \
+                 --dport {ECHO_PORT} -j ACCEPT"
+            ),
+            format!(
+                "-t nat -A POSTROUTING -s {SERVER_IP}/32 -d {SERVER_IP}/32 -p tcp -m tcp \
+                 --dport {ECHO_PORT} -j MASQUERADE"
+            ),
+            format!(
+                "-t nat -A DOCKER ! -i {BRIDGE} -p tcp -m tcp --dport {HOST_PORT} -j DNAT \
+                 --to-destination {SERVER_IP}:{ECHO_PORT}"
+            ),
+        ];
+        for rule in rules {
+            cmd::run(
+                cmd::in_netns(&host, "iptables").args(rule.split_whitespace()),
+                &format!("adding Docker's rule `iptables {rule}` in {host}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What XDP delivery needs on veths, as a physical uplink has it: full checksums from the
+    /// client, and NAPI (GRO on) on the container's end.
+    fn xdp_conditions(&mut self, config: Config) -> anyhow::Result<()> {
+        let world = self.get(config);
+        for (netns, feature, value) in [
+            (world.client_netns.clone(), "tx", "off"),
+            (world.server_netns.clone(), "gro", "on"),
+        ] {
+            // `output`: ethtool lists the features that changed with it, not for the terminal.
+            cmd::output(
+                cmd::in_netns(&netns, "ethtool").args(["-K", "eth0", feature, value]),
+                &format!("setting {feature} {value} on eth0 in {netns}"),
+            )?;
+        }
+        Ok(())
+    }
+
     fn br_netfilter_present(&mut self, host: &str) -> anyhow::Result<bool> {
         let present =
             cmd::succeeds(cmd::in_netns(host, "sysctl").args(["-n", BR_NETFILTER_SYSCTLS[0]]));
@@ -429,7 +601,7 @@ impl Worlds {
     /// `xbr -n HOST attach br0 --mode MODE` on the xbr lab; returns how long it took.
     pub fn attach(&mut self, mode: &str) -> anyhow::Result<Duration> {
         let host = self.host(Config::Xbr);
-        self.attached = Some(host.clone());
+        self.mark_attached(&host);
         let started = Instant::now();
         let printed = self.xbr(&["-n", &host, "attach", BRIDGE, "--mode", mode, "--json"])?;
         let took = started.elapsed();
@@ -439,12 +611,73 @@ impl Worlds {
         Ok(took)
     }
 
+    /// Attaches xbr with the lab's uplink in UPLINK_MODE and publishes the server's port 80
+    /// as the host's 8080, as `docker run -p 8080:80` would with xbr following Docker.
+    fn attach_uplink(&mut self, config: Config, uplink_mode: &str) -> anyhow::Result<()> {
+        let host = self.host(config);
+        self.mark_attached(&host);
+        self.xbr(&[
+            "-n",
+            &host,
+            "attach",
+            BRIDGE,
+            "--uplink",
+            UPLINK,
+            "--uplink-mode",
+            uplink_mode,
+            "--docker",
+            "off",
+        ])?;
+        let spec = format!("{HOST_PORT}:{SERVER_IP}:{ECHO_PORT}");
+        self.xbr(&["-n", &host, "publish", BRIDGE, &spec])?;
+        Ok(())
+    }
+
+    fn mark_attached(&mut self, host: &str) {
+        if !self.attached.iter().any(|attached| attached == host) {
+            self.attached.push(host.to_owned());
+        }
+    }
+
     /// `xbr -n HOST detach br0` on the xbr lab; a bridge that is not attached is fine.
     pub fn detach_xbr(&mut self) -> anyhow::Result<()> {
         let host = self.host(Config::Xbr);
         self.detach(&host)?;
-        self.attached = None;
+        self.attached.retain(|attached| *attached != host);
         Ok(())
+    }
+
+    /// Counters that tell which path served a published-port run: packets of Docker's DNAT
+    /// rule, and frames xbr's NAT delivered (from tc and from XDP).
+    pub fn path_counters(&self, config: Config) -> anyhow::Result<PathCounters> {
+        let host = self.host(config);
+        let listing = cmd::output(
+            cmd::in_netns(&host, "iptables").args(["-t", "nat", "-L", "DOCKER", "-v", "-x", "-n"]),
+            &format!("reading Docker's DNAT counter in {host}"),
+        )?;
+        let dpt = format!("dpt:{HOST_PORT}");
+        let dnat_packets = listing
+            .lines()
+            .find(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.contains(&"DNAT") && fields.contains(&dpt.as_str())
+            })
+            .and_then(|line| line.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let (xbr_nat_in, xbr_nat_in_xdp) = if config.uplink_mode().is_some() {
+            let printed = self.xbr(&["-n", &host, "stats", BRIDGE, "--json"])?;
+            let stats: Value =
+                serde_json::from_str(&printed).context("`xbr stats --json` printed no JSON")?;
+            let verdict = |name: &str| stats["verdicts"][0][name].as_u64().unwrap_or(0);
+            (verdict("nat_in"), verdict("nat_in_xdp"))
+        } else {
+            (0, 0)
+        };
+        Ok(PathCounters {
+            dnat_packets,
+            xbr_nat_in,
+            xbr_nat_in_xdp,
+        })
     }
 
     fn detach(&self, host: &str) -> anyhow::Result<()> {
@@ -488,7 +721,8 @@ impl Worlds {
         Ok(captured.stdout)
     }
 
-    /// The iperf3 and sockperf servers of CONFIG's world, pinned to the server CPU.
+    /// The servers of CONFIG's world, pinned to the server CPU: iperf3 and sockperf, or for
+    /// a published port the echo server on the published-port CPU, and docker-proxy.
     pub fn start_servers(&mut self, config: Config) -> anyhow::Result<()> {
         let index = self
             .worlds
@@ -498,6 +732,34 @@ impl Worlds {
         let netns = self.worlds[index].server_netns.clone();
         let cpu = self.placement.server_cpu;
         let name = config.name();
+        if config.is_published() {
+            let cpu = self.placement.published_cpu;
+            let address = SocketAddr::from((SERVER_IP.parse::<Ipv4Addr>()?, ECHO_PORT));
+            self.worlds[index].servers.echo = Some(EchoServer::start(&netns, address, cpu)?);
+            if config == Config::DockerProxy {
+                let host = self.host(config);
+                let pid = self.start_server(
+                    "docker-proxy",
+                    docker_proxy(&host)?.args([
+                        "-proto",
+                        "tcp",
+                        "-host-ip",
+                        &UPLINK_HOST_IP.to_string(),
+                        "-host-port",
+                        &HOST_PORT.to_string(),
+                        "-container-ip",
+                        SERVER_IP,
+                        "-container-port",
+                        &ECHO_PORT.to_string(),
+                    ]),
+                    &host,
+                    "tcp",
+                    HOST_PORT,
+                )?;
+                self.worlds[index].servers.docker_proxy = Some(pid);
+            }
+            return Ok(());
+        }
         let port = IPERF3_PORT.to_string();
         let iperf3 = self.start_server(
             &format!("the iperf3 server of {name}"),
@@ -531,12 +793,10 @@ impl Worlds {
             .position(|world| world.config == config)
             .expect("the world is built");
         let servers = std::mem::take(&mut self.worlds[index].servers);
-        for pid in [servers.iperf3, servers.sockperf_udp, servers.sockperf_tcp]
-            .into_iter()
-            .flatten()
-        {
+        for pid in servers.pids() {
             self.processes.kill(pid);
         }
+        drop(servers);
         self.start_servers(config)
     }
 
@@ -586,10 +846,10 @@ impl Worlds {
             world.servers = Servers::default();
         }
         let mut errors = Vec::new();
-        if let Some(host) = self.attached.take()
-            && let Err(error) = self.detach(&host)
-        {
-            errors.push(format!("{error:#}"));
+        for host in std::mem::take(&mut self.attached) {
+            if let Err(error) = self.detach(&host) {
+                errors.push(format!("{error:#}"));
+            }
         }
         for file in std::mem::take(&mut self.labs_up) {
             // `lab down` detaches xbr too, then deletes the lab's namespaces.
@@ -640,6 +900,41 @@ impl Drop for Worlds {
     }
 }
 
+/// What `path_counters` read.
+#[derive(Clone, Copy, Debug)]
+pub struct PathCounters {
+    pub dnat_packets: u64,
+    pub xbr_nat_in: u64,
+    pub xbr_nat_in_xdp: u64,
+}
+
+/// Docker's userland proxy in NETNS at nice -20, like the traffic's processes, but on no CPU
+/// in particular: it is part of the path, and Docker does not pin it. (Its threads then run
+/// on the other CPU and each request crosses CPUs; pinned beside client and server it served
+/// about 3x the requests/s in a trial - BENCHMARKS.md.)
+fn docker_proxy(netns: &str) -> anyhow::Result<Command> {
+    if !Path::new(DOCKER_PROXY).exists() {
+        bail!(
+            "{DOCKER_PROXY} is missing: it comes with Debian's docker.io package (`cargo xtask \
+             setup` installs it)"
+        );
+    }
+    let mut command = on_cpu(netns, None, DOCKER_PROXY);
+    // docker-proxy reports to dockerd on fd 3 that it listens, then closes fd 3; without a
+    // file there it would close whatever holds fd 3 then: its own listening socket.
+    // SAFETY: open and dup2 are async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+            if null < 0 || (null != 3 && libc::dup2(null, 3) < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
 fn set_sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     cmd::output(
         cmd::in_netns(netns, "sysctl").args(["-q", "-w", &format!("{key}={value}")]),
@@ -681,8 +976,8 @@ fn address(host_part: usize) -> String {
 }
 
 /// A lab file for `xbr lab up`: bridge br0, client a, server b, and idle containers up to
-/// ENDPOINTS in all.
-pub fn lab_toml(name: &str, endpoints: usize) -> String {
+/// ENDPOINTS in all; with UPLINK, an outside namespace behind uplink0.
+pub fn lab_toml(name: &str, endpoints: usize, uplink: bool) -> String {
     let mut text = format!(
         "# Written by `cargo xtask bench`; `xbr lab down` with this file removes the lab.\n\
          name = \"{name}\"\n\n[bridge]\nname = \"{BRIDGE}\"\naddress = \"{BRIDGE_ADDRESS}\"\n"
@@ -698,11 +993,17 @@ pub fn lab_toml(name: &str, endpoints: usize) -> String {
             mac(host_part)
         ));
     }
+    if uplink {
+        text.push_str(&format!(
+            "\n[uplink]\nhost_address = \"{UPLINK_HOST_ADDRESS}\"\noutside_address = \
+             \"{OUTSIDE_ADDRESS}\"\n"
+        ));
+    }
     text
 }
 
-fn write_lab_file(file: &Path, name: &str, endpoints: usize) -> anyhow::Result<()> {
-    std::fs::write(file, lab_toml(name, endpoints))
+fn write_lab_file(file: &Path, name: &str, endpoints: usize, uplink: bool) -> anyhow::Result<()> {
+    std::fs::write(file, lab_toml(name, endpoints, uplink))
         .with_context(|| format!("writing the lab file {}", file.display()))
 }
 
@@ -749,7 +1050,7 @@ mod tests {
 
     #[test]
     fn lab_files_hold_client_server_and_idle_containers() {
-        let text = lab_toml("xb-bridge", 1000);
+        let text = lab_toml("xb-bridge", 1000, false);
         let value: toml::Value = toml::from_str(&text).unwrap();
         let containers = value["containers"].as_array().unwrap();
         assert_eq!(containers.len(), 1000);
@@ -764,6 +1065,18 @@ mod tests {
             .map(|c| c["mac"].as_str().unwrap())
             .collect();
         assert_eq!(names.len(), 1000, "MACs are unique");
+    }
+
+    #[test]
+    fn published_labs_have_an_uplink() {
+        let value: toml::Value = toml::from_str(&lab_toml("xb-nat", 10, true)).unwrap();
+        assert_eq!(
+            value["uplink"]["host_address"].as_str(),
+            Some("10.78.0.1/24")
+        );
+        assert_eq!(value["containers"].as_array().unwrap().len(), 10);
+        let east_west: toml::Value = toml::from_str(&lab_toml("xb-xbr", 10, false)).unwrap();
+        assert!(east_west.get("uplink").is_none());
     }
 
     #[test]

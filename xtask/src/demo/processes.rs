@@ -15,8 +15,8 @@ use crate::cmd;
 const POLL: Duration = Duration::from_millis(50);
 
 /// Set by SIGINT or SIGTERM. The terminal sends SIGINT to our children too; whatever they
-/// were doing fails, and the demo unwinds through its cleanup.
-#[derive(Clone)]
+/// were doing fails, and the demo unwinds through its cleanup. The default is never set.
+#[derive(Clone, Default)]
 pub struct Interrupt(Arc<AtomicBool>);
 
 impl Interrupt {
