@@ -284,13 +284,8 @@ pub fn measure(
         settings.endpoints
     ));
     for round in 1..=settings.rounds {
-        let east_west = Workload::TRAFFIC
-            .into_iter()
-            .flat_map(|workload| Config::EAST_WEST.map(|config| (workload, config)));
-        let published = Workload::PUBLISHED
-            .into_iter()
-            .flat_map(|workload| Config::PUBLISHED.map(|config| (workload, config)));
-        for (workload, config) in east_west.chain(published) {
+        let runs = every_config(&Workload::TRAFFIC).chain(every_config(&Workload::PUBLISHED));
+        for (workload, config) in runs {
             let sample = traffic_sample(
                 &mut worlds,
                 settings.endpoints,
@@ -340,18 +335,16 @@ pub fn measure(
                 &progress,
             )?);
         }
-        for workload in Workload::SCALE {
-            for config in Config::EAST_WEST {
-                let sample = traffic_sample(
-                    &mut worlds,
-                    settings.scale_endpoints,
-                    (round, workload, config),
-                    &load,
-                    &progress,
-                    interrupt,
-                )?;
-                samples.push(sample);
-            }
+        for (workload, config) in every_config(&Workload::SCALE) {
+            let sample = traffic_sample(
+                &mut worlds,
+                settings.scale_endpoints,
+                (round, workload, config),
+                &load,
+                &progress,
+                interrupt,
+            )?;
+            samples.push(sample);
         }
     }
     progress.finish("tearing down");
@@ -378,6 +371,15 @@ pub fn measure(
         samples,
         xbr_program,
         xbr_stats,
+    })
+}
+
+/// Each of WORKLOADS in each configuration it runs in, in the order of a round.
+fn every_config(workloads: &[Workload]) -> impl Iterator<Item = (Workload, Config)> + '_ {
+    workloads.iter().flat_map(|&workload| {
+        report::configs(workload)
+            .iter()
+            .map(move |&config| (workload, config))
     })
 }
 
