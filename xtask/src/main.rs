@@ -45,7 +45,8 @@ enum Verb {
         seconds: u32,
     },
     /// Set up, build, then measure xbr against a plain bridge, Docker's netfilter path and a
-    /// direct veth pair; writes target/bench/bench.{json,svg,md} (root).
+    /// direct veth pair, and its published-port NAT against Docker's DNAT and docker-proxy;
+    /// writes target/bench/bench.{json,svg,md} (root).
     Bench(bench::Args),
     /// Set up, build, then run the kernel-facing tests in QEMU on Debian kernels (5.10 to the
     /// newest backport) and print a kernel x suite matrix; about a minute per kernel on TCG.
