@@ -4,7 +4,7 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     util::nr_cpus,
 };
 use bridge_common::{
@@ -106,13 +106,7 @@ impl Datapath {
     pub fn run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
         let program: &mut SchedClassifier =
             self.ebpf.program_mut(program).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut options = TestRunOptions::new();
-        options.data_in = Some(frame);
-        options.data_out = Some(&mut out);
-        let result = program.test_run(options)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        run_frame(program, frame)
     }
 
     /// Runs `frame` through the uplink's XDP program; returns the XDP action and the frame.
@@ -123,13 +117,7 @@ impl Datapath {
             .unwrap()
             .try_into()
             .unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut options = TestRunOptions::new();
-        options.data_in = Some(frame);
-        options.data_out = Some(&mut out);
-        let result = program.test_run(options)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        run_frame(program, frame)
     }
 
     pub fn verdict_count(&self, verdict: Verdict) -> u64 {
@@ -147,4 +135,19 @@ impl Datapath {
         }
         total
     }
+}
+
+/// One BPF_PROG_TEST_RUN of a frame-taking program (tc or XDP): its return code and the frame
+/// as it left, with room for the frame to grow.
+fn run_frame<P>(program: &P, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut options = TestRunOptions::new();
+    options.data_in = Some(frame);
+    options.data_out = Some(&mut out);
+    let result = program.test_run(options)?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
 }
