@@ -448,7 +448,7 @@ impl Random {
     /// Every fourth round a frame of random bytes, otherwise one of `seeds` with up to three
     /// bytes changed and, one time in four, cut short.
     fn frame(&mut self, round: usize, seeds: &[Vec<u8>]) -> Vec<u8> {
-        if round % 4 == 0 {
+        if round.is_multiple_of(4) {
             let len = 14 + self.below(120);
             return (0..len).map(|_| self.next() as u8).collect();
         }
@@ -471,7 +471,7 @@ impl Random {
 #[test]
 fn random_and_mutated_frames_never_misdeliver() {
     let mut datapath = nat_datapath(None);
-    let mut random = Random(0x5eed_0f_0b5e55ed);
+    let mut random = Random(0x005e_ed0f_0b5e_55ed);
     let seeds = [
         tcp(&inbound(), "S", b""),
         tcp(&inbound(), "AP", b"payload"),
