@@ -17,4 +17,5 @@ pub mod netns;
 pub mod observe;
 pub mod pins;
 pub mod plan;
+pub mod policy;
 pub mod publish;

@@ -1,0 +1,432 @@
+//! The policy reader: xbr changes how fast packets move, never where they may go. For each
+//! traffic class xbr accelerates, the hooks that class would pass on the kernel path are
+//! walked in the namespace's whole ruleset (`read`); every rule there that could drop,
+//! reject, queue, translate or change some of its packets holds those packets back on the
+//! kernel path, as narrowly as the rule's own matches allow (`Hold`).
+//!
+//! The classes:
+//! - east-west on a bridge: frames from one container port to another, which xbr hands over
+//!   skipping the netdev ingress of the sending port, the bridge family's hooks, with
+//!   br_netfilter the ip/ip6 hooks, and the netdev egress of the receiving port. Also the
+//!   replies of connections the kernel translated for a client on the bridge (hairpin NAT):
+//!   only conntrack can translate them back.
+//! - a published port: connections from an uplink DNATed into a container, and the
+//!   container's replies; they skip the uplink's netdev ingress, the ip hooks of both
+//!   directions and the bridge family's hooks.
+
+mod eval;
+pub mod model;
+mod nft;
+mod read;
+mod xtables;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+pub use eval::{Hold, Pattern, Translation, Why};
+use eval::{Packets, Traversal, holds};
+use model::{ConntrackState, Family, Hook, Layer3};
+pub use read::{Firewall, read};
+
+/// One bridge and its container ports, as the east-west class sees them.
+#[derive(Clone, Debug)]
+pub struct Bridge<'a> {
+    pub name: &'a str,
+    pub ports: &'a [String],
+}
+
+/// Every hold-back for east-west frames on `bridge`.
+pub fn east_west(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
+    let mut found = Vec::new();
+    for traversal in east_west_traversals(firewall, bridge) {
+        found.extend(holds(&firewall.ruleset, &traversal));
+    }
+    found.extend(translated_replies(firewall, bridge));
+    found
+}
+
+/// A published port: connections from the uplinks to (`host_ip` or any address, `host_port`)
+/// go to `container_ip:container_port` behind bridge port `container_port_name`.
+#[derive(Clone, Debug)]
+pub struct Published<'a> {
+    pub bridge: &'a str,
+    pub uplinks: &'a [String],
+    /// The container's bridge port; `None` when no container has the address now.
+    pub port_name: Option<&'a str>,
+    pub protocol: u8,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+/// The first rule that holds connections to `published` back, if one does.
+pub fn published(firewall: &Firewall, published: &Published) -> Option<Hold> {
+    published_traversals(published)
+        .iter()
+        .find_map(|traversal| holds(&firewall.ruleset, traversal).into_iter().next())
+}
+
+fn names(names: &[&str]) -> Option<Vec<String>> {
+    Some(names.iter().map(|name| (*name).to_owned()).collect())
+}
+
+fn any_of<T: Clone>(values: &[T]) -> Option<Vec<T>> {
+    Some(values.to_vec())
+}
+
+/// The hooks an east-west frame passes on the kernel path.
+fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> {
+    let ports = Some(bridge.ports.to_vec());
+    let bridged = Packets {
+        in_interface: ports.clone(),
+        out_interface: ports.clone(),
+        // Both directions of a connection are east-west: any state but the ones xbr
+        // never takes (it takes no ICMP errors and nothing conntrack finds invalid; see
+        // docs/DESIGN.md).
+        conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
+        dnat: any_of(&[false]),
+        ..Packets::default()
+    };
+    let traversal = |hook, families: &[Family], packets: Packets| Traversal {
+        hook,
+        families: families.to_vec(),
+        devices: None,
+        packets,
+        first_packets: true,
+        own_dnat: None,
+    };
+    let mut traversals = vec![
+        Traversal {
+            devices: ports.clone(),
+            ..traversal(
+                Hook::Ingress,
+                &[Family::Netdev],
+                Packets {
+                    out_interface: None,
+                    ..bridged.clone()
+                },
+            )
+        },
+        traversal(
+            Hook::Prerouting,
+            &[Family::Bridge],
+            Packets {
+                out_interface: names(&[""]),
+                ..bridged.clone()
+            },
+        ),
+        traversal(Hook::Forward, &[Family::Bridge], bridged.clone()),
+        traversal(Hook::Postrouting, &[Family::Bridge], bridged.clone()),
+        Traversal {
+            devices: ports.clone(),
+            ..traversal(
+                Hook::Egress,
+                &[Family::Netdev],
+                Packets {
+                    in_interface: None,
+                    ..bridged.clone()
+                },
+            )
+        },
+    ];
+    // With br_netfilter, bridged frames also meet the ip (ip6) hooks, where the bridge is
+    // their interface and the ports are their bridge ports (verified with counters).
+    let routed_like = |layer3: Layer3| Packets {
+        layer3: any_of(&[layer3]),
+        in_interface: names(&[bridge.name]),
+        out_interface: names(&[bridge.name]),
+        in_bridge_port: ports.clone(),
+        out_bridge_port: ports.clone(),
+        ..bridged.clone()
+    };
+    for (on, layer3, family) in [
+        (firewall.bridged_ipv4, Layer3::V4, Family::Ip),
+        (firewall.bridged_ipv6, Layer3::V6, Family::Ip6),
+    ] {
+        if !on {
+            continue;
+        }
+        let families = [family, Family::Inet];
+        let packets = routed_like(layer3);
+        traversals.push(traversal(
+            Hook::Prerouting,
+            &families,
+            Packets {
+                out_interface: names(&[""]),
+                out_bridge_port: names(&[""]),
+                ..packets.clone()
+            },
+        ));
+        traversals.push(traversal(Hook::Forward, &families, packets.clone()));
+        traversals.push(traversal(
+            Hook::Postrouting,
+            &families,
+            Packets {
+                in_interface: names(&[""]),
+                ..packets
+            },
+        ));
+    }
+    traversals
+}
+
+/// Replies of connections whose destination the kernel translated for a client on the
+/// bridge (hairpin to a published port, a DNAT or REDIRECT rule toward a container,
+/// kube-proxy's services): the client's request reached the host through the bridge, and
+/// conntrack must translate the reply back, so xbr must not deliver it. Every destination
+/// NAT the nat prerouting chains can apply to packets coming in on the bridge holds back the
+/// frames that come from its target.
+fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
+    let mut replies = Vec::new();
+    for (layer3, family) in [(Layer3::V4, Family::Ip), (Layer3::V6, Family::Ip6)] {
+        let traversal = Traversal {
+            hook: Hook::Prerouting,
+            families: vec![family, Family::Inet],
+            devices: None,
+            packets: Packets {
+                layer3: any_of(&[layer3]),
+                in_interface: names(&[bridge.name]),
+                out_interface: names(&[""]),
+                conntrack: any_of(&[ConntrackState::New]),
+                ..Packets::default()
+            },
+            first_packets: true,
+            own_dnat: None,
+        };
+        for hold in holds(&firewall.ruleset, &traversal) {
+            // Replies of a source NAT (or a redirect) go to the host, which routes them.
+            let Why::Translates(Translation::Destination { to, port }) = hold.why else {
+                continue;
+            };
+            replies.push(Hold {
+                patterns: hold
+                    .patterns
+                    .iter()
+                    .map(|pattern| Pattern {
+                        layer3: pattern.layer3.or(Some(layer3)),
+                        source: to,
+                        destination: None,
+                        protocol: pattern.protocol,
+                        source_port: port,
+                        destination_port: None,
+                    })
+                    .collect(),
+                ..hold
+            });
+        }
+    }
+    replies
+}
+
+/// The hooks a published port's connections pass on the kernel path (Docker's `-p`: DNAT in
+/// prerouting, forwarded into the bridge; replies back out of an uplink).
+fn published_traversals(published: &Published) -> Vec<Traversal> {
+    let uplinks = Some(published.uplinks.to_vec());
+    let port = names(&[published.port_name.unwrap_or("")]);
+    let bridge = names(&[published.bridge]);
+    let container = Some(vec![IpAddr::V4(published.container_ip)]);
+    let protocol = any_of(&[published.protocol]);
+    let v4 = any_of(&[Layer3::V4]);
+    let request = Packets {
+        layer3: v4.clone(),
+        in_interface: uplinks.clone(),
+        // The datapath never takes a connection whose client claims the container's own
+        // address (Docker masquerades that one, for its hairpin).
+        source_is_not: vec![IpAddr::V4(published.container_ip)],
+        protocol: protocol.clone(),
+        destination: published.host_ip.map(|ip| vec![IpAddr::V4(ip)]),
+        destination_port: any_of(&[published.host_port]),
+        conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
+        local_destination: any_of(&[true]),
+        ..Packets::default()
+    };
+    let translated = Packets {
+        out_interface: bridge.clone(),
+        out_bridge_port: port.clone(),
+        destination: container.clone(),
+        destination_port: any_of(&[published.container_port]),
+        dnat: any_of(&[true]),
+        local_destination: any_of(&[false]),
+        ..request.clone()
+    };
+    let reply = Packets {
+        layer3: v4,
+        in_interface: bridge.clone(),
+        in_bridge_port: port.clone(),
+        protocol,
+        source: container,
+        source_port: any_of(&[published.container_port]),
+        conntrack: any_of(&[ConntrackState::Established]),
+        dnat: any_of(&[true]),
+        ..Packets::default()
+    };
+    let at = |hook, families: &[Family], packets: Packets, first_packets| Traversal {
+        hook,
+        families: families.to_vec(),
+        devices: None,
+        packets,
+        first_packets,
+        own_dnat: None,
+    };
+    let ip = [Family::Ip, Family::Inet];
+    vec![
+        Traversal {
+            devices: uplinks.clone(),
+            ..at(Hook::Ingress, &[Family::Netdev], request.clone(), true)
+        },
+        Traversal {
+            own_dnat: Some((IpAddr::V4(published.container_ip), published.container_port)),
+            ..at(Hook::Prerouting, &ip, request, true)
+        },
+        at(Hook::Forward, &ip, translated.clone(), true),
+        at(
+            Hook::Postrouting,
+            &ip,
+            Packets {
+                in_interface: names(&[""]),
+                ..translated.clone()
+            },
+            true,
+        ),
+        // Routed into the bridge: the bridge family's output and postrouting hooks.
+        at(
+            Hook::Output,
+            &[Family::Bridge],
+            Packets {
+                in_interface: names(&[""]),
+                out_interface: port.clone(),
+                ..translated.clone()
+            },
+            true,
+        ),
+        at(
+            Hook::Postrouting,
+            &[Family::Bridge],
+            Packets {
+                in_interface: names(&[""]),
+                out_interface: port.clone(),
+                ..translated.clone()
+            },
+            true,
+        ),
+        Traversal {
+            devices: port.clone(),
+            ..at(
+                Hook::Egress,
+                &[Family::Netdev],
+                Packets {
+                    in_interface: None,
+                    out_interface: port.clone(),
+                    ..translated
+                },
+                true,
+            )
+        },
+        // The container's replies: its port's netdev ingress, the bridge family's
+        // prerouting and input (they are for the bridge's MAC), then routed out.
+        Traversal {
+            devices: port.clone(),
+            ..at(
+                Hook::Ingress,
+                &[Family::Netdev],
+                Packets {
+                    in_interface: port.clone(),
+                    ..reply.clone()
+                },
+                false,
+            )
+        },
+        at(
+            Hook::Prerouting,
+            &[Family::Bridge],
+            Packets {
+                in_interface: port.clone(),
+                out_interface: names(&[""]),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Input,
+            &[Family::Bridge],
+            Packets {
+                in_interface: port.clone(),
+                out_interface: names(&[""]),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Prerouting,
+            &ip,
+            Packets {
+                out_interface: names(&[""]),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Forward,
+            &ip,
+            Packets {
+                out_interface: uplinks.clone(),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Postrouting,
+            &ip,
+            Packets {
+                in_interface: names(&[""]),
+                out_interface: uplinks,
+                ..reply
+            },
+            false,
+        ),
+    ]
+}
+
+impl std::fmt::Display for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = match &self.why {
+            Why::PolicyDrops => "drops it (no rule accepts it)".to_owned(),
+            why => format!("{why} it"),
+        };
+        write!(
+            f,
+            "{} {verb} on the kernel path ({} hook)",
+            self.rule,
+            self.hook.name()
+        )
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let any = |value: Option<String>| value.unwrap_or_else(|| "*".to_owned());
+        let protocol = match self.protocol {
+            Some(6) => "tcp".to_owned(),
+            Some(17) => "udp".to_owned(),
+            Some(1) => "icmp".to_owned(),
+            Some(58) => "icmpv6".to_owned(),
+            Some(other) => format!("protocol {other}"),
+            None => match self.layer3 {
+                Some(Layer3::V4) => "ipv4".to_owned(),
+                Some(Layer3::V6) => "ipv6".to_owned(),
+                _ => "ip".to_owned(),
+            },
+        };
+        write!(
+            f,
+            "{protocol} {}:{} -> {}:{}",
+            any(self.source.map(|a| a.to_string())),
+            any(self.source_port.map(|p| p.to_string())),
+            any(self.destination.map(|a| a.to_string())),
+            any(self.destination_port.map(|p| p.to_string())),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

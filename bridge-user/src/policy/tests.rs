@@ -1,0 +1,366 @@
+//! The policy reader over real rulesets: `testdata/*.json` and `*.save` are what this
+//! machine's nft and iptables-nft-save print for the `*.nft` and `*.iptables` sources beside
+//! them (`testdata/capture.sh` makes them again).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::{
+    eval::{Hold, Pattern},
+    model::{Family, Layer3, Origin},
+    read::ruleset_from,
+    *,
+};
+
+fn fixture(name: &str) -> String {
+    let path = format!("{}/src/policy/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// The firewall of a fixture, br_netfilter on for both families.
+fn firewall(name: &str) -> Firewall {
+    let save = std::fs::read_to_string(format!(
+        "{}/src/policy/testdata/{name}.save",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .ok();
+    Firewall {
+        ruleset: ruleset_from(&fixture(&format!("{name}.json")), |_, _| save.clone())
+            .expect("fixture parses"),
+        bridged_ipv4: true,
+        bridged_ipv6: true,
+    }
+}
+
+fn ports() -> Vec<String> {
+    ["veth-a", "veth-b", "veth-c"].map(str::to_owned).to_vec()
+}
+
+fn east_west_on(firewall: &Firewall, bridge: &str) -> Vec<Hold> {
+    let ports = ports();
+    east_west(
+        firewall,
+        &Bridge {
+            name: bridge,
+            ports: &ports,
+        },
+    )
+}
+
+fn patterns(holds: &[Hold]) -> Vec<Pattern> {
+    holds.iter().flat_map(|h| h.patterns.clone()).collect()
+}
+
+fn v4(address: &str) -> Option<IpAddr> {
+    Some(IpAddr::V4(address.parse().unwrap()))
+}
+
+fn tcp_published(host_port: u16, container: &str, container_port: u16) -> Published<'static> {
+    Published {
+        bridge: "br-test",
+        uplinks: Box::leak(Box::new(["eth0".to_owned()])),
+        port_name: Some("veth-b"),
+        protocol: 6,
+        host_ip: None,
+        host_port,
+        container_ip: container.parse::<Ipv4Addr>().unwrap(),
+        container_port,
+    }
+}
+
+#[test]
+fn the_issue_rules_hold_back_exactly_what_they_drop() {
+    let firewall = firewall("issue-rules");
+    let holds = east_west_on(&firewall, "br0");
+    assert!(!holds.iter().any(Hold::is_whole), "{holds:#?}");
+    assert_eq!(
+        patterns(&holds),
+        vec![
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4("10.0.0.2"),
+                destination: v4("10.0.0.4"),
+                protocol: Some(17),
+                source_port: None,
+                destination_port: Some(7000),
+            },
+            // The inet rule sees bridged IPv4 frames through br_netfilter.
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: None,
+                destination: v4("10.0.0.3"),
+                protocol: Some(6),
+                source_port: None,
+                destination_port: Some(8000),
+            },
+        ]
+    );
+    assert_eq!(
+        holds[0].to_string(),
+        "`table bridge admin` chain forward rule `ip saddr 10.0.0.2 ip daddr 10.0.0.4 udp dport \
+         7000 drop` drops it on the kernel path (forward hook)"
+    );
+
+    let without_br_netfilter = Firewall {
+        bridged_ipv4: false,
+        bridged_ipv6: false,
+        ..firewall.clone()
+    };
+    assert_eq!(
+        patterns(&east_west_on(&without_br_netfilter, "br0")).len(),
+        1,
+        "without br_netfilter, bridged frames never meet the inet table"
+    );
+
+    let mut dropped = tcp_published(8000, "10.0.0.3", 8000);
+    dropped.bridge = "br0";
+    let hold = published(&firewall, &dropped).expect("the inet rule drops it after DNAT");
+    assert_eq!(hold.rule.table, "admin");
+    let mut other = tcp_published(8001, "10.0.0.5", 80);
+    other.bridge = "br0";
+    assert_eq!(published(&firewall, &other), None);
+}
+
+#[test]
+fn docker_default_rules_accelerate_what_docker_allows() {
+    let firewall = firewall("docker-default");
+    let filter = firewall
+        .ruleset
+        .tables
+        .iter()
+        .find(|t| t.name == "filter")
+        .unwrap();
+    assert_eq!(
+        filter.origin,
+        Origin::IptablesNft,
+        "tables with xtables extensions are read from iptables-save"
+    );
+    let holds = east_west_on(&firewall, "br-test");
+    assert!(!holds.iter().any(Hold::is_whole), "{holds:#?}");
+    // Only Docker's self-hairpin masquerades: a container to itself, which xbr never
+    // accelerates anyway (same port).
+    for pattern in patterns(&holds) {
+        assert_eq!(pattern.source, pattern.destination, "{holds:#?}");
+    }
+    assert_eq!(
+        published(&firewall, &tcp_published(18090, "172.18.0.3", 8000)),
+        None,
+        "Docker's own DNAT is the translation xbr makes; its DOCKER chain accepts"
+    );
+    let not_docker = published(&firewall, &tcp_published(18091, "172.18.0.3", 8001))
+        .expect("FORWARD's policy drops what Docker did not publish");
+    assert_eq!(not_docker.why, Why::PolicyDrops);
+    let wrong_target = published(&firewall, &tcp_published(18090, "172.18.0.3", 9999))
+        .expect("Docker DNATs 18090 elsewhere");
+    assert!(
+        matches!(wrong_target.why, Why::Translates(_)),
+        "{wrong_target:?}"
+    );
+}
+
+#[test]
+fn hairpin_nat_holds_back_the_replies_conntrack_must_translate() {
+    let holds = east_west_on(&firewall("docker-hairpin"), "br-test");
+    let patterns = patterns(&holds);
+    for (source, protocol, port) in [("172.18.0.3", 6, 8000), ("172.18.0.4", 17, 80)] {
+        let reply = Pattern {
+            layer3: Some(Layer3::V4),
+            source: v4(source),
+            destination: None,
+            protocol: Some(protocol),
+            source_port: Some(port),
+            destination_port: None,
+        };
+        assert!(
+            patterns.contains(&reply),
+            "{reply:?} missing from {patterns:#?}"
+        );
+    }
+    assert!(!holds.iter().any(Hold::is_whole), "{holds:#?}");
+    // With the userland proxy on (the default) Docker DNATs nothing that comes in on the
+    // bridge, so no reply is held back.
+    let default = east_west_on(&firewall("docker-default"), "br-test");
+    assert!(
+        !default
+            .iter()
+            .any(|h| matches!(h.why, Why::Translates(Translation::Destination { .. }))),
+        "{default:#?}"
+    );
+}
+
+#[test]
+fn a_firewalld_zone_lets_bridged_ipv4_through() {
+    let holds = east_west_on(&firewall("firewalld-like"), "br0");
+    assert!(
+        holds
+            .iter()
+            .flat_map(|h| &h.patterns)
+            .all(|p| p.layer3 == Some(Layer3::V6)),
+        "only firewalld's IPv6 reject of special prefixes can reach east-west: {holds:#?}"
+    );
+    assert!(!holds.is_empty());
+}
+
+#[test]
+fn hold_backs_are_as_narrow_as_the_rules() {
+    let firewall = firewall("shapes");
+    let holds = east_west_on(&firewall, "br0");
+    let netdev = holds
+        .iter()
+        .find(|h| h.rule.family == Family::Netdev)
+        .expect("nft does not say a netdev chain's device: it may be a port's");
+    assert!(
+        netdev.is_whole(),
+        "an Ethernet match cannot be narrowed: {netdev:?}"
+    );
+
+    let others: Vec<&Hold> = holds
+        .iter()
+        .filter(|h| h.rule.family != Family::Netdev)
+        .collect();
+    let find = |text: &str| {
+        others
+            .iter()
+            .find(|h| h.rule.text.as_deref().is_some_and(|t| t.contains(text)))
+            .unwrap_or_else(|| panic!("no hold by `{text}` in {others:#?}"))
+    };
+    let marked = find("meta mark set");
+    assert_eq!(
+        marked.patterns.len(),
+        4,
+        "2 addresses x 2 ports: {marked:?}"
+    );
+    assert!(matches!(marked.why, Why::Changes(_)));
+    let low_ports = find("tcp dport < 3");
+    assert_eq!(
+        low_ports
+            .patterns
+            .iter()
+            .map(|p| p.destination_port)
+            .collect::<Vec<_>>(),
+        vec![Some(0), Some(1), Some(2)]
+    );
+    let v6 = find("ip6 daddr fd00::1");
+    assert_eq!(v6.patterns[0].layer3, Some(Layer3::V6));
+    assert!(
+        !others.iter().any(|h| h
+            .rule
+            .text
+            .as_deref()
+            .is_some_and(|t| t.contains("counter") || t.contains("log"))),
+        "counters and logs change nothing"
+    );
+    // The DNAT toward a container: its requests and its replies.
+    let all = patterns(&holds);
+    assert!(all.contains(&Pattern {
+        layer3: Some(Layer3::V4),
+        destination: v4("10.0.0.1"),
+        protocol: Some(6),
+        destination_port: Some(18090),
+        ..Pattern::default()
+    }));
+    assert!(all.contains(&Pattern {
+        layer3: Some(Layer3::V4),
+        source: v4("10.0.0.3"),
+        protocol: Some(6),
+        source_port: Some(8000),
+        ..Pattern::default()
+    }));
+}
+
+#[test]
+fn the_vmap_branch_of_another_interface_is_not_taken() {
+    let firewall = firewall("shapes");
+    let holds = east_west_on(&firewall, "br1");
+    assert!(
+        !holds.iter().any(
+            |h| h.rule.text.as_deref().is_some_and(|t| t.contains("vmap"))
+                && h.rule.family == Family::Inet
+        ),
+        "on br1 neither vmap branch (eth9, br0) applies: {holds:#?}"
+    );
+}
+
+#[test]
+fn legacy_rules_are_read_from_iptables_save() {
+    let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                -A FORWARD -s 10.0.0.2/32 -p udp -m multiport --dports 7000,7100:7101 -m comment \
+                --comment \"no games\" -j REJECT --reject-with icmp-port-unreachable\n\
+                -A FORWARD -m physdev --physdev-in veth-z -j DROP\nCOMMIT\n";
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(save, Family::Ip, Origin::IptablesLegacy),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = east_west_on(&firewall, "br0");
+    assert_eq!(
+        holds.len(),
+        1,
+        "the physdev rule names a port that is not this bridge's: {holds:#?}"
+    );
+    assert_eq!(
+        holds[0]
+            .patterns
+            .iter()
+            .map(|p| p.destination_port)
+            .collect::<Vec<_>>(),
+        vec![Some(7000), Some(7100), Some(7101)]
+    );
+    assert!(
+        holds[0]
+            .to_string()
+            .starts_with("iptables-legacy `table ip filter` chain FORWARD")
+    );
+}
+
+#[test]
+fn a_rule_that_cannot_be_decoded_holds_back_what_it_may_reach() {
+    let json = r#"{"nftables": [
+        {"table": {"family": "bridge", "name": "t", "handle": 1}},
+        {"chain": {"family": "bridge", "table": "t", "name": "c", "handle": 1, "type": "filter",
+                   "hook": "forward", "prio": 0, "policy": "accept"}},
+        {"rule": {"family": "bridge", "table": "t", "chain": "c", "handle": 2,
+                  "expr": [{"some-future-statement": {"x": 1}}]}}
+    ]}"#;
+    let firewall = Firewall {
+        ruleset: ruleset_from(json, |_, _| None).unwrap(),
+        bridged_ipv4: false,
+        bridged_ipv6: false,
+    };
+    let holds = east_west_on(&firewall, "br0");
+    assert_eq!(holds.len(), 1, "{holds:#?}");
+    assert!(holds[0].is_whole());
+    assert!(
+        holds[0].to_string().contains("cannot decode"),
+        "{}",
+        holds[0]
+    );
+}
+
+#[test]
+fn policy_drop_without_an_accept_holds_everything() {
+    let json = r#"{"nftables": [
+        {"table": {"family": "inet", "name": "t", "handle": 1}},
+        {"chain": {"family": "inet", "table": "t", "name": "fw", "handle": 1, "type": "filter",
+                   "hook": "forward", "prio": 0, "policy": "drop"}},
+        {"rule": {"family": "inet", "table": "t", "chain": "fw", "handle": 2,
+                  "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                      "right": "eth0"}}, {"accept": null}]}}
+    ]}"#;
+    let firewall = Firewall {
+        ruleset: ruleset_from(json, |_, _| None).unwrap(),
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = east_west_on(&firewall, "br0");
+    assert_eq!(holds.len(), 1, "{holds:#?}");
+    assert_eq!(holds[0].why, Why::PolicyDrops);
+    assert_eq!(
+        holds[0].patterns,
+        vec![Pattern {
+            layer3: Some(Layer3::V4),
+            ..Pattern::default()
+        }]
+    );
+}
