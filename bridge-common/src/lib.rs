@@ -13,6 +13,10 @@ pub const MAX_PUBLISHED: u32 = 4096;
 pub const MAX_FLOW_ENTRIES: u32 = 131072;
 /// How many uplinks one attached bridge can have.
 pub const MAX_UPLINKS: u32 = 64;
+/// How many east-west hold-backs (netfilter rules' packet patterns) one bridge can have.
+pub const MAX_HOLDS: u32 = 4096;
+/// How many clients of published ports the policy can hold back, per bridge.
+pub const MAX_CLIENT_HOLDS: u32 = 4096;
 
 /// IP protocol numbers of the published-port path.
 pub const IPPROTO_TCP: u8 = 6;
@@ -97,10 +101,14 @@ pub enum Verdict {
     /// Arrived on an uplink in XDP mode for a published port: DNATed by the XDP program and
     /// redirected into the container's port (`nat_in` counts what the tc program delivers).
     NatInXdp = 13,
+    /// A netfilter rule on the kernel path could drop, reject, translate or change it (or the
+    /// frame is one whose ports cannot be read while such rules exist): the kernel path
+    /// takes it, so that the rule applies.
+    HeldByPolicy = 14,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Redirected,
         Verdict::NotUnicast,
@@ -116,6 +124,7 @@ impl Verdict {
         Verdict::NatNotTranslated,
         Verdict::NatTableFull,
         Verdict::NatInXdp,
+        Verdict::HeldByPolicy,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -134,6 +143,7 @@ impl Verdict {
             Verdict::NatNotTranslated => "nat_not_translated",
             Verdict::NatTableFull => "nat_table_full",
             Verdict::NatInXdp => "nat_in_xdp",
+            Verdict::HeldByPolicy => "held_by_policy",
         }
     }
 }
@@ -199,7 +209,7 @@ impl PortRecord {
 /// `PUBLISHED` map key: what a client connects to. `host_ip` all zero means any address
 /// of the host (like `-p 8080:80`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishedKey {
     pub proto: u8,
     pub _pad: u8,
@@ -216,9 +226,9 @@ pub struct PublishedPort {
     pub container_ip: [u8; 4],
     /// Network byte order.
     pub container_port: [u8; 2],
-    /// Byte 0: who published the port (`PublishedPort::BY_DOCKER`, or 0 for `xbr publish`);
-    /// the datapath never reads it. Byte 1: padding.
-    pub _pad: [u8; 2],
+    /// `PublishedPort::BY_DOCKER`, `HELD`, `CLIENT_HOLDS`.
+    pub flags: u8,
+    pub _pad: u8,
     /// Host-side ifindex of the container's bridge port (0: container not found now, so
     /// the kernel path serves the port).
     pub ifindex: u32,
@@ -229,13 +239,102 @@ pub struct PublishedPort {
 }
 
 impl PublishedPort {
-    /// In `_pad[0]`: the entry mirrors a Docker port binding, so the Docker sync may remove
-    /// it; entries without it came from `xbr publish` and are left alone.
+    /// The entry mirrors a Docker port binding, so the Docker sync may remove it; entries
+    /// without it came from `xbr publish` and are left alone. The datapath never reads it.
     pub const BY_DOCKER: u8 = 1;
+    /// A netfilter rule could touch every connection to this port on the kernel path: the
+    /// datapath opens none (the kernel path serves them).
+    pub const HELD: u8 = 2;
+    /// A rule could touch the connections of some clients: `CLIENT_HOLDS` names them.
+    pub const CLIENT_HOLDS: u8 = 4;
 
     pub fn by_docker(&self) -> bool {
-        self._pad[0] & Self::BY_DOCKER != 0
+        self.flags & Self::BY_DOCKER != 0
     }
+}
+
+/// `HOLDS` key: east-west frames that a netfilter rule on the kernel path could drop,
+/// translate or change, so they must take the bridge. An entry fixes the fields its `shape`
+/// names and leaves the others zero; the datapath looks a frame up once per shape in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HoldKey {
+    /// `HoldKey::SOURCE | HoldKey::PROTOCOL | ...`
+    pub shape: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Network byte order; TCP and UDP only.
+    pub source_port: [u8; 2],
+    pub destination_port: [u8; 2],
+    /// IPv4 addresses in the first four bytes.
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+}
+
+impl HoldKey {
+    pub const SOURCE: u8 = 1;
+    pub const DESTINATION: u8 = 2;
+    pub const PROTOCOL: u8 = 4;
+    pub const SOURCE_PORT: u8 = 8;
+    pub const DESTINATION_PORT: u8 = 16;
+    /// Shapes are 0..SHAPES; `HOLD_SHAPES` has a bit per shape in use.
+    pub const SHAPES: u32 = 32;
+
+    /// Writes this key with only `shape`'s fields kept into `out` (in place: the datapath
+    /// keeps keys off its small stack).
+    #[inline(always)]
+    pub fn mask_into(&self, shape: u8, out: &mut HoldKey) {
+        let keep = |bit: u8| shape & bit != 0;
+        out.shape = shape;
+        out.family = self.family;
+        out.protocol = if keep(Self::PROTOCOL) {
+            self.protocol
+        } else {
+            0
+        };
+        out._pad = 0;
+        out.source_port = if keep(Self::SOURCE_PORT) {
+            self.source_port
+        } else {
+            [0; 2]
+        };
+        out.destination_port = if keep(Self::DESTINATION_PORT) {
+            self.destination_port
+        } else {
+            [0; 2]
+        };
+        out.source = if keep(Self::SOURCE) {
+            self.source
+        } else {
+            [0; 16]
+        };
+        out.destination = if keep(Self::DESTINATION) {
+            self.destination
+        } else {
+            [0; 16]
+        };
+    }
+}
+
+/// `CLIENT_HOLDS` key: clients of one published port whose connections a netfilter rule
+/// could touch on the kernel path. `shape` says which client fields are fixed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientHoldKey {
+    pub published: PublishedKey,
+    pub client_ip: [u8; 4],
+    /// Network byte order.
+    pub client_port: [u8; 2],
+    /// `ClientHoldKey::ADDRESS | ClientHoldKey::PORT`.
+    pub shape: u8,
+    pub _pad: u8,
+}
+
+impl ClientHoldKey {
+    pub const ADDRESS: u8 = 1;
+    pub const PORT: u8 = 2;
 }
 
 /// `NAT_FLOWS` key: a connection as one direction sees it (source, then destination).
@@ -292,4 +391,6 @@ mod pod {
     unsafe impl aya::Pod for PublishedPort {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for HoldKey {}
+    unsafe impl aya::Pod for ClientHoldKey {}
 }

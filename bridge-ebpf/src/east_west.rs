@@ -16,6 +16,7 @@ use crate::{
     frame::ptr_at,
     maps::{ENDPOINTS, PORTS},
     nat::{self, Nat},
+    policy,
 };
 
 enum Decision {
@@ -117,9 +118,14 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     // The target port must still hold that MAC: endpoint and port records are written
     // separately, and either one being current is enough to stop a wrong delivery.
     match unsafe { PORTS.get(&endpoint.ifindex) } {
-        Some(port) if port.endpoint_mac == eth.dst_addr => Decision::Redirect(endpoint.ifindex),
-        _ => Decision::Pass(Verdict::StaleEndpoint),
+        Some(port) if port.endpoint_mac == eth.dst_addr => {}
+        _ => return Decision::Pass(Verdict::StaleEndpoint),
     }
+    // A netfilter rule on the bridge's path could touch it: the bridge takes it.
+    if policy::holds_back(ctx, ether_type == EtherType::Ipv4 as u16) {
+        return Decision::Pass(Verdict::HeldByPolicy);
+    }
+    Decision::Redirect(endpoint.ifindex)
 }
 
 /// The kernel's IP input drops frames whose header does not parse; such frames must meet

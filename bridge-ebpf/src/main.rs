@@ -9,6 +9,7 @@ mod east_west;
 mod frame;
 mod maps;
 mod nat;
+mod policy;
 mod uplink;
 mod uplink_xdp;
 

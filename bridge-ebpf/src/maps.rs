@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
-    BridgeRecord, Endpoint, EndpointKey, Flow, FlowKey, MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_PORTS,
-    MAX_PUBLISHED, MAX_UPLINKS, PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
+    BridgeRecord, ClientHoldKey, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, MAX_CLIENT_HOLDS,
+    MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, PortRecord,
+    PortStats, PublishedKey, PublishedPort, Verdict,
 };
 
 /// Destination MAC -> the bridge port it lives behind. Filled by the control plane.
@@ -45,3 +46,24 @@ pub static NAT_FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(MAX_FLO
 /// Every uplink xbr hooked (control-plane bookkeeping; the datapath never reads it).
 #[map]
 pub static UPLINKS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_UPLINKS, 0);
+
+/// East-west frames a netfilter rule could touch on the kernel path: they take the bridge.
+/// Written by the control plane from the policy reader's hold-backs.
+#[map]
+pub static HOLDS: HashMap<HoldKey, u8> = HashMap::with_max_entries(MAX_HOLDS, 0);
+
+/// Per family (0: IPv4, 1: IPv6), a bit for each `HoldKey` shape that `HOLDS` has entries
+/// of; zero (no rule touches east-west traffic) costs the datapath nothing more.
+#[map]
+pub static HOLD_SHAPES: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Clients of published ports whose connections a netfilter rule could touch on the kernel
+/// path; consulted only for entries with `PublishedPort::CLIENT_HOLDS`.
+#[map]
+pub static CLIENT_HOLDS: HashMap<ClientHoldKey, u8> =
+    HashMap::with_max_entries(MAX_CLIENT_HOLDS, 0);
+
+/// Scratch space for the policy lookup (per CPU, off the 512-byte stack): index 0 holds the
+/// frame's key, index 1 the key of the shape being looked up.
+#[map]
+pub static HOLD_SCRATCH: PerCpuArray<HoldKey> = PerCpuArray::with_max_entries(2, 0);

@@ -12,7 +12,9 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use bridge_common::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, Verdict};
+use bridge_common::{
+    ClientHoldKey, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort, Verdict,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -20,7 +22,7 @@ use network_types::{
 
 use crate::{
     frame::{Frame, ptr_at},
-    maps::{NAT_FLOWS, PORTS, PUBLISHED},
+    maps::{CLIENT_HOLDS, NAT_FLOWS, PORTS, PUBLISHED},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -170,14 +172,25 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
         host_ip: [0; 4],
         ..exact
     };
-    let published = match unsafe { PUBLISHED.get(&exact).or_else(|| PUBLISHED.get(&any)) } {
-        Some(published) => *published,
-        None => return Err(Nat::NotOurs),
+    let (published_key, published) = match unsafe { PUBLISHED.get(&exact) } {
+        Some(published) => (exact, *published),
+        None => match unsafe { PUBLISHED.get(&any) } {
+            Some(published) => (any, *published),
+            None => return Err(Nat::NotOurs),
+        },
     };
-    // An expiring TTL is answered by the kernel (ICMP); no connection is opened for it.
+    // An expiring TTL is answered by the kernel (ICMP); no connection is opened for it. Nor
+    // for a client that claims the container's own address (Docker masquerades that one).
     let here = port_holds(published.ifindex, &published.container_mac);
-    if !here || !opens_connection(segment) || segment.ttl <= 1 {
+    if !here
+        || !opens_connection(segment)
+        || segment.ttl <= 1
+        || key.src_ip == published.container_ip
+    {
         return Err(Nat::Pass(Verdict::NatNotTranslated));
+    }
+    if policy_holds_back(&published_key, &published, key) {
+        return Err(Nat::Pass(Verdict::HeldByPolicy));
     }
     let reply_key = FlowKey {
         proto: key.proto,
@@ -222,6 +235,44 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
         return Err(Nat::Pass(Verdict::NatTableFull));
     }
     Ok(inbound)
+}
+
+/// Whether a netfilter rule on the kernel path could touch this client's connection to the
+/// published port, so the kernel path must take it.
+#[inline(always)]
+fn policy_holds_back(
+    published_key: &PublishedKey,
+    published: &PublishedPort,
+    key: &FlowKey,
+) -> bool {
+    if published.flags & PublishedPort::HELD != 0 {
+        return true;
+    }
+    if published.flags & PublishedPort::CLIENT_HOLDS == 0 {
+        return false;
+    }
+    let client = |shape: u8| ClientHoldKey {
+        published: *published_key,
+        client_ip: if shape & ClientHoldKey::ADDRESS != 0 {
+            key.src_ip
+        } else {
+            [0; 4]
+        },
+        client_port: if shape & ClientHoldKey::PORT != 0 {
+            key.src_port
+        } else {
+            [0; 2]
+        },
+        shape,
+        _pad: 0,
+    };
+    [
+        ClientHoldKey::ADDRESS | ClientHoldKey::PORT,
+        ClientHoldKey::ADDRESS,
+        ClientHoldKey::PORT,
+    ]
+    .iter()
+    .any(|shape| unsafe { CLIENT_HOLDS.get(&client(*shape)) }.is_some())
 }
 
 /// A frame a container sent: the reply direction of a NATed connection, if there is one.

@@ -855,7 +855,8 @@ impl Pinned {
             let value = PublishedPort {
                 container_ip: spec.container_ip.octets(),
                 container_port: spec.container_port.to_be_bytes(),
-                _pad: [PublishedPort::BY_DOCKER, 0],
+                flags: PublishedPort::BY_DOCKER,
+                _pad: 0,
                 ifindex,
                 container_mac,
                 gateway_mac: bridge_mac,

@@ -163,7 +163,8 @@ impl Pinned {
         let value = PublishedPort {
             container_ip: spec.container_ip.octets(),
             container_port: spec.container_port.to_be_bytes(),
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             ifindex,
             container_mac,
             gateway_mac: bridge_mac,

@@ -8,8 +8,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    Endpoint, EndpointKey, Flow, FlowKey, PortRecord, PortStats, PublishedKey, PublishedPort,
-    Verdict,
+    ClientHoldKey, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, PortRecord, PortStats,
+    PublishedKey, PublishedPort, Verdict,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -94,6 +94,24 @@ impl Datapath {
         let mut published: HashMap<_, PublishedKey, PublishedPort> =
             HashMap::try_from(self.ebpf.map_mut("PUBLISHED").unwrap()).unwrap();
         published.insert(key, port, 0).unwrap();
+    }
+
+    /// An east-west hold-back as the control plane writes it: the entry, and its shape's bit.
+    pub fn hold(&mut self, key: HoldKey) {
+        let mut holds: HashMap<_, HoldKey, u8> =
+            HashMap::try_from(self.ebpf.map_mut("HOLDS").unwrap()).unwrap();
+        holds.insert(key, 1, 0).unwrap();
+        let mut shapes: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("HOLD_SHAPES").unwrap()).unwrap();
+        let family = u32::from(key.family == 6);
+        let bits = shapes.get(&family, 0).unwrap();
+        shapes.set(family, bits | 1 << key.shape, 0).unwrap();
+    }
+
+    pub fn hold_client(&mut self, key: ClientHoldKey) {
+        let mut holds: HashMap<_, ClientHoldKey, u8> =
+            HashMap::try_from(self.ebpf.map_mut("CLIENT_HOLDS").unwrap()).unwrap();
+        holds.insert(key, 1, 0).unwrap();
     }
 
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {

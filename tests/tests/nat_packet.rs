@@ -34,7 +34,8 @@ fn published(proto: u8, ifindex: u32) -> (PublishedKey, PublishedPort) {
         PublishedPort {
             container_ip: CONTAINER_IP,
             container_port: CONTAINER_PORT.to_be_bytes(),
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             ifindex,
             container_mac: CONTAINER_MAC,
             gateway_mac: BRIDGE_MAC,
