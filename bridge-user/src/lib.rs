@@ -18,3 +18,4 @@ pub mod observe;
 pub mod pins;
 pub mod plan;
 pub mod publish;
+pub mod reconcile;
