@@ -20,9 +20,8 @@ use crate::{
     docker::{self, DockerBridge},
     error::{Error, Result},
     metrics::{FollowMetrics, serve_metrics},
-    observe::{self, Detail},
-    plan,
     publish::Timeouts,
+    reconcile::{self, Outcome},
 };
 
 /// Events closer together than this are handled by one reconcile.
@@ -69,9 +68,6 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
         .socket_mut()
         .set_listen_all_namespaces(true)
         .map_err(|e| Error::io("listening to all namespaces' netlink events", e))?;
-    tokio::spawn(connection);
-    let (connection, handle, _) = rtnetlink::new_connection_with_strict_check()
-        .map_err(|e| Error::io("opening a netlink socket", e))?;
     tokio::spawn(connection);
 
     let metrics = Arc::new(FollowMetrics::default());
@@ -127,9 +123,7 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
             if !pinned.dir.exists() {
                 return Ok(Stopped::Detached);
             }
-            if reconcile(&handle, &mut pinned, &metrics, docker.as_mut()).await?
-                == Outcome::BridgeGone
-            {
+            if reconcile(&mut pinned, &metrics, docker.as_mut()).await? == Step::BridgeGone {
                 // Deleting a bridge releases its ports with our programs still on them.
                 return Ok(Stopped::BridgeDeleted(pinned.detach()?));
             }
@@ -178,7 +172,7 @@ fn stop(pinned: &mut Pinned, docker: &Option<docker::Follow>) -> Stopped {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Outcome {
+enum Step {
     Continue,
     /// The bridge was deleted, or another bridge now has its name.
     BridgeGone,
@@ -186,29 +180,11 @@ enum Outcome {
 
 /// One observe -> plan -> reconcile (and, with Docker, a sync of its published ports).
 async fn reconcile(
-    handle: &rtnetlink::Handle,
     pinned: &mut Pinned,
     metrics: &FollowMetrics,
     docker: Option<&mut docker::Follow>,
-) -> Result<Outcome> {
+) -> Result<Step> {
     let started = Instant::now();
-    // Container addresses are read only when published ports need them.
-    let detail = if pinned.has_published() || docker.is_some() {
-        Detail::Addresses
-    } else {
-        Detail::Macs
-    };
-    let view = match observe::bridge(handle, &pinned.bridge, detail).await {
-        Ok(view) if view.ifindex == pinned.record.ifindex => view,
-        Ok(_) | Err(Error::BridgeNotFound(_)) | Err(Error::NotABridge { .. }) => {
-            return Ok(Outcome::BridgeGone);
-        }
-        Err(error) => {
-            metrics.error();
-            warn!(%error, "observing the bridge failed; retrying on the next event");
-            return Ok(Outcome::Continue);
-        }
-    };
     let docker = match docker {
         Some(docker) => Some(docker.observe().await),
         None => None,
@@ -217,8 +193,21 @@ async fn reconcile(
         .as_ref()
         .map(|d| d.policy.clone())
         .unwrap_or_default();
-    let plan = plan::plan_with(&view, &policy)?;
-    match pinned.reconcile(&plan, false) {
+    let inputs = reconcile::Inputs {
+        policy: &policy,
+        docker: docker.as_ref(),
+        mirror_docker: true,
+    };
+    let pass = match reconcile::once(pinned, &inputs) {
+        Ok(Outcome::Reconciled(pass)) => *pass,
+        Ok(Outcome::BridgeGone) => return Ok(Step::BridgeGone),
+        Err(error) => {
+            metrics.error();
+            warn!(%error, "observing the bridge failed; retrying on the next event");
+            return Ok(Step::Continue);
+        }
+    };
+    match pass.changes {
         Ok(changes) => {
             metrics.reconciled(started.elapsed());
             if changes.is_empty() {
@@ -240,19 +229,17 @@ async fn reconcile(
             warn!(%error, "reconcile failed; retrying on the next event");
         }
     }
-    if let Some(state) = &docker {
-        match docker::apply(pinned, state, &plan, true) {
-            Ok(synced) if !synced.is_empty() => info!(
-                added = ?synced.added.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                removed = ?synced.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "synced Docker's published ports"
-            ),
-            Ok(_) => {}
-            Err(error) => {
-                metrics.error();
-                warn!(%error, "syncing Docker's published ports failed; retrying on the next event");
-            }
+    match pass.docker {
+        Some(Ok(synced)) if !synced.is_empty() => info!(
+            added = ?synced.added.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            removed = ?synced.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "synced Docker's published ports"
+        ),
+        Some(Err(error)) => {
+            metrics.error();
+            warn!(%error, "syncing Docker's published ports failed; retrying on the next event");
         }
+        _ => {}
     }
-    Ok(Outcome::Continue)
+    Ok(Step::Continue)
 }

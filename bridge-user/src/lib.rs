@@ -19,3 +19,4 @@ pub mod pins;
 pub mod plan;
 pub mod policy;
 pub mod publish;
+pub mod reconcile;

@@ -10,6 +10,7 @@ use xbr::{
     follow::Stopped,
     lab, netlink, netns, observe, pins, plan,
     publish::PublishSpec,
+    reconcile,
 };
 
 mod report;
@@ -218,37 +219,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let docker = xbr::docker::find(docker, &bridge)?;
             let docker_state = docker.as_ref().map(|d| d.observe_blocking()).transpose()?;
-            let existing = datapath::Pinned::open(root, &bridge).ok();
-            let first_attach = existing.is_none();
-            // Published ports follow their containers, whose addresses cost a request each.
-            let detail = match existing {
-                Some(pinned) if pinned.has_published() => observe::Detail::Addresses,
-                _ if docker.is_some() => observe::Detail::Addresses,
-                _ => observe::Detail::Macs,
+            let policy = docker_state
+                .as_ref()
+                .map(|d| d.policy.clone())
+                .unwrap_or_default();
+            let inputs = reconcile::Inputs {
+                policy: &policy,
+                docker: docker_state.as_ref(),
+                mirror_docker: follow,
             };
-            let view =
-                netlink::run(
-                    |handle| async move { observe::bridge(&handle, &bridge, detail).await },
-                )??;
-            let policy = docker_state.as_ref().map(|d| d.policy.clone());
-            let plan = plan::plan_with(&view, &policy.unwrap_or_default())?;
-            let uplinks = netlink::run(|handle| async move {
-                let names = if uplinks.is_empty() && first_attach {
-                    observe::default_route_interfaces(&handle).await?
-                } else {
-                    uplinks
-                };
-                observe::uplinks(&handle, &names).await
-            })??;
-            let attached = datapath::attach(&plan, &uplinks, mode, uplink_mode, &features, root)?;
-            let synced = match &docker_state {
-                Some(state) => {
-                    let mut pinned = datapath::Pinned::open(root, &plan.bridge)?;
-                    let synced = xbr::docker::apply(&mut pinned, state, &plan, follow)?;
-                    Some((state, synced))
-                }
-                None => None,
+            let options = reconcile::AttachOptions {
+                uplinks,
+                mode,
+                uplink_mode,
+                features: &features,
+                root,
             };
+            let reconcile::Attach {
+                plan,
+                attached,
+                docker: synced,
+            } = reconcile::attach(&bridge, options, &inputs)?;
+            let synced = docker_state.as_ref().zip(synced);
             report::attached(&plan, &attached, &features, synced, output.json)?;
             if !follow {
                 return Ok(());

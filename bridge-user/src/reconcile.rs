@@ -1,0 +1,142 @@
+//! One reconcile: observe the bridge, plan under a policy, bring the pins to the plan and sync
+//! Docker's published ports. `xbr attach` runs it once, the follower on every event; both call
+//! the functions here, so the two can never drift apart.
+
+use std::path::Path;
+
+use crate::{
+    datapath::{self, Attached, Changes, ModeChoice, Pinned, UplinkModeChoice},
+    docker::{self, DockerState, Synced},
+    error::{Error, Result},
+    features::Features,
+    netlink,
+    observe::{self, Detail},
+    plan::{self, Plan, Policy},
+};
+
+/// What a reconcile takes besides the kernel's state.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The traffic classes the kernel path's own rules keep off the fast path.
+    pub policy: &'a Policy,
+    /// Docker's view of the bridge, where a Docker network owns it.
+    pub docker: Option<&'a DockerState>,
+    /// Mirror Docker's published ports: only while a follower keeps them current.
+    pub mirror_docker: bool,
+}
+
+/// How much to read about the containers: their addresses only when published ports (ours or
+/// Docker's) have to find them.
+fn detail(pinned: Option<&Pinned>, inputs: &Inputs) -> Detail {
+    if pinned.is_some_and(Pinned::has_published) || inputs.docker.is_some() {
+        Detail::Addresses
+    } else {
+        Detail::Macs
+    }
+}
+
+/// Observe `bridge` and plan what its datapath should hold.
+pub fn observe_and_plan(bridge: &str, pinned: Option<&Pinned>, inputs: &Inputs) -> Result<Plan> {
+    let detail = detail(pinned, inputs);
+    let name = bridge.to_owned();
+    let view = netlink::run(|handle| async move { observe::bridge(&handle, &name, detail).await })
+        .map_err(|e| Error::io("opening a netlink socket", e))??;
+    plan::plan_with(&view, inputs.policy)
+}
+
+/// What one pass of an attached bridge did.
+pub struct Pass {
+    pub plan: Plan,
+    /// The pins brought to the plan (or why not).
+    pub changes: Result<Changes>,
+    /// Docker's published ports synced (where Docker owns the bridge), or why not.
+    pub docker: Option<Result<Synced>>,
+}
+
+pub enum Outcome {
+    Reconciled(Box<Pass>),
+    /// The bridge was deleted, or another bridge now has its name.
+    BridgeGone,
+}
+
+/// One pass over an attached bridge: observe, plan, apply, sync Docker. A port that vanished
+/// meanwhile is skipped, not an error.
+pub fn once(pinned: &mut Pinned, inputs: &Inputs) -> Result<Outcome> {
+    let plan = match observe_and_plan(&pinned.bridge.clone(), Some(pinned), inputs) {
+        Ok(plan) if plan.bridge_ifindex == pinned.record.ifindex => plan,
+        Ok(_) | Err(Error::BridgeNotFound(_)) | Err(Error::NotABridge { .. }) => {
+            return Ok(Outcome::BridgeGone);
+        }
+        Err(error) => return Err(error),
+    };
+    let changes = pinned.reconcile(&plan, false);
+    let docker = inputs
+        .docker
+        .map(|state| docker::apply(pinned, state, &plan, inputs.mirror_docker));
+    Ok(Outcome::Reconciled(Box::new(Pass {
+        plan,
+        changes,
+        docker,
+    })))
+}
+
+/// How `xbr attach` wants the bridge hooked.
+pub struct AttachOptions<'a> {
+    /// Uplinks named on the command line; none: keep those hooked, or on a first attach, the
+    /// interfaces of this namespace's default routes.
+    pub uplinks: Vec<String>,
+    pub mode: ModeChoice,
+    pub uplink_mode: UplinkModeChoice,
+    pub features: &'a Features,
+    pub root: &'a Path,
+}
+
+/// What `xbr attach` did.
+pub struct Attach {
+    pub plan: Plan,
+    pub attached: Attached,
+    pub docker: Option<Synced>,
+}
+
+/// `xbr attach`: creates the pinned datapath or picks up the one pinned, and reconciles it.
+pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<Attach> {
+    let existing = Pinned::open(options.root, bridge).ok();
+    let first_attach = existing.is_none();
+    let plan = observe_and_plan(bridge, existing.as_ref(), inputs)?;
+    drop(existing);
+    let requested = options.uplinks;
+    let uplinks = netlink::run(|handle| async move {
+        let names = if requested.is_empty() && first_attach {
+            observe::default_route_interfaces(&handle).await?
+        } else {
+            requested
+        };
+        observe::uplinks(&handle, &names).await
+    })
+    .map_err(|e| Error::io("opening a netlink socket", e))??;
+    let attached = datapath::attach(
+        &plan,
+        &uplinks,
+        options.mode,
+        options.uplink_mode,
+        options.features,
+        options.root,
+    )?;
+    let docker = match inputs.docker {
+        Some(state) => {
+            let mut pinned = Pinned::open(options.root, &plan.bridge)?;
+            Some(docker::apply(
+                &mut pinned,
+                state,
+                &plan,
+                inputs.mirror_docker,
+            )?)
+        }
+        None => None,
+    };
+    Ok(Attach {
+        plan,
+        attached,
+        docker,
+    })
+}
