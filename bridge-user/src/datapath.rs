@@ -22,8 +22,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    AttachMode, BridgeRecord, Endpoint, EndpointKey, Flow, FlowKey, PortRecord, PortStats,
-    PublishedKey, PublishedPort, UplinkMode, Verdict,
+    AttachMode, BridgeRecord, ClientHoldKey, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
+    PortRecord, PortStats, PublishedKey, PublishedPort, UplinkMode, Verdict,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 
@@ -123,6 +123,15 @@ pub fn mode_name(mode: u32) -> &'static str {
     }
 }
 
+/// What `apply_published_policy` did.
+#[derive(Debug, Default)]
+pub struct PublishedApplied {
+    /// Connections ended because the policy now holds them back.
+    pub connections_ended: usize,
+    /// What the policy says about each published port.
+    pub policies: BTreeMap<PublishedKey, crate::plan::PublishedPolicy>,
+}
+
 /// What one reconcile changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
@@ -136,6 +145,10 @@ pub struct Changes {
     pub uplinks_added: Vec<String>,
     /// Published ports whose container (port, MAC) changed.
     pub published_updated: usize,
+    /// East-west hold-backs added and removed.
+    pub holds: (usize, usize),
+    /// NATed connections ended because the policy now holds them back.
+    pub connections_held: usize,
 }
 
 impl Changes {
@@ -247,6 +260,9 @@ pub struct Pinned {
     pub(crate) published: HashMap<MapData, PublishedKey, PublishedPort>,
     pub(crate) flows: HashMap<MapData, FlowKey, Flow>,
     uplinks: HashMap<MapData, u32, PortRecord>,
+    holds: HashMap<MapData, HoldKey, u8>,
+    hold_shapes: Array<MapData, u32>,
+    client_holds: HashMap<MapData, ClientHoldKey, u8>,
 }
 
 fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
@@ -304,6 +320,9 @@ impl Pinned {
             published: open_pinned(&dir, "PUBLISHED").map_err(broken)?,
             flows: open_pinned(&dir, "NAT_FLOWS").map_err(broken)?,
             uplinks: open_pinned(&dir, "UPLINKS").map_err(broken)?,
+            holds: open_pinned(&dir, "HOLDS").map_err(broken)?,
+            hold_shapes: open_pinned(&dir, "HOLD_SHAPES").map_err(broken)?,
+            client_holds: open_pinned(&dir, "CLIENT_HOLDS").map_err(broken)?,
             endpoints: open_pinned(&dir, "ENDPOINTS").map_err(broken)?,
             ports: open_pinned(&dir, "PORTS").map_err(broken)?,
             stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
@@ -505,7 +524,9 @@ impl Pinned {
         if let Some(error) = failure {
             return Err(error);
         }
-        // 5. Endpoints, last: every port they name now holds them.
+        // 5. What the policy holds back, before any new endpoint can take the fast path.
+        changes.holds = self.sync_holds(&plan.east_west.holds)?;
+        // 6. Endpoints, last: every port they name now holds them.
         let hooked: std::collections::BTreeSet<u32> =
             self.ports.keys().filter_map(|k| k.ok()).collect();
         for (key, endpoint) in &plan.endpoints {
@@ -520,11 +541,102 @@ impl Pinned {
                 changes.endpoints_added += 1;
             }
         }
-        // 6. Published ports follow their container to its current port and MAC.
+        // 7. Published ports follow their container to its current port and MAC.
         if let Some(containers) = &plan.containers {
             changes.published_updated = self.update_published(containers, plan.bridge_mac)?;
         }
         Ok(changes)
+    }
+
+    /// Brings `HOLDS` to `wanted`: new entries (and their shapes) first, so that no frame the
+    /// policy now holds back slips through; then stale ones. Returns (added, removed).
+    fn sync_holds(&mut self, wanted: &BTreeMap<HoldKey, String>) -> Result<(usize, usize)> {
+        let current: Vec<HoldKey> = self.holds.keys().filter_map(|k| k.ok()).collect();
+        let added: Vec<&HoldKey> = wanted.keys().filter(|k| !current.contains(k)).collect();
+        let stale: Vec<&HoldKey> = current.iter().filter(|k| !wanted.contains_key(k)).collect();
+        if added.is_empty() && stale.is_empty() {
+            return Ok((0, 0));
+        }
+        let as_error = |e| Error::ebpf("updating the policy's hold-backs", e);
+        for key in &added {
+            self.holds.insert(**key, 1, 0).map_err(as_error)?;
+        }
+        let before = crate::plan::hold_shapes(&current);
+        let after = crate::plan::hold_shapes(wanted.keys());
+        for family in 0..2 {
+            self.hold_shapes
+                .set(family, before[family as usize] | after[family as usize], 0)
+                .map_err(as_error)?;
+        }
+        for key in &stale {
+            self.holds.remove(key).map_err(as_error)?;
+        }
+        for family in 0..2 {
+            self.hold_shapes
+                .set(family, after[family as usize], 0)
+                .map_err(as_error)?;
+        }
+        Ok((added.len(), stale.len()))
+    }
+
+    /// Sets every published port's policy flags and the held clients, as `plan`'s policy says
+    /// for it, and ends the connections the policy now holds back (on the kernel path a rule
+    /// that appears applies to established connections too). New client holds go in before
+    /// the flags that make the datapath look for them.
+    pub fn apply_published_policy(&mut self, plan: &Plan) -> Result<PublishedApplied> {
+        let uplinks: Vec<String> = self
+            .uplink_ifindexes()
+            .into_iter()
+            .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        let entries: Vec<(PublishedKey, PublishedPort)> =
+            self.published.iter().filter_map(|e| e.ok()).collect();
+        let as_error = |e| Error::ebpf("updating the published ports' hold-backs", e);
+        let mut wanted_clients = BTreeMap::new();
+        let mut flagged = Vec::new();
+        let mut policies = BTreeMap::new();
+        for (key, value) in &entries {
+            let policy = plan.published_policy(key, value, &uplinks);
+            let flags = (value.flags & PublishedPort::BY_DOCKER) | policy.flags();
+            wanted_clients.extend(policy.clients.clone());
+            flagged.push((*key, *value, flags));
+            policies.insert(*key, policy);
+        }
+        let current: Vec<ClientHoldKey> = self.client_holds.keys().filter_map(|k| k.ok()).collect();
+        let new_clients: Vec<ClientHoldKey> = wanted_clients
+            .keys()
+            .filter(|k| !current.contains(k))
+            .copied()
+            .collect();
+        for key in &new_clients {
+            self.client_holds.insert(key, 1, 0).map_err(as_error)?;
+        }
+        let mut newly_held = Vec::new();
+        for (key, value, flags) in flagged {
+            if flags != value.flags {
+                self.published
+                    .insert(key, PublishedPort { flags, ..value }, 0)
+                    .map_err(as_error)?;
+                if flags & PublishedPort::HELD != 0 {
+                    newly_held.push(key);
+                }
+            }
+        }
+        for key in current.iter().filter(|k| !wanted_clients.contains_key(k)) {
+            self.client_holds.remove(key).map_err(as_error)?;
+        }
+        let connections_ended = self.retire_flows(|flow_key, flow| {
+            flow.flags & Flow::INBOUND != 0
+                && (newly_held.iter().any(|held| serves(held, flow_key))
+                    || new_clients.iter().any(|client| {
+                        serves(&client.published, flow_key) && holds(client, flow_key)
+                    }))
+        });
+        Ok(PublishedApplied {
+            connections_ended,
+            policies,
+        })
     }
 
     /// Points every published port at its container's current port and MAC (ifindex 0 when
@@ -642,6 +754,7 @@ impl Pinned {
                 .collect(),
             published: self.published(),
             connections: self.connection_count(),
+            holds: self.holds.keys().filter_map(|k| k.ok()).collect(),
         })
     }
 
@@ -702,6 +815,19 @@ impl Pinned {
             ports: ports.len(),
         })
     }
+}
+
+/// Whether inbound connection `key` came through published port `published`.
+fn serves(published: &PublishedKey, key: &FlowKey) -> bool {
+    key.proto == published.proto
+        && key.dst_port == published.host_port
+        && (published.host_ip == [0; 4] || published.host_ip == key.dst_ip)
+}
+
+/// Whether client hold-back `client` covers inbound connection `key`.
+fn holds(client: &ClientHoldKey, key: &FlowKey) -> bool {
+    (client.shape & ClientHoldKey::ADDRESS == 0 || client.client_ip == key.src_ip)
+        && (client.shape & ClientHoldKey::PORT == 0 || client.client_port == key.src_port)
 }
 
 /// Detaches the bpf link pinned at `link_pin` at once, then removes the pin.
@@ -845,6 +971,8 @@ pub struct Attachment {
     pub published: Vec<crate::publish::Published>,
     /// NATed connections tracked now.
     pub connections: usize,
+    /// The east-west hold-backs the datapath applies now.
+    pub holds: std::collections::BTreeSet<HoldKey>,
 }
 
 pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {

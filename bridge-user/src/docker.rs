@@ -1,16 +1,13 @@
 //! Docker through its Engine API (bollard, over Docker's unix socket): the network that owns a
-//! bridge, its options and the published ports of its running containers, plus the iptables
-//! rules on the forwarding path. Pure functions turn them into a `Policy` and a set of
-//! `PublishSpec`s; the Docker-owned entries of the PUBLISHED map follow that set.
+//! bridge, its options and the published ports of its running containers. Pure functions turn
+//! them into a set of `PublishSpec`s; the Docker-owned entries of the PUBLISHED map follow that
+//! set. Docker's firewall rules are read by the policy reader, like everyone else's.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     pin::Pin,
-    process::Command,
-    time::Duration,
 };
 
 use bollard::{
@@ -25,7 +22,7 @@ use crate::{
     datapath::Pinned,
     error::{Error, Result},
     observe::Mac,
-    plan::{Plan, Policy},
+    plan::Plan,
     publish::{Proto, PublishSpec},
 };
 
@@ -35,8 +32,6 @@ pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 const REQUEST_TIMEOUT_SECS: u64 = 10;
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
-/// br_netfilter's switch: whether bridged IPv4 frames meet iptables' FORWARD chain.
-const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
 /// `xbr attach --docker`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -234,326 +229,6 @@ pub fn container_ports(container: &ContainerInspectResponse, network_id: &str) -
 }
 
 // ---------------------------------------------------------------------------------------------
-// The firewall: iptables' filter table on the forwarding path.
-
-/// Reads the filter table with `iptables-save` (read-only). There is no maintained Rust library
-/// for iptables over nf_tables, and Docker itself writes its rules with the iptables binary:
-/// reading them back the same way sees exactly what Docker and its users wrote, whichever
-/// backend (nf_tables or legacy) the host's iptables uses.
-pub fn read_iptables() -> std::result::Result<String, String> {
-    let output = Command::new("iptables-save")
-        .args(["-t", "filter"])
-        .output()
-        .map_err(|e| format!("cannot run iptables-save: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "iptables-save failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Whether frames the bridge forwards between its ports meet iptables (br_netfilter on, with
-/// bridge-nf-call-iptables). Without br_netfilter they never do.
-pub fn bridged_traffic_filtered() -> bool {
-    match std::fs::read_to_string(BRIDGE_NF_CALL_IPTABLES) {
-        Ok(value) => value.trim() != "0",
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        // Unreadable: assume the rules apply (the safe side).
-        Err(_) => true,
-    }
-}
-
-/// The two traffic classes xbr accelerates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Class {
-    /// In on a port of the bridge, out on another one.
-    EastWest,
-    /// In on some other interface (an uplink), DNATed, out on the bridge.
-    Published,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Interface {
-    /// A name, or a prefix ending in `+`.
-    pattern: String,
-    negated: bool,
-}
-
-impl Interface {
-    fn matches(&self, name: &str) -> bool {
-        let hit = match self.pattern.strip_suffix('+') {
-            Some(prefix) => name.starts_with(prefix),
-            None => self.pattern == name,
-        };
-        hit != self.negated
-    }
-
-    /// Whether it matches some interface other than `bridge`.
-    fn matches_some_other_than(&self, bridge: &str) -> bool {
-        self.negated || self.pattern.ends_with('+') || self.pattern != bridge
-    }
-
-    /// Whether it matches every interface other than `bridge`.
-    fn matches_all_other_than(&self, bridge: &str) -> bool {
-        self.negated && self.pattern == bridge
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Rule {
-    chain: String,
-    /// As iptables-save wrote it, for messages.
-    text: String,
-    input: Option<Interface>,
-    output: Option<Interface>,
-    target: Option<String>,
-    /// Matches other than the interfaces (protocol, addresses, modules).
-    other_matches: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reach {
-    None,
-    Some,
-    Every,
-}
-
-impl Rule {
-    /// Whether the rule sees packets of `class` on `bridge`: none, some, or every one of them.
-    fn reach(&self, class: Class, bridge: &str) -> Reach {
-        if self.output.as_ref().is_some_and(|o| !o.matches(bridge)) {
-            return Reach::None;
-        }
-        let (some, every) = match (class, &self.input) {
-            (_, None) => (true, true),
-            (Class::EastWest, Some(input)) => (input.matches(bridge), input.matches(bridge)),
-            (Class::Published, Some(input)) => (
-                input.matches_some_other_than(bridge),
-                input.matches_all_other_than(bridge),
-            ),
-        };
-        match (some, every && !self.other_matches) {
-            (false, _) => Reach::None,
-            (true, false) => Reach::Some,
-            (true, true) => Reach::Every,
-        }
-    }
-
-    /// `RETURN` with no match at all: the end of a chain in effect.
-    fn is_unconditional_return(&self) -> bool {
-        self.target.as_deref() == Some("RETURN")
-            && self.input.is_none()
-            && self.output.is_none()
-            && !self.other_matches
-    }
-}
-
-/// The filter table as iptables-save prints it.
-#[derive(Debug, Default)]
-struct FilterTable {
-    policies: HashMap<String, String>,
-    rules: Vec<Rule>,
-}
-
-impl FilterTable {
-    fn parse(save: &str) -> FilterTable {
-        let mut table = FilterTable::default();
-        let mut in_filter = false;
-        for line in save.lines().map(str::trim) {
-            if let Some(name) = line.strip_prefix('*') {
-                in_filter = name == "filter";
-            } else if !in_filter {
-                continue;
-            } else if let Some(chain) = line.strip_prefix(':') {
-                let mut fields = chain.split_whitespace();
-                if let (Some(name), Some(policy)) = (fields.next(), fields.next()) {
-                    table.policies.insert(name.to_owned(), policy.to_owned());
-                }
-            } else if line.starts_with("-A ") {
-                table.rules.extend(parse_rule(line));
-            }
-        }
-        table
-    }
-
-    fn chain<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Rule> + 'a {
-        self.rules.iter().filter(move |rule| rule.chain == name)
-    }
-
-    /// Why packets of `class` on `bridge` must stay on the kernel path, if they must: the
-    /// FORWARD chain as the kernel walks it for them.
-    fn holds_back(&self, class: Class, bridge: &str) -> Option<String> {
-        for rule in self.chain("FORWARD") {
-            let reach = rule.reach(class, bridge);
-            if reach == Reach::None {
-                continue;
-            }
-            match rule.target.as_deref() {
-                // Accepting never drops; accepting every such packet ends the walk.
-                Some("ACCEPT") if reach == Reach::Every => return None,
-                Some("ACCEPT") | None => continue,
-                Some("DOCKER-USER") => {
-                    if let Some(reason) = self.user_rule(class, bridge) {
-                        return Some(reason);
-                    }
-                }
-                // Isolation between Docker's networks: xbr never crosses bridges anyway.
-                Some("DOCKER-ISOLATION-STAGE-1") => continue,
-                // Docker's ACCEPT per published port, for exactly the ports the sync mirrors;
-                // its rules never match traffic that comes in on the bridge itself.
-                Some("DOCKER") if class == Class::Published => return None,
-                Some("DOCKER") => continue,
-                Some(_) => {
-                    return Some(format!(
-                        "iptables FORWARD rule `{}` applies to it on the kernel path",
-                        rule.text
-                    ));
-                }
-            }
-        }
-        match self.policies.get("FORWARD").map(String::as_str) {
-            None | Some("ACCEPT") => None,
-            Some(policy) => Some(format!(
-                "the iptables FORWARD policy is {policy} and no rule accepts it"
-            )),
-        }
-    }
-
-    /// The first DOCKER-USER rule (before its final RETURN) that sees packets of `class`.
-    fn user_rule(&self, class: Class, bridge: &str) -> Option<String> {
-        for rule in self.chain("DOCKER-USER") {
-            if rule.is_unconditional_return() {
-                return None;
-            }
-            // A conditional RETURN only skips the rules after it, for some packets.
-            if rule.reach(class, bridge) == Reach::None || rule.target.as_deref() == Some("RETURN")
-            {
-                continue;
-            }
-            return Some(format!(
-                "DOCKER-USER rule `{}` applies to it on the kernel path",
-                rule.text
-            ));
-        }
-        None
-    }
-}
-
-/// One `-A CHAIN ...` line.
-fn parse_rule(line: &str) -> Option<Rule> {
-    let words = split_words(line);
-    let mut words = words.iter().map(String::as_str).peekable();
-    words.next(); // -A
-    let chain = words.next()?.to_owned();
-    let mut rule = Rule {
-        chain,
-        text: line.to_owned(),
-        input: None,
-        output: None,
-        target: None,
-        other_matches: false,
-    };
-    let mut negated = false;
-    while let Some(word) = words.next() {
-        match word {
-            "!" => {
-                negated = true;
-                continue;
-            }
-            "-i" | "--in-interface" | "-o" | "--out-interface" => {
-                let interface = Interface {
-                    pattern: words.next()?.to_owned(),
-                    negated,
-                };
-                if matches!(word, "-i" | "--in-interface") {
-                    rule.input = Some(interface);
-                } else {
-                    rule.output = Some(interface);
-                }
-            }
-            // Options after the target belong to it (REJECT --reject-with ...).
-            "-j" | "--jump" | "-g" | "--goto" => {
-                rule.target = Some(words.next()?.to_owned());
-                break;
-            }
-            // A comment matches everything.
-            "-m" if words.peek() == Some(&"comment") => {
-                words.next();
-            }
-            "--comment" => {
-                words.next();
-            }
-            _ => rule.other_matches = true,
-        }
-        negated = false;
-    }
-    Some(rule)
-}
-
-/// Splits an iptables-save line into words; "quoted strings" (comments) stay one word.
-fn split_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => word.extend(chars.next()),
-            '"' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            c => word.push(c),
-        }
-    }
-    if !word.is_empty() {
-        words.push(word);
-    }
-    words
-}
-
-/// What may take the fast path on `network`'s bridge: its enable_icc option and the iptables
-/// rules (`rules`: iptables-save output, or why it could not be read) decide. East-west traffic
-/// meets iptables only when `bridged_filtered` (br_netfilter).
-pub fn policy(
-    network: &NetworkView,
-    rules: std::result::Result<&str, &str>,
-    bridged_filtered: bool,
-) -> Policy {
-    let mut policy = match rules {
-        Ok(rules) => {
-            let table = FilterTable::parse(rules);
-            Policy {
-                east_west: bridged_filtered
-                    .then(|| table.holds_back(Class::EastWest, &network.bridge))
-                    .flatten(),
-                published: table.holds_back(Class::Published, &network.bridge),
-            }
-        }
-        Err(why) => {
-            let reason = format!(
-                "the iptables rules cannot be read ({why}), so xbr cannot tell what they drop"
-            );
-            Policy {
-                east_west: Some(reason.clone()),
-                published: Some(reason),
-            }
-        }
-    };
-    if !network.icc {
-        policy.east_west = Some(format!(
-            "Docker network {} has enable_icc=false: its containers may not talk to each other",
-            network.name
-        ));
-    }
-    policy
-}
-
-// ---------------------------------------------------------------------------------------------
 // Talking to Docker.
 
 /// Docker's event stream.
@@ -649,12 +324,23 @@ impl Client {
     }
 }
 
-/// What Docker and the firewall say about one bridge, read now.
+/// What Docker says about one bridge, read now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DockerState {
     pub network: NetworkView,
     pub ports: DockerPorts,
-    pub policy: Policy,
+}
+
+impl DockerState {
+    /// Why no container of the network may talk to another, when none may.
+    pub fn icc_off(&self) -> Option<String> {
+        (!self.network.icc).then(|| {
+            format!(
+                "Docker network {} has enable_icc=false: its containers may not talk to each other",
+                self.network.name
+            )
+        })
+    }
 }
 
 /// A bridge that a Docker network owns, and where that Docker listens.
@@ -735,24 +421,14 @@ pub fn find(choice: DockerChoice, bridge: &str) -> Result<Option<DockerBridge>> 
 }
 
 impl DockerBridge {
-    /// Reads the network, its containers' published ports and the firewall now.
+    /// Reads the network and its containers' published ports now.
     pub async fn observe(&self, client: &Client) -> Result<DockerState> {
         let network = client
             .network_of(&self.network.bridge)
             .await?
             .unwrap_or_else(|| self.network.clone());
         let ports = client.ports(&network).await?;
-        let rules = read_iptables();
-        let policy = policy(
-            &network,
-            rules.as_deref().map_err(String::as_str),
-            bridged_traffic_filtered(),
-        );
-        Ok(DockerState {
-            network,
-            ports,
-            policy,
-        })
+        Ok(DockerState { network, ports })
     }
 
     pub fn observe_blocking(&self) -> Result<DockerState> {
@@ -855,7 +531,8 @@ impl Pinned {
             let value = PublishedPort {
                 container_ip: spec.container_ip.octets(),
                 container_port: spec.container_port.to_be_bytes(),
-                flags: PublishedPort::BY_DOCKER,
+                // Held until the policy has been asked (`apply_published_policy`).
+                flags: PublishedPort::BY_DOCKER | PublishedPort::HELD,
                 _pad: 0,
                 ifindex,
                 container_mac,
@@ -885,15 +562,16 @@ impl Pinned {
     }
 }
 
-/// After an attach: Docker's published ports are mirrored only with a follower (`follow`) and
-/// while the firewall lets them; otherwise Docker-owned entries are removed.
+/// After an attach: Docker's published ports are mirrored only with a follower (`follow`);
+/// otherwise Docker-owned entries are removed. (What the firewall says about each is the
+/// reconcile's, as for `xbr publish`.)
 pub fn apply(
     pinned: &mut Pinned,
     state: &DockerState,
     plan: &Plan,
     follow: bool,
 ) -> Result<Synced> {
-    let wanted = if follow && state.policy.published.is_none() {
+    let wanted = if follow {
         state.ports.specs.clone()
     } else {
         BTreeSet::new()
@@ -908,35 +586,20 @@ pub fn apply(
 // ---------------------------------------------------------------------------------------------
 // The follower's Docker side.
 
-/// Changes that come closer together than this are handled by one reconcile.
-const QUIET: Duration = Duration::from_millis(20);
-const MAX_DELAY: Duration = Duration::from_millis(200);
-
-/// What the follower hears from: Docker's events and nftables ruleset changes (iptables-nft
-/// writes through nftables, so every iptables change is one).
+/// What the follower hears from Docker: its events (containers starting and stopping, network
+/// connects), on a connection it re-opens when Docker restarts.
 pub struct Follow {
     bridge: DockerBridge,
     client: Option<Client>,
     events: Option<Events>,
-    ruleset: Option<RulesetEvents>,
-    last_policy: Option<Policy>,
 }
 
 impl Follow {
     pub async fn start(bridge: DockerBridge) -> Follow {
-        let ruleset = match RulesetEvents::open() {
-            Ok(ruleset) => Some(ruleset),
-            Err(error) => {
-                warn!(%error, "cannot hear nftables changes; iptables changes are seen at the next resync");
-                None
-            }
-        };
         let mut follow = Follow {
             bridge,
             client: None,
             events: None,
-            ruleset,
-            last_policy: None,
         };
         follow.subscribe().await;
         follow
@@ -958,79 +621,43 @@ impl Follow {
 
     /// Waits for the next change worth a reconcile; never returns when nothing can be heard.
     pub async fn changed(&mut self) {
-        let events = async {
-            match self.events.as_mut() {
-                Some(events) => events.next().await,
-                None => std::future::pending().await,
-            }
+        let event = match self.events.as_mut() {
+            Some(events) => events.next().await,
+            None => std::future::pending().await,
         };
-        let ruleset = async {
-            match self.ruleset.as_ref() {
-                Some(ruleset) => ruleset.changed().await,
-                None => std::future::pending().await,
+        match event {
+            Some(Ok(event)) => debug!(action = ?event.action, "Docker event"),
+            Some(Err(error)) => {
+                warn!(%error, "Docker's event stream failed; resubscribing at the next resync");
+                self.events = None;
             }
-        };
-        tokio::select! {
-            event = events => match event {
-                Some(Ok(event)) => debug!(action = ?event.action, "Docker event"),
-                Some(Err(error)) => {
-                    warn!(%error, "Docker's event stream failed; resubscribing at the next resync");
-                    self.events = None;
-                }
-                None => {
-                    warn!("Docker's event stream ended; resubscribing at the next resync");
-                    self.events = None;
-                }
-            },
-            result = ruleset => if let Err(error) = result {
-                warn!(%error, "nftables change events failed; iptables changes are seen at the next resync");
-                self.ruleset = None;
-            },
+            None => {
+                warn!("Docker's event stream ended; resubscribing at the next resync");
+                self.events = None;
+            }
         }
     }
 
-    /// Docker's and the firewall's view now. When Docker cannot be asked, its published ports
-    /// are wanted nowhere (Docker's own path serves them) and icc is as last seen.
+    /// Docker's view now. When Docker cannot be asked, its published ports are wanted nowhere
+    /// (Docker's own path serves them) and icc is as last seen.
     pub async fn observe(&mut self) -> DockerState {
         let observed = match &self.client {
             Some(client) => self.bridge.observe(client).await,
             None => Err(Error::DockerUnavailable("not connected".to_owned())),
         };
-        let state = match observed {
+        match observed {
             Ok(state) => {
                 self.bridge.network = state.network.clone();
                 state
             }
             Err(error) => {
                 warn!(%error, "reading Docker failed; its published ports take Docker's path for now");
-                let rules = read_iptables();
                 DockerState {
-                    policy: policy(
-                        &self.bridge.network,
-                        rules.as_deref().map_err(String::as_str),
-                        bridged_traffic_filtered(),
-                    ),
                     network: self.bridge.network.clone(),
                     ports: DockerPorts::default(),
                 }
             }
-        };
-        if self.last_policy.as_ref() != Some(&state.policy) {
-            log_policy(&state.policy);
-            self.last_policy = Some(state.policy.clone());
         }
-        state
-    }
-}
-
-fn log_policy(policy: &Policy) {
-    match &policy.east_west {
-        Some(reason) => info!("east-west traffic takes the bridge: {reason}"),
-        None => info!("east-west traffic is accelerated"),
-    }
-    match &policy.published {
-        Some(reason) => info!("Docker's published ports take Docker's path: {reason}"),
-        None => info!("Docker's published ports are accelerated"),
     }
 }
 
@@ -1039,107 +666,6 @@ pub async fn changed(follow: &mut Option<Follow>) {
     match follow {
         Some(follow) => follow.changed().await,
         None => std::future::pending().await,
-    }
-}
-
-/// A netlink socket on the nftables multicast group: one message per ruleset change.
-struct RulesetEvents {
-    socket: tokio::io::unix::AsyncFd<OwnedFd>,
-}
-
-impl RulesetEvents {
-    fn open() -> std::io::Result<RulesetEvents> {
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        let rc = unsafe {
-            libc::bind(
-                socket.as_raw_fd(),
-                (&address as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let group: libc::c_int = libc::NFNLGRP_NFTABLES;
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                (&group as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the AsyncFd owns the socket, so the descriptor stays open while registered.
-        let socket = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE)
-        }?;
-        Ok(RulesetEvents { socket })
-    }
-
-    /// Waits for a ruleset change, then for the burst it belongs to (iptables writes a rule as
-    /// a batch of messages, Docker a dozen rules per container) to settle.
-    async fn changed(&self) -> std::io::Result<()> {
-        self.drain_one().await?;
-        let first = tokio::time::Instant::now();
-        while first.elapsed() < MAX_DELAY {
-            match tokio::time::timeout(QUIET, self.drain_one()).await {
-                Ok(result) => result?,
-                Err(_) => break,
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until messages arrived, and reads all there are.
-    async fn drain_one(&self) -> std::io::Result<()> {
-        loop {
-            let mut ready = self.socket.readable().await?;
-            let mut got = false;
-            let mut buffer = [0u8; 16 * 1024];
-            loop {
-                let n = unsafe {
-                    libc::recv(
-                        self.socket.as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n > 0 {
-                    got = true;
-                    continue;
-                }
-                let error = std::io::Error::last_os_error();
-                match error.raw_os_error() {
-                    _ if n == 0 => break,
-                    Some(libc::EAGAIN) => break,
-                    // The socket overflowed: changes were missed, which is a change too.
-                    Some(libc::ENOBUFS) => got = true,
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(error),
-                }
-            }
-            ready.clear_ready();
-            if got {
-                return Ok(());
-            }
-        }
     }
 }
 
@@ -1329,202 +855,6 @@ mod tests {
             ports.skipped[0].contains("2 networks"),
             "{:?}",
             ports.skipped
-        );
-    }
-
-    /// The filter table of Docker 20.10 with the default network (bridge xbrt9) and an icc=false
-    /// network, as iptables-save prints it.
-    const DOCKER_RULES: &str = "\
-# Generated by iptables-save v1.8.9 (nf_tables)
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:DOCKER - [0:0]
-:DOCKER-ISOLATION-STAGE-1 - [0:0]
-:DOCKER-ISOLATION-STAGE-2 - [0:0]
-:DOCKER-USER - [0:0]
--A FORWARD -j DOCKER-USER
--A FORWARD -j DOCKER-ISOLATION-STAGE-1
--A FORWARD -o br-efbf71399e03 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A FORWARD -o br-efbf71399e03 -j DOCKER
--A FORWARD -i br-efbf71399e03 ! -o br-efbf71399e03 -j ACCEPT
--A FORWARD -o xbrt9 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A FORWARD -o xbrt9 -j DOCKER
--A FORWARD -i xbrt9 ! -o xbrt9 -j ACCEPT
--A FORWARD -i xbrt9 -o xbrt9 -j ACCEPT
--A FORWARD -i br-efbf71399e03 -o br-efbf71399e03 -j DROP
--A DOCKER -d 10.213.0.2/32 ! -i xbrt9 -o xbrt9 -p tcp -m tcp --dport 8080 -j ACCEPT
--A DOCKER-ISOLATION-STAGE-1 -i br-efbf71399e03 ! -o br-efbf71399e03 -j DOCKER-ISOLATION-STAGE-2
--A DOCKER-ISOLATION-STAGE-1 -i xbrt9 ! -o xbrt9 -j DOCKER-ISOLATION-STAGE-2
--A DOCKER-ISOLATION-STAGE-1 -j RETURN
--A DOCKER-ISOLATION-STAGE-2 -o br-efbf71399e03 -j DROP
--A DOCKER-ISOLATION-STAGE-2 -o xbrt9 -j DROP
--A DOCKER-ISOLATION-STAGE-2 -j RETURN
--A DOCKER-USER -j RETURN
-COMMIT
-";
-
-    fn network(bridge: &str, icc: bool) -> NetworkView {
-        NetworkView {
-            id: "x".to_owned(),
-            name: format!("net-{bridge}"),
-            bridge: bridge.to_owned(),
-            icc,
-        }
-    }
-
-    fn with_user_rule(rule: &str) -> String {
-        DOCKER_RULES.replace(
-            "-A DOCKER-USER -j RETURN",
-            &format!("{rule}\n-A DOCKER-USER -j RETURN"),
-        )
-    }
-
-    #[test]
-    fn dockers_own_rules_hold_nothing_back() {
-        let policy = policy(&network("xbrt9", true), Ok(DOCKER_RULES), true);
-        assert_eq!(policy, Policy::default());
-    }
-
-    #[test]
-    fn icc_false_keeps_east_west_on_the_bridge_but_not_published_ports() {
-        for (icc, reason) in [
-            (false, "enable_icc=false"),
-            (true, "-i br-efbf71399e03 -o br-efbf71399e03 -j DROP"),
-        ] {
-            let policy = policy(&network("br-efbf71399e03", icc), Ok(DOCKER_RULES), true);
-            assert!(
-                policy
-                    .east_west
-                    .as_deref()
-                    .is_some_and(|r| r.contains(reason)),
-                "icc {icc}: {policy:?}"
-            );
-            assert_eq!(policy.published, None, "icc {icc}");
-        }
-    }
-
-    #[test]
-    fn without_br_netfilter_iptables_never_sees_east_west_traffic() {
-        let policy = policy(&network("br-efbf71399e03", true), Ok(DOCKER_RULES), false);
-        assert_eq!(policy, Policy::default());
-    }
-
-    #[test]
-    fn docker_user_rules_hold_back_the_classes_they_can_match() {
-        let ew = |p: &Policy| p.east_west.is_some();
-        let published = |p: &Policy| p.published.is_some();
-        for (rule, east_west, outside) in [
-            ("-A DOCKER-USER -j DROP", true, true),
-            (
-                "-A DOCKER-USER -i eth0 -p tcp -m tcp --dport 8080 -j DROP",
-                false,
-                true,
-            ),
-            ("-A DOCKER-USER ! -i xbrt9 -j DROP", false, true),
-            ("-A DOCKER-USER -i xbrt9 -o xbrt9 -j DROP", true, false),
-            ("-A DOCKER-USER -o xbrt+ -j LOG", true, true),
-            ("-A DOCKER-USER -i br-efbf71399e03 -j DROP", false, true),
-            ("-A DOCKER-USER -o br-efbf71399e03 -j DROP", false, false),
-            (
-                "-A DOCKER-USER -m comment --comment \"allow all\" -j RETURN",
-                false,
-                false,
-            ),
-            ("-A DOCKER-USER -s 10.0.0.0/8 -j RETURN", false, false),
-        ] {
-            let policy = policy(&network("xbrt9", true), Ok(&with_user_rule(rule)), true);
-            assert_eq!(
-                (ew(&policy), published(&policy)),
-                (east_west, outside),
-                "{rule}: {policy:?}"
-            );
-            if east_west {
-                assert!(
-                    policy.east_west.unwrap().contains(rule),
-                    "the reason names the rule"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn rules_after_the_final_return_are_unreachable() {
-        let rules = DOCKER_RULES.replace(
-            "-A DOCKER-USER -j RETURN",
-            "-A DOCKER-USER -j RETURN\n-A DOCKER-USER -j DROP",
-        );
-        assert_eq!(
-            policy(&network("xbrt9", true), Ok(&rules), true),
-            Policy::default()
-        );
-    }
-
-    #[test]
-    fn forward_rules_before_dockers_hold_back_what_they_match() {
-        let rules = DOCKER_RULES.replace(
-            "-A FORWARD -j DOCKER-USER",
-            "-A FORWARD -p tcp -m tcp --dport 22 -j REJECT --reject-with icmp-port-unreachable\n-A FORWARD -j DOCKER-USER",
-        );
-        let held = policy(&network("xbrt9", true), Ok(&rules), true);
-        assert!(
-            held.east_west.is_some() && held.published.is_some(),
-            "{held:?}"
-        );
-        // After Docker's ACCEPT for every east-west packet, a rule no longer matters to them.
-        let rules = format!(
-            "{}\n",
-            DOCKER_RULES.replace(
-                "-A DOCKER -d",
-                "-A FORWARD -i xbrt9 -o xbrt9 -j DROP\n-A DOCKER -d",
-            )
-        );
-        assert_eq!(
-            policy(&network("xbrt9", true), Ok(&rules), true),
-            Policy::default()
-        );
-    }
-
-    #[test]
-    fn no_docker_rules_and_a_drop_policy_hold_everything_back() {
-        let rules =
-            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
-        let policy = policy(&network("xbrt9", true), Ok(rules), true);
-        assert!(policy.east_west.unwrap().contains("policy is DROP"));
-        assert!(policy.published.unwrap().contains("policy is DROP"));
-        let no_table = super::policy(&network("xbrt9", true), Ok(""), true);
-        assert_eq!(
-            no_table,
-            Policy::default(),
-            "no filter table: nothing filters"
-        );
-    }
-
-    #[test]
-    fn unreadable_rules_hold_everything_back() {
-        let policy = policy(
-            &network("xbrt9", true),
-            Err("cannot run iptables-save"),
-            true,
-        );
-        assert!(policy.east_west.is_some() && policy.published.is_some());
-    }
-
-    #[test]
-    fn quoted_comments_stay_one_word() {
-        assert_eq!(
-            split_words(r#"-A DOCKER-USER -m comment --comment "a \"b\" c" -j RETURN"#),
-            [
-                "-A",
-                "DOCKER-USER",
-                "-m",
-                "comment",
-                "--comment",
-                "a \"b\" c",
-                "-j",
-                "RETURN"
-            ]
         );
     }
 

@@ -20,6 +20,8 @@ use crate::{
     docker::{self, DockerBridge},
     error::{Error, Result},
     metrics::{FollowMetrics, serve_metrics},
+    plan::Policy,
+    policy,
     publish::Timeouts,
     reconcile::{self, Outcome},
 };
@@ -100,6 +102,10 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
         Some(bridge) => Some(docker::Follow::start(bridge).await),
         None => None,
     };
+    // The ruleset, read again after each change to it.
+    let mut ruleset_changes = policy::RulesetChanges::open();
+    let mut firewall = None;
+    let mut policy_said = None;
     info!(bridge = %pinned.bridge, "following the bridge; Ctrl-C stops following and leaves the datapath in place");
 
     let mut dirty = true;
@@ -123,7 +129,15 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
             if !pinned.dir.exists() {
                 return Ok(Stopped::Detached);
             }
-            if reconcile(&mut pinned, &metrics, docker.as_mut()).await? == Step::BridgeGone {
+            let firewall = firewall.get_or_insert_with(policy::read).clone();
+            let step = reconcile(
+                &mut pinned,
+                &metrics,
+                firewall,
+                docker.as_mut(),
+                &mut policy_said,
+            );
+            if step.await? == Step::BridgeGone {
                 // Deleting a bridge releases its ports with our programs still on them.
                 return Ok(Stopped::BridgeDeleted(pinned.detach()?));
             }
@@ -136,6 +150,11 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
             _ = terminate.recv() => return Ok(stop(&mut pinned, &docker)),
             _ = interrupt.recv() => return Ok(stop(&mut pinned, &docker)),
             _ = docker::changed(&mut docker) => dirty = true,
+            _ = ruleset_changes.changed() => {
+                debug!("the netfilter ruleset changed");
+                firewall = None;
+                dirty = true;
+            }
             _ = pin_check.tick() => {
                 if let Some(logs) = ebpf_logs.as_mut() {
                     logs.flush();
@@ -152,6 +171,7 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
                 if let Some(docker) = docker.as_mut() {
                     docker.subscribe().await;
                 }
+                firewall = None;
                 dirty = true;
             }
         }
@@ -182,17 +202,19 @@ enum Step {
 async fn reconcile(
     pinned: &mut Pinned,
     metrics: &FollowMetrics,
+    firewall: std::result::Result<policy::Firewall, String>,
     docker: Option<&mut docker::Follow>,
+    policy_said: &mut Option<String>,
 ) -> Result<Step> {
     let started = Instant::now();
     let docker = match docker {
         Some(docker) => Some(docker.observe().await),
         None => None,
     };
-    let policy = docker
-        .as_ref()
-        .map(|d| d.policy.clone())
-        .unwrap_or_default();
+    let policy = Policy {
+        firewall,
+        icc_off: docker.as_ref().and_then(|d| d.icc_off()),
+    };
     let inputs = reconcile::Inputs {
         policy: &policy,
         docker: docker.as_ref(),
@@ -207,6 +229,7 @@ async fn reconcile(
             return Ok(Step::Continue);
         }
     };
+    log_policy(&pass.plan, policy_said);
     match pass.changes {
         Ok(changes) => {
             metrics.reconciled(started.elapsed());
@@ -242,4 +265,23 @@ async fn reconcile(
         _ => {}
     }
     Ok(Step::Continue)
+}
+
+/// Says what the policy holds back of east-west traffic, when that changed since it last
+/// said (`said`).
+fn log_policy(plan: &crate::plan::Plan, said: &mut Option<String>) {
+    let east_west = &plan.east_west;
+    let summary = format!("{:?} {:?}", east_west.off, east_west.held);
+    if said.replace(summary.clone()).as_deref() == Some(summary.as_str()) {
+        return;
+    }
+    match &east_west.off {
+        Some(reason) => info!("east-west traffic takes the bridge: {reason}"),
+        None if east_west.held.is_empty() => info!("east-west traffic is accelerated"),
+        None => {
+            for (packets, reason) in &east_west.held {
+                info!("east-west {packets} takes the bridge: {reason}");
+            }
+        }
+    }
 }

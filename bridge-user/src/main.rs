@@ -219,10 +219,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let docker = xbr::docker::find(docker, &bridge)?;
             let docker_state = docker.as_ref().map(|d| d.observe_blocking()).transpose()?;
-            let policy = docker_state
-                .as_ref()
-                .map(|d| d.policy.clone())
-                .unwrap_or_default();
+            let policy = plan::Policy {
+                firewall: xbr::policy::read(),
+                icc_off: docker_state.as_ref().and_then(|d| d.icc_off()),
+            };
             let inputs = reconcile::Inputs {
                 policy: &policy,
                 docker: docker_state.as_ref(),
@@ -281,15 +281,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let view = netlink::run(|handle| async move {
                 observe::bridge(&handle, &name, observe::Detail::Addresses).await
             })??;
-            let plan = plan::plan(&view)?;
+            let policy = plan::Policy {
+                firewall: xbr::policy::read(),
+                icc_off: None,
+            };
+            let plan = plan::plan_with(&view, &policy)?;
             pinned.publish(
                 &spec,
                 plan.containers.as_ref().expect("addresses were read"),
                 plan.bridge_mac,
             )?;
+            let applied = pinned.apply_published_policy(&plan)?;
             report::published(
                 &bridge,
                 &spec,
+                applied.policies.get(&spec.key()),
                 pinned.uplink_ifindexes().is_empty(),
                 output.json,
             )
@@ -321,7 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and
 /// what is not accelerated); `None` when the bridge is gone. `with_docker`: also what Docker
-/// and the firewall say about it, where a Docker network owns it.
+/// (where a Docker network owns it) and the firewall say about it.
 fn read_attachments(
     root: &std::path::Path,
     only: Option<&str>,
@@ -331,6 +337,7 @@ fn read_attachments(
         Some(name) => vec![name.to_owned()],
         None => pins::attached_bridges(root)?,
     };
+    let firewall = with_docker.then(xbr::policy::read);
     let mut attachments = Vec::new();
     for name in names {
         let attachment = datapath::read(root, &name)?;
@@ -339,7 +346,23 @@ fn read_attachments(
             observe::bridge(&handle, &name, observe::Detail::Addresses).await
         })?
         .ok();
-        attachments.push((attachment, view, docker));
+        // What the rules say now, to set beside what the datapath does.
+        let plan = match (&view, &firewall) {
+            (Some(view), Some(firewall)) => {
+                let policy = plan::Policy {
+                    firewall: firewall.clone(),
+                    icc_off: docker.as_ref().and_then(|d| d.icc_off()),
+                };
+                plan::plan_with(view, &policy).ok()
+            }
+            _ => None,
+        };
+        attachments.push(report::Observed {
+            attachment,
+            view,
+            docker,
+            plan,
+        });
     }
     Ok(attachments)
 }

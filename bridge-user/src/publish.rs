@@ -130,6 +130,8 @@ pub struct Published {
     pub spec: PublishSpec,
     /// The container's bridge port, when a container has the address now.
     pub port_ifindex: Option<u32>,
+    /// What the datapath does with it: `PublishedPort::HELD`, `CLIENT_HOLDS` (and `BY_DOCKER`).
+    pub flags: u8,
 }
 
 impl Pinned {
@@ -163,7 +165,8 @@ impl Pinned {
         let value = PublishedPort {
             container_ip: spec.container_ip.octets(),
             container_port: spec.container_port.to_be_bytes(),
-            flags: 0,
+            // Held until the policy has been asked (`apply_published_policy`).
+            flags: PublishedPort::HELD,
             _pad: 0,
             ifindex,
             container_mac,
@@ -230,6 +233,7 @@ impl Pinned {
                 Some(Published {
                     spec: PublishSpec::from_entry(&key, &value)?,
                     port_ifindex: (value.ifindex != 0).then_some(value.ifindex),
+                    flags: value.flags,
                 })
             })
             .collect();

@@ -73,6 +73,11 @@ pub fn once(pinned: &mut Pinned, inputs: &Inputs) -> Result<Outcome> {
     let docker = inputs
         .docker
         .map(|state| docker::apply(pinned, state, &plan, inputs.mirror_docker));
+    // After Docker's sync, so that ports it just published are decided too.
+    let changes = changes.and_then(|mut changes| {
+        changes.connections_held = pinned.apply_published_policy(&plan)?.connections_ended;
+        Ok(changes)
+    });
     Ok(Outcome::Reconciled(Box::new(Pass {
         plan,
         changes,
@@ -122,18 +127,18 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
         options.features,
         options.root,
     )?;
+    let mut pinned = Pinned::open(options.root, &plan.bridge)?;
     let docker = match inputs.docker {
-        Some(state) => {
-            let mut pinned = Pinned::open(options.root, &plan.bridge)?;
-            Some(docker::apply(
-                &mut pinned,
-                state,
-                &plan,
-                inputs.mirror_docker,
-            )?)
-        }
+        Some(state) => Some(docker::apply(
+            &mut pinned,
+            state,
+            &plan,
+            inputs.mirror_docker,
+        )?),
         None => None,
     };
+    // The uplinks are hooked now: published ports can be decided.
+    pinned.apply_published_policy(&plan)?;
     Ok(Attach {
         plan,
         attached,

@@ -2,19 +2,27 @@
 
 use std::collections::BTreeMap;
 
-use bridge_common::{AttachMode, EndpointKey, PortStats};
+use bridge_common::{AttachMode, EndpointKey, PortStats, PublishedPort};
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
     docker::{DockerState, Synced},
     features::Features,
     observe::{BridgeView, format_mac},
-    plan::{Plan, Policy, plan},
+    plan::{Plan, PublishedPolicy},
     publish::{PublishSpec, Published},
 };
 
-/// An attachment, its bridge now (`None`: gone), and Docker's view of it (where Docker owns it).
-pub type Observed = (Attachment, Option<BridgeView>, Option<DockerState>);
+/// An attachment as read back from its pins, and what is true now beside it.
+pub struct Observed {
+    pub attachment: Attachment,
+    /// The bridge now; `None`: gone.
+    pub view: Option<BridgeView>,
+    /// Docker's view of it, where Docker owns it.
+    pub docker: Option<DockerState>,
+    /// What xbr would plan for it now, under the ruleset as it is now.
+    pub plan: Option<Plan>,
+}
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -29,20 +37,56 @@ fn redirect_name(redirect_peer: bool) -> &'static str {
     }
 }
 
-/// The traffic classes a policy keeps on the kernel path, as (class, reason).
-fn held_back(policy: &Policy) -> Vec<(&'static str, &str)> {
-    let mut held = Vec::new();
-    if let Some(reason) = &policy.east_west {
-        held.push(("east-west traffic", reason.as_str()));
+/// The east-west traffic the plan's policy keeps on the kernel path, as (class, reason).
+fn east_west_held(plan: &Plan) -> Vec<(String, &str)> {
+    match &plan.east_west.off {
+        Some(reason) => vec![("east-west traffic".to_owned(), reason.as_str())],
+        None => plan
+            .east_west
+            .held
+            .iter()
+            .map(|(packets, reason)| (format!("east-west {packets}"), reason.as_str()))
+            .collect(),
     }
-    if let Some(reason) = &policy.published {
-        held.push(("Docker's published ports", reason.as_str()));
-    }
-    held
 }
 
-fn policy_json(policy: &Policy) -> Value {
-    json!({ "east_west": policy.east_west, "published": policy.published })
+/// A published port's policy as (class, reason) lines.
+fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, String)> {
+    if let Some(reason) = &policy.held {
+        return vec![(format!("published {spec}"), reason.clone())];
+    }
+    policy
+        .clients
+        .iter()
+        .map(|(client, reason)| {
+            let address = match client.shape & bridge_common::ClientHoldKey::ADDRESS {
+                0 => "*".to_owned(),
+                _ => std::net::Ipv4Addr::from(client.client_ip).to_string(),
+            };
+            let port = match client.shape & bridge_common::ClientHoldKey::PORT {
+                0 => "*".to_owned(),
+                _ => u16::from_be_bytes(client.client_port).to_string(),
+            };
+            (
+                format!("published {spec} for clients {address}:{port}"),
+                reason.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The policy's east-west hold-backs: `east_west` when none may take the fast path, else
+/// each held class.
+fn east_west_json(plan: &Plan) -> Value {
+    json!({
+        "east_west": plan.east_west.off,
+        "east_west_held": plan
+            .east_west
+            .held
+            .iter()
+            .map(|(packets, reason)| json!({ "packets": packets, "reason": reason }))
+            .collect::<Vec<_>>(),
+    })
 }
 
 fn docker_json(state: &DockerState) -> Value {
@@ -52,7 +96,6 @@ fn docker_json(state: &DockerState) -> Value {
         "enable_icc": state.network.icc,
         "published": state.ports.specs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "left_to_docker": state.ports.skipped,
-        "policy": policy_json(&state.policy),
     })
 }
 
@@ -76,7 +119,7 @@ pub fn attached(
             value
         });
         return print_json(&json!({
-            "policy": policy_json(&plan.policy),
+            "policy": east_west_json(plan),
             "docker": docker,
             "bridge": plan.bridge,
             "created": attached.created,
@@ -106,21 +149,21 @@ pub fn attached(
     for skipped in &plan.skipped {
         println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
     }
-    for (class, reason) in held_back(&plan.policy) {
+    for (class, reason) in east_west_held(plan) {
         println!("  not accelerated: {class}: {reason}");
     }
     if let Some((state, synced)) = &docker {
         let bindings = state.ports.specs.len();
         let mirrored = match (bindings, synced.mirrored) {
             (0, _) => "none".to_owned(),
-            _ if plan.policy.published.is_some() => {
-                format!("{bindings}, left to Docker while the firewall holds them back")
-            }
             (_, 0) => format!(
                 "{bindings}, left to Docker: they are mirrored with --follow only, which keeps \
                  them in step with containers"
             ),
-            (_, mirrored) => format!("{bindings}, {mirrored} of them accelerated"),
+            (_, mirrored) => format!(
+                "{bindings}, {mirrored} of them in the datapath (`xbr status` says which the \
+                 firewall holds back)"
+            ),
         };
         println!(
             "  Docker network {}: published ports: {mirrored}",
@@ -142,15 +185,26 @@ pub fn attached(
 pub fn published(
     bridge: &str,
     spec: &PublishSpec,
+    policy: Option<&PublishedPolicy>,
     no_uplink: bool,
     as_json: bool,
 ) -> anyhow::Result<()> {
+    let held = policy.map(|p| published_held(spec, p)).unwrap_or_default();
     if as_json {
-        return print_json(
-            &json!({ "bridge": bridge, "published": spec.to_string(), "uplinks": !no_uplink }),
-        );
+        return print_json(&json!({
+            "bridge": bridge,
+            "published": spec.to_string(),
+            "uplinks": !no_uplink,
+            "not_accelerated": held
+                .iter()
+                .map(|(class, reason)| json!({ "class": class, "reason": reason }))
+                .collect::<Vec<_>>(),
+        }));
     }
     println!("published {spec} on {bridge}");
+    for (class, reason) in &held {
+        println!("  not accelerated: {class}: {reason}");
+    }
     if no_uplink {
         println!(
             "  warning: {bridge} has no uplink, so no outside connection reaches this port through xbr; \
@@ -242,6 +296,54 @@ fn port_lines(attachment: &Attachment, view: Option<&BridgeView>) -> Vec<PortLin
         .collect()
 }
 
+/// Each published port with what the policy says about it now (when it could be asked).
+fn published_policies(observed: &Observed) -> Vec<(&Published, Option<PublishedPolicy>)> {
+    let uplinks: Vec<String> = observed
+        .attachment
+        .uplinks
+        .iter()
+        .map(|i| link_name(*i))
+        .collect();
+    observed
+        .attachment
+        .published
+        .iter()
+        .map(|published| {
+            let policy = observed.plan.as_ref().map(|plan| {
+                let spec = &published.spec;
+                let value = PublishedPort {
+                    container_ip: spec.container_ip.octets(),
+                    container_port: spec.container_port.to_be_bytes(),
+                    ifindex: published.port_ifindex.unwrap_or(0),
+                    ..PublishedPort::default()
+                };
+                plan.published_policy(&spec.key(), &value, &uplinks)
+            });
+            (published, policy)
+        })
+        .collect()
+}
+
+/// Whether the pinned datapath does what the plan (under the ruleset now) says: without a
+/// follower, a rule added since the last attach is not applied yet.
+fn up_to_date(observed: &Observed) -> bool {
+    let Some(plan) = &observed.plan else {
+        return true;
+    };
+    let attachment = &observed.attachment;
+    let holds_match = plan.east_west.holds.keys().eq(attachment.holds.iter());
+    let endpoints_match = plan.endpoints.keys().eq(attachment.endpoints.keys());
+    let published_match = published_policies(observed)
+        .iter()
+        .all(|(published, policy)| {
+            policy.as_ref().is_none_or(|policy| {
+                published.flags & (PublishedPort::HELD | PublishedPort::CLIENT_HOLDS)
+                    == policy.flags()
+            })
+        });
+    holds_match && endpoints_match && published_match
+}
+
 pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> anyhow::Result<()> {
     let kernel = json!({
         "release": features.kernel,
@@ -252,7 +354,13 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
     if as_json {
         let bridges: Vec<Value> = attachments
             .iter()
-            .map(|(attachment, view, docker)| {
+            .map(|observed| {
+                let Observed {
+                    attachment,
+                    view,
+                    docker,
+                    plan,
+                } = observed;
                 let ports: Vec<Value> = port_lines(attachment, view.as_ref())
                     .into_iter()
                     .map(|line| {
@@ -265,10 +373,22 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                         })
                     })
                     .collect();
-                let published: Vec<Value> = attachment
-                    .published
+                let published: Vec<Value> = published_policies(observed)
                     .iter()
-                    .map(|p| json!({ "spec": p.spec.to_string(), "container_port_ifindex": p.port_ifindex }))
+                    .map(|(p, policy)| {
+                        json!({
+                            "spec": p.spec.to_string(),
+                            "container_port_ifindex": p.port_ifindex,
+                            "held": p.flags & PublishedPort::HELD != 0,
+                            "clients_held": p.flags & PublishedPort::CLIENT_HOLDS != 0,
+                            "not_accelerated": policy.as_ref().map(|policy| {
+                                published_held(&p.spec, policy)
+                                    .into_iter()
+                                    .map(|(class, reason)| json!({ "class": class, "reason": reason }))
+                                    .collect::<Vec<_>>()
+                            }),
+                        })
+                    })
                     .collect();
                 json!({
                     "published": published,
@@ -287,8 +407,16 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                     "redirect": redirect_name(attachment.record.redirect_peer != 0),
                     "pins": attachment.dir,
                     "ports": ports,
-                    "not_accelerated": view.as_ref().and_then(|v| plan(v).ok()).map(|p| skipped_json(&p)),
-                    "policy": policy_json(&docker.as_ref().map(|d| d.policy.clone()).unwrap_or_default()),
+                    "not_accelerated": plan.as_ref().map(skipped_json),
+                    "policy": plan.as_ref().map(|plan| {
+                        let mut policy = east_west_json(plan);
+                        policy["ruleset"] = match &plan.policy.firewall {
+                            Ok(_) => json!("read"),
+                            Err(why) => json!(format!("unreadable: {why}")),
+                        };
+                        policy["applied"] = json!(up_to_date(observed));
+                        policy
+                    }),
                     "docker": docker.as_ref().map(docker_json),
                 })
             })
@@ -308,7 +436,13 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
             "no bridge attached in this network namespace; attach one with `xbr attach BRIDGE`"
         );
     }
-    for (attachment, view, docker) in attachments {
+    for observed in attachments {
+        let Observed {
+            attachment,
+            view,
+            docker,
+            plan,
+        } = observed;
         println!();
         println!(
             "bridge {}  mode {}  {}  pins {}{}",
@@ -354,16 +488,45 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
             },
             attachment.connections
         );
-        for Published { spec, port_ifindex } in &attachment.published {
+        let published = published_policies(observed);
+        for (
+            Published {
+                spec,
+                port_ifindex,
+                flags,
+            },
+            _,
+        ) in &published
+        {
             let target = match port_ifindex {
+                Some(_) if flags & PublishedPort::HELD != 0 => "held back: kernel path".to_owned(),
                 Some(ifindex) => format!("via {}", link_name(*ifindex)),
                 None => "container not on the bridge now: kernel path".to_owned(),
             };
             println!("  published {spec}  ({target})");
         }
-        if let Some(plan) = view.as_ref().and_then(|v| plan(v).ok()) {
+        if let Some(plan) = plan {
             for skipped in &plan.skipped {
                 println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
+            }
+            for (class, reason) in east_west_held(plan) {
+                println!("  not accelerated: {class}: {reason}");
+            }
+            for (published, policy) in &published {
+                for (class, reason) in policy
+                    .iter()
+                    .flat_map(|policy| published_held(&published.spec, policy))
+                {
+                    println!("  not accelerated: {class}: {reason}");
+                }
+            }
+            if !up_to_date(observed) {
+                println!(
+                    "  warning: the datapath does not do this yet (a rule or container changed \
+                     since it was last brought up to date); run `xbr attach {}` (or keep \
+                     `xbr attach {} --follow` running)",
+                    attachment.bridge, attachment.bridge
+                );
             }
         }
         if let Some(docker) = docker {
@@ -371,18 +534,6 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                 "  Docker network {} (enable_icc {})",
                 docker.network.name, docker.network.icc
             );
-            for (class, reason) in held_back(&docker.policy) {
-                println!("  not accelerated: {class}: {reason}");
-            }
-            // What the firewall says now, against what the pins do: without a follower, a
-            // change since the last attach is not applied yet.
-            if docker.policy.east_west.is_some() && !attachment.endpoints.is_empty() {
-                println!(
-                    "  warning: east-west traffic is still accelerated; run `xbr attach {}` (or keep \
-                     `xbr attach {} --follow` running) to apply this",
-                    attachment.bridge, attachment.bridge
-                );
-            }
             // Docker binds every port on [::] too: say how many, not each.
             let (ipv6, other): (Vec<&String>, Vec<&String>) = docker
                 .ports
@@ -405,7 +556,10 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
 
 pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
     let mut endpoints = Vec::new();
-    for (attachment, view, _) in attachments {
+    for Observed {
+        attachment, view, ..
+    } in attachments
+    {
         for line in port_lines(attachment, view.as_ref()) {
             let stats = attachment
                 .stats
@@ -443,7 +597,7 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
             .collect();
         let verdicts: Vec<Value> = attachments
             .iter()
-            .map(|(attachment, _, _)| {
+            .map(|Observed { attachment, .. }| {
                 let mut counts = serde_json::Map::new();
                 counts.insert("bridge".to_owned(), json!(attachment.bridge));
                 for (verdict, count) in &attachment.verdicts {
@@ -470,7 +624,7 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
             stats.delivered_packets
         );
     }
-    for (attachment, _, _) in attachments {
+    for Observed { attachment, .. } in attachments {
         let verdicts: Vec<String> = attachment
             .verdicts
             .iter()

@@ -15,6 +15,7 @@
 //!   directions and the bridge family's hooks.
 
 mod eval;
+mod events;
 pub mod model;
 mod nft;
 mod read;
@@ -24,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 pub use eval::{Hold, Pattern, Translation, Why};
 use eval::{Packets, Traversal, holds};
+pub use events::RulesetChanges;
 use model::{ConntrackState, Family, Hook, Layer3};
 pub use read::{Firewall, read};
 
@@ -59,11 +61,56 @@ pub struct Published<'a> {
     pub container_port: u16,
 }
 
-/// The first rule that holds connections to `published` back, if one does.
-pub fn published(firewall: &Firewall, published: &Published) -> Option<Hold> {
-    published_traversals(published)
-        .iter()
-        .find_map(|traversal| holds(&firewall.ruleset, traversal).into_iter().next())
+/// A client of a published port, as a hold-back names it; `None` fields: any.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Client {
+    pub address: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+}
+
+/// What the policy holds back of a published port's connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishedHolds {
+    /// A rule that could touch every connection (the first found).
+    pub whole: Option<Hold>,
+    /// Rules that could touch the connections of some clients only.
+    pub clients: Vec<(Client, Hold)>,
+}
+
+/// Which end of a published port's connection is the client in a traversal's packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientIs {
+    /// Requests: client to container.
+    Source,
+    /// Replies: container to client.
+    Destination,
+}
+
+/// Every hold-back for the connections to `published`.
+pub fn published(firewall: &Firewall, published: &Published) -> PublishedHolds {
+    let mut found = PublishedHolds::default();
+    for (client_is, traversal) in published_traversals(published) {
+        for hold in holds(&firewall.ruleset, &traversal) {
+            for pattern in &hold.patterns {
+                let (address, port) = match client_is {
+                    ClientIs::Source => (pattern.source, pattern.source_port),
+                    ClientIs::Destination => (pattern.destination, pattern.destination_port),
+                };
+                let address = match address {
+                    Some(IpAddr::V4(address)) => Some(address),
+                    // An IPv6 client is never one of an IPv4 published port.
+                    Some(IpAddr::V6(_)) => continue,
+                    None => None,
+                };
+                if address.is_none() && port.is_none() {
+                    found.whole.get_or_insert_with(|| hold.clone());
+                } else {
+                    found.clients.push((Client { address, port }, hold.clone()));
+                }
+            }
+        }
+    }
+    found
 }
 
 fn names(names: &[&str]) -> Option<Vec<String>> {
@@ -220,7 +267,7 @@ fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
 
 /// The hooks a published port's connections pass on the kernel path (Docker's `-p`: DNAT in
 /// prerouting, forwarded into the bridge; replies back out of an uplink).
-fn published_traversals(published: &Published) -> Vec<Traversal> {
+fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
     let uplinks = Some(published.uplinks.to_vec());
     let port = names(&[published.port_name.unwrap_or("")]);
     let bridge = names(&[published.bridge]);
@@ -269,7 +316,7 @@ fn published_traversals(published: &Published) -> Vec<Traversal> {
         own_dnat: None,
     };
     let ip = [Family::Ip, Family::Inet];
-    vec![
+    let requests = vec![
         Traversal {
             devices: uplinks.clone(),
             ..at(Hook::Ingress, &[Family::Netdev], request.clone(), true)
@@ -322,8 +369,10 @@ fn published_traversals(published: &Published) -> Vec<Traversal> {
                 true,
             )
         },
-        // The container's replies: its port's netdev ingress, the bridge family's
-        // prerouting and input (they are for the bridge's MAC), then routed out.
+    ];
+    // The container's replies: its port's netdev ingress, the bridge family's prerouting and
+    // input (they are for the bridge's MAC), then routed out.
+    let replies = vec![
         Traversal {
             devices: port.clone(),
             ..at(
@@ -384,7 +433,10 @@ fn published_traversals(published: &Published) -> Vec<Traversal> {
             },
             false,
         ),
-    ]
+    ];
+    let requests = requests.into_iter().map(|t| (ClientIs::Source, t));
+    let replies = replies.into_iter().map(|t| (ClientIs::Destination, t));
+    requests.chain(replies).collect()
 }
 
 impl std::fmt::Display for Hold {

@@ -107,6 +107,27 @@ fn run(tool: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// What the ruleset's readers see that sends no nftables event: the legacy xtables rules
+/// (where legacy tables are in use) and br_netfilter's switches. Compared, not parsed.
+pub(super) fn unevented_state() -> String {
+    let mut state = format!(
+        "{} {}",
+        switch_on(BRIDGE_NF_CALL_IPTABLES),
+        switch_on(BRIDGE_NF_CALL_IP6TABLES)
+    );
+    for (names, tool) in [
+        (LEGACY_IPV4_TABLES, "iptables-legacy-save"),
+        (LEGACY_IPV6_TABLES, "ip6tables-legacy-save"),
+    ] {
+        if legacy_in_use(names) {
+            // iptables-save stamps its output with the time: leave those comment lines out.
+            let save = run(tool, &[]).unwrap_or_else(|why| why);
+            state.extend(save.lines().filter(|line| !line.starts_with('#')));
+        }
+    }
+    state
+}
+
 fn legacy_in_use(names: &str) -> bool {
     std::fs::read_to_string(names).is_ok_and(|names| !names.trim().is_empty())
 }

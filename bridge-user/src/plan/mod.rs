@@ -1,7 +1,11 @@
 //! Plan: from an observed bridge to the datapath state xbr wants for it. A pure function,
 //! so every rule about what may take the fast path is unit-tested without root.
 
+mod policy;
+
 use std::collections::BTreeMap;
+
+pub use policy::{EastWest, Policy, PublishedPlace, PublishedPolicy, hold_keys, hold_shapes};
 
 use bridge_common::{Endpoint, EndpointKey};
 
@@ -29,19 +33,10 @@ pub struct Plan {
     pub containers: Option<BTreeMap<std::net::Ipv4Addr, (u32, [u8; 6])>>,
     /// The bridge's MAC: the source MAC of frames NAT delivers into a container.
     pub bridge_mac: [u8; 6],
-    /// Traffic classes the kernel path's own rules keep off the fast path.
+    /// East-west frames the kernel path's own rules keep off the fast path.
+    pub east_west: EastWest,
+    /// What the rules say, kept to decide for each published port (`published_policy`).
     pub policy: Policy,
-}
-
-/// Traffic classes that must take the kernel path, each with the reason (Docker's
-/// `enable_icc=false`, a DOCKER-USER rule, ...): xbr never delivers what the kernel path would
-/// drop. Empty (the default): everything the datapath understands is accelerated.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
-    /// Container to container on the bridge: no endpoints, every frame takes the bridge.
-    pub east_west: Option<String>,
-    /// Connections from outside to published ports (those the Docker sync mirrors).
-    pub published: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,8 +55,8 @@ pub fn plan(view: &BridgeView) -> Result<Plan> {
     plan_with(view, &Policy::default())
 }
 
-/// `plan` under `policy`: with east-west traffic kept on the bridge, the ports still get the
-/// program (it translates replies of published ports) and containers are still found for
+/// `plan` under `policy`: with all east-west traffic kept on the bridge, the ports still get
+/// the program (it translates replies of published ports) and containers are still found for
 /// published ports, but no MAC becomes an endpoint.
 pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
     if view.vlan_filtering {
@@ -153,7 +148,9 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
         .iter()
         .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
         .collect();
-    if policy.east_west.is_some() {
+    let port_names: Vec<String> = ports.iter().map(|port| port.name.clone()).collect();
+    let east_west = policy::east_west(policy, &view.name, &port_names);
+    if east_west.off.is_some() {
         endpoints.clear();
     }
     Ok(Plan {
@@ -165,8 +162,36 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
         skipped,
         containers,
         bridge_mac: view.mac,
+        east_west,
         policy: policy.clone(),
     })
+}
+
+impl Plan {
+    /// What the policy says about published port `key` -> `value`, whose clients come in on
+    /// `uplinks`.
+    pub fn published_policy(
+        &self,
+        key: &bridge_common::PublishedKey,
+        value: &bridge_common::PublishedPort,
+        uplinks: &[String],
+    ) -> PublishedPolicy {
+        let port_name = self
+            .ports
+            .iter()
+            .find(|port| port.ifindex == value.ifindex)
+            .map(|port| port.name.as_str());
+        policy::published(
+            &self.policy,
+            key,
+            value,
+            &PublishedPlace {
+                bridge: &self.bridge,
+                port_name,
+                uplinks,
+            },
+        )
+    }
 }
 
 fn is_unicast_mac(mac: &[u8; 6]) -> bool {
@@ -289,10 +314,11 @@ mod tests {
         let mut view = bridge(vec![a, veth("veth-b", 11, MAC_B)]);
         view.addresses_read = true;
         let policy = Policy {
-            east_west: Some("enable_icc=false".to_owned()),
-            published: None,
+            icc_off: Some("enable_icc=false".to_owned()),
+            ..Policy::default()
         };
         let plan = plan_with(&view, &policy).unwrap();
+        assert_eq!(plan.east_west.off.as_deref(), Some("enable_icc=false"));
         assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
         assert_eq!(
             plan.ports.len(),

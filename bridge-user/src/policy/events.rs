@@ -1,0 +1,182 @@
+//! Hearing the ruleset change, so a follower re-reads it within a second: nftables' multicast
+//! group (every change made with nft, iptables-nft, firewalld or Docker is a message there),
+//! and a once-a-second look at what sends no event: the legacy xtables rules and
+//! br_netfilter's switches.
+
+use std::{
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use tracing::warn;
+
+use super::read;
+
+/// Changes closer together than this are one change.
+const QUIET: Duration = Duration::from_millis(20);
+/// ...but a storm of them does not postpone it longer than this.
+const MAX_DELAY: Duration = Duration::from_millis(200);
+/// How often what sends no event is looked at.
+const POLL: Duration = Duration::from_secs(1);
+
+pub struct RulesetChanges {
+    nftables: Option<NftablesEvents>,
+    poll: tokio::time::Interval,
+    /// What the last poll saw of the unevented state.
+    unevented: String,
+}
+
+impl RulesetChanges {
+    /// Starts listening in the calling thread's network namespace.
+    pub fn open() -> RulesetChanges {
+        let nftables = match NftablesEvents::open() {
+            Ok(events) => Some(events),
+            Err(error) => {
+                warn!(%error, "cannot hear nftables changes; the ruleset is re-read at each resync");
+                None
+            }
+        };
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        RulesetChanges {
+            nftables,
+            poll,
+            unevented: read::unevented_state(),
+        }
+    }
+
+    /// Waits until the ruleset (or a switch that decides which hooks apply) may have changed.
+    pub async fn changed(&mut self) {
+        loop {
+            let nftables = async {
+                match self.nftables.as_ref() {
+                    Some(events) => events.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = nftables => {
+                    if let Err(error) = result {
+                        warn!(%error, "nftables change events failed; the ruleset is re-read each second");
+                        self.nftables = None;
+                    }
+                    return;
+                }
+                _ = self.poll.tick() => {
+                    let now = read::unevented_state();
+                    if now != self.unevented {
+                        self.unevented = now;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A netlink socket on the nftables multicast group: one message per ruleset change.
+struct NftablesEvents {
+    socket: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl NftablesEvents {
+    fn open() -> std::io::Result<NftablesEvents> {
+        // SAFETY: plain socket(2); the result is checked and owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is a valid value (pid 0: the kernel assigns one).
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: the address and its length describe the struct above.
+        let rc = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&address as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let group: libc::c_int = libc::NFNLGRP_NFTABLES;
+        // SAFETY: the option value and its length describe `group`.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_ADD_MEMBERSHIP,
+                (&group as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the AsyncFd owns the socket, so the descriptor stays open while registered.
+        let socket = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE)
+        }?;
+        Ok(NftablesEvents { socket })
+    }
+
+    /// Waits for a ruleset change, then for the burst it belongs to (iptables writes a rule as
+    /// a batch of messages, Docker a dozen rules per container) to settle.
+    async fn changed(&self) -> std::io::Result<()> {
+        self.drain_one().await?;
+        let first = tokio::time::Instant::now();
+        while first.elapsed() < MAX_DELAY {
+            match tokio::time::timeout(QUIET, self.drain_one()).await {
+                Ok(result) => result?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until messages arrived, and reads all there are.
+    async fn drain_one(&self) -> std::io::Result<()> {
+        loop {
+            let mut ready = self.socket.readable().await?;
+            let mut got = false;
+            let mut buffer = [0u8; 16 * 1024];
+            loop {
+                // SAFETY: the buffer and its length describe writable memory we own.
+                let n = unsafe {
+                    libc::recv(
+                        self.socket.as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n > 0 {
+                    got = true;
+                    continue;
+                }
+                let error = std::io::Error::last_os_error();
+                match error.raw_os_error() {
+                    _ if n == 0 => break,
+                    Some(libc::EAGAIN) => break,
+                    // The socket overflowed: changes were missed, which is a change too.
+                    Some(libc::ENOBUFS) => got = true,
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(error),
+                }
+            }
+            ready.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
