@@ -841,6 +841,46 @@ impl Drop for InsertedRule {
     }
 }
 
+/// A native nftables table in this namespace, deleted on drop.
+pub struct NftTable {
+    family_and_name: String,
+}
+
+impl NftTable {
+    /// The test process's table name, so parallel runs never share one.
+    pub fn name() -> String {
+        format!("xbr_test_{}", std::process::id())
+    }
+
+    /// Loads `ruleset` (one `table FAMILY NAME { ... }`) with `nft -f -`.
+    pub fn add(ruleset: &str) -> NftTable {
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        use std::io::Write as _;
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft -f: {ruleset}");
+        let header = ruleset.split('{').next().unwrap().trim();
+        NftTable {
+            family_and_name: header.trim_start_matches("table").trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let mut args = vec!["delete", "table"];
+        args.extend(self.family_and_name.split_whitespace());
+        quietly("nft", &args);
+    }
+}
+
 /// `xbr --pin-root ROOT attach BRIDGE --follow EXTRA...` against this Docker (DOCKER_HOST);
 /// killed by pid on drop if still running.
 pub fn docker_follower(

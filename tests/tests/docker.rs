@@ -2,7 +2,8 @@
 //! iptables setup, containers with `-p`, a client in an outside namespace behind a veth uplink.
 //! With `xbr attach --follow`, published ports and east-west traffic take the fast path (xbr's
 //! counters grow, Docker's DNAT and FORWARD counters stay flat); enable_icc=false, network
-//! isolation and DOCKER-USER rules block exactly what they block without xbr; `detach` gives
+//! isolation, DOCKER-USER rules and a native nftables table block exactly what they block
+//! without xbr, and only that falls back to the kernel path; `detach` gives
 //! the traffic back to Docker. Ends with requests/s and connections/s for xbr, iptables DNAT
 //! and docker-proxy. Skipped, with the reason printed, only where Docker cannot run.
 
@@ -15,9 +16,9 @@ use std::{
 use serde_json::Value;
 use xbr_tests::{
     docker_support::{
-        Dockerd, INDEX_HTML, InsertedRule, OUTSIDE_IP, Outside, Rate, TcpEcho, UPLINK_HOST_IP,
-        UdpEcho, connection_rate, dnat_packets, docker_follower, http_get, request_rate,
-        tcp_exchange, udp_exchange,
+        Dockerd, INDEX_HTML, InsertedRule, NftTable, OUTSIDE_IP, Outside, Rate, TcpEcho,
+        UPLINK_HOST_IP, UdpEcho, connection_rate, dnat_packets, docker_follower, http_get,
+        request_rate, tcp_exchange, udp_exchange,
     },
     witness::{Follower, xbr_binary},
 };
@@ -183,6 +184,14 @@ fn east_west_accept_packets(bridge: &str) -> u64 {
         .find(|f| f.len() > 6 && f[2] == "ACCEPT" && f[5] == bridge && f[6] == bridge)
         .and_then(|f| f[0].parse().ok())
         .unwrap_or_else(|| panic!("no FORWARD accept between the ports of {bridge}:\n{listing}"))
+}
+
+/// The `published` entry of `spec` in a bridge's status.
+fn published_entry<'a>(status: &'a Value, spec: &str) -> Option<&'a Value> {
+    status["published"]
+        .as_array()?
+        .iter()
+        .find(|p| p["spec"] == spec)
 }
 
 fn spec(host_port: u16, ip: Ipv4Addr, port: u16, proto: &str) -> String {
@@ -352,7 +361,17 @@ fn docker_host_end_to_end() {
     let status = xbr.bridge_status(&bridge);
     assert_eq!(status["docker"]["network"], "bridge", "{status:#}");
     assert_eq!(status["policy"]["east_west"], Value::Null, "{status:#}");
-    assert_eq!(status["policy"]["published"], Value::Null, "{status:#}");
+    assert_eq!(
+        status["policy"]["east_west_held"],
+        serde_json::json!([]),
+        "Docker's own rules hold nothing back: {status:#}"
+    );
+    assert!(
+        status["published"].as_array().is_some_and(|p| p
+            .iter()
+            .all(|p| p["held"] == false && p["clients_held"] == false)),
+        "{status:#}"
+    );
 
     // 3. Published ports through xbr: xbr's counter grows, Docker's DNAT counter does not.
     let (dnat_echo, dnat_http, nat_in) = (
@@ -463,15 +482,18 @@ fn docker_host_end_to_end() {
             "DROP",
         ];
         let _drop_published = InsertedRule::insert("DOCKER-USER", &uplink_rule);
+        let echo_spec = spec(ports.echo, a_ip, ECHO_PORT, "tcp");
         wait_for(
-            "published ports to fall back",
+            "the published port the rule drops to fall back",
             LONG,
             || {
                 let status = xbr.bridge_status(&bridge);
-                status["policy"]["published"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("DOCKER-USER"))
-                    && status["published"].as_array().is_some_and(Vec::is_empty)
+                published_entry(&status, &echo_spec).is_some_and(|p| {
+                    p["held"] == true
+                        && p["not_accelerated"][0]["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("DOCKER-USER"))
+                })
             },
             explain,
         );
@@ -479,14 +501,14 @@ fn docker_host_end_to_end() {
             tcp_exchange(out, published(ports.echo), &payload, SHORT).is_err(),
             "DOCKER-USER drops port 9000 from outside: so must xbr"
         );
-        let dnat_http = dnat_packets(ports.http);
+        let (dnat_http, nat_in) = (dnat_packets(ports.http), xbr.nat_in(&bridge));
         assert_eq!(
             http_get(out, published(ports.http)).expect("8080 is not dropped"),
             INDEX_HTML
         );
         assert!(
-            dnat_packets(ports.http) > dnat_http,
-            "with the class fallen back, Docker's DNAT serves the other ports"
+            xbr.nat_in(&bridge) > nat_in && dnat_packets(ports.http) == dnat_http,
+            "a port the rule cannot match stays on xbr's path"
         );
         let east_west_rule = [
             "-i",
@@ -504,24 +526,29 @@ fn docker_host_end_to_end() {
         ];
         let _drop_east_west = InsertedRule::insert("DOCKER-USER", &east_west_rule);
         wait_for(
-            "east-west to fall back",
+            "east-west to port 9002 to fall back",
             LONG,
             || {
                 let status = xbr.bridge_status(&bridge);
-                // The policy as read now, and the follower having applied it: no endpoints.
-                status["policy"]["east_west"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("DOCKER-USER"))
-                    && status["ports"]
-                        .as_array()
-                        .is_some_and(|ports| ports.iter().all(|p| p["endpoint_mac"].is_null()))
+                // The policy as read now, and the follower having applied it.
+                status["policy"]["east_west_held"]
+                    .as_array()
+                    .is_some_and(|held| {
+                        held.iter().any(|h| {
+                            h["packets"].as_str().is_some_and(|p| p.ends_with(":9002"))
+                                && h["reason"]
+                                    .as_str()
+                                    .is_some_and(|r| r.contains("DOCKER-USER"))
+                        })
+                    })
+                    && status["policy"]["applied"] == true
             },
             explain,
         );
         let status = xbr.ok(&["status", &bridge]);
         eprintln!("xbr status {bridge} with two DOCKER-USER rules:\n{status}");
         assert!(
-            status.contains("not accelerated: east-west traffic: DOCKER-USER rule")
+            status.contains("not accelerated: east-west tcp *:* -> *:9002: iptables `table ip filter` chain DOCKER-USER")
                 && !status.contains("warning"),
             "{status}"
         );
@@ -529,13 +556,44 @@ fn docker_host_end_to_end() {
             tcp_exchange(Some(&a.netns), at(b_ip, BLOCKED_PORT), &payload, SHORT).is_err(),
             "DOCKER-USER drops a->b port 9002: so must xbr"
         );
-        let forwarded = east_west_accepts();
+        let (forwarded, delivered) = (east_west_accepts(), xbr.delivered(&bridge));
         tcp_exchange(Some(&a.netns), at(b_ip, ECHO_PORT), &payload, LONG)
             .expect("a still reaches b on other ports");
         assert!(
-            east_west_accepts() > forwarded,
-            "east-west took the kernel path"
+            xbr.delivered(&bridge) > delivered && east_west_accepts() == forwarded,
+            "east-west to other ports stays on the fast path"
         );
+    }
+    // 6b. A native nftables table (as on a host whose firewall is nft): its drop of the UDP
+    //     port from outside holds back that published port only.
+    {
+        let udp_spec = spec(ports.udp, a_ip, UDP_PORT, "udp");
+        let _native = NftTable::add(&format!(
+            "table inet {} {{\n chain forward {{\n  type filter hook forward priority -5; policy accept;\n  \
+             iifname \"{}\" udp dport {UDP_PORT} drop\n }}\n}}\n",
+            NftTable::name(),
+            outside.uplink
+        ));
+        wait_for(
+            "the UDP port the native rule drops to fall back",
+            LONG,
+            || {
+                let status = xbr.bridge_status(&bridge);
+                published_entry(&status, &udp_spec).is_some_and(|p| p["held"] == true)
+            },
+            explain,
+        );
+        assert_eq!(
+            udp_exchange(out, published(ports.udp), 5),
+            0,
+            "the native rule drops UDP 9001 from outside: so must xbr"
+        );
+        let nat_in = xbr.nat_in(&bridge);
+        assert_eq!(
+            http_get(out, published(ports.http)).expect("8080 is not dropped"),
+            INDEX_HTML
+        );
+        assert!(xbr.nat_in(&bridge) > nat_in, "8080 stays on xbr's path");
     }
     wait_for(
         "the rules' removal to re-accelerate",
@@ -543,8 +601,12 @@ fn docker_host_end_to_end() {
         || {
             let status = xbr.bridge_status(&bridge);
             status["policy"]["east_west"].is_null()
-                && status["policy"]["published"].is_null()
-                && status["published"].as_array().is_some_and(|p| p.len() == 3)
+                && status["policy"]["east_west_held"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+                && status["published"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["held"] == false))
                 && status["ports"]
                     .as_array()
                     .is_some_and(|ports| ports.iter().all(|p| p["endpoint_mac"].is_string()))

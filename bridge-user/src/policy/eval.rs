@@ -66,6 +66,8 @@ pub struct Packets {
     pub conntrack: Field<ConntrackState>,
     pub dnat: Field<bool>,
     pub local_destination: Field<bool>,
+    /// Whether the source is one of the host's own addresses.
+    pub local_source: Field<bool>,
 }
 
 /// One hook that a traffic class passes on the kernel path.
@@ -378,6 +380,7 @@ pub fn matches(condition: &Condition, packets: &Packets) -> Tri {
         }
         Condition::ConntrackDnat(wanted) => test(&packets.dnat, |v| v == wanted),
         Condition::LocalDestination(wanted) => test(&packets.local_destination, |v| v == wanted),
+        Condition::LocalSource(wanted) => test(&packets.local_source, |v| v == wanted),
         Condition::Unknown(_) => Tri::Maybe,
     }
 }

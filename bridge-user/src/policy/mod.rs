@@ -132,6 +132,8 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
         // docs/DESIGN.md).
         conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
         dnat: any_of(&[false]),
+        // Containers send from their own addresses, not the host's (see docs/DESIGN.md).
+        local_source: any_of(&[false]),
         ..Packets::default()
     };
     let traversal = |hook, families: &[Family], packets: Packets| Traversal {
@@ -235,6 +237,7 @@ fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
                 in_interface: names(&[bridge.name]),
                 out_interface: names(&[""]),
                 conntrack: any_of(&[ConntrackState::New]),
+                local_source: any_of(&[false]),
                 ..Packets::default()
             },
             first_packets: true,
@@ -285,6 +288,8 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
         destination_port: any_of(&[published.host_port]),
         conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
         local_destination: any_of(&[true]),
+        // Martians: the kernel drops a packet from outside that claims a host address.
+        local_source: any_of(&[false]),
         ..Packets::default()
     };
     let translated = Packets {
@@ -305,6 +310,7 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
         source_port: any_of(&[published.container_port]),
         conntrack: any_of(&[ConntrackState::Established]),
         dnat: any_of(&[true]),
+        local_source: any_of(&[false]),
         ..Packets::default()
     };
     let at = |hook, families: &[Family], packets: Packets, first_packets| Traversal {

@@ -155,6 +155,8 @@ pub enum Condition {
     ConntrackDnat(bool),
     /// `fib daddr type local` / `-m addrtype --dst-type LOCAL` (`false`: negated).
     LocalDestination(bool),
+    /// `fib saddr type local` / `-m addrtype --src-type LOCAL` (`false`: negated).
+    LocalSource(bool),
     /// Anything else: it may match some packets of a class and not others.
     Unknown(String),
 }

@@ -352,10 +352,16 @@ fn condition(
         },
         NamedExpression::Fib(fib)
             if fib.result == FibResult::Type
-                && fib.flags.contains(&FibFlag::Daddr)
+                && fib.flags.len() == 1
                 && values == [Literal::Text("local".into())] =>
         {
-            Some(vec![Condition::LocalDestination(!negated)])
+            if fib.flags.contains(&FibFlag::Daddr) {
+                Some(vec![Condition::LocalDestination(!negated)])
+            } else if fib.flags.contains(&FibFlag::Saddr) {
+                Some(vec![Condition::LocalSource(!negated)])
+            } else {
+                None
+            }
         }
         _ => None,
     };
@@ -763,6 +769,9 @@ fn render(expression: &Expression<'static>) -> String {
             }
         }
         Expression::Named(NamedExpression::CT(ct)) => format!("ct {}", ct.key),
+        Expression::Named(NamedExpression::Fib(fib)) if fib.flags.contains(&FibFlag::Saddr) => {
+            "fib saddr type".into()
+        }
         Expression::Named(NamedExpression::Fib(_)) => "fib daddr type".into(),
         Expression::Verdict(v) => serde_json::to_value(v)
             .ok()

@@ -250,6 +250,7 @@ fn module_condition(
         ("addrtype", "--dst-type") if values == ["LOCAL"] => {
             Some(Condition::LocalDestination(!negated))
         }
+        ("addrtype", "--src-type") if values == ["LOCAL"] => Some(Condition::LocalSource(!negated)),
         ("physdev", "--physdev-in") => values
             .first()
             .map(|port| Condition::InBridgePort(name(port, negated))),
