@@ -28,6 +28,9 @@ mod report;
                   Published ports (`xbr publish`, or Docker's `-p` with --follow) are NATed in \
                   the datapath too: connections arriving on an uplink go straight into their \
                   container, replies straight back out.\n\n\
+                  Netfilter rules are honoured: traffic a rule on the skipped path could drop, \
+                  translate or mark stays on the kernel path (`xbr status` says which rule holds \
+                  what).\n\n\
                   The attachment is pinned on bpffs, so it outlives this process; `xbr detach` \
                   removes every trace of it.",
     after_help = "Examples:\n  \
@@ -92,11 +95,11 @@ enum Command {
         resync: u64,
         /// Mirror Docker when a Docker network owns BRIDGE (`auto`: when Docker's socket,
         /// DOCKER_HOST or /var/run/docker.sock, answers and one of its networks uses the
-        /// bridge). Then the network's enable_icc=false and the iptables rules on the
-        /// forwarding path (DOCKER-USER rules, FORWARD rules for the bridge) keep the traffic
-        /// they apply to on the kernel path, and `xbr status` says so; with --follow, the ports
-        /// Docker publishes (`docker run -p`) are published here too and follow containers
-        /// starting and stopping. `on` fails when Docker cannot be used; `off` never asks it.
+        /// bridge). Then the network's enable_icc=false keeps east-west traffic on the bridge,
+        /// `xbr status` names the network, and with --follow the ports Docker publishes
+        /// (`docker run -p`) are published here too and follow containers starting and
+        /// stopping. `on` fails when Docker cannot be used; `off` never asks it. (Firewall
+        /// rules, Docker's included, are honoured either way: see `xbr status`.)
         #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
         docker: xbr::docker::DockerChoice,
         #[command(flatten)]
