@@ -31,12 +31,22 @@ pub struct EndpointKey {
 
 /// Endpoints map value: where a frame for that MAC goes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// Host-side ifindex of the bridge port the MAC lives behind; the datapath redirects into
     /// that port's veth peer.
     pub ifindex: u32,
+    /// `Endpoint::CHECK_IPV4`.
     pub flags: u32,
+    /// The container's IPv4 address (all zero: none known).
+    pub ipv4: [u8; 4],
+}
+
+impl Endpoint {
+    /// Netfilter rules exist, and the policy decided assuming containers use their own IPv4
+    /// addresses: an IPv4 frame takes the fast path only from the sender's `ipv4` to the
+    /// receiver's. Others take the bridge, where the rules see them.
+    pub const CHECK_IPV4: u32 = 1;
 }
 
 /// Per-port counters (per CPU; userspace sums them), keyed by the port's host-side ifindex.

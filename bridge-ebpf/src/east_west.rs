@@ -111,10 +111,10 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     // Only frames from the container we learned on this port skip the bridge: a port the
     // bridge does not forward from has no endpoint, so its frames meet the bridge's rules.
     let source = EndpointKey { mac: eth.src_addr };
-    match unsafe { ENDPOINTS.get(&source) } {
-        Some(sender) if sender.ifindex == ingress_port => {}
+    let sender = match unsafe { ENDPOINTS.get(&source) } {
+        Some(sender) if sender.ifindex == ingress_port => sender,
         _ => return Decision::Pass(Verdict::UnknownSource),
-    }
+    };
     // The target port must still hold that MAC: endpoint and port records are written
     // separately, and either one being current is enough to stop a wrong delivery.
     match unsafe { PORTS.get(&endpoint.ifindex) } {
@@ -122,7 +122,10 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
         _ => return Decision::Pass(Verdict::StaleEndpoint),
     }
     // A netfilter rule on the bridge's path could touch it: the bridge takes it.
-    if policy::holds_back(ctx, ether_type == EtherType::Ipv4 as u16) {
+    let ipv4 = ether_type == EtherType::Ipv4 as u16;
+    if (ipv4 && !policy::addresses_are_theirs(ctx, sender, endpoint))
+        || policy::holds_back(ctx, ipv4)
+    {
         return Decision::Pass(Verdict::HeldByPolicy);
     }
     Decision::Redirect(endpoint.ifindex)

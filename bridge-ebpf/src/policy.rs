@@ -4,7 +4,7 @@
 //! use, and not at all when no rule touches east-west traffic.
 
 use aya_ebpf::programs::TcContext;
-use bridge_common::{HoldKey, IPPROTO_TCP, IPPROTO_UDP};
+use bridge_common::{Endpoint, HoldKey, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -14,6 +14,23 @@ use crate::{
     frame::ptr_at,
     maps::{HOLD_SCRATCH, HOLD_SHAPES, HOLDS},
 };
+
+/// Where the policy was decided for containers using their own IPv4 addresses
+/// (`Endpoint::CHECK_IPV4`): whether this IPv4 frame goes from the sender's address to the
+/// receiver's. A frame that does not take the bridge, where the rules see its real addresses.
+#[inline(always)]
+pub fn addresses_are_theirs(ctx: &TcContext, sender: &Endpoint, receiver: &Endpoint) -> bool {
+    if receiver.flags & Endpoint::CHECK_IPV4 == 0 {
+        return true;
+    }
+    match ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) {
+        Some(ip) => {
+            let ip = unsafe { &*ip };
+            ip.src_addr == sender.ipv4 && ip.dst_addr == receiver.ipv4
+        }
+        None => false,
+    }
+}
 
 /// Whether an IP frame (IPv4 when `ipv4`, else IPv6) must take the bridge for the policy.
 #[inline(always)]

@@ -26,9 +26,14 @@ pub struct Inputs<'a> {
 }
 
 /// How much to read about the containers: their addresses only when published ports (ours or
-/// Docker's) have to find them.
+/// Docker's) have to find them, or rules are to be honoured.
 fn detail(pinned: Option<&Pinned>, inputs: &Inputs) -> Detail {
-    if pinned.is_some_and(Pinned::has_published) || inputs.docker.is_some() {
+    // Rules are decided for containers that use their own addresses, which the datapath
+    // checks: it needs them too.
+    if pinned.is_some_and(Pinned::has_published)
+        || inputs.docker.is_some()
+        || inputs.policy.has_rules()
+    {
         Detail::Addresses
     } else {
         Detail::Macs

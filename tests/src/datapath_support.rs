@@ -67,7 +67,7 @@ impl Datapath {
                 EndpointKey { mac },
                 Endpoint {
                     ifindex: port,
-                    flags: 0,
+                    ..Endpoint::default()
                 },
                 0,
             )
@@ -88,6 +88,21 @@ impl Datapath {
             PerCpuHashMap::try_from(self.ebpf.map_mut("PORT_STATS").unwrap()).unwrap();
         let zeros = PerCpuValues::try_from(vec![PortStats::default(); nr_cpus().unwrap()]).unwrap();
         stats.insert(port, zeros, 0).unwrap();
+    }
+
+    /// Marks endpoint `mac` as the control plane does when rules exist: IPv4 frames take the
+    /// fast path only between containers' own addresses (`ipv4` is this one's).
+    pub fn check_ipv4(&mut self, mac: [u8; 6], ipv4: [u8; 4]) {
+        let mut endpoints: HashMap<_, EndpointKey, Endpoint> =
+            HashMap::try_from(self.ebpf.map_mut("ENDPOINTS").unwrap()).unwrap();
+        let key = EndpointKey { mac };
+        let endpoint = endpoints.get(&key, 0).unwrap();
+        let checked = Endpoint {
+            flags: endpoint.flags | Endpoint::CHECK_IPV4,
+            ipv4,
+            ..endpoint
+        };
+        endpoints.insert(key, checked, 0).unwrap();
     }
 
     pub fn publish(&mut self, key: PublishedKey, port: PublishedPort) {

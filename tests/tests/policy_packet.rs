@@ -233,6 +233,40 @@ fn ipv6_extension_headers_go_to_the_bridge_while_ipv6_holds_exist() {
     assert_eq!(run(&mut datapath, &tcp6(8000)), TC_ACT_REDIRECT);
 }
 
+fn udp4_between(source: [u8; 4], destination: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(source, destination, 64)
+        .udp(40000, 5201)
+        .write(&mut frame, b"policy")
+        .unwrap();
+    frame
+}
+
+#[rstest]
+#[case::their_own_addresses(udp4_between(IP_A, IP_B), TC_ACT_REDIRECT)]
+#[case::a_borrowed_source(udp4_between([10, 79, 0, 99], IP_B), TC_ACT_OK)]
+#[case::another_destination(udp4_between(IP_A, [10, 79, 0, 99]), TC_ACT_OK)]
+#[case::ipv6_is_not_checked(tcp6(80), TC_ACT_REDIRECT)]
+fn with_rules_ipv4_takes_the_fast_path_only_between_containers_own_addresses(
+    #[case] frame: Vec<u8>,
+    #[case] expected: u32,
+) {
+    let mut datapath = east_west();
+    assert_eq!(
+        run(&mut datapath, &frame),
+        TC_ACT_REDIRECT,
+        "no rules, no check"
+    );
+    datapath.check_ipv4(MAC_A, IP_A);
+    datapath.check_ipv4(MAC_B, IP_B);
+    assert_eq!(run(&mut datapath, &frame), expected);
+    assert_eq!(
+        datapath.verdict_count(Verdict::HeldByPolicy),
+        u64::from(expected == TC_ACT_OK)
+    );
+}
+
 const UPLINK_MAC: [u8; 6] = [0x02, 0x7a, 0, 0, 0, 0x01];
 const CLIENT_MAC: [u8; 6] = [0x02, 0x7a, 0, 0, 0, 0x02];
 const BRIDGE_MAC: [u8; 6] = [0x02, 0x79, 0, 0, 0, 0x01];

@@ -109,7 +109,7 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
                     key,
                     Endpoint {
                         ifindex: *ifindex,
-                        flags: 0,
+                        ..Endpoint::default()
                     },
                 );
             }
@@ -148,8 +148,34 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
         .iter()
         .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
         .collect();
+    // With rules to honour (and the containers' addresses known), the policy is decided for
+    // containers that use their own IPv4 addresses, and the datapath checks that they do.
+    let check_ipv4 = policy.has_rules() && view.addresses_read;
+    let mut own_addresses = Vec::new();
+    if check_ipv4 {
+        for port in &view.ports {
+            let Some(peer) = &port.peer else { continue };
+            let Some(endpoint) = endpoints.get_mut(&EndpointKey { mac: peer.mac }) else {
+                continue;
+            };
+            let ipv4 = peer.addresses.iter().find_map(|address| match address {
+                std::net::IpAddr::V4(address) => Some(*address),
+                _ => None,
+            });
+            endpoint.flags |= Endpoint::CHECK_IPV4;
+            if let Some(ipv4) = ipv4 {
+                endpoint.ipv4 = ipv4.octets();
+                own_addresses.push(ipv4);
+            }
+        }
+    }
     let port_names: Vec<String> = ports.iter().map(|port| port.name.clone()).collect();
-    let east_west = policy::east_west(policy, &view.name, &port_names);
+    let east_west = policy::east_west(
+        policy,
+        &view.name,
+        &port_names,
+        check_ipv4.then_some(own_addresses.as_slice()),
+    );
     if east_west.off.is_some() {
         endpoints.clear();
     }
@@ -245,14 +271,14 @@ mod tests {
             plan.endpoints[&EndpointKey { mac: MAC_A }],
             Endpoint {
                 ifindex: 10,
-                flags: 0
+                ..Endpoint::default()
             }
         );
         assert_eq!(
             plan.endpoints[&EndpointKey { mac: MAC_B }],
             Endpoint {
                 ifindex: 11,
-                flags: 0
+                ..Endpoint::default()
             }
         );
         assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);

@@ -30,6 +30,15 @@ pub struct Policy {
     pub icc_off: Option<String>,
 }
 
+impl Policy {
+    /// Whether there are rules to honour (or the ruleset cannot be read).
+    pub fn has_rules(&self) -> bool {
+        self.firewall
+            .as_ref()
+            .map_or(true, |firewall| !firewall.ruleset.tables.is_empty())
+    }
+}
+
 impl Default for Policy {
     /// No rules: everything the datapath understands may take the fast path.
     fn default() -> Policy {
@@ -51,7 +60,14 @@ pub struct EastWest {
     pub held: Vec<(String, String)>,
 }
 
-pub fn east_west(policy: &Policy, bridge: &str, ports: &[String]) -> EastWest {
+/// `own_ipv4`: the containers' IPv4 addresses, when the datapath checks that each container
+/// sends from its own and receives at its own (`Endpoint::CHECK_IPV4`).
+pub fn east_west(
+    policy: &Policy,
+    bridge: &str,
+    ports: &[String],
+    own_ipv4: Option<&[Ipv4Addr]>,
+) -> EastWest {
     if let Some(reason) = &policy.icc_off {
         return EastWest::off(reason.clone());
     }
@@ -60,23 +76,27 @@ pub fn east_west(policy: &Policy, bridge: &str, ports: &[String]) -> EastWest {
         Err(why) => return EastWest::off(unreadable(why)),
     };
     let mut plan = EastWest::default();
-    for hold in policy::east_west(
-        firewall,
-        &policy::Bridge {
-            name: bridge,
-            ports,
-        },
-    ) {
+    let bridge = policy::Bridge {
+        name: bridge,
+        ports,
+        own_ipv4,
+    };
+    // A rule that holds back all of one family's traffic: both families -> none at all.
+    let mut family_wide = [None, None];
+    for hold in policy::east_west(firewall, &bridge) {
         let reason = hold.to_string();
-        if hold.is_whole() {
-            return EastWest::off(reason);
-        }
         for pattern in &hold.patterns {
             plan.held.push((pattern.to_string(), reason.clone()));
             for key in hold_keys(pattern) {
+                if key.shape == 0 {
+                    family_wide[usize::from(key.family == 6)].get_or_insert(reason.clone());
+                }
                 plan.holds.entry(key).or_insert_with(|| reason.clone());
             }
         }
+    }
+    if let [Some(reason), Some(_)] = family_wide {
+        return EastWest::off(reason);
     }
     if plan.holds.len() > MAX_HOLDS as usize {
         return EastWest::off(format!(
@@ -351,7 +371,7 @@ mod tests {
             firewall: Err("nft is not installed".to_owned()),
             icc_off: None,
         };
-        let plan = east_west(&policy, "br0", &[]);
+        let plan = east_west(&policy, "br0", &[], None);
         assert!(plan.off.unwrap().contains("nft is not installed"));
         let published = published(
             &policy,

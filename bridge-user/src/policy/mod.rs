@@ -34,6 +34,9 @@ pub use read::{Firewall, read};
 pub struct Bridge<'a> {
     pub name: &'a str,
     pub ports: &'a [String],
+    /// The containers' IPv4 addresses, when the datapath takes only IPv4 frames from a
+    /// container's own address to another's (`None`: any address, for all the rules know).
+    pub own_ipv4: Option<&'a [Ipv4Addr]>,
 }
 
 /// Every hold-back for east-west frames on `bridge`.
@@ -124,28 +127,39 @@ fn any_of<T: Clone>(values: &[T]) -> Option<Vec<T>> {
 /// The hooks an east-west frame passes on the kernel path.
 fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> {
     let ports = Some(bridge.ports.to_vec());
-    let bridged = Packets {
-        in_interface: ports.clone(),
-        out_interface: ports.clone(),
-        // Both directions of a connection are east-west: any state but the ones xbr
-        // never takes (it takes no ICMP errors and nothing conntrack finds invalid; see
-        // docs/DESIGN.md).
-        conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
-        dnat: any_of(&[false]),
-        // Containers send from their own addresses, not the host's (see docs/DESIGN.md).
-        local_source: any_of(&[false]),
-        ..Packets::default()
-    };
-    let traversal = |hook, families: &[Family], packets: Packets| Traversal {
-        hook,
-        families: families.to_vec(),
-        devices: None,
-        packets,
-        first_packets: true,
-        own_dnat: None,
-    };
-    let mut traversals = vec![
-        Traversal {
+    let mut traversals = Vec::new();
+    for (layer3, bridged_to_ip, ip_family) in [
+        (Layer3::V4, firewall.bridged_ipv4, Family::Ip),
+        (Layer3::V6, firewall.bridged_ipv6, Family::Ip6),
+    ] {
+        let own = match (layer3, bridge.own_ipv4) {
+            (Layer3::V4, Some(own)) => Some(own.iter().map(|a| IpAddr::V4(*a)).collect()),
+            _ => None,
+        };
+        let bridged = Packets {
+            layer3: any_of(&[layer3]),
+            in_interface: ports.clone(),
+            out_interface: ports.clone(),
+            source: own.clone(),
+            destination: own,
+            // Both directions of a connection are east-west: any state but the ones xbr
+            // never takes (it takes no ICMP errors and nothing conntrack finds invalid; see
+            // docs/DESIGN.md).
+            conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
+            dnat: any_of(&[false]),
+            // Containers send from their own addresses, not the host's (see docs/DESIGN.md).
+            local_source: any_of(&[false]),
+            ..Packets::default()
+        };
+        let traversal = |hook, families: &[Family], packets: Packets| Traversal {
+            hook,
+            families: families.to_vec(),
+            devices: None,
+            packets,
+            first_packets: true,
+            own_dnat: None,
+        };
+        traversals.push(Traversal {
             devices: ports.clone(),
             ..traversal(
                 Hook::Ingress,
@@ -155,18 +169,22 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
                     ..bridged.clone()
                 },
             )
-        },
-        traversal(
+        });
+        traversals.push(traversal(
             Hook::Prerouting,
             &[Family::Bridge],
             Packets {
                 out_interface: names(&[""]),
                 ..bridged.clone()
             },
-        ),
-        traversal(Hook::Forward, &[Family::Bridge], bridged.clone()),
-        traversal(Hook::Postrouting, &[Family::Bridge], bridged.clone()),
-        Traversal {
+        ));
+        traversals.push(traversal(Hook::Forward, &[Family::Bridge], bridged.clone()));
+        traversals.push(traversal(
+            Hook::Postrouting,
+            &[Family::Bridge],
+            bridged.clone(),
+        ));
+        traversals.push(Traversal {
             devices: ports.clone(),
             ..traversal(
                 Hook::Egress,
@@ -176,27 +194,20 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
                     ..bridged.clone()
                 },
             )
-        },
-    ];
-    // With br_netfilter, bridged frames also meet the ip (ip6) hooks, where the bridge is
-    // their interface and the ports are their bridge ports (verified with counters).
-    let routed_like = |layer3: Layer3| Packets {
-        layer3: any_of(&[layer3]),
-        in_interface: names(&[bridge.name]),
-        out_interface: names(&[bridge.name]),
-        in_bridge_port: ports.clone(),
-        out_bridge_port: ports.clone(),
-        ..bridged.clone()
-    };
-    for (on, layer3, family) in [
-        (firewall.bridged_ipv4, Layer3::V4, Family::Ip),
-        (firewall.bridged_ipv6, Layer3::V6, Family::Ip6),
-    ] {
-        if !on {
+        });
+        if !bridged_to_ip {
             continue;
         }
-        let families = [family, Family::Inet];
-        let packets = routed_like(layer3);
+        // With br_netfilter, bridged frames also meet the ip (ip6) hooks, where the bridge is
+        // their interface and the ports are their bridge ports (verified with counters).
+        let families = [ip_family, Family::Inet];
+        let packets = Packets {
+            in_interface: names(&[bridge.name]),
+            out_interface: names(&[bridge.name]),
+            in_bridge_port: ports.clone(),
+            out_bridge_port: ports.clone(),
+            ..bridged
+        };
         traversals.push(traversal(
             Hook::Prerouting,
             &families,
@@ -228,12 +239,18 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
 fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
     let mut replies = Vec::new();
     for (layer3, family) in [(Layer3::V4, Family::Ip), (Layer3::V6, Family::Ip6)] {
+        // The client is a container on the bridge (its reply is an east-west frame to it).
+        let client = match (layer3, bridge.own_ipv4) {
+            (Layer3::V4, Some(own)) => Some(own.iter().map(|a| IpAddr::V4(*a)).collect()),
+            _ => None,
+        };
         let traversal = Traversal {
             hook: Hook::Prerouting,
             families: vec![family, Family::Inet],
             devices: None,
             packets: Packets {
                 layer3: any_of(&[layer3]),
+                source: client,
                 in_interface: names(&[bridge.name]),
                 out_interface: names(&[""]),
                 conntrack: any_of(&[ConntrackState::New]),

@@ -42,6 +42,7 @@ fn east_west_on(firewall: &Firewall, bridge: &str) -> Vec<Hold> {
         &Bridge {
             name: bridge,
             ports: &ports,
+            own_ipv4: None,
         },
     )
 }
@@ -231,12 +232,18 @@ fn a_firewalld_zone_lets_bridged_ipv4_through() {
 fn hold_backs_are_as_narrow_as_the_rules() {
     let firewall = firewall("shapes");
     let holds = east_west_on(&firewall, "br0");
-    let netdev = holds
+    let netdev: Vec<Hold> = holds
         .iter()
-        .find(|h| h.rule.family == Family::Netdev)
-        .expect("nft does not say a netdev chain's device: it may be a port's");
+        .filter(|h| h.rule.family == Family::Netdev)
+        .cloned()
+        .collect();
+    assert_eq!(
+        netdev.len(),
+        2,
+        "nft does not say a netdev chain's device: it may be a port's, for both families"
+    );
     assert!(
-        netdev.is_whole(),
+        wide(&netdev),
         "an Ethernet match cannot be narrowed: {netdev:?}"
     );
 
@@ -356,8 +363,8 @@ fn a_rule_that_cannot_be_decoded_holds_back_what_it_may_reach() {
         bridged_ipv6: false,
     };
     let holds = east_west_on(&firewall, "br0");
-    assert_eq!(holds.len(), 1, "{holds:#?}");
-    assert!(holds[0].is_whole());
+    assert_eq!(holds.len(), 2, "one per family: {holds:#?}");
+    assert!(wide(&holds));
     assert!(
         holds[0].to_string().contains("cannot decode"),
         "{}",
@@ -482,6 +489,7 @@ fn docker_user_rules_hold_back_the_classes_they_can_match() {
             &Bridge {
                 name: "xbrt9",
                 ports: &ports,
+                own_ipv4: None,
             },
         );
         let published = published(&firewall, &published_port);
@@ -517,6 +525,7 @@ fn docker_user_rules_hold_back_the_classes_they_can_match() {
         &Bridge {
             name: "br-efbf71399e03",
             ports: &ports,
+            own_ipv4: None,
         },
     );
     assert!(
@@ -536,9 +545,39 @@ fn docker_user_rules_hold_back_the_classes_they_can_match() {
             &without,
             &Bridge {
                 name: "br-efbf71399e03",
-                ports: &ports
+                ports: &ports,
+                own_ipv4: None,
             }
         )
         .is_empty()
     );
+}
+
+#[test]
+fn another_networks_masquerade_does_not_touch_containers_that_use_their_own_addresses() {
+    let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                :POSTROUTING ACCEPT [0:0]\n\
+                -A POSTROUTING -s 10.214.1.0/24 ! -o br-other -j MASQUERADE\nCOMMIT\n";
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: true,
+    };
+    let ports = ports();
+    let own = ["10.213.0.2".parse().unwrap(), "10.213.0.3".parse().unwrap()];
+    let checked = east_west(
+        &firewall,
+        &Bridge {
+            name: "br-test",
+            ports: &ports,
+            own_ipv4: Some(&own),
+        },
+    );
+    assert!(checked.is_empty(), "{checked:#?}");
+    // Were any source address possible, a container sending from 10.214.1.x would be
+    // masqueraded on the kernel path.
+    let unchecked = east_west_on(&firewall, "br-test");
+    assert!(wide(&unchecked), "{unchecked:#?}");
 }
