@@ -15,7 +15,8 @@ pub const MAX_FLOW_ENTRIES: u32 = 131072;
 pub const MAX_UPLINKS: u32 = 64;
 /// How many east-west hold-backs (netfilter rules' packet patterns) one bridge can have.
 pub const MAX_HOLDS: u32 = 4096;
-/// How many clients of published ports the policy can hold back, per bridge.
+/// How many clients (or client prefixes) of published ports the policy can hold back, per
+/// bridge.
 pub const MAX_CLIENT_HOLDS: u32 = 4096;
 
 /// IP protocol numbers of the published-port path.
@@ -328,8 +329,9 @@ impl HoldKey {
     }
 }
 
-/// `CLIENT_HOLDS` key: clients of one published port whose connections a netfilter rule
-/// could touch on the kernel path. `shape` says which client fields are fixed.
+/// `CLIENT_HOLDS` key: clients of one published port (one port, or one address and port)
+/// whose connections a netfilter rule could touch on the kernel path. `shape` says which
+/// client fields are fixed. Clients named by address alone are in `CLIENT_PREFIX_HOLDS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientHoldKey {
@@ -345,6 +347,22 @@ pub struct ClientHoldKey {
 impl ClientHoldKey {
     pub const ADDRESS: u8 = 1;
     pub const PORT: u8 = 2;
+}
+
+/// `CLIENT_PREFIX_HOLDS` (longest-prefix-match) key data: a published port's clients in an
+/// address prefix. The trie's prefix length counts the published key's 64 bits first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientPrefix {
+    pub published: PublishedKey,
+    pub client_ip: [u8; 4],
+}
+
+impl ClientPrefix {
+    /// The trie prefix length of clients in a /`len` prefix.
+    pub const fn prefix_len(len: u8) -> u32 {
+        64 + len as u32
+    }
 }
 
 /// `NAT_FLOWS` key: a connection as one direction sees it (source, then destination).
@@ -403,4 +421,5 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for HoldKey {}
     unsafe impl aya::Pod for ClientHoldKey {}
+    unsafe impl aya::Pod for ClientPrefix {}
 }

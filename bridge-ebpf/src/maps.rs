@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
-    BridgeRecord, ClientHoldKey, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, MAX_CLIENT_HOLDS,
-    MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, PortRecord,
-    PortStats, PublishedKey, PublishedPort, Verdict,
+    BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
+    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED,
+    MAX_UPLINKS, PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
 
 /// Destination MAC -> the bridge port it lives behind. Filled by the control plane.
@@ -62,6 +62,11 @@ pub static HOLD_SHAPES: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 pub static CLIENT_HOLDS: HashMap<ClientHoldKey, u8> =
     HashMap::with_max_entries(MAX_CLIENT_HOLDS, 0);
+
+/// ... and clients named by an address prefix (a rule's `ip saddr 10.0.0.0/8`).
+#[map]
+pub static CLIENT_PREFIX_HOLDS: LpmTrie<ClientPrefix, u8> =
+    LpmTrie::with_max_entries(MAX_CLIENT_HOLDS, 0);
 
 /// Scratch space for the policy lookup (per CPU, off the 512-byte stack): index 0 holds the
 /// frame's key, index 1 the key of the shape being looked up.

@@ -7,13 +7,15 @@
 //! any `Frame`; only writing the translation differs by program type (`Rewriter`): the skb
 //! helpers here for tc, direct writes with RFC 1624 arithmetic in `uplink_xdp` for XDP.
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use bridge_common::{
-    ClientHoldKey, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey,
+    PublishedPort, Verdict,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -22,7 +24,7 @@ use network_types::{
 
 use crate::{
     frame::{Frame, ptr_at},
-    maps::{CLIENT_HOLDS, NAT_FLOWS, PORTS, PUBLISHED},
+    maps::{CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, NAT_FLOWS, PORTS, PUBLISHED},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -266,13 +268,20 @@ fn policy_holds_back(
         shape,
         _pad: 0,
     };
+    let by_address = Key::new(
+        ClientPrefix::prefix_len(32),
+        ClientPrefix {
+            published: *published_key,
+            client_ip: key.src_ip,
+        },
+    );
     [
         ClientHoldKey::ADDRESS | ClientHoldKey::PORT,
-        ClientHoldKey::ADDRESS,
         ClientHoldKey::PORT,
     ]
     .iter()
     .any(|shape| unsafe { CLIENT_HOLDS.get(&client(*shape)) }.is_some())
+        || CLIENT_PREFIX_HOLDS.get(&by_address).is_some()
 }
 
 /// A frame a container sent: the reply direction of a NATed connection, if there is one.

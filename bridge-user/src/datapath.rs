@@ -11,7 +11,10 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _},
@@ -22,8 +25,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    AttachMode, BridgeRecord, ClientHoldKey, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
-    PortRecord, PortStats, PublishedKey, PublishedPort, UplinkMode, Verdict,
+    AttachMode, BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey,
+    HoldKey, PortRecord, PortStats, PublishedKey, PublishedPort, UplinkMode, Verdict,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 
@@ -263,6 +266,7 @@ pub struct Pinned {
     holds: HashMap<MapData, HoldKey, u8>,
     hold_shapes: Array<MapData, u32>,
     client_holds: HashMap<MapData, ClientHoldKey, u8>,
+    client_prefix_holds: LpmTrie<MapData, ClientPrefix, u8>,
 }
 
 fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
@@ -323,6 +327,7 @@ impl Pinned {
             holds: open_pinned(&dir, "HOLDS").map_err(broken)?,
             hold_shapes: open_pinned(&dir, "HOLD_SHAPES").map_err(broken)?,
             client_holds: open_pinned(&dir, "CLIENT_HOLDS").map_err(broken)?,
+            client_prefix_holds: open_pinned(&dir, "CLIENT_PREFIX_HOLDS").map_err(broken)?,
             endpoints: open_pinned(&dir, "ENDPOINTS").map_err(broken)?,
             ports: open_pinned(&dir, "PORTS").map_err(broken)?,
             stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
@@ -594,14 +599,39 @@ impl Pinned {
             self.published.iter().filter_map(|e| e.ok()).collect();
         let as_error = |e| Error::ebpf("updating the published ports' hold-backs", e);
         let mut wanted_clients = BTreeMap::new();
+        let mut wanted_prefixes = BTreeMap::new();
         let mut flagged = Vec::new();
         let mut policies = BTreeMap::new();
         for (key, value) in &entries {
             let policy = plan.published_policy(key, value, &uplinks);
             let flags = (value.flags & PublishedPort::BY_DOCKER) | policy.flags();
             wanted_clients.extend(policy.clients.clone());
+            wanted_prefixes.extend(policy.client_prefixes.clone());
             flagged.push((*key, *value, flags));
             policies.insert(*key, policy);
+        }
+        let trie_key =
+            |(prefix, len): &(ClientPrefix, u8)| Key::new(ClientPrefix::prefix_len(*len), *prefix);
+        let current_prefixes: Vec<(ClientPrefix, u8)> = self
+            .client_prefix_holds
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| {
+                (
+                    k.data(),
+                    (k.prefix_len() - ClientPrefix::prefix_len(0)) as u8,
+                )
+            })
+            .collect();
+        let new_prefixes: Vec<(ClientPrefix, u8)> = wanted_prefixes
+            .keys()
+            .filter(|k| !current_prefixes.contains(k))
+            .copied()
+            .collect();
+        for prefix in &new_prefixes {
+            self.client_prefix_holds
+                .insert(&trie_key(prefix), 1, 0)
+                .map_err(as_error)?;
         }
         let current: Vec<ClientHoldKey> = self.client_holds.keys().filter_map(|k| k.ok()).collect();
         let new_clients: Vec<ClientHoldKey> = wanted_clients
@@ -626,11 +656,23 @@ impl Pinned {
         for key in current.iter().filter(|k| !wanted_clients.contains_key(k)) {
             self.client_holds.remove(key).map_err(as_error)?;
         }
+        for prefix in current_prefixes
+            .iter()
+            .filter(|k| !wanted_prefixes.contains_key(k))
+        {
+            self.client_prefix_holds
+                .remove(&trie_key(prefix))
+                .map_err(as_error)?;
+        }
         let connections_ended = self.retire_flows(|flow_key, flow| {
             flow.flags & Flow::INBOUND != 0
                 && (newly_held.iter().any(|held| serves(held, flow_key))
                     || new_clients.iter().any(|client| {
                         serves(&client.published, flow_key) && holds(client, flow_key)
+                    })
+                    || new_prefixes.iter().any(|(prefix, len)| {
+                        serves(&prefix.published, flow_key)
+                            && in_prefix(prefix.client_ip, *len, flow_key.src_ip)
                     }))
         });
         Ok(PublishedApplied {
@@ -828,6 +870,14 @@ fn serves(published: &PublishedKey, key: &FlowKey) -> bool {
 fn holds(client: &ClientHoldKey, key: &FlowKey) -> bool {
     (client.shape & ClientHoldKey::ADDRESS == 0 || client.client_ip == key.src_ip)
         && (client.shape & ClientHoldKey::PORT == 0 || client.client_port == key.src_port)
+}
+
+/// Whether `address` is in the /`len` prefix `prefix`.
+fn in_prefix(prefix: [u8; 4], len: u8, address: [u8; 4]) -> bool {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0);
+    u32::from_be_bytes(prefix) & mask == u32::from_be_bytes(address) & mask
 }
 
 /// Detaches the bpf link pinned at `link_pin` at once, then removes the pin.

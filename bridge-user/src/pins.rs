@@ -22,7 +22,7 @@ pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 /// The XDP program in front of the uplink program (uplink xdp mode only).
 pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 11] = [
+pub const MAPS: [(&str, &str); 12] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
@@ -34,6 +34,7 @@ pub const MAPS: [(&str, &str); 11] = [
     ("HOLDS", "holds"),
     ("HOLD_SHAPES", "hold_shapes"),
     ("CLIENT_HOLDS", "client_holds"),
+    ("CLIENT_PREFIX_HOLDS", "client_prefix_holds"),
 ];
 
 /// The directory of this network namespace's attachments under `root`. Bridges with the same

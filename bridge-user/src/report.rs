@@ -55,6 +55,18 @@ fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, 
     if let Some(reason) = &policy.held {
         return vec![(format!("published {spec}"), reason.clone())];
     }
+    let prefixes = policy
+        .client_prefixes
+        .iter()
+        .map(|((prefix, len), reason)| {
+            (
+                format!(
+                    "published {spec} for clients {}/{len}",
+                    std::net::Ipv4Addr::from(prefix.client_ip)
+                ),
+                reason.clone(),
+            )
+        });
     policy
         .clients
         .iter()
@@ -72,6 +84,7 @@ fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, 
                 reason.clone(),
             )
         })
+        .chain(prefixes)
         .collect()
 }
 

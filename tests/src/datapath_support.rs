@@ -8,8 +8,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    ClientHoldKey, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, PortRecord, PortStats,
-    PublishedKey, PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, PortRecord,
+    PortStats, PublishedKey, PublishedPort, Verdict,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -127,6 +127,17 @@ impl Datapath {
         let mut holds: HashMap<_, ClientHoldKey, u8> =
             HashMap::try_from(self.ebpf.map_mut("CLIENT_HOLDS").unwrap()).unwrap();
         holds.insert(key, 1, 0).unwrap();
+    }
+
+    /// A published port's clients in a /`len` prefix, held back.
+    pub fn hold_client_prefix(&mut self, prefix: ClientPrefix, len: u8) {
+        let mut holds: aya::maps::lpm_trie::LpmTrie<_, ClientPrefix, u8> =
+            aya::maps::lpm_trie::LpmTrie::try_from(
+                self.ebpf.map_mut("CLIENT_PREFIX_HOLDS").unwrap(),
+            )
+            .unwrap();
+        let key = aya::maps::lpm_trie::Key::new(ClientPrefix::prefix_len(len), prefix);
+        holds.insert(&key, 1, 0).unwrap();
     }
 
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {

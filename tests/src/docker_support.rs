@@ -4,7 +4,8 @@
 //! drop, panics included. Plus the outside world of a published port (a namespace behind a
 //! veth uplink), servers inside containers, clients, and the iptables witnesses.
 
-use crate::witness::Follower;
+use crate::witness::{Follower, xbr_binary};
+use serde_json::Value;
 use std::{
     fs::File,
     io::{Read as _, Write as _},
@@ -174,8 +175,15 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
-    /// Starts the daemon, or says why Docker cannot run here.
+    /// Starts the daemon (with Docker's default `--userland-proxy=true`), or says why Docker
+    /// cannot run here.
     pub fn start() -> Result<Dockerd, String> {
+        Dockerd::start_with(true)
+    }
+
+    /// Starts the daemon with `--userland-proxy=USERLAND_PROXY` (false: published ports are
+    /// served to containers and the host by hairpin DNAT instead of docker-proxy).
+    pub fn start_with(userland_proxy: bool) -> Result<Dockerd, String> {
         ensure_installed()?;
         let lock = MachineLock::take();
         // Both daemons would own the root namespace's DOCKER chains.
@@ -225,7 +233,7 @@ impl Dockerd {
                 ADDRESS_POOL,
                 // Docker's real netfilter setup is what xbr is tested against.
                 "--iptables=true",
-                "--userland-proxy=true",
+                &format!("--userland-proxy={userland_proxy}"),
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -897,4 +905,103 @@ pub fn docker_follower(
         &args,
         Duration::from_secs(20),
     )
+}
+
+/// `xbr` against the test's Docker and pin root; detaches what it attached on drop.
+pub struct Xbr {
+    root: PathBuf,
+    docker_host: String,
+    attached: Vec<String>,
+}
+
+impl Xbr {
+    pub fn new(docker: &Dockerd) -> Xbr {
+        Xbr {
+            root: PathBuf::from(format!("/sys/fs/bpf/xbrdocker{}", docker.tag)),
+            docker_host: docker.docker_host(),
+            attached: Vec::new(),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let output = std::process::Command::new(xbr_binary())
+            .env("DOCKER_HOST", &self.docker_host)
+            .arg("--pin-root")
+            .arg(&self.root)
+            .args(args)
+            .output()
+            .expect("run xbr");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.run(args);
+        assert_eq!(code, 0, "`xbr {}` failed: {stderr}", args.join(" "));
+        stdout
+    }
+
+    /// `xbr attach BRIDGE ARGS...`, detached again on drop.
+    pub fn attach(&mut self, bridge: &str, args: &[&str]) -> String {
+        self.attached.push(bridge.to_owned());
+        let mut full = vec!["attach", bridge];
+        full.extend_from_slice(args);
+        self.ok(&full)
+    }
+
+    pub fn follow(&mut self, bridge: &str, uplink: &str) -> Follower {
+        self.attached.push(bridge.to_owned());
+        docker_follower(&self.docker_host, &self.root, bridge, &["--uplink", uplink])
+    }
+
+    pub fn bridge_status(&self, bridge: &str) -> Value {
+        let status: Value =
+            serde_json::from_str(&self.ok(&["status", bridge, "--json"])).expect("status --json");
+        status["bridges"][0].clone()
+    }
+
+    pub fn published(&self, bridge: &str) -> Vec<String> {
+        self.bridge_status(bridge)["published"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["spec"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    pub fn stats(&self, bridge: &str) -> Value {
+        serde_json::from_str(&self.ok(&["stats", bridge, "--json"])).expect("stats --json")
+    }
+
+    pub fn nat_in(&self, bridge: &str) -> u64 {
+        self.stats(bridge)["verdicts"][0]["nat_in"]
+            .as_u64()
+            .expect("nat_in counter")
+    }
+
+    /// Frames the fast path delivered into containers of `bridge`, all ports.
+    pub fn delivered(&self, bridge: &str) -> u64 {
+        self.stats(bridge)["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["delivered_packets"].as_u64())
+            .sum()
+    }
+}
+
+impl Drop for Xbr {
+    fn drop(&mut self) {
+        for bridge in &self.attached {
+            let _ = std::process::Command::new(xbr_binary())
+                .arg("--pin-root")
+                .arg(&self.root)
+                .args(["detach", bridge])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }

@@ -65,7 +65,8 @@ impl BridgeForwardCounter {
     }
 }
 
-fn nft(netns: &str, args: &[&str], stdin: Option<&str>) -> String {
+/// `nft ARGS...` in `netns` (`stdin` fed to it: `-f -`); panics when nft fails.
+pub fn nft(netns: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut command = Command::new("ip");
     command.args(["netns", "exec", netns, "nft"]).args(args);
     let output = run_with_stdin(command, stdin);

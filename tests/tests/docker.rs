@@ -9,18 +9,14 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use xbr_tests::{
-    docker_support::{
-        Dockerd, INDEX_HTML, InsertedRule, NftTable, OUTSIDE_IP, Outside, Rate, TcpEcho,
-        UPLINK_HOST_IP, UdpEcho, connection_rate, dnat_packets, docker_follower, http_get,
-        request_rate, tcp_exchange, udp_exchange,
-    },
-    witness::{Follower, xbr_binary},
+use xbr_tests::docker_support::{
+    Dockerd, INDEX_HTML, InsertedRule, NftTable, OUTSIDE_IP, Outside, Rate, TcpEcho,
+    UPLINK_HOST_IP, UdpEcho, Xbr, connection_rate, dnat_packets, http_get, request_rate,
+    tcp_exchange, udp_exchange,
 };
 
 const ECHO_PORT: u16 = 9000;
@@ -59,97 +55,6 @@ impl HostPorts {
             icc: base + 3,
             late: base + 4,
         }
-    }
-}
-
-/// `xbr` against the test's Docker and pin root; detaches what it attached on drop.
-struct Xbr {
-    root: PathBuf,
-    docker_host: String,
-    attached: Vec<String>,
-}
-
-impl Xbr {
-    fn new(docker: &Dockerd) -> Xbr {
-        Xbr {
-            root: PathBuf::from(format!("/sys/fs/bpf/xbrdocker{}", docker.tag)),
-            docker_host: docker.docker_host(),
-            attached: Vec::new(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let output = std::process::Command::new(xbr_binary())
-            .env("DOCKER_HOST", &self.docker_host)
-            .arg("--pin-root")
-            .arg(&self.root)
-            .args(args)
-            .output()
-            .expect("run xbr");
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (code, stdout, stderr) = self.run(args);
-        assert_eq!(code, 0, "`xbr {}` failed: {stderr}", args.join(" "));
-        stdout
-    }
-
-    fn follow(&mut self, bridge: &str, uplink: &str) -> Follower {
-        self.attached.push(bridge.to_owned());
-        docker_follower(&self.docker_host, &self.root, bridge, &["--uplink", uplink])
-    }
-
-    fn bridge_status(&self, bridge: &str) -> Value {
-        let status: Value =
-            serde_json::from_str(&self.ok(&["status", bridge, "--json"])).expect("status --json");
-        status["bridges"][0].clone()
-    }
-
-    fn published(&self, bridge: &str) -> Vec<String> {
-        self.bridge_status(bridge)["published"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p["spec"].as_str().map(str::to_owned))
-            .collect()
-    }
-
-    fn stats(&self, bridge: &str) -> Value {
-        serde_json::from_str(&self.ok(&["stats", bridge, "--json"])).expect("stats --json")
-    }
-
-    fn nat_in(&self, bridge: &str) -> u64 {
-        self.stats(bridge)["verdicts"][0]["nat_in"]
-            .as_u64()
-            .expect("nat_in counter")
-    }
-
-    /// Frames the fast path delivered into containers of `bridge`, all ports.
-    fn delivered(&self, bridge: &str) -> u64 {
-        self.stats(bridge)["endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["delivered_packets"].as_u64())
-            .sum()
-    }
-}
-
-impl Drop for Xbr {
-    fn drop(&mut self) {
-        for bridge in &self.attached {
-            let _ = std::process::Command::new(xbr_binary())
-                .arg("--pin-root")
-                .arg(&self.root)
-                .args(["detach", bridge])
-                .output();
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -329,8 +234,7 @@ fn docker_host_end_to_end() {
     let mut xbr = Xbr::new(&docker);
     let mut follower = xbr.follow(&bridge, &outside.uplink);
     let mut icc_follower = xbr.follow(&icc_bridge, &outside.uplink);
-    xbr.attached.push(plain_bridge.clone());
-    let attached = xbr.ok(&["attach", &plain_bridge, "--uplink", &outside.uplink]);
+    let attached = xbr.attach(&plain_bridge, &["--uplink", &outside.uplink]);
     eprintln!("xbr attach {plain_bridge}:\n{attached}");
     assert!(
         attached.contains(&format!("Docker network {plain_network}")),

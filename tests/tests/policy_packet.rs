@@ -5,7 +5,8 @@
 //! opens no connection for what is held.
 
 use bridge_common::{
-    ClientHoldKey, HoldKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, HoldKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort,
+    Verdict,
 };
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 use rstest::rstest;
@@ -343,18 +344,18 @@ fn a_held_published_port_opens_no_connection() {
 }
 
 #[rstest]
-#[case::address(ClientHoldKey::ADDRESS)]
+#[case::port_only(ClientHoldKey::PORT)]
 #[case::address_and_port(ClientHoldKey::ADDRESS | ClientHoldKey::PORT)]
-fn a_held_client_goes_to_the_kernel_and_others_do_not(#[case] shape: u8) {
+fn a_held_client_port_goes_to_the_kernel_and_others_do_not(#[case] shape: u8) {
     let mut datapath = published(PublishedPort::CLIENT_HOLDS);
     datapath.hold_client(ClientHoldKey {
         published: published_key(),
-        client_ip: CLIENT_IP,
-        client_port: if shape & ClientHoldKey::PORT != 0 {
-            40000u16.to_be_bytes()
+        client_ip: if shape & ClientHoldKey::ADDRESS != 0 {
+            CLIENT_IP
         } else {
-            [0; 2]
+            [0; 4]
         },
+        client_port: 40000u16.to_be_bytes(),
         shape,
         _pad: 0,
     });
@@ -364,15 +365,45 @@ fn a_held_client_goes_to_the_kernel_and_others_do_not(#[case] shape: u8) {
     );
     assert_eq!(datapath.verdict_count(Verdict::HeldByPolicy), 1);
     assert_eq!(
-        uplink(&mut datapath, &syn_from(OTHER_CLIENT_IP, 40000)),
+        uplink(&mut datapath, &syn_from(CLIENT_IP, 40001)),
         TC_ACT_REDIRECT
     );
-    let expected = if shape & ClientHoldKey::PORT != 0 {
+    let expected = if shape & ClientHoldKey::ADDRESS != 0 {
         TC_ACT_REDIRECT
     } else {
         TC_ACT_UNSPEC
     };
-    assert_eq!(uplink(&mut datapath, &syn_from(CLIENT_IP, 40001)), expected);
+    assert_eq!(
+        uplink(&mut datapath, &syn_from(OTHER_CLIENT_IP, 40000)),
+        expected
+    );
+}
+
+#[rstest]
+#[case::one_address(32, TC_ACT_REDIRECT)]
+#[case::a_prefix_holding_both(24, TC_ACT_UNSPEC)]
+fn held_client_prefixes_are_matched_longest_first(#[case] len: u8, #[case] other: u32) {
+    let mut datapath = published(PublishedPort::CLIENT_HOLDS);
+    datapath.hold_client_prefix(
+        ClientPrefix {
+            published: published_key(),
+            client_ip: if len == 32 { CLIENT_IP } else { [10, 80, 0, 0] },
+        },
+        len,
+    );
+    assert_eq!(
+        uplink(&mut datapath, &syn_from(CLIENT_IP, 40000)),
+        TC_ACT_UNSPEC
+    );
+    assert_eq!(
+        uplink(&mut datapath, &syn_from(OTHER_CLIENT_IP, 40000)),
+        other
+    );
+    assert_eq!(
+        uplink(&mut datapath, &syn_from([10, 81, 0, 2], 40000)),
+        TC_ACT_REDIRECT,
+        "a client outside the prefix"
+    );
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::{
 };
 
 use bridge_common::{
-    ClientHoldKey, HoldKey, IPPROTO_TCP, IPPROTO_UDP, MAX_CLIENT_HOLDS, MAX_HOLDS, PublishedKey,
-    PublishedPort,
+    ClientHoldKey, ClientPrefix, HoldKey, IPPROTO_TCP, IPPROTO_UDP, MAX_CLIENT_HOLDS, MAX_HOLDS,
+    PublishedKey, PublishedPort,
 };
 
 use crate::policy::{self, Firewall, Pattern, model::Layer3};
@@ -86,6 +86,13 @@ pub fn east_west(
     for hold in policy::east_west(firewall, &bridge) {
         let reason = hold.to_string();
         for pattern in &hold.patterns {
+            // From a container's own address to the same address: no frame between two
+            // ports is that, when the datapath checks the addresses (Docker's self-hairpin
+            // MASQUERADE rules are such patterns).
+            let to_itself = pattern.source.is_some() && pattern.source == pattern.destination;
+            if own_ipv4.is_some() && to_itself && pattern.source.is_some_and(|a| a.is_ipv4()) {
+                continue;
+            }
             plan.held.push((pattern.to_string(), reason.clone()));
             for key in hold_keys(pattern) {
                 if key.shape == 0 {
@@ -207,8 +214,10 @@ pub fn hold_shapes<'a>(keys: impl IntoIterator<Item = &'a HoldKey>) -> [u32; 2] 
 pub struct PublishedPolicy {
     /// Why no connection to it may take the fast path, when none may.
     pub held: Option<String>,
-    /// Otherwise the clients held back, each with its reason.
+    /// Otherwise the clients held back by port (and address), each with its reason...
     pub clients: BTreeMap<ClientHoldKey, String>,
+    /// ...and by address prefix: (prefix data, length in bits of the client address).
+    pub client_prefixes: BTreeMap<(ClientPrefix, u8), String>,
 }
 
 impl PublishedPolicy {
@@ -216,7 +225,7 @@ impl PublishedPolicy {
     pub fn flags(&self) -> u8 {
         if self.held.is_some() {
             PublishedPort::HELD
-        } else if !self.clients.is_empty() {
+        } else if !self.clients.is_empty() || !self.client_prefixes.is_empty() {
             PublishedPort::CLIENT_HOLDS
         } else {
             0
@@ -267,30 +276,52 @@ pub fn published(
         };
     }
     let mut clients = BTreeMap::new();
+    let mut client_prefixes = BTreeMap::new();
     for (client, hold) in holds.clients {
-        let mut shape = 0;
-        if client.address.is_some() {
-            shape |= ClientHoldKey::ADDRESS;
+        match (client.address, client.port) {
+            // One address and port, or one port: the hash.
+            (Some((address, 32)), Some(port)) => {
+                let client_key = ClientHoldKey {
+                    published: *key,
+                    client_ip: address.octets(),
+                    client_port: port.to_be_bytes(),
+                    shape: ClientHoldKey::ADDRESS | ClientHoldKey::PORT,
+                    _pad: 0,
+                };
+                clients
+                    .entry(client_key)
+                    .or_insert_with(|| hold.to_string());
+            }
+            (None, Some(port)) => {
+                let client_key = ClientHoldKey {
+                    published: *key,
+                    client_port: port.to_be_bytes(),
+                    shape: ClientHoldKey::PORT,
+                    ..ClientHoldKey::default()
+                };
+                clients
+                    .entry(client_key)
+                    .or_insert_with(|| hold.to_string());
+            }
+            // An address or a prefix (with a port only for one address: a prefix holds back
+            // all of its clients' ports, more than the rule, never less): the trie.
+            (Some((address, len)), _) => {
+                let prefix = ClientPrefix {
+                    published: *key,
+                    client_ip: mask(address, len),
+                };
+                client_prefixes
+                    .entry((prefix, len))
+                    .or_insert_with(|| hold.to_string());
+            }
+            (None, None) => unreachable!("a hold-back of every client is a whole one"),
         }
-        if client.port.is_some() {
-            shape |= ClientHoldKey::PORT;
-        }
-        let client_key = ClientHoldKey {
-            published: *key,
-            client_ip: client.address.map_or([0; 4], |a| a.octets()),
-            client_port: client.port.map_or([0; 2], u16::to_be_bytes),
-            shape,
-            _pad: 0,
-        };
-        clients
-            .entry(client_key)
-            .or_insert_with(|| hold.to_string());
     }
-    if clients.len() > MAX_CLIENTS_PER_PORT.min(MAX_CLIENT_HOLDS as usize) {
+    let count = clients.len() + client_prefixes.len();
+    if count > MAX_CLIENTS_PER_PORT.min(MAX_CLIENT_HOLDS as usize) {
         return PublishedPolicy {
             held: Some(format!(
-                "rules hold back {} kinds of client, more than xbr tracks per port",
-                clients.len()
+                "rules hold back {count} kinds of client, more than xbr tracks per port"
             )),
             ..PublishedPolicy::default()
         };
@@ -298,7 +329,19 @@ pub fn published(
     PublishedPolicy {
         held: None,
         clients,
+        client_prefixes,
     }
+}
+
+/// `address` with the bits past a /`len` prefix cleared, as an LPM trie keeps it.
+fn mask(address: Ipv4Addr, len: u8) -> [u8; 4] {
+    let bits = u32::from(address);
+    let kept = if len == 0 {
+        0
+    } else {
+        bits & (u32::MAX << (32 - u32::from(len.min(32))))
+    };
+    kept.to_be_bytes()
 }
 
 #[cfg(test)]
@@ -316,8 +359,8 @@ mod tests {
             source: v4("10.0.0.2"),
             destination: v4("10.0.0.4"),
             protocol: Some(IPPROTO_UDP),
-            source_port: None,
             destination_port: Some(7000),
+            ..Pattern::default()
         });
         assert_eq!(keys.len(), 1);
         let key = keys[0];

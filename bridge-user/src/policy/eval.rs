@@ -91,6 +91,11 @@ pub struct Pattern {
     pub layer3: Option<Layer3>,
     pub source: Option<IpAddr>,
     pub destination: Option<IpAddr>,
+    /// A prefix the source is in, where the rule names a prefix rather than a host (`source`
+    /// is then `None`): kept for published ports' clients, which the datapath can look up by
+    /// prefix.
+    pub source_prefix: Option<(IpAddr, u8)>,
+    pub destination_prefix: Option<(IpAddr, u8)>,
     pub protocol: Option<u8>,
     pub source_port: Option<u16>,
     pub destination_port: Option<u16>,
@@ -438,24 +443,40 @@ fn narrow(patterns: Vec<Pattern>, condition: &Condition) -> Vec<Pattern> {
                     .unwrap_or_else(|| patterns.clone()),
                 None => patterns.clone(),
             };
+            let source = matches!(condition, Condition::Source(_));
             let hosts: Option<Vec<IpAddr>> = (!choice.negated)
                 .then(|| choice.any_of.iter().map(Addresses::single).collect())
                 .flatten();
-            match hosts {
-                Some(hosts) => {
-                    let source = matches!(condition, Condition::Source(_));
-                    product(&patterns, &hosts, |p, host| {
-                        set(
-                            if source {
-                                &mut p.source
-                            } else {
-                                &mut p.destination
-                            },
-                            *host,
-                        )
-                    })
-                }
-                None => Some(patterns),
+            let prefixes: Option<Vec<(IpAddr, u8)>> = (!choice.negated)
+                .then(|| {
+                    choice
+                        .any_of
+                        .iter()
+                        .map(|item| match item {
+                            Addresses::Prefix(address, len) => Some((*address, *len)),
+                            Addresses::Range(..) => None,
+                        })
+                        .collect()
+                })
+                .flatten();
+            match (hosts, prefixes) {
+                (Some(hosts), _) => product(&patterns, &hosts, |p, host| {
+                    let field = if source {
+                        &mut p.source
+                    } else {
+                        &mut p.destination
+                    };
+                    set(field, *host)
+                }),
+                (None, Some(prefixes)) => product(&patterns, &prefixes, |p, prefix| {
+                    let field = if source {
+                        &mut p.source_prefix
+                    } else {
+                        &mut p.destination_prefix
+                    };
+                    set(field, *prefix)
+                }),
+                (None, None) => Some(patterns),
             }
         }
         Condition::Protocol(choice) if !choice.negated => {

@@ -67,7 +67,8 @@ pub struct Published<'a> {
 /// A client of a published port, as a hold-back names it; `None` fields: any.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Client {
-    pub address: Option<Ipv4Addr>,
+    /// An address prefix (length 32: one address).
+    pub address: Option<(Ipv4Addr, u8)>,
     pub port: Option<u16>,
 }
 
@@ -95,14 +96,20 @@ pub fn published(firewall: &Firewall, published: &Published) -> PublishedHolds {
     for (client_is, traversal) in published_traversals(published) {
         for hold in holds(&firewall.ruleset, &traversal) {
             for pattern in &hold.patterns {
-                let (address, port) = match client_is {
-                    ClientIs::Source => (pattern.source, pattern.source_port),
-                    ClientIs::Destination => (pattern.destination, pattern.destination_port),
+                let (host, prefix, port) = match client_is {
+                    ClientIs::Source => {
+                        (pattern.source, pattern.source_prefix, pattern.source_port)
+                    }
+                    ClientIs::Destination => (
+                        pattern.destination,
+                        pattern.destination_prefix,
+                        pattern.destination_port,
+                    ),
                 };
-                let address = match address {
-                    Some(IpAddr::V4(address)) => Some(address),
+                let address = match host.map(|host| (host, 32)).or(prefix) {
+                    Some((IpAddr::V4(address), len)) => Some((address, len)),
                     // An IPv6 client is never one of an IPv4 published port.
-                    Some(IpAddr::V6(_)) => continue,
+                    Some((IpAddr::V6(_), _)) => continue,
                     None => None,
                 };
                 if address.is_none() && port.is_none() {
@@ -272,10 +279,9 @@ fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
                     .map(|pattern| Pattern {
                         layer3: pattern.layer3.or(Some(layer3)),
                         source: to,
-                        destination: None,
                         protocol: pattern.protocol,
                         source_port: port,
-                        destination_port: None,
+                        ..Pattern::default()
                     })
                     .collect(),
                 ..hold
@@ -492,12 +498,16 @@ impl std::fmt::Display for Pattern {
                 _ => "ip".to_owned(),
             },
         };
+        let address = |host: Option<IpAddr>, prefix: Option<(IpAddr, u8)>| {
+            host.map(|a| a.to_string())
+                .or(prefix.map(|(a, len)| format!("{a}/{len}")))
+        };
         write!(
             f,
             "{protocol} {}:{} -> {}:{}",
-            any(self.source.map(|a| a.to_string())),
+            any(address(self.source, self.source_prefix)),
             any(self.source_port.map(|p| p.to_string())),
-            any(self.destination.map(|a| a.to_string())),
+            any(address(self.destination, self.destination_prefix)),
             any(self.destination_port.map(|p| p.to_string())),
         )
     }

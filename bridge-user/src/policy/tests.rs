@@ -51,10 +51,15 @@ fn patterns(holds: &[Hold]) -> Vec<Pattern> {
     holds.iter().flat_map(|h| h.patterns.clone()).collect()
 }
 
-/// Whether a hold-back takes a whole family (or all) of east-west traffic.
+/// Whether a hold-back takes a whole family (or all) of east-west traffic in the datapath,
+/// which keys east-west hold-backs on hosts, not prefixes.
 fn wide(holds: &[Hold]) -> bool {
     patterns(holds).iter().any(|p| {
-        *p == Pattern {
+        Pattern {
+            source_prefix: None,
+            destination_prefix: None,
+            ..*p
+        } == Pattern {
             layer3: p.layer3,
             ..Pattern::default()
         }
@@ -91,17 +96,16 @@ fn the_issue_rules_hold_back_exactly_what_they_drop() {
                 source: v4("10.0.0.2"),
                 destination: v4("10.0.0.4"),
                 protocol: Some(17),
-                source_port: None,
                 destination_port: Some(7000),
+                ..Pattern::default()
             },
             // The inet rule sees bridged IPv4 frames through br_netfilter.
             Pattern {
                 layer3: Some(Layer3::V4),
-                source: None,
                 destination: v4("10.0.0.3"),
                 protocol: Some(6),
-                source_port: None,
                 destination_port: Some(8000),
+                ..Pattern::default()
             },
         ]
     );
@@ -140,7 +144,7 @@ fn the_issue_rules_hold_back_exactly_what_they_drop() {
             .map(|(client, _)| *client)
             .collect::<Vec<_>>(),
         vec![Client {
-            address: Some("10.0.0.3".parse().unwrap()),
+            address: Some(("10.0.0.3".parse().unwrap(), 32)),
             port: Some(8000)
         }]
     );
@@ -193,10 +197,9 @@ fn hairpin_nat_holds_back_the_replies_conntrack_must_translate() {
         let reply = Pattern {
             layer3: Some(Layer3::V4),
             source: v4(source),
-            destination: None,
             protocol: Some(protocol),
             source_port: Some(port),
-            destination_port: None,
+            ..Pattern::default()
         };
         assert!(
             patterns.contains(&reply),
@@ -580,4 +583,27 @@ fn another_networks_masquerade_does_not_touch_containers_that_use_their_own_addr
     // masqueraded on the kernel path.
     let unchecked = east_west_on(&firewall, "br-test");
     assert!(wide(&unchecked), "{unchecked:#?}");
+}
+
+#[test]
+fn a_masquerade_for_another_subnet_holds_back_only_those_clients_of_a_published_port() {
+    let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                :POSTROUTING ACCEPT [0:0]\n\
+                -A POSTROUTING -s 10.214.1.0/24 ! -o br-other -j MASQUERADE\nCOMMIT\n";
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: true,
+    };
+    let holds = published(&firewall, &tcp_published(18090, "172.18.0.3", 8000));
+    assert_eq!(holds.whole, None, "{holds:#?}");
+    assert_eq!(
+        holds.clients.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        vec![Client {
+            address: Some(("10.214.1.0".parse().unwrap(), 24)),
+            port: None
+        }]
+    );
 }
