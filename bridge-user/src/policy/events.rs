@@ -24,6 +24,10 @@ pub struct RulesetChanges {
     poll: tokio::time::Interval,
     /// What the last poll saw of the unevented state.
     unevented: String,
+    /// A change was heard and not reported yet. Kept here, not in a future, because the
+    /// follower's `select!` may drop `changed()` at any await: a change heard then is still
+    /// reported by the next call.
+    pending: bool,
 }
 
 impl RulesetChanges {
@@ -42,35 +46,49 @@ impl RulesetChanges {
             nftables,
             poll,
             unevented: read::unevented_state(),
+            pending: false,
         }
     }
 
-    /// Waits until the ruleset (or a switch that decides which hooks apply) may have changed.
+    /// Waits until the ruleset (or a switch that decides which hooks apply) may have changed,
+    /// and the burst the change belongs to (iptables writes a rule as a batch of messages,
+    /// Docker a dozen rules per container) has settled. Cancellation-safe.
     pub async fn changed(&mut self) {
-        loop {
+        while !self.pending {
             let nftables = async {
                 match self.nftables.as_ref() {
-                    Some(events) => events.changed().await,
+                    Some(events) => events.drain().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                result = nftables => {
-                    if let Err(error) = result {
+                heard = nftables => match heard {
+                    Ok(()) => self.pending = true,
+                    Err(error) => {
                         warn!(%error, "nftables change events failed; the ruleset is re-read each second");
                         self.nftables = None;
+                        self.pending = true;
                     }
-                    return;
-                }
+                },
                 _ = self.poll.tick() => {
                     let now = read::unevented_state();
                     if now != self.unevented {
                         self.unevented = now;
-                        return;
+                        self.pending = true;
                     }
                 }
             }
         }
+        if let Some(events) = self.nftables.as_ref() {
+            let first = tokio::time::Instant::now();
+            while first.elapsed() < MAX_DELAY {
+                match tokio::time::timeout(QUIET, events.drain()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        }
+        self.pending = false;
     }
 }
 
@@ -129,22 +147,9 @@ impl NftablesEvents {
         Ok(NftablesEvents { socket })
     }
 
-    /// Waits for a ruleset change, then for the burst it belongs to (iptables writes a rule as
-    /// a batch of messages, Docker a dozen rules per container) to settle.
-    async fn changed(&self) -> std::io::Result<()> {
-        self.drain_one().await?;
-        let first = tokio::time::Instant::now();
-        while first.elapsed() < MAX_DELAY {
-            match tokio::time::timeout(QUIET, self.drain_one()).await {
-                Ok(result) => result?,
-                Err(_) => break,
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until messages arrived, and reads all there are.
-    async fn drain_one(&self) -> std::io::Result<()> {
+    /// Waits until messages arrived, and reads all there are. Cancellation-safe: it reads
+    /// only after its last await, and returns right after.
+    async fn drain(&self) -> std::io::Result<()> {
         loop {
             let mut ready = self.socket.readable().await?;
             let mut got = false;
