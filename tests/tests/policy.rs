@@ -8,7 +8,8 @@
 //!
 //! The probes: P1 UDP a -> c:7000 and P2 UDP a -> c:7001 (datagrams counted at c), P3 TCP
 //! outside -> 10.78.0.1:8000 (published to b:8000) and P4 TCP outside -> 10.78.0.1:8080
-//! (published to c:80), each connection an echo exchange.
+//! (published to c:80), each connection an echo exchange. A last case adds and removes a
+//! rule under `xbr attach --follow`, and measures how long the follower takes to apply it.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -26,7 +27,7 @@ use serde_json::Value;
 use xbr::{lab::LabSpec, netns::NetNs};
 use xbr_tests::{
     lab_support::LabBuilder,
-    witness::{PinRoot, xbr_binary},
+    witness::{Follower, PinRoot, wait_for, xbr_binary},
 };
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
@@ -1011,4 +1012,330 @@ fn rule_counter(netns: &str, chain: &str) -> u64 {
         .flatten()
         .find_map(|e| e["counter"]["packets"].as_u64())
         .expect("the rule has a counter")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A rule added and removed while a follower runs.
+
+/// Numbered datagrams a -> c:7000 every 2 ms, each send's time remembered.
+struct NumberedStream {
+    stop: Arc<AtomicBool>,
+    sender: Option<std::thread::JoinHandle<Vec<Instant>>>,
+}
+
+impl NumberedStream {
+    const TAG: &'static str = "stream";
+
+    fn start(a: &NetNs) -> NumberedStream {
+        let socket = a
+            .run(|| UdpSocket::bind((CONTAINER_A, 0)))
+            .unwrap()
+            .expect("bind the stream's sender");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let mut sent_at = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                let payload = format!("{} {}", NumberedStream::TAG, sent_at.len());
+                sent_at.push(Instant::now());
+                socket
+                    .send_to(payload.as_bytes(), (CONTAINER_C, 7000))
+                    .expect("send a datagram");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sent_at
+        });
+        NumberedStream {
+            stop,
+            sender: Some(sender),
+        }
+    }
+
+    /// Stops sending; when each datagram was sent.
+    fn finish(mut self) -> Vec<Instant> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sender
+            .take()
+            .unwrap()
+            .join()
+            .expect("the stream's sender")
+    }
+}
+
+impl Drop for NumberedStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+    }
+}
+
+/// The sequence numbers of the stream's datagrams that reached c.
+fn stream_received(sink: &UdpSink) -> Vec<usize> {
+    let prefix = format!("{} ", NumberedStream::TAG);
+    sink.received
+        .iter()
+        .filter_map(|payload| payload.strip_prefix(&prefix)?.parse().ok())
+        .collect()
+}
+
+/// `nft add rule bridge lab_follow forward udp dport 7000 drop` in `netns`; the rule's handle.
+fn add_follow_rule(netns: &str) -> String {
+    let (ok, stdout, stderr) = run_in(
+        netns,
+        &[
+            "nft",
+            "--echo",
+            "--handle",
+            "add",
+            "rule",
+            "bridge",
+            "lab_follow",
+            "forward",
+            "udp",
+            "dport",
+            "7000",
+            "drop",
+        ],
+        None,
+    );
+    assert!(ok, "nft add rule: {stderr}");
+    stdout
+        .rsplit_once("# handle ")
+        .map(|(_, handle)| handle.trim().to_owned())
+        .unwrap_or_else(|| panic!("nft --echo --handle printed no handle: {stdout}"))
+}
+
+fn delete_follow_rule(netns: &str, handle: &str) {
+    let (ok, _, stderr) = run_in(
+        netns,
+        &[
+            "nft",
+            "delete",
+            "rule",
+            "bridge",
+            "lab_follow",
+            "forward",
+            "handle",
+            handle,
+        ],
+        None,
+    );
+    assert!(ok, "nft delete rule handle {handle}: {stderr}");
+}
+
+/// Waits until `xbr status` says the datapath applies the ruleset as it is now, with P1 held
+/// (`held`) or not; how long that took. Past `limit`, panics with the status and the
+/// follower's log.
+fn await_pickup(
+    xbr: &Xbr,
+    follower: &Follower,
+    what: &str,
+    held: bool,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = xbr.status();
+        if status["policy"]["applied"] == true && held_reason(&status, Probe::P1).is_some() == held
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: the follower did not apply the ruleset within {limit:?}\n\
+             xbr status --json: {status:#}\nfollower log:\n{}",
+            follower.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The issue asks that `--follow` pick a ruleset change up within a second; on this shared
+/// machine each wait is bounded by `PICKUP_LIMIT` (well below the follower's 30 s resync, which
+/// would mask a change the follower missed) and the time it took is printed. What is
+/// asserted: every change is applied within that bound, once `xbr status` says a drop is
+/// applied not one datagram it drops is delivered, and its removal gives P1 back to the fast
+/// path. The rule comes and goes `CYCLES` times more, since a change can be missed on a race.
+#[test]
+fn a_rule_added_and_removed_under_a_follower_is_honoured_both_ways() {
+    const PICKUP_LIMIT: Duration = Duration::from_secs(5);
+    const CYCLES: usize = 10;
+    let lab = LabBuilder::three_containers().with_uplink().up();
+    let spec = lab.spec().clone();
+    let mut world = World::new(&spec);
+    let host = world.host.clone();
+    nft(
+        &host,
+        "table bridge lab_follow {
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+  }
+}
+",
+    );
+
+    // The kernel path: P1 delivered, dropped while the rule exists, delivered again.
+    let kernel_before = world.probe(Probe::P1, "kernel-before", USUAL);
+    let handle = add_follow_rule(&host);
+    let kernel_with = world.probe(Probe::P1, "kernel-with", USUAL);
+    delete_follow_rule(&host, &handle);
+    let kernel_after = world.probe(Probe::P1, "kernel-after", USUAL);
+    assert!(kernel_before.delivered_all(), "{kernel_before}");
+    assert!(
+        kernel_with.delivered_none(),
+        "the rule drops P1: {kernel_with}"
+    );
+    assert!(kernel_after.delivered_all(), "{kernel_after}");
+
+    let pins = PinRoot::new(&host);
+    let xbr = Xbr {
+        pins: &pins,
+        path: None,
+    };
+    xbr.attach_and_publish();
+    let root = pins.arg();
+    // The follower's own debug lines (not the eBPF programs' logging) say when it hears a
+    // ruleset change: a failure message shows them.
+    let follower = Follower::spawn(
+        &[("RUST_LOG", "xbr=info,xbr::follow=debug")],
+        &[
+            "-n",
+            &host,
+            "--pin-root",
+            root,
+            "attach",
+            "br0",
+            "--follow",
+            "--uplink",
+            "uplink0",
+            "--docker",
+            "off",
+        ],
+        Duration::from_secs(10),
+    );
+    let probe = |world: &mut World, probe: Probe, phase: &str| {
+        let before = xbr.verdicts();
+        let delivery = world.probe(probe, phase, USUAL);
+        (delivery, xbr.verdicts() - before)
+    };
+
+    let (before, moved) = probe(&mut world, Probe::P1, "xbr-before");
+    eprintln!("P1 before the rule: {before}, {moved}");
+    assert_eq!(before, kernel_before);
+    assert!(
+        moved.redirected >= 20 && moved.held_by_policy == 0,
+        "P1 takes the fast path: {moved}"
+    );
+
+    // The rule goes in under a running stream.
+    let stream = NumberedStream::start(&world.a);
+    wait_for("the stream to reach c", PICKUP_LIMIT, || {
+        world.sink(Probe::P1).drain();
+        !stream_received(world.sink(Probe::P1)).is_empty()
+    });
+    let handle = add_follow_rule(&host);
+    let added = Instant::now();
+    let to_applied = await_pickup(&xbr, &follower, "the rule added", true, PICKUP_LIMIT);
+    let applied = Instant::now();
+    // Let the stream run on past the update, so that it shows the drop.
+    while applied.elapsed() < Duration::from_millis(300) {
+        world.sink(Probe::P1).drain();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent_at = stream.finish();
+    let sink = world.sink(Probe::P1);
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(300) {
+        sink.drain();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let received = stream_received(sink);
+    let last_received = received
+        .iter()
+        .copied()
+        .max()
+        .expect("the stream reached c");
+    let delivered_after = |at: Instant| received.iter().filter(|seq| sent_at[**seq] > at).count();
+    let to_first_loss = sent_at
+        .get(last_received + 1)
+        .map(|first_lost| first_lost.saturating_duration_since(added));
+    eprintln!(
+        "rule added: applied (xbr status) after {to_applied:?}; first datagram lost {} after \
+         `nft add rule` returned; the stream sent {} datagrams, {} of them after the rule, of \
+         which {} were still delivered",
+        to_first_loss.map_or("never".to_owned(), |d| format!("{d:?}")),
+        sent_at.len(),
+        sent_at.iter().filter(|at| **at > added).count(),
+        delivered_after(added),
+    );
+    let status = xbr.status();
+    let reason = held_reason(&status, Probe::P1).unwrap_or_default();
+    assert!(
+        reason.contains("`table bridge lab_follow` chain forward rule") && reason.contains("drop"),
+        "status names the new rule for P1: {status:#}"
+    );
+    assert!(
+        sent_at.iter().any(|at| *at > applied),
+        "the stream ran on after the update"
+    );
+    assert_eq!(
+        delivered_after(applied),
+        0,
+        "datagrams sent after status said the rule was applied were delivered past it: \
+         {status:#}"
+    );
+
+    let (with_rule, moved) = probe(&mut world, Probe::P1, "xbr-with");
+    eprintln!("P1 with the rule: {with_rule}, {moved}");
+    assert_eq!(with_rule, kernel_with, "P1 is delivered as without xbr");
+    assert!(
+        moved.held_by_policy >= 20 && moved.redirected == 0,
+        "P1 is held back: {moved}"
+    );
+    let (beside, moved) = probe(&mut world, Probe::P2, "xbr-with");
+    eprintln!("P2 with the rule: {beside}, {moved}");
+    assert!(beside.delivered_all(), "{beside}");
+    assert!(
+        moved.redirected >= 20 && moved.held_by_policy == 0,
+        "P2, which the rule cannot touch, keeps the fast path: {moved}"
+    );
+
+    delete_follow_rule(&host, &handle);
+    let to_released = await_pickup(&xbr, &follower, "the rule removed", false, PICKUP_LIMIT);
+    eprintln!("rule removed: applied (xbr status) after {to_released:?}");
+    let (after, moved) = probe(&mut world, Probe::P1, "xbr-after");
+    eprintln!("P1 after the rule: {after}, {moved}");
+    assert_eq!(after, kernel_after);
+    assert!(
+        moved.redirected >= 20 && moved.held_by_policy == 0,
+        "P1 takes the fast path again: {moved}"
+    );
+
+    let mut pickups = Vec::new();
+    for cycle in 1..=CYCLES {
+        let handle = add_follow_rule(&host);
+        let added = await_pickup(
+            &xbr,
+            &follower,
+            &format!("cycle {cycle}: the rule added"),
+            true,
+            PICKUP_LIMIT,
+        );
+        delete_follow_rule(&host, &handle);
+        let removed = await_pickup(
+            &xbr,
+            &follower,
+            &format!("cycle {cycle}: the rule removed"),
+            false,
+            PICKUP_LIMIT,
+        );
+        eprintln!("cycle {cycle}: added applied after {added:?}, removed after {removed:?}");
+        pickups.push(format!("{added:.0?}/{removed:.0?}"));
+    }
+    eprintln!(
+        "{CYCLES} more cycles, added/removed applied after: {}",
+        pickups.join(" ")
+    );
 }
