@@ -78,9 +78,11 @@ pub fn once(pinned: &mut Pinned, inputs: &Inputs) -> Result<Outcome> {
     let docker = inputs
         .docker
         .map(|state| docker::apply(pinned, state, &plan, inputs.mirror_docker));
-    // After Docker's sync, so that ports it just published are decided too.
+    // After Docker's sync, so that ports it just published are decided too; whatever the
+    // rest of the pass did, or they would stay held until the next one.
+    let published = pinned.apply_published_policy(&plan);
     let changes = changes.and_then(|mut changes| {
-        changes.connections_held = pinned.apply_published_policy(&plan)?.connections_ended;
+        changes.connections_held = published?.connections_ended;
         Ok(changes)
     });
     Ok(Outcome::Reconciled(Box::new(Pass {

@@ -548,9 +548,13 @@ fn docker_host_end_to_end() {
     let late_server = TcpEcho::start(&late.netns, late_ip, ECHO_PORT);
     let late_spec = spec(ports.late, late_ip, ECHO_PORT, "tcp");
     wait_for(
-        "the late container's port in xbr",
+        "the late container's port in xbr, pointing at its container, not held back",
         LONG,
-        || xbr.published(&bridge).contains(&late_spec),
+        || {
+            let status = xbr.bridge_status(&bridge);
+            published_entry(&status, &late_spec)
+                .is_some_and(|p| p["container_port_ifindex"].is_u64() && p["held"] == false)
+        },
         explain,
     );
     let dnat_late = dnat_packets(ports.late);

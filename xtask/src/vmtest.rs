@@ -149,6 +149,7 @@ pub fn verdict(rows: &[Row]) -> anyhow::Result<()> {
 struct Binaries {
     xbr: PathBuf,
     packet: PathBuf,
+    policy_packet: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
 }
@@ -187,6 +188,7 @@ impl Binaries {
         Ok(Binaries {
             xbr,
             packet: find("packet")?,
+            policy_packet: find("policy_packet")?,
             east_west: find("east_west")?,
             published: find("published")?,
         })
@@ -247,6 +249,15 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         Suite {
             name: "packet".to_owned(),
             argv: vec![program(&binaries.packet)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs_tcx: false,
+        },
+        // The policy's hold-backs (HOLDS by shape, the address check, client holds in a hash
+        // and an LPM trie) through this kernel's verifier and maps.
+        Suite {
+            name: "policy-packet".to_owned(),
+            argv: vec![program(&binaries.policy_packet)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
             needs_tcx: false,
