@@ -10,6 +10,7 @@ pub mod docker;
 pub mod error;
 pub mod features;
 pub mod follow;
+pub mod hooks;
 pub mod lab;
 pub mod metrics;
 pub mod netlink;
