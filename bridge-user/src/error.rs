@@ -60,6 +60,15 @@ pub enum Error {
         pins: PathBuf,
         detail: String,
     },
+    #[error(
+        "bridge {bridge} is being changed by {holder}; gave up after waiting {waited} s \
+         (wait longer with --wait SECONDS)"
+    )]
+    Busy {
+        bridge: String,
+        holder: String,
+        waited: f64,
+    },
     #[error("netlink: {context}: {source}")]
     Netlink {
         context: String,

@@ -12,6 +12,7 @@ pub mod features;
 pub mod follow;
 pub mod hooks;
 pub mod lab;
+pub mod lock;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;

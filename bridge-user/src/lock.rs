@@ -176,7 +176,12 @@ fn lock(path: &Path) -> Result<Attempt<Flock<File>>> {
         {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Attempt::Gone),
-            Err(e) => return Err(Error::io(format!("opening {} to lock it", path.display()), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("opening {} to lock it", path.display()),
+                    e,
+                ));
+            }
         };
         let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,

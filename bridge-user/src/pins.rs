@@ -58,6 +58,11 @@ pub fn map_pin(dir: &Path, object_name: &str) -> PathBuf {
     dir.join(pin)
 }
 
+/// The directory a follower locks for as long as it follows (see `lock`).
+pub fn follower_dir(dir: &Path) -> PathBuf {
+    dir.join("follower")
+}
+
 /// The tcx link of bridge port `ifindex`.
 pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
     dir.join(format!("link_{ifindex}"))
