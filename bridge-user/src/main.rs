@@ -8,7 +8,7 @@ use xbr::{
     datapath::{self, ModeChoice, UplinkModeChoice},
     features,
     follow::Stopped,
-    lab, netlink, netns, observe, pins, plan,
+    lab, lock, netlink, netns, observe, pins, plan,
     publish::PublishSpec,
     reconcile,
 };
@@ -308,11 +308,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report::detached(&bridge, &detached, output.json)
         }
         Command::Status { bridge, output } => {
-            let attachments = read_attachments(root, bridge.as_deref(), true)?;
-            report::status(&attachments, &features::detect(), output.json)
+            let (attachments, incomplete) = read_attachments(root, bridge.as_deref(), true)?;
+            report::status(&attachments, &incomplete, &features::detect(), output.json)
         }
         Command::Stats { bridge, output } => {
-            let attachments = read_attachments(root, bridge.as_deref(), false)?;
+            let (attachments, _) = read_attachments(root, bridge.as_deref(), false)?;
             report::stats(&attachments, output.json)
         }
         Command::Lab(_) => unreachable!("handled above"),
@@ -321,19 +321,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and
 /// what is not accelerated); `None` when the bridge is gone. `with_docker`: also what Docker
-/// and the firewall say about it, where a Docker network owns it.
+/// and the firewall say about it, where a Docker network owns it. Second: pins that are not a
+/// whole attachment (an attach or detach interrupted, or running now).
 fn read_attachments(
     root: &std::path::Path,
     only: Option<&str>,
     with_docker: bool,
-) -> anyhow::Result<Vec<report::Observed>> {
+) -> anyhow::Result<(Vec<report::Observed>, Vec<report::Incomplete>)> {
     let names = match only {
         Some(name) => vec![name.to_owned()],
         None => pins::attached_bridges(root)?,
     };
     let mut attachments = Vec::new();
+    let mut incomplete = Vec::new();
     for name in names {
-        let attachment = datapath::read(root, &name)?;
+        let attachment = match datapath::read(root, &name) {
+            Ok(attachment) => attachment,
+            Err(
+                error @ (xbr::error::Error::Incomplete { .. }
+                | xbr::error::Error::BrokenPins { .. }),
+            ) => {
+                let dir = pins::bridge_dir(root, &name)?;
+                incomplete.push(report::Incomplete {
+                    writer: lock::writer(&dir),
+                    bridge: name,
+                    dir,
+                    detail: error.to_string(),
+                });
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         let docker = with_docker.then(|| xbr::docker::status(&name)).flatten();
         let view = netlink::run(|handle| async move {
             observe::bridge(&handle, &name, observe::Detail::Addresses).await
@@ -341,7 +359,7 @@ fn read_attachments(
         .ok();
         attachments.push((attachment, view, docker));
     }
-    Ok(attachments)
+    Ok((attachments, incomplete))
 }
 
 fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
