@@ -51,6 +51,10 @@ struct Cli {
     /// Where attachments are pinned; must be on a bpf filesystem.
     #[arg(long, global = true, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
+    /// How long to wait while another xbr changes the same bridge (an attach, a detach, a
+    /// follower's reconcile; one writer at a time) before giving up and naming it.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = lock::DEFAULT_WAIT.as_secs())]
+    wait: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,19 +79,23 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
         uplink_mode: UplinkModeChoice,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
-        /// path within milliseconds, containers that leave are removed. Ctrl-C or SIGTERM stop
-        /// following and leave the datapath in place; `xbr detach` stops the follower too.
+        /// path within milliseconds, containers that leave are removed, hooks removed outside
+        /// xbr are put back. Ctrl-C or SIGTERM stop following and leave the datapath in place;
+        /// `xbr detach` stops the follower too. While another follower follows the bridge,
+        /// this one stands by and takes over when that one stops.
         #[arg(long)]
         follow: bool,
         /// With --follow: serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9477).
         #[arg(long, value_name = "ADDR", requires = "follow")]
         metrics: Option<std::net::SocketAddr>,
-        /// With --follow: reconcile this often even without events, as a safety net.
+        /// With --follow: reconcile this often even without events (1 to 60 s), as a safety
+        /// net for missed events; it bounds how long any drift can last.
         #[arg(
             long,
             value_name = "SECONDS",
             default_value_t = 30,
-            requires = "follow"
+            requires = "follow",
+            value_parser = clap::value_parser!(u64).range(1..=60)
         )]
         resync: u64,
         /// Mirror Docker when a Docker network owns BRIDGE (`auto`: when Docker's socket,
@@ -191,8 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(xbr::error::Error::NotRoot);
     }
+    let wait = std::time::Duration::from_secs(cli.wait);
     if let Command::Lab(command) = &cli.command {
-        return run_lab(command, &cli.pin_root);
+        return run_lab(command, &cli.pin_root, wait);
     }
     if let Some(name) = &cli.netns {
         netns::enter(name)?;
@@ -217,6 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     detail: format!("kernel {} refused a test program", features.kernel),
                 });
             }
+            // One writer at a time, from the first look at the bridge to the last write.
+            let writer = lock::Writer::acquire(root, &bridge, true, wait)?;
             let docker = xbr::docker::find(docker, &bridge)?;
             let docker_state = docker.as_ref().map(|d| d.observe_blocking()).transpose()?;
             let policy = docker_state
@@ -242,14 +253,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } = reconcile::attach(&bridge, options, &inputs)?;
             let synced = docker_state.as_ref().zip(synced);
             report::attached(&plan, &attached, &features, synced, output.json)?;
+            drop(writer);
             if !follow {
                 return Ok(());
             }
             let pinned = datapath::Pinned::open(root, &plan.bridge)?;
             let options = xbr::follow::FollowOptions {
                 metrics,
-                resync: std::time::Duration::from_secs(resync.max(1)),
+                resync: std::time::Duration::from_secs(resync),
                 docker,
+                wait,
             };
             match xbr::follow::follow(pinned, options)? {
                 Stopped::Signal => {
@@ -276,6 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spec,
             output,
         } => {
+            let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let mut pinned = datapath::Pinned::open(root, &bridge)?;
             let name = bridge.clone();
             let view = netlink::run(|handle| async move {
@@ -299,11 +313,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spec,
             output,
         } => {
+            let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let mut pinned = datapath::Pinned::open(root, &bridge)?;
             let ended = pinned.unpublish(&spec)?;
             report::unpublished(&bridge, &spec, ended, output.json)
         }
         Command::Detach { bridge, output } => {
+            let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let detached = datapath::detach(root, &bridge)?;
             report::detached(&bridge, &detached, output.json)
         }
@@ -362,7 +378,11 @@ fn read_attachments(
     Ok((attachments, incomplete))
 }
 
-fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
+fn run_lab(
+    command: &LabCommand,
+    root: &std::path::Path,
+    wait: std::time::Duration,
+) -> anyhow::Result<()> {
     match command {
         LabCommand::Up { file } => {
             let spec = lab::LabSpec::from_file(file)?;
@@ -388,10 +408,14 @@ fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
             if let Some(host) = host {
                 let bridge = spec.bridge.name.clone();
                 let root = root.to_owned();
-                host.run(move || match datapath::detach(&root, &bridge) {
-                    Ok(_) | Err(xbr::error::Error::NotAttached { .. }) => Ok(()),
-                    Err(e) => Err(e),
-                })??;
+                host.run(move || {
+                    let _writer = lock::Writer::acquire(&root, &bridge, false, wait)?;
+                    datapath::detach(&root, &bridge).map(|_| ())
+                })?
+                .or_else(|error| match error {
+                    xbr::error::Error::NotAttached { .. } => Ok(()),
+                    error => Err(error),
+                })?;
             }
             lab::down(&spec).with_context(|| format!("removing lab {}", spec.name))?;
             println!("lab {} is down", spec.name);
