@@ -5,3 +5,4 @@ pub mod docker_support;
 pub mod lab_support;
 pub mod skip;
 pub mod witness;
+pub mod writers_support;
