@@ -42,10 +42,17 @@ pub struct Holder {
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.command.is_empty() {
+        if !self.command.is_empty() {
+            write!(f, "pid {} (`{}`)", self.pid, self.command)
+        } else if Path::new(&format!("/proc/{}", self.pid)).exists() {
             write!(f, "pid {}", self.pid)
         } else {
-            write!(f, "pid {} (`{}`)", self.pid, self.command)
+            // /proc/locks names who took the lock; a process it started inherited it.
+            write!(
+                f,
+                "pid {} (exited; a process it started still holds the lock)",
+                self.pid
+            )
         }
     }
 }
@@ -56,6 +63,11 @@ pub struct Writer {
     lock: Option<Flock<File>>,
     dir: PathBuf,
     root: PathBuf,
+}
+
+/// (device, inode) of what an open file or a path names.
+fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
 }
 
 /// One try at a lock.
@@ -133,8 +145,12 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Still holding the lock: nobody can be filling the directory now.
-        if holds_no_pins(&self.dir) {
+        // Only the directory this lock holds: once this writer removed it (a detach), another
+        // writer may have made a new one under the same name and be filling it now.
+        let ours = self.lock.as_ref().and_then(|lock| lock.metadata().ok());
+        let named = std::fs::metadata(&self.dir).ok();
+        let same = matches!((ours, named), (Some(ours), Some(named)) if identity(&ours) == identity(&named));
+        if same && holds_no_pins(&self.dir) {
             let _ = pins::remove(&self.dir, &self.root);
         }
         drop(self.lock.take());
@@ -197,7 +213,7 @@ fn lock(path: &Path) -> Result<Attempt<Flock<File>>> {
             .metadata()
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         match std::fs::metadata(path) {
-            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+            Ok(now) if identity(&now) == identity(&held) => {
                 return Ok(Attempt::Acquired(locked));
             }
             // Removed (and maybe made again) while we waited: the lock guards nothing.
