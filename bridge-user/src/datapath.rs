@@ -197,10 +197,15 @@ pub fn attach(
             return Err(error);
         }
     };
-    let attached = pinned.reconcile(plan, true).and_then(|mut changes| {
-        changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
-        Ok(changes)
-    });
+    // Uplinks first: their records say which to hook, so an attach stopped while hooking
+    // ports leaves the next one only ports to finish.
+    let attached = pinned
+        .hook_uplinks(plan, uplinks)
+        .and_then(|uplinks_added| {
+            let mut changes = pinned.reconcile(plan, true)?;
+            changes.uplinks_added = uplinks_added;
+            Ok(changes)
+        });
     match attached {
         Ok(changes) => {
             let mut attached = pinned.attached(plan, true, changes);
@@ -1039,17 +1044,22 @@ impl Pinned {
         })
     }
 
-    /// Hooks the uplink program to uplinks not hooked yet; returns their names.
+    /// Hooks the uplink program to uplinks not hooked yet; returns their names. Each gets its
+    /// record before any is hooked: a writer stopped half-way leaves records of uplinks with no
+    /// hook, which the next reconcile hooks.
     pub fn hook_uplinks(&mut self, _plan: &Plan, uplinks: &[UplinkView]) -> Result<Vec<String>> {
         let current = self.records(Role::Uplink)?;
         let new: Vec<&UplinkView> = uplinks
             .iter()
             .filter(|uplink| !current.contains_key(&uplink.ifindex))
             .collect();
+        for uplink in &new {
+            self.write_record(Role::Uplink, uplink.ifindex, PortRecord::default())?;
+        }
         let ifindexes: Vec<u32> = new.iter().map(|uplink| uplink.ifindex).collect();
         let observed = self.observe(Role::Uplink, &ifindexes)?;
         let mut added = Vec::new();
-        for (uplink, observed) in new.into_iter().zip(observed) {
+        for (uplink, observed) in new.iter().zip(observed) {
             let port = PlannedPort {
                 name: uplink.name.clone(),
                 ifindex: uplink.ifindex,
@@ -1057,7 +1067,10 @@ impl Pinned {
             match self.hook_one(Role::Uplink, &port, None, &observed) {
                 Ok(record) => self.write_record(Role::Uplink, uplink.ifindex, record)?,
                 Err(error) => {
-                    let _ = self.uplinks.remove(&uplink.ifindex);
+                    // This one and those not tried: no record claims them.
+                    for left in new.iter().skip(added.len()) {
+                        let _ = self.uplinks.remove(&left.ifindex);
+                    }
                     return Err(error);
                 }
             }
