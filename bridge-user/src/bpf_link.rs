@@ -1,12 +1,31 @@
-//! Detaching a pinned BPF link at once. Unpinning alone drops the link's last reference,
-//! but the kernel frees it from a workqueue: for a moment the program still runs, and a
-//! frame NATed in that moment would contradict a finished `xbr detach`. BPF_LINK_DETACH
-//! (5.9+) detaches synchronously; aya 0.14 has no call for it, so this is the raw syscall.
+//! The bpf(2) calls xbr needs that aya 0.14 lacks, as raw syscalls.
+//!
+//! Detaching a pinned link at once: unpinning alone drops the link's last reference, but the
+//! kernel frees it from a workqueue: for a moment the program still runs, and a frame NATed
+//! in that moment would contradict a finished `xbr detach`. BPF_LINK_DETACH (5.9+) detaches
+//! synchronously.
+//!
+//! Reading what really runs, so a hook removed behind xbr's back is seen: where a pinned link
+//! is attached (BPF_OBJ_GET_INFO_BY_FD: a link someone detached reports ifindex 0), and
+//! which programs a port's tcx ingress runs (BPF_PROG_QUERY by ifindex, without opening each
+//! program as aya's `query_tcx` does).
 
-use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
+/// `enum bpf_attach_type`: tcx ingress (6.6+).
+const BPF_TCX_INGRESS: u32 = 46;
 
 /// The parts of `union bpf_attr` these two commands read (the kernel zero-checks the rest).
 #[repr(C)]
@@ -26,6 +45,46 @@ struct LinkDetachAttr {
     link_fd: u32,
 }
 
+/// `union bpf_attr` as BPF_PROG_QUERY reads it (6.6 layout; the kernel zero-checks the rest).
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// `union bpf_attr` as BPF_OBJ_GET_INFO_BY_FD reads it.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info`: type, id, prog_id, then a union whose xdp and tcx
+/// members start with the ifindex (at offset 16: the union is 8-aligned). The rest is room
+/// for the kernel to write into.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    ifindex: u32,
+    _rest: [u32; 27],
+}
+
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     let result = unsafe {
         libc::syscall(
@@ -42,25 +101,88 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Detaches the link pinned at `pin` (the pin itself stays; remove it afterwards).
-/// A missing pin is not an error.
-pub fn detach_pinned(pin: &Path) -> io::Result<()> {
+/// Opens the object pinned at `pin`; `None` when nothing is pinned there.
+fn open_pinned(pin: &Path) -> io::Result<Option<OwnedFd>> {
     let path = CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut get = ObjGetAttr {
         pathname: path.as_ptr() as u64,
         ..ObjGetAttr::default()
     };
-    let fd = match bpf(BPF_OBJ_GET, &mut get) {
-        Ok(fd) => fd as i32,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    match bpf(BPF_OBJ_GET, &mut get) {
+        // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Detaches the link pinned at `pin` (the pin itself stays; remove it afterwards).
+/// A missing pin is not an error.
+pub fn detach_pinned(pin: &Path) -> io::Result<()> {
+    let Some(fd) = open_pinned(pin)? else {
+        return Ok(());
     };
-    let mut detach = LinkDetachAttr { link_fd: fd as u32 };
+    let mut detach = LinkDetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
     let result = bpf(BPF_LINK_DETACH, &mut detach).map(|_| ());
-    unsafe { libc::close(fd) };
     match result {
         // Already detached: its device went away.
         Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
         other => other,
+    }
+}
+
+/// Where a pinned xdp or tcx link is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTarget {
+    pub prog_id: u32,
+    /// 0 when the link was detached (`bpftool link detach`) or its device is gone.
+    pub ifindex: u32,
+}
+
+/// What the link pinned at `pin` runs and where; `None` when nothing is pinned there.
+pub fn pinned_link_target(pin: &Path) -> io::Result<Option<LinkTarget>> {
+    let Some(fd) = open_pinned(pin)? else {
+        return Ok(None);
+    };
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(Some(LinkTarget {
+        prog_id: info.prog_id,
+        ifindex: info.ifindex,
+    }))
+}
+
+/// The ids of the programs on tcx ingress of `ifindex`, in the order they run. An error on
+/// kernels without tcx (before 6.6) and for a device that is gone (ENODEV).
+pub fn tcx_ingress_programs(ifindex: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut query = ProgQueryAttr {
+            target_ifindex: ifindex,
+            attach_type: BPF_TCX_INGRESS,
+            prog_ids: ids.as_mut_ptr() as u64,
+            count: ids.len() as u32,
+            ..ProgQueryAttr::default()
+        };
+        match bpf(BPF_PROG_QUERY, &mut query) {
+            Ok(_) => {
+                ids.truncate(query.count as usize);
+                return Ok(ids);
+            }
+            // More programs than room: the kernel said how many.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOSPC) && query.count as usize > ids.len() =>
+            {
+                ids = vec![0; query.count as usize];
+            }
+            Err(e) => return Err(e),
+        }
     }
 }

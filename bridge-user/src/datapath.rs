@@ -5,7 +5,8 @@
 //! `status`, `stats` and `detach`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -17,10 +18,8 @@ use aya::{
     },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, Link as _},
-        tc::{
-            self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle as AyaTcHandle,
-        },
+        links::FdLink,
+        tc::{self, NlOptions, TcAttachOptions, TcError},
     },
     util::nr_cpus,
 };
@@ -33,6 +32,7 @@ use netlink_packet_route::tc::{TcAttribute, TcHandle};
 use crate::{
     error::{Error, Result},
     features::Features,
+    hooks::{self, Drift, Observed, Recorded},
     netlink,
     observe::UplinkView,
     pins,
@@ -152,6 +152,11 @@ pub struct Changes {
     pub holds: (usize, usize),
     /// NATed connections ended because the policy now holds them back.
     pub connections_held: usize,
+    /// Hooks (of ports and uplinks) found other than recorded, and put right: (name, what).
+    pub repaired: Vec<(String, Drift)>,
+    /// Link pins and counters of ports without a record, left by a writer that stopped
+    /// half-way, removed.
+    pub leftovers_removed: usize,
 }
 
 impl Changes {
@@ -169,6 +174,8 @@ pub struct Attached {
     pub uplink_mode: u32,
     /// False when the bridge was attached already and this attach brought it up to date.
     pub created: bool,
+    /// The pins were an interrupted attach or detach, removed before attaching afresh.
+    pub replaced_incomplete: bool,
     pub ports: usize,
     pub endpoints: usize,
     pub changes: Changes,
@@ -185,44 +192,17 @@ pub fn attach(
     features: &Features,
     root: &Path,
 ) -> Result<Attached> {
-    if let Ok(mut pinned) = Pinned::open(root, &plan.bridge) {
-        if mode != ModeChoice::Auto && pinned.mode() != mode.resolve(features)? {
-            return Err(Error::ModeMismatch {
-                bridge: plan.bridge.clone(),
-                attached: mode_name(pinned.record.attach_mode),
-                wanted: mode_name(mode.resolve(features)? as u32),
-            });
-        }
-        let pinned_uplink_mode = uplink_mode_name(pinned.record.uplink_mode);
-        if uplink_mode != UplinkModeChoice::Auto
-            && pinned_uplink_mode != uplink_mode_name(uplink_mode.resolve(features)? as u32)
-        {
-            return Err(Error::ModeMismatch {
-                bridge: plan.bridge.clone(),
-                attached: if pinned_uplink_mode == "xdp" {
-                    "uplink xdp"
-                } else {
-                    "uplink tc"
-                },
-                wanted: if pinned_uplink_mode == "xdp" {
-                    "uplink tc"
-                } else {
-                    "uplink xdp"
-                },
-            });
-        }
-        let mut changes = pinned.reconcile(plan, false)?;
-        changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
-        // Without a follower, an attach is when closed connections get retired.
-        pinned.expire_flows(&crate::publish::Timeouts::default());
-        return Ok(pinned.attached(plan, false, changes));
+    match Pinned::open(root, &plan.bridge) {
+        Ok(pinned) => return reattach(pinned, plan, uplinks, mode, uplink_mode, features),
+        Err(Error::NotAttached { .. } | Error::Incomplete { .. }) => {}
+        Err(error) => return Err(error),
     }
+    // Nothing, or what an attach or detach stopped half-way left: start afresh. (The caller's
+    // writer lock may have made the directory already.)
     let dir = pins::bridge_dir(root, &plan.bridge)?;
+    let replaced_incomplete = holds_pins(&dir);
     if dir.exists() {
-        return Err(Error::AlreadyAttached {
-            bridge: plan.bridge.clone(),
-            pins: dir,
-        });
+        pins::clear(&dir)?;
     }
     let mode = mode.resolve(features)?;
     let uplink_mode = uplink_mode.resolve(features)?;
@@ -233,12 +213,21 @@ pub fn attach(
             return Err(error);
         }
     };
-    let attached = pinned.reconcile(plan, true).and_then(|mut changes| {
-        changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
-        Ok(changes)
-    });
+    // Uplinks first: their records say which to hook, so an attach stopped while hooking
+    // ports leaves the next one only ports to finish.
+    let attached = pinned
+        .hook_uplinks(plan, uplinks)
+        .and_then(|uplinks_added| {
+            let mut changes = pinned.reconcile(plan, true)?;
+            changes.uplinks_added = uplinks_added;
+            Ok(changes)
+        });
     match attached {
-        Ok(changes) => Ok(pinned.attached(plan, true, changes)),
+        Ok(changes) => {
+            let mut attached = pinned.attached(plan, true, changes);
+            attached.replaced_incomplete = replaced_incomplete;
+            Ok(attached)
+        }
         Err(error) => {
             let _ = pinned.detach();
             Err(error)
@@ -246,12 +235,79 @@ pub fn attach(
     }
 }
 
+/// An attach of an attached bridge: same modes, brought up to date.
+fn reattach(
+    mut pinned: Pinned,
+    plan: &Plan,
+    uplinks: &[UplinkView],
+    mode: ModeChoice,
+    uplink_mode: UplinkModeChoice,
+    features: &Features,
+) -> Result<Attached> {
+    if mode != ModeChoice::Auto && pinned.mode() != mode.resolve(features)? {
+        return Err(Error::ModeMismatch {
+            bridge: plan.bridge.clone(),
+            attached: mode_name(pinned.record.attach_mode),
+            wanted: mode_name(mode.resolve(features)? as u32),
+        });
+    }
+    let pinned_uplink_mode = uplink_mode_name(pinned.record.uplink_mode);
+    if uplink_mode != UplinkModeChoice::Auto
+        && pinned_uplink_mode != uplink_mode_name(uplink_mode.resolve(features)? as u32)
+    {
+        return Err(Error::ModeMismatch {
+            bridge: plan.bridge.clone(),
+            attached: if pinned_uplink_mode == "xdp" {
+                "uplink xdp"
+            } else {
+                "uplink tc"
+            },
+            wanted: if pinned_uplink_mode == "xdp" {
+                "uplink tc"
+            } else {
+                "uplink xdp"
+            },
+        });
+    }
+    let mut changes = pinned.reconcile(plan, false)?;
+    changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
+    // Without a follower, an attach is when closed connections get retired.
+    pinned.expire_flows(&crate::publish::Timeouts::default());
+    Ok(pinned.attached(plan, false, changes))
+}
+
+/// Whether `dir` holds any pin (its follower's lock directory aside).
+fn holds_pins(dir: &Path) -> bool {
+    let follower = pins::follower_dir(dir);
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|entry| entry.path() != follower)
+    })
+}
+
+/// Which of xbr's two tc programs, and the map that records where it is hooked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `port_ingress` on a bridge port; records in PORTS.
+    Port,
+    /// `uplink_ingress` (and in uplink xdp mode `uplink_xdp`) on an uplink; records in UPLINKS.
+    Uplink,
+}
+
 /// A pinned attachment, opened: the program and the maps of one bridge.
 pub struct Pinned {
     pub bridge: String,
     pub dir: PathBuf,
+    /// The identity (device, inode) of the bridge record's pin when opened: a detach removes
+    /// it, and a new attach (even into the same directory) pins another.
+    record_pin_id: (u64, u64),
     root: PathBuf,
     pub record: BridgeRecord,
+    /// The kernel's ids of the pinned programs: how their hooks are recognised.
+    port_program_id: u32,
+    uplink_program_id: u32,
+    uplink_xdp_id: Option<u32>,
     program: SchedClassifier,
     uplink_program: SchedClassifier,
     /// In uplink xdp mode: the XDP program in front of `uplink_program`.
@@ -290,6 +346,13 @@ impl Pinned {
                 pins: dir,
             });
         }
+        let Ok(record_pin) = std::fs::metadata(dir.join(pins::COMPLETE)) else {
+            return Err(Error::Incomplete {
+                bridge: bridge.to_owned(),
+                pins: dir,
+            });
+        };
+        let record_pin_id = (record_pin.dev(), record_pin.ino());
         let broken = |e: Error| Error::BrokenPins {
             bridge: bridge.to_owned(),
             pins: dir.clone(),
@@ -314,10 +377,21 @@ impl Pinned {
         } else {
             None
         };
+        let id_of = |info: std::result::Result<aya::programs::ProgramInfo, _>| {
+            info.map(|info| info.id())
+                .map_err(|e| broken(Error::ebpf("reading a pinned program's id", e)))
+        };
         Ok(Pinned {
             bridge: bridge.to_owned(),
+            record_pin_id,
             root: root.to_owned(),
             record,
+            port_program_id: id_of(program.info())?,
+            uplink_program_id: id_of(uplink_program.info())?,
+            uplink_xdp_id: uplink_xdp
+                .as_ref()
+                .map(|xdp| id_of(xdp.info()))
+                .transpose()?,
             program,
             uplink_program,
             uplink_xdp,
@@ -399,7 +473,11 @@ impl Pinned {
                 Error::ebpf(format!("pinning program {name} in {}", dir.display()), e)
             })?;
         }
-        for (object_name, _) in pins::MAPS {
+        // The bridge record last: its pin says the attachment is whole (see `pins`).
+        let (complete, rest): (Vec<_>, Vec<_>) = pins::MAPS
+            .iter()
+            .partition(|(_, pin)| *pin == pins::COMPLETE);
+        for (object_name, _) in rest.into_iter().chain(complete) {
             let map = ebpf.map(object_name).expect("map defined by the object");
             map.pin(pins::map_pin(&dir, object_name)).map_err(|e| {
                 Error::ebpf(format!("pinning map {object_name} in {}", dir.display()), e)
@@ -419,6 +497,7 @@ impl Pinned {
             mode,
             uplink_mode: self.record.uplink_mode,
             created,
+            replaced_incomplete: false,
             ports: self.ports.keys().filter_map(|k| k.ok()).count(),
             endpoints: plan.endpoints.len(),
             changes,
@@ -435,24 +514,22 @@ impl Pinned {
 
     /// Brings the pinned state to `plan`. With `strict`, a port that cannot be hooked is an
     /// error (a first attach is all or nothing); otherwise it is skipped and reported.
+    ///
+    /// The records are only a claim: what the kernel runs on each recorded port and uplink is
+    /// read first, and a hook removed behind xbr's back, found twice, or left unrecorded by a
+    /// writer that stopped half-way, is put right.
     pub fn reconcile(&mut self, plan: &Plan, strict: bool) -> Result<Changes> {
         let mut changes = Changes::default();
-        let current: BTreeMap<u32, PortRecord> = self
-            .ports
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| Error::ebpf("reading the ports map", e))?;
+        let current = self.records(Role::Port)?;
         let wanted_mac = &plan.port_macs;
         let wanted: BTreeMap<u32, &PlannedPort> =
             plan.ports.iter().map(|p| (p.ifindex, p)).collect();
 
-        // 1. Ports that left: their record goes first, which alone stops redirects to them.
+        // 1. Ports that left: first no delivery there (the record's MAC goes), which alone
+        // stops redirects to them; then the hook; then the record.
         for (ifindex, record) in &current {
             if !wanted.contains_key(ifindex) {
-                self.ports
-                    .remove(ifindex)
-                    .map_err(|e| Error::ebpf("updating the ports map", e))?;
-                self.unhook(*ifindex, record, &pins::link_pin(&self.dir, *ifindex))?;
+                self.forget(*ifindex, record)?;
                 let _ = self.stats.remove(ifindex);
                 // Connections into the container that left end with it.
                 self.retire_flows(|_, flow| {
@@ -488,7 +565,30 @@ impl Pinned {
                 .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
             changes.endpoints_removed += 1;
         }
-        // 4. New ports: counters, hook, then the record that lets frames be delivered there.
+        // 4. Kept ports whose hook is not what their record says. Delivery into them never
+        // stopped (their record keeps its MAC); their own frames took the bridge meanwhile.
+        let kept: BTreeMap<u32, PortRecord> = self
+            .records(Role::Port)?
+            .into_iter()
+            .filter(|(ifindex, _)| wanted.contains_key(ifindex))
+            .collect();
+        let mut failure = None;
+        for (ifindex, (drift, observed)) in self.drift(Role::Port, &kept)? {
+            let port = wanted[&ifindex];
+            match self.hook_one(Role::Port, port, Some(kept[&ifindex]), &observed) {
+                Ok(record) => {
+                    self.write_record(Role::Port, ifindex, record)?;
+                    changes.repaired.push((port.name.clone(), drift));
+                }
+                Err(Error::PortVanished { .. }) if !strict => {
+                    changes.ports_skipped.push(port.name.clone())
+                }
+                Err(error) => failure = failure.or(Some(error)),
+            }
+        }
+        // 5. New ports: counters; a record that delivers nothing yet, so that a writer
+        // stopped half-way leaves a trace the next one finishes; the hook; then the record
+        // that lets frames be delivered there.
         let cpus =
             nr_cpus().map_err(|(what, e)| Error::io(format!("counting CPUs ({what})"), e))?;
         let new_ports: Vec<&PlannedPort> = wanted
@@ -496,26 +596,24 @@ impl Pinned {
             .filter(|(ifindex, _)| !current.contains_key(ifindex))
             .map(|(_, port)| *port)
             .collect();
-        for port in &new_ports {
+        let ifindexes: Vec<u32> = new_ports.iter().map(|p| p.ifindex).collect();
+        let observed = self.observe(Role::Port, &ifindexes)?;
+        for (port, observed) in new_ports.iter().zip(observed) {
             let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
                 .map_err(|e| Error::ebpf("preparing port counters", e))?;
             self.stats
                 .insert(port.ifindex, zeros, 0)
                 .map_err(|e| Error::ebpf("adding port counters", e))?;
-        }
-        let mut failure = None;
-        for (port, hooked) in new_ports.iter().zip(self.hook_all(plan, &new_ports)) {
-            match hooked {
+            match self.hook_one(Role::Port, port, None, &observed) {
                 Ok(mut record) => {
                     record.endpoint_mac =
                         wanted_mac.get(&port.ifindex).copied().unwrap_or_default();
-                    self.ports
-                        .insert(port.ifindex, record, 0)
-                        .map_err(|e| Error::ebpf("updating the ports map", e))?;
+                    self.write_record(Role::Port, port.ifindex, record)?;
                     changes.ports_added.push(port.name.clone());
                 }
                 Err(error) => {
                     let _ = self.stats.remove(&port.ifindex);
+                    let _ = self.ports.remove(&port.ifindex);
                     match error {
                         Error::PortVanished { .. } if !strict => {
                             changes.ports_skipped.push(port.name.clone())
@@ -526,14 +624,32 @@ impl Pinned {
                 }
             }
         }
+        // 4b. Uplinks, likewise (an uplink that is gone keeps its record, as before).
+        let uplinks = self.records(Role::Uplink)?;
+        for (ifindex, (drift, observed)) in self.drift(Role::Uplink, &uplinks)? {
+            let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+                continue;
+            };
+            let uplink = PlannedPort {
+                name: name.to_string_lossy().into_owned(),
+                ifindex,
+            };
+            match self.hook_one(Role::Uplink, &uplink, Some(uplinks[&ifindex]), &observed) {
+                Ok(record) => {
+                    self.write_record(Role::Uplink, ifindex, record)?;
+                    changes.repaired.push((uplink.name, drift));
+                }
+                Err(Error::PortVanished { .. }) => {}
+                Err(error) => failure = failure.or(Some(error)),
+            }
+        }
         if let Some(error) = failure {
             return Err(error);
         }
         // 5. What the policy holds back, before any new endpoint can take the fast path.
         changes.holds = self.sync_holds(&plan.east_west.holds)?;
         // 6. Endpoints, last: every port they name now holds them.
-        let hooked: std::collections::BTreeSet<u32> =
-            self.ports.keys().filter_map(|k| k.ok()).collect();
+        let hooked: BTreeSet<u32> = self.ports.keys().filter_map(|k| k.ok()).collect();
         for (key, endpoint) in &plan.endpoints {
             if !hooked.contains(&endpoint.ifindex) {
                 continue;
@@ -550,6 +666,8 @@ impl Pinned {
         if let Some(containers) = &plan.containers {
             changes.published_updated = self.update_published(containers, plan.bridge_mac)?;
         }
+        // 8. What writers stopped half-way left beside the records.
+        changes.leftovers_removed = self.remove_leftovers()?;
         Ok(changes)
     }
 
@@ -681,6 +799,278 @@ impl Pinned {
         })
     }
 
+    /// The records of `role`'s hooks.
+    fn records(&self, role: Role) -> Result<BTreeMap<u32, PortRecord>> {
+        let (map, what) = match role {
+            Role::Port => (&self.ports, "reading the ports map"),
+            Role::Uplink => (&self.uplinks, "reading the uplinks map"),
+        };
+        map.iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::ebpf(what, e))
+    }
+
+    fn write_record(&mut self, role: Role, ifindex: u32, record: PortRecord) -> Result<()> {
+        let (map, what) = match role {
+            Role::Port => (&mut self.ports, "updating the ports map"),
+            Role::Uplink => (&mut self.uplinks, "updating the uplinks map"),
+        };
+        map.insert(ifindex, record, 0)
+            .map_err(|e| Error::ebpf(what, e))
+    }
+
+    fn link_pin(&self, role: Role, ifindex: u32) -> PathBuf {
+        match role {
+            Role::Port => pins::link_pin(&self.dir, ifindex),
+            Role::Uplink => pins::uplink_pin(&self.dir, ifindex),
+        }
+    }
+
+    fn program_id_of(&self, role: Role) -> u32 {
+        match role {
+            Role::Port => self.port_program_id,
+            Role::Uplink => self.uplink_program_id,
+        }
+    }
+
+    /// What the kernel runs on each of `ifindexes` where `role`'s program would be.
+    fn observe(&self, role: Role, ifindexes: &[u32]) -> Result<Vec<Observed>> {
+        let program = self.program_id_of(role);
+        match self.mode() {
+            AttachMode::Tcx => ifindexes
+                .iter()
+                .map(|ifindex| {
+                    hooks::observe_tcx(*ifindex, program, &self.link_pin(role, *ifindex))
+                })
+                .collect(),
+            AttachMode::Clsact => hooks::observe_clsact(ifindexes, program),
+        }
+    }
+
+    /// The recorded hooks of `role` that differ from what the kernel runs, with what it runs.
+    fn drift(
+        &self,
+        role: Role,
+        records: &BTreeMap<u32, PortRecord>,
+    ) -> Result<BTreeMap<u32, (Drift, Observed)>> {
+        let ifindexes: Vec<u32> = records.keys().copied().collect();
+        let observed = self.observe(role, &ifindexes)?;
+        let mut drifted = BTreeMap::new();
+        for ((ifindex, record), observed) in records.iter().zip(observed) {
+            let recorded = Recorded {
+                ifindex: *ifindex,
+                priority: record.tc_priority as u16,
+                handle: record.tc_handle,
+            };
+            let drift = hooks::judge(&recorded, &observed)
+                .or_else(|| self.xdp_drift(role, *ifindex, record));
+            if let Some(drift) = drift {
+                drifted.insert(*ifindex, (drift, observed));
+            }
+        }
+        Ok(drifted)
+    }
+
+    /// In uplink xdp mode: whether `uplink_xdp` is missing in front of an uplink's tc program.
+    fn xdp_drift(&self, role: Role, ifindex: u32, record: &PortRecord) -> Option<Drift> {
+        let xdp = self.uplink_xdp_id.filter(|_| role == Role::Uplink)?;
+        let pin = pins::uplink_xdp_pin(&self.dir, ifindex);
+        let attached = crate::bpf_link::pinned_link_target(&pin)
+            .ok()
+            .flatten()
+            .is_some_and(|t| t.ifindex == ifindex && t.prog_id == xdp);
+        let recorded = xdp_attach_name(record.flags).is_some();
+        (!(attached && recorded)).then_some(Drift::Missing)
+    }
+
+    /// Hooks `role`'s program to `port` unless `observed` shows it there already (a writer
+    /// that stopped before recording it), and returns the port's record: `previous` (its
+    /// MAC kept) with the hook's flags. The record is written before anything is added, so
+    /// that a writer stopped half-way leaves a record the next writer finds: for clsact, with
+    /// whether xbr makes the qdisc, which only then can detach know.
+    fn hook_one(
+        &mut self,
+        role: Role,
+        port: &PlannedPort,
+        previous: Option<PortRecord>,
+        observed: &Observed,
+    ) -> Result<PortRecord> {
+        let ifindex = port.ifindex;
+        let mut record = previous.unwrap_or_default();
+        let pin = self.link_pin(role, ifindex);
+        let program = self.program_id_of(role);
+        match observed {
+            Observed::Tcx {
+                running,
+                pin: target,
+            } => {
+                let ours_here =
+                    target.is_some_and(|t| t.ifindex == ifindex && t.prog_id == program);
+                if !(ours_here && *running) {
+                    if target.is_some() {
+                        unpin_link(&pin, ifindex, "tcx")?;
+                    }
+                    self.write_record(role, ifindex, record)?;
+                    let program = match role {
+                        Role::Port => &mut self.program,
+                        Role::Uplink => &mut self.uplink_program,
+                    };
+                    hook(program, AttachMode::Tcx, &pin, &self.bridge, port)?;
+                }
+            }
+            Observed::Clsact { qdisc, ours } => {
+                let recorded = ours.iter().find(|f| {
+                    previous.is_some()
+                        && u32::from(f.priority) == record.tc_priority
+                        && f.handle == record.tc_handle
+                });
+                if let Some(keep) = recorded.or(ours.first()).copied() {
+                    for extra in ours.iter().filter(|f| **f != keep) {
+                        hooks::delete_filter(ifindex, extra)?;
+                    }
+                    record.tc_priority = u32::from(keep.priority);
+                    record.tc_handle = keep.handle;
+                } else {
+                    if !qdisc {
+                        record.flags |= PortRecord::ADDED_CLSACT;
+                    }
+                    self.write_record(role, ifindex, record)?;
+                    let program = match role {
+                        Role::Port => &mut self.program,
+                        Role::Uplink => &mut self.uplink_program,
+                    };
+                    let hooked = hook(program, AttachMode::Clsact, &pin, &self.bridge, port)?;
+                    record.flags |= hooked.flags;
+                    record.tc_priority = hooked.tc_priority;
+                    record.tc_handle = hooked.tc_handle;
+                }
+            }
+        }
+        if role == Role::Uplink && self.xdp_drift(role, ifindex, &record).is_some() {
+            let xdp_pin = pins::uplink_xdp_pin(&self.dir, ifindex);
+            unpin_link(&xdp_pin, ifindex, "XDP")?;
+            record.flags &= !(PortRecord::XDP_NATIVE | PortRecord::XDP_GENERIC);
+            self.write_record(role, ifindex, record)?;
+            let xdp = self
+                .uplink_xdp
+                .as_mut()
+                .expect("xdp_drift: uplink xdp mode");
+            match hook_xdp(xdp, &xdp_pin, port) {
+                Ok(flag) => record.flags |= flag,
+                Err(error) => {
+                    if previous.is_none() {
+                        let _ = self.unhook(role, ifindex, &record);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(record)
+    }
+
+    /// A bridge port that left: no delivery there, then no hook, then no record.
+    fn forget(&mut self, ifindex: u32, record: &PortRecord) -> Result<()> {
+        if record.endpoint_mac != [0; 6] {
+            let silent = PortRecord {
+                endpoint_mac: [0; 6],
+                ..*record
+            };
+            self.write_record(Role::Port, ifindex, silent)?;
+        }
+        self.unhook(Role::Port, ifindex, record)?;
+        match self.ports.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::ebpf("updating the ports map", e)),
+        }
+    }
+
+    /// Link pins and counters of ports and uplinks without a record: a writer stopped
+    /// between removing a record and its hook (or an older xbr's). Returns how many.
+    fn remove_leftovers(&mut self) -> Result<usize> {
+        let ports: BTreeSet<u32> = self.ports.keys().filter_map(|k| k.ok()).collect();
+        let uplinks: BTreeSet<u32> = self.uplinks.keys().filter_map(|k| k.ok()).collect();
+        let mut removed = 0;
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name();
+            let Some((kind, ifindex)) = name.to_str().and_then(pins::parse_link_pin) else {
+                continue;
+            };
+            let recorded = match kind {
+                pins::LinkPin::Port => ports.contains(&ifindex),
+                pins::LinkPin::Uplink | pins::LinkPin::UplinkXdp => uplinks.contains(&ifindex),
+            };
+            if !recorded {
+                unpin_link(&entry.path(), ifindex, "leftover")?;
+                removed += 1;
+            }
+        }
+        let counters: Vec<u32> = self
+            .stats
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|ifindex| !ports.contains(ifindex))
+            .collect();
+        for ifindex in counters {
+            if self.stats.remove(&ifindex).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// How each recorded port's and uplink's hook differs from its record (read-only, for
+    /// `status`): (ports, uplinks).
+    pub fn drift_report(&self) -> Result<(BTreeMap<u32, Drift>, BTreeMap<u32, Drift>)> {
+        let only = |drifted: BTreeMap<u32, (Drift, Observed)>| {
+            drifted
+                .into_iter()
+                .map(|(ifindex, (drift, _))| (ifindex, drift))
+                .collect()
+        };
+        Ok((
+            only(self.drift(Role::Port, &self.records(Role::Port)?)?),
+            only(self.drift(Role::Uplink, &self.records(Role::Uplink)?)?),
+        ))
+    }
+
+    /// Whether every hook that no netlink event would report gone is still in place: tcx
+    /// links (and XDP links) can be detached without an event, a clsact filter or qdisc
+    /// cannot. A few syscalls per port; the follower calls it every second.
+    pub fn silent_hooks_intact(&self) -> Result<bool> {
+        let ports_intact = match self.mode() {
+            AttachMode::Tcx => self
+                .drift(Role::Port, &self.records(Role::Port)?)?
+                .is_empty(),
+            AttachMode::Clsact => true,
+        };
+        let uplinks = self.records(Role::Uplink)?;
+        let uplinks_intact = match self.mode() {
+            AttachMode::Tcx => self.drift(Role::Uplink, &uplinks)?.is_empty(),
+            AttachMode::Clsact => uplinks
+                .iter()
+                .all(|(ifindex, record)| self.xdp_drift(Role::Uplink, *ifindex, record).is_none()),
+        };
+        Ok(ports_intact && uplinks_intact)
+    }
+
+    /// The ports and uplinks xbr has hooked, by ifindex.
+    pub fn hooked_ifindexes(&self) -> BTreeSet<u32> {
+        self.ports
+            .keys()
+            .chain(self.uplinks.keys())
+            .filter_map(|k| k.ok())
+            .collect()
+    }
+
+    /// Whether the attachment this was opened from is still the one pinned: false once a
+    /// detach began, also when a new attach pinned a new one under the same name.
+    pub fn still_pinned(&self) -> bool {
+        std::fs::metadata(self.dir.join(pins::COMPLETE))
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.record_pin_id)
+    }
+
     /// Points every published port at its container's current port and MAC (ifindex 0 when
     /// no container has the address now: the kernel path serves it then).
     fn update_published(
@@ -710,24 +1100,29 @@ impl Pinned {
         Ok(updated)
     }
 
-    /// Hooks the program to each port, one by one: a tcx attach waits for an RCU grace
-    /// period under the RTNL lock (~15 ms here), so threads would not make it faster.
-    fn hook_all(&mut self, plan: &Plan, ports: &[&PlannedPort]) -> Vec<Result<PortRecord>> {
-        let mode = self.mode();
-        ports
-            .iter()
-            .map(|port| {
-                let pin = pins::link_pin(&self.dir, port.ifindex);
-                hook(&mut self.program, mode, &pin, &plan.bridge, port)
-            })
-            .collect()
-    }
-
-    /// Takes the program off a port. A port that no longer exists took it along.
-    fn unhook(&self, ifindex: u32, record: &PortRecord, link_pin: &Path) -> Result<()> {
+    /// Takes `role`'s program off a port: every filter of it (clsact), or the pinned link
+    /// (tcx). A port that no longer exists took it along.
+    fn unhook(&self, role: Role, ifindex: u32, record: &PortRecord) -> Result<()> {
         match self.mode() {
-            AttachMode::Tcx => unpin_link(link_pin, ifindex, "tcx"),
-            AttachMode::Clsact => remove_clsact_filter(ifindex, record),
+            AttachMode::Tcx => unpin_link(&self.link_pin(role, ifindex), ifindex, "tcx"),
+            AttachMode::Clsact => {
+                if nix::net::if_::if_indextoname(ifindex).is_err() {
+                    return Ok(()); // the port is gone, and its qdisc with it
+                }
+                if record.flags & PortRecord::ADDED_CLSACT != 0 {
+                    // Deleting the qdisc xbr added removes our filters with it.
+                    return delete_clsact(ifindex);
+                }
+                let observed = hooks::observe_clsact(&[ifindex], self.program_id_of(role))?;
+                for observed in observed {
+                    if let Observed::Clsact { ours, .. } = observed {
+                        for filter in &ours {
+                            hooks::delete_filter(ifindex, filter)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -797,36 +1192,43 @@ impl Pinned {
             published: self.published(),
             connections: self.connection_count(),
             holds: self.holds.keys().filter_map(|k| k.ok()).collect(),
+            port_drift: BTreeMap::new(),
+            uplink_drift: BTreeMap::new(),
+            follower: None,
+            writer: None,
         })
     }
 
-    /// Hooks the uplink program to uplinks not hooked yet; returns their names.
-    pub fn hook_uplinks(&mut self, plan: &Plan, uplinks: &[UplinkView]) -> Result<Vec<String>> {
+    /// Hooks the uplink program to uplinks not hooked yet; returns their names. Each gets its
+    /// record before any is hooked: a writer stopped half-way leaves records of uplinks with no
+    /// hook, which the next reconcile hooks.
+    pub fn hook_uplinks(&mut self, _plan: &Plan, uplinks: &[UplinkView]) -> Result<Vec<String>> {
+        let current = self.records(Role::Uplink)?;
+        let new: Vec<&UplinkView> = uplinks
+            .iter()
+            .filter(|uplink| !current.contains_key(&uplink.ifindex))
+            .collect();
+        for uplink in &new {
+            self.write_record(Role::Uplink, uplink.ifindex, PortRecord::default())?;
+        }
+        let ifindexes: Vec<u32> = new.iter().map(|uplink| uplink.ifindex).collect();
+        let observed = self.observe(Role::Uplink, &ifindexes)?;
         let mut added = Vec::new();
-        let mode = self.mode();
-        for uplink in uplinks {
-            if self.uplinks.get(&uplink.ifindex, 0).is_ok() {
-                continue;
-            }
+        for (uplink, observed) in new.iter().zip(observed) {
             let port = PlannedPort {
                 name: uplink.name.clone(),
                 ifindex: uplink.ifindex,
             };
-            let pin = pins::uplink_pin(&self.dir, uplink.ifindex);
-            let mut record = hook(&mut self.uplink_program, mode, &pin, &plan.bridge, &port)?;
-            if let Some(xdp) = &mut self.uplink_xdp {
-                let xdp_pin = pins::uplink_xdp_pin(&self.dir, uplink.ifindex);
-                match hook_xdp(xdp, &xdp_pin, &port) {
-                    Ok(flags) => record.flags |= flags,
-                    Err(error) => {
-                        let _ = self.unhook(uplink.ifindex, &record, &pin);
-                        return Err(error);
+            match self.hook_one(Role::Uplink, &port, None, &observed) {
+                Ok(record) => self.write_record(Role::Uplink, uplink.ifindex, record)?,
+                Err(error) => {
+                    // This one and those not tried: no record claims them.
+                    for left in new.iter().skip(added.len()) {
+                        let _ = self.uplinks.remove(&left.ifindex);
                     }
+                    return Err(error);
                 }
             }
-            self.uplinks
-                .insert(uplink.ifindex, record, 0)
-                .map_err(|e| Error::ebpf("updating the uplinks map", e))?;
             added.push(uplink.name.clone());
         }
         Ok(added)
@@ -837,19 +1239,17 @@ impl Pinned {
         self.uplinks.keys().filter_map(|k| k.ok()).collect()
     }
 
-    /// Removes everything: hooks, qdiscs xbr added, pins.
+    /// Removes everything: hooks, qdiscs xbr added, pins (the bridge record first, so a
+    /// detach stopped half-way leaves pins that say so).
     pub fn detach(self) -> Result<Detached> {
-        let ports: Vec<(u32, PortRecord)> = self.ports.iter().filter_map(|e| e.ok()).collect();
+        let ports = self.records(Role::Port)?;
         for (ifindex, record) in &ports {
-            self.unhook(*ifindex, record, &pins::link_pin(&self.dir, *ifindex))?;
+            self.unhook(Role::Port, *ifindex, record)?;
         }
-        let uplinks: Vec<(u32, PortRecord)> = self.uplinks.iter().filter_map(|e| e.ok()).collect();
-        for (ifindex, record) in &uplinks {
+        for (ifindex, record) in &self.records(Role::Uplink)? {
             // XDP first: it runs in front of the tc program.
-            if xdp_attach_name(record.flags).is_some() {
-                unpin_link(&pins::uplink_xdp_pin(&self.dir, *ifindex), *ifindex, "XDP")?;
-            }
-            self.unhook(*ifindex, record, &pins::uplink_pin(&self.dir, *ifindex))?;
+            unpin_link(&pins::uplink_xdp_pin(&self.dir, *ifindex), *ifindex, "XDP")?;
+            self.unhook(Role::Uplink, *ifindex, record)?;
         }
         pins::remove(&self.dir, &self.root)?;
         Ok(Detached {
@@ -1023,10 +1423,22 @@ pub struct Attachment {
     pub connections: usize,
     /// The east-west hold-backs the datapath applies now.
     pub holds: std::collections::BTreeSet<HoldKey>,
+    /// Ports and uplinks whose hook is not what their record says (read by `read`).
+    pub port_drift: BTreeMap<u32, Drift>,
+    pub uplink_drift: BTreeMap<u32, Drift>,
+    /// Who follows the bridge, and who is changing it right now (read by `read`).
+    pub follower: Option<crate::lock::Holder>,
+    pub writer: Option<crate::lock::Holder>,
 }
 
+/// The attachment of `bridge` as it is: its pins, and how the kernel's hooks differ from them.
 pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
-    Pinned::open(root, bridge)?.snapshot()
+    let pinned = Pinned::open(root, bridge)?;
+    let mut attachment = pinned.snapshot()?;
+    (attachment.port_drift, attachment.uplink_drift) = pinned.drift_report()?;
+    attachment.follower = crate::lock::follower(&pinned.dir);
+    attachment.writer = crate::lock::writer(&pinned.dir);
+    Ok(attachment)
 }
 
 /// What detach removed.
@@ -1036,12 +1448,13 @@ pub struct Detached {
     pub ports: usize,
 }
 
-/// Removes the attachment of `bridge`. Pins that are not a whole attachment (an attach
-/// killed half-way) are removed as they are: tcx links go with their pins.
+/// Removes the attachment of `bridge`. Pins that are not a whole attachment (an attach or
+/// detach stopped half-way) are removed as they are: links are detached with their pins, and
+/// clsact filters exist only once the attachment is whole.
 pub fn detach(root: &Path, bridge: &str) -> Result<Detached> {
     match Pinned::open(root, bridge) {
         Ok(pinned) => pinned.detach(),
-        Err(Error::BrokenPins { pins: dir, .. }) => {
+        Err(Error::BrokenPins { pins: dir, .. } | Error::Incomplete { pins: dir, .. }) => {
             pins::remove(&dir, root)?;
             Ok(Detached { dir, ports: 0 })
         }
@@ -1049,9 +1462,10 @@ pub fn detach(root: &Path, bridge: &str) -> Result<Detached> {
     }
 }
 
-/// Deletes the clsact qdisc of `ifindex` (and with it every filter on it).
+/// Deletes the clsact qdisc of `ifindex` (and with it every filter on it). A qdisc (or port)
+/// already gone is not an error.
 fn delete_clsact(ifindex: u32) -> Result<()> {
-    netlink::run(|handle| async move {
+    let deleted = netlink::run(|handle| async move {
         let mut request = handle.qdisc().del(ifindex as i32);
         let message = request.message_mut();
         message.header.parent = TcHandle::CLSACT;
@@ -1061,42 +1475,17 @@ fn delete_clsact(ifindex: u32) -> Result<()> {
             .push(TcAttribute::Kind("clsact".to_owned()));
         request.execute().await
     })
-    .map_err(|e| Error::io("opening a netlink socket", e))?
-    .map_err(|e| Error::netlink(format!("deleting the clsact qdisc of ifindex {ifindex}"), e))
-}
-
-fn remove_clsact_filter(ifindex: u32, record: &PortRecord) -> Result<()> {
-    let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
-        return Ok(()); // the port is gone, and its qdisc with it
-    };
-    let name = name.to_string_lossy().into_owned();
-    if record.flags & PortRecord::ADDED_CLSACT != 0 {
-        // Deleting the qdisc xbr added removes our filter with it.
-        return match delete_clsact(ifindex) {
-            Err(Error::Netlink {
-                source: rtnetlink::Error::NetlinkError(e),
-                ..
-            }) if e.raw_code() == -libc::ENODEV
+    .map_err(|e| Error::io("opening a netlink socket", e))?;
+    match deleted {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.raw_code() == -libc::ENODEV
                 || e.raw_code() == -libc::EINVAL
                 || e.raw_code() == -libc::ENOENT =>
-            {
-                Ok(())
-            }
-            other => other,
-        };
-    }
-    let filter = SchedClassifierLink::attached(
-        &name,
-        TcAttachType::Ingress,
-        record.tc_priority as u16,
-        AyaTcHandle::from(record.tc_handle),
-        None,
-    )
-    .map_err(|e| Error::io(format!("finding the filter on {name}"), e))?;
-    match filter.detach() {
-        Ok(()) => Ok(()),
-        // Already gone (someone flushed the qdisc): nothing left to remove.
-        Err(e) if e.to_string().contains("No such file") => Ok(()),
-        Err(e) => Err(Error::ebpf(format!("removing xbr's filter from {name}"), e)),
+        {
+            Ok(())
+        }
+        other => other.map_err(|e| {
+            Error::netlink(format!("deleting the clsact qdisc of ifindex {ifindex}"), e)
+        }),
     }
 }

@@ -60,6 +60,21 @@ pub enum Error {
         pins: PathBuf,
         detail: String,
     },
+    #[error(
+        "the pins at {} are an interrupted attach or detach of {bridge} (no bridge record); \
+         `xbr attach {bridge}` attaches afresh, `xbr detach {bridge}` removes them",
+        pins.display()
+    )]
+    Incomplete { bridge: String, pins: PathBuf },
+    #[error(
+        "bridge {bridge} is being changed by {holder}; gave up after waiting {waited} s \
+         (wait longer with --wait SECONDS)"
+    )]
+    Busy {
+        bridge: String,
+        holder: String,
+        waited: f64,
+    },
     #[error("netlink: {context}: {source}")]
     Netlink {
         context: String,

@@ -1,17 +1,30 @@
 //! Follow: after attach, stay and keep the bridge's pinned datapath in step with the kernel.
-//! Every netlink event (links here and in the containers' namespaces, FDB changes) triggers
-//! the same observe -> plan -> reconcile that attach runs; on a Docker bridge, so do Docker's
-//! events and iptables changes, and each reconcile also syncs Docker's published ports. The
-//! follower owns nothing the datapath needs: killing it leaves traffic flowing on the pins.
+//! Every netlink event (links here and in the containers' namespaces, FDB changes, a tc
+//! filter or qdisc of ours deleted) triggers the same observe -> plan -> reconcile that attach
+//! runs; on a Docker bridge, so do Docker's events and iptables changes, and each reconcile
+//! also syncs Docker's published ports. The follower owns nothing the datapath needs: killing
+//! it leaves traffic flowing on the pins.
+//!
+//! Many writers, one truth: each reconcile holds the attachment's writer lock (`lock`); one
+//! follower per bridge holds the follower lock, and a second one stands by until the first
+//! stops. What no event reports is found by looking: every second the tcx (and XDP) links of
+//! every hooked port are checked, and every `--resync` seconds (30 by default, 60 at most) a
+//! full reconcile runs anyway. A reconcile that fails is retried with backoff.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
-use rtnetlink::{MulticastGroup, sys::AsyncSocket as _};
+use rtnetlink::{
+    MulticastGroup,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::RouteNetlinkMessage,
+    sys::AsyncSocket as _,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
@@ -19,6 +32,7 @@ use crate::{
     datapath::{Detached, Pinned},
     docker::{self, DockerBridge},
     error::{Error, Result},
+    lock::{self, Attempt},
     metrics::{FollowMetrics, serve_metrics},
     plan::Policy,
     policy,
@@ -30,8 +44,16 @@ use crate::{
 const QUIET: Duration = Duration::from_millis(20);
 /// ...but a storm of events does not postpone a reconcile longer than this.
 const MAX_DELAY: Duration = Duration::from_millis(200);
-/// How often the follower checks that its pins still exist (`xbr detach` removes them).
+/// How often the follower checks that its pins still exist (`xbr detach` removes them), and
+/// a standby follower whether it can take over.
 const PIN_CHECK: Duration = Duration::from_millis(250);
+/// How often the hooks no event reports gone (tcx and XDP links) are checked.
+pub const HOOK_CHECK: Duration = Duration::from_secs(1);
+/// A failed reconcile is retried after this, doubling up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a follower waiting for another writer tries the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(20);
 
 pub struct FollowOptions {
     pub metrics: Option<SocketAddr>,
@@ -39,6 +61,8 @@ pub struct FollowOptions {
     pub resync: Duration,
     /// Mirror this Docker network: its published ports and what its firewall lets through.
     pub docker: Option<DockerBridge>,
+    /// After waiting this long for another writer, say who holds the bridge (and wait on).
+    pub wait: Duration,
 }
 
 /// Why the follower stopped.
@@ -61,9 +85,24 @@ pub fn follow(pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
 }
 
 async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
-    let (mut connection, _, mut events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])
-            .map_err(|e| Error::io("subscribing to netlink link and neighbour events", e))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("handling SIGTERM", e))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("handling SIGINT", e))?;
+    // One follower per bridge: a second one waits here until the first stops.
+    let _following = match stand_by(&pinned, &mut terminate, &mut interrupt).await? {
+        Ok(following) => following,
+        Err(stopped) => return Ok(stopped),
+    };
+
+    let (mut connection, _, mut events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Tc,
+        // Containers' addresses: endpoints carry them while rules are honoured.
+        MulticastGroup::Ipv4Ifaddr,
+    ])
+    .map_err(|e| Error::io("subscribing to netlink link, neighbour and tc events", e))?;
     // Containers change their MACs in their own namespaces: hear those too.
     connection
         .socket_mut()
@@ -91,11 +130,8 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
         None
     };
 
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| Error::io("handling SIGTERM", e))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| Error::io("handling SIGINT", e))?;
     let mut pin_check = tokio::time::interval(PIN_CHECK);
+    let mut hook_check = tokio::time::interval(HOOK_CHECK);
     let mut resync = tokio::time::interval(options.resync);
     resync.reset();
     let mut docker = match options.docker {
@@ -109,8 +145,14 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
     info!(bridge = %pinned.bridge, "following the bridge; Ctrl-C stops following and leaves the datapath in place");
 
     let mut dirty = true;
+    let mut expire_due = false;
+    // When to try again: after a failure (backoff) or while another writer holds the lock.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut backoff = FIRST_BACKOFF;
+    let mut waiting_since: Option<Instant> = None;
     loop {
-        if dirty {
+        if dirty && retry_at.is_none_or(|at| tokio::time::Instant::now() >= at) {
+            retry_at = None;
             // Let a burst of events (a container start is a dozen of them) settle.
             let first = Instant::now();
             while first.elapsed() < MAX_DELAY {
@@ -125,49 +167,103 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
                     Err(_) => break,
                 }
             }
-            dirty = false;
-            if !pinned.dir.exists() {
+            let writer = match lock::Writer::try_acquire(pinned.root(), &pinned.dir)? {
+                Attempt::Acquired(writer) => writer,
+                Attempt::Gone => return Ok(Stopped::Detached),
+                Attempt::Busy => {
+                    // Another writer (an attach, a publish, ...): wait without blocking events.
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= options.wait {
+                        let holder = lock::writer(&pinned.dir)
+                            .map(|h| h.to_string())
+                            .unwrap_or_else(|| "another process".to_owned());
+                        warn!(
+                            %holder,
+                            waited = ?since.elapsed(),
+                            "the bridge is held by another writer; still waiting to reconcile"
+                        );
+                        waiting_since = Some(Instant::now());
+                    }
+                    retry_at = Some(tokio::time::Instant::now() + LOCK_POLL);
+                    continue;
+                }
+            };
+            waiting_since = None;
+            if !pinned.still_pinned() {
                 return Ok(Stopped::Detached);
             }
-            let firewall = firewall.get_or_insert_with(policy::read).clone();
+            if std::mem::take(&mut expire_due) {
+                let ended = pinned.expire_flows(&Timeouts::default());
+                if ended > 0 {
+                    info!(ended, "retired closed or idle NATed connections");
+                }
+            }
+            let firewall_now = firewall.get_or_insert_with(policy::read).clone();
             let step = reconcile(
                 &mut pinned,
                 &metrics,
-                firewall,
+                firewall_now,
                 docker.as_mut(),
                 &mut policy_said,
             );
-            if step.await? == Step::BridgeGone {
-                // Deleting a bridge releases its ports with our programs still on them.
-                return Ok(Stopped::BridgeDeleted(pinned.detach()?));
+            match step.await? {
+                Step::Done => {
+                    dirty = false;
+                    backoff = FIRST_BACKOFF;
+                }
+                Step::Failed => {
+                    metrics.retry();
+                    info!(retry_in = ?backoff, "retrying the reconcile");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Step::BridgeGone => {
+                    // Deleting a bridge releases its ports with our programs still on them.
+                    return Ok(Stopped::BridgeDeleted(pinned.detach()?));
+                }
             }
+            drop(writer);
         }
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             event = events.next() => match event {
-                Some(_) => dirty = true,
+                Some((message, _)) => dirty |= worth_a_reconcile(&message, || pinned.hooked_ifindexes()),
                 None => return Err(Error::io("netlink events", std::io::ErrorKind::UnexpectedEof.into())),
             },
-            _ = terminate.recv() => return Ok(stop(&mut pinned, &docker)),
-            _ = interrupt.recv() => return Ok(stop(&mut pinned, &docker)),
+            _ = terminate.recv() => return Ok(stop(&mut pinned, &docker, options.wait)),
+            _ = interrupt.recv() => return Ok(stop(&mut pinned, &docker, options.wait)),
             _ = docker::changed(&mut docker) => dirty = true,
             _ = ruleset_changes.changed() => {
                 debug!("the netfilter ruleset changed");
                 firewall = None;
                 dirty = true;
             }
+            _ = retry => {}
             _ = pin_check.tick() => {
                 if let Some(logs) = ebpf_logs.as_mut() {
                     logs.flush();
                 }
-                if !pinned.dir.exists() {
+                if !pinned.still_pinned() {
                     return Ok(Stopped::Detached);
                 }
             }
-            _ = resync.tick() => {
-                let ended = pinned.expire_flows(&Timeouts::default());
-                if ended > 0 {
-                    info!(ended, "retired closed or idle NATed connections");
+            _ = hook_check.tick() => {
+                match pinned.silent_hooks_intact() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        info!("a hook was removed outside xbr; repairing");
+                        dirty = true;
+                    }
+                    Err(error) => debug!(%error, "checking the hooks failed"),
                 }
+            }
+            _ = resync.tick() => {
+                expire_due = true;
                 if let Some(docker) = docker.as_mut() {
                     docker.subscribe().await;
                 }
@@ -178,22 +274,99 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
     }
 }
 
+/// Takes the follower lock, or stands by until the follower that holds it stops (then takes
+/// over), the attachment is detached, or a signal comes.
+async fn stand_by(
+    pinned: &Pinned,
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> Result<std::result::Result<lock::Following, Stopped>> {
+    let mut standing_by = false;
+    let mut check = tokio::time::interval(PIN_CHECK);
+    loop {
+        if !pinned.still_pinned() {
+            return Ok(Err(Stopped::Detached));
+        }
+        match lock::Following::try_acquire(&pinned.dir)? {
+            Attempt::Acquired(following) => {
+                if standing_by {
+                    eprintln!("xbr: taking over following {}", pinned.bridge);
+                }
+                return Ok(Ok(following));
+            }
+            Attempt::Gone => return Ok(Err(Stopped::Detached)),
+            Attempt::Busy if !standing_by => {
+                standing_by = true;
+                let holder = lock::follower(&pinned.dir)
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|| "another process".to_owned());
+                eprintln!(
+                    "xbr: {} is followed already by {holder}; standing by to take over when it stops",
+                    pinned.bridge
+                );
+            }
+            Attempt::Busy => {}
+        }
+        tokio::select! {
+            _ = check.tick() => {}
+            _ = terminate.recv() => return Ok(Err(Stopped::Signal)),
+            _ = interrupt.recv() => return Ok(Err(Stopped::Signal)),
+        }
+    }
+}
+
+/// Whether a netlink event may change what the datapath should hold. Tc events (from every
+/// namespace) count only when they delete a filter or qdisc on a port xbr hooked: that is a
+/// hook removed behind xbr's back (or its own doing, which costs one empty reconcile).
+fn worth_a_reconcile(
+    message: &NetlinkMessage<RouteNetlinkMessage>,
+    hooked: impl FnOnce() -> BTreeSet<u32>,
+) -> bool {
+    let NetlinkPayload::InnerMessage(message) = &message.payload else {
+        return true;
+    };
+    match message {
+        RouteNetlinkMessage::DelTrafficFilter(tc) | RouteNetlinkMessage::DelQueueDiscipline(tc) => {
+            u32::try_from(tc.header.index).is_ok_and(|ifindex| hooked().contains(&ifindex))
+        }
+        RouteNetlinkMessage::NewTrafficFilter(_)
+        | RouteNetlinkMessage::NewQueueDiscipline(_)
+        | RouteNetlinkMessage::NewTrafficClass(_)
+        | RouteNetlinkMessage::DelTrafficClass(_)
+        | RouteNetlinkMessage::NewTrafficChain(_)
+        | RouteNetlinkMessage::DelTrafficChain(_) => false,
+        _ => true,
+    }
+}
+
 /// Stopping on a signal: Docker's published ports go back to Docker's path, since nothing
 /// would keep them current; the rest of the datapath stays.
-fn stop(pinned: &mut Pinned, docker: &Option<docker::Follow>) -> Stopped {
+fn stop(pinned: &mut Pinned, docker: &Option<docker::Follow>, wait: Duration) -> Stopped {
     if docker.is_some() {
-        let withdrawn = pinned.withdraw_docker_published();
-        info!(
-            withdrawn,
-            "Docker's published ports take Docker's path again (established connections stay)"
-        );
+        // A writer like any other, but one that does not hold up a shutdown for long.
+        match lock::Writer::acquire(pinned.root(), &pinned.bridge, false, wait.min(STOP_WAIT)) {
+            Ok(_writer) if pinned.still_pinned() => {
+                let withdrawn = pinned.withdraw_docker_published();
+                info!(
+                    withdrawn,
+                    "Docker's published ports take Docker's path again (established connections stay)"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "left Docker's published ports in the datapath"),
+        }
     }
     Stopped::Signal
 }
 
+/// How long a follower stopping on a signal waits for another writer.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, PartialEq, Eq)]
 enum Step {
-    Continue,
+    Done,
+    /// Something failed (and was logged): try again after a backoff.
+    Failed,
     /// The bridge was deleted, or another bridge now has its name.
     BridgeGone,
 }
@@ -225,14 +398,19 @@ async fn reconcile(
         Ok(Outcome::BridgeGone) => return Ok(Step::BridgeGone),
         Err(error) => {
             metrics.error();
-            warn!(%error, "observing the bridge failed; retrying on the next event");
-            return Ok(Step::Continue);
+            warn!(%error, "observing the bridge failed");
+            return Ok(Step::Failed);
         }
     };
     log_policy(&pass.plan, policy_said);
+    let mut step = Step::Done;
     match pass.changes {
         Ok(changes) => {
             metrics.reconciled(started.elapsed());
+            for (port, drift) in &changes.repaired {
+                metrics.repaired(*drift);
+                info!(port, problem = drift.describe(), "repaired");
+            }
             if changes.is_empty() {
                 debug!(took = ?started.elapsed(), "reconciled: no change");
             } else {
@@ -243,13 +421,16 @@ async fn reconcile(
                     endpoints_added = changes.endpoints_added,
                     endpoints_removed = changes.endpoints_removed,
                     ports_skipped = ?changes.ports_skipped,
+                    repaired = changes.repaired.len(),
+                    leftovers_removed = changes.leftovers_removed,
                     "reconciled"
                 );
             }
         }
         Err(error) => {
             metrics.error();
-            warn!(%error, "reconcile failed; retrying on the next event");
+            warn!(%error, "reconcile failed");
+            step = Step::Failed;
         }
     }
     match pass.docker {
@@ -260,11 +441,12 @@ async fn reconcile(
         ),
         Some(Err(error)) => {
             metrics.error();
-            warn!(%error, "syncing Docker's published ports failed; retrying on the next event");
+            warn!(%error, "syncing Docker's published ports failed");
+            step = Step::Failed;
         }
         _ => {}
     }
-    Ok(Step::Continue)
+    Ok(step)
 }
 
 /// Says what the policy holds back of east-west traffic, when that changed since it last

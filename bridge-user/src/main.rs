@@ -8,7 +8,7 @@ use xbr::{
     datapath::{self, ModeChoice, UplinkModeChoice},
     features,
     follow::Stopped,
-    lab, netlink, netns, observe, pins, plan,
+    lab, lock, netlink, netns, observe, pins, plan,
     publish::PublishSpec,
     reconcile,
 };
@@ -54,6 +54,10 @@ struct Cli {
     /// Where attachments are pinned; must be on a bpf filesystem.
     #[arg(long, global = true, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
+    /// How long to wait while another xbr changes the same bridge (an attach, a detach, a
+    /// follower's reconcile; one writer at a time) before giving up and naming it.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = lock::DEFAULT_WAIT.as_secs())]
+    wait: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,19 +82,23 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
         uplink_mode: UplinkModeChoice,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
-        /// path within milliseconds, containers that leave are removed. Ctrl-C or SIGTERM stop
-        /// following and leave the datapath in place; `xbr detach` stops the follower too.
+        /// path within milliseconds, containers that leave are removed, hooks removed outside
+        /// xbr are put back. Ctrl-C or SIGTERM stop following and leave the datapath in place;
+        /// `xbr detach` stops the follower too. While another follower follows the bridge,
+        /// this one stands by and takes over when that one stops.
         #[arg(long)]
         follow: bool,
         /// With --follow: serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9477).
         #[arg(long, value_name = "ADDR", requires = "follow")]
         metrics: Option<std::net::SocketAddr>,
-        /// With --follow: reconcile this often even without events, as a safety net.
+        /// With --follow: reconcile this often even without events (1 to 60 s), as a safety
+        /// net for missed events; it bounds how long any drift can last.
         #[arg(
             long,
             value_name = "SECONDS",
             default_value_t = 30,
-            requires = "follow"
+            requires = "follow",
+            value_parser = clap::value_parser!(u64).range(1..=60)
         )]
         resync: u64,
         /// Mirror Docker when a Docker network owns BRIDGE (`auto`: when Docker's socket,
@@ -194,8 +202,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(xbr::error::Error::NotRoot);
     }
+    let wait = std::time::Duration::from_secs(cli.wait);
     if let Command::Lab(command) = &cli.command {
-        return run_lab(command, &cli.pin_root);
+        return run_lab(command, &cli.pin_root, wait);
     }
     if let Some(name) = &cli.netns {
         netns::enter(name)?;
@@ -220,6 +229,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     detail: format!("kernel {} refused a test program", features.kernel),
                 });
             }
+            // One writer at a time, from the first look at the bridge to the last write.
+            let writer = lock::Writer::acquire(root, &bridge, true, wait)?;
             let docker = xbr::docker::find(docker, &bridge)?;
             let docker_state = docker.as_ref().map(|d| d.observe_blocking()).transpose()?;
             let policy = plan::Policy {
@@ -245,14 +256,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } = reconcile::attach(&bridge, options, &inputs)?;
             let synced = docker_state.as_ref().zip(synced);
             report::attached(&plan, &attached, &features, synced, output.json)?;
+            drop(writer);
             if !follow {
                 return Ok(());
             }
             let pinned = datapath::Pinned::open(root, &plan.bridge)?;
             let options = xbr::follow::FollowOptions {
                 metrics,
-                resync: std::time::Duration::from_secs(resync.max(1)),
+                resync: std::time::Duration::from_secs(resync),
                 docker,
+                wait,
             };
             match xbr::follow::follow(pinned, options)? {
                 Stopped::Signal => {
@@ -279,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spec,
             output,
         } => {
+            let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let mut pinned = datapath::Pinned::open(root, &bridge)?;
             let name = bridge.clone();
             let view = netlink::run(|handle| async move {
@@ -308,20 +322,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spec,
             output,
         } => {
+            let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let mut pinned = datapath::Pinned::open(root, &bridge)?;
             let ended = pinned.unpublish(&spec)?;
             report::unpublished(&bridge, &spec, ended, output.json)
         }
         Command::Detach { bridge, output } => {
+            let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let detached = datapath::detach(root, &bridge)?;
             report::detached(&bridge, &detached, output.json)
         }
         Command::Status { bridge, output } => {
-            let attachments = read_attachments(root, bridge.as_deref(), true)?;
-            report::status(&attachments, &features::detect(), output.json)
+            let (attachments, incomplete) = read_attachments(root, bridge.as_deref(), true)?;
+            report::status(&attachments, &incomplete, &features::detect(), output.json)
         }
         Command::Stats { bridge, output } => {
-            let attachments = read_attachments(root, bridge.as_deref(), false)?;
+            let (attachments, _) = read_attachments(root, bridge.as_deref(), false)?;
             report::stats(&attachments, output.json)
         }
         Command::Lab(_) => unreachable!("handled above"),
@@ -330,20 +346,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and
 /// what is not accelerated); `None` when the bridge is gone. `with_docker`: also what Docker
-/// (where a Docker network owns it) and the firewall say about it.
+/// (where a Docker network owns it) and the firewall say about it. Second: pins that are not
+/// a whole attachment (an attach or detach interrupted, or running now).
 fn read_attachments(
     root: &std::path::Path,
     only: Option<&str>,
     with_docker: bool,
-) -> anyhow::Result<Vec<report::Observed>> {
+) -> anyhow::Result<(Vec<report::Observed>, Vec<report::Incomplete>)> {
     let names = match only {
         Some(name) => vec![name.to_owned()],
         None => pins::attached_bridges(root)?,
     };
     let firewall = with_docker.then(xbr::policy::read);
     let mut attachments = Vec::new();
+    let mut incomplete = Vec::new();
     for name in names {
-        let attachment = datapath::read(root, &name)?;
+        let attachment = match datapath::read(root, &name) {
+            Ok(attachment) => attachment,
+            Err(
+                error @ (xbr::error::Error::Incomplete { .. }
+                | xbr::error::Error::BrokenPins { .. }),
+            ) => {
+                let dir = pins::bridge_dir(root, &name)?;
+                incomplete.push(report::Incomplete {
+                    writer: lock::writer(&dir),
+                    bridge: name,
+                    dir,
+                    detail: error.to_string(),
+                });
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         let docker = with_docker.then(|| xbr::docker::status(&name)).flatten();
         let view = netlink::run(|handle| async move {
             observe::bridge(&handle, &name, observe::Detail::Addresses).await
@@ -367,10 +401,14 @@ fn read_attachments(
             plan,
         });
     }
-    Ok(attachments)
+    Ok((attachments, incomplete))
 }
 
-fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
+fn run_lab(
+    command: &LabCommand,
+    root: &std::path::Path,
+    wait: std::time::Duration,
+) -> anyhow::Result<()> {
     match command {
         LabCommand::Up { file } => {
             let spec = lab::LabSpec::from_file(file)?;
@@ -396,10 +434,14 @@ fn run_lab(command: &LabCommand, root: &std::path::Path) -> anyhow::Result<()> {
             if let Some(host) = host {
                 let bridge = spec.bridge.name.clone();
                 let root = root.to_owned();
-                host.run(move || match datapath::detach(&root, &bridge) {
-                    Ok(_) | Err(xbr::error::Error::NotAttached { .. }) => Ok(()),
-                    Err(e) => Err(e),
-                })??;
+                host.run(move || {
+                    let _writer = lock::Writer::acquire(&root, &bridge, false, wait)?;
+                    datapath::detach(&root, &bridge).map(|_| ())
+                })?
+                .or_else(|error| match error {
+                    xbr::error::Error::NotAttached { .. } => Ok(()),
+                    error => Err(error),
+                })?;
             }
             lab::down(&spec).with_context(|| format!("removing lab {}", spec.name))?;
             println!("lab {} is down", spec.name);

@@ -12,13 +12,14 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{counter::ConstCounter, counter::Counter, histogram::Histogram},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
 use crate::{
     datapath::Pinned,
     error::{Error, Result},
+    hooks::Drift,
     observe::format_mac,
 };
 
@@ -26,6 +27,9 @@ use crate::{
 pub struct FollowMetrics {
     reconciles: Counter,
     errors: Counter,
+    retries: Counter,
+    /// Hooks put right, by what was wrong (`hooks::Drift::name`).
+    repairs: Family<Vec<(String, String)>, Counter>,
     duration: Histogram,
 }
 
@@ -34,6 +38,8 @@ impl Default for FollowMetrics {
         FollowMetrics {
             reconciles: Counter::default(),
             errors: Counter::default(),
+            retries: Counter::default(),
+            repairs: Family::default(),
             // 100 µs to ~3 s.
             duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.0001, 2.0, 15,
@@ -50,6 +56,16 @@ impl FollowMetrics {
 
     pub fn error(&self) {
         self.errors.inc();
+    }
+
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    pub fn repaired(&self, drift: Drift) {
+        self.repairs
+            .get_or_create(&vec![("problem".to_owned(), drift.name().to_owned())])
+            .inc();
     }
 }
 
@@ -152,6 +168,16 @@ pub fn serve_metrics(
         "xbr_reconcile_errors",
         "Reconciles or observations that failed",
         metrics.errors.clone(),
+    );
+    registry.register(
+        "xbr_reconcile_retries",
+        "Reconciles retried after a failure",
+        metrics.retries.clone(),
+    );
+    registry.register(
+        "xbr_repairs",
+        "Hooks found other than recorded and put right, by problem (missing, duplicated, unrecorded)",
+        metrics.repairs.clone(),
     );
     registry.register(
         "xbr_reconcile_duration_seconds",

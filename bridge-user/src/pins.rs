@@ -1,6 +1,9 @@
 //! Where an attachment lives on bpffs: `<pin root>/<netns inode>/<bridge>/`, holding the
 //! program, the maps and (tcx mode) one link per port. The pins are the whole state: no
 //! process has to stay alive, and `detach` removes the directory.
+//!
+//! The bridge record (`bridge`) is pinned last and unpinned first: a directory without it is
+//! an attach or detach that was interrupted (or is running), never a working attachment.
 
 use std::{
     fs,
@@ -62,6 +65,38 @@ pub fn map_pin(dir: &Path, object_name: &str) -> PathBuf {
     dir.join(pin)
 }
 
+/// The pin that makes a directory a whole attachment (see the module's doc).
+pub const COMPLETE: &str = "bridge";
+
+/// Whether `dir` holds a whole attachment.
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(COMPLETE).exists()
+}
+
+/// The directory a follower locks for as long as it follows (see `lock`).
+pub fn follower_dir(dir: &Path) -> PathBuf {
+    dir.join("follower")
+}
+
+/// The ifindex of a link pin's name (`link_N`, `uplink_N`, `uplink_xdp_N`) and which it is.
+pub fn parse_link_pin(name: &str) -> Option<(LinkPin, u32)> {
+    let (kind, index) = if let Some(index) = name.strip_prefix("uplink_xdp_") {
+        (LinkPin::UplinkXdp, index)
+    } else if let Some(index) = name.strip_prefix("uplink_") {
+        (LinkPin::Uplink, index)
+    } else {
+        (LinkPin::Port, name.strip_prefix("link_")?)
+    };
+    Some((kind, index.parse().ok()?))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkPin {
+    Port,
+    Uplink,
+    UplinkXdp,
+}
+
 /// The tcx link of bridge port `ifindex`.
 pub fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
     dir.join(format!("link_{ifindex}"))
@@ -118,21 +153,68 @@ fn is_bpffs(path: &Path) -> bool {
 /// the root when they are left empty: detach leaves nothing behind.
 pub fn remove(dir: &Path, root: &Path) -> Result<()> {
     if dir.exists() {
-        for entry in
-            fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
-        {
-            let path = entry
-                .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
-                .path();
-            fs::remove_file(&path)
-                .map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
+        clear(dir)?;
+        match fs::remove_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("removing {}", dir.display()), e));
+            }
+            _ => {}
         }
-        fs::remove_dir(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
     }
     for parent in dir.ancestors().skip(1).filter(|p| p.exists()) {
         // remove_dir refuses a directory that is not empty: other attachments keep theirs.
         if !parent.starts_with(root) || fs::remove_dir(parent).is_err() {
             break;
+        }
+    }
+    Ok(())
+}
+
+/// Empties an attachment directory, keeping the directory (a writer holds its lock). The
+/// bridge record goes first, so a writer stopped half-way leaves a directory that says it is
+/// incomplete; links are detached at once rather than whenever the kernel frees them.
+pub fn clear(dir: &Path) -> Result<()> {
+    let listing = |e| Error::io(format!("listing {}", dir.display()), e);
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(listing)?
+        .map(|entry| entry.map(|e| e.path()).map_err(listing))
+        .collect::<Result<_>>()?;
+    let rank = |path: &PathBuf| {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        match name {
+            COMPLETE => 0,
+            _ if parse_link_pin(name).is_some() => 1,
+            _ if path.is_dir() => 3,
+            _ => 2,
+        }
+    };
+    entries.sort_by_key(rank);
+    for path in entries {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if parse_link_pin(name).is_some() {
+            crate::bpf_link::detach_pinned(&path).map_err(|e| {
+                Error::io(
+                    format!("detaching the link pinned at {}", path.display()),
+                    e,
+                )
+            })?;
+        }
+        let removed = if path.is_dir() {
+            fs::remove_dir(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("unpinning {}", path.display()), e));
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -8,6 +8,8 @@ use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
     docker::{DockerState, Synced},
     features::Features,
+    hooks::Drift,
+    lock::Holder,
     observe::{BridgeView, format_mac},
     plan::{Plan, PublishedPolicy},
     publish::{PublishSpec, Published},
@@ -22,6 +24,56 @@ pub struct Observed {
     pub docker: Option<DockerState>,
     /// What xbr would plan for it now, under the ruleset as it is now.
     pub plan: Option<Plan>,
+}
+
+/// Pins that are not a whole attachment: an attach or detach interrupted, or running now.
+pub struct Incomplete {
+    pub bridge: String,
+    pub dir: std::path::PathBuf,
+    pub detail: String,
+    /// Who is writing it now, if anyone.
+    pub writer: Option<Holder>,
+}
+
+fn holder_json(holder: &Option<Holder>) -> Value {
+    match holder {
+        Some(holder) => json!({ "pid": holder.pid, "command": holder.command }),
+        None => Value::Null,
+    }
+}
+
+/// A port (or uplink) whose hook is not what xbr recorded, or that xbr has not hooked.
+struct DriftLine {
+    port: String,
+    drift: Drift,
+}
+
+/// Every drift of an attachment: recorded hooks the kernel does not run as recorded, and
+/// ports of the bridge now that xbr has not hooked.
+fn drift_lines(attachment: &Attachment, view: Option<&BridgeView>) -> Vec<DriftLine> {
+    let mut lines: Vec<DriftLine> = attachment
+        .port_drift
+        .iter()
+        .chain(attachment.uplink_drift.iter())
+        .map(|(ifindex, drift)| DriftLine {
+            port: view
+                .and_then(|v| v.ports.iter().find(|p| p.ifindex == *ifindex))
+                .map(|p| p.name.clone())
+                .unwrap_or_else(|| link_name(*ifindex)),
+            drift: *drift,
+        })
+        .collect();
+    if let Some(plan) = view.and_then(|v| xbr::plan::plan(v).ok()) {
+        for port in &plan.ports {
+            if !attachment.ports.contains_key(&port.ifindex) {
+                lines.push(DriftLine {
+                    port: port.name.clone(),
+                    drift: Drift::NotHooked,
+                });
+            }
+        }
+    }
+    lines
 }
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
@@ -143,6 +195,10 @@ pub fn attached(
             "endpoints": attached.endpoints,
             "pins": attached.dir,
             "not_accelerated": skipped_json(plan),
+            "repaired": attached.changes.repaired.iter()
+                .map(|(port, drift)| json!({ "port": port, "problem": drift.name() }))
+                .collect::<Vec<_>>(),
+            "replaced_incomplete": attached.replaced_incomplete,
         }));
     }
     let verb = if attached.created {
@@ -150,6 +206,12 @@ pub fn attached(
     } else {
         "already attached; brought up to date"
     };
+    if attached.replaced_incomplete {
+        println!(
+            "found the pins of an interrupted attach or detach of {}; removed them",
+            plan.bridge
+        );
+    }
     println!(
         "{verb} {} ({mode}, {}, uplinks {}): {} ports, {} endpoints; pinned at {}",
         plan.bridge,
@@ -159,6 +221,9 @@ pub fn attached(
         attached.endpoints,
         attached.dir.display()
     );
+    for (port, drift) in &attached.changes.repaired {
+        println!("  repaired {port}: {}", drift.describe());
+    }
     for skipped in &plan.skipped {
         println!("  not accelerated: {}: {}", skipped.port, skipped.reason);
     }
@@ -357,7 +422,12 @@ fn up_to_date(observed: &Observed) -> bool {
     holds_match && endpoints_match && published_match
 }
 
-pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> anyhow::Result<()> {
+pub fn status(
+    attachments: &[Observed],
+    incomplete: &[Incomplete],
+    features: &Features,
+    as_json: bool,
+) -> anyhow::Result<()> {
     let kernel = json!({
         "release": features.kernel,
         "tcx": features.tcx,
@@ -383,6 +453,19 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                             "endpoint_mac": line.mac,
                             "container_interface": line.container_interface,
                             "container_ips": line.container_ips,
+                            "hook": attachment.port_drift.get(&line.ifindex).map_or("ok", |d| d.name()),
+                        })
+                    })
+                    .collect();
+                let repairing = attachment.follower.is_some();
+                let drift: Vec<Value> = drift_lines(attachment, view.as_ref())
+                    .iter()
+                    .map(|line| {
+                        json!({
+                            "port": line.port,
+                            "problem": line.drift.name(),
+                            "detail": line.drift.describe(),
+                            "repairing": repairing,
                         })
                     })
                     .collect();
@@ -431,10 +514,26 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                         policy
                     }),
                     "docker": docker.as_ref().map(docker_json),
+                    "drift": drift,
+                    "follower": holder_json(&attachment.follower),
+                    "writer": holder_json(&attachment.writer),
                 })
             })
             .collect();
-        return print_json(&json!({ "kernel": kernel, "bridges": bridges }));
+        let incomplete: Vec<Value> = incomplete
+            .iter()
+            .map(|i| {
+                json!({
+                    "name": i.bridge,
+                    "pins": i.dir,
+                    "detail": i.detail,
+                    "writer": holder_json(&i.writer),
+                })
+            })
+            .collect();
+        return print_json(
+            &json!({ "kernel": kernel, "bridges": bridges, "incomplete": incomplete }),
+        );
     }
 
     println!(
@@ -444,10 +543,21 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
         if features.redirect_peer { "yes" } else { "no" },
         if features.xdp { "yes" } else { "no" }
     );
-    if attachments.is_empty() {
+    if attachments.is_empty() && incomplete.is_empty() {
         println!(
             "no bridge attached in this network namespace; attach one with `xbr attach BRIDGE`"
         );
+    }
+    for incomplete in incomplete {
+        println!();
+        match &incomplete.writer {
+            Some(writer) => println!(
+                "bridge {}  being attached or detached now by {writer}  pins {}",
+                incomplete.bridge,
+                incomplete.dir.display()
+            ),
+            None => println!("bridge {}  {}", incomplete.bridge, incomplete.detail),
+        }
     }
     for observed in attachments {
         let Observed {
@@ -501,6 +611,23 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
             },
             attachment.connections
         );
+        if let Some(follower) = &attachment.follower {
+            println!("  followed by {follower}");
+        }
+        if let Some(writer) = &attachment.writer {
+            println!("  being changed now by {writer}");
+        }
+        for line in drift_lines(attachment, view.as_ref()) {
+            match &attachment.follower {
+                Some(_) => println!("  {}: {}, repairing", line.port, line.drift.describe()),
+                None => println!(
+                    "  not accelerated: {}: {}; `xbr attach {}` repairs it",
+                    line.port,
+                    line.drift.describe(),
+                    attachment.bridge
+                ),
+            }
+        }
         let published = published_policies(observed);
         for (
             Published {

@@ -3,4 +3,6 @@
 pub mod datapath_support;
 pub mod docker_support;
 pub mod lab_support;
+pub mod skip;
 pub mod witness;
+pub mod writers_support;

@@ -329,6 +329,13 @@ impl Follower {
     /// Starts `xbr -v ARGS...` (an `attach ... --follow`) with `env` set, and waits up to
     /// `startup` until it says it follows.
     pub fn spawn(env: &[(&str, &str)], args: &[&str], startup: Duration) -> Follower {
+        let follower = Follower::start_quietly(env, args);
+        follower.wait_for_log("following the bridge", startup);
+        follower
+    }
+
+    /// Starts `xbr -v ARGS...` and returns at once.
+    pub fn start_quietly(env: &[(&str, &str)], args: &[&str]) -> Follower {
         let stderr_path = std::env::temp_dir().join(format!(
             "{}.follower.log",
             crate::lab_support::unique_name("xbr")
@@ -342,18 +349,20 @@ impl Follower {
             .stderr(stderr)
             .spawn()
             .expect("start the follower");
-        let follower = Follower { child, stderr_path };
+        Follower { child, stderr_path }
+    }
+
+    /// Waits up to `limit` until the follower's log says `what`; panics with the log if not.
+    pub fn wait_for_log(&self, what: &str, limit: Duration) {
         let started = std::time::Instant::now();
-        while !follower.log().contains("following the bridge") {
+        while !self.log().contains(what) {
             assert!(
-                started.elapsed() < startup,
-                "the follower ({}) did not start: {}",
-                args.join(" "),
-                follower.log()
+                started.elapsed() < limit,
+                "the follower did not say `{what}` within {limit:?}: {}",
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        follower
     }
 
     /// SIGTERM: the follower stops following, as on Ctrl-C.

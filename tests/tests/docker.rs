@@ -273,16 +273,18 @@ fn docker_host_end_to_end() {
     // No port is held back; only clients claiming another Docker network's addresses are
     // (that network's MASQUERADE would translate them on Docker's path).
     assert!(
-        status["published"].as_array().is_some_and(|p| p.iter().all(|p| {
-            p["held"] == false
-                && p["not_accelerated"].as_array().is_some_and(|held| {
-                    held.iter().all(|h| {
-                        h["class"]
-                            .as_str()
-                            .is_some_and(|c| c.contains("for clients 10.214."))
+        status["published"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| {
+                p["held"] == false
+                    && p["not_accelerated"].as_array().is_some_and(|held| {
+                        held.iter().all(|h| {
+                            h["class"]
+                                .as_str()
+                                .is_some_and(|c| c.contains("for clients 10.214."))
+                        })
                     })
-                })
-        })),
+            })),
         "{status:#}"
     );
 

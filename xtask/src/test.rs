@@ -1,6 +1,8 @@
 //! `cargo xtask test`: the whole suite, as root. cargo test prints one summary per test
 //! binary, the last of them often a doc-test run of nothing; the suite ends with one line
 //! adding them all up (`summary: N passed, N failed, N skipped`), which is what CI reads.
+//! A test that cannot run here says `SKIPPED <test>: <reason>` (xbr-tests' `skip`): it counts
+//! as skipped, not passed.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -12,6 +14,8 @@ use anyhow::Context as _;
 use crate::{build, cmd, setup};
 
 const BPFFS: &str = "/sys/fs/bpf";
+/// What a test prints (past the harness's capture) when it cannot run here.
+const SKIPPED: &str = "SKIPPED ";
 
 pub fn run(extra_args: &[String]) -> anyhow::Result<()> {
     cmd::require_root("the tests create network namespaces and load BPF programs")?;
@@ -31,6 +35,7 @@ pub fn run(extra_args: &[String]) -> anyhow::Result<()> {
         )
     })?;
     let mut total = Summary::default();
+    let mut skipped = Vec::new();
     let stdout = child.stdout.take().expect("piped stdout");
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading the test output")?;
@@ -38,6 +43,15 @@ pub fn run(extra_args: &[String]) -> anyhow::Result<()> {
         if let Some(summary) = Summary::parse(&line) {
             total.add(&summary);
         }
+        if let Some(test) = line.strip_prefix(SKIPPED) {
+            skipped.push(test.to_owned());
+        }
+    }
+    // A skipped test returned early, so cargo counted it as passed.
+    total.passed = total.passed.saturating_sub(skipped.len() as u64);
+    total.ignored += skipped.len() as u64;
+    for test in &skipped {
+        println!("skipped: {test}");
     }
     let status = child.wait().context("waiting for cargo test")?;
     println!(

@@ -48,7 +48,7 @@ const CPUS: u32 = 2;
 const MEMORY_MIB: u32 = 2048;
 /// From QEMU's start to the first suite, with room for a slow TCG boot. Suite timeouts are
 /// about 15 times what a suite takes on TCG here: a hung guest costs at most BOOT_ALLOWANCE
-/// plus their sum (21 minutes), which keeps CI's two kernels inside its 90 minutes.
+/// plus their sum (33 minutes), which keeps CI's two kernels inside its 90 minutes.
 const BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
 
 pub struct Options {
@@ -152,6 +152,7 @@ struct Binaries {
     policy_packet: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
+    writers: PathBuf,
 }
 
 impl Binaries {
@@ -191,6 +192,7 @@ impl Binaries {
             policy_packet: find("policy_packet")?,
             east_west: find("east_west")?,
             published: find("published")?,
+            writers: find("writers")?,
         })
     }
 }
@@ -244,6 +246,28 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         timeout: Duration::from_secs(300),
         needs_tcx: mode == "tcx",
     };
+    // Many writers at once, hooks removed behind xbr's back, writers killed anywhere: the lock
+    // (flock on bpffs), the hook queries (tcx, cls_bpf dumps) and repairs on this kernel.
+    let writers = |mode: &str| {
+        // Emulated CPUs: a shorter stress run and fewer kill rounds than on the host.
+        let mut argv = vec![
+            "/usr/bin/env".to_owned(),
+            "XBR_WRITERS_SECONDS=15".to_owned(),
+            "XBR_KILL_ROUNDS=12".to_owned(),
+            program(&binaries.writers),
+            format!("{mode}_"),
+        ];
+        if mode == "clsact" {
+            argv.push("a_second_writer_waits_then_names_the_holder".to_owned());
+        }
+        Suite {
+            name: format!("writers-{mode}"),
+            argv,
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs_tcx: mode == "tcx",
+        }
+    };
     Ok(vec![
         // BPF_PROG_TEST_RUN: the verifier takes the program, verdicts and counters hold.
         Suite {
@@ -285,6 +309,8 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             timeout: Duration::from_secs(300),
             needs_tcx: false,
         },
+        writers("clsact"),
+        writers("tcx"),
     ])
 }
 
