@@ -22,7 +22,7 @@ pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 /// The XDP program in front of the uplink program (uplink xdp mode only).
 pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 8] = [
+pub const MAPS: [(&str, &str); 11] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
@@ -30,6 +30,9 @@ pub const MAPS: [(&str, &str); 8] = [
     ("PORTS", "ports"),
     ("PUBLISHED", "published"),
     ("NAT_FLOWS", "nat_flows"),
+    ("NAT_TRANSIENT", "nat_transient"),
+    ("NAT_EVENTS", "nat_events"),
+    ("FLOW_SCRATCH", "flow_scratch"),
     ("UPLINKS", "uplinks"),
 ];
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use bridge_common::{AttachMode, EndpointKey, PortStats};
+use bridge_common::{AttachMode, EndpointKey, NatEvent, PortStats};
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
@@ -10,7 +10,7 @@ use xbr::{
     features::Features,
     observe::{BridgeView, format_mac},
     plan::{Plan, Policy, plan},
-    publish::{PublishSpec, Published},
+    publish::{NatState, PublishSpec, Published},
 };
 
 /// An attachment, its bridge now (`None`: gone), and Docker's view of it (where Docker owns it).
@@ -189,6 +189,57 @@ pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Res
     Ok(())
 }
 
+fn nat_json(nat: &NatState) -> Value {
+    let events: serde_json::Map<String, Value> = nat
+        .events
+        .iter()
+        .map(|(event, count)| (event.name().to_owned(), json!(count)))
+        .collect();
+    json!({
+        "established": nat.established,
+        "established_capacity": nat.established_capacity,
+        "transient": nat.transient,
+        "transient_expired": nat.transient_expired,
+        "transient_capacity": nat.transient_capacity,
+        "replaced": nat.replaced,
+        "events": events,
+    })
+}
+
+/// The connection tables: use, size, and what happened to connections since attach.
+fn print_nat(nat: &NatState) {
+    println!(
+        "  NATed connections: {} established (table of {}), {} transient: new or closing (table of {}, \
+         the oldest replaced when full){}",
+        nat.established,
+        nat.established_capacity,
+        nat.transient,
+        nat.transient_capacity,
+        if nat.transient_expired > 0 {
+            format!("; {} expired entries wait for reuse", nat.transient_expired)
+        } else {
+            String::new()
+        }
+    );
+    let opened = nat.event(NatEvent::Opened);
+    if opened > 0 {
+        println!(
+            "  since attach: {opened} opened, {} established, {} replaced while not established, \
+             {} closed, {} reset{}",
+            nat.event(NatEvent::Established),
+            nat.replaced,
+            nat.event(NatEvent::Closed),
+            nat.event(NatEvent::Reset),
+            match nat.event(NatEvent::EstablishedTableFull) {
+                0 => String::new(),
+                full => format!(
+                    "; {full} found the established table full (they stay transient, where a flood can replace them)"
+                ),
+            }
+        );
+    }
+}
+
 fn link_name(ifindex: u32) -> String {
     nix::net::if_::if_indextoname(ifindex)
         .map(|name| name.to_string_lossy().into_owned())
@@ -279,7 +330,8 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
                         .iter()
                         .map(|(i, how)| (link_name(*i), *how))
                         .collect::<BTreeMap<_, _>>(),
-                    "connections": attachment.connections,
+                    "connections": attachment.nat.established + attachment.nat.transient,
+                    "nat": nat_json(&attachment.nat),
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
                     "present": view.is_some(),
@@ -345,15 +397,15 @@ pub fn status(attachments: &[Observed], features: &Features, as_json: bool) -> a
             })
             .collect();
         println!(
-            "  uplinks ({} mode): {}   NATed connections: {}",
+            "  uplinks ({} mode): {}",
             uplink_mode_name(attachment.record.uplink_mode),
             if uplinks.is_empty() {
                 "none".to_owned()
             } else {
                 uplinks.join(" ")
             },
-            attachment.connections
         );
+        print_nat(&attachment.nat);
         for Published { spec, port_ifindex } in &attachment.published {
             let target = match port_ifindex {
                 Some(ifindex) => format!("via {}", link_name(*ifindex)),
