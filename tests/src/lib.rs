@@ -2,5 +2,7 @@
 
 pub mod datapath_support;
 pub mod docker_support;
+pub mod flood;
 pub mod lab_support;
+pub mod traffic;
 pub mod witness;
