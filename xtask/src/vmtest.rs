@@ -149,6 +149,7 @@ pub fn verdict(rows: &[Row]) -> anyhow::Result<()> {
 struct Binaries {
     xbr: PathBuf,
     packet: PathBuf,
+    nat_packet: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
 }
@@ -187,6 +188,7 @@ impl Binaries {
         Ok(Binaries {
             xbr,
             packet: find("packet")?,
+            nat_packet: find("nat_packet")?,
             east_west: find("east_west")?,
             published: find("published")?,
         })
@@ -247,6 +249,15 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         Suite {
             name: "packet".to_owned(),
             argv: vec![program(&binaries.packet)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs_tcx: false,
+        },
+        // The NAT state machine through BPF_PROG_TEST_RUN: this kernel's LRU and hash maps,
+        // and its verifier on the NAT subprograms.
+        Suite {
+            name: "nat-packet".to_owned(),
+            argv: vec![program(&binaries.nat_packet)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
             needs_tcx: false,
