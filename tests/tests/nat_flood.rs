@@ -293,7 +293,7 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
         &followed.host,
         &followed.pins.path,
         "br0",
-        &["--resync", "1"],
+        &["--resync", "1", "--metrics", "127.0.0.1:9477"],
     );
     // Cookies for every SYN (no SYN queue): the container answers each spoofed SYN once and
     // never retransmits, so the flood's last frame is its last SYN-ACK.
@@ -315,6 +315,24 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
             "the flood left half-open state: {nat}"
         );
     }
+    // The follower's metrics say the same: occupancy, size, replacements, no fallback.
+    let metrics = scrape(&followed.host);
+    let value = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the metrics:\n{metrics}"))
+    };
+    assert!(value("xbr_nat_connections{bridge=\"br0\",table=\"transient\"}") > 0);
+    assert_eq!(
+        value("xbr_nat_capacity_connections{bridge=\"br0\",table=\"transient\"}"),
+        TRANSIENT_CAPACITY
+    );
+    assert!(value("xbr_nat_replaced_total{bridge=\"br0\"}") > 4000);
+    assert_eq!(value("xbr_nat_fallbacks_total{bridge=\"br0\"}"), 0);
+    assert!(value("xbr_nat_connection_events_total{bridge=\"br0\",event=\"opened\"}") >= 5000);
     let lifetime = Duration::from_nanos(bridge_common::lifetime::TRANSIENT_NS);
     std::thread::sleep(lifetime.saturating_sub(quiet_since.elapsed()));
     // The follower removes them at its next resync after the lifetime (every second here).
@@ -341,6 +359,22 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
         exchange(&lab.outside, SocketAddr::from((HOST, 8080)), 100)
             .expect("the port answers after the flood's state expired");
     }
+}
+
+/// GET /metrics from the follower in namespace `host`.
+fn scrape(host: &str) -> String {
+    NetNs::open(host)
+        .unwrap()
+        .run(|| {
+            let mut stream = TcpStream::connect("127.0.0.1:9477").expect("the metrics port");
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+        })
+        .unwrap()
 }
 
 /// Entries of the pinned transient map, counted by bpftool (the witness beside xbr).
