@@ -295,9 +295,10 @@ fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
     };
     let (inbound, outbound) = unsafe { (&mut *inbound, &mut *outbound) };
     let first_try = inbound.flags & Flow::ESTABLISHED == 0;
-    inbound.flags = Flow::INBOUND | Flow::ESTABLISHED;
+    // A FIN seen while it waited for room still counts.
+    inbound.flags = (inbound.flags & Flow::FIN_SEEN) | Flow::INBOUND | Flow::ESTABLISHED;
     inbound.last_seen_ns = now;
-    outbound.flags = Flow::OUTBOUND | Flow::ESTABLISHED;
+    outbound.flags = (outbound.flags & Flow::FIN_SEEN) | Flow::OUTBOUND | Flow::ESTABLISHED;
     if NAT_FLOWS
         .insert(reply_key, &*outbound, BPF_NOEXIST as u64)
         .is_ok()

@@ -352,13 +352,13 @@ impl Pinned {
             .filter_map(|entry| entry.ok())
             .filter(|(_, flow)| flow.flags & Flow::INBOUND != 0)
             .count();
-        let (mut transient, mut expired, mut entries) = (0, 0, 0u64);
+        let (mut live, mut expired, mut entries) = (0usize, 0, 0u64);
         for (key, flow) in self.transient.iter().filter_map(|entry| entry.ok()) {
             entries += 1;
             if now.saturating_sub(flow.last_seen_ns) > flow.lifetime_ns(key.proto) {
                 expired += 1;
-            } else if flow.flags & Flow::INBOUND != 0 {
-                transient += 1;
+            } else {
+                live += 1;
             }
         }
         let events: Vec<(NatEvent, u64)> = NatEvent::ALL
@@ -375,7 +375,9 @@ impl Pinned {
         let mut state = NatState {
             established,
             established_capacity: self.capacity.established,
-            transient,
+            // Entries in pairs; the LRU may have replaced one of a pair.
+            transient: live.div_ceil(2),
+            transient_entries: live,
             transient_expired: expired,
             transient_capacity: self.capacity.transient,
             replaced: 0,
@@ -399,8 +401,10 @@ pub struct NatState {
     /// Established connections, and how many the table holds.
     pub established: usize,
     pub established_capacity: usize,
-    /// Transient connections (not established, or closing) within their lifetime.
+    /// Transient connections (not established, or closing) within their lifetime: their live
+    /// entries, halved.
     pub transient: usize,
+    pub transient_entries: usize,
     /// Transient entries past their lifetime, not removed yet: the datapath ignores them, and
     /// the LRU reuses them first.
     pub transient_expired: usize,

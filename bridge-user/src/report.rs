@@ -199,6 +199,7 @@ fn nat_json(nat: &NatState) -> Value {
         "established": nat.established,
         "established_capacity": nat.established_capacity,
         "transient": nat.transient,
+        "transient_entries": nat.transient_entries,
         "transient_expired": nat.transient_expired,
         "transient_capacity": nat.transient_capacity,
         "replaced": nat.replaced,

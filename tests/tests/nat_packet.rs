@@ -717,6 +717,14 @@ fn a_full_established_table_keeps_new_connections_transient_until_there_is_room(
         1,
         "counted once per connection"
     );
+    // The client half-closes while it waits.
+    let (code, _) = datapath
+        .run(
+            UPLINK_PROGRAM,
+            &tcp(&inbound_from(CLIENT_PORT + 1), "AF", &[]),
+        )
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
     // The first connection ends; the second moves over with its next frame.
     datapath
         .run(PORT_PROGRAM, &tcp(&reply(), "R", &[]))
@@ -724,11 +732,20 @@ fn a_full_established_table_keeps_new_connections_transient_until_there_is_room(
     let (code, _) = datapath
         .run(
             UPLINK_PROGRAM,
-            &tcp(&inbound_from(CLIENT_PORT + 1), "AP", b"z"),
+            &tcp(&inbound_from(CLIENT_PORT + 1), "A", &[]),
         )
         .unwrap();
     assert_eq!(code, TC_ACT_REDIRECT);
-    assert!(has(&datapath.flows(), &inbound_key(CLIENT_PORT + 1)));
+    let moved = datapath.flows();
+    let (_, inbound) = moved
+        .iter()
+        .find(|(key, _)| *key == inbound_key(CLIENT_PORT + 1))
+        .unwrap_or_else(|| panic!("moved to the established table: {moved:?}"));
+    assert_ne!(
+        inbound.flags & Flow::FIN_SEEN,
+        0,
+        "the FIN it sent while it waited is remembered: {inbound:?}"
+    );
     assert!(
         datapath.transient().is_empty(),
         "{:?}",
