@@ -528,6 +528,51 @@ mod tests {
     }
 
     #[test]
+    fn lifetimes_follow_the_state_of_each_direction() {
+        let flow = |flags| Flow {
+            flags,
+            ..Flow::default()
+        };
+        let t = Timeouts::default();
+        let secs = |d: Duration| d.as_secs();
+        // Not established (new, answered) or closing: the transient lifetime.
+        for flags in [
+            Flow::INBOUND,
+            Flow::OUTBOUND | Flow::ANSWERED,
+            Flow::INBOUND | Flow::ESTABLISHED | Flow::CLOSING,
+        ] {
+            assert_eq!(secs(t.limit(IPPROTO_TCP, &flow(flags))), 30, "{flags:#x}");
+            assert_eq!(flow(flags).lifetime_ns(IPPROTO_TCP), lifetime::TRANSIENT_NS);
+        }
+        let established = Flow::INBOUND | Flow::ESTABLISHED;
+        assert_eq!(secs(t.limit(IPPROTO_TCP, &flow(established))), 24 * 3600);
+        assert_eq!(
+            secs(t.limit(IPPROTO_TCP, &flow(established | Flow::FIN_SEEN))),
+            60
+        );
+        assert_eq!(secs(t.limit(IPPROTO_UDP, &flow(established))), 120);
+        for (proto, flags) in [
+            (IPPROTO_TCP, established),
+            (IPPROTO_TCP, established | Flow::FIN_SEEN),
+            (IPPROTO_UDP, established),
+        ] {
+            assert_eq!(
+                t.limit(proto, &flow(flags)),
+                Duration::from_nanos(flow(flags).lifetime_ns(proto)),
+                "the control plane and the datapath agree"
+            );
+        }
+    }
+
+    #[test]
+    fn table_sizes_follow_max_flows_and_memory() {
+        assert_eq!(crate::datapath::flow_table_entries(65536), (131072, 65536));
+        let default = crate::datapath::default_max_flows();
+        assert!(default.is_power_of_two(), "{default}");
+        assert!((4096..=65536).contains(&default), "{default}");
+    }
+
+    #[test]
     fn a_port_published_on_any_address_matches_every_destination() {
         let spec: PublishSpec = "8080:10.77.0.2:80".parse().unwrap();
         let key = FlowKey {
