@@ -8,9 +8,12 @@ pub const MAX_ENDPOINTS: u32 = 16384;
 pub const MAX_PORTS: u32 = 16384;
 /// How many published ports one attached bridge can hold.
 pub const MAX_PUBLISHED: u32 = 4096;
-/// How many NATed connections one attached bridge tracks (two entries each, one per
-/// direction). A full table sends new connections to the kernel path.
+/// Entries of `NAT_FLOWS`, the established connections, as compiled into the object (two
+/// entries each, one per direction); `xbr attach --max-flows` sets the size of a new attachment.
 pub const MAX_FLOW_ENTRIES: u32 = 131072;
+/// Entries of `NAT_TRANSIENT`, the connections that are not established (two each), as
+/// compiled; an attachment sizes it at half the connections of `NAT_FLOWS`.
+pub const MAX_TRANSIENT_ENTRIES: u32 = 65536;
 /// How many uplinks one attached bridge can have.
 pub const MAX_UPLINKS: u32 = 64;
 /// How many east-west hold-backs (netfilter rules' packet patterns) one bridge can have.
@@ -105,9 +108,11 @@ pub enum Verdict {
     /// A container's reply on a NATed connection: SNATed and sent out of the uplink.
     NatOut = 10,
     /// For a published port, but not translated: fragment, IP options, TTL about to expire,
-    /// or a TCP segment of a connection the fast path did not see start.
+    /// a TCP segment of a connection the fast path did not see start (or whose state expired
+    /// or was replaced), or a new connection whose reply tuple another connection holds.
     NatNotTranslated = 11,
-    /// For a published port, but the connection table is full: the kernel path takes it.
+    /// For a published port, but there was no room to track the new connection: the kernel
+    /// path takes it.
     NatTableFull = 12,
     /// Arrived on an uplink in XDP mode for a published port: DNATed by the XDP program and
     /// redirected into the container's port (`nat_in` counts what the tc program delivers).
@@ -378,7 +383,8 @@ pub struct FlowKey {
     pub dst_port: [u8; 2],
 }
 
-/// `NAT_FLOWS` value: how to translate and where to send a frame of that direction.
+/// `NAT_FLOWS` and `NAT_TRANSIENT` value: how to translate and where to send a frame of that
+/// direction, and where the connection stands.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -392,10 +398,16 @@ pub struct Flow {
     pub ifindex: u32,
     pub eth_src: [u8; 6],
     pub eth_dst: [u8; 6],
-    /// bpf_ktime_get_ns of the last frame; the control plane retires idle entries.
+    /// bpf_ktime_get_ns of the last frame in this direction: idle connections are retired.
     pub last_seen_ns: u64,
     /// The other direction's key, to retire both together.
     pub peer: FlowKey,
+    /// bpf_ktime_get_ns when the connection was opened (or closed, for a closing one).
+    pub opened_ns: u64,
+    /// (TCP, reply direction, not established) The acknowledgment number that completes the
+    /// handshake: the container's SYN-ACK sequence number + 1, network byte order.
+    pub handshake_ack: [u8; 4],
+    pub _pad: [u8; 4],
 }
 
 impl Flow {
@@ -405,6 +417,101 @@ impl Flow {
     pub const OUTBOUND: u16 = 2;
     /// A FIN went by in this direction.
     pub const FIN_SEEN: u16 = 4;
+    /// (Reply direction, transient) The container answered: a SYN-ACK (TCP; its sequence
+    /// number is in `handshake_ack`) or a datagram (UDP).
+    pub const ANSWERED: u16 = 8;
+    /// The handshake completed (TCP) or the flow became a stream (UDP). Always set in
+    /// `NAT_FLOWS`; in `NAT_TRANSIENT` only while `NAT_FLOWS` was too full to take it.
+    pub const ESTABLISHED: u16 = 16;
+    /// (Transient) Both directions sent FIN: only the last segments are left.
+    pub const CLOSING: u16 = 32;
+
+    /// How long this entry may stay quiet (since `last_seen_ns`) before it is retired: the
+    /// transient lifetime unless established, the established one by protocol and FIN.
+    pub const fn lifetime_ns(&self, proto: u8) -> u64 {
+        if self.flags & Flow::ESTABLISHED == 0 || self.flags & Flow::CLOSING != 0 {
+            lifetime::TRANSIENT_NS
+        } else if proto != IPPROTO_TCP {
+            lifetime::UDP_STREAM_NS
+        } else if self.flags & Flow::FIN_SEEN != 0 {
+            lifetime::TCP_FIN_QUIET_NS
+        } else {
+            lifetime::TCP_ESTABLISHED_NS
+        }
+    }
+}
+
+/// How long NAT state lives, in nanoseconds of quiet (no frame in that direction), like the
+/// kernel's conntrack timeouts. The datapath and the control plane read the same numbers.
+pub mod lifetime {
+    const SECOND: u64 = 1_000_000_000;
+    /// A connection that is not established (a TCP handshake that did not complete, a UDP
+    /// flow that is not a stream yet) or is closing (FIN both ways). Every retransmission of
+    /// the handshake refreshes it (the longest pause between a SYN-ACK's retransmissions is
+    /// 16 s), and a new SYN opens a connection again.
+    pub const TRANSIENT_NS: u64 = 30 * SECOND;
+    /// An established TCP connection, without FIN.
+    pub const TCP_ESTABLISHED_NS: u64 = 24 * 3600 * SECOND;
+    /// An established TCP connection after a FIN in one direction.
+    pub const TCP_FIN_QUIET_NS: u64 = 60 * SECOND;
+    /// An established UDP flow (nf_conntrack_udp_timeout_stream).
+    pub const UDP_STREAM_NS: u64 = 120 * SECOND;
+    /// A UDP flow the container answered becomes established (a stream) with the client's
+    /// first datagram this long after it opened, as conntrack assures a UDP flow.
+    pub const UDP_STREAM_AFTER_NS: u64 = 2 * SECOND;
+}
+
+/// What happened to NATed connections: indexes of the per-CPU `NAT_EVENTS` counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatEvent {
+    /// A new connection got transient state: a TCP SYN, or a datagram of a new UDP flow.
+    Opened = 0,
+    /// The handshake completed (the client acknowledged the container's SYN-ACK) or the UDP
+    /// flow became a stream: the connection moved to the established table.
+    Established = 1,
+    /// It would have, but the established table was full: it stays transient (and a flood
+    /// can replace it there) until there is room.
+    EstablishedTableFull = 2,
+    /// Both directions sent FIN: the connection moved to the transient table.
+    Closed = 3,
+    /// A RST ended a connection.
+    Reset = 4,
+    /// Entries the datapath added to `NAT_TRANSIENT`. Entries leave it by the datapath
+    /// (`TransientRemoved`), by the control plane (`TransientSwept`), or replaced by the
+    /// kernel's LRU to make room for new ones: replaced = added - removed - swept - present.
+    TransientAdded = 5,
+    TransientRemoved = 6,
+    /// Entries the control plane removed from `NAT_TRANSIENT` (written by the control plane
+    /// only).
+    TransientSwept = 7,
+}
+
+impl NatEvent {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [NatEvent; Self::COUNT as usize] = [
+        NatEvent::Opened,
+        NatEvent::Established,
+        NatEvent::EstablishedTableFull,
+        NatEvent::Closed,
+        NatEvent::Reset,
+        NatEvent::TransientAdded,
+        NatEvent::TransientRemoved,
+        NatEvent::TransientSwept,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            NatEvent::Opened => "opened",
+            NatEvent::Established => "established",
+            NatEvent::EstablishedTableFull => "established_table_full",
+            NatEvent::Closed => "closed",
+            NatEvent::Reset => "reset",
+            NatEvent::TransientAdded => "transient_added",
+            NatEvent::TransientRemoved => "transient_removed",
+            NatEvent::TransientSwept => "transient_swept",
+        }
+    }
 }
 
 #[cfg(feature = "user")]

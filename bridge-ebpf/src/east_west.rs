@@ -33,7 +33,7 @@ pub fn forward(ctx: &TcContext) -> i32 {
     let decision = match decide(ctx, ingress_port) {
         // Not for a container here: maybe a reply to a client of a published port.
         Decision::Pass(Verdict::UnknownDestination) => {
-            match nat::parse(ctx).map(|s| nat::outbound(ctx, &s)) {
+            match nat::parse(ctx).map(|s| nat::outbound(ctx, &s, ingress_port)) {
                 Some(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
                 Some(Nat::Pass(verdict)) => Decision::Pass(verdict),
                 Some(Nat::NotOurs) | None => Decision::Pass(Verdict::UnknownDestination),

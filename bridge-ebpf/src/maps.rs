@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
     BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
     MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED,
-    MAX_UPLINKS, PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
+    MAX_TRANSIENT_ENTRIES, MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey,
+    PublishedPort, Verdict,
 };
 
 /// Destination MAC -> the bridge port it lives behind. Filled by the control plane.
@@ -38,10 +39,27 @@ pub static PORTS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_PORTS
 pub static PUBLISHED: HashMap<PublishedKey, PublishedPort> =
     HashMap::with_max_entries(MAX_PUBLISHED, 0);
 
-/// NATed connections, one entry per direction. A plain hash (not LRU): evicting a live
-/// entry would strand its connection; a full table sends new connections to the kernel.
+/// Established NATed connections, one entry per direction. A plain hash (not LRU): nothing
+/// may evict a live connection; only a connection whose handshake completed gets in, so a
+/// flood of spoofed SYNs cannot fill it.
 #[map]
 pub static NAT_FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(MAX_FLOW_ENTRIES, 0);
+
+/// NATed connections that are not established (opened, handshake not complete; or closing),
+/// one entry per direction. An LRU: when it is full, a new connection replaces the least
+/// recently used entries, so a flood costs unanswered SYNs their state and nothing else.
+#[map]
+pub static NAT_TRANSIENT: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(MAX_TRANSIENT_ENTRIES, 0);
+
+/// Where a new connection's entries are put together before they go into `NAT_TRANSIENT`:
+/// a program has 512 bytes of stack, and the NAT decisions need most of them.
+#[map]
+pub static FLOW_SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// How many connections had each `NatEvent`.
+#[map]
+pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NatEvent::COUNT, 0);
 
 /// Every uplink xbr hooked (control-plane bookkeeping; the datapath never reads it).
 #[map]

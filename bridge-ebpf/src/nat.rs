@@ -1,7 +1,16 @@
 //! Published ports: a connection from outside to `host:port` is DNATed on the uplink and
 //! delivered into the container; the container's replies are SNATed at its bridge port and
 //! sent out of the uplink. Both directions skip the bridge and netfilter, so the kernel's
-//! conntrack never sees the connection; `NAT_FLOWS` is its state here.
+//! conntrack never sees the connection; two tables are its state here.
+//!
+//! A new connection starts in `NAT_TRANSIENT`, an LRU: when a flood fills it, the least
+//! recently used entries make room, and they are entries of connections that never
+//! completed a handshake (or already closed). Only when the client acknowledges the
+//! container's SYN-ACK (TCP; the exact acknowledgment number, which a spoofer never sees) or
+//! keeps talking after an answer (UDP) does the connection move to `NAT_FLOWS`, a plain hash
+//! that never evicts. A connection closed by FIN both ways moves back to the LRU for its last
+//! segments; a RST ends it. Transient state expires by timestamp where it is read, so none of
+//! this needs a process in user space.
 //!
 //! The decisions (parsing, lookups, opening and ending connections) are written once, for
 //! any `Frame`; only writing the translation differs by program type (`Rewriter`): the skb
@@ -9,13 +18,13 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use bridge_common::{
-    ClientHoldKey, ClientPrefix, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey,
-    PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEvent, PublishedKey,
+    PublishedPort, Verdict, lifetime,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -24,7 +33,10 @@ use network_types::{
 
 use crate::{
     frame::{Frame, ptr_at},
-    maps::{CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, NAT_FLOWS, PORTS, PUBLISHED},
+    maps::{
+        CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, FLOW_SCRATCH, NAT_EVENTS, NAT_FLOWS, NAT_TRANSIENT,
+        PORTS, PUBLISHED,
+    },
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -41,7 +53,6 @@ pub const IP_DST: usize = IP + 16;
 pub const L4: usize = IP + Ipv4Hdr::LEN;
 pub const L4_SRC_PORT: usize = L4;
 pub const L4_DST_PORT: usize = L4 + 2;
-const TCP_FLAGS: usize = L4 + 13;
 pub const TCP_CHECK: usize = L4 + 16;
 pub const UDP_CHECK: usize = L4 + 6;
 
@@ -52,6 +63,9 @@ pub struct Segment {
     pub key: FlowKey,
     pub ttl: u8,
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgment numbers, network byte order (zero for UDP).
+    pub tcp_seq: [u8; 4],
+    pub tcp_ack: [u8; 4],
 }
 
 /// Reads an IPv4 TCP or UDP frame that NAT can translate: no fragment, no IP options, the
@@ -69,9 +83,9 @@ pub fn parse(ctx: &impl Frame) -> Option<Segment> {
         return None;
     }
     let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let (header_len, tcp_flags) = match ip.proto {
-        IPPROTO_TCP => (20, unsafe { *ptr_at::<u8>(ctx, TCP_FLAGS)? }),
-        IPPROTO_UDP => (8, 0),
+    let header_len = match ip.proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
         _ => return None,
     };
     // The transport header must be there, and inside what the IP header claims.
@@ -79,11 +93,17 @@ pub fn parse(ctx: &impl Frame) -> Option<Segment> {
         return None;
     }
     let ports = unsafe { &*ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT)? };
-    if header_len == 20 {
-        ptr_at::<[u8; 20]>(ctx, L4)?;
+    let (tcp_flags, tcp_seq, tcp_ack) = if header_len == 20 {
+        let tcp = unsafe { &*ptr_at::<[u8; 20]>(ctx, L4)? };
+        (
+            tcp[13],
+            [tcp[4], tcp[5], tcp[6], tcp[7]],
+            [tcp[8], tcp[9], tcp[10], tcp[11]],
+        )
     } else {
         ptr_at::<[u8; 8]>(ctx, L4)?;
-    }
+        (0, [0; 4], [0; 4])
+    };
     Some(Segment {
         eth_dst: eth.dst_addr,
         eth_src: eth.src_addr,
@@ -97,6 +117,8 @@ pub fn parse(ctx: &impl Frame) -> Option<Segment> {
         },
         ttl: ip.ttl,
         tcp_flags,
+        tcp_seq,
+        tcp_ack,
     })
 }
 
@@ -110,44 +132,194 @@ pub enum Nat {
     Redirect(u32),
 }
 
-/// A frame that arrived on an uplink: an existing inbound connection, or the first frame of a
-/// new one to a published port.
 #[inline(always)]
-pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
-    let flow = match unsafe { NAT_FLOWS.get(&segment.key) } {
-        Some(flow)
-            if flow.flags & Flow::INBOUND != 0 && port_holds(flow.ifindex, &flow.eth_dst) =>
-        {
-            *flow
-        }
-        Some(flow) if flow.flags & Flow::INBOUND != 0 => {
-            // Its container left that port (stopped, restarted elsewhere): the connection
-            // is over. A retransmitted SYN opens it anew toward where the port points now.
-            let peer = flow.peer;
-            let _ = NAT_FLOWS.remove(&peer);
-            let _ = NAT_FLOWS.remove(&segment.key);
-            if !opens_connection(segment) {
-                return Nat::Pass(Verdict::StaleEndpoint);
-            }
-            match open(segment, uplink) {
-                Ok(flow) => flow,
-                Err(nat) => return nat,
-            }
-        }
-        Some(_) => return Nat::NotOurs,
-        None => match open(segment, uplink) {
-            Ok(flow) => flow,
-            Err(nat) => return nat,
-        },
-    };
-    translate(ctx, segment, &flow, IP_DST, L4_DST_PORT)
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn count(event: NatEvent) {
+    if let Some(counter) = NAT_EVENTS.get_ptr_mut(event as u32) {
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Whether a transient entry has been quiet for less than its lifetime.
+#[inline(always)]
+fn alive(flow: &Flow, proto: u8, now: u64) -> bool {
+    // Another CPU may have stamped it a moment after this one read the clock.
+    now <= flow.last_seen_ns || now - flow.last_seen_ns <= flow.lifetime_ns(proto)
+}
+
+/// Writes a transient entry; `existed`: whether the key was there already (for the count
+/// from which the LRU's replacements are derived).
+#[inline(always)]
+fn transient_put(key: &FlowKey, flow: &Flow, existed: bool) -> bool {
+    if NAT_TRANSIENT.insert(key, flow, BPF_ANY as u64).is_err() {
+        return false;
+    }
+    if !existed {
+        count(NatEvent::TransientAdded);
+    }
+    true
+}
+
+#[inline(always)]
+fn transient_remove(key: &FlowKey) {
+    if NAT_TRANSIENT.remove(key).is_ok() {
+        count(NatEvent::TransientRemoved);
+    }
+}
+
+/// A SYN that opens a TCP connection: no ACK, no RST.
+#[inline(always)]
+fn is_syn(segment: &Segment) -> bool {
+    segment.key.proto == IPPROTO_TCP && segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
 /// Only a connection's first segment opens it: a TCP connection that began on the kernel
-/// path (before attach, or while the table was full) stays there.
+/// path (before attach, or when xbr could not track it) stays there.
 #[inline(always)]
 fn opens_connection(segment: &Segment) -> bool {
-    segment.key.proto == IPPROTO_UDP || segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    segment.key.proto == IPPROTO_UDP || is_syn(segment)
+}
+
+/// A frame that arrived on an uplink: an existing inbound connection, or the first frame of a
+/// new one to a published port.
+///
+/// (The state changes live in functions of their own, BPF subprograms, each with its own
+/// stack frame: inlined, the programs' stacks would exceed the kernel's 512 bytes.)
+#[inline(always)]
+pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
+    let key = &segment.key;
+    let now = now();
+    if let Some(flow) = unsafe { NAT_FLOWS.get(key) } {
+        if flow.flags & Flow::INBOUND == 0 {
+            return Nat::NotOurs;
+        }
+        if port_holds(flow.ifindex, &flow.eth_dst) {
+            return established(ctx, segment, flow, IP_DST, L4_DST_PORT, now);
+        }
+        // Its container left that port (stopped, restarted elsewhere): the connection is
+        // over. A retransmitted SYN opens it anew toward where the port points now.
+        let _ = NAT_FLOWS.remove(&flow.peer);
+        let _ = NAT_FLOWS.remove(key);
+        if !opens_connection(segment) {
+            return Nat::Pass(Verdict::StaleEndpoint);
+        }
+        return open_and_translate(ctx, segment, uplink, now, false);
+    }
+    let mut existed = false;
+    if let Some(flow) = unsafe { NAT_TRANSIENT.get(key) } {
+        if flow.flags & Flow::INBOUND == 0 {
+            return Nat::NotOurs;
+        }
+        existed = true;
+        if !alive(flow, key.proto, now) {
+            // Expired: as if it were not there (a new SYN or datagram opens it again).
+        } else if !port_holds(flow.ifindex, &flow.eth_dst) {
+            transient_remove(&flow.peer);
+            transient_remove(key);
+            existed = false;
+            if !opens_connection(segment) {
+                return Nat::Pass(Verdict::StaleEndpoint);
+            }
+        } else if !(is_syn(segment) && flow.flags & Flow::CLOSING != 0) {
+            let nat = translate(ctx, segment, flow, IP_DST, L4_DST_PORT);
+            if matches!(nat, Nat::Redirect(_)) {
+                client_spoke(segment, uplink, now);
+            }
+            return nat;
+        }
+        // A SYN on the tuple of a closing connection: a new connection.
+    }
+    open_and_translate(ctx, segment, uplink, now, existed)
+}
+
+/// The client sent a frame on a transient connection. It completes the handshake when it
+/// acknowledges the container's SYN-ACK (TCP), or makes the flow a stream when the container
+/// answered and the flow is old enough (UDP): then the connection becomes established.
+#[inline(never)]
+fn client_spoke(segment: &Segment, uplink: u32, now: u64) {
+    let key = &segment.key;
+    let Some(flow) = (unsafe { NAT_TRANSIENT.get(key) }) else {
+        return;
+    };
+    let reply_key = flow.peer;
+    let (opened_ns, flags) = (flow.opened_ns, flow.flags);
+    let (answered, handshake_ack) = match unsafe { NAT_TRANSIENT.get(&reply_key) } {
+        Some(reply) if reply.flags & Flow::OUTBOUND != 0 => {
+            (reply.flags & Flow::ANSWERED != 0, reply.handshake_ack)
+        }
+        Some(_) => (false, [0; 4]),
+        None => {
+            // Replaced by the LRU: the frame shows it again (as when the connection opened).
+            let reply = Flow {
+                new_ip: key.dst_ip,
+                new_port: key.dst_port,
+                flags: Flow::OUTBOUND | (flags & Flow::ESTABLISHED),
+                ifindex: uplink,
+                eth_src: segment.eth_dst,
+                eth_dst: segment.eth_src,
+                last_seen_ns: now,
+                peer: *key,
+                opened_ns,
+                handshake_ack: [0; 4],
+                _pad: [0; 4],
+            };
+            let _ = transient_put(&reply_key, &reply, false);
+            (false, [0; 4])
+        }
+    };
+    let completes = flags & Flow::ESTABLISHED != 0
+        || (answered
+            && if key.proto == IPPROTO_TCP {
+                segment.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
+                    && segment.tcp_ack == handshake_ack
+            } else {
+                now.saturating_sub(opened_ns) >= lifetime::UDP_STREAM_AFTER_NS
+            });
+    if completes && promote(key, &reply_key, now) {
+        track_established(key, &reply_key, segment.tcp_flags, now);
+    } else {
+        track_transient(key, &reply_key, segment.tcp_flags, now);
+    }
+}
+
+/// Moves a connection whose handshake completed from the transient to the established
+/// table. False when the established table had no room: the connection then stays
+/// transient, marked established (so it lives by the established rules), and tries again
+/// with the client's next frame.
+#[inline(always)]
+fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
+    let (Some(inbound), Some(outbound)) = (
+        NAT_TRANSIENT.get_ptr_mut(key),
+        NAT_TRANSIENT.get_ptr_mut(reply_key),
+    ) else {
+        return false;
+    };
+    let (inbound, outbound) = unsafe { (&mut *inbound, &mut *outbound) };
+    let first_try = inbound.flags & Flow::ESTABLISHED == 0;
+    // A FIN seen while it waited for room still counts.
+    inbound.flags = (inbound.flags & Flow::FIN_SEEN) | Flow::INBOUND | Flow::ESTABLISHED;
+    inbound.last_seen_ns = now;
+    outbound.flags = (outbound.flags & Flow::FIN_SEEN) | Flow::OUTBOUND | Flow::ESTABLISHED;
+    if NAT_FLOWS
+        .insert(reply_key, &*outbound, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        if NAT_FLOWS.insert(key, &*inbound, BPF_NOEXIST as u64).is_ok() {
+            transient_remove(key);
+            transient_remove(reply_key);
+            count(NatEvent::Established);
+            return true;
+        }
+        let _ = NAT_FLOWS.remove(reply_key);
+    }
+    if first_try {
+        count(NatEvent::EstablishedTableFull);
+    }
+    false
 }
 
 /// Whether bridge port `ifindex` is one xbr hooked and still holds container `mac`: the
@@ -160,9 +332,38 @@ fn port_holds(ifindex: u32, mac: &[u8; 6]) -> bool {
     }
 }
 
-/// Creates both directions of a new connection to a published port.
+/// What `open` did.
+const OPENED: u32 = 0;
+const NOT_PUBLISHED: u32 = 1;
+const NOT_OPENED: u32 = 2;
+const NO_ROOM: u32 = 3;
+/// A netfilter rule could touch this client's connection: the kernel path takes it.
+const HELD_BY_POLICY: u32 = 4;
+
 #[inline(always)]
-fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
+fn open_and_translate(
+    ctx: &impl Rewriter,
+    segment: &Segment,
+    uplink: u32,
+    now: u64,
+    existed: bool,
+) -> Nat {
+    match open(segment, uplink, now, existed) {
+        OPENED => match unsafe { NAT_TRANSIENT.get(&segment.key) } {
+            Some(flow) => translate(ctx, segment, flow, IP_DST, L4_DST_PORT),
+            None => Nat::Pass(Verdict::NatTableFull),
+        },
+        NOT_PUBLISHED => Nat::NotOurs,
+        NOT_OPENED => Nat::Pass(Verdict::NatNotTranslated),
+        HELD_BY_POLICY => Nat::Pass(Verdict::HeldByPolicy),
+        _ => Nat::Pass(Verdict::NatTableFull),
+    }
+}
+
+/// Creates both directions of a new connection to a published port, in the transient table.
+/// `existed`: the inbound key has a (dead) transient entry that this one replaces.
+#[inline(never)]
+fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
     let key = &segment.key;
     let exact = PublishedKey {
         proto: key.proto,
@@ -178,7 +379,7 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
         Some(published) => (exact, *published),
         None => match unsafe { PUBLISHED.get(&any) } {
             Some(published) => (any, *published),
-            None => return Err(Nat::NotOurs),
+            None => return NOT_PUBLISHED,
         },
     };
     // An expiring TTL is answered by the kernel (ICMP); no connection is opened for it. Nor
@@ -189,10 +390,10 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
         || segment.ttl <= 1
         || key.src_ip == published.container_ip
     {
-        return Err(Nat::Pass(Verdict::NatNotTranslated));
+        return NOT_OPENED;
     }
     if policy_holds_back(&published_key, &published, key) {
-        return Err(Nat::Pass(Verdict::HeldByPolicy));
+        return HELD_BY_POLICY;
     }
     let reply_key = FlowKey {
         proto: key.proto,
@@ -202,41 +403,52 @@ fn open(segment: &Segment, uplink: u32) -> Result<Flow, Nat> {
         src_port: published.container_port,
         dst_port: key.src_port,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let inbound = Flow {
-        new_ip: published.container_ip,
-        new_port: published.container_port,
-        flags: Flow::INBOUND,
-        ifindex: published.ifindex,
-        eth_src: published.gateway_mac,
-        eth_dst: published.container_mac,
-        last_seen_ns: now,
-        peer: reply_key,
-    };
-    let outbound = Flow {
-        new_ip: key.dst_ip,
-        new_port: key.dst_port,
-        flags: Flow::OUTBOUND,
-        ifindex: uplink,
-        // Replies leave from the uplink's MAC to the MAC the connection came from (the
-        // client, or the router in front of it).
-        eth_src: segment.eth_dst,
-        eth_dst: segment.eth_src,
-        last_seen_ns: now,
-        peer: *key,
-    };
-    // The reply direction first, and only if no other connection owns that tuple.
-    if NAT_FLOWS
-        .insert(&reply_key, &outbound, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        return Err(Nat::Pass(Verdict::NatTableFull));
+    // The reply tuple must be free: the container could not tell two connections on one
+    // tuple apart. A dead transient entry does not hold it.
+    if unsafe { NAT_FLOWS.get(&reply_key) }.is_some() {
+        return NOT_OPENED;
     }
-    if NAT_FLOWS.insert(key, &inbound, BPF_NOEXIST as u64).is_err() {
-        let _ = NAT_FLOWS.remove(&reply_key);
-        return Err(Nat::Pass(Verdict::NatTableFull));
+    let reply_existed = match unsafe { NAT_TRANSIENT.get(&reply_key) } {
+        Some(other) if other.peer != *key && alive(other, key.proto, now) => {
+            return NOT_OPENED;
+        }
+        Some(_) => true,
+        None => false,
+    };
+    let Some(scratch) = FLOW_SCRATCH.get_ptr_mut(0) else {
+        return NO_ROOM;
+    };
+    let flow = unsafe { &mut *scratch };
+    // The reply direction first.
+    flow.new_ip = key.dst_ip;
+    flow.new_port = key.dst_port;
+    flow.flags = Flow::OUTBOUND;
+    flow.ifindex = uplink;
+    // Replies leave from the uplink's MAC to the MAC the connection came from (the client, or
+    // the router in front of it).
+    flow.eth_src = segment.eth_dst;
+    flow.eth_dst = segment.eth_src;
+    flow.last_seen_ns = now;
+    flow.peer = *key;
+    flow.opened_ns = now;
+    flow.handshake_ack = [0; 4];
+    flow._pad = [0; 4];
+    if !transient_put(&reply_key, flow, reply_existed) {
+        return NO_ROOM;
     }
-    Ok(inbound)
+    flow.new_ip = published.container_ip;
+    flow.new_port = published.container_port;
+    flow.flags = Flow::INBOUND;
+    flow.ifindex = published.ifindex;
+    flow.eth_src = published.gateway_mac;
+    flow.eth_dst = published.container_mac;
+    flow.peer = reply_key;
+    if !transient_put(key, flow, existed) {
+        transient_remove(&reply_key);
+        return NO_ROOM;
+    }
+    count(NatEvent::Opened);
+    OPENED
 }
 
 /// Whether a netfilter rule on the kernel path could touch this client's connection to the
@@ -284,15 +496,161 @@ fn policy_holds_back(
         || CLIENT_PREFIX_HOLDS.get(&by_address).is_some()
 }
 
-/// A frame a container sent: the reply direction of a NATed connection, if there is one.
+/// A frame a container sent on bridge port `port`: the reply direction of a NATed
+/// connection, if there is one.
 #[inline(always)]
-pub fn outbound(ctx: &impl Rewriter, segment: &Segment) -> Nat {
-    match unsafe { NAT_FLOWS.get(&segment.key) } {
-        Some(flow) if flow.flags & Flow::OUTBOUND != 0 => {
-            let flow = *flow;
-            translate(ctx, segment, &flow, IP_SRC, L4_SRC_PORT)
+pub fn outbound(ctx: &impl Rewriter, segment: &Segment, port: u32) -> Nat {
+    let key = &segment.key;
+    let now = now();
+    if let Some(flow) = unsafe { NAT_FLOWS.get(key) } {
+        if flow.flags & Flow::OUTBOUND == 0 {
+            return Nat::NotOurs;
         }
-        _ => Nat::NotOurs,
+        return established(ctx, segment, flow, IP_SRC, L4_SRC_PORT, now);
+    }
+    let Some(flow) = (unsafe { NAT_TRANSIENT.get(key) }) else {
+        return Nat::NotOurs;
+    };
+    if flow.flags & Flow::OUTBOUND == 0 || !alive(flow, key.proto, now) {
+        return Nat::NotOurs;
+    }
+    let nat = translate(ctx, segment, flow, IP_SRC, L4_SRC_PORT);
+    if matches!(nat, Nat::Redirect(_)) {
+        container_spoke(segment, port, now);
+    }
+    nat
+}
+
+/// The container sent a frame on a transient connection. A SYN-ACK (TCP) or a datagram
+/// (UDP) is its answer, remembered in the reply direction's entry: the client's next frame
+/// can then make the connection established. If the LRU replaced the inbound direction
+/// meanwhile, the answer brings it back, so that the client's ACK finds it.
+#[inline(never)]
+fn container_spoke(segment: &Segment, port: u32, now: u64) {
+    let key = &segment.key;
+    let Some(flow) = NAT_TRANSIENT.get_ptr_mut(key) else {
+        return;
+    };
+    let flow = unsafe { &mut *flow };
+    let peer = flow.peer;
+    let answer = if key.proto == IPPROTO_TCP {
+        segment.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+    } else {
+        true
+    };
+    if answer && flow.flags & (Flow::ESTABLISHED | Flow::CLOSING) == 0 {
+        flow.flags |= Flow::ANSWERED;
+        if key.proto == IPPROTO_TCP {
+            flow.handshake_ack = u32::from_be_bytes(segment.tcp_seq)
+                .wrapping_add(1)
+                .to_be_bytes();
+        }
+        if unsafe { NAT_TRANSIENT.get(&peer) }.is_none() && port_holds(port, &segment.eth_src) {
+            let inbound = Flow {
+                new_ip: key.src_ip,
+                new_port: key.src_port,
+                flags: Flow::INBOUND,
+                ifindex: port,
+                // Delivered as the container's gateway sends: from the MAC it answers to.
+                eth_src: segment.eth_dst,
+                eth_dst: segment.eth_src,
+                last_seen_ns: now,
+                peer: *key,
+                opened_ns: flow.opened_ns,
+                handshake_ack: [0; 4],
+                _pad: [0; 4],
+            };
+            let _ = transient_put(&peer, &inbound, false);
+        }
+    }
+    track_transient(key, &peer, segment.tcp_flags, now);
+}
+
+/// A frame of an established connection: translated, then its state updated.
+#[inline(always)]
+fn established(
+    ctx: &impl Rewriter,
+    segment: &Segment,
+    flow: &Flow,
+    ip_at: usize,
+    port_at: usize,
+    now: u64,
+) -> Nat {
+    let nat = translate(ctx, segment, flow, ip_at, port_at);
+    if matches!(nat, Nat::Redirect(_)) {
+        let peer = flow.peer;
+        track_established(&segment.key, &peer, segment.tcp_flags, now);
+    }
+    nat
+}
+
+/// Established state: the time of the last frame and FINs seen; a RST ends the connection,
+/// and FIN in both directions moves it to the transient table for its last segments.
+#[inline(never)]
+fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
+    if tcp_flags & TCP_RST != 0 {
+        let _ = NAT_FLOWS.remove(peer);
+        let _ = NAT_FLOWS.remove(key);
+        count(NatEvent::Reset);
+        return;
+    }
+    let Some(this) = NAT_FLOWS.get_ptr_mut(key) else {
+        return;
+    };
+    let this = unsafe { &mut *this };
+    this.last_seen_ns = now;
+    if tcp_flags & TCP_FIN == 0 {
+        return;
+    }
+    this.flags |= Flow::FIN_SEEN;
+    let Some(other) = NAT_FLOWS.get_ptr_mut(peer) else {
+        return;
+    };
+    let other = unsafe { &mut *other };
+    if other.flags & Flow::FIN_SEEN == 0 {
+        return;
+    }
+    // Both ways closed: only the last ACK and retransmissions are left, which the transient
+    // table serves (a flood may replace them there, costing a retransmission at most).
+    for entry in [&mut *this, &mut *other] {
+        entry.flags = (entry.flags & (Flow::INBOUND | Flow::OUTBOUND)) | Flow::CLOSING;
+        entry.opened_ns = now;
+    }
+    let key_existed = unsafe { NAT_TRANSIENT.get(key) }.is_some();
+    let peer_existed = unsafe { NAT_TRANSIENT.get(peer) }.is_some();
+    if transient_put(key, this, key_existed) && transient_put(peer, other, peer_existed) {
+        let _ = NAT_FLOWS.remove(peer);
+        let _ = NAT_FLOWS.remove(key);
+        count(NatEvent::Closed);
+    }
+}
+
+/// Transient state: the time of the last frame; a RST ends the connection. FIN both ways on
+/// a connection that lives here only because the established table was full closes it.
+#[inline(always)]
+fn track_transient(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
+    if tcp_flags & TCP_RST != 0 {
+        transient_remove(peer);
+        transient_remove(key);
+        count(NatEvent::Reset);
+        return;
+    }
+    let Some(this) = NAT_TRANSIENT.get_ptr_mut(key) else {
+        return;
+    };
+    let this = unsafe { &mut *this };
+    this.last_seen_ns = now;
+    if tcp_flags & TCP_FIN == 0 || this.flags & Flow::ESTABLISHED == 0 {
+        return;
+    }
+    this.flags |= Flow::FIN_SEEN;
+    if let Some(other) = NAT_TRANSIENT.get_ptr_mut(peer) {
+        let other = unsafe { &mut *other };
+        if other.flags & Flow::FIN_SEEN != 0 {
+            other.flags = (other.flags & !Flow::ESTABLISHED) | Flow::CLOSING;
+            this.flags = (this.flags & !Flow::ESTABLISHED) | Flow::CLOSING;
+            count(NatEvent::Closed);
+        }
     }
 }
 
@@ -405,26 +763,5 @@ fn translate(
         // Only a frame too short for its headers fails here, and parse() rules those out.
         return Nat::Pass(Verdict::Malformed);
     }
-    track(key, segment.tcp_flags);
     Nat::Redirect(flow.ifindex)
-}
-
-/// Connection state: the time of the last frame, FINs seen, and RST closes at once.
-#[inline(always)]
-fn track(key: &FlowKey, tcp_flags: u8) {
-    if tcp_flags & TCP_RST != 0 {
-        if let Some(flow) = unsafe { NAT_FLOWS.get(key) } {
-            let peer = flow.peer;
-            let _ = NAT_FLOWS.remove(&peer);
-        }
-        let _ = NAT_FLOWS.remove(key);
-        return;
-    }
-    if let Some(flow) = NAT_FLOWS.get_ptr_mut(key) {
-        let flow = unsafe { &mut *flow };
-        flow.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-        if tcp_flags & TCP_FIN != 0 {
-            flow.flags |= Flow::FIN_SEEN;
-        }
-    }
 }

@@ -183,17 +183,29 @@ pub struct Attached {
 
 /// Attaches `plan`'s bridge (and hooks `uplinks` for its published ports): creates the pinned
 /// datapath, or picks up the one already pinned and reconciles it. A failed first attach
-/// removes everything it made.
+/// removes everything it made. `max_flows`: established connections the new datapath's table
+/// holds (`default_max_flows()` when None); an attached bridge keeps its size.
 pub fn attach(
     plan: &Plan,
     uplinks: &[UplinkView],
     mode: ModeChoice,
     uplink_mode: UplinkModeChoice,
+    max_flows: Option<u32>,
     features: &Features,
     root: &Path,
 ) -> Result<Attached> {
     match Pinned::open(root, &plan.bridge) {
-        Ok(pinned) => return reattach(pinned, plan, uplinks, mode, uplink_mode, features),
+        Ok(pinned) => {
+            return reattach(
+                pinned,
+                plan,
+                uplinks,
+                mode,
+                uplink_mode,
+                max_flows,
+                features,
+            );
+        }
         Err(Error::NotAttached { .. } | Error::Incomplete { .. }) => {}
         Err(error) => return Err(error),
     }
@@ -206,7 +218,8 @@ pub fn attach(
     }
     let mode = mode.resolve(features)?;
     let uplink_mode = uplink_mode.resolve(features)?;
-    let mut pinned = match Pinned::create(plan, mode, uplink_mode, features, root) {
+    let max_flows = max_flows.unwrap_or_else(default_max_flows);
+    let mut pinned = match Pinned::create(plan, mode, uplink_mode, max_flows, features, root) {
         Ok(pinned) => pinned,
         Err(error) => {
             let _ = pins::remove(&dir, root);
@@ -242,8 +255,18 @@ fn reattach(
     uplinks: &[UplinkView],
     mode: ModeChoice,
     uplink_mode: UplinkModeChoice,
+    max_flows: Option<u32>,
     features: &Features,
 ) -> Result<Attached> {
+    if let Some(wanted) = max_flows
+        && wanted as usize != pinned.capacity.established
+    {
+        return Err(Error::FlowTableSize {
+            bridge: plan.bridge.clone(),
+            attached: pinned.capacity.established,
+            wanted,
+        });
+    }
     if mode != ModeChoice::Auto && pinned.mode() != mode.resolve(features)? {
         return Err(Error::ModeMismatch {
             bridge: plan.bridge.clone(),
@@ -317,7 +340,12 @@ pub struct Pinned {
     stats: PerCpuHashMap<MapData, u32, PortStats>,
     verdicts: PerCpuArray<MapData, u64>,
     pub(crate) published: HashMap<MapData, PublishedKey, PublishedPort>,
+    /// Established NATed connections, and the transient ones (new, or closing).
     pub(crate) flows: HashMap<MapData, FlowKey, Flow>,
+    pub(crate) transient: HashMap<MapData, FlowKey, Flow>,
+    pub(crate) nat_events: PerCpuArray<MapData, u64>,
+    /// The connection tables' sizes, from the pinned maps.
+    pub(crate) capacity: crate::publish::Capacity,
     uplinks: HashMap<MapData, u32, PortRecord>,
     holds: HashMap<MapData, HoldKey, u8>,
     hold_shapes: Array<MapData, u32>,
@@ -336,6 +364,47 @@ where
         .map_err(|e| Error::ebpf(format!("opening {}", path.display()), e))?;
     T::try_from(map).map_err(|e| Error::ebpf(format!("opening {}", path.display()), e))
 }
+
+/// How many entries the pinned map `object_name` holds at most.
+fn map_capacity(dir: &Path, object_name: &str) -> Result<usize> {
+    let path = pins::map_pin(dir, object_name);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .map_err(|e| Error::ebpf(format!("reading pinned map {}", path.display()), e))?;
+    Ok(info.max_entries() as usize)
+}
+
+/// The connection tables' sizes (`xbr attach --max-flows`): `NAT_FLOWS` holds `max_flows`
+/// established connections, `NAT_TRANSIENT` half as many transient ones; two entries each.
+pub fn flow_table_entries(max_flows: u32) -> (u32, u32) {
+    (max_flows * 2, max_flows)
+}
+
+/// The established connections a new attachment holds when `--max-flows` is not given:
+/// 65536 (28 MB of kernel memory), less on a host with under 15 GB of memory, so that the
+/// tables take at most 1/512 of it, and never fewer than 4096. A connection of capacity costs
+/// 432 bytes: two entries of 144 bytes (key, value and the kernel's element header, as
+/// `bpftool map show` reports for a preallocated hash) in `NAT_FLOWS`, one in `NAT_TRANSIENT`.
+pub fn default_max_flows() -> u32 {
+    const BYTES_PER_CONNECTION: u64 = 432;
+    // SAFETY: sysinfo fills the struct it is given.
+    let memory = unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) == 0 {
+            info.totalram as u64 * u64::from(info.mem_unit)
+        } else {
+            u64::MAX
+        }
+    };
+    let fits = memory / 512 / BYTES_PER_CONNECTION;
+    let fits = u32::try_from(fits).unwrap_or(u32::MAX);
+    // A power of two, like the kernel's own table sizes.
+    let rounded = fits.checked_ilog2().map_or(1, |log| 1 << log);
+    rounded.clamp(4096, 65536)
+}
+
+/// The smallest and largest `--max-flows`.
+pub const MIN_MAX_FLOWS: u32 = 16;
+pub const MAX_MAX_FLOWS: u32 = 1 << 22;
 
 impl Pinned {
     pub fn open(root: &Path, bridge: &str) -> Result<Pinned> {
@@ -397,6 +466,12 @@ impl Pinned {
             uplink_xdp,
             published: open_pinned(&dir, "PUBLISHED").map_err(broken)?,
             flows: open_pinned(&dir, "NAT_FLOWS").map_err(broken)?,
+            transient: open_pinned(&dir, "NAT_TRANSIENT").map_err(broken)?,
+            nat_events: open_pinned(&dir, "NAT_EVENTS").map_err(broken)?,
+            capacity: crate::publish::Capacity {
+                established: map_capacity(&dir, "NAT_FLOWS").map_err(broken)? / 2,
+                transient: map_capacity(&dir, "NAT_TRANSIENT").map_err(broken)? / 2,
+            },
             uplinks: open_pinned(&dir, "UPLINKS").map_err(broken)?,
             holds: open_pinned(&dir, "HOLDS").map_err(broken)?,
             hold_shapes: open_pinned(&dir, "HOLD_SHAPES").map_err(broken)?,
@@ -415,6 +490,7 @@ impl Pinned {
         plan: &Plan,
         mode: AttachMode,
         uplink_mode: UplinkMode,
+        max_flows: u32,
         features: &Features,
         root: &Path,
     ) -> Result<Pinned> {
@@ -426,9 +502,12 @@ impl Pinned {
         } else {
             0
         };
+        let (flow_entries, transient_entries) = flow_table_entries(max_flows);
         let mut ebpf = EbpfLoader::new()
             .override_global("REDIRECT_PEER", &u8::from(features.redirect_peer), true)
             .override_global(aya_log::LEVEL, &log_level, true)
+            .map_max_entries("NAT_FLOWS", flow_entries)
+            .map_max_entries("NAT_TRANSIENT", transient_entries)
             .load(OBJECT)
             .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;
         let record = BridgeRecord {
@@ -1190,12 +1269,12 @@ impl Pinned {
                 .filter_map(|(ifindex, record)| Some((ifindex, xdp_attach_name(record.flags)?)))
                 .collect(),
             published: self.published(),
-            connections: self.connection_count(),
             holds: self.holds.keys().filter_map(|k| k.ok()).collect(),
             port_drift: BTreeMap::new(),
             uplink_drift: BTreeMap::new(),
             follower: None,
             writer: None,
+            nat: self.nat_state(),
         })
     }
 
@@ -1419,8 +1498,6 @@ pub struct Attachment {
     /// Uplinks with the XDP program, and how it is attached there ("native", "generic").
     pub uplink_xdp: BTreeMap<u32, &'static str>,
     pub published: Vec<crate::publish::Published>,
-    /// NATed connections tracked now.
-    pub connections: usize,
     /// The east-west hold-backs the datapath applies now.
     pub holds: std::collections::BTreeSet<HoldKey>,
     /// Ports and uplinks whose hook is not what their record says (read by `read`).
@@ -1429,6 +1506,8 @@ pub struct Attachment {
     /// Who follows the bridge, and who is changing it right now (read by `read`).
     pub follower: Option<crate::lock::Holder>,
     pub writer: Option<crate::lock::Holder>,
+    /// NATed connections now, the tables' sizes, and what happened to connections.
+    pub nat: crate::publish::NatState,
 }
 
 /// The attachment of `bridge` as it is: its pins, and how the kernel's hooks differ from them.

@@ -26,6 +26,14 @@ pub enum Error {
         attached: &'static str,
         wanted: &'static str,
     },
+    #[error(
+        "bridge {bridge} is attached with a table of {attached} connections (--max-flows); run `xbr detach {bridge}` first to attach it with --max-flows {wanted}"
+    )]
+    FlowTableSize {
+        bridge: String,
+        attached: usize,
+        wanted: u32,
+    },
     #[error("bridge {bridge} is not attached (nothing pinned at {}); see `xbr status`", pins.display())]
     NotAttached { bridge: String, pins: PathBuf },
     #[error(

@@ -81,6 +81,13 @@ enum Command {
         /// (why XDP is never chosen automatically: see `auto` below).
         #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
         uplink_mode: UplinkModeChoice,
+        /// Established NATed connections (published ports) the new attachment tracks; as many
+        /// again, halved, fit in its table of connections that are not established (new ones
+        /// before their handshake completes, closing ones), where a flood replaces the oldest.
+        /// Default: 65536, less on a host with little memory. Fixed once attached: a bridge
+        /// attached with another size must be detached first.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(i64::from(datapath::MIN_MAX_FLOWS)..=i64::from(datapath::MAX_MAX_FLOWS)))]
+        max_flows: Option<u32>,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
         /// path within milliseconds, containers that leave are removed, hooks removed outside
         /// xbr are put back. Ctrl-C or SIGTERM stop following and leave the datapath in place;
@@ -216,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             uplinks,
             uplink_mode,
+            max_flows,
             follow,
             metrics,
             resync,
@@ -246,6 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 uplinks,
                 mode,
                 uplink_mode,
+                max_flows,
                 features: &features,
                 root,
             };

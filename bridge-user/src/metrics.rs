@@ -1,6 +1,7 @@
-//! Prometheus metrics of a follower (`--metrics ADDR`): per-endpoint datapath counters, read
-//! from the pinned maps at each scrape, and the follower's own reconcile count, duration and
-//! errors. Served as text format at /metrics by a small HTTP server on its own thread.
+//! Prometheus metrics of a follower (`--metrics ADDR`): per-endpoint datapath counters, the
+//! verdicts, and the NAT connection tables (use, size, replacements, fallbacks), read from the
+//! pinned maps at each scrape; and the follower's own reconcile count, duration and errors.
+//! Served as text format at /metrics by a small HTTP server on its own thread.
 
 use std::{
     net::SocketAddr,
@@ -12,9 +13,14 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, histogram::Histogram},
+    metrics::{
+        counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
+
+use bridge_common::{NatEvent, Verdict};
 
 use crate::{
     datapath::Pinned,
@@ -141,6 +147,91 @@ impl Collector for DatapathCollector {
                 ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
             }
         }
+        let bridge = || ("bridge".to_owned(), self.bridge.clone());
+        let counter_type = ConstCounter::new(0u64).metric_type();
+        let gauge_type = ConstGauge::new(0i64).metric_type();
+
+        let mut family = encoder.encode_descriptor(
+            "xbr_verdicts",
+            "Frames the datapath decided, by verdict (xbr stats lists them)",
+            None,
+            counter_type,
+        )?;
+        for (verdict, count) in &attachment.verdicts {
+            let labels: Labels = vec![bridge(), ("verdict".to_owned(), verdict.name().to_owned())];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+
+        let nat = &attachment.nat;
+        let tables = [
+            ("established", nat.established, nat.established_capacity),
+            ("transient", nat.transient, nat.transient_capacity),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "xbr_nat_connections",
+            "NATed connections now: established, or transient (not established, or closing)",
+            None,
+            gauge_type,
+        )?;
+        for (table, now, _) in tables {
+            let labels: Labels = vec![bridge(), ("table".to_owned(), table.to_owned())];
+            ConstGauge::new(now as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "xbr_nat_capacity_connections",
+            "How many connections each NAT table holds",
+            None,
+            gauge_type,
+        )?;
+        for (table, _, capacity) in tables {
+            let labels: Labels = vec![bridge(), ("table".to_owned(), table.to_owned())];
+            ConstGauge::new(capacity as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "xbr_nat_transient_expired_entries",
+            "Transient entries past their lifetime, ignored and waiting for reuse",
+            None,
+            gauge_type,
+        )?;
+        ConstGauge::new(nat.transient_expired as i64)
+            .encode(family.encode_family(&vec![bridge()])?)?;
+        let mut family = encoder.encode_descriptor(
+            "xbr_nat_connection_events",
+            "What happened to NATed connections: opened, established, established_table_full \
+             (stayed transient), closed (FIN both ways), reset",
+            None,
+            counter_type,
+        )?;
+        for (event, count) in &nat.events {
+            if matches!(
+                event,
+                NatEvent::TransientAdded | NatEvent::TransientRemoved | NatEvent::TransientSwept
+            ) {
+                continue;
+            }
+            let labels: Labels = vec![bridge(), ("event".to_owned(), event.name().to_owned())];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "xbr_nat_replaced",
+            "Transient connections (never established, or closing) replaced to make room for \
+             new ones: what a flood cost",
+            None,
+            counter_type,
+        )?;
+        ConstCounter::new(nat.replaced).encode(family.encode_family(&vec![bridge()])?)?;
+        let fallbacks = attachment
+            .verdicts
+            .iter()
+            .find(|(verdict, _)| *verdict == Verdict::NatTableFull)
+            .map_or(0, |(_, count)| *count);
+        let mut family = encoder.encode_descriptor(
+            "xbr_nat_fallbacks",
+            "New connections to published ports left to the kernel path for want of room",
+            None,
+            counter_type,
+        )?;
+        ConstCounter::new(fallbacks).encode(family.encode_family(&vec![bridge()])?)?;
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 /// The XDP program in front of the uplink program (uplink xdp mode only).
 pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 12] = [
+pub const MAPS: [(&str, &str); 15] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
@@ -33,6 +33,9 @@ pub const MAPS: [(&str, &str); 12] = [
     ("PORTS", "ports"),
     ("PUBLISHED", "published"),
     ("NAT_FLOWS", "nat_flows"),
+    ("NAT_TRANSIENT", "nat_transient"),
+    ("NAT_EVENTS", "nat_events"),
+    ("FLOW_SCRATCH", "flow_scratch"),
     ("UPLINKS", "uplinks"),
     ("HOLDS", "holds"),
     ("HOLD_SHAPES", "hold_shapes"),

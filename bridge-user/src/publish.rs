@@ -1,10 +1,13 @@
 //! Published ports (`docker run -p` semantics): parsing `[HOSTIP:]HOSTPORT:CONTAINERIP:
-//! CONTAINERPORT[/tcp|/udp]`, the entries in the pinned `PUBLISHED` map, and retiring the
-//! connections of `NAT_FLOWS` when they close, go idle, or lose their port.
+//! CONTAINERPORT[/tcp|/udp]`, the entries in the pinned `PUBLISHED` map, and the NATed
+//! connections: retiring them when they go idle or lose their port, and counting them.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
 
-use bridge_common::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort};
+use aya::maps::PerCpuValues;
+use bridge_common::{
+    Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEvent, PublishedKey, PublishedPort, lifetime,
+};
 
 use crate::{
     datapath::Pinned,
@@ -245,23 +248,68 @@ impl Pinned {
         self.published.keys().next().is_some()
     }
 
-    /// Retires connections that closed (FIN seen and quiet for `Timeouts::closed`) or went
-    /// idle. Returns how many connections it ended.
+    /// Retires what has been quiet for longer than its lifetime: established connections
+    /// quiet in both directions (24 h TCP, 60 s after a FIN, 120 s UDP), and transient entries
+    /// (30 s; the datapath ignores them already, this frees their room). Returns how many
+    /// established connections and transient entries it removed.
     pub fn expire_flows(&mut self, timeouts: &Timeouts) -> usize {
         let now = monotonic_ns();
-        self.retire_flows(|key, flow| {
-            let idle = Duration::from_nanos(now.saturating_sub(flow.last_seen_ns));
-            let limit = match key.proto {
-                IPPROTO_TCP if flow.flags & Flow::FIN_SEEN != 0 => timeouts.closed,
-                IPPROTO_TCP => timeouts.tcp,
-                _ => timeouts.udp,
+        let established: std::collections::BTreeMap<FlowKey, Flow> =
+            self.flows.iter().filter_map(|entry| entry.ok()).collect();
+        let ended = self.retire_established(|key, flow| {
+            // A connection is quiet when neither direction carried a frame for the limit.
+            let (last_seen, limit) = match established.get(&flow.peer) {
+                Some(peer) => (
+                    flow.last_seen_ns.max(peer.last_seen_ns),
+                    timeouts
+                        .limit(key.proto, flow)
+                        .min(timeouts.limit(key.proto, peer)),
+                ),
+                None => (flow.last_seen_ns, timeouts.limit(key.proto, flow)),
             };
-            idle > limit
-        })
+            Duration::from_nanos(now.saturating_sub(last_seen)) > limit
+        });
+        let expired: Vec<FlowKey> = self
+            .transient
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, flow)| {
+                let limit = timeouts.limit(key.proto, flow);
+                Duration::from_nanos(now.saturating_sub(flow.last_seen_ns)) > limit
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let swept = expired
+            .iter()
+            .filter(|key| self.transient.remove(key).is_ok())
+            .count();
+        self.count_swept(swept);
+        ended + swept
     }
 
-    /// Removes every connection one of whose directions `retire` picks (both directions go).
+    /// Removes every connection one of whose directions `retire` picks (both directions go),
+    /// established or transient; returns how many connections it ended.
     pub(crate) fn retire_flows(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
+        let mut ended = self.retire_established(&retire);
+        let doomed: Vec<(FlowKey, FlowKey)> = self
+            .transient
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, flow)| retire(key, flow))
+            .map(|(key, flow)| (key, flow.peer))
+            .collect();
+        let mut swept = 0;
+        for (key, peer) in doomed {
+            if self.transient.remove(&key).is_ok() {
+                ended += 1;
+                swept += 1 + usize::from(self.transient.remove(&peer).is_ok());
+            }
+        }
+        self.count_swept(swept);
+        ended
+    }
+
+    fn retire_established(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
         let doomed: Vec<(FlowKey, FlowKey)> = self
             .flows
             .iter()
@@ -280,28 +328,150 @@ impl Pinned {
         ended
     }
 
-    /// Connections the datapath tracks now.
-    pub fn connection_count(&self) -> usize {
-        self.flows.keys().filter_map(|k| k.ok()).count() / 2
+    /// Adds `entries` to the `TransientSwept` counter (the datapath never writes it), so that
+    /// what the LRU replaced can be told from what was removed.
+    fn count_swept(&mut self, entries: usize) {
+        if entries == 0 {
+            return;
+        }
+        let index = NatEvent::TransientSwept as u32;
+        let Ok(values) = self.nat_events.get(&index, 0) else {
+            return;
+        };
+        let mut values: Vec<u64> = values.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first += entries as u64;
+        }
+        if let Ok(values) = PerCpuValues::try_from(values) {
+            let _ = self.nat_events.set(index, values, 0);
+        }
+    }
+
+    /// The NATed connections now: how many in each table, the tables' sizes, and what
+    /// happened to connections since the attachment was made.
+    pub fn nat_state(&self) -> NatState {
+        let now = monotonic_ns();
+        let established = self
+            .flows
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, flow)| flow.flags & Flow::INBOUND != 0)
+            .count();
+        let (mut live, mut expired, mut entries) = (0usize, 0, 0u64);
+        for (key, flow) in self.transient.iter().filter_map(|entry| entry.ok()) {
+            entries += 1;
+            if now.saturating_sub(flow.last_seen_ns) > flow.lifetime_ns(key.proto) {
+                expired += 1;
+            } else {
+                live += 1;
+            }
+        }
+        let events: Vec<(NatEvent, u64)> = NatEvent::ALL
+            .iter()
+            .map(|event| {
+                let count = self
+                    .nat_events
+                    .get(&(*event as u32), 0)
+                    .map(|values| values.iter().sum())
+                    .unwrap_or(0);
+                (*event, count)
+            })
+            .collect();
+        let mut state = NatState {
+            established,
+            established_capacity: self.capacity.established,
+            // Entries in pairs; the LRU may have replaced one of a pair.
+            transient: live.div_ceil(2),
+            transient_entries: live,
+            transient_expired: expired,
+            transient_capacity: self.capacity.transient,
+            replaced: 0,
+            events,
+        };
+        // Entries that left the LRU without the datapath or the control plane removing them:
+        // the kernel replaced them to make room for new ones.
+        let replaced_entries = state.event(NatEvent::TransientAdded).saturating_sub(
+            state.event(NatEvent::TransientRemoved)
+                + state.event(NatEvent::TransientSwept)
+                + entries,
+        );
+        state.replaced = replaced_entries / 2;
+        state
     }
 }
 
-/// How long a connection may stay quiet before it is retired.
+/// What `nat_state` read.
+#[derive(Clone, Debug, Default)]
+pub struct NatState {
+    /// Established connections, and how many the table holds.
+    pub established: usize,
+    pub established_capacity: usize,
+    /// Transient connections (not established, or closing) within their lifetime: their live
+    /// entries, halved.
+    pub transient: usize,
+    pub transient_entries: usize,
+    /// Transient entries past their lifetime, not removed yet: the datapath ignores them, and
+    /// the LRU reuses them first.
+    pub transient_expired: usize,
+    pub transient_capacity: usize,
+    /// Transient connections the LRU replaced to make room for new ones (entries / 2: the
+    /// two directions of a connection may go at different times). Exact when the datapath is
+    /// quiet; while connections come and go the count moves by what changed during the read.
+    pub replaced: u64,
+    pub events: Vec<(NatEvent, u64)>,
+}
+
+impl NatState {
+    pub fn event(&self, wanted: NatEvent) -> u64 {
+        self.events
+            .iter()
+            .find(|(event, _)| *event == wanted)
+            .map_or(0, |(_, count)| *count)
+    }
+}
+
+/// The connection tables' sizes, in connections (two entries each), read from the pinned
+/// maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub established: usize,
+    pub transient: usize,
+}
+
+/// How long an entry may stay quiet before the control plane retires it; the datapath uses
+/// the same numbers (`bridge_common::lifetime`) for transient entries.
 #[derive(Clone, Debug)]
 pub struct Timeouts {
     pub tcp: Duration,
+    /// An established TCP connection after a FIN in one direction.
     pub closed: Duration,
     pub udp: Duration,
+    /// Connections that are not established, or are closing.
+    pub transient: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        // The kernel's conntrack keeps an established TCP connection for days; a long idle
-        // limit keeps quiet connections (ssh) alive. UDP follows nf_conntrack_udp_timeout_stream.
         Timeouts {
-            tcp: Duration::from_secs(24 * 3600),
-            closed: Duration::from_secs(60),
-            udp: Duration::from_secs(120),
+            tcp: Duration::from_nanos(lifetime::TCP_ESTABLISHED_NS),
+            closed: Duration::from_nanos(lifetime::TCP_FIN_QUIET_NS),
+            udp: Duration::from_nanos(lifetime::UDP_STREAM_NS),
+            transient: Duration::from_nanos(lifetime::TRANSIENT_NS),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The limit for one direction `flow`, by the rules of `Flow::lifetime_ns`.
+    fn limit(&self, proto: u8, flow: &Flow) -> Duration {
+        if flow.flags & Flow::ESTABLISHED == 0 || flow.flags & Flow::CLOSING != 0 {
+            self.transient
+        } else if proto != IPPROTO_TCP {
+            self.udp
+        } else if flow.flags & Flow::FIN_SEEN != 0 {
+            self.closed
+        } else {
+            self.tcp
         }
     }
 }
@@ -360,6 +530,51 @@ mod tests {
                 "{bad}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn lifetimes_follow_the_state_of_each_direction() {
+        let flow = |flags| Flow {
+            flags,
+            ..Flow::default()
+        };
+        let t = Timeouts::default();
+        let secs = |d: Duration| d.as_secs();
+        // Not established (new, answered) or closing: the transient lifetime.
+        for flags in [
+            Flow::INBOUND,
+            Flow::OUTBOUND | Flow::ANSWERED,
+            Flow::INBOUND | Flow::ESTABLISHED | Flow::CLOSING,
+        ] {
+            assert_eq!(secs(t.limit(IPPROTO_TCP, &flow(flags))), 30, "{flags:#x}");
+            assert_eq!(flow(flags).lifetime_ns(IPPROTO_TCP), lifetime::TRANSIENT_NS);
+        }
+        let established = Flow::INBOUND | Flow::ESTABLISHED;
+        assert_eq!(secs(t.limit(IPPROTO_TCP, &flow(established))), 24 * 3600);
+        assert_eq!(
+            secs(t.limit(IPPROTO_TCP, &flow(established | Flow::FIN_SEEN))),
+            60
+        );
+        assert_eq!(secs(t.limit(IPPROTO_UDP, &flow(established))), 120);
+        for (proto, flags) in [
+            (IPPROTO_TCP, established),
+            (IPPROTO_TCP, established | Flow::FIN_SEEN),
+            (IPPROTO_UDP, established),
+        ] {
+            assert_eq!(
+                t.limit(proto, &flow(flags)),
+                Duration::from_nanos(flow(flags).lifetime_ns(proto)),
+                "the control plane and the datapath agree"
+            );
+        }
+    }
+
+    #[test]
+    fn table_sizes_follow_max_flows_and_memory() {
+        assert_eq!(crate::datapath::flow_table_entries(65536), (131072, 65536));
+        let default = crate::datapath::default_max_flows();
+        assert!(default.is_power_of_two(), "{default}");
+        assert!((4096..=65536).contains(&default), "{default}");
     }
 
     #[test]

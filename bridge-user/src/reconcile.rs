@@ -99,6 +99,8 @@ pub struct AttachOptions<'a> {
     pub uplinks: Vec<String>,
     pub mode: ModeChoice,
     pub uplink_mode: UplinkModeChoice,
+    /// `--max-flows`: the NAT tables' size on a first attach (checked on a later one).
+    pub max_flows: Option<u32>,
     pub features: &'a Features,
     pub root: &'a Path,
 }
@@ -131,6 +133,7 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
         &uplinks,
         options.mode,
         options.uplink_mode,
+        options.max_flows,
         options.features,
         options.root,
     )?;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use bridge_common::{AttachMode, EndpointKey, PortStats, PublishedPort};
+use bridge_common::{AttachMode, EndpointKey, NatEvent, PortStats, PublishedPort};
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
@@ -12,7 +12,7 @@ use xbr::{
     lock::Holder,
     observe::{BridgeView, format_mac},
     plan::{Plan, PublishedPolicy},
-    publish::{PublishSpec, Published},
+    publish::{NatState, PublishSpec, Published},
 };
 
 /// An attachment as read back from its pins, and what is true now beside it.
@@ -321,6 +321,58 @@ pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Res
     Ok(())
 }
 
+fn nat_json(nat: &NatState) -> Value {
+    let events: serde_json::Map<String, Value> = nat
+        .events
+        .iter()
+        .map(|(event, count)| (event.name().to_owned(), json!(count)))
+        .collect();
+    json!({
+        "established": nat.established,
+        "established_capacity": nat.established_capacity,
+        "transient": nat.transient,
+        "transient_entries": nat.transient_entries,
+        "transient_expired": nat.transient_expired,
+        "transient_capacity": nat.transient_capacity,
+        "replaced": nat.replaced,
+        "events": events,
+    })
+}
+
+/// The connection tables: use, size, and what happened to connections since attach.
+fn print_nat(nat: &NatState) {
+    println!(
+        "  NATed connections: {} established (table of {}), {} transient: new or closing (table of {}, \
+         the oldest replaced when full){}",
+        nat.established,
+        nat.established_capacity,
+        nat.transient,
+        nat.transient_capacity,
+        if nat.transient_expired > 0 {
+            format!("; {} expired entries wait for reuse", nat.transient_expired)
+        } else {
+            String::new()
+        }
+    );
+    let opened = nat.event(NatEvent::Opened);
+    if opened > 0 {
+        println!(
+            "  since attach: {opened} opened, {} established, {} replaced while not established, \
+             {} closed, {} reset{}",
+            nat.event(NatEvent::Established),
+            nat.replaced,
+            nat.event(NatEvent::Closed),
+            nat.event(NatEvent::Reset),
+            match nat.event(NatEvent::EstablishedTableFull) {
+                0 => String::new(),
+                full => format!(
+                    "; {full} found the established table full (they stay transient, where a flood can replace them)"
+                ),
+            }
+        );
+    }
+}
+
 fn link_name(ifindex: u32) -> String {
     nix::net::if_::if_indextoname(ifindex)
         .map(|name| name.to_string_lossy().into_owned())
@@ -495,7 +547,8 @@ pub fn status(
                         .iter()
                         .map(|(i, how)| (link_name(*i), *how))
                         .collect::<BTreeMap<_, _>>(),
-                    "connections": attachment.connections,
+                    "connections": attachment.nat.established + attachment.nat.transient,
+                    "nat": nat_json(&attachment.nat),
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
                     "present": view.is_some(),
@@ -602,14 +655,13 @@ pub fn status(
             })
             .collect();
         println!(
-            "  uplinks ({} mode): {}   NATed connections: {}",
+            "  uplinks ({} mode): {}",
             uplink_mode_name(attachment.record.uplink_mode),
             if uplinks.is_empty() {
                 "none".to_owned()
             } else {
                 uplinks.join(" ")
             },
-            attachment.connections
         );
         if let Some(follower) = &attachment.follower {
             println!("  followed by {follower}");
@@ -628,6 +680,7 @@ pub fn status(
                 ),
             }
         }
+        print_nat(&attachment.nat);
         let published = published_policies(observed);
         for (
             Published {

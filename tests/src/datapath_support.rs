@@ -8,8 +8,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, PortRecord,
-    PortStats, PublishedKey, PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, NatEvent,
+    PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -29,8 +29,18 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// The programs, loaded (the tc ones and the uplink's XDP one); `flow_capacity` shrinks the NAT connection table.
+    /// The programs, loaded (the tc ones and the uplink's XDP one); `flow_capacity` shrinks
+    /// the established NAT connection table (entries, two per connection).
     pub fn load(redirect_peer: bool, flow_capacity: Option<u32>) -> Datapath {
+        Datapath::load_sized(redirect_peer, flow_capacity, None)
+    }
+
+    /// `load`, with the transient table's entries too.
+    pub fn load_sized(
+        redirect_peer: bool,
+        flow_capacity: Option<u32>,
+        transient_capacity: Option<u32>,
+    ) -> Datapath {
         let redirect_peer = u8::from(redirect_peer);
         let mut loader = EbpfLoader::new();
         loader
@@ -38,6 +48,9 @@ impl Datapath {
             .override_global(aya_log::LEVEL, &0u8, true);
         if let Some(capacity) = flow_capacity {
             loader.map_max_entries("NAT_FLOWS", capacity);
+        }
+        if let Some(capacity) = transient_capacity {
+            loader.map_max_entries("NAT_TRANSIENT", capacity);
         }
         let mut ebpf = loader
             .load(xbr::datapath::OBJECT)
@@ -140,10 +153,38 @@ impl Datapath {
         holds.insert(&key, 1, 0).unwrap();
     }
 
+    /// The established connections' entries (`NAT_FLOWS`).
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
         let flows: HashMap<_, FlowKey, Flow> =
             HashMap::try_from(self.ebpf.map("NAT_FLOWS").unwrap()).unwrap();
         flows.iter().map(|entry| entry.unwrap()).collect()
+    }
+
+    /// The transient connections' entries (`NAT_TRANSIENT`: not established, or closing).
+    pub fn transient(&self) -> Vec<(FlowKey, Flow)> {
+        let flows: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.ebpf.map("NAT_TRANSIENT").unwrap()).unwrap();
+        flows.iter().map(|entry| entry.unwrap()).collect()
+    }
+
+    /// Writes (or overwrites) a transient entry, as the datapath would have.
+    pub fn put_transient(&mut self, key: FlowKey, flow: Flow) {
+        let mut flows: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.ebpf.map_mut("NAT_TRANSIENT").unwrap()).unwrap();
+        flows.insert(key, flow, 0).unwrap();
+    }
+
+    /// Removes a transient entry, as the LRU does when it makes room.
+    pub fn drop_transient(&mut self, key: &FlowKey) {
+        let mut flows: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.ebpf.map_mut("NAT_TRANSIENT").unwrap()).unwrap();
+        flows.remove(key).unwrap();
+    }
+
+    pub fn event_count(&self, event: NatEvent) -> u64 {
+        let events: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("NAT_EVENTS").unwrap()).unwrap();
+        events.get(&(event as u32), 0).unwrap().iter().sum()
     }
 
     /// Runs `frame` through `program`; returns the return code and the frame as it left.

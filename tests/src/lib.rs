@@ -2,7 +2,9 @@
 
 pub mod datapath_support;
 pub mod docker_support;
+pub mod flood;
 pub mod lab_support;
 pub mod skip;
+pub mod traffic;
 pub mod witness;
 pub mod writers_support;

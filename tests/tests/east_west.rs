@@ -312,6 +312,7 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
                 &[],
                 xbr::datapath::ModeChoice::Auto,
                 xbr::datapath::UplinkModeChoice::Auto,
+                None,
                 &features,
                 &root,
             )

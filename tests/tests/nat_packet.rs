@@ -1,10 +1,13 @@
 //! Published-port packet tests through BPF_PROG_TEST_RUN (run as root): the uplink program's
-//! DNAT and the port program's SNAT byte for byte (checksums, TTL, MACs), connection state,
-//! the full-table fallback, frames NAT must leave alone, and random and mutated frames; and
-//! the same for the uplink's XDP program (`--uplink-mode xdp`), which writes the checksums
-//! itself.
+//! DNAT and the port program's SNAT byte for byte (checksums, TTL, MACs); connection state
+//! (transient until the handshake completes, established, closing, reset, expired); a SYN
+//! flood that replaces only connections that were never established; a full established
+//! table; frames NAT must leave alone; random and mutated frames; and the same for the
+//! uplink's XDP program (`--uplink-mode xdp`), which writes the checksums itself.
 
-use bridge_common::{Flow, IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort, Verdict};
+use bridge_common::{
+    Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEvent, PublishedKey, PublishedPort, Verdict,
+};
 use etherparse::PacketBuilder;
 use xbr_tests::datapath_support::{
     Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UPLINK_PROGRAM, XDP_PASS,
@@ -101,14 +104,20 @@ fn reply_translated() -> Addresses {
     }
 }
 
+/// A TCP segment with the builder's default numbers: sequence 1000, acknowledgment 2000 (when
+/// 'A' is among `flags`).
 fn tcp(a: &Addresses, flags: &str, payload: &[u8]) -> Vec<u8> {
+    tcp_numbered(a, flags, 1000, 2000, payload)
+}
+
+fn tcp_numbered(a: &Addresses, flags: &str, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(a.eth.0, a.eth.1)
         .ipv4(a.ip.0, a.ip.1, a.ttl)
-        .tcp(a.ports.0, a.ports.1, 1000, 64240);
+        .tcp(a.ports.0, a.ports.1, seq, 64240);
     for flag in flags.chars() {
         builder = match flag {
             'S' => builder.syn(),
-            'A' => builder.ack(2000),
+            'A' => builder.ack(ack),
             'F' => builder.fin(),
             'R' => builder.rst(),
             'P' => builder.psh(),
@@ -164,6 +173,81 @@ fn assert_frame(case: &str, got: &[u8], want: &[u8]) {
     );
 }
 
+/// Client -> host:8080 from another client port.
+fn inbound_from(port: u16) -> Addresses {
+    let mut a = inbound();
+    a.ports.0 = port;
+    a
+}
+
+/// The container's reply to the client on `port`.
+fn reply_to(port: u16) -> Addresses {
+    let mut a = reply();
+    a.ports.1 = port;
+    a
+}
+
+/// The container's initial sequence number in the handshakes of these tests.
+const CONTAINER_ISN: u32 = 5000;
+
+/// SYN, the container's SYN-ACK, the client's ACK of it: the connection from client port
+/// `port` is established.
+fn handshake(datapath: &mut Datapath, port: u16) {
+    let (code, _) = datapath
+        .run(
+            UPLINK_PROGRAM,
+            &tcp_numbered(&inbound_from(port), "S", 1000, 0, &[]),
+        )
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "port {port}: SYN");
+    let syn_ack = tcp_numbered(&reply_to(port), "SA", CONTAINER_ISN, 1001, &[]);
+    let (code, _) = datapath.run(PORT_PROGRAM, &syn_ack).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "port {port}: SYN-ACK");
+    let ack = tcp_numbered(&inbound_from(port), "A", 1001, CONTAINER_ISN + 1, &[]);
+    let (code, _) = datapath.run(UPLINK_PROGRAM, &ack).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT, "port {port}: ACK");
+}
+
+/// The inbound key of the connection from client port `port`.
+fn inbound_key(port: u16) -> FlowKey {
+    FlowKey {
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+        src_ip: CLIENT_IP,
+        dst_ip: HOST_IP,
+        src_port: port.to_be_bytes(),
+        dst_port: HOST_PORT.to_be_bytes(),
+    }
+}
+
+fn reply_key(proto: u8, port: u16) -> FlowKey {
+    FlowKey {
+        proto,
+        _pad: [0; 3],
+        src_ip: CONTAINER_IP,
+        dst_ip: CLIENT_IP,
+        src_port: CONTAINER_PORT.to_be_bytes(),
+        dst_port: port.to_be_bytes(),
+    }
+}
+
+fn has(entries: &[(FlowKey, Flow)], key: &FlowKey) -> bool {
+    entries.iter().any(|(k, _)| k == key)
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) },
+        0
+    );
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 #[test]
 fn tcp_syn_is_dnated_and_the_reply_snated_byte_for_byte() {
     let mut datapath = nat_datapath(None);
@@ -173,15 +257,35 @@ fn tcp_syn_is_dnated_and_the_reply_snated_byte_for_byte() {
     assert_eq!(code, TC_ACT_REDIRECT, "the SYN goes into the container");
     assert_frame("SYN", &out, &tcp(&inbound_translated(), "S", &[]));
     assert_eq!(datapath.verdict_count(Verdict::NatIn), 1);
-    let flows = datapath.flows();
-    assert_eq!(flows.len(), 2, "both directions are tracked: {flows:?}");
+    let transient = datapath.transient();
+    assert_eq!(
+        transient.len(),
+        2,
+        "both directions are tracked, as a new connection: {transient:?}"
+    );
+    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
 
-    let (code, out) = datapath
-        .run(PORT_PROGRAM, &tcp(&reply(), "SA", &[]))
-        .unwrap();
+    let syn_ack = |a: &Addresses| tcp_numbered(a, "SA", CONTAINER_ISN, 1001, &[]);
+    let (code, out) = datapath.run(PORT_PROGRAM, &syn_ack(&reply())).unwrap();
     assert_eq!(code, TC_ACT_REDIRECT, "the SYN-ACK goes out of the uplink");
-    assert_frame("SYN-ACK", &out, &tcp(&reply_translated(), "SA", &[]));
+    assert_frame("SYN-ACK", &out, &syn_ack(&reply_translated()));
     assert_eq!(datapath.verdict_count(Verdict::NatOut), 1);
+
+    let ack = |a: &Addresses| tcp_numbered(a, "A", 1001, CONTAINER_ISN + 1, &[]);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &ack(&inbound())).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame("ACK", &out, &ack(&inbound_translated()));
+    assert_eq!(
+        datapath.flows().len(),
+        2,
+        "established: {:?}",
+        datapath.flows()
+    );
+    assert!(
+        datapath.transient().is_empty(),
+        "{:?}",
+        datapath.transient()
+    );
 
     // Data both ways, odd-length payloads included.
     for payload in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"odd", b"x"] {
@@ -196,6 +300,68 @@ fn tcp_syn_is_dnated_and_the_reply_snated_byte_for_byte() {
         assert_eq!(code, TC_ACT_REDIRECT);
         assert_frame("data out", &out, &tcp(&reply_translated(), "AP", payload));
     }
+}
+
+/// A connection is established only when the client acknowledges the container's SYN-ACK
+/// with its exact number, which a client that spoofs its address never sees.
+#[test]
+fn only_the_acknowledgment_of_the_syn_ack_establishes_a_connection() {
+    let mut datapath = nat_datapath(None);
+    datapath
+        .run(UPLINK_PROGRAM, &tcp_numbered(&inbound(), "S", 1000, 0, &[]))
+        .unwrap();
+    // An ACK before any SYN-ACK, and ACKs with other numbers after it: translated (the
+    // container's stack decides about them), but the connection stays transient.
+    let early = tcp_numbered(&inbound(), "A", 1001, CONTAINER_ISN + 1, &[]);
+    assert_eq!(
+        datapath.run(UPLINK_PROGRAM, &early).unwrap().0,
+        TC_ACT_REDIRECT
+    );
+    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+    let syn_ack = tcp_numbered(&reply(), "SA", CONTAINER_ISN, 1001, &[]);
+    assert_eq!(
+        datapath.run(PORT_PROGRAM, &syn_ack).unwrap().0,
+        TC_ACT_REDIRECT
+    );
+    for (case, ack) in [
+        ("a guessed number", CONTAINER_ISN + 2),
+        ("the SYN-ACK's own number", CONTAINER_ISN),
+    ] {
+        let frame = tcp_numbered(&inbound(), "A", 1001, ack, &[]);
+        assert_eq!(
+            datapath.run(UPLINK_PROGRAM, &frame).unwrap().0,
+            TC_ACT_REDIRECT
+        );
+        assert!(
+            datapath.flows().is_empty(),
+            "{case}: {:?}",
+            datapath.flows()
+        );
+        let answered = datapath
+            .transient()
+            .iter()
+            .any(|(_, flow)| flow.flags & Flow::ANSWERED != 0);
+        assert!(answered, "{case}: the container's answer is remembered");
+    }
+    assert_eq!(datapath.event_count(NatEvent::Established), 0);
+    let frame = tcp_numbered(&inbound(), "AP", 1001, CONTAINER_ISN + 1, b"request");
+    assert_eq!(
+        datapath.run(UPLINK_PROGRAM, &frame).unwrap().0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(datapath.event_count(NatEvent::Established), 1);
+    assert_eq!(datapath.flows().len(), 2);
+    assert!(
+        datapath
+            .flows()
+            .iter()
+            .all(|(_, flow)| flow.flags & Flow::ESTABLISHED != 0)
+    );
+    assert!(
+        datapath.transient().is_empty(),
+        "{:?}",
+        datapath.transient()
+    );
 }
 
 #[test]
@@ -221,12 +387,84 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     assert_frame("UDP without checksum", &out, &want);
 }
 
+/// A UDP flow is established like conntrack assures one: the container answered, and the
+/// client still sends 2 s after the flow opened. Until then it is transient.
 #[test]
-fn rst_ends_the_connection_and_fin_marks_it() {
+fn a_udp_flow_is_established_when_it_is_a_stream() {
     let mut datapath = nat_datapath(None);
-    datapath
-        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+    assert_eq!(
+        datapath
+            .run(UPLINK_PROGRAM, &udp(&inbound(), b"query"))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        datapath
+            .run(UPLINK_PROGRAM, &udp(&inbound(), b"again"))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(datapath.transient().len(), 2, "not answered: transient");
+    assert_eq!(
+        datapath
+            .run(PORT_PROGRAM, &udp(&reply(), b"answer"))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        datapath
+            .run(UPLINK_PROGRAM, &udp(&inbound(), b"more"))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+    assert!(
+        datapath.flows().is_empty(),
+        "answered, but younger than 2 s: {:?}",
+        datapath.flows()
+    );
+    // The flow opened 3 s ago (as if).
+    let key = FlowKey {
+        proto: IPPROTO_UDP,
+        ..inbound_key(CLIENT_PORT)
+    };
+    let (_, mut flow) = datapath
+        .transient()
+        .into_iter()
+        .find(|(k, _)| *k == key)
         .unwrap();
+    flow.opened_ns = flow.opened_ns.saturating_sub(3_000_000_000);
+    datapath.put_transient(key, flow);
+    assert_eq!(
+        datapath
+            .run(UPLINK_PROGRAM, &udp(&inbound(), b"stream"))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        datapath.flows().len(),
+        2,
+        "a stream now: {:?}",
+        datapath.flows()
+    );
+    assert!(datapath.transient().is_empty());
+    assert_eq!(
+        datapath
+            .run(PORT_PROGRAM, &udp(&reply(), b"answer"))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+}
+
+#[test]
+fn fin_both_ways_closes_a_connection_and_rst_ends_one() {
+    let mut datapath = nat_datapath(None);
+    handshake(&mut datapath, CLIENT_PORT);
     let (code, _) = datapath
         .run(UPLINK_PROGRAM, &tcp(&inbound(), "AF", &[]))
         .unwrap();
@@ -239,9 +477,41 @@ fn rst_ends_the_connection_and_fin_marks_it() {
             .flows()
             .iter()
             .any(|(_, flow)| flow.flags & Flow::FIN_SEEN != 0),
-        "the FIN is remembered for the control plane's timeout: {:?}",
+        "the FIN is remembered: {:?}",
         datapath.flows()
     );
+    // Half closed: the other direction goes on.
+    let (code, _) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "AP", b"the rest"))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_eq!(datapath.flows().len(), 2, "half closed is established");
+    let (code, _) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "AF", &[]))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert!(
+        datapath.flows().is_empty(),
+        "closed both ways: no longer established: {:?}",
+        datapath.flows()
+    );
+    let transient = datapath.transient();
+    assert_eq!(transient.len(), 2, "{transient:?}");
+    assert!(
+        transient
+            .iter()
+            .all(|(_, flow)| flow.flags & Flow::CLOSING != 0)
+    );
+    assert_eq!(datapath.event_count(NatEvent::Closed), 1);
+    // The last ACK still goes through; then a new connection on the same tuple.
+    let (code, out) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "A", &[]))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame("last ACK", &out, &tcp(&inbound_translated(), "A", &[]));
+    handshake(&mut datapath, CLIENT_PORT);
+    assert_eq!(datapath.flows().len(), 2, "{:?}", datapath.flows());
+
     let (code, out) = datapath
         .run(PORT_PROGRAM, &tcp(&reply(), "R", &[]))
         .unwrap();
@@ -251,34 +521,278 @@ fn rst_ends_the_connection_and_fin_marks_it() {
     );
     assert_frame("RST", &out, &tcp(&reply_translated(), "R", &[]));
     assert!(
-        datapath.flows().is_empty(),
-        "RST ends both directions: {:?}",
-        datapath.flows()
+        datapath.flows().is_empty() && datapath.transient().is_empty(),
+        "RST ends both directions: {:?} {:?}",
+        datapath.flows(),
+        datapath.transient()
     );
+    assert_eq!(datapath.event_count(NatEvent::Reset), 1);
     // The connection is gone: a late segment is not translated.
     let late = tcp(&inbound(), "A", b"late");
     let (code, out) = datapath.run(UPLINK_PROGRAM, &late).unwrap();
     assert_eq!((code, out), (TC_ACT_UNSPEC, late));
 }
 
+/// A flood of SYNs from spoofed sources, many times what the transient table holds: every
+/// SYN still gets through (the oldest transient entries make room), an established
+/// connection is untouched, and what was replaced is counted.
 #[test]
-fn a_full_connection_table_sends_new_connections_to_the_kernel() {
+fn a_syn_flood_replaces_only_connections_that_were_never_established() {
+    const TRANSIENT_ENTRIES: u32 = 512;
+    const FLOOD: u32 = 5000;
+    let mut datapath = Datapath::load_sized(true, Some(16), Some(TRANSIENT_ENTRIES));
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    let (key, port) = published(IPPROTO_TCP, CONTAINER_PORT_IFINDEX);
+    datapath.publish(key, port);
+    handshake(&mut datapath, CLIENT_PORT);
+
+    let spoofed = |n: u32| Addresses {
+        ip: ([10, 79, (n >> 8) as u8, n as u8], HOST_IP),
+        ..inbound_from(1024 + (n % 60000) as u16)
+    };
+    for n in 0..FLOOD {
+        let (code, _) = datapath
+            .run(UPLINK_PROGRAM, &tcp_numbered(&spoofed(n), "S", n, 0, &[]))
+            .unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT, "spoofed SYN {n} is not refused");
+        // The container answers every one; the SYN-ACKs go out to addresses that never answer.
+        let mut syn_ack = reply_to(1024 + (n % 60000) as u16);
+        syn_ack.ip.1 = spoofed(n).ip.0;
+        let (code, _) = datapath
+            .run(
+                PORT_PROGRAM,
+                &tcp_numbered(&syn_ack, "SA", CONTAINER_ISN, n + 1, &[]),
+            )
+            .unwrap();
+        assert!(
+            code == TC_ACT_REDIRECT || code == TC_ACT_OK,
+            "SYN-ACK {n}: {code}"
+        );
+    }
+    assert_eq!(datapath.verdict_count(Verdict::NatTableFull), 0);
+    assert_eq!(datapath.event_count(NatEvent::Opened), 1 + u64::from(FLOOD));
+
+    // The established connection is where it was, and still works both ways.
+    let established = datapath.flows();
+    assert_eq!(established.len(), 2, "{established:?}");
+    assert!(has(&established, &inbound_key(CLIENT_PORT)));
+    let (code, out) = datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "AP", b"after"))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame(
+        "in, after",
+        &out,
+        &tcp(&inbound_translated(), "AP", b"after"),
+    );
+    let (code, out) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "AP", b"after"))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame(
+        "out, after",
+        &out,
+        &tcp(&reply_translated(), "AP", b"after"),
+    );
+
+    // The transient table holds what fits, the latest, and the oldest made room.
+    let transient = datapath.transient();
+    assert!(
+        transient.len() <= TRANSIENT_ENTRIES as usize,
+        "{}",
+        transient.len()
+    );
+    let key_of = |n: u32| FlowKey {
+        src_ip: spoofed(n).ip.0,
+        ..inbound_key(1024 + (n % 60000) as u16)
+    };
+    assert!(
+        has(&transient, &key_of(FLOOD - 1)),
+        "the newest SYN's state is there"
+    );
+    assert!(
+        !has(&transient, &key_of(0)),
+        "the oldest SYN's state made room"
+    );
+    let added = datapath.event_count(NatEvent::TransientAdded);
+    let removed = datapath.event_count(NatEvent::TransientRemoved);
+    let replaced = added - removed - transient.len() as u64;
+    assert!(
+        replaced >= 2 * u64::from(FLOOD) - u64::from(TRANSIENT_ENTRIES),
+        "replaced {replaced} entries (added {added}, removed {removed}, left {})",
+        transient.len()
+    );
+    // A legitimate client connects after the flood as before it.
+    handshake(&mut datapath, CLIENT_PORT + 1);
+}
+
+/// The LRU replaces entries one at a time: a connection that lost one direction gets it
+/// back from the other side's next frame.
+#[test]
+fn a_connection_that_lost_one_direction_gets_it_back() {
+    // BPF_PROG_TEST_RUN runs a tc program as if on ifindex 1: the container's port is 1 here,
+    // so that the datapath can check that the SYN-ACK came from the container's port.
+    const TEST_RUN_IFINDEX: u32 = 1;
+    let mut datapath = Datapath::load(true, None);
+    datapath.add_endpoint(CONTAINER_MAC, TEST_RUN_IFINDEX);
+    let (key, port) = published(IPPROTO_TCP, TEST_RUN_IFINDEX);
+    datapath.publish(key, port);
+    // The inbound direction went between SYN and SYN-ACK: the SYN-ACK brings it back, and
+    // the client's ACK establishes the connection.
+    datapath
+        .run(UPLINK_PROGRAM, &tcp_numbered(&inbound(), "S", 1000, 0, &[]))
+        .unwrap();
+    datapath.drop_transient(&inbound_key(CLIENT_PORT));
+    let syn_ack = tcp_numbered(&reply(), "SA", CONTAINER_ISN, 1001, &[]);
+    let (code, out) = datapath.run(PORT_PROGRAM, &syn_ack).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame(
+        "SYN-ACK",
+        &out,
+        &tcp_numbered(&reply_translated(), "SA", CONTAINER_ISN, 1001, &[]),
+    );
+    let ack = tcp_numbered(&inbound(), "A", 1001, CONTAINER_ISN + 1, &[]);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &ack).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame(
+        "ACK",
+        &out,
+        &tcp_numbered(&inbound_translated(), "A", 1001, CONTAINER_ISN + 1, &[]),
+    );
+    assert_eq!(datapath.flows().len(), 2, "{:?}", datapath.flows());
+
+    // The reply direction went: the client's retransmitted SYN brings it back.
+    let port = CLIENT_PORT + 1;
+    datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound_from(port), "S", &[]))
+        .unwrap();
+    datapath.drop_transient(&reply_key(IPPROTO_TCP, port));
+    assert_eq!(
+        datapath
+            .run(UPLINK_PROGRAM, &tcp(&inbound_from(port), "S", &[]))
+            .unwrap()
+            .0,
+        TC_ACT_REDIRECT
+    );
+    assert!(has(&datapath.transient(), &reply_key(IPPROTO_TCP, port)));
+    let (code, out) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply_to(port), "SA", &[]))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    let mut want = reply_translated();
+    want.ports.1 = port;
+    assert_frame("SYN-ACK", &out, &tcp(&want, "SA", &[]));
+}
+
+/// With the established table full, a connection whose handshake completes stays in the
+/// transient table (counted), works, and moves over once there is room.
+#[test]
+fn a_full_established_table_keeps_new_connections_transient_until_there_is_room() {
     let mut datapath = nat_datapath(Some(2));
+    handshake(&mut datapath, CLIENT_PORT);
+    handshake(&mut datapath, CLIENT_PORT + 1);
+    assert_eq!(datapath.event_count(NatEvent::EstablishedTableFull), 1);
+    assert!(has(&datapath.flows(), &inbound_key(CLIENT_PORT)));
+    let transient = datapath.transient();
+    assert_eq!(transient.len(), 2, "{transient:?}");
+    assert!(
+        transient
+            .iter()
+            .all(|(_, flow)| flow.flags & Flow::ESTABLISHED != 0),
+        "established, where it is: {transient:?}"
+    );
+    // It works both ways.
+    let (code, _) = datapath
+        .run(
+            UPLINK_PROGRAM,
+            &tcp(&inbound_from(CLIENT_PORT + 1), "AP", b"x"),
+        )
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    let (code, _) = datapath
+        .run(PORT_PROGRAM, &tcp(&reply_to(CLIENT_PORT + 1), "AP", b"y"))
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_eq!(
+        datapath.event_count(NatEvent::EstablishedTableFull),
+        1,
+        "counted once per connection"
+    );
+    // The client half-closes while it waits.
+    let (code, _) = datapath
+        .run(
+            UPLINK_PROGRAM,
+            &tcp(&inbound_from(CLIENT_PORT + 1), "AF", &[]),
+        )
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    // The first connection ends; the second moves over with its next frame.
+    datapath
+        .run(PORT_PROGRAM, &tcp(&reply(), "R", &[]))
+        .unwrap();
+    let (code, _) = datapath
+        .run(
+            UPLINK_PROGRAM,
+            &tcp(&inbound_from(CLIENT_PORT + 1), "A", &[]),
+        )
+        .unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    let moved = datapath.flows();
+    let (_, inbound) = moved
+        .iter()
+        .find(|(key, _)| *key == inbound_key(CLIENT_PORT + 1))
+        .unwrap_or_else(|| panic!("moved to the established table: {moved:?}"));
+    assert_ne!(
+        inbound.flags & Flow::FIN_SEEN,
+        0,
+        "the FIN it sent while it waited is remembered: {inbound:?}"
+    );
+    assert!(
+        datapath.transient().is_empty(),
+        "{:?}",
+        datapath.transient()
+    );
+    assert_eq!(datapath.event_count(NatEvent::Established), 2);
+}
+
+/// Transient state past its lifetime is not used, even when nothing removed it (no process
+/// runs): a segment of that connection goes to the kernel, a new SYN opens it again.
+#[test]
+fn expired_transient_state_is_not_used() {
+    let mut datapath = nat_datapath(None);
+    datapath
+        .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
+        .unwrap();
+    // "A lifetime and a second ago" must be after boot (a fresh VM of the kernel matrix).
+    let age = bridge_common::lifetime::TRANSIENT_NS + 1_000_000_000;
+    let uptime = monotonic_ns();
+    if uptime <= age {
+        std::thread::sleep(std::time::Duration::from_nanos(age + 1_000_000 - uptime));
+    }
+    let long_ago = monotonic_ns() - age;
+    for (key, mut flow) in datapath.transient() {
+        flow.last_seen_ns = long_ago;
+        datapath.put_transient(key, flow);
+    }
+    let late = tcp(&inbound(), "A", b"late");
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &late).unwrap();
+    assert_eq!((code, out), (TC_ACT_UNSPEC, late), "not translated");
+    let answer = tcp(&reply(), "SA", &[]);
+    let (code, out) = datapath.run(PORT_PROGRAM, &answer).unwrap();
+    assert_eq!(
+        (code, out),
+        (TC_ACT_OK, answer),
+        "the container's late answer is not ours either"
+    );
     let (code, _) = datapath
         .run(UPLINK_PROGRAM, &tcp(&inbound(), "S", &[]))
         .unwrap();
-    assert_eq!(code, TC_ACT_REDIRECT, "the first connection fits");
-    let mut second = inbound();
-    second.ports.0 = CLIENT_PORT + 1;
-    let frame = tcp(&second, "S", &[]);
-    let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap();
-    assert_eq!(code, TC_ACT_UNSPEC, "the second is passed on, not dropped");
-    assert_eq!(out, frame, "untouched");
-    assert_eq!(datapath.verdict_count(Verdict::NatTableFull), 1);
-    assert_eq!(
-        datapath.flows().len(),
-        2,
-        "no half connection is left behind"
+    assert_eq!(code, TC_ACT_REDIRECT, "a new SYN opens it again");
+    assert!(
+        datapath
+            .transient()
+            .iter()
+            .all(|(_, flow)| flow.last_seen_ns > long_ago)
     );
 }
 
@@ -363,9 +877,10 @@ fn frames_nat_must_not_touch_pass_unchanged() {
         }
     }
     assert!(
-        datapath.flows().is_empty(),
-        "no connection was opened: {:?}",
-        datapath.flows()
+        datapath.flows().is_empty() && datapath.transient().is_empty(),
+        "no connection was opened: {:?} {:?}",
+        datapath.flows(),
+        datapath.transient()
     );
 
     // A published port whose container is not on the bridge now: the kernel's.
@@ -399,9 +914,10 @@ fn a_connection_never_follows_a_port_its_container_left() {
     );
     assert_eq!(datapath.verdict_count(Verdict::StaleEndpoint), 1);
     assert!(
-        datapath.flows().is_empty(),
-        "the connection is over: {:?}",
-        datapath.flows()
+        datapath.flows().is_empty() && datapath.transient().is_empty(),
+        "the connection is over: {:?} {:?}",
+        datapath.flows(),
+        datapath.transient()
     );
 
     // The container came back on another port: the published port points there, and a
@@ -484,7 +1000,8 @@ fn random_and_mutated_frames_never_misdeliver() {
     for round in 0..4000 {
         let frame = random.frame(round, &seeds);
         for program in [UPLINK_PROGRAM, PORT_PROGRAM] {
-            let connections = datapath.flows();
+            let mut connections = datapath.flows();
+            connections.extend(datapath.transient());
             // The kernel refuses some frames (IP shorter than an IP header): not the program's.
             let Ok((code, out)) = datapath.run(program, &frame) else {
                 continue;
@@ -550,7 +1067,7 @@ fn xdp_dnats_a_tcp_syn_and_data_byte_for_byte() {
         0,
         "nat_in is the tc program's"
     );
-    assert_eq!(datapath.flows().len(), 2, "both directions are tracked");
+    assert_eq!(datapath.transient().len(), 2, "both directions are tracked");
     assert_eq!(
         datapath
             .port_stats(CONTAINER_PORT_IFINDEX)
@@ -581,10 +1098,36 @@ fn xdp_dnats_a_tcp_syn_and_data_byte_for_byte() {
     assert_eq!(code, TC_ACT_REDIRECT);
     assert_frame("tc data in", &out, &tcp(&inbound_translated(), "A", b"tc"));
 
+    // The client's ACK of the SYN-ACK, through XDP, establishes the connection.
+    let ack = tcp_numbered(&inbound(), "A", 1001, CONTAINER_ISN + 1, &[]);
+    let syn_ack = tcp_numbered(&reply(), "SA", CONTAINER_ISN, 1001, &[]);
+    assert_eq!(
+        datapath.run(PORT_PROGRAM, &syn_ack).unwrap().0,
+        TC_ACT_REDIRECT
+    );
+    let (code, out) = datapath.run_xdp(&ack).unwrap();
+    assert_eq!(code, XDP_REDIRECT);
+    assert_frame(
+        "XDP ACK",
+        &out,
+        &tcp_numbered(&inbound_translated(), "A", 1001, CONTAINER_ISN + 1, &[]),
+    );
+    assert_eq!(
+        datapath.flows().len(),
+        2,
+        "established: {:?}",
+        datapath.flows()
+    );
+
     // RST ends the connection from XDP too.
     let (code, _) = datapath.run_xdp(&tcp(&inbound(), "R", &[])).unwrap();
     assert_eq!(code, XDP_REDIRECT);
     assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+    assert!(
+        datapath.transient().is_empty(),
+        "{:?}",
+        datapath.transient()
+    );
 }
 
 #[test]
@@ -657,16 +1200,24 @@ fn xdp_passes_frames_nat_must_not_touch_and_leaves_their_verdicts_to_tc() {
         );
     }
     assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+    assert!(
+        datapath.transient().is_empty(),
+        "{:?}",
+        datapath.transient()
+    );
 
-    // A full table: passed, and no half connection.
-    let mut datapath = nat_datapath(Some(2));
-    let (code, _) = datapath.run_xdp(&tcp(&inbound(), "S", &[])).unwrap();
-    assert_eq!(code, XDP_REDIRECT);
-    let mut second = inbound();
-    second.ports.0 = CLIENT_PORT + 1;
-    let frame = tcp(&second, "S", &[]);
-    assert_eq!(datapath.run_xdp(&frame).unwrap(), (XDP_PASS, frame));
-    assert_eq!(datapath.flows().len(), 2);
+    // A full transient table: new connections make room for themselves there.
+    let mut datapath = Datapath::load_sized(true, None, Some(8));
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    let (key, port) = published(IPPROTO_TCP, CONTAINER_PORT_IFINDEX);
+    datapath.publish(key, port);
+    for n in 0..64 {
+        let (code, _) = datapath
+            .run_xdp(&tcp(&inbound_from(CLIENT_PORT + n), "S", &[]))
+            .unwrap();
+        assert_eq!(code, XDP_REDIRECT, "SYN {n}");
+    }
+    assert!(datapath.transient().len() <= 8);
 
     // A connection whose container left its port: not delivered there, and over.
     let mut datapath = nat_datapath(None);
@@ -674,7 +1225,11 @@ fn xdp_passes_frames_nat_must_not_touch_and_leaves_their_verdicts_to_tc() {
     datapath.add_endpoint([0x02, 0x77, 0, 0, 0, 0x99], CONTAINER_PORT_IFINDEX);
     let segment = tcp(&inbound(), "A", b"for the old container");
     assert_eq!(datapath.run_xdp(&segment).unwrap(), (XDP_PASS, segment));
-    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
+    assert!(
+        datapath.transient().is_empty(),
+        "{:?}",
+        datapath.transient()
+    );
 }
 
 /// Random and mutated frames through the XDP program: passed unchanged, or translated into

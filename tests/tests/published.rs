@@ -5,8 +5,7 @@
 //! detach the port is gone.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::Command,
     time::Duration,
 };
@@ -14,89 +13,12 @@ use std::{
 use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::LabBuilder,
+    traffic::{exchange, tcp_echo_server},
     witness::{PinRoot, xbr, xbr_ok},
 };
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const CONTAINER_A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-
-/// A TCP echo server in a namespace; dropping it closes its socket, so the namespace can go.
-struct EchoServer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    acceptor: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-fn tcp_echo_server(ns: &NetNs, address: Ipv4Addr, port: u16) -> EchoServer {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
-    let listener = ns
-        .run(|| TcpListener::bind((address, port)))
-        .unwrap()
-        .expect("bind the echo server");
-    listener.set_nonblocking(true).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let acceptor = std::thread::spawn(move || {
-        while !stopped.load(Ordering::Relaxed) {
-            let Ok((mut stream, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            std::thread::spawn(move || {
-                let mut buffer = vec![0u8; 64 * 1024];
-                while let Ok(n) = stream.read(&mut buffer) {
-                    if n == 0 || stream.write_all(&buffer[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    EchoServer {
-        stop,
-        acceptor: Some(acceptor),
-    }
-}
-
-/// One connection: send `bytes`, read them back, close. Err when the connection fails.
-fn exchange(client: &NetNs, to: SocketAddr, bytes: usize) -> std::io::Result<()> {
-    let mut stream = client
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
-        .unwrap()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let sent: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
-    let writer = {
-        let mut stream = stream.try_clone()?;
-        let sent = sent.clone();
-        std::thread::spawn(move || {
-            let _ = stream.write_all(&sent);
-            let _ = stream.shutdown(std::net::Shutdown::Write);
-        })
-    };
-    let mut received = Vec::new();
-    stream.read_to_end(&mut received)?;
-    writer.join().unwrap();
-    if received != sent {
-        return Err(std::io::Error::other(format!(
-            "echo returned {} of {bytes} bytes, or other bytes",
-            received.len()
-        )));
-    }
-    Ok(())
-}
 
 /// A UDP server in `server` at `bind` answers each datagram reversed; the client in `client`
 /// sends datagrams of 1, 3, 512 and 1401 bytes to `to` (the published address) and must get

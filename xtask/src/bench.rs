@@ -47,6 +47,14 @@ pub struct Args {
     /// second; low enough that every configuration delivers all of it.
     #[arg(long, value_name = "KPPS", default_value_t = 20)]
     cpu_kpps: u32,
+    /// The rate of the spoofed SYN flood in the published-port flood workload, in thousands of
+    /// SYNs per second; low enough that the flood's one thread sends all of it.
+    #[arg(long, value_name = "KPPS", default_value_t = 25)]
+    flood_kpps: u32,
+    /// Run only these workloads (repeatable; ids as in bench.json, e.g.
+    /// tcp-connections-syn-flood): for trying one thing. The report then lacks the rest.
+    #[arg(long = "workload", value_name = "ID", value_parser = parse_workload)]
+    workloads: Vec<Workload>,
     /// Where bench.json, bench.svg and bench.md go [default: target/bench].
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
@@ -75,6 +83,19 @@ pub struct Settings {
     /// The one CPU of the published-port workloads (absent in reports from before them).
     #[serde(default)]
     pub published_cpu: Option<usize>,
+    /// The SYN flood's rate (absent in reports from before it).
+    #[serde(default)]
+    pub flood_pps: u32,
+    /// Only these workloads ran (`--workload`); empty: all of them.
+    #[serde(default)]
+    pub only: Vec<String>,
+}
+
+fn parse_workload(id: &str) -> Result<Workload, String> {
+    Workload::from_id(id).ok_or_else(|| {
+        let ids: Vec<&str> = Workload::ALL.iter().map(|w| w.id()).collect();
+        format!("no workload {id}; the workloads are {}", ids.join(", "))
+    })
 }
 
 impl Settings {
@@ -97,7 +118,14 @@ impl Settings {
             client_cpu: two_cpus.then_some(0),
             server_cpu: two_cpus.then_some(1),
             published_cpu: Some(0),
+            flood_pps: args.flood_kpps.max(1) * 1000,
+            only: args.workloads.iter().map(|w| w.id().to_owned()).collect(),
         }
+    }
+
+    /// Whether `workload` runs (all do unless `--workload` picked some).
+    fn runs(&self, workload: Workload) -> bool {
+        self.only.is_empty() || self.only.iter().any(|id| id == workload.id())
     }
 
     fn placement(&self) -> Placement {
@@ -132,6 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("finding the xbr binary {}", xbr.display()))?,
         None => build::release_binary()?,
     };
+    let built_flood = build::flood_binary()?;
     interrupt.check().context("building xbr")?;
     let settings = Settings::new(&args);
     let out_dir = args
@@ -143,6 +172,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let xbr = out_dir.join("xbr");
     std::fs::copy(&built, &xbr)
         .with_context(|| format!("copying {} to {}", built.display(), xbr.display()))?;
+    let flood = out_dir.join("syn-flood");
+    std::fs::copy(&built_flood, &flood)
+        .with_context(|| format!("copying {} to {}", built_flood.display(), flood.display()))?;
     let about = About {
         command: std::iter::once("cargo xtask".to_owned())
             .chain(std::env::args().skip(1))
@@ -167,7 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let report = measure(
         &settings,
-        &xbr,
+        (&xbr, &flood),
         PREFIX,
         &out_dir.join("labs"),
         &about,
@@ -245,7 +277,7 @@ fn redraw(json: &Path, out_dir: Option<&Path>) -> anyhow::Result<()> {
 /// panics: `Worlds` cleans up when dropped) and returns the report.
 pub fn measure(
     settings: &Settings,
-    xbr: &Path,
+    (xbr, flood): (&Path, &Path),
     prefix: &str,
     lab_dir: &Path,
     about: &About,
@@ -260,6 +292,8 @@ pub fn measure(
         seconds: settings.seconds,
         cpu_pps: settings.cpu_pps,
         placement: settings.placement(),
+        flood_pps: settings.flood_pps,
+        flood: flood.to_owned(),
     };
     let progress = Progress::new(settings.steps());
     let mut worlds = Worlds::new(xbr, prefix, lab_dir, settings.placement(), interrupt);
@@ -285,7 +319,7 @@ pub fn measure(
     ));
     for round in 1..=settings.rounds {
         let runs = every_config(&Workload::TRAFFIC).chain(every_config(&Workload::PUBLISHED));
-        for (workload, config) in runs {
+        for (workload, config) in runs.filter(|(workload, _)| settings.runs(*workload)) {
             let sample = traffic_sample(
                 &mut worlds,
                 settings.endpoints,
@@ -298,34 +332,44 @@ pub fn measure(
         }
     }
     progress.step("profiling xbr's program");
-    let xbr_program = match profile(&worlds, &load, interrupt) {
-        Ok(profile) => Some(profile),
-        Err(error) => {
+    let xbr_program = match settings
+        .runs(Workload::UdpPps)
+        .then(|| profile(&worlds, &load, interrupt))
+    {
+        Some(Ok(profile)) => Some(profile),
+        Some(Err(error)) => {
             interrupt.check()?;
             worlds.notes.push(format!(
                 "no BPF run-time statistics for xbr's program: {error:#}"
             ));
             None
         }
+        None => None,
     };
     let xbr_stats = worlds.xbr_stats().ok();
 
-    progress.say(&format!(
-        "   scale rounds: {} endpoints on each bridge",
-        settings.scale_endpoints
-    ));
-    worlds.grow(settings.scale_endpoints, &|what| progress.step(what))?;
-    settle(
-        settings,
-        "growing the labs",
-        &progress,
-        &mut worlds,
-        interrupt,
-    )?;
-    for round in 1..=settings.rounds {
+    let scale = Workload::SCALE
+        .iter()
+        .chain(&Workload::ATTACH)
+        .any(|workload| settings.runs(*workload));
+    if scale {
+        progress.say(&format!(
+            "   scale rounds: {} endpoints on each bridge",
+            settings.scale_endpoints
+        ));
+        worlds.grow(settings.scale_endpoints, &|what| progress.step(what))?;
+        settle(
+            settings,
+            "growing the labs",
+            &progress,
+            &mut worlds,
+            interrupt,
+        )?;
+    }
+    for round in (1..=settings.rounds).filter(|_| scale) {
         for workload in Workload::ATTACH
             .into_iter()
-            .filter(|_| round <= settings.attach_rounds)
+            .filter(|workload| round <= settings.attach_rounds && settings.runs(*workload))
         {
             samples.push(attach_sample(
                 &mut worlds,
@@ -335,7 +379,9 @@ pub fn measure(
                 &progress,
             )?);
         }
-        for (workload, config) in every_config(&Workload::SCALE) {
+        for (workload, config) in
+            every_config(&Workload::SCALE).filter(|(workload, _)| settings.runs(*workload))
+        {
             let sample = traffic_sample(
                 &mut worlds,
                 settings.scale_endpoints,
@@ -454,6 +500,10 @@ fn traffic_sample(
         let after = worlds.path_counters(config)?;
         let completed = measured.details["completed"].as_u64().unwrap_or(0);
         measured.details["path"] = check_path(config, &before, &after, completed)?;
+    }
+    if workload == Workload::TcpConnectionsFlooded && config.uplink_mode().is_some() {
+        // What the flood did to xbr's tables: how full, how much it replaced.
+        measured.details["xbr_nat"] = worlds.nat_state(config)?;
     }
     let sample = Sample {
         round,
@@ -700,6 +750,7 @@ mod tests {
             return;
         }
         let xbr = build::release_binary().expect("building the xbr binary for the quick bench");
+        let flood = build::flood_binary().expect("building the syn-flood binary");
         let interrupt = Interrupt::install().expect("installing the Ctrl-C handler");
         let prefix = format!("xbt{}", std::process::id() % 100_000);
         let dir = cmd::target_dir().join(format!("bench-test-{prefix}"));
@@ -709,6 +760,8 @@ mod tests {
             seconds: None,
             scale_endpoints: TEST_SCALE_ENDPOINTS,
             cpu_kpps: 20,
+            flood_kpps: 25,
+            workloads: Vec::new(),
             out_dir: Some(dir.clone()),
             xbr: None,
             from: None,
@@ -716,7 +769,7 @@ mod tests {
         let settings = Settings::new(&args);
         let measured = measure(
             &settings,
-            &xbr,
+            (&xbr, &flood),
             &prefix,
             &dir.join("labs"),
             &About {
@@ -763,6 +816,8 @@ mod tests {
             seconds: None,
             scale_endpoints: 1000,
             cpu_kpps: 20,
+            flood_kpps: 25,
+            workloads: Vec::new(),
             out_dir: None,
             xbr: None,
             from: None,

@@ -32,3 +32,27 @@ pub fn release_binary() -> anyhow::Result<PathBuf> {
     }
     Ok(binary)
 }
+
+/// Builds the lab's flood generator, target/release/syn-flood (crate xbr-tests), which
+/// `cargo xtask bench` runs for its SYN-flood workload; returns its path.
+pub fn flood_binary() -> anyhow::Result<PathBuf> {
+    cmd::run(
+        cmd::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "xbr-tests",
+            "--bin",
+            "syn-flood",
+        ]),
+        "building the syn-flood binary",
+    )?;
+    let binary = cmd::target_dir().join("release/syn-flood");
+    if !binary.is_file() {
+        bail!(
+            "cargo built xbr-tests but {} is not there",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}

@@ -150,6 +150,7 @@ struct Binaries {
     xbr: PathBuf,
     packet: PathBuf,
     policy_packet: PathBuf,
+    nat_packet: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
     writers: PathBuf,
@@ -190,6 +191,7 @@ impl Binaries {
             xbr,
             packet: find("packet")?,
             policy_packet: find("policy_packet")?,
+            nat_packet: find("nat_packet")?,
             east_west: find("east_west")?,
             published: find("published")?,
             writers: find("writers")?,
@@ -282,6 +284,15 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         Suite {
             name: "policy-packet".to_owned(),
             argv: vec![program(&binaries.policy_packet)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs_tcx: false,
+        },
+        // The NAT state machine through BPF_PROG_TEST_RUN: this kernel's LRU and hash maps,
+        // and its verifier on the NAT subprograms.
+        Suite {
+            name: "nat-packet".to_owned(),
+            argv: vec![program(&binaries.nat_packet)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
             needs_tcx: false,

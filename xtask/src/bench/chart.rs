@@ -300,6 +300,11 @@ fn published_groups(report: &Report, endpoints: usize) -> Vec<Group> {
             "connections_per_s",
         ),
         ("requests/s", Workload::TcpRequests, "requests_per_s"),
+        (
+            "connections/s, SYN flood",
+            Workload::TcpConnectionsFlooded,
+            "connections_per_s",
+        ),
     ]
     .into_iter()
     .filter_map(|(label, workload, metric)| {

@@ -349,6 +349,109 @@ impl Report {
     }
 
     /// The issue's targets, checked (never asserted), and what xbr's own counters say.
+    /// Under a SYN flood: xbr keeps >= 0.9x its own unflooded connections/s and stays ahead of
+    /// dnat and docker-proxy (flooded too); what the flood cost in failed connections; and
+    /// runs whose flood fell short of its rate.
+    fn flood_findings(&self, bullet: &str) -> String {
+        let mut out = String::new();
+        let flooded = Workload::TcpConnectionsFlooded;
+        let key = "connections_per_s";
+        for config in [Config::XbrNat, Config::XbrNatXdp] {
+            let Some(row) = self.summary.iter().find(|row| {
+                row.workload == flooded.id() && row.metric == key && row.config == config.name()
+            }) else {
+                continue;
+            };
+            if let Some(own) = self.summary.iter().find(|r| {
+                r.workload == Workload::TcpConnections.id()
+                    && r.config == config.name()
+                    && r.median > 0.0
+            }) {
+                let ratio = row.median / own.median;
+                let verdict = if ratio >= 0.9 {
+                    "met".to_owned()
+                } else {
+                    format!("missed by {}", percent((0.9 - ratio) / 0.9))
+                };
+                let _ = writeln!(
+                    out,
+                    "{bullet}{} under a SYN flood >= 0.9x its own unflooded connections/s: \
+                     {ratio:.2}x ({verdict})",
+                    config.name()
+                );
+            }
+            for reference in [Config::Dnat, Config::DockerProxy] {
+                let Some(ratio) = row.ratio_to(reference) else {
+                    continue;
+                };
+                let verdict = if ratio >= 1.0 {
+                    "met".to_owned()
+                } else {
+                    format!("missed by {}", percent(1.0 - ratio))
+                };
+                let _ = writeln!(
+                    out,
+                    "{bullet}{} ahead of {} under a SYN flood: {ratio:.2}x ({verdict})",
+                    config.name(),
+                    reference.name()
+                );
+            }
+        }
+        let samples: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|sample| sample.workload == flooded.id())
+            .collect();
+        if samples.is_empty() {
+            return out;
+        }
+        let mut failed = Vec::new();
+        let mut short = Vec::new();
+        for sample in &samples {
+            let details = &sample.details;
+            let count = |when: &str, what: &str| details[when][what].as_u64().unwrap_or(0);
+            let lost = count("during", "failed") + count("after", "failed");
+            if lost > 0 {
+                failed.push(format!(
+                    "{} round {}: {} of {} during, {} of {} after",
+                    sample.config,
+                    sample.round,
+                    count("during", "failed"),
+                    count("during", "failed") + count("during", "completed"),
+                    count("after", "failed"),
+                    count("after", "failed") + count("after", "completed"),
+                ));
+            }
+            let rate = details["flood"]["sent_pps"].as_f64().unwrap_or(0.0);
+            if rate < 0.9 * f64::from(self.settings.flood_pps) {
+                short.push(format!(
+                    "{} round {} ({} SYN/s)",
+                    sample.config,
+                    sample.round,
+                    number(rate)
+                ));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{bullet}failed legitimate connections under the SYN flood ({} SYN/s): {}",
+            number(f64::from(self.settings.flood_pps)),
+            if failed.is_empty() {
+                "none".to_owned()
+            } else {
+                failed.join("; ")
+            }
+        );
+        if !short.is_empty() {
+            let _ = writeln!(
+                out,
+                "{bullet}note: the flood sent less than 90% of its rate in: {}",
+                short.join(", ")
+            );
+        }
+        out
+    }
+
     fn findings(&self, markdown: bool) -> String {
         let bullet = if markdown { "- " } else { "   " };
         let mut out = String::new();
@@ -464,6 +567,7 @@ impl Report {
                 );
             }
         }
+        out.push_str(&self.flood_findings(bullet));
         if let Some(program) = &self.xbr_program
             && let Some(ns) = program["ns_per_run"].as_f64()
         {

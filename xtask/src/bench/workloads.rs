@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::host::{self, CpuTimes};
 use super::peer::{self, RateKind};
 use super::worlds::{
-    IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, World, on_cpu,
+    IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, UPLINK, World, on_cpu,
 };
 use crate::cmd;
 use crate::demo::processes::{Interrupt, run_captured};
@@ -35,6 +35,7 @@ pub enum Workload {
     AttachClsact,
     TcpConnections,
     TcpRequests,
+    TcpConnectionsFlooded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +106,12 @@ const CONNECTIONS: Metric = Metric {
     unit: "connections/s",
     better: Better::Higher,
 };
+/// The same client, right after the flood ended (the tables still full of its state).
+const CONNECTIONS_AFTER: Metric = Metric {
+    key: "connections_per_s_after",
+    unit: "connections/s right after the flood",
+    better: Better::Higher,
+};
 const REQUESTS: Metric = Metric {
     key: "requests_per_s",
     unit: "requests/s",
@@ -130,8 +137,12 @@ impl Workload {
     pub const SCALE: [Workload; 2] = [Workload::UdpPps, Workload::CpuPerPacket];
     pub const ATTACH: [Workload; 2] = [Workload::AttachClsact, Workload::AttachTcx];
     /// From outside to a container's published port, in the published-port configurations.
-    pub const PUBLISHED: [Workload; 2] = [Workload::TcpConnections, Workload::TcpRequests];
-    pub const ALL: [Workload; 10] = [
+    pub const PUBLISHED: [Workload; 3] = [
+        Workload::TcpConnections,
+        Workload::TcpRequests,
+        Workload::TcpConnectionsFlooded,
+    ];
+    pub const ALL: [Workload; 11] = [
         Workload::TcpOneStream,
         Workload::TcpTwoStreams,
         Workload::UdpPps,
@@ -142,6 +153,7 @@ impl Workload {
         Workload::AttachClsact,
         Workload::TcpConnections,
         Workload::TcpRequests,
+        Workload::TcpConnectionsFlooded,
     ];
 
     pub fn id(self) -> &'static str {
@@ -156,6 +168,7 @@ impl Workload {
             Workload::AttachClsact => "attach-clsact",
             Workload::TcpConnections => "tcp-connections",
             Workload::TcpRequests => "tcp-requests",
+            Workload::TcpConnectionsFlooded => "tcp-connections-syn-flood",
         }
     }
 
@@ -181,6 +194,10 @@ impl Workload {
             Workload::TcpRequests => {
                 "TCP requests to a published port, 64 B each way, one connection"
             }
+            Workload::TcpConnectionsFlooded => {
+                "TCP connections to a published port during a flood of spoofed SYNs at a fixed rate \
+                 (connect, 64 B request, response, close)"
+            }
         }
     }
 
@@ -193,6 +210,7 @@ impl Workload {
             Workload::AttachTcx | Workload::AttachClsact => &[ATTACH_MS],
             Workload::TcpConnections => &[CONNECTIONS],
             Workload::TcpRequests => &[REQUESTS],
+            Workload::TcpConnectionsFlooded => &[CONNECTIONS, CONNECTIONS_AFTER],
         }
     }
 
@@ -214,12 +232,15 @@ pub struct Measured {
 }
 
 /// How long and how hard the traffic workloads run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Load {
     pub seconds: u32,
     /// The fixed offered load of the CPU-per-packet workload.
     pub cpu_pps: u32,
     pub placement: Placement,
+    /// The SYN flood's rate, and the program that sends it.
+    pub flood_pps: u32,
+    pub flood: std::path::PathBuf,
 }
 
 pub fn run(
@@ -240,7 +261,116 @@ pub fn run(
         }
         Workload::TcpConnections => rate(world, RateKind::Connections, load, interrupt),
         Workload::TcpRequests => rate(world, RateKind::Requests, load, interrupt),
+        Workload::TcpConnectionsFlooded => flooded(world, load, interrupt),
     }
+}
+
+/// The spoofed sources of the flood: a /16 the published-port labs route to the outside
+/// namespace, where nobody has it, so nobody ever answers a SYN-ACK.
+pub const SPOOFED_SOURCES: &str = "10.79.0.0";
+/// How long the flood runs before the client starts: the tables fill first.
+const FLOOD_LEAD: Duration = Duration::from_secs(1);
+
+/// The connections client from outside while `syn-flood` (on the other CPU, like traffic
+/// arriving there) sends spoofed SYNs to the same port at `load.flood_pps`; then the same
+/// client again right after the flood stopped, with the tables still full of its state.
+/// Failed connections are counted, not fatal (unless none completes): that is what this
+/// workload is about.
+fn flooded(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::Result<Measured> {
+    let to = world
+        .published
+        .with_context(|| format!("{} has no published port", world.config.name()))?;
+    let host = world
+        .host_netns
+        .as_deref()
+        .context("a published-port world has a host namespace")?;
+    let flood_seconds = FLOOD_LEAD.as_secs_f64() + f64::from(load.seconds) + 0.5;
+    let doing = format!("flooding {to} in {}", world.config.name());
+    let received_before = uplink_received(host)?;
+    // On the other CPU, at nice -20 like every traffic process: the flood's frames are handled
+    // there (as a NIC queue of another CPU would), so what the client sees is what the flood's
+    // state does to it, not its CPU time.
+    let program = load.flood.to_string_lossy().into_owned();
+    let mut flood = on_cpu(&world.client_netns, load.placement.server_cpu, &program);
+    flood.args([
+        "--netns",
+        &world.client_netns,
+        "--device",
+        "eth0",
+        "--dst-mac-of",
+        &format!("{host}:{}", UPLINK),
+        "--dst",
+        &to.to_string(),
+        "--sources",
+        SPOOFED_SOURCES,
+        "--rate",
+        &load.flood_pps.to_string(),
+        "--seconds",
+        &format!("{flood_seconds:.1}"),
+    ]);
+    let mut flood = Client::spawn(&mut flood, &doing)?;
+    std::thread::sleep(FLOOD_LEAD);
+    if flood.finished() {
+        let (status, _, stderr) = flood.wait(Duration::from_secs(1), interrupt, &doing)?;
+        bail!(
+            "{doing}: syn-flood ended early ({status}): {}",
+            stderr.trim()
+        );
+    }
+    let kind = RateKind::Connections;
+    let cpu = load.placement.published_cpu;
+    let during = peer::measure_rate(kind, &world.client_netns, cpu, to, load.seconds, interrupt)?;
+    let (status, stdout, stderr) = flood.wait(Duration::from_secs(30), interrupt, &doing)?;
+    if !status.success() {
+        bail!("{doing}: syn-flood failed ({status}): {}", stderr.trim());
+    }
+    let report: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("{doing}: syn-flood printed no JSON: {stdout}"))?;
+    let received = uplink_received(host)?.saturating_sub(received_before);
+    let after = peer::measure_rate(kind, &world.client_netns, cpu, to, load.seconds, interrupt)?;
+    for (when, rate) in [("during", &during), ("after", &after)] {
+        if rate.completed == 0 {
+            bail!(
+                "connections to {to} in {} {when} the flood: none completed, {} failed (first: {})",
+                world.config.name(),
+                rate.failed,
+                rate.first_error.as_deref().unwrap_or("none")
+            );
+        }
+    }
+    let sent = report["sent"].as_f64().unwrap_or(0.0);
+    let seconds = report["seconds"].as_f64().unwrap_or(flood_seconds);
+    Ok(Measured {
+        metrics: metrics(&[
+            (CONNECTIONS.key, during.per_second()),
+            (CONNECTIONS_AFTER.key, after.per_second()),
+        ]),
+        details: json!({
+            "completed": during.completed + after.completed,
+            "during": during.as_json(),
+            "after": after.as_json(),
+            "flood": {
+                "rate_pps": load.flood_pps,
+                "sent": sent,
+                "seconds": seconds,
+                "sent_pps": sent / seconds,
+                "received_by_uplink": received,
+                "sources": format!("{SPOOFED_SOURCES}/16"),
+            },
+        }),
+    })
+}
+
+/// Frames the lab's uplink received so far (its netlink counters).
+fn uplink_received(host: &str) -> anyhow::Result<u64> {
+    let printed = cmd::output(
+        cmd::in_netns(host, "ip").args(["-s", "-j", "link", "show", UPLINK]),
+        &format!("reading the counters of {} in {host}", UPLINK),
+    )?;
+    let links: Value = serde_json::from_str(&printed).context("`ip -j` printed no JSON")?;
+    links[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("`ip -s -j link` has no stats64.rx.packets")
 }
 
 /// The bench's own client, from outside to the world's published port. A run with more than

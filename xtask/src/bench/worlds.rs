@@ -40,7 +40,7 @@ pub const SOCKPERF_TCP_PORT: u16 = 11112;
 
 /// The published-port labs: uplink0 in the host namespace, eth0 in the outside namespace
 /// (the client's), and the server's port 80 published as the host's port 8080.
-const UPLINK: &str = "uplink0";
+pub const UPLINK: &str = "uplink0";
 const UPLINK_HOST_ADDRESS: &str = "10.78.0.1/24";
 const UPLINK_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const OUTSIDE_ADDRESS: &str = "10.78.0.2/24";
@@ -116,7 +116,7 @@ impl Config {
     }
 
     /// How xbr's uplink is hooked in the configurations that attach it for published ports.
-    fn uplink_mode(self) -> Option<&'static str> {
+    pub fn uplink_mode(self) -> Option<&'static str> {
         match self {
             Config::XbrNat => Some("tc"),
             Config::XbrNatXdp => Some("xdp"),
@@ -369,6 +369,9 @@ impl Worlds {
                 // Docker's base rules; the proxy itself starts with the servers.
                 Config::DockerProxy => self.docker_netfilter(config)?,
             }
+            if config.is_published() {
+                self.route_spoofed_sources(config)?;
+            }
             if config == Config::XbrNatXdp {
                 self.xdp_conditions(config)?;
             }
@@ -558,6 +561,19 @@ impl Worlds {
         Ok(())
     }
 
+    /// The SYN flood's sources (10.79.0.0/16) are routed to the outside namespace, which does
+    /// not forward and drops what it gets for them: the host's answers on the kernel path go
+    /// out like replies to a real flood's spoofed sources, and nobody ever answers them.
+    fn route_spoofed_sources(&mut self, config: Config) -> anyhow::Result<()> {
+        let host = self.host(config);
+        let subnet = format!("{}/16", super::workloads::SPOOFED_SOURCES);
+        let via = OUTSIDE_ADDRESS.split('/').next().expect("an address");
+        cmd::run(
+            cmd::in_netns(&host, "ip").args(["route", "add", &subnet, "via", via]),
+            &format!("routing {subnet} to the outside namespace in {host}"),
+        )
+    }
+
     /// What XDP delivery needs on veths, as a physical uplink has it: full checksums from the
     /// client, and NAPI (GRO on) on the container's end.
     fn xdp_conditions(&mut self, config: Config) -> anyhow::Result<()> {
@@ -678,6 +694,15 @@ impl Worlds {
             xbr_nat_in,
             xbr_nat_in_xdp,
         })
+    }
+
+    /// `xbr status --json`'s connection tables in CONFIG's world (one that attaches xbr).
+    pub fn nat_state(&self, config: Config) -> anyhow::Result<Value> {
+        let host = self.host(config);
+        let printed = self.xbr(&["-n", &host, "status", BRIDGE, "--json"])?;
+        let status: Value =
+            serde_json::from_str(&printed).context("`xbr status --json` printed no JSON")?;
+        Ok(status["bridges"][0]["nat"].clone())
     }
 
     fn detach(&self, host: &str) -> anyhow::Result<()> {
