@@ -90,3 +90,13 @@ pub static CLIENT_PREFIX_HOLDS: LpmTrie<ClientPrefix, u8> =
 /// frame's key, index 1 the key of the shape being looked up.
 #[map]
 pub static HOLD_SCRATCH: PerCpuArray<HoldKey> = PerCpuArray::with_max_entries(2, 0);
+
+/// Scratch space for looking up a published port's client holds (per CPU, off the stack).
+#[repr(C)]
+pub struct ClientProbe {
+    pub hold: ClientHoldKey,
+    pub prefix: aya_ebpf::maps::lpm_trie::Key<ClientPrefix>,
+}
+
+#[map]
+pub static CLIENT_PROBE: PerCpuArray<ClientProbe> = PerCpuArray::with_max_entries(1, 0);

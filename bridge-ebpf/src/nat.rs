@@ -34,8 +34,8 @@ use network_types::{
 use crate::{
     frame::{Frame, ptr_at},
     maps::{
-        CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, FLOW_SCRATCH, NAT_EVENTS, NAT_FLOWS, NAT_TRANSIENT,
-        PORTS, PUBLISHED,
+        CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, CLIENT_PROBE, FLOW_SCRATCH, NAT_EVENTS, NAT_FLOWS,
+        NAT_TRANSIENT, PORTS, PUBLISHED,
     },
 };
 
@@ -337,8 +337,6 @@ const OPENED: u32 = 0;
 const NOT_PUBLISHED: u32 = 1;
 const NOT_OPENED: u32 = 2;
 const NO_ROOM: u32 = 3;
-/// A netfilter rule could touch this client's connection: the kernel path takes it.
-const HELD_BY_POLICY: u32 = 4;
 
 #[inline(always)]
 fn open_and_translate(
@@ -348,6 +346,9 @@ fn open_and_translate(
     now: u64,
     existed: bool,
 ) -> Nat {
+    if published_held(&segment.key) {
+        return Nat::Pass(Verdict::HeldByPolicy);
+    }
     match open(segment, uplink, now, existed) {
         OPENED => match unsafe { NAT_TRANSIENT.get(&segment.key) } {
             Some(flow) => translate(ctx, segment, flow, IP_DST, L4_DST_PORT),
@@ -355,7 +356,6 @@ fn open_and_translate(
         },
         NOT_PUBLISHED => Nat::NotOurs,
         NOT_OPENED => Nat::Pass(Verdict::NatNotTranslated),
-        HELD_BY_POLICY => Nat::Pass(Verdict::HeldByPolicy),
         _ => Nat::Pass(Verdict::NatTableFull),
     }
 }
@@ -375,12 +375,9 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
         host_ip: [0; 4],
         ..exact
     };
-    let (published_key, published) = match unsafe { PUBLISHED.get(&exact) } {
-        Some(published) => (exact, *published),
-        None => match unsafe { PUBLISHED.get(&any) } {
-            Some(published) => (any, *published),
-            None => return NOT_PUBLISHED,
-        },
+    let published = match unsafe { PUBLISHED.get(&exact).or_else(|| PUBLISHED.get(&any)) } {
+        Some(published) => published,
+        None => return NOT_PUBLISHED,
     };
     // An expiring TTL is answered by the kernel (ICMP); no connection is opened for it. Nor
     // for a client that claims the container's own address (Docker masquerades that one).
@@ -391,9 +388,6 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
         || key.src_ip == published.container_ip
     {
         return NOT_OPENED;
-    }
-    if policy_holds_back(&published_key, &published, key) {
-        return HELD_BY_POLICY;
     }
     let reply_key = FlowKey {
         proto: key.proto,
@@ -451,49 +445,57 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
     OPENED
 }
 
-/// Whether a netfilter rule on the kernel path could touch this client's connection to the
-/// published port, so the kernel path must take it.
-#[inline(always)]
-fn policy_holds_back(
-    published_key: &PublishedKey,
-    published: &PublishedPort,
-    key: &FlowKey,
-) -> bool {
-    if published.flags & PublishedPort::HELD != 0 {
+/// Whether a netfilter rule on the kernel path could touch the connection `key` opens to a
+/// published port (the port is `HELD`, or has `CLIENT_HOLDS` naming this client), so the
+/// kernel path must take it. A BPF function of its own, called beside `open` rather than
+/// inside it (the stack of the two together would pass 512 bytes); its lookup keys are built
+/// in per-CPU scratch memory.
+#[inline(never)]
+fn published_held(key: &FlowKey) -> bool {
+    let Some(probe) = CLIENT_PROBE.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a per-CPU map value, valid for the whole program run and used by nothing else.
+    let probe = unsafe { &mut *probe };
+    // Field by field: a struct built whole would take a stack slot of its own.
+    let published_key = &mut probe.hold.published;
+    published_key.proto = key.proto;
+    published_key._pad = 0;
+    published_key.host_port = key.dst_port;
+    published_key.host_ip = key.dst_ip;
+    let flags = match unsafe { PUBLISHED.get(&probe.hold.published) } {
+        Some(published) => published.flags,
+        None => {
+            probe.hold.published.host_ip = [0; 4];
+            match unsafe { PUBLISHED.get(&probe.hold.published) } {
+                Some(published) => published.flags,
+                None => return false,
+            }
+        }
+    };
+    if flags & PublishedPort::HELD != 0 {
         return true;
     }
-    if published.flags & PublishedPort::CLIENT_HOLDS == 0 {
+    if flags & PublishedPort::CLIENT_HOLDS == 0 {
         return false;
     }
-    let client = |shape: u8| ClientHoldKey {
-        published: *published_key,
-        client_ip: if shape & ClientHoldKey::ADDRESS != 0 {
-            key.src_ip
-        } else {
-            [0; 4]
-        },
-        client_port: if shape & ClientHoldKey::PORT != 0 {
-            key.src_port
-        } else {
-            [0; 2]
-        },
-        shape,
-        _pad: 0,
-    };
-    let by_address = Key::new(
-        ClientPrefix::prefix_len(32),
-        ClientPrefix {
-            published: *published_key,
-            client_ip: key.src_ip,
-        },
-    );
-    [
-        ClientHoldKey::ADDRESS | ClientHoldKey::PORT,
-        ClientHoldKey::PORT,
-    ]
-    .iter()
-    .any(|shape| unsafe { CLIENT_HOLDS.get(&client(*shape)) }.is_some())
-        || CLIENT_PREFIX_HOLDS.get(&by_address).is_some()
+    let published_key = probe.hold.published;
+    probe.prefix.prefix_len = ClientPrefix::prefix_len(32);
+    probe.prefix.data.published = published_key;
+    probe.prefix.data.client_ip = key.src_ip;
+    if CLIENT_PREFIX_HOLDS.get(&probe.prefix).is_some() {
+        return true;
+    }
+    probe.hold.client_ip = key.src_ip;
+    probe.hold.client_port = key.src_port;
+    probe.hold.shape = ClientHoldKey::ADDRESS | ClientHoldKey::PORT;
+    probe.hold._pad = 0;
+    if unsafe { CLIENT_HOLDS.get(&probe.hold) }.is_some() {
+        return true;
+    }
+    probe.hold.client_ip = [0; 4];
+    probe.hold.shape = ClientHoldKey::PORT;
+    unsafe { CLIENT_HOLDS.get(&probe.hold) }.is_some()
 }
 
 /// A frame a container sent on bridge port `port`: the reply direction of a NATed
