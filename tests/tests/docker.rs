@@ -108,7 +108,7 @@ fn docker_host_end_to_end() {
     let docker = match Dockerd::start() {
         Ok(docker) => docker,
         Err(reason) => {
-            eprintln!("SKIPPED docker_host_end_to_end: {reason}");
+            xbr_tests::skip::skip("docker_host_end_to_end", &reason);
             return;
         }
     };

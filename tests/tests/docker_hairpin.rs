@@ -46,7 +46,10 @@ fn reach(netns: Option<&NetNs>, to: SocketAddr) -> Result<(), String> {
 fn hairpin_to_published_ports_with_and_without_the_userland_proxy() {
     for userland_proxy in [true, false] {
         if let Err(reason) = hairpin(userland_proxy) {
-            eprintln!("SKIPPED hairpin (--userland-proxy={userland_proxy}): {reason}");
+            xbr_tests::skip::skip(
+                "hairpin_to_published_ports_with_and_without_the_userland_proxy",
+                &reason,
+            );
             return;
         }
     }
