@@ -12,8 +12,8 @@
 //! rule under `xbr attach --follow`, and measures how long the follower takes to apply it.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::{ErrorKind, Write as _},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -27,6 +27,7 @@ use serde_json::Value;
 use xbr::{lab::LabSpec, netns::NetNs};
 use xbr_tests::{
     lab_support::LabBuilder,
+    traffic::{EchoServer, exchange, tcp_echo_server},
     witness::{Follower, PinRoot, wait_for, xbr_binary},
 };
 
@@ -240,75 +241,6 @@ impl UdpSink {
     }
 }
 
-/// A TCP echo server in a namespace; dropping it closes its socket.
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    acceptor: Option<std::thread::JoinHandle<()>>,
-}
-
-impl EchoServer {
-    fn start(ns: &NetNs, address: Ipv4Addr, port: u16) -> EchoServer {
-        let listener = ns
-            .run(|| TcpListener::bind((address, port)))
-            .expect("enter the container")
-            .unwrap_or_else(|e| panic!("bind TCP {address}:{port}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let acceptor = std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                let Ok((mut stream, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                std::thread::spawn(move || {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    while let Ok(n) = stream.read(&mut buffer) {
-                        if n == 0 || stream.write_all(&buffer[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        EchoServer {
-            stop,
-            acceptor: Some(acceptor),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-/// One connection to `to` from `client`: send `bytes`, read them back, close.
-fn exchange(client: &NetNs, to: SocketAddr, bytes: usize) -> std::io::Result<()> {
-    let mut stream = client
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(3)))
-        .expect("enter the client namespace")?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let sent: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
-    stream.write_all(&sent)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut received = Vec::new();
-    stream.read_to_end(&mut received)?;
-    if received != sent {
-        return Err(std::io::Error::other(format!(
-            "echo returned {} of {bytes} bytes, or other bytes",
-            received.len()
-        )));
-    }
-    Ok(())
-}
-
 /// A lab with an uplink, the Docker-like DNAT, and servers behind every probe.
 struct World {
     host: String,
@@ -333,8 +265,8 @@ impl World {
                 UdpSink::bind(&c, CONTAINER_C, 7001),
             ],
             _servers: [
-                EchoServer::start(&b, CONTAINER_B, 8000),
-                EchoServer::start(&c, CONTAINER_C, 80),
+                tcp_echo_server(&b, CONTAINER_B, 8000),
+                tcp_echo_server(&c, CONTAINER_C, 80),
             ],
         }
     }
