@@ -630,19 +630,26 @@ impl Pinned {
                     .map_err(|e| Error::ebpf("updating the ports map", e))?;
             }
         }
-        // 3. Endpoint entries the plan does not have, or has on another port.
-        let stale: Vec<EndpointKey> = self
+        // 3. Endpoint entries the plan does not have, or has on another port, go. One that
+        // stays on its port with another address or flags (rules appeared: the address check)
+        // is rewritten in place, so its frames never leave the fast path meanwhile.
+        let stale: Vec<(EndpointKey, Endpoint)> = self
             .endpoints
             .iter()
             .filter_map(|entry| entry.ok())
             .filter(|(key, endpoint)| plan.endpoints.get(key) != Some(endpoint))
-            .map(|(key, _)| key)
             .collect();
-        for key in stale {
-            self.endpoints
-                .remove(&key)
-                .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
-            changes.endpoints_removed += 1;
+        for (key, endpoint) in stale {
+            let update = match plan.endpoints.get(&key) {
+                Some(wanted) if wanted.ifindex == endpoint.ifindex => {
+                    self.endpoints.insert(key, wanted, 0)
+                }
+                _ => {
+                    changes.endpoints_removed += 1;
+                    self.endpoints.remove(&key)
+                }
+            };
+            update.map_err(|e| Error::ebpf("updating the endpoints map", e))?;
         }
         // 4. Kept ports whose hook is not what their record says. Delivery into them never
         // stopped (their record keeps its MAC); their own frames took the bridge meanwhile.
