@@ -478,17 +478,7 @@ impl UdpStream {
             .unwrap();
         // A large receive buffer, so that a receiver starved by a busy machine does not drop:
         // the stream is judged by what the network delivered, not by the scheduler.
-        let size: libc::c_int = 16 << 20;
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        force_receive_buffer(&socket);
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let receiver_stop = stop.clone();
         let receiver = std::thread::spawn(move || {
@@ -611,4 +601,40 @@ pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> 
         std::thread::sleep(Duration::from_millis(5));
     }
     started.elapsed()
+}
+
+/// Gives `socket` a 16 MB receive buffer (past the sysctl limit), so that datagrams wait in it
+/// however late a receiver on a busy machine reads them: a test then judges what the network
+/// delivered, not the scheduler.
+pub fn force_receive_buffer(socket: &std::net::UdpSocket) {
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: the option value and its length describe `size`.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
+/// `GET /metrics` from a follower's `--metrics 127.0.0.1:9477`, inside `netns`.
+pub fn scrape_metrics(netns: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    xbr::netns::NetNs::open(netns)
+        .unwrap()
+        .run(|| {
+            let mut stream =
+                std::net::TcpStream::connect("127.0.0.1:9477").expect("the metrics port");
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+        })
+        .unwrap()
 }

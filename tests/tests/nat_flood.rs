@@ -15,10 +15,11 @@ use std::{
 
 use xbr::{lab::LabGuard, netns::NetNs};
 use xbr_tests::{
+    docker_support::UdpEcho,
     flood::{Flood, FloodProto, FloodSpec, mac_of},
     lab_support::LabBuilder,
     traffic::{EchoServer, exchange, tcp_echo_server},
-    witness::{Follower, PinRoot},
+    witness::{Follower, PinRoot, scrape_metrics},
 };
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
@@ -316,7 +317,7 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
         );
     }
     // The follower's metrics say the same: occupancy, size, replacements, no fallback.
-    let metrics = scrape(&followed.host);
+    let metrics = scrape_metrics(&followed.host);
     let value = |series: &str| -> u64 {
         metrics
             .lines()
@@ -361,22 +362,6 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
     }
 }
 
-/// GET /metrics from the follower in namespace `host`.
-fn scrape(host: &str) -> String {
-    NetNs::open(host)
-        .unwrap()
-        .run(|| {
-            let mut stream = TcpStream::connect("127.0.0.1:9477").expect("the metrics port");
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            response
-        })
-        .unwrap()
-}
-
 /// Entries of the pinned transient map, counted by bpftool (the witness beside xbr).
 fn transient_entries(lab: &FloodLab) -> usize {
     let dir = std::fs::read_dir(&lab.pins.path)
@@ -401,49 +386,8 @@ fn transient_entries(lab: &FloodLab) -> usize {
     dump.as_array().map_or(0, Vec::len)
 }
 
-/// A UDP server in container a that answers every datagram (the flood's too), and a UDP
-/// round trip from outside with a few tries (a datagram may be lost in a full socket buffer,
-/// which is not the path's doing).
-struct UdpEcho {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    fn start(ns: &NetNs) -> UdpEcho {
-        let socket = ns
-            .run(|| UdpSocket::bind((CONTAINER_A, 53)))
-            .unwrap()
-            .unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buffer = [0u8; 2048];
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buffer) {
-                    let _ = socket.send_to(&buffer[..n], from);
-                }
-            }
-        });
-        UdpEcho {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
+/// A UDP round trip from outside with a few tries (a datagram may be lost in a full socket
+/// buffer, which is not the path's doing).
 fn udp_round_trip(socket: &UdpSocket, payload: &[u8]) -> std::io::Result<()> {
     let to = SocketAddr::from((HOST, 5353));
     let mut buffer = [0u8; 2048];
@@ -477,7 +421,7 @@ fn udp_client(lab: &FloodLab) -> UdpSocket {
 #[test]
 fn a_udp_flood_leaves_a_published_udp_port_reachable() {
     let lab = FloodLab::new(false);
-    let _echo = UdpEcho::start(&lab.a);
+    let _echo = UdpEcho::start(&lab.a, CONTAINER_A, 53);
     // A stream: answered, and still talking 2 s after it began.
     let stream = udp_client(&lab);
     udp_round_trip(&stream, b"hello").unwrap();

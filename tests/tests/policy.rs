@@ -28,7 +28,7 @@ use xbr::{lab::LabSpec, netns::NetNs};
 use xbr_tests::{
     lab_support::LabBuilder,
     traffic::{EchoServer, exchange, tcp_echo_server},
-    witness::{Follower, PinRoot, wait_for, xbr_binary},
+    witness::{Follower, PinRoot, force_receive_buffer, wait_for, xbr_binary},
 };
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
@@ -201,18 +201,7 @@ impl UdpSink {
             .expect("enter the container")
             .unwrap_or_else(|e| panic!("bind UDP {address}:{port}: {e}"));
         socket.set_nonblocking(true).unwrap();
-        // Large, so that a probe's datagrams wait in the socket however late it is read.
-        let size: libc::c_int = 16 << 20;
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        force_receive_buffer(&socket);
         UdpSink {
             socket,
             received: Vec::new(),

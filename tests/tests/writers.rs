@@ -14,7 +14,7 @@ use xbr::{lab::LabSpec, netns::NetNs};
 use xbr_tests::{
     lab_support::ExtraContainers,
     skip::needs_tcx,
-    witness::{BridgeForwardCounter, Follower, PinRoot, udp_echo, xbr_binary},
+    witness::{BridgeForwardCounter, Follower, PinRoot, scrape_metrics, udp_echo, xbr_binary},
     writers_support::{
         Removal, Rng, Sender, assert_fast_path, assert_hooked_once, assert_nothing_left, drift,
         lab_of, remove_hook, senders, wait_hooked_once, xbr_hooks,
@@ -319,22 +319,6 @@ fn a_hook_removed_behind_xbrs_back(mode: &str) {
         "{mode}: {}",
         follower.log()
     );
-}
-
-fn scrape_metrics(netns: &str) -> String {
-    NetNs::open(netns)
-        .unwrap()
-        .run(|| {
-            use std::io::{Read as _, Write as _};
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics");
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            response
-        })
-        .unwrap()
 }
 
 #[test]
