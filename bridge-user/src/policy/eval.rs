@@ -101,13 +101,6 @@ pub struct Pattern {
     pub destination_port: Option<u16>,
 }
 
-impl Pattern {
-    /// Every packet of the class.
-    pub fn is_whole(&self) -> bool {
-        *self == Pattern::default()
-    }
-}
-
 /// Why a rule holds packets back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Why {
@@ -164,12 +157,6 @@ pub struct Hold {
     pub rule: RuleRef,
     pub why: Why,
     pub hook: Hook,
-}
-
-impl Hold {
-    pub fn is_whole(&self) -> bool {
-        self.patterns.iter().any(Pattern::is_whole)
-    }
 }
 
 /// Every hold-back the ruleset makes for packets passing `traversal`.
