@@ -2,18 +2,15 @@
 //! (`bridge-user`). Every type is `#[repr(C)]` with explicit padding, so both sides agree on bytes.
 #![no_std]
 
-/// How many endpoints (container MACs) one attached bridge can hold.
-pub const MAX_ENDPOINTS: u32 = 16384;
-/// How many bridge ports one attached bridge can hold.
-pub const MAX_PORTS: u32 = 16384;
+pub mod memory;
+
+/// How many bridge ports one attached bridge can hold: all of them, since a Linux bridge has
+/// at most 1024 ports (`BR_MAX_PORTS`).
+pub const MAX_PORTS: u32 = 1024;
+/// How many endpoints (container MACs) one attached bridge can hold: one per port at most.
+pub const MAX_ENDPOINTS: u32 = MAX_PORTS;
 /// How many published ports one attached bridge can hold.
 pub const MAX_PUBLISHED: u32 = 4096;
-/// Entries of `NAT_FLOWS`, the established connections, as compiled into the object (two
-/// entries each, one per direction); `xbr attach --max-flows` sets the size of a new attachment.
-pub const MAX_FLOW_ENTRIES: u32 = 131072;
-/// Entries of `NAT_TRANSIENT`, the connections that are not established (two each), as
-/// compiled; an attachment sizes it at half the connections of `NAT_FLOWS`.
-pub const MAX_TRANSIENT_ENTRIES: u32 = 65536;
 /// How many uplinks one attached bridge can have.
 pub const MAX_UPLINKS: u32 = 64;
 /// How many east-west hold-backs (netfilter rules' packet patterns) one bridge can have.
@@ -186,6 +183,8 @@ pub struct BridgeRecord {
     pub redirect_peer: u32,
     /// An `UplinkMode` value; 0 (attachments made before XDP mode existed) means tc.
     pub uplink_mode: u32,
+    /// Established connections the NAT tables hold once they are made (`--max-flows`).
+    pub max_flows: u32,
 }
 
 /// How the uplinks are hooked: the tc program alone, or an XDP program in front of it.

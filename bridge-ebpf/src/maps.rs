@@ -2,24 +2,30 @@
 //! maps, so ports of different bridges can never reach each other through xbr.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{self, ArrayOfMaps},
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
     BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
-    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_FLOW_ENTRIES, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED,
-    MAX_TRANSIENT_ENTRIES, MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey,
-    PublishedPort, Verdict,
+    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent,
+    PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
+
+/// Hash maps are allocated entry by entry as the control plane fills them (not all at
+/// creation): an attachment's memory follows its ports, endpoints and rules.
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
 
 /// Destination MAC -> the bridge port it lives behind. Filled by the control plane.
 #[map]
-pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, NO_PREALLOC);
 
 /// Per-port counters, keyed by host-side ifindex; the control plane creates an entry per port.
 #[map]
 pub static PORT_STATS: PerCpuHashMap<u32, PortStats> =
-    PerCpuHashMap::with_max_entries(MAX_PORTS, 0);
+    PerCpuHashMap::with_max_entries(MAX_PORTS, NO_PREALLOC);
 
 /// How many frames got each `Verdict`.
 #[map]
@@ -32,25 +38,79 @@ pub static BRIDGE: Array<BridgeRecord> = Array::with_max_entries(1, 0);
 /// Every port xbr hooked, with the endpoint MAC it holds: the datapath checks a redirect
 /// target here. Written by the control plane.
 #[map]
-pub static PORTS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_PORTS, 0);
+pub static PORTS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_PORTS, NO_PREALLOC);
 
 /// Published ports: what a client connects to -> the container that serves it.
 #[map]
 pub static PUBLISHED: HashMap<PublishedKey, PublishedPort> =
-    HashMap::with_max_entries(MAX_PUBLISHED, 0);
+    HashMap::with_max_entries(MAX_PUBLISHED, NO_PREALLOC);
 
 /// Established NATed connections, one entry per direction. A plain hash (not LRU): nothing
 /// may evict a live connection; only a connection whose handshake completed gets in, so a
-/// flood of spoofed SYNs cannot fill it.
-#[map]
-pub static NAT_FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(MAX_FLOW_ENTRIES, 0);
+/// flood of spoofed SYNs cannot fill it. Not preallocated: it costs what is connected.
+pub type FlowTable = btf_maps::HashMap<FlowKey, Flow, 1, { BPF_F_NO_PREALLOC as usize }>;
 
 /// NATed connections that are not established (opened, handshake not complete; or closing),
 /// one entry per direction. An LRU: when it is full, a new connection replaces the least
 /// recently used entries, so a flood costs unanswered SYNs their state and nothing else.
-#[map]
-pub static NAT_TRANSIENT: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(MAX_TRANSIENT_ENTRIES, 0);
+/// The kernel preallocates every LRU entry.
+pub type TransientTable = btf_maps::LruHashMap<FlowKey, Flow, 1>;
+
+/// The two connection tables live behind one-slot arrays of maps: the control plane creates
+/// them (sized by `--max-flows`) when the bridge's first port is published and removes them
+/// with its last, so a bridge with nothing published locks no memory for NAT. An empty slot
+/// reads as an empty table.
+#[btf_map]
+pub static NAT_FLOWS: ArrayOfMaps<FlowTable, 1> = ArrayOfMaps::new();
+#[btf_map]
+pub static NAT_TRANSIENT: ArrayOfMaps<TransientTable, 1> = ArrayOfMaps::new();
+
+/// A connection table through its slot, with the operations of a map (an empty slot: no
+/// entry is found, nothing can be written).
+pub struct Table<M: 'static>(&'static ArrayOfMaps<M, 1>);
+
+pub static FLOWS: Table<FlowTable> = Table(&NAT_FLOWS);
+pub static TRANSIENT: Table<TransientTable> = Table(&NAT_TRANSIENT);
+
+/// `-ENOENT`, what writing into an absent table returns.
+const NO_TABLE: i32 = -2;
+
+macro_rules! table_operations {
+    ($map:ty) => {
+        impl Table<$map> {
+            /// # Safety
+            /// As `HashMap::get`: the entry may change or go while the reference lives.
+            #[inline(always)]
+            pub unsafe fn get(&self, key: &FlowKey) -> Option<&Flow> {
+                // SAFETY: the caller accepts the map's aliasing rules.
+                unsafe { self.0.get(0)?.get(key) }
+            }
+
+            #[inline(always)]
+            pub fn get_ptr_mut(&self, key: &FlowKey) -> Option<*mut Flow> {
+                self.0.get(0)?.get_ptr_mut(key)
+            }
+
+            #[inline(always)]
+            pub fn insert(&self, key: &FlowKey, flow: &Flow, flags: u64) -> Result<(), i32> {
+                match self.0.get(0) {
+                    Some(table) => table.insert(key, flow, flags),
+                    None => Err(NO_TABLE),
+                }
+            }
+
+            #[inline(always)]
+            pub fn remove(&self, key: &FlowKey) -> Result<(), i32> {
+                match self.0.get(0) {
+                    Some(table) => table.remove(key),
+                    None => Err(NO_TABLE),
+                }
+            }
+        }
+    };
+}
+table_operations!(FlowTable);
+table_operations!(TransientTable);
 
 /// Where a new connection's entries are put together before they go into `NAT_TRANSIENT`:
 /// a program has 512 bytes of stack, and the NAT decisions need most of them.
@@ -63,12 +123,12 @@ pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NatEvent
 
 /// Every uplink xbr hooked (control-plane bookkeeping; the datapath never reads it).
 #[map]
-pub static UPLINKS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_UPLINKS, 0);
+pub static UPLINKS: HashMap<u32, PortRecord> = HashMap::with_max_entries(MAX_UPLINKS, NO_PREALLOC);
 
 /// East-west frames a netfilter rule could touch on the kernel path: they take the bridge.
 /// Written by the control plane from the policy reader's hold-backs.
 #[map]
-pub static HOLDS: HashMap<HoldKey, u8> = HashMap::with_max_entries(MAX_HOLDS, 0);
+pub static HOLDS: HashMap<HoldKey, u8> = HashMap::with_max_entries(MAX_HOLDS, NO_PREALLOC);
 
 /// Per family (0: IPv4, 1: IPv6), a bit for each `HoldKey` shape that `HOLDS` has entries
 /// of; zero (no rule touches east-west traffic) costs the datapath nothing more.
@@ -79,7 +139,7 @@ pub static HOLD_SHAPES: Array<u32> = Array::with_max_entries(2, 0);
 /// path; consulted only for entries with `PublishedPort::CLIENT_HOLDS`.
 #[map]
 pub static CLIENT_HOLDS: HashMap<ClientHoldKey, u8> =
-    HashMap::with_max_entries(MAX_CLIENT_HOLDS, 0);
+    HashMap::with_max_entries(MAX_CLIENT_HOLDS, NO_PREALLOC);
 
 /// ... and clients named by an address prefix (a rule's `ip saddr 10.0.0.0/8`).
 #[map]

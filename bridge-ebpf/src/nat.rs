@@ -16,7 +16,6 @@
 //! any `Frame`; only writing the translation differs by program type (`Rewriter`): the skb
 //! helpers here for tc, direct writes with RFC 1624 arithmetic in `uplink_xdp` for XDP.
 
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
@@ -34,8 +33,8 @@ use network_types::{
 use crate::{
     frame::{Frame, ptr_at},
     maps::{
-        CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, CLIENT_PROBE, FLOW_SCRATCH, NAT_EVENTS, NAT_FLOWS,
-        NAT_TRANSIENT, PORTS, PUBLISHED,
+        CLIENT_HOLDS, CLIENT_PREFIX_HOLDS, CLIENT_PROBE, FLOW_SCRATCH, FLOWS, NAT_EVENTS, PORTS,
+        PUBLISHED, TRANSIENT,
     },
 };
 
@@ -155,7 +154,7 @@ fn alive(flow: &Flow, proto: u8, now: u64) -> bool {
 /// from which the LRU's replacements are derived).
 #[inline(always)]
 fn transient_put(key: &FlowKey, flow: &Flow, existed: bool) -> bool {
-    if NAT_TRANSIENT.insert(key, flow, BPF_ANY as u64).is_err() {
+    if TRANSIENT.insert(key, flow, BPF_ANY as u64).is_err() {
         return false;
     }
     if !existed {
@@ -166,7 +165,7 @@ fn transient_put(key: &FlowKey, flow: &Flow, existed: bool) -> bool {
 
 #[inline(always)]
 fn transient_remove(key: &FlowKey) {
-    if NAT_TRANSIENT.remove(key).is_ok() {
+    if TRANSIENT.remove(key).is_ok() {
         count(NatEvent::TransientRemoved);
     }
 }
@@ -193,7 +192,7 @@ fn opens_connection(segment: &Segment) -> bool {
 pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
     let key = &segment.key;
     let now = now();
-    if let Some(flow) = unsafe { NAT_FLOWS.get(key) } {
+    if let Some(flow) = unsafe { FLOWS.get(key) } {
         if flow.flags & Flow::INBOUND == 0 {
             return Nat::NotOurs;
         }
@@ -202,15 +201,15 @@ pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
         }
         // Its container left that port (stopped, restarted elsewhere): the connection is
         // over. A retransmitted SYN opens it anew toward where the port points now.
-        let _ = NAT_FLOWS.remove(&flow.peer);
-        let _ = NAT_FLOWS.remove(key);
+        let _ = FLOWS.remove(&flow.peer);
+        let _ = FLOWS.remove(key);
         if !opens_connection(segment) {
             return Nat::Pass(Verdict::StaleEndpoint);
         }
         return open_and_translate(ctx, segment, uplink, now, false);
     }
     let mut existed = false;
-    if let Some(flow) = unsafe { NAT_TRANSIENT.get(key) } {
+    if let Some(flow) = unsafe { TRANSIENT.get(key) } {
         if flow.flags & Flow::INBOUND == 0 {
             return Nat::NotOurs;
         }
@@ -242,12 +241,12 @@ pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
 #[inline(never)]
 fn client_spoke(segment: &Segment, uplink: u32, now: u64) {
     let key = &segment.key;
-    let Some(flow) = (unsafe { NAT_TRANSIENT.get(key) }) else {
+    let Some(flow) = (unsafe { TRANSIENT.get(key) }) else {
         return;
     };
     let reply_key = flow.peer;
     let (opened_ns, flags) = (flow.opened_ns, flow.flags);
-    let (answered, handshake_ack) = match unsafe { NAT_TRANSIENT.get(&reply_key) } {
+    let (answered, handshake_ack) = match unsafe { TRANSIENT.get(&reply_key) } {
         Some(reply) if reply.flags & Flow::OUTBOUND != 0 => {
             (reply.flags & Flow::ANSWERED != 0, reply.handshake_ack)
         }
@@ -292,10 +291,9 @@ fn client_spoke(segment: &Segment, uplink: u32, now: u64) {
 /// with the client's next frame.
 #[inline(always)]
 fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
-    let (Some(inbound), Some(outbound)) = (
-        NAT_TRANSIENT.get_ptr_mut(key),
-        NAT_TRANSIENT.get_ptr_mut(reply_key),
-    ) else {
+    let (Some(inbound), Some(outbound)) =
+        (TRANSIENT.get_ptr_mut(key), TRANSIENT.get_ptr_mut(reply_key))
+    else {
         return false;
     };
     let (inbound, outbound) = unsafe { (&mut *inbound, &mut *outbound) };
@@ -304,17 +302,17 @@ fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
     inbound.flags = (inbound.flags & Flow::FIN_SEEN) | Flow::INBOUND | Flow::ESTABLISHED;
     inbound.last_seen_ns = now;
     outbound.flags = (outbound.flags & Flow::FIN_SEEN) | Flow::OUTBOUND | Flow::ESTABLISHED;
-    if NAT_FLOWS
+    if FLOWS
         .insert(reply_key, &*outbound, BPF_NOEXIST as u64)
         .is_ok()
     {
-        if NAT_FLOWS.insert(key, &*inbound, BPF_NOEXIST as u64).is_ok() {
+        if FLOWS.insert(key, &*inbound, BPF_NOEXIST as u64).is_ok() {
             transient_remove(key);
             transient_remove(reply_key);
             count(NatEvent::Established);
             return true;
         }
-        let _ = NAT_FLOWS.remove(reply_key);
+        let _ = FLOWS.remove(reply_key);
     }
     if first_try {
         count(NatEvent::EstablishedTableFull);
@@ -350,7 +348,7 @@ fn open_and_translate(
         return Nat::Pass(Verdict::HeldByPolicy);
     }
     match open(segment, uplink, now, existed) {
-        OPENED => match unsafe { NAT_TRANSIENT.get(&segment.key) } {
+        OPENED => match unsafe { TRANSIENT.get(&segment.key) } {
             Some(flow) => translate(ctx, segment, flow, IP_DST, L4_DST_PORT),
             None => Nat::Pass(Verdict::NatTableFull),
         },
@@ -399,10 +397,10 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
     };
     // The reply tuple must be free: the container could not tell two connections on one
     // tuple apart. A dead transient entry does not hold it.
-    if unsafe { NAT_FLOWS.get(&reply_key) }.is_some() {
+    if unsafe { FLOWS.get(&reply_key) }.is_some() {
         return NOT_OPENED;
     }
-    let reply_existed = match unsafe { NAT_TRANSIENT.get(&reply_key) } {
+    let reply_existed = match unsafe { TRANSIENT.get(&reply_key) } {
         Some(other) if other.peer != *key && alive(other, key.proto, now) => {
             return NOT_OPENED;
         }
@@ -504,13 +502,13 @@ fn published_held(key: &FlowKey) -> bool {
 pub fn outbound(ctx: &impl Rewriter, segment: &Segment, port: u32) -> Nat {
     let key = &segment.key;
     let now = now();
-    if let Some(flow) = unsafe { NAT_FLOWS.get(key) } {
+    if let Some(flow) = unsafe { FLOWS.get(key) } {
         if flow.flags & Flow::OUTBOUND == 0 {
             return Nat::NotOurs;
         }
         return established(ctx, segment, flow, IP_SRC, L4_SRC_PORT, now);
     }
-    let Some(flow) = (unsafe { NAT_TRANSIENT.get(key) }) else {
+    let Some(flow) = (unsafe { TRANSIENT.get(key) }) else {
         return Nat::NotOurs;
     };
     if flow.flags & Flow::OUTBOUND == 0 || !alive(flow, key.proto, now) {
@@ -530,7 +528,7 @@ pub fn outbound(ctx: &impl Rewriter, segment: &Segment, port: u32) -> Nat {
 #[inline(never)]
 fn container_spoke(segment: &Segment, port: u32, now: u64) {
     let key = &segment.key;
-    let Some(flow) = NAT_TRANSIENT.get_ptr_mut(key) else {
+    let Some(flow) = TRANSIENT.get_ptr_mut(key) else {
         return;
     };
     let flow = unsafe { &mut *flow };
@@ -547,7 +545,7 @@ fn container_spoke(segment: &Segment, port: u32, now: u64) {
                 .wrapping_add(1)
                 .to_be_bytes();
         }
-        if unsafe { NAT_TRANSIENT.get(&peer) }.is_none() && port_holds(port, &segment.eth_src) {
+        if unsafe { TRANSIENT.get(&peer) }.is_none() && port_holds(port, &segment.eth_src) {
             let inbound = Flow {
                 new_ip: key.src_ip,
                 new_port: key.src_port,
@@ -591,12 +589,12 @@ fn established(
 #[inline(never)]
 fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
     if tcp_flags & TCP_RST != 0 {
-        let _ = NAT_FLOWS.remove(peer);
-        let _ = NAT_FLOWS.remove(key);
+        let _ = FLOWS.remove(peer);
+        let _ = FLOWS.remove(key);
         count(NatEvent::Reset);
         return;
     }
-    let Some(this) = NAT_FLOWS.get_ptr_mut(key) else {
+    let Some(this) = FLOWS.get_ptr_mut(key) else {
         return;
     };
     let this = unsafe { &mut *this };
@@ -605,7 +603,7 @@ fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
         return;
     }
     this.flags |= Flow::FIN_SEEN;
-    let Some(other) = NAT_FLOWS.get_ptr_mut(peer) else {
+    let Some(other) = FLOWS.get_ptr_mut(peer) else {
         return;
     };
     let other = unsafe { &mut *other };
@@ -618,11 +616,11 @@ fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
         entry.flags = (entry.flags & (Flow::INBOUND | Flow::OUTBOUND)) | Flow::CLOSING;
         entry.opened_ns = now;
     }
-    let key_existed = unsafe { NAT_TRANSIENT.get(key) }.is_some();
-    let peer_existed = unsafe { NAT_TRANSIENT.get(peer) }.is_some();
+    let key_existed = unsafe { TRANSIENT.get(key) }.is_some();
+    let peer_existed = unsafe { TRANSIENT.get(peer) }.is_some();
     if transient_put(key, this, key_existed) && transient_put(peer, other, peer_existed) {
-        let _ = NAT_FLOWS.remove(peer);
-        let _ = NAT_FLOWS.remove(key);
+        let _ = FLOWS.remove(peer);
+        let _ = FLOWS.remove(key);
         count(NatEvent::Closed);
     }
 }
@@ -637,7 +635,7 @@ fn track_transient(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
         count(NatEvent::Reset);
         return;
     }
-    let Some(this) = NAT_TRANSIENT.get_ptr_mut(key) else {
+    let Some(this) = TRANSIENT.get_ptr_mut(key) else {
         return;
     };
     let this = unsafe { &mut *this };
@@ -646,7 +644,7 @@ fn track_transient(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
         return;
     }
     this.flags |= Flow::FIN_SEEN;
-    if let Some(other) = NAT_TRANSIENT.get_ptr_mut(peer) {
+    if let Some(other) = TRANSIENT.get_ptr_mut(peer) {
         let other = unsafe { &mut *other };
         if other.flags & Flow::FIN_SEEN != 0 {
             other.flags = (other.flags & !Flow::ESTABLISHED) | Flow::CLOSING;

@@ -5,6 +5,9 @@
 //! in that moment would contradict a finished `xbr detach`. BPF_LINK_DETACH (5.9+) detaches
 //! synchronously.
 //!
+//! Emptying a slot of an array of maps (a bridge's connection tables go when nothing is
+//! published).
+//!
 //! Reading what really runs, so a hook removed behind xbr's back is seen: where a pinned link
 //! is attached (BPF_OBJ_GET_INFO_BY_FD: a link someone detached reports ifindex 0), and
 //! which programs a port's tcx ingress runs (BPF_PROG_QUERY by ifindex, without opening each
@@ -20,6 +23,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -43,6 +47,15 @@ struct ObjGetAttr {
 #[derive(Default)]
 struct LinkDetachAttr {
     link_fd: u32,
+}
+
+/// `union bpf_attr` as BPF_MAP_DELETE_ELEM reads it.
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
 }
 
 /// `union bpf_attr` as BPF_PROG_QUERY reads it (6.6 layout; the kernel zero-checks the rest).
@@ -112,6 +125,23 @@ fn open_pinned(pin: &Path) -> io::Result<Option<OwnedFd>> {
         // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
         Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Empties slot `index` of the array of maps pinned at `pin` (aya's `ArrayOfMaps` can only
+/// set one). An empty slot is not an error.
+pub fn clear_slot(pin: &Path, index: u32) -> io::Result<()> {
+    let fd = open_pinned(pin)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no map pinned there"))?;
+    let mut delete = MapElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: &index as *const u32 as u64,
+        ..MapElemAttr::default()
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut delete) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
 }

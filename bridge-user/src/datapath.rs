@@ -13,7 +13,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{
-        Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -28,6 +28,8 @@ use bridge_common::{
     HoldKey, PortRecord, PortStats, PublishedKey, PublishedPort, UplinkMode, Verdict,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
+
+pub use bridge_common::memory::flow_table_entries;
 
 use crate::{
     error::{Error, Result},
@@ -340,11 +342,11 @@ pub struct Pinned {
     stats: PerCpuHashMap<MapData, u32, PortStats>,
     verdicts: PerCpuArray<MapData, u64>,
     pub(crate) published: HashMap<MapData, PublishedKey, PublishedPort>,
-    /// Established NATed connections, and the transient ones (new, or closing).
-    pub(crate) flows: HashMap<MapData, FlowKey, Flow>,
-    pub(crate) transient: HashMap<MapData, FlowKey, Flow>,
+    /// The slots of the connection tables (see `NatTables`).
+    nat_flows_slot: ArrayOfMaps<MapData, MapData>,
+    nat_transient_slot: ArrayOfMaps<MapData, MapData>,
     pub(crate) nat_events: PerCpuArray<MapData, u64>,
-    /// The connection tables' sizes, from the pinned maps.
+    /// The connection tables' sizes, from the bridge record.
     pub(crate) capacity: crate::publish::Capacity,
     uplinks: HashMap<MapData, u32, PortRecord>,
     holds: HashMap<MapData, HoldKey, u8>,
@@ -365,27 +367,57 @@ where
     T::try_from(map).map_err(|e| Error::ebpf(format!("opening {}", path.display()), e))
 }
 
-/// How many entries the pinned map `object_name` holds at most.
-fn map_capacity(dir: &Path, object_name: &str) -> Result<usize> {
-    let path = pins::map_pin(dir, object_name);
-    let info = aya::maps::MapInfo::from_pin(&path)
-        .map_err(|e| Error::ebpf(format!("reading pinned map {}", path.display()), e))?;
-    Ok(info.max_entries() as usize)
+/// A connection table as user space sees it (`NAT_FLOWS` is a hash, `NAT_TRANSIENT` an LRU
+/// hash: the same operations).
+pub type FlowTable = HashMap<MapData, FlowKey, Flow>;
+
+/// The NAT connection tables of an attachment that has them: made when its first port is
+/// published, removed once nothing is published and no connection is left, so that a bridge
+/// without published ports locks no memory for them. They live in one-slot arrays of maps
+/// (pinned `nat_flows` and `nat_transient`), read afresh from the slot at every use: another
+/// writer may have made or removed them since this one opened the pins.
+pub(crate) struct NatTables {
+    /// Established connections (a hash, not preallocated).
+    pub flows: FlowTable,
+    /// New and closing connections (an LRU, preallocated by the kernel).
+    pub transient: FlowTable,
 }
 
-/// The connection tables' sizes (`xbr attach --max-flows`): `NAT_FLOWS` holds `max_flows`
-/// established connections, `NAT_TRANSIENT` half as many transient ones; two entries each.
-pub fn flow_table_entries(max_flows: u32) -> (u32, u32) {
-    (max_flows * 2, max_flows)
+/// The two connection tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowTableKind {
+    /// `NAT_FLOWS`: a hash, not preallocated.
+    Established,
+    /// `NAT_TRANSIENT`: an LRU hash (the kernel preallocates every LRU).
+    Transient,
+}
+
+/// Makes a connection table of `entries` entries, to be put in its slot.
+pub fn new_flow_table(kind: FlowTableKind, entries: u32) -> Result<MapData> {
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let (map_type, flags, name) = match kind {
+        FlowTableKind::Established => (BPF_MAP_TYPE_HASH, BPF_F_NO_PREALLOC, "nat_flows"),
+        FlowTableKind::Transient => (BPF_MAP_TYPE_LRU_HASH, 0, "nat_transient"),
+    };
+    let definition = aya_obj::Map::new_from_params(
+        map_type,
+        std::mem::size_of::<FlowKey>() as u32,
+        std::mem::size_of::<Flow>() as u32,
+        entries,
+        flags,
+    );
+    MapData::create(definition, name, None)
+        .map_err(|e| Error::ebpf(format!("creating the connection table {name}"), e))
 }
 
 /// The established connections a new attachment holds when `--max-flows` is not given:
-/// 65536 (28 MB of kernel memory), less on a host with under 15 GB of memory, so that the
-/// tables take at most 1/512 of it, and never fewer than 4096. A connection of capacity costs
-/// 432 bytes: two entries of 144 bytes (key, value and the kernel's element header, as
-/// `bpftool map show` reports for a preallocated hash) in `NAT_FLOWS`, one in `NAT_TRANSIENT`.
+/// 65536, less on a host with under 15 GB of memory, so that the connection tables, full,
+/// take at most 1/512 of it; never fewer than 4096. Full, a connection of capacity costs 448
+/// bytes (`bridge_common::memory`): two entries of 136 bytes and their buckets in
+/// `NAT_FLOWS`, one preallocated entry of 128 bytes and its bucket in `NAT_TRANSIENT`.
 pub fn default_max_flows() -> u32 {
-    const BYTES_PER_CONNECTION: u64 = 432;
     // SAFETY: sysinfo fills the struct it is given.
     let memory = unsafe {
         let mut info: libc::sysinfo = std::mem::zeroed();
@@ -395,18 +427,124 @@ pub fn default_max_flows() -> u32 {
             u64::MAX
         }
     };
-    let fits = memory / 512 / BYTES_PER_CONNECTION;
-    let fits = u32::try_from(fits).unwrap_or(u32::MAX);
-    // A power of two, like the kernel's own table sizes.
-    let rounded = fits.checked_ilog2().map_or(1, |log| 1 << log);
-    rounded.clamp(4096, 65536)
+    let cpus = nr_cpus().map_or(1, |cpus| cpus as u64);
+    let full_tables = |max_flows: u32| {
+        let (flow_entries, transient_entries) = flow_table_entries(max_flows);
+        let [flows, transient] = &bridge_common::memory::NAT_TABLES;
+        bridge_common::memory::map_bytes(flows, flow_entries, u64::from(flow_entries), cpus)
+            + bridge_common::memory::map_bytes(transient, transient_entries, 0, cpus)
+    };
+    // Powers of two, like the kernel's own table sizes.
+    (12..=16)
+        .map(|log| 1u32 << log)
+        .take_while(|&max_flows| max_flows == 4096 || full_tables(max_flows) <= memory / 512)
+        .last()
+        .unwrap_or(4096)
 }
 
 /// The smallest and largest `--max-flows`.
 pub const MIN_MAX_FLOWS: u32 = 16;
 pub const MAX_MAX_FLOWS: u32 = 1 << 22;
 
+/// The kernel's page size: the smallest ring buffer.
+fn page_size() -> u32 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
 impl Pinned {
+    /// The connection tables, when the attachment has them.
+    pub(crate) fn nat_tables(&self) -> Option<NatTables> {
+        let typed = |data: MapData| FlowTable::try_from(Map::from_map_data(data).ok()?).ok();
+        let (flows, transient) = self.nat_table_data()?;
+        Some(NatTables {
+            flows: typed(flows)?,
+            transient: typed(transient)?,
+        })
+    }
+
+    /// The connection tables' maps, untyped (for their memory figures).
+    fn nat_table_data(&self) -> Option<(MapData, MapData)> {
+        Some((
+            self.nat_flows_slot.get(&0, 0).ok()?,
+            self.nat_transient_slot.get(&0, 0).ok()?,
+        ))
+    }
+
+    /// The memory the attachment locks: its programs, the maps they use, its other pinned
+    /// maps, and the connection tables behind their slots.
+    pub fn memory(&self) -> Result<crate::memory::Memory> {
+        let as_error = |e| Error::ebpf("reading a pinned program's info", e);
+        let mut programs = vec![
+            self.program.info().map_err(as_error)?,
+            self.uplink_program.info().map_err(as_error)?,
+        ];
+        if let Some(xdp) = &self.uplink_xdp {
+            programs.push(xdp.info().map_err(as_error)?);
+        }
+        // Pinned maps the programs do not use (BRIDGE, UPLINKS) and the connection tables.
+        let mut maps = Vec::new();
+        for (object_name, _) in pins::MAPS {
+            let pin = pins::map_pin(&self.dir, object_name);
+            let info = aya::maps::MapInfo::from_pin(&pin)
+                .map_err(|e| Error::ebpf(format!("reading pinned map {}", pin.display()), e))?;
+            maps.push(info.id());
+        }
+        if let Some((flows, transient)) = self.nat_table_data() {
+            for table in [flows, transient] {
+                let info = table
+                    .info()
+                    .map_err(|e| Error::ebpf("reading a connection table's info", e))?;
+                maps.push(info.id());
+            }
+        }
+        crate::memory::of(&programs, &maps)
+    }
+
+    /// Makes the connection tables if the attachment has none: before a port is published,
+    /// so that the datapath never finds a published port without them.
+    pub(crate) fn ensure_nat_tables(&mut self) -> Result<()> {
+        if self.nat_tables().is_some() {
+            return Ok(());
+        }
+        let (flow_entries, transient_entries) = flow_table_entries(self.record.max_flows);
+        let flows = new_flow_table(FlowTableKind::Established, flow_entries)?;
+        let transient = new_flow_table(FlowTableKind::Transient, transient_entries)?;
+        // Established first: the datapath opens connections only once the transient one is in.
+        self.nat_flows_slot
+            .set(0, &flows, 0)
+            .map_err(|e| Error::ebpf("installing the established connection table", e))?;
+        self.nat_transient_slot
+            .set(0, &transient, 0)
+            .map_err(|e| Error::ebpf("installing the transient connection table", e))?;
+        Ok(())
+    }
+
+    /// Removes the connection tables once nothing is published and no connection is left in
+    /// them (connections of a withdrawn port keep going until they end or expire). Returns
+    /// whether it removed them.
+    pub(crate) fn release_unused_nat_tables(&mut self) -> Result<bool> {
+        let Some(tables) = self.nat_tables() else {
+            return Ok(false);
+        };
+        let in_use = |table: &FlowTable| table.keys().next().is_some();
+        if self.has_published() || in_use(&tables.flows) || in_use(&tables.transient) {
+            return Ok(false);
+        }
+        // Transient first, the reverse of `ensure_nat_tables`.
+        for object_name in ["NAT_TRANSIENT", "NAT_FLOWS"] {
+            let pin = pins::map_pin(&self.dir, object_name);
+            crate::bpf_link::clear_slot(&pin, 0).map_err(|e| {
+                Error::io(
+                    format!("removing the connection table in {}", pin.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(true)
+    }
+
     pub fn open(root: &Path, bridge: &str) -> Result<Pinned> {
         let dir = pins::bridge_dir(root, bridge)?;
         if !dir.exists() {
@@ -465,13 +603,10 @@ impl Pinned {
             uplink_program,
             uplink_xdp,
             published: open_pinned(&dir, "PUBLISHED").map_err(broken)?,
-            flows: open_pinned(&dir, "NAT_FLOWS").map_err(broken)?,
-            transient: open_pinned(&dir, "NAT_TRANSIENT").map_err(broken)?,
+            nat_flows_slot: open_pinned(&dir, "NAT_FLOWS").map_err(broken)?,
+            nat_transient_slot: open_pinned(&dir, "NAT_TRANSIENT").map_err(broken)?,
             nat_events: open_pinned(&dir, "NAT_EVENTS").map_err(broken)?,
-            capacity: crate::publish::Capacity {
-                established: map_capacity(&dir, "NAT_FLOWS").map_err(broken)? / 2,
-                transient: map_capacity(&dir, "NAT_TRANSIENT").map_err(broken)? / 2,
-            },
+            capacity: crate::publish::Capacity::of(record.max_flows),
             uplinks: open_pinned(&dir, "UPLINKS").map_err(broken)?,
             holds: open_pinned(&dir, "HOLDS").map_err(broken)?,
             hold_shapes: open_pinned(&dir, "HOLD_SHAPES").map_err(broken)?,
@@ -502,12 +637,16 @@ impl Pinned {
         } else {
             0
         };
-        let (flow_entries, transient_entries) = flow_table_entries(max_flows);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("REDIRECT_PEER", &u8::from(features.redirect_peer), true)
-            .override_global(aya_log::LEVEL, &log_level, true)
-            .map_max_entries("NAT_FLOWS", flow_entries)
-            .map_max_entries("NAT_TRANSIENT", transient_entries)
+        let redirect_peer = u8::from(features.redirect_peer);
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("REDIRECT_PEER", &redirect_peer, true)
+            .override_global(aya_log::LEVEL, &log_level, true);
+        if log_level == 0 {
+            // The log ring's smallest size: nothing is ever written to it.
+            loader.map_max_entries("AYA_LOGS", page_size());
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;
         let record = BridgeRecord {
@@ -515,6 +654,7 @@ impl Pinned {
             attach_mode: mode as u32,
             redirect_peer: u32::from(features.redirect_peer),
             uplink_mode: uplink_mode as u32,
+            max_flows,
         };
         let mut bridge: Array<_, BridgeRecord> =
             Array::try_from(ebpf.map_mut("BRIDGE").expect("BRIDGE map"))
@@ -1282,6 +1422,7 @@ impl Pinned {
             follower: None,
             writer: None,
             nat: self.nat_state(),
+            memory: self.memory()?,
         })
     }
 
@@ -1515,6 +1656,8 @@ pub struct Attachment {
     pub writer: Option<crate::lock::Holder>,
     /// NATed connections now, the tables' sizes, and what happened to connections.
     pub nat: crate::publish::NatState,
+    /// The kernel memory the attachment locks.
+    pub memory: crate::memory::Memory,
 }
 
 /// The attachment of `bridge` as it is: its pins, and how the kernel's hooks differ from them.

@@ -523,6 +523,9 @@ impl Pinned {
         for spec in &synced.removed {
             self.unpublish(spec)?;
         }
+        if !synced.added.is_empty() {
+            self.ensure_nat_tables()?;
+        }
         for spec in &synced.added {
             let (ifindex, container_mac) = containers
                 .get(&spec.container_ip)

@@ -13,6 +13,7 @@ pub mod follow;
 pub mod hooks;
 pub mod lab;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;

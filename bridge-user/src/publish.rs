@@ -10,7 +10,7 @@ use bridge_common::{
 };
 
 use crate::{
-    datapath::Pinned,
+    datapath::{FlowTable, NatTables, Pinned},
     error::{Error, Result},
 };
 
@@ -165,6 +165,7 @@ impl Pinned {
                 self.bridge
             )));
         }
+        self.ensure_nat_tables()?;
         let value = PublishedPort {
             container_ip: spec.container_ip.octets(),
             container_port: spec.container_port.to_be_bytes(),
@@ -223,8 +224,10 @@ impl Pinned {
         self.published
             .remove(&key)
             .map_err(|e| Error::ebpf("updating the published ports map", e))?;
-        Ok(self
-            .retire_flows(|key, flow| flow.flags & Flow::INBOUND != 0 && spec.matches_inbound(key)))
+        let ended = self
+            .retire_flows(|key, flow| flow.flags & Flow::INBOUND != 0 && spec.matches_inbound(key));
+        self.release_unused_nat_tables()?;
+        Ok(ended)
     }
 
     pub fn published(&self) -> Vec<Published> {
@@ -253,10 +256,17 @@ impl Pinned {
     /// (30 s; the datapath ignores them already, this frees their room). Returns how many
     /// established connections and transient entries it removed.
     pub fn expire_flows(&mut self, timeouts: &Timeouts) -> usize {
+        let Some(NatTables {
+            mut flows,
+            mut transient,
+        }) = self.nat_tables()
+        else {
+            return 0;
+        };
         let now = monotonic_ns();
         let established: std::collections::BTreeMap<FlowKey, Flow> =
-            self.flows.iter().filter_map(|entry| entry.ok()).collect();
-        let ended = self.retire_established(|key, flow| {
+            flows.iter().filter_map(|entry| entry.ok()).collect();
+        let ended = retire_established(&mut flows, |key, flow| {
             // A connection is quiet when neither direction carried a frame for the limit.
             let (last_seen, limit) = match established.get(&flow.peer) {
                 Some(peer) => (
@@ -269,8 +279,7 @@ impl Pinned {
             };
             Duration::from_nanos(now.saturating_sub(last_seen)) > limit
         });
-        let expired: Vec<FlowKey> = self
-            .transient
+        let expired: Vec<FlowKey> = transient
             .iter()
             .filter_map(|entry| entry.ok())
             .filter(|(key, flow)| {
@@ -281,18 +290,26 @@ impl Pinned {
             .collect();
         let swept = expired
             .iter()
-            .filter(|key| self.transient.remove(key).is_ok())
+            .filter(|key| transient.remove(key).is_ok())
             .count();
         self.count_swept(swept);
+        // Connections of a withdrawn port may have been the last users of the tables.
+        let _ = self.release_unused_nat_tables();
         ended + swept
     }
 
     /// Removes every connection one of whose directions `retire` picks (both directions go),
     /// established or transient; returns how many connections it ended.
     pub(crate) fn retire_flows(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
-        let mut ended = self.retire_established(&retire);
-        let doomed: Vec<(FlowKey, FlowKey)> = self
-            .transient
+        let Some(NatTables {
+            mut flows,
+            mut transient,
+        }) = self.nat_tables()
+        else {
+            return 0;
+        };
+        let mut ended = retire_established(&mut flows, &retire);
+        let doomed: Vec<(FlowKey, FlowKey)> = transient
             .iter()
             .filter_map(|entry| entry.ok())
             .filter(|(key, flow)| retire(key, flow))
@@ -300,31 +317,12 @@ impl Pinned {
             .collect();
         let mut swept = 0;
         for (key, peer) in doomed {
-            if self.transient.remove(&key).is_ok() {
+            if transient.remove(&key).is_ok() {
                 ended += 1;
-                swept += 1 + usize::from(self.transient.remove(&peer).is_ok());
+                swept += 1 + usize::from(transient.remove(&peer).is_ok());
             }
         }
         self.count_swept(swept);
-        ended
-    }
-
-    fn retire_established(&mut self, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
-        let doomed: Vec<(FlowKey, FlowKey)> = self
-            .flows
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(key, flow)| retire(key, flow))
-            .map(|(key, flow)| (key, flow.peer))
-            .collect();
-        let mut ended = 0;
-        for (key, peer) in doomed {
-            // A connection whose both directions were picked is counted once.
-            if self.flows.remove(&key).is_ok() {
-                ended += 1;
-                let _ = self.flows.remove(&peer);
-            }
-        }
         ended
     }
 
@@ -351,14 +349,21 @@ impl Pinned {
     /// happened to connections since the attachment was made.
     pub fn nat_state(&self) -> NatState {
         let now = monotonic_ns();
-        let established = self
-            .flows
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, flow)| flow.flags & Flow::INBOUND != 0)
-            .count();
+        let tables = self.nat_tables();
+        let established = tables.as_ref().map_or(0, |tables| {
+            tables
+                .flows
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .filter(|(_, flow)| flow.flags & Flow::INBOUND != 0)
+                .count()
+        });
+        let transient = tables.as_ref().map(|tables| &tables.transient);
         let (mut live, mut expired, mut entries) = (0usize, 0, 0u64);
-        for (key, flow) in self.transient.iter().filter_map(|entry| entry.ok()) {
+        for (key, flow) in transient
+            .into_iter()
+            .flat_map(|table| table.iter().filter_map(|entry| entry.ok()))
+        {
             entries += 1;
             if now.saturating_sub(flow.last_seen_ns) > flow.lifetime_ns(key.proto) {
                 expired += 1;
@@ -378,6 +383,7 @@ impl Pinned {
             })
             .collect();
         let mut state = NatState {
+            tables: tables.is_some(),
             established,
             established_capacity: self.capacity.established,
             // Entries in pairs; the LRU may have replaced one of a pair.
@@ -400,9 +406,32 @@ impl Pinned {
     }
 }
 
+/// Removes the established connections one of whose directions `retire` picks (both
+/// directions go); returns how many it ended.
+fn retire_established(flows: &mut FlowTable, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
+    let doomed: Vec<(FlowKey, FlowKey)> = flows
+        .iter()
+        .filter_map(|entry| entry.ok())
+        .filter(|(key, flow)| retire(key, flow))
+        .map(|(key, flow)| (key, flow.peer))
+        .collect();
+    let mut ended = 0;
+    for (key, peer) in doomed {
+        // A connection whose both directions were picked is counted once.
+        if flows.remove(&key).is_ok() {
+            ended += 1;
+            let _ = flows.remove(&peer);
+        }
+    }
+    ended
+}
+
 /// What `nat_state` read.
 #[derive(Clone, Debug, Default)]
 pub struct NatState {
+    /// Whether the attachment has its connection tables (made with its first published
+    /// port); the capacities below are what they hold, or will hold once made.
+    pub tables: bool,
     /// Established connections, and how many the table holds.
     pub established: usize,
     pub established_capacity: usize,
@@ -430,12 +459,22 @@ impl NatState {
     }
 }
 
-/// The connection tables' sizes, in connections (two entries each), read from the pinned
-/// maps.
+/// The connection tables' sizes, in connections (two entries each).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capacity {
     pub established: usize,
     pub transient: usize,
+}
+
+impl Capacity {
+    /// The sizes of an attachment made with `--max-flows max_flows`.
+    pub fn of(max_flows: u32) -> Capacity {
+        let (flow_entries, transient_entries) = crate::datapath::flow_table_entries(max_flows);
+        Capacity {
+            established: flow_entries as usize / 2,
+            transient: transient_entries as usize / 2,
+        }
+    }
 }
 
 /// How long an entry may stay quiet before the control plane retires it; the datapath uses

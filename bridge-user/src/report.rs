@@ -10,6 +10,7 @@ use xbr::{
     features::Features,
     hooks::Drift,
     lock::Holder,
+    memory::Memory,
     observe::{BridgeView, format_mac},
     plan::{Plan, PublishedPolicy},
     publish::{NatState, PublishSpec, Published},
@@ -321,6 +322,44 @@ pub fn detached(bridge: &str, detached: &Detached, as_json: bool) -> anyhow::Res
     Ok(())
 }
 
+fn memory_json(memory: &Memory) -> Value {
+    json!({
+        "locked_bytes": memory.total(),
+        "maps_bytes": memory.maps_total(),
+        "programs_bytes": memory.programs,
+        "maps": memory.maps.iter().map(|map| json!({
+            "name": map.name,
+            "type": map.kind,
+            "key_size": map.key_size,
+            "value_size": map.value_size,
+            "max_entries": map.max_entries,
+            "flags": map.flags,
+            "bytes": map.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The kernel's memory figure for the attachment, and its three largest maps.
+fn print_memory(memory: &Memory) {
+    let largest: Vec<String> = memory
+        .maps
+        .iter()
+        .take(3)
+        .map(|map| format!("{} {}", map.name, kib(map.bytes)))
+        .collect();
+    println!(
+        "  kernel memory: {} locked (maps {}, programs {}); largest: {}",
+        kib(memory.total()),
+        kib(memory.maps_total()),
+        kib(memory.programs),
+        largest.join(", ")
+    );
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.0} KiB", bytes as f64 / 1024.0)
+}
+
 fn nat_json(nat: &NatState) -> Value {
     let events: serde_json::Map<String, Value> = nat
         .events
@@ -328,6 +367,7 @@ fn nat_json(nat: &NatState) -> Value {
         .map(|(event, count)| (event.name().to_owned(), json!(count)))
         .collect();
     json!({
+        "tables": nat.tables,
         "established": nat.established,
         "established_capacity": nat.established_capacity,
         "transient": nat.transient,
@@ -341,6 +381,13 @@ fn nat_json(nat: &NatState) -> Value {
 
 /// The connection tables: use, size, and what happened to connections since attach.
 fn print_nat(nat: &NatState) {
+    if !nat.tables {
+        println!(
+            "  NAT connection tables: none until a port is published (then {} established, {} transient connections)",
+            nat.established_capacity, nat.transient_capacity
+        );
+        return;
+    }
     println!(
         "  NATed connections: {} established (table of {}), {} transient: new or closing (table of {}, \
          the oldest replaced when full){}",
@@ -549,6 +596,7 @@ pub fn status(
                         .collect::<BTreeMap<_, _>>(),
                     "connections": attachment.nat.established + attachment.nat.transient,
                     "nat": nat_json(&attachment.nat),
+                    "memory": memory_json(&attachment.memory),
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
                     "present": view.is_some(),
@@ -681,6 +729,7 @@ pub fn status(
             }
         }
         print_nat(&attachment.nat);
+        print_memory(&attachment.memory);
         let published = published_policies(observed);
         for (
             Published {

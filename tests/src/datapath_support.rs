@@ -3,7 +3,7 @@
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     util::nr_cpus,
 };
@@ -11,6 +11,7 @@ use bridge_common::{
     ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, NatEvent,
     PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
+use xbr::datapath::{FlowTable, FlowTableKind};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_REDIRECT: u32 = 7;
@@ -24,13 +25,17 @@ pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
 
+/// The connection tables' size when a test does not choose one.
+const DEFAULT_MAX_FLOWS: u32 = 4096;
+
 pub struct Datapath {
     pub ebpf: Ebpf,
 }
 
 impl Datapath {
-    /// The programs, loaded (the tc ones and the uplink's XDP one); `flow_capacity` shrinks
-    /// the established NAT connection table (entries, two per connection).
+    /// The programs, loaded (the tc ones and the uplink's XDP one), with connection tables
+    /// as a published port gets them; `flow_capacity` sizes the established NAT connection
+    /// table (entries, two per connection).
     pub fn load(redirect_peer: bool, flow_capacity: Option<u32>) -> Datapath {
         Datapath::load_sized(redirect_peer, flow_capacity, None)
     }
@@ -41,17 +46,37 @@ impl Datapath {
         flow_capacity: Option<u32>,
         transient_capacity: Option<u32>,
     ) -> Datapath {
+        let mut datapath = Datapath::load_without_connection_tables(redirect_peer);
+        let (flow_entries, transient_entries) =
+            xbr::datapath::flow_table_entries(DEFAULT_MAX_FLOWS);
+        for (slot, kind, entries) in [
+            (
+                "NAT_FLOWS",
+                FlowTableKind::Established,
+                flow_capacity.unwrap_or(flow_entries),
+            ),
+            (
+                "NAT_TRANSIENT",
+                FlowTableKind::Transient,
+                transient_capacity.unwrap_or(transient_entries),
+            ),
+        ] {
+            let table = xbr::datapath::new_flow_table(kind, entries).unwrap();
+            let mut slot: ArrayOfMaps<_, MapData> =
+                ArrayOfMaps::try_from(datapath.ebpf.map_mut(slot).unwrap()).unwrap();
+            slot.set(0, &table, 0).unwrap();
+        }
+        datapath
+    }
+
+    /// The programs as an attachment has them before its first published port: the
+    /// connection tables' slots are empty.
+    pub fn load_without_connection_tables(redirect_peer: bool) -> Datapath {
         let redirect_peer = u8::from(redirect_peer);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("REDIRECT_PEER", &redirect_peer, true)
             .override_global(aya_log::LEVEL, &0u8, true);
-        if let Some(capacity) = flow_capacity {
-            loader.map_max_entries("NAT_FLOWS", capacity);
-        }
-        if let Some(capacity) = transient_capacity {
-            loader.map_max_entries("NAT_TRANSIENT", capacity);
-        }
         let mut ebpf = loader
             .load(xbr::datapath::OBJECT)
             .expect("xbr's eBPF object loads (run the tests as root)");
@@ -153,32 +178,34 @@ impl Datapath {
         holds.insert(&key, 1, 0).unwrap();
     }
 
+    /// The connection table in slot `slot` (`NAT_FLOWS` or `NAT_TRANSIENT`).
+    fn table(&self, slot: &str) -> FlowTable {
+        let slot: ArrayOfMaps<_, MapData> =
+            ArrayOfMaps::try_from(self.ebpf.map(slot).unwrap()).unwrap();
+        let table = slot.get(&0, 0).unwrap();
+        FlowTable::try_from(Map::from_map_data(table).unwrap()).unwrap()
+    }
+
     /// The established connections' entries (`NAT_FLOWS`).
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
-        let flows: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.ebpf.map("NAT_FLOWS").unwrap()).unwrap();
+        let flows = self.table("NAT_FLOWS");
         flows.iter().map(|entry| entry.unwrap()).collect()
     }
 
     /// The transient connections' entries (`NAT_TRANSIENT`: not established, or closing).
     pub fn transient(&self) -> Vec<(FlowKey, Flow)> {
-        let flows: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.ebpf.map("NAT_TRANSIENT").unwrap()).unwrap();
+        let flows = self.table("NAT_TRANSIENT");
         flows.iter().map(|entry| entry.unwrap()).collect()
     }
 
     /// Writes (or overwrites) a transient entry, as the datapath would have.
     pub fn put_transient(&mut self, key: FlowKey, flow: Flow) {
-        let mut flows: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.ebpf.map_mut("NAT_TRANSIENT").unwrap()).unwrap();
-        flows.insert(key, flow, 0).unwrap();
+        self.table("NAT_TRANSIENT").insert(key, flow, 0).unwrap();
     }
 
     /// Removes a transient entry, as the LRU does when it makes room.
     pub fn drop_transient(&mut self, key: &FlowKey) {
-        let mut flows: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.ebpf.map_mut("NAT_TRANSIENT").unwrap()).unwrap();
-        flows.remove(key).unwrap();
+        self.table("NAT_TRANSIENT").remove(key).unwrap();
     }
 
     pub fn event_count(&self, event: NatEvent) -> u64 {

@@ -892,6 +892,32 @@ fn frames_nat_must_not_touch_pass_unchanged() {
     assert_eq!((code, out), (TC_ACT_UNSPEC, frame));
 }
 
+/// Before its first published port an attachment has no connection tables (their slots are
+/// empty): nothing is translated, every frame goes on unchanged, and a published port found
+/// without tables (which the control plane never writes: it makes the tables first) is left to
+/// the kernel as when the tables are full.
+#[test]
+fn without_connection_tables_frames_go_on_unchanged() {
+    let mut datapath = Datapath::load_without_connection_tables(true);
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    let reply = tcp(&reply(), "SA", &[]);
+    let (code, out) = datapath.run(PORT_PROGRAM, &reply).unwrap();
+    assert_eq!(code, TC_ACT_OK, "a frame to the gateway goes to the bridge");
+    assert_frame("reply without tables", &out, &reply);
+
+    let (key, port) = published(IPPROTO_TCP, CONTAINER_PORT_IFINDEX);
+    datapath.publish(key, port);
+    let syn = tcp(&inbound(), "S", &[]);
+    let before = datapath.verdict_count(Verdict::NatTableFull);
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &syn).unwrap();
+    assert_eq!(code, TC_ACT_UNSPEC, "the SYN goes on to the kernel");
+    assert_frame("SYN without tables", &out, &syn);
+    assert_eq!(datapath.verdict_count(Verdict::NatTableFull), before + 1);
+    let (action, out) = datapath.run_xdp(&syn).unwrap();
+    assert_eq!(action, XDP_PASS, "XDP leaves it to tc");
+    assert_frame("SYN without tables, XDP", &out, &syn);
+}
+
 /// Connections carry the container's port with them; when the container leaves that port
 /// (stopped, restarted elsewhere, port recycled), they must not follow the port.
 #[test]
