@@ -5,12 +5,9 @@
 //! x86-64; `xbr`'s tests check the result against the kernel's figures on the machine that
 //! runs them.
 //!
-//! An attachment's maps, in short (`c` CPUs, `p` ports, `n` established connections):
-//! - always: the maps' headers and buckets, about 270 KiB, plus about 1 KiB per CPU;
-//! - per port: 80 bytes in each of `ENDPOINTS` and `PORTS`, 88 + 48 × c in `PORT_STATS`;
-//! - once a port is published: `NAT_TRANSIENT`, an LRU the kernel preallocates
-//!   (144 bytes × `--max-flows` entries, with its buckets), and `NAT_FLOWS`' buckets
-//!   (32 bytes × `--max-flows`, a power of two); then 2 × 136 bytes per connection.
+//! An attachment's maps, in short (`c` CPUs, `p` ports, N = `--max-flows`, `n` established
+//! connections): 266 KiB + 584·c + p·(256 + 48·c) bytes, and once a port is published
+//! 176·N + 272·n bytes more (the transient LRU is preallocated; the rest follows use).
 
 use core::mem::size_of;
 

@@ -4,6 +4,7 @@
 
 mod chart;
 mod host;
+mod memory;
 mod peer;
 mod report;
 mod workloads;
@@ -347,6 +348,8 @@ pub fn measure(
         None => None,
     };
     let xbr_stats = worlds.xbr_stats().ok();
+    let mut memory_measured: Vec<memory::Measured> =
+        worlds.xbr_memory(settings.endpoints).into_iter().collect();
 
     let scale = Workload::SCALE
         .iter()
@@ -393,6 +396,9 @@ pub fn measure(
             samples.push(sample);
         }
     }
+    if scale {
+        memory_measured.extend(worlds.xbr_memory(settings.scale_endpoints));
+    }
     progress.finish("tearing down");
     worlds.teardown()?;
     let notes = std::mem::take(&mut worlds.notes);
@@ -417,6 +423,8 @@ pub fn measure(
         samples,
         xbr_program,
         xbr_stats,
+        memory: memory::table(),
+        memory_measured,
     })
 }
 

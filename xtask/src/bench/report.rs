@@ -104,6 +104,12 @@ pub struct Report {
     pub xbr_program: Option<Value>,
     /// `xbr stats --json` after the base rounds: what took the fast path.
     pub xbr_stats: Option<Value>,
+    /// Kernel memory of one attachment, computed (absent in reports from before it).
+    #[serde(default)]
+    pub memory: Vec<super::memory::MemoryRow>,
+    /// ... and as the kernel reported it for the bench's attachment.
+    #[serde(default)]
+    pub memory_measured: Vec<super::memory::Measured>,
 }
 
 pub fn median(values: &[f64]) -> f64 {
@@ -237,6 +243,11 @@ impl Report {
                 );
             }
         }
+        out.push_str(&super::memory::render(
+            &self.memory,
+            &self.memory_measured,
+            false,
+        ));
         out.push_str(&self.findings(false));
         out
     }
@@ -281,6 +292,11 @@ impl Report {
                 );
             }
         }
+        out.push_str(&super::memory::render(
+            &self.memory,
+            &self.memory_measured,
+            true,
+        ));
         out.push('\n');
         out.push_str(&self.findings(true));
         out

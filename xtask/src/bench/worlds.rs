@@ -725,6 +725,30 @@ impl Worlds {
         serde_json::from_str(&printed).context("`xbr stats --json` printed no JSON")
     }
 
+    /// What the kernel reports the xbr attachment locks (`xbr status --json`), now that each
+    /// bridge has `endpoints` endpoints.
+    pub fn xbr_memory(&self, endpoints: usize) -> anyhow::Result<super::memory::Measured> {
+        let host = self.host(Config::Xbr);
+        let printed = self.xbr(&["-n", &host, "status", "--json"])?;
+        let status: Value =
+            serde_json::from_str(&printed).context("`xbr status --json` printed no JSON")?;
+        let memory = status["bridges"]
+            .as_array()
+            .and_then(|bridges| bridges.iter().find(|b| b["name"] == BRIDGE))
+            .map(|bridge| &bridge["memory"])
+            .context("`xbr status --json` shows no attachment of the bench's bridge")?;
+        let bytes = |field: &str| {
+            memory[field]
+                .as_u64()
+                .with_context(|| format!("no {field} in `xbr status --json`: {memory}"))
+        };
+        Ok(super::memory::Measured {
+            endpoints,
+            locked_bytes: bytes("locked_bytes")?,
+            maps_bytes: bytes("maps_bytes")?,
+        })
+    }
+
     fn xbr(&self, args: &[&str]) -> anyhow::Result<String> {
         self.interrupt.check()?;
         let doing = format!("running `xbr {}`", args.join(" "));
