@@ -746,7 +746,10 @@ mod tests {
     #[test]
     fn quick_bench_writes_a_well_formed_report() {
         if !cmd::is_root() {
-            eprintln!("skipped: the quick bench needs root (network namespaces, BPF)");
+            xbr_tests::skip::skip(
+                "quick_bench_writes_a_well_formed_report",
+                "the quick bench needs root (network namespaces, BPF)",
+            );
             return;
         }
         let xbr = build::release_binary().expect("building the xbr binary for the quick bench");
