@@ -13,6 +13,7 @@ use std::{
 use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::LabBuilder,
+    skip::skip,
     traffic::{exchange, tcp_echo_server},
     witness::{PinRoot, xbr, xbr_ok},
 };
@@ -280,7 +281,10 @@ fn xdp_uplink_mode_delivers_published_ports_from_xdp() {
     // enabling NAPI even without XDP"); before, the container's end would need an XDP program.
     let kernel = aya::util::KernelVersion::current().expect("kernel version");
     if kernel < aya::util::KernelVersion::new(5, 13, 0) {
-        eprintln!("skipped: kernel {kernel} has no GRO-driven NAPI on veth (5.13+)");
+        skip(
+            "xdp_uplink_mode_delivers_published_ports_from_xdp",
+            &format!("kernel {kernel} has no GRO-driven NAPI on veth (5.13+)"),
+        );
         return;
     }
     let lab = LabBuilder::three_containers().with_uplink().up();

@@ -3,7 +3,7 @@
 
 pub(crate) mod processes;
 mod traffic;
-mod witness;
+pub(crate) mod witness;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

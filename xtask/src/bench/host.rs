@@ -147,6 +147,30 @@ fn snmp_counter(snmp: &str, protocol: &str, name: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{protocol} {name} is not a number"))
 }
 
+/// Frames LINK in NETNS has received and sent so far (its netlink counters).
+#[derive(Clone, Copy, Debug)]
+pub struct LinkPackets {
+    pub rx: u64,
+    pub tx: u64,
+}
+
+pub fn link_packets(netns: &str, link: &str) -> anyhow::Result<LinkPackets> {
+    let printed = cmd::output(
+        cmd::in_netns(netns, "ip").args(["-s", "-j", "link", "show", link]),
+        &format!("reading the counters of {link} in {netns}"),
+    )?;
+    let links: Value = serde_json::from_str(&printed).context("`ip -j` printed no JSON")?;
+    let packets = |direction: &str| {
+        links[0]["stats64"][direction]["packets"]
+            .as_u64()
+            .with_context(|| format!("`ip -s -j link` has no stats64.{direction}.packets"))
+    };
+    Ok(LinkPackets {
+        rx: packets("rx")?,
+        tx: packets("tx")?,
+    })
+}
+
 /// CPU time a task has run, in ns (/proc/PID/schedstat: the scheduler's own clock, not
 /// sampled by ticks).
 pub fn task_runtime_ns(pid: u32) -> anyhow::Result<u64> {

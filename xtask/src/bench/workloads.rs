@@ -286,7 +286,7 @@ fn flooded(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::Result<
         .context("a published-port world has a host namespace")?;
     let flood_seconds = FLOOD_LEAD.as_secs_f64() + f64::from(load.seconds) + 0.5;
     let doing = format!("flooding {to} in {}", world.config.name());
-    let received_before = uplink_received(host)?;
+    let received_before = host::link_packets(host, UPLINK)?.rx;
     // On the other CPU, at nice -20 like every traffic process: the flood's frames are handled
     // there (as a NIC queue of another CPU would), so what the client sees is what the flood's
     // state does to it, not its CPU time.
@@ -326,7 +326,9 @@ fn flooded(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::Result<
     }
     let report: Value = serde_json::from_str(stdout.trim())
         .with_context(|| format!("{doing}: syn-flood printed no JSON: {stdout}"))?;
-    let received = uplink_received(host)?.saturating_sub(received_before);
+    let received = host::link_packets(host, UPLINK)?
+        .rx
+        .saturating_sub(received_before);
     let after = peer::measure_rate(kind, &world.client_netns, cpu, to, load.seconds, interrupt)?;
     for (when, rate) in [("during", &during), ("after", &after)] {
         if rate.completed == 0 {
@@ -359,18 +361,6 @@ fn flooded(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::Result<
             },
         }),
     })
-}
-
-/// Frames the lab's uplink received so far (its netlink counters).
-fn uplink_received(host: &str) -> anyhow::Result<u64> {
-    let printed = cmd::output(
-        cmd::in_netns(host, "ip").args(["-s", "-j", "link", "show", UPLINK]),
-        &format!("reading the counters of {} in {host}", UPLINK),
-    )?;
-    let links: Value = serde_json::from_str(&printed).context("`ip -j` printed no JSON")?;
-    links[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .context("`ip -s -j link` has no stats64.rx.packets")
 }
 
 /// The bench's own client, from outside to the world's published port. A run with more than

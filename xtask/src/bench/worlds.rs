@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+use super::host;
 use super::peer::EchoServer;
 use crate::cmd;
 use crate::demo::processes::{Interrupt, Processes, run_captured};
+use crate::demo::witness::Witness;
 
 /// The bridge of every lab, in the lab's `-host` namespace.
 pub const BRIDGE: &str = "br0";
@@ -113,6 +115,14 @@ impl Config {
 
     pub fn is_published(self) -> bool {
         Config::PUBLISHED.contains(&self)
+    }
+
+    /// Whether a run must show, in the counters, that it took the path it measures: every
+    /// published port, and xbr between containers. (The bridge's witness is an nftables
+    /// counter in its forward hook: in the xbr world the fast path never reaches it, in
+    /// `bridge` and `docker-like` it would add a rule to the very path they measure.)
+    pub fn path_checked(self) -> bool {
+        self.is_published() || self == Config::Xbr
     }
 
     /// How xbr's uplink is hooked in the configurations that attach it for published ports.
@@ -270,6 +280,8 @@ pub struct Worlds {
     pub notes: Vec<String>,
     /// The pin directory `xbr attach --json` reported, for reading the program's stats.
     pub pins: Option<PathBuf>,
+    /// The bridge's own count of what it forwarded in the xbr world.
+    witness: Option<Witness>,
 }
 
 impl Worlds {
@@ -293,6 +305,7 @@ impl Worlds {
             attached: Vec::new(),
             notes: Vec::new(),
             pins: None,
+            witness: None,
         }
     }
 
@@ -360,6 +373,7 @@ impl Worlds {
                 Config::DockerLike => self.docker_netfilter(Config::DockerLike)?,
                 Config::Xbr => {
                     self.docker_netfilter(Config::Xbr)?;
+                    self.witness = Some(Witness::install(&self.host(Config::Xbr))?);
                     self.attach("auto")?;
                 }
                 Config::Dnat | Config::XbrNat | Config::XbrNatXdp => {
@@ -663,9 +677,11 @@ impl Worlds {
         Ok(())
     }
 
-    /// Counters that tell which path served a published-port run: packets of Docker's DNAT
-    /// rule, and frames xbr's NAT delivered (from tc and from XDP).
+    /// Counters that tell which path served a run in CONFIG (`Config::path_checked`).
     pub fn path_counters(&self, config: Config) -> anyhow::Result<PathCounters> {
+        if config == Config::Xbr {
+            return self.east_west_counters();
+        }
         let host = self.host(config);
         let listing = cmd::output(
             cmd::in_netns(&host, "iptables").args(["-t", "nat", "-L", "DOCKER", "-v", "-x", "-n"]),
@@ -681,11 +697,8 @@ impl Worlds {
             .and_then(|line| line.split_whitespace().next()?.parse().ok())
             .unwrap_or(0);
         let (xbr_nat_in, xbr_nat_in_xdp) = if config.uplink_mode().is_some() {
-            let printed = self.xbr(&["-n", &host, "stats", BRIDGE, "--json"])?;
-            let stats: Value =
-                serde_json::from_str(&printed).context("`xbr stats --json` printed no JSON")?;
-            let verdict = |name: &str| stats["verdicts"][0][name].as_u64().unwrap_or(0);
-            (verdict("nat_in"), verdict("nat_in_xdp"))
+            let verdicts = self.verdicts(config)?;
+            (verdicts.count("nat_in")?, verdicts.count("nat_in_xdp")?)
         } else {
             (0, 0)
         };
@@ -693,7 +706,34 @@ impl Worlds {
             dnat_packets,
             xbr_nat_in,
             xbr_nat_in_xdp,
+            ..PathCounters::default()
         })
+    }
+
+    /// The xbr world's counters: frames its client and server sent, frames xbr redirected,
+    /// IPv4 frames the bridge forwarded.
+    fn east_west_counters(&self) -> anyhow::Result<PathCounters> {
+        let world = self.get(Config::Xbr);
+        let mut sent = 0;
+        for netns in [&world.client_netns, &world.server_netns] {
+            sent += host::link_packets(netns, "eth0")?.tx;
+        }
+        let witness = self
+            .witness
+            .as_ref()
+            .context("the xbr world has the bridge's witness")?;
+        Ok(PathCounters {
+            sent,
+            xbr_redirected: self.verdicts(Config::Xbr)?.count("redirected")?,
+            bridge_forwarded_ipv4: witness.read()?.ipv4,
+            ..PathCounters::default()
+        })
+    }
+
+    /// xbr's verdict counters on CONFIG's bridge (`xbr stats --json`).
+    fn verdicts(&self, config: Config) -> anyhow::Result<Verdicts> {
+        let stats = self.stats(config)?;
+        Ok(Verdicts(stats["verdicts"][0].clone()))
     }
 
     /// `xbr status --json`'s connection tables in CONFIG's world (one that attaches xbr).
@@ -720,7 +760,12 @@ impl Worlds {
 
     /// `xbr -n HOST stats --json` on the xbr lab.
     pub fn xbr_stats(&self) -> anyhow::Result<Value> {
-        let host = self.host(Config::Xbr);
+        self.stats(Config::Xbr)
+    }
+
+    /// `xbr -n HOST stats --json` in CONFIG's world (one that attaches xbr).
+    fn stats(&self, config: Config) -> anyhow::Result<Value> {
+        let host = self.host(config);
         let printed = self.xbr(&["-n", &host, "stats", BRIDGE, "--json"])?;
         serde_json::from_str(&printed).context("`xbr stats --json` printed no JSON")
     }
@@ -949,12 +994,32 @@ impl Drop for Worlds {
     }
 }
 
-/// What `path_counters` read.
-#[derive(Clone, Copy, Debug)]
+/// What `path_counters` read; a configuration reads the counters its path check needs, the
+/// rest stay 0.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct PathCounters {
+    /// Published ports: packets of Docker's DNAT rule, frames xbr's NAT delivered from tc
+    /// and from XDP.
     pub dnat_packets: u64,
     pub xbr_nat_in: u64,
     pub xbr_nat_in_xdp: u64,
+    /// Between containers (xbr): frames the client and the server sent from their eth0 (each
+    /// crosses xbr's program on its port), frames xbr redirected past the bridge, and IPv4
+    /// frames the bridge forwarded itself (the nftables witness).
+    pub sent: u64,
+    pub xbr_redirected: u64,
+    pub bridge_forwarded_ipv4: u64,
+}
+
+/// One bridge's verdicts from `xbr stats --json`.
+struct Verdicts(Value);
+
+impl Verdicts {
+    fn count(&self, verdict: &str) -> anyhow::Result<u64> {
+        self.0[verdict]
+            .as_u64()
+            .with_context(|| format!("`xbr stats --json` has no verdict {verdict}: {}", self.0))
+    }
 }
 
 /// Docker's userland proxy in NETNS at nice -20, like the traffic's processes, but on no CPU

@@ -185,13 +185,20 @@ case "$STATUS" in *"tcx yes"*) TCX=yes ;; *"tcx no"*) TCX=no ;; *) TCX=unknown ;
     s
 }
 
+/// Frames a ping of `PING_COUNT` echoes sends across the bridge: each request and each reply
+/// crosses xbr's program on its sender's port.
+const PING_COUNT: u32 = 3;
+
 /// A shell script (run on the host's /bin/sh in the VM) that lets xbr choose on its own:
-/// a lab from LAB, `xbr attach` in auto mode, a ping across it, detach, and the choice said
-/// on a result line.
+/// a lab from LAB, `xbr attach` in auto mode, a ping across it that xbr's `redirected` verdict
+/// must have counted (request and reply each: ping and attach exiting 0 do not show the fast
+/// path, the bridge would carry the ping as well), detach, and the choice said on a result
+/// line.
 pub fn auto_attach_script(xbr: &Path, lab: &Path, host_netns: &str, ping: (&str, &str)) -> String {
     let xbr = quote(&xbr.display().to_string());
     let lab = quote(&lab.display().to_string());
     let (from, to) = ping;
+    let frames = 2 * PING_COUNT;
     format!(
         r#"set -e
 trap '{xbr} lab down {lab} >/dev/null 2>&1' EXIT
@@ -200,7 +207,13 @@ attached=$({xbr} -n {host_netns} attach br0)
 echo "$attached"
 echo "{MARK} event=path attached=\"$(echo "$attached" | head -n 1)\""
 {xbr} -n {host_netns} status
-nsenter --net=/run/netns/{from} ping -c 3 -W 2 {to}
+redirected() {{ {xbr} -n {host_netns} stats --json | sed -n 's/.*"redirected": *\([0-9][0-9]*\).*/\1/p' | head -n 1; }}
+before=$(redirected)
+nsenter --net=/run/netns/{from} ping -c {PING_COUNT} -W 2 {to}
+after=$(redirected)
+echo "xbr's redirected verdict: ${{before:-unreadable}} before the ping, ${{after:-unreadable}} after"
+[ -n "$before" ] && [ -n "$after" ] && [ $((after - before)) -ge {frames} ] \
+    || {{ echo "the ping did not take xbr's fast path: {frames} frames should have been redirected"; exit 1; }}
 {xbr} -n {host_netns} detach br0
 test -z "$(ls -A /sys/fs/bpf/xbr 2>/dev/null)" || {{ echo "pins left behind:"; ls -R /sys/fs/bpf/xbr; exit 1; }}
 "#
