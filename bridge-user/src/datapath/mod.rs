@@ -17,6 +17,7 @@
 mod apply;
 mod hooking;
 mod pinned;
+mod published;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +28,6 @@ pub use apply::{Changes, PublishedApplied};
 pub use bridge_common::memory::flow_table_entries;
 use hooking::unpin_link;
 pub use hooking::{Role, mode_name, uplink_mode_name, xdp_attach_name};
-pub(crate) use pinned::NatTables;
 pub use pinned::{
     FlowTable, FlowTableKind, MAX_MAX_FLOWS, MIN_MAX_FLOWS, OBJECT, Pinned, default_max_flows,
     new_flow_table,

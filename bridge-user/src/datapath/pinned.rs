@@ -56,9 +56,9 @@ pub struct Pinned {
     /// The slots of the connection tables (see `NatTables`).
     pub(super) nat_flows_slot: ArrayOfMaps<MapData, MapData>,
     pub(super) nat_transient_slot: ArrayOfMaps<MapData, MapData>,
-    pub(crate) nat_events: PerCpuArray<MapData, u64>,
+    pub(super) nat_events: PerCpuArray<MapData, u64>,
     /// The connection tables' sizes, from the bridge record.
-    pub(crate) capacity: crate::publish::Capacity,
+    pub(super) capacity: crate::publish::Capacity,
     pub(super) uplinks: HashMap<MapData, u32, PortRecord>,
     pub(super) holds: HashMap<MapData, HoldKey, u8>,
     pub(super) hold_shapes: Array<MapData, u32>,
@@ -87,7 +87,7 @@ pub type FlowTable = HashMap<MapData, FlowKey, Flow>;
 /// without published ports locks no memory for them. They live in one-slot arrays of maps
 /// (pinned `nat_flows` and `nat_transient`), read afresh from the slot at every use: another
 /// writer may have made or removed them since this one opened the pins.
-pub(crate) struct NatTables {
+pub(super) struct NatTables {
     /// Established connections (a hash, not preallocated).
     pub flows: FlowTable,
     /// New and closing connections (an LRU, preallocated by the kernel).
@@ -160,7 +160,7 @@ pub const MAX_MAX_FLOWS: u32 = 1 << 22;
 
 impl Pinned {
     /// The connection tables, when the attachment has them.
-    pub(crate) fn nat_tables(&self) -> Option<NatTables> {
+    pub(super) fn nat_tables(&self) -> Option<NatTables> {
         let typed = |data: MapData| FlowTable::try_from(Map::from_map_data(data).ok()?).ok();
         let (flows, transient) = self.nat_table_data()?;
         Some(NatTables {
@@ -229,7 +229,7 @@ impl Pinned {
     /// Removes the connection tables once nothing is published and no connection is left in
     /// them (connections of a withdrawn port keep going until they end or expire). Returns
     /// whether it removed them.
-    pub(crate) fn release_unused_nat_tables(&mut self) -> Result<bool> {
+    pub(super) fn release_unused_nat_tables(&mut self) -> Result<bool> {
         let Some(tables) = self.nat_tables() else {
             return Ok(false);
         };
@@ -248,6 +248,10 @@ impl Pinned {
             })?;
         }
         Ok(true)
+    }
+
+    pub fn has_published(&self) -> bool {
+        self.published.keys().next().is_some()
     }
 
     pub fn open(root: &Path, bridge: &str) -> Result<Pinned> {
@@ -444,4 +448,17 @@ fn page_size() -> u32 {
     // SAFETY: sysconf only reads a system constant.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(size).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_sizes_follow_max_flows_and_memory() {
+        assert_eq!(flow_table_entries(65536), (131072, 65536));
+        let default = default_max_flows();
+        assert!(default.is_power_of_two(), "{default}");
+        assert!((4096..=65536).contains(&default), "{default}");
+    }
 }
