@@ -4,7 +4,7 @@
 //! set. Docker's firewall rules are read by the policy reader, like everyone else's.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     pin::Pin,
@@ -14,16 +14,14 @@ use bollard::{
     models::{ContainerInspectResponse, EventMessage, Network},
     query_parameters::{EventsOptions, ListNetworksOptions},
 };
-use bridge_common::{IPPROTO_TCP, IPPROTO_UDP, PublishedKey, PublishedPort};
 use futures::{Stream, StreamExt as _};
 use tracing::{debug, info, warn};
 
 use crate::{
     datapath::Pinned,
     error::{Error, Result},
-    observe::Mac,
     plan::Plan,
-    publish::{Proto, PublishSpec},
+    publish::{Proto, PublishSpec, Synced},
 };
 
 /// Where Docker listens unless DOCKER_HOST says otherwise.
@@ -451,120 +449,6 @@ pub fn status(bridge: &str) -> Option<DockerState> {
 // ---------------------------------------------------------------------------------------------
 // Keeping the PUBLISHED map in step with Docker.
 
-/// What a sync of Docker's published ports changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Synced {
-    pub added: Vec<PublishSpec>,
-    pub removed: Vec<PublishSpec>,
-    /// Docker bindings whose host port an `xbr publish` entry holds: the user's entry stays.
-    pub held_by_user: Vec<PublishSpec>,
-    /// Docker bindings in the map after the sync.
-    pub mirrored: usize,
-}
-
-impl Synced {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty()
-    }
-}
-
-/// The pure part of a sync: the entries now (spec, whether Docker's) and the wanted Docker
-/// bindings -> which Docker entries go and which come. Entries of `xbr publish` stay.
-pub fn diff(current: &[(PublishSpec, bool)], wanted: &BTreeSet<PublishSpec>) -> Synced {
-    let mut synced = Synced::default();
-    for (spec, by_docker) in current {
-        if *by_docker && !wanted.contains(spec) {
-            synced.removed.push(*spec);
-        }
-    }
-    for spec in wanted {
-        match current.iter().find(|(now, _)| now.key() == spec.key()) {
-            None => synced.added.push(*spec),
-            Some((now, true)) if now != spec => synced.added.push(*spec),
-            Some((_, true)) => {}
-            Some((_, false)) => synced.held_by_user.push(*spec),
-        }
-    }
-    synced.mirrored = wanted.len() - synced.held_by_user.len();
-    synced
-}
-
-fn spec_of(key: &PublishedKey, value: &PublishedPort) -> Option<PublishSpec> {
-    Some(PublishSpec {
-        host_ip: (key.host_ip != [0; 4]).then(|| Ipv4Addr::from(key.host_ip)),
-        host_port: u16::from_be_bytes(key.host_port),
-        container_ip: Ipv4Addr::from(value.container_ip),
-        container_port: u16::from_be_bytes(value.container_port),
-        proto: match key.proto {
-            IPPROTO_TCP => Proto::Tcp,
-            IPPROTO_UDP => Proto::Udp,
-            _ => return None,
-        },
-    })
-}
-
-impl Pinned {
-    /// Brings the Docker-owned entries of PUBLISHED to `wanted`. New entries point at their
-    /// container's port when `containers` knows its address (else the kernel path serves them
-    /// until a reconcile finds it); removed ones end their connections.
-    pub fn sync_docker_published(
-        &mut self,
-        wanted: &BTreeSet<PublishSpec>,
-        containers: &BTreeMap<Ipv4Addr, (u32, Mac)>,
-        bridge_mac: Mac,
-    ) -> Result<Synced> {
-        let current: Vec<(PublishSpec, bool)> = self
-            .published
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter_map(|(key, value)| Some((spec_of(&key, &value)?, value.by_docker())))
-            .collect();
-        let synced = diff(&current, wanted);
-        for spec in &synced.removed {
-            self.unpublish(spec)?;
-        }
-        if !synced.added.is_empty() {
-            self.ensure_nat_tables()?;
-        }
-        for spec in &synced.added {
-            let (ifindex, container_mac) = containers
-                .get(&spec.container_ip)
-                .copied()
-                .unwrap_or((0, [0; 6]));
-            let value = PublishedPort {
-                container_ip: spec.container_ip.octets(),
-                container_port: spec.container_port.to_be_bytes(),
-                // Held until the policy has been asked (`apply_published_policy`).
-                flags: PublishedPort::BY_DOCKER | PublishedPort::HELD,
-                _pad: 0,
-                ifindex,
-                container_mac,
-                gateway_mac: bridge_mac,
-            };
-            self.published
-                .insert(spec.key(), value, 0)
-                .map_err(|e| Error::ebpf("writing the published ports map", e))?;
-        }
-        Ok(synced)
-    }
-
-    /// Removes the Docker-owned published ports (their live connections keep going), so new
-    /// connections take Docker's own path: nothing keeps those entries current without a
-    /// follower.
-    pub fn withdraw_docker_published(&mut self) -> usize {
-        let keys: Vec<PublishedKey> = self
-            .published
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, value)| value.by_docker())
-            .map(|(key, _)| key)
-            .collect();
-        keys.iter()
-            .filter(|key| self.published.remove(key).is_ok())
-            .count()
-    }
-}
-
 /// After an attach: Docker's published ports are mirrored only with a follower (`follow`);
 /// otherwise Docker-owned entries are removed. (What the firewall says about each is the
 /// reconcile's, as for `xbr publish`.)
@@ -859,38 +743,6 @@ mod tests {
             "{:?}",
             ports.skipped
         );
-    }
-
-    #[test]
-    fn a_sync_touches_only_dockers_entries() {
-        let current = [
-            (spec("18080:10.213.0.2:8080"), true),
-            (spec("18081:10.213.0.9:8081/udp"), true),
-            (spec("9000:10.213.0.3:80"), false),
-            (spec("18083:10.213.0.4:80"), true),
-        ];
-        let wanted = BTreeSet::from([
-            spec("18080:10.213.0.2:8080"),
-            spec("9000:10.213.0.5:80"),
-            spec("18083:10.213.0.7:80"),
-            spec("18084:10.213.0.2:8084"),
-        ]);
-        let synced = diff(&current, &wanted);
-        assert_eq!(
-            synced.removed,
-            [
-                spec("18081:10.213.0.9:8081/udp"),
-                spec("18083:10.213.0.4:80")
-            ]
-        );
-        assert_eq!(
-            synced.added,
-            [spec("18083:10.213.0.7:80"), spec("18084:10.213.0.2:8084")],
-            "a moved binding is replaced, a new one added"
-        );
-        assert_eq!(synced.held_by_user, [spec("9000:10.213.0.5:80")]);
-        assert_eq!(synced.mirrored, 3);
-        assert!(diff(&current[..1], &BTreeSet::from([current[0].0])).is_empty());
     }
 
     #[test]

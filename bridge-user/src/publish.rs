@@ -4,7 +4,7 @@
 //! tables (`NatState`, `Capacity`). Writing the pinned map and retiring connections is the
 //! datapath's (`datapath/published.rs`).
 
-use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr, time::Duration};
 
 use bridge_common::{
     Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEvent, PublishedKey, PublishedPort, lifetime,
@@ -134,6 +134,44 @@ pub struct Published {
     pub flags: u8,
 }
 
+/// What a sync of Docker's published ports changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    pub added: Vec<PublishSpec>,
+    pub removed: Vec<PublishSpec>,
+    /// Docker bindings whose host port an `xbr publish` entry holds: the user's entry stays.
+    pub held_by_user: Vec<PublishSpec>,
+    /// Docker bindings in the map after the sync.
+    pub mirrored: usize,
+}
+
+impl Synced {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The pure part of a sync: the entries now (spec, whether Docker's) and the wanted Docker
+/// bindings -> which Docker entries go and which come. Entries of `xbr publish` stay.
+pub fn diff(current: &[(PublishSpec, bool)], wanted: &BTreeSet<PublishSpec>) -> Synced {
+    let mut synced = Synced::default();
+    for (spec, by_docker) in current {
+        if *by_docker && !wanted.contains(spec) {
+            synced.removed.push(*spec);
+        }
+    }
+    for spec in wanted {
+        match current.iter().find(|(now, _)| now.key() == spec.key()) {
+            None => synced.added.push(*spec),
+            Some((now, true)) if now != spec => synced.added.push(*spec),
+            Some((_, true)) => {}
+            Some((_, false)) => synced.held_by_user.push(*spec),
+        }
+    }
+    synced.mirrored = wanted.len() - synced.held_by_user.len();
+    synced
+}
+
 /// What `nat_state` read.
 #[derive(Clone, Debug, Default)]
 pub struct NatState {
@@ -226,6 +264,10 @@ impl Timeouts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(text: &str) -> PublishSpec {
+        text.parse().unwrap()
+    }
 
     #[test]
     fn specs_parse_like_docker_run_p() {
@@ -325,5 +367,37 @@ mod tests {
         assert!(!exact.matches_inbound(&key));
         let udp: PublishSpec = "8080:10.77.0.2:80/udp".parse().unwrap();
         assert!(!udp.matches_inbound(&key));
+    }
+
+    #[test]
+    fn a_sync_touches_only_dockers_entries() {
+        let current = [
+            (spec("18080:10.213.0.2:8080"), true),
+            (spec("18081:10.213.0.9:8081/udp"), true),
+            (spec("9000:10.213.0.3:80"), false),
+            (spec("18083:10.213.0.4:80"), true),
+        ];
+        let wanted = BTreeSet::from([
+            spec("18080:10.213.0.2:8080"),
+            spec("9000:10.213.0.5:80"),
+            spec("18083:10.213.0.7:80"),
+            spec("18084:10.213.0.2:8084"),
+        ]);
+        let synced = diff(&current, &wanted);
+        assert_eq!(
+            synced.removed,
+            [
+                spec("18081:10.213.0.9:8081/udp"),
+                spec("18083:10.213.0.4:80")
+            ]
+        );
+        assert_eq!(
+            synced.added,
+            [spec("18083:10.213.0.7:80"), spec("18084:10.213.0.2:8084")],
+            "a moved binding is replaced, a new one added"
+        );
+        assert_eq!(synced.held_by_user, [spec("9000:10.213.0.5:80")]);
+        assert_eq!(synced.mirrored, 3);
+        assert!(diff(&current[..1], &BTreeSet::from([current[0].0])).is_empty());
     }
 }

@@ -6,12 +6,13 @@ use std::path::Path;
 
 use crate::{
     datapath::{self, Attached, Changes, ModeChoice, Pinned, UplinkModeChoice},
-    docker::{self, DockerState, Synced},
+    docker::{self, DockerState},
     error::{Error, Result},
     features::Features,
     netlink,
     observe::{self, Detail},
     plan::{self, Plan, Policy},
+    publish::Synced,
 };
 
 /// What a reconcile takes besides the kernel's state.

@@ -6,14 +6,14 @@ use bridge_common::{AttachMode, EndpointKey, NatEvent, PortStats, PublishedPort}
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
-    docker::{DockerState, Synced},
+    docker::DockerState,
     features::Features,
     hooks::Drift,
     lock::Holder,
     memory::Memory,
     observe::{BridgeView, format_mac},
     plan::{Plan, PublishedPolicy},
-    publish::{NatState, PublishSpec, Published},
+    publish::{NatState, PublishSpec, Published, Synced},
 };
 
 /// An attachment as read back from its pins, and what is true now beside it.

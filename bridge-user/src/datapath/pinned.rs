@@ -52,7 +52,7 @@ pub struct Pinned {
     pub(super) ports: HashMap<MapData, u32, PortRecord>,
     pub(super) stats: PerCpuHashMap<MapData, u32, PortStats>,
     pub(super) verdicts: PerCpuArray<MapData, u64>,
-    pub(crate) published: HashMap<MapData, PublishedKey, PublishedPort>,
+    pub(super) published: HashMap<MapData, PublishedKey, PublishedPort>,
     /// The slots of the connection tables (see `NatTables`).
     pub(super) nat_flows_slot: ArrayOfMaps<MapData, MapData>,
     pub(super) nat_transient_slot: ArrayOfMaps<MapData, MapData>,
@@ -209,7 +209,7 @@ impl Pinned {
 
     /// Makes the connection tables if the attachment has none: before a port is published,
     /// so that the datapath never finds a published port without them.
-    pub(crate) fn ensure_nat_tables(&mut self) -> Result<()> {
+    pub(super) fn ensure_nat_tables(&mut self) -> Result<()> {
         if self.nat_tables().is_some() {
             return Ok(());
         }

@@ -3,15 +3,20 @@
 //! connections that came through them: retiring them when they go idle or lose their port,
 //! and counting them.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use aya::maps::PerCpuValues;
-use bridge_common::{Flow, FlowKey, NatEvent, PublishedPort};
+use bridge_common::{Flow, FlowKey, NatEvent, PublishedKey, PublishedPort};
 
 use super::pinned::{FlowTable, NatTables, Pinned};
 use crate::{
     error::{Error, Result},
-    publish::{NatState, Proto, PublishSpec, Published, Timeouts},
+    observe::Mac,
+    publish::{NatState, Proto, PublishSpec, Published, Synced, Timeouts, diff},
 };
 
 impl Pinned {
@@ -276,6 +281,68 @@ impl Pinned {
         );
         state.replaced = replaced_entries / 2;
         state
+    }
+
+    /// Brings the Docker-owned entries of PUBLISHED to `wanted`. New entries point at their
+    /// container's port when `containers` knows its address (else the kernel path serves them
+    /// until a reconcile finds it); removed ones end their connections.
+    pub fn sync_docker_published(
+        &mut self,
+        wanted: &BTreeSet<PublishSpec>,
+        containers: &BTreeMap<Ipv4Addr, (u32, Mac)>,
+        bridge_mac: Mac,
+    ) -> Result<Synced> {
+        let current: Vec<(PublishSpec, bool)> = self
+            .published
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter_map(|(key, value)| {
+                Some((PublishSpec::from_entry(&key, &value)?, value.by_docker()))
+            })
+            .collect();
+        let synced = diff(&current, wanted);
+        for spec in &synced.removed {
+            self.unpublish(spec)?;
+        }
+        if !synced.added.is_empty() {
+            self.ensure_nat_tables()?;
+        }
+        for spec in &synced.added {
+            let (ifindex, container_mac) = containers
+                .get(&spec.container_ip)
+                .copied()
+                .unwrap_or((0, [0; 6]));
+            let value = PublishedPort {
+                container_ip: spec.container_ip.octets(),
+                container_port: spec.container_port.to_be_bytes(),
+                // Held until the policy has been asked (`apply_published_policy`).
+                flags: PublishedPort::BY_DOCKER | PublishedPort::HELD,
+                _pad: 0,
+                ifindex,
+                container_mac,
+                gateway_mac: bridge_mac,
+            };
+            self.published
+                .insert(spec.key(), value, 0)
+                .map_err(|e| Error::ebpf("writing the published ports map", e))?;
+        }
+        Ok(synced)
+    }
+
+    /// Removes the Docker-owned published ports (their live connections keep going), so new
+    /// connections take Docker's own path: nothing keeps those entries current without a
+    /// follower.
+    pub fn withdraw_docker_published(&mut self) -> usize {
+        let keys: Vec<PublishedKey> = self
+            .published
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, value)| value.by_docker())
+            .map(|(key, _)| key)
+            .collect();
+        keys.iter()
+            .filter(|key| self.published.remove(key).is_ok())
+            .count()
     }
 }
 
