@@ -12,6 +12,8 @@
 //!   what the kernel runs there, and taking them off;
 //! - `apply`: bringing the pinned state to a plan (`Pinned::reconcile`) and the policy's
 //!   hold-backs;
+//! - `published`: the published ports in the pinned map (`xbr publish`, Docker's bindings)
+//!   and the NATed connections through them: retiring and counting them;
 //! - `snapshot`: reading an attachment back for `status` and `stats`.
 
 mod apply;
