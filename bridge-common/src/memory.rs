@@ -115,7 +115,7 @@ pub const MAPS: [MapDefinition; 18] = [
 /// The connection tables, made with the first published port.
 pub const NAT_TABLES: [MapDefinition; 2] = [
     MapDefinition {
-        name: "nat_flows",
+        name: "FLOW_TABLE",
         kind: Kind::Hash,
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<Flow>() as u32,
@@ -124,7 +124,7 @@ pub const NAT_TABLES: [MapDefinition; 2] = [
         entries: Entries::Established,
     },
     MapDefinition {
-        name: "nat_transient",
+        name: "TRANSIENT_TABLE",
         kind: Kind::LruHash,
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<Flow>() as u32,

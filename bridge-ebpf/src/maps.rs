@@ -65,6 +65,15 @@ pub static NAT_FLOWS: ArrayOfMaps<FlowTable, 1> = ArrayOfMaps::new();
 #[btf_map]
 pub static NAT_TRANSIENT: ArrayOfMaps<TransientTable, 1> = ArrayOfMaps::new();
 
+/// Prototypes of the two tables, never used by the programs: the control plane makes each
+/// connection table by loading this object again with the prototype's size, so that the
+/// table carries the same BTF as the slot's template (kernels 5.15 to 6.1 accept a map into
+/// a slot only if what its BTF says about the value matches, not only its sizes).
+#[btf_map]
+pub static FLOW_TABLE: FlowTable = FlowTable::new();
+#[btf_map]
+pub static TRANSIENT_TABLE: TransientTable = TransientTable::new();
+
 /// A connection table through its slot, with the operations of a map (an empty slot: no
 /// entry is found, nothing can be written).
 pub struct Table<M: 'static>(&'static ArrayOfMaps<M, 1>);

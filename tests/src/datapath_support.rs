@@ -11,7 +11,7 @@ use bridge_common::{
     ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, NatEvent,
     PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
-use xbr::datapath::{FlowTable, FlowTableKind};
+use xbr::datapath::FlowTable;
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_REDIRECT: u32 = 7;
@@ -49,19 +49,12 @@ impl Datapath {
         let mut datapath = Datapath::load_without_connection_tables(redirect_peer);
         let (flow_entries, transient_entries) =
             xbr::datapath::flow_table_entries(DEFAULT_MAX_FLOWS);
-        for (slot, kind, entries) in [
-            (
-                "NAT_FLOWS",
-                FlowTableKind::Established,
-                flow_capacity.unwrap_or(flow_entries),
-            ),
-            (
-                "NAT_TRANSIENT",
-                FlowTableKind::Transient,
-                transient_capacity.unwrap_or(transient_entries),
-            ),
-        ] {
-            let table = xbr::datapath::new_flow_table(kind, entries).unwrap();
+        let (flows, transient) = xbr::datapath::new_flow_tables(
+            flow_capacity.unwrap_or(flow_entries),
+            transient_capacity.unwrap_or(transient_entries),
+        )
+        .unwrap();
+        for (slot, table) in [("NAT_FLOWS", flows), ("NAT_TRANSIENT", transient)] {
             let mut slot: ArrayOfMaps<_, MapData> =
                 ArrayOfMaps::try_from(datapath.ebpf.map_mut(slot).unwrap()).unwrap();
             slot.set(0, &table, 0).unwrap();

@@ -94,33 +94,24 @@ pub(super) struct NatTables {
     pub transient: FlowTable,
 }
 
-/// The two connection tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowTableKind {
-    /// `NAT_FLOWS`: a hash, not preallocated.
-    Established,
-    /// `NAT_TRANSIENT`: an LRU hash (the kernel preallocates every LRU).
-    Transient,
-}
-
-/// Makes a connection table of `entries` entries, to be put in its slot.
-pub fn new_flow_table(kind: FlowTableKind, entries: u32) -> Result<MapData> {
-    const BPF_MAP_TYPE_HASH: u32 = 1;
-    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-    const BPF_F_NO_PREALLOC: u32 = 1;
-    let (map_type, flags, name) = match kind {
-        FlowTableKind::Established => (BPF_MAP_TYPE_HASH, BPF_F_NO_PREALLOC, "nat_flows"),
-        FlowTableKind::Transient => (BPF_MAP_TYPE_LRU_HASH, 0, "nat_transient"),
+/// Makes the two connection tables, `NAT_FLOWS`' with `flow_entries` entries and
+/// `NAT_TRANSIENT`'s with `transient_entries`, to be put in their slots. They are the object's
+/// prototypes `FLOW_TABLE` and `TRANSIENT_TABLE` at those sizes: loading the object (its maps
+/// only; no program goes into the kernel) gives them the BTF the slots' templates have.
+pub fn new_flow_tables(flow_entries: u32, transient_entries: u32) -> Result<(MapData, MapData)> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries("FLOW_TABLE", flow_entries)
+        .map_max_entries("TRANSIENT_TABLE", transient_entries)
+        .map_max_entries("AYA_LOGS", page_size());
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| Error::ebpf("making the connection tables", e))?;
+    let mut take = |name: &str| match ebpf.take_map(name) {
+        Some(Map::HashMap(table) | Map::LruHashMap(table)) => table,
+        _ => unreachable!("the object defines the hash map {name}"),
     };
-    let definition = aya_obj::Map::new_from_params(
-        map_type,
-        std::mem::size_of::<FlowKey>() as u32,
-        std::mem::size_of::<Flow>() as u32,
-        entries,
-        flags,
-    );
-    MapData::create(definition, name, None)
-        .map_err(|e| Error::ebpf(format!("creating the connection table {name}"), e))
+    Ok((take("FLOW_TABLE"), take("TRANSIENT_TABLE")))
 }
 
 /// The established connections a new attachment holds when `--max-flows` is not given:
@@ -214,8 +205,7 @@ impl Pinned {
             return Ok(());
         }
         let (flow_entries, transient_entries) = flow_table_entries(self.record.max_flows);
-        let flows = new_flow_table(FlowTableKind::Established, flow_entries)?;
-        let transient = new_flow_table(FlowTableKind::Transient, transient_entries)?;
+        let (flows, transient) = new_flow_tables(flow_entries, transient_entries)?;
         // Established first: the datapath opens connections only once the transient one is in.
         self.nat_flows_slot
             .set(0, &flows, 0)
