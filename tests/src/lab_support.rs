@@ -205,19 +205,35 @@ impl ExtraContainers {
 
     /// Adds container `netns` behind port `port` with `mac` and `address` (CIDR).
     pub fn add(&mut self, netns: &str, port: &str, mac: &str, address: &str) {
+        self.add_with(netns, port, mac, address, PortOptions::default(), || {});
+    }
+
+    /// `add`, with the port made as `options` say; `before_up` runs once the container's
+    /// side is configured and before its port joins the bridge (a witness installed there
+    /// sees every frame the container ever receives).
+    pub fn add_with(
+        &mut self,
+        netns: &str,
+        port: &str,
+        mac: &str,
+        address: &str,
+        options: PortOptions,
+        before_up: impl FnOnce(),
+    ) {
         run("ip", &["netns", "add", netns]);
         self.made.push(netns.to_owned());
-        run(
-            "ip",
-            &[
-                "-n", &self.host, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-                "netns", netns,
-            ],
-        );
+        let index = options.ifindex.map(|index| index.to_string());
+        let mut link_add = vec!["-n", &self.host, "link", "add", port];
+        if let Some(index) = &index {
+            link_add.extend(["index", index.as_str()]);
+        }
+        link_add.extend(["type", "veth", "peer", "name", "eth0", "netns", netns]);
+        run("ip", &link_add);
         run("ip", &["-n", netns, "link", "set", "eth0", "address", mac]);
         run("ip", &["-n", netns, "addr", "add", address, "dev", "eth0"]);
         run("ip", &["-n", netns, "link", "set", "eth0", "up"]);
         run("ip", &["-n", netns, "link", "set", "lo", "up"]);
+        before_up();
         run(
             "ip",
             &[
@@ -228,9 +244,15 @@ impl ExtraContainers {
                 port,
                 "master",
                 &self.bridge,
-                "up",
             ],
         );
+        if options.no_flood {
+            run(
+                "bridge",
+                &["-n", &self.host, "link", "set", "dev", port, "flood", "off"],
+            );
+        }
+        run("ip", &["-n", &self.host, "link", "set", port, "up"]);
         if let Some(gateway) = self.gateway {
             run(
                 "ip",
@@ -247,11 +269,42 @@ impl ExtraContainers {
         }
     }
 
+    /// The ifindex of port `port` (on the host's side).
+    pub fn ifindex(&self, port: &str) -> u32 {
+        ifindex_in(&self.host, port)
+    }
+
     /// Deletes container `netns` (its veth pair goes with it).
     pub fn remove(&mut self, netns: &str) {
         run("ip", &["netns", "del", netns]);
         self.made.retain(|made| made != netns);
     }
+
+    /// Deletes container `netns` behind `port`, the port first: the veth pair is gone when
+    /// this returns (a namespace's own teardown runs later, in the kernel's workqueue), so its
+    /// ifindex is free.
+    pub fn remove_now(&mut self, netns: &str, port: &str) {
+        run("ip", &["-n", &self.host, "link", "del", port]);
+        self.remove(netns);
+    }
+}
+
+/// How `ExtraContainers::add_with` makes a port.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PortOptions {
+    /// The port's ifindex (`ip link add ... index N`); the kernel's choice when None.
+    pub ifindex: Option<u32>,
+    /// Unknown unicast is not flooded to the port (`bridge link set ... flood off`).
+    pub no_flood: bool,
+}
+
+/// The ifindex of `device` in `netns`.
+pub fn ifindex_in(netns: &str, device: &str) -> u32 {
+    let listing = ip_in(netns, &["-j", "link", "show", "dev", device]);
+    let links: serde_json::Value = serde_json::from_str(&listing).expect("ip -j prints JSON");
+    links[0]["ifindex"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no ifindex for {device} in {netns}: {listing}")) as u32
 }
 
 impl Drop for ExtraContainers {

@@ -452,6 +452,106 @@ impl IngressCounter {
     }
 }
 
+/// Counts, at `device`'s ingress in `netns` (nftables netdev ingress: every frame the device
+/// receives), UDP frames to any of `ports`, split by destination MAC: addressed to `own_mac`,
+/// or addressed to another MAC (a frame the namespace should never have seen).
+pub struct AddressedCounter {
+    netns: String,
+}
+
+/// What an `AddressedCounter` saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Addressed {
+    pub to_me: u64,
+    pub to_others: u64,
+}
+
+impl AddressedCounter {
+    pub fn install(netns: &str, device: &str, own_mac: &str, ports: &[u16]) -> AddressedCounter {
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table netdev xbr_addressed {{\n chain ingress {{\n  type filter hook ingress device {device} priority 0; policy accept;\n  \
+             ether daddr {own_mac} udp dport {{ {ports} }} counter comment \"to_me\"\n  \
+             ether daddr != {own_mac} udp dport {{ {ports} }} counter comment \"to_others\"\n }}\n}}\n"
+        );
+        nft(netns, &["-f", "-"], Some(&rules));
+        AddressedCounter {
+            netns: netns.to_owned(),
+        }
+    }
+
+    pub fn read(&self) -> Addressed {
+        let listing = nft(
+            &self.netns,
+            &["-j", "list", "table", "netdev", "xbr_addressed"],
+            None,
+        );
+        let mut addressed = Addressed::default();
+        for (comment, packets) in rule_counters(&listing) {
+            match comment.as_str() {
+                "to_me" => addressed.to_me = packets,
+                "to_others" => addressed.to_others = packets,
+                other => panic!("unexpected witness rule {other:?}"),
+            }
+        }
+        addressed
+    }
+}
+
+/// Counts UDP frames to `port` that the bridge in `netns` forwards between its ports
+/// (nftables, bridge family, forward hook): one stream's frames that left the fast path.
+pub struct BridgeUdpForwardCounter {
+    netns: String,
+    table: String,
+}
+
+impl BridgeUdpForwardCounter {
+    pub fn install(netns: &str, port: u16) -> BridgeUdpForwardCounter {
+        let table = format!("xbr_udp_{port}");
+        let rules = format!(
+            "table bridge {table} {{\n chain forward {{\n  type filter hook forward priority 0; policy accept;\n  \
+             udp dport {port} counter comment \"udp\"\n }}\n}}\n"
+        );
+        nft(netns, &["-f", "-"], Some(&rules));
+        BridgeUdpForwardCounter {
+            netns: netns.to_owned(),
+            table,
+        }
+    }
+
+    pub fn read(&self) -> u64 {
+        let listing = nft(
+            &self.netns,
+            &["-j", "list", "table", "bridge", &self.table],
+            None,
+        );
+        rule_counters(&listing)
+            .into_iter()
+            .map(|(_, packets)| packets)
+            .sum()
+    }
+}
+
+/// (comment, packets) of each rule with a counter in `nft -j list table` output.
+fn rule_counters(listing: &str) -> Vec<(String, u64)> {
+    let json: serde_json::Value = serde_json::from_str(listing).expect("nft -j prints JSON");
+    json["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|item| {
+            let expr = item["rule"]["expr"].as_array()?;
+            let packets = expr.iter().find_map(|e| e["counter"]["packets"].as_u64())?;
+            let comment = item["rule"]["comment"].as_str().unwrap_or("").to_owned();
+            Some((comment, packets))
+        })
+        .collect()
+}
+
 /// A steady UDP stream from `client` to `server_ip:port` in `server`, each datagram numbered;
 /// `finish` stops it and returns (sent, received).
 pub struct UdpStream {

@@ -2,14 +2,15 @@
 //! that come and go, never delivers a frame to the wrong namespace, survives its own restart
 //! (the pins carry the datapath), and stops cleanly on detach and on bridge deletion.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use xbr::netns::NetNs;
 use xbr_tests::{
-    lab_support::{ExtraContainers, LabBuilder, ip_in},
+    lab_support::{ExtraContainers, LabBuilder, PortOptions, ip_in},
     witness::{
-        BridgeForwardCounter, Follower, IngressCounter, PinRoot, UdpStream, tc_programs, tcp_echo,
-        wait_for,
+        Addressed, AddressedCounter, BridgeForwardCounter, BridgeUdpForwardCounter, Follower,
+        IngressCounter, PinRoot, UdpStream, tc_programs, tcp_echo, wait_for,
     },
 };
 
@@ -56,21 +57,90 @@ fn a_new_container_is_on_the_fast_path_within_a_second() {
     );
 }
 
+/// Port records xbr holds (ifindex -> the endpoint MAC on it, if any), from `xbr status`.
+fn port_records(pins: &PinRoot) -> BTreeMap<u64, Option<String>> {
+    let status = pins.status();
+    let mut records = BTreeMap::new();
+    for bridge in status["bridges"].as_array().into_iter().flatten() {
+        for port in bridge["ports"].as_array().into_iter().flatten() {
+            records.insert(
+                port["ifindex"].as_u64().expect("ifindex"),
+                port["endpoint_mac"].as_str().map(str::to_owned),
+            );
+        }
+    }
+    records
+}
+
+/// Polls `done` for up to `limit`; whether it came true.
+fn came_true(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The dangerous case of churn, while frames are in flight: a container goes, and at once
+/// another takes its MAC on a new port; then a third takes the old port's ifindex
+/// (`ip link add ... index N`). A stream to that MAC runs throughout (c holds a permanent
+/// neighbour entry for it, so frames keep coming whoever holds the MAC, and while nobody
+/// does), beside a long-lived a -> b stream. 17 rounds, 51 containers; names and MACs
+/// repeat every five rounds.
+///
+/// Every namespace is watched on its ingress for its whole life (a, b and c from before the
+/// streams start, each new container from before its port comes up): a frame of either
+/// stream that arrives addressed to another MAC than the namespace's own is a misdelivery.
+/// The bridge floods no unknown unicast to these ports (`flood off`), so while no container
+/// holds the MAC the kernel drops its frames instead of showing them to everyone: what a
+/// witness then counts can only be a wrong redirect.
+///
+/// What this proves is what DESIGN.md "No misdelivery" promises: a MAC moved to another
+/// port, with frames to it in flight, is never delivered to its old port (the new port has a
+/// new ifindex, and its record names the MAC before the entry points there); and an ifindex
+/// reused on purpose is safe once the follower has seen the old port's deletion (the test
+/// waits for that: the old port's record is gone). An ifindex reused *before* the follower
+/// hears of the deletion is the documented residual risk, not exercised here (with the
+/// follower stopped across that step, this test fails: see the commit message).
 #[test]
 fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
     const PAIR_PORT: u16 = 7777;
+    const CHURN_PORT: u16 = 7778;
+    const ROUNDS: usize = 17;
+    const SLOTS: usize = 5;
     let lab = LabBuilder::three_containers().up();
     let spec = lab.spec().clone();
     let host = spec.host_netns();
     let pins = PinRoot::new(&host);
     let follower = Follower::start(&host, &pins.path, "br0", &[]);
-    let bridge = BridgeForwardCounter::install(&host);
+    for port in ["veth-a", "veth-b", "veth-c"] {
+        ip_in(
+            &host,
+            &["link", "set", port, "type", "bridge_slave", "flood", "off"],
+        );
+    }
     let a = NetNs::open(&spec.container_netns("a")).unwrap();
     let b = NetNs::open(&spec.container_netns("b")).unwrap();
+    let c = NetNs::open(&spec.container_netns("c")).unwrap();
     // Warm up ARP so that the stream starts on the fast path.
     tcp_echo(&a, &b, "10.77.0.3".parse().unwrap(), 1024);
-    let before = bridge.read();
-    // The same witness on the stream's own receiver: it must count every datagram.
+    let pair_via_bridge = BridgeUdpForwardCounter::install(&host, PAIR_PORT);
+    let lasting: Vec<(String, AddressedCounter)> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let netns = spec.container_netns(name);
+            let mac = format!("02:77:00:00:00:{:02x}", i + 2);
+            let witness = AddressedCounter::install(&netns, "eth0", &mac, &[PAIR_PORT, CHURN_PORT]);
+            (netns, witness)
+        })
+        .collect();
+    // The stream's own receiver: its witness must count every datagram.
     let at_b = IngressCounter::install(&spec.container_netns("b"), "eth0", PAIR_PORT);
     let stream = UdpStream::start(
         &a,
@@ -83,33 +153,160 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
         Duration::from_millis(2),
     );
 
-    // 50 containers come and go; names and MACs repeat every ten.
-    let mut extra = ExtraContainers::new(&spec);
-    let mut misdelivered = Vec::new();
-    for round in 0..50 {
-        let slot = round % 10;
-        let netns = format!("{}-x{slot}", spec.name);
-        let port = format!("veth-x{slot}");
-        extra.add(
-            &netns,
-            &port,
-            &format!("02:77:00:00:02:{slot:02x}"),
-            &format!("10.77.0.{}/24", 110 + slot),
+    // The churning MACs and addresses, one per slot; c sends to each in turn, whoever holds
+    // it, from start to end.
+    let slot_mac = |slot: usize| format!("02:77:00:00:02:{slot:02x}");
+    let slot_ip = |slot: usize| std::net::Ipv4Addr::new(10, 77, 0, 110 + slot as u8);
+    for slot in 0..SLOTS {
+        ip_in(
+            &spec.container_netns("c"),
+            &[
+                "neigh",
+                "replace",
+                &slot_ip(slot).to_string(),
+                "lladdr",
+                &slot_mac(slot),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
         );
-        let counter = IngressCounter::install(&netns, "eth0", PAIR_PORT);
-        std::thread::sleep(Duration::from_millis(20));
-        let arrived = counter.read();
-        if arrived != 0 {
-            misdelivered.push((round, netns.clone(), arrived));
-        }
-        extra.remove(&netns);
     }
+    let churn_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn_sender = {
+        let socket = c
+            .run(|| std::net::UdpSocket::bind(("0.0.0.0", 0)))
+            .unwrap()
+            .expect("bind the churn sender");
+        let stop = churn_stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let target = slot_ip(sent as usize % SLOTS);
+                // A send may fail while the kernel's queue is full: only delivery matters.
+                let _ = socket.send_to(&sent.to_be_bytes(), (target, CHURN_PORT));
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            sent
+        })
+    };
+
+    let no_flood = PortOptions {
+        ifindex: None,
+        no_flood: true,
+    };
+    let mut extra = ExtraContainers::new(&spec);
+    // What the witness of each container that came and went saw in its whole life.
+    let mut watched: Vec<(String, Addressed)> = Vec::new();
+    // A container's port goes down first (nothing reaches it after), then its witness is
+    // read, then it goes.
+    let mut remove =
+        |extra: &mut ExtraContainers,
+         (netns, port, witness): (String, String, AddressedCounter)| {
+            ip_in(&host, &["link", "set", &port, "down"]);
+            std::thread::sleep(Duration::from_millis(5));
+            let seen = witness.read();
+            extra.remove_now(&netns, &port);
+            watched.push((netns, seen));
+            seen
+        };
+    let add =
+        |extra: &mut ExtraContainers, role: &str, slot: usize, mac: &str, options: PortOptions| {
+            let netns = format!("{}-{role}{slot}", spec.name);
+            let port = format!("v{role}{slot}");
+            let mut witness = None;
+            extra.add_with(
+                &netns,
+                &port,
+                mac,
+                &format!("{}/24", slot_ip(slot)),
+                options,
+                || {
+                    witness = Some(AddressedCounter::install(
+                        &netns,
+                        "eth0",
+                        mac,
+                        &[PAIR_PORT, CHURN_PORT],
+                    ));
+                },
+            );
+            (netns, port, witness.unwrap())
+        };
+    let mut unproven_rounds = Vec::new();
+    let mut delivered_to_holders = 0;
+    for round in 0..ROUNDS {
+        let slot = round % SLOTS;
+        let mac = slot_mac(slot);
+        // X holds the slot's MAC, on the fast path.
+        let x = add(&mut extra, "x", slot, &mac, no_flood);
+        let old_ifindex = extra.ifindex(&x.1);
+        wait_for("X's endpoint", Duration::from_secs(5), || {
+            port_records(&pins).get(&u64::from(old_ifindex)) == Some(&Some(mac.clone()))
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        // X goes; Y takes its MAC on a new port at once, frames to the MAC in flight.
+        delivered_to_holders += remove(&mut extra, x).to_me;
+        let (y_netns, y_port, y_witness) = add(&mut extra, "y", slot, &mac, no_flood);
+        let y_ifindex = u64::from(extra.ifindex(&y_port));
+        // The follower has seen X's port go (its record is gone) and Y's arrive.
+        wait_for(
+            "the follower to move the MAC",
+            Duration::from_secs(5),
+            || {
+                let records = port_records(&pins);
+                !records.contains_key(&u64::from(old_ifindex))
+                    && records.get(&y_ifindex) == Some(&Some(mac.clone()))
+            },
+        );
+        // Z takes X's old ifindex, with a MAC of its own.
+        let z_mac = format!("02:77:00:00:03:{round:02x}");
+        let z_options = PortOptions {
+            ifindex: Some(old_ifindex),
+            no_flood: true,
+        };
+        let z = add(&mut extra, "z", slot, &z_mac, z_options);
+        assert_eq!(extra.ifindex(&z.1), old_ifindex, "Z reuses X's ifindex");
+        // Frames to the MAC keep arriving at Y while Z holds the old ifindex.
+        let at_z_up = y_witness.read().to_me;
+        if !came_true(Duration::from_secs(2), || {
+            y_witness.read().to_me > at_z_up + 5
+        }) {
+            unproven_rounds.push(round);
+        }
+        delivered_to_holders += remove(&mut extra, (y_netns, y_port, y_witness)).to_me;
+        remove(&mut extra, z);
+    }
+    churn_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let churned = churn_sender.join().expect("churn sender");
     let (sent, received) = stream.finish();
-    let after = bridge.read();
+
+    watched.extend(
+        lasting
+            .iter()
+            .map(|(netns, witness)| (netns.clone(), witness.read())),
+    );
+    let misdelivered: Vec<(&str, u64)> = watched
+        .iter()
+        .map(|(netns, seen)| (netns.as_str(), seen.to_others))
+        .filter(|(_, to_others)| *to_others != 0)
+        .collect();
+    eprintln!(
+        "churn: {} namespaces watched, {churned} datagrams to the churning MACs, {delivered_to_holders} \
+         delivered to their holders; a -> b: {sent} sent, {received} received",
+        watched.len()
+    );
     assert!(
         misdelivered.is_empty(),
-        "frames of the a->b stream reached other namespaces: {misdelivered:?}"
+        "frames reached namespaces they were not addressed to: {misdelivered:?}"
     );
+    assert!(
+        unproven_rounds.is_empty(),
+        "rounds in which no frame to the moved MAC reached its new holder while the old \
+         ifindex was reused (the dangerous case was not produced): {unproven_rounds:?}"
+    );
+    assert_eq!(watched.len(), 3 + 3 * ROUNDS);
     assert!(sent > 300, "the stream ran ({sent} datagrams)");
     assert_eq!(
         received, sent,
@@ -121,7 +318,8 @@ fn churn_never_misdelivers_and_the_long_lived_pair_loses_nothing() {
         "the ingress witness at b counts the stream"
     );
     assert_eq!(
-        after.ipv4_unicast, before.ipv4_unicast,
+        pair_via_bridge.read(),
+        0,
         "the long-lived pair left the fast path during churn"
     );
     let endpoints = pins.endpoints();

@@ -9,6 +9,7 @@ use bridge_common::{
     Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEvent, PublishedKey, PublishedPort, Verdict,
 };
 use etherparse::PacketBuilder;
+use rstest::rstest;
 use xbr_tests::datapath_support::{
     Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UPLINK_PROGRAM, XDP_PASS,
     XDP_REDIRECT,
@@ -796,33 +797,65 @@ fn expired_transient_state_is_not_used() {
     );
 }
 
-/// Frames NAT must leave alone, with the verdict the tc program counts for them.
-fn frames_to_leave_alone() -> Vec<(&'static str, Vec<u8>, Option<Verdict>)> {
-    let mut other_port = inbound();
-    other_port.ports.1 = 9090;
+/// A first fragment of a published port's datagram.
+fn first_fragment() -> Vec<u8> {
     let mut fragment = udp(&inbound(), b"first fragment");
     fragment[20] |= 0x20; // more fragments
     fix_ip_checksum(&mut fragment);
-    let mut later_fragment = udp(&inbound(), b"later fragment");
-    later_fragment[21] = 0x10; // offset 16 * 8
-    fix_ip_checksum(&mut later_fragment);
+    fragment
+}
+
+/// A later fragment (offset 16 * 8) of a published port's datagram.
+fn later_fragment() -> Vec<u8> {
+    let mut fragment = udp(&inbound(), b"later fragment");
+    fragment[21] = 0x10;
+    fix_ip_checksum(&mut fragment);
+    fragment
+}
+
+/// A SYN to the published port whose IP header carries options (NOP NOP NOP EOL).
+fn syn_with_ip_options() -> Vec<u8> {
     let mut options = tcp(&inbound(), "S", &[]);
-    options.splice(34..34, [1u8, 1, 1, 0]); // NOP NOP NOP EOL
+    options.splice(34..34, [1u8, 1, 1, 0]);
     options[14] = 0x46;
     let total = u16::from_be_bytes([options[16], options[17]]) + 4;
     options[16..18].copy_from_slice(&total.to_be_bytes());
     fix_ip_checksum(&mut options);
+    options
+}
+
+/// A SYN whose IP header says it carries 10 bytes of TCP.
+fn syn_cut_short() -> Vec<u8> {
     let mut tcp_cut = tcp(&inbound(), "S", &[]);
-    tcp_cut[16..18].copy_from_slice(&30u16.to_be_bytes()); // IP says: 10 bytes of TCP
+    tcp_cut[16..18].copy_from_slice(&30u16.to_be_bytes());
     fix_ip_checksum(&mut tcp_cut);
+    tcp_cut
+}
+
+fn syn_to_port(host_port: u16) -> Vec<u8> {
+    let mut other_port = inbound();
+    other_port.ports.1 = host_port;
+    tcp(&other_port, "S", &[])
+}
+
+fn syn_with_ttl(ttl: u8) -> Vec<u8> {
     let mut dying = inbound();
-    dying.ttl = 1;
+    dying.ttl = ttl;
+    tcp(&dying, "S", &[])
+}
+
+/// ICMP port unreachable from the client about a (translated) connection.
+fn icmp_error() -> Vec<u8> {
     let mut icmp_error = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, UPLINK_MAC)
         .ipv4(CLIENT_IP, HOST_IP, 64)
         .icmpv4_raw(3, 3, [0; 4])
         .write(&mut icmp_error, &tcp(&reply_translated(), "S", &[])[14..42])
         .unwrap();
+    icmp_error
+}
+
+fn ipv6_syn() -> Vec<u8> {
     let mut ipv6 = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, UPLINK_MAC)
         .ipv6([0xfd; 16], [0xfe; 16], 64)
@@ -830,51 +863,62 @@ fn frames_to_leave_alone() -> Vec<(&'static str, Vec<u8>, Option<Verdict>)> {
         .syn()
         .write(&mut ipv6, &[])
         .unwrap();
-
-    vec![
-        ("a port nobody published", tcp(&other_port, "S", &[]), None),
-        (
-            "TCP without SYN, no connection",
-            tcp(&inbound(), "A", b"data"),
-            Some(Verdict::NatNotTranslated),
-        ),
-        (
-            "SYN-ACK from outside",
-            tcp(&inbound(), "SA", &[]),
-            Some(Verdict::NatNotTranslated),
-        ),
-        ("first fragment", fragment, None),
-        ("later fragment", later_fragment, None),
-        ("IP options", options, None),
-        ("TCP header cut short", tcp_cut, None),
-        (
-            "TTL about to expire",
-            tcp(&dying, "S", &[]),
-            Some(Verdict::NatNotTranslated),
-        ),
-        ("ICMP error about a connection", icmp_error, None),
-        ("IPv6", ipv6, None),
-    ]
+    ipv6
 }
 
-#[test]
-fn frames_nat_must_not_touch_pass_unchanged() {
+/// The uplink's two programs: tc (`--uplink-mode tc`) and XDP (`--uplink-mode xdp`).
+#[derive(Clone, Copy, Debug)]
+enum Uplink {
+    Tc,
+    Xdp,
+}
+
+/// Frames NAT must leave alone, each a test of its own for each uplink program, on a fresh
+/// datapath with a published TCP and UDP port: tc passes them on unchanged to the kernel
+/// (`TC_ACT_UNSPEC`) and counts the verdict given; XDP passes them on unchanged to tc and
+/// counts nothing (tc counts what it passes). Neither opens a connection.
+#[rstest]
+#[case::a_port_nobody_published(syn_to_port(9090), None)]
+#[case::tcp_without_syn_no_connection(
+    tcp(&inbound(), "A", b"data"),
+    Some(Verdict::NatNotTranslated)
+)]
+#[case::syn_ack_from_outside(tcp(&inbound(), "SA", &[]), Some(Verdict::NatNotTranslated))]
+#[case::first_fragment(first_fragment(), None)]
+#[case::later_fragment(later_fragment(), None)]
+#[case::ip_options(syn_with_ip_options(), None)]
+#[case::tcp_header_cut_short(syn_cut_short(), None)]
+#[case::ttl_about_to_expire(syn_with_ttl(1), Some(Verdict::NatNotTranslated))]
+#[case::icmp_error_about_a_connection(icmp_error(), None)]
+#[case::ipv6(ipv6_syn(), None)]
+fn frames_nat_must_not_touch_pass_unchanged(
+    #[case] frame: Vec<u8>,
+    #[case] verdict: Option<Verdict>,
+    #[values(Uplink::Tc, Uplink::Xdp)] uplink: Uplink,
+) {
     let mut datapath = nat_datapath(None);
-    let cases = frames_to_leave_alone();
-    for (case, frame, verdict) in cases {
-        let before = verdict.map(|v| datapath.verdict_count(v));
-        let (code, out) = datapath
-            .run(UPLINK_PROGRAM, &frame)
-            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
-        assert_eq!(code, TC_ACT_UNSPEC, "{case}: must go on to the kernel");
-        assert_frame(case, &out, &frame);
-        if let (Some(verdict), Some(before)) = (verdict, before) {
-            assert_eq!(
-                datapath.verdict_count(verdict),
-                before + 1,
-                "{case}: verdict {verdict:?}"
-            );
+    match uplink {
+        Uplink::Tc => {
+            let (code, out) = datapath.run(UPLINK_PROGRAM, &frame).unwrap();
+            assert_eq!(code, TC_ACT_UNSPEC, "must go on to the kernel");
+            assert_frame("tc", &out, &frame);
         }
+        Uplink::Xdp => {
+            let (code, out) = datapath.run_xdp(&frame).unwrap();
+            assert_eq!(code, XDP_PASS, "must go on to tc and the kernel");
+            assert_frame("xdp", &out, &frame);
+        }
+    }
+    for counted in Verdict::ALL {
+        let wanted = match uplink {
+            Uplink::Tc => u64::from(Some(counted) == verdict),
+            Uplink::Xdp => 0,
+        };
+        assert_eq!(
+            datapath.verdict_count(counted),
+            wanted,
+            "{uplink:?}: verdict {counted:?} (XDP counts only what it delivers)"
+        );
     }
     assert!(
         datapath.flows().is_empty() && datapath.transient().is_empty(),
@@ -882,8 +926,11 @@ fn frames_nat_must_not_touch_pass_unchanged() {
         datapath.flows(),
         datapath.transient()
     );
+}
 
-    // A published port whose container is not on the bridge now: the kernel's.
+/// A published port whose container is not on the bridge now: the kernel's.
+#[test]
+fn a_published_port_without_its_container_is_the_kernels() {
     let mut datapath = Datapath::load(true, None);
     let (key, port) = published(IPPROTO_TCP, 0);
     datapath.publish(key, port);
@@ -1208,30 +1255,10 @@ fn xdp_checksums_equal_full_recomputation_for_many_frames() {
     }
 }
 
+/// XDP with a full transient table: new connections make room for themselves there; and a
+/// connection whose container left its port is not delivered there, and is over.
 #[test]
-fn xdp_passes_frames_nat_must_not_touch_and_leaves_their_verdicts_to_tc() {
-    let mut datapath = nat_datapath(None);
-    for (case, frame, _) in frames_to_leave_alone() {
-        let (code, out) = datapath
-            .run_xdp(&frame)
-            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
-        assert_eq!(code, XDP_PASS, "{case}: must go on to tc and the kernel");
-        assert_frame(case, &out, &frame);
-    }
-    for verdict in Verdict::ALL {
-        assert_eq!(
-            datapath.verdict_count(verdict),
-            0,
-            "{verdict:?}: XDP counts only what it delivers; tc counts what it passes"
-        );
-    }
-    assert!(datapath.flows().is_empty(), "{:?}", datapath.flows());
-    assert!(
-        datapath.transient().is_empty(),
-        "{:?}",
-        datapath.transient()
-    );
-
+fn xdp_makes_room_in_a_full_transient_table_and_never_follows_a_left_port() {
     // A full transient table: new connections make room for themselves there.
     let mut datapath = Datapath::load_sized(true, None, Some(8));
     datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);

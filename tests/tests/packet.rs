@@ -5,7 +5,9 @@
 use aya::maps::{HashMap, PerCpuHashMap};
 use bridge_common::{PortRecord, PortStats, Verdict};
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
+use rstest::rstest;
 
+use Expect::{Pass, RedirectTo};
 use xbr_tests::datapath_support::{Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT};
 
 /// BPF_PROG_TEST_RUN runs a tc program on loopback: the frame "arrives" on ifindex 1, so
@@ -108,127 +110,21 @@ fn vlan_udp4(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
     frame
 }
 
-/// Each case: a frame from container A's port, and where it must go.
-fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
-    // BPF_PROG_TEST_RUN refuses IP frames shorter than their fixed IP header, so truncation
-    // is shown by length fields that claim more than the frame holds.
-    let mut ip_header_cut = udp4(MAC_A, MAC_B, b"hello");
-    ip_header_cut[14] = 0x4f;
-    let mut length_beyond_frame = udp4(MAC_A, MAC_B, b"hello");
-    length_beyond_frame[16..18].copy_from_slice(&200u16.to_be_bytes());
-    let mut short_ihl = udp4(MAC_A, MAC_B, b"hello");
-    short_ihl[14] = 0x44;
-    let mut not_v4 = udp4(MAC_A, MAC_B, b"hello");
-    not_v4[14] = 0x65;
-    let mut ipv6_cut = tcp6(MAC_A, MAC_B);
-    ipv6_cut[18..20].copy_from_slice(&1000u16.to_be_bytes());
-    let mut lldp_unicast = udp4(MAC_A, MAC_B, b"hello");
-    lldp_unicast[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+/// A UDP frame between two containers' addresses, for frames whose IP header matters.
+fn udp4_between((src, src_ip): ([u8; 6], [u8; 4]), (dst, dst_ip): ([u8; 6], [u8; 4])) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(src, dst)
+        .ipv4(src_ip, dst_ip, 64)
+        .udp(40000, 5201)
+        .write(&mut frame, b"hairpin")
+        .unwrap();
+    frame
+}
 
-    use Expect::*;
-    vec![
-        (
-            "IPv4 UDP to B",
-            udp4(MAC_A, MAC_B, b"hello"),
-            RedirectTo(PORT_B),
-        ),
-        (
-            "IPv4 UDP odd-length payload to C",
-            udp4(MAC_A, MAC_C, b"odd"),
-            RedirectTo(PORT_C),
-        ),
-        ("IPv6 TCP SYN to B", tcp6(MAC_A, MAC_B), RedirectTo(PORT_B)),
-        (
-            "ARP request (broadcast)",
-            arp(MAC_A, BROADCAST, ArpOperation::REQUEST),
-            Pass(Verdict::NotUnicast),
-        ),
-        (
-            "ARP reply (unicast to B)",
-            arp(MAC_A, MAC_B, ArpOperation::REPLY),
-            Pass(Verdict::NotIp),
-        ),
-        (
-            "LLDP-typed unicast to B",
-            lldp_unicast,
-            Pass(Verdict::NotIp),
-        ),
-        (
-            "IPv4 to broadcast MAC",
-            udp4(MAC_A, BROADCAST, b"hello"),
-            Pass(Verdict::NotUnicast),
-        ),
-        (
-            "IPv4 multicast",
-            udp4(MAC_A, [0x01, 0x00, 0x5e, 0, 0, 1], b"hello"),
-            Pass(Verdict::NotUnicast),
-        ),
-        (
-            "IPv6 multicast (ND)",
-            tcp6(MAC_A, [0x33, 0x33, 0xff, 0, 0, 0x0b]),
-            Pass(Verdict::NotUnicast),
-        ),
-        (
-            "to the bridge's MAC",
-            udp4(MAC_A, BRIDGE_MAC, b"hello"),
-            Pass(Verdict::UnknownDestination),
-        ),
-        (
-            "to an unknown MAC",
-            udp4(MAC_A, UNKNOWN_MAC, b"hello"),
-            Pass(Verdict::UnknownDestination),
-        ),
-        (
-            "802.1Q-tagged to B",
-            vlan_udp4(MAC_A, MAC_B),
-            Pass(Verdict::VlanTagged),
-        ),
-        (
-            "to A itself (hairpin)",
-            udp4(MAC_B, MAC_A, b"hello"),
-            Pass(Verdict::SamePort),
-        ),
-        (
-            "spoofed source MAC",
-            udp4(UNKNOWN_MAC, MAC_B, b"hello"),
-            Pass(Verdict::UnknownSource),
-        ),
-        (
-            "source MAC of another port",
-            udp4(MAC_C, MAC_B, b"hello"),
-            Pass(Verdict::UnknownSource),
-        ),
-        (
-            "IPv4 header cut short",
-            ip_header_cut,
-            Pass(Verdict::Malformed),
-        ),
-        (
-            "IPv4 total length beyond the frame",
-            length_beyond_frame,
-            Pass(Verdict::Malformed),
-        ),
-        (
-            "IPv4 header length below 20",
-            short_ihl,
-            Pass(Verdict::Malformed),
-        ),
-        (
-            "IPv4 ethertype, version 6 inside",
-            not_v4,
-            Pass(Verdict::Malformed),
-        ),
-        (
-            "IPv6 payload length beyond the frame",
-            ipv6_cut,
-            Pass(Verdict::Malformed),
-        ),
-        (
-            "truncated ARP",
-            arp(MAC_A, MAC_B, ArpOperation::REPLY)[..20].to_vec(),
-            Pass(Verdict::NotIp),
-        ),
-    ]
+/// `frame` with `bytes` written at offset `at`: a header field made to lie.
+fn patched(mut frame: Vec<u8>, at: usize, bytes: &[u8]) -> Vec<u8> {
+    frame[at..at + bytes.len()].copy_from_slice(bytes);
+    frame
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -237,55 +133,104 @@ enum Expect {
     Pass(Verdict),
 }
 
-#[test]
-fn every_frame_goes_where_it_must_and_leaves_unchanged() {
-    for (name, frame, expect) in cases() {
-        // A fresh program per case, so its counters speak of this frame only.
-        let mut program = PortProgram::load(true);
-        let (code, out) = program
-            .try_run(&frame)
-            .unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN failed: {e:?}"));
-        assert_eq!(out, frame, "{name}: the program must not change the frame");
-        match expect {
-            Expect::RedirectTo(port) => {
-                assert_eq!(code, TC_ACT_REDIRECT, "{name}: expected a redirect");
-                assert_eq!(program.verdict_count(Verdict::Redirected), 1, "{name}");
-                let sender = program.port_stats(PORT_A);
-                assert_eq!(
-                    (sender.fast_path_packets, sender.fast_path_bytes),
-                    (1, frame.len() as u64),
-                    "{name}"
-                );
-                assert_eq!(sender.bridge_packets, 0, "{name}");
-                for other in [PORT_B, PORT_C] {
-                    let delivered = program.port_stats(other).delivered_packets;
-                    let wanted = u64::from(other == port);
-                    assert_eq!(
-                        delivered, wanted,
-                        "{name}: delivered count of port {other} (redirect target must be {port})"
-                    );
-                }
-            }
-            Expect::Pass(verdict) => {
-                assert_eq!(
-                    code, TC_ACT_OK,
-                    "{name}: expected the frame to be passed to the bridge"
-                );
-                assert_eq!(
-                    program.verdict_count(verdict),
-                    1,
-                    "{name}: expected verdict {verdict:?}"
-                );
-                assert_eq!(program.verdict_count(Verdict::Redirected), 0, "{name}");
-                let sender = program.port_stats(PORT_A);
-                assert_eq!(
-                    (sender.bridge_packets, sender.bridge_bytes),
-                    (1, frame.len() as u64),
-                    "{name}"
-                );
-                assert_eq!(sender.fast_path_packets, 0, "{name}");
-            }
+/// Each case: a frame arriving on container A's port, and where it must go. Each runs as a
+/// test of its own (one failure does not hide the others), on a fresh program, so that its
+/// counters speak of this frame only.
+///
+/// BPF_PROG_TEST_RUN refuses IP frames shorter than their fixed IP header, so truncation is
+/// shown by length fields that claim more than the frame holds.
+#[rstest]
+#[case::ipv4_udp_to_b(udp4(MAC_A, MAC_B, b"hello"), RedirectTo(PORT_B))]
+#[case::ipv4_udp_odd_length_payload_to_c(udp4(MAC_A, MAC_C, b"odd"), RedirectTo(PORT_C))]
+#[case::ipv6_tcp_syn_to_b(tcp6(MAC_A, MAC_B), RedirectTo(PORT_B))]
+#[case::arp_request_broadcast(
+    arp(MAC_A, BROADCAST, ArpOperation::REQUEST),
+    Pass(Verdict::NotUnicast)
+)]
+#[case::arp_reply_unicast_to_b(arp(MAC_A, MAC_B, ArpOperation::REPLY), Pass(Verdict::NotIp))]
+#[case::lldp_typed_unicast_to_b(
+    patched(udp4(MAC_A, MAC_B, b"hello"), 12, &0x88ccu16.to_be_bytes()),
+    Pass(Verdict::NotIp)
+)]
+#[case::ipv4_to_broadcast_mac(udp4(MAC_A, BROADCAST, b"hello"), Pass(Verdict::NotUnicast))]
+#[case::ipv4_multicast(udp4(MAC_A, [0x01, 0x00, 0x5e, 0, 0, 1], b"hello"), Pass(Verdict::NotUnicast))]
+#[case::ipv6_multicast_nd(tcp6(MAC_A, [0x33, 0x33, 0xff, 0, 0, 0x0b]), Pass(Verdict::NotUnicast))]
+#[case::to_the_bridges_mac(udp4(MAC_A, BRIDGE_MAC, b"hello"), Pass(Verdict::UnknownDestination))]
+#[case::to_an_unknown_mac(udp4(MAC_A, UNKNOWN_MAC, b"hello"), Pass(Verdict::UnknownDestination))]
+#[case::vlan_tagged_to_b(vlan_udp4(MAC_A, MAC_B), Pass(Verdict::VlanTagged))]
+// A real hairpin: A's own frame (its MAC, its address) to an endpoint on the port it came in
+// on. Only the bridge may send a frame back out of its ingress port (hairpin mode), so xbr
+// leaves it to the bridge, unchanged.
+#[case::hairpin_a_to_itself(udp4_between((MAC_A, IP_A), (MAC_A, IP_A)), Pass(Verdict::SamePort))]
+// The same-port check comes before the source check: B's MAC sent from A's port to A is
+// the bridge's too, whatever its source.
+#[case::to_a_from_bs_mac_on_as_port(udp4(MAC_B, MAC_A, b"hello"), Pass(Verdict::SamePort))]
+#[case::spoofed_source_mac(udp4(UNKNOWN_MAC, MAC_B, b"hello"), Pass(Verdict::UnknownSource))]
+#[case::source_mac_of_another_port(udp4(MAC_C, MAC_B, b"hello"), Pass(Verdict::UnknownSource))]
+#[case::ipv4_header_cut_short(patched(udp4(MAC_A, MAC_B, b"hello"), 14, &[0x4f]), Pass(Verdict::Malformed))]
+#[case::ipv4_total_length_beyond_the_frame(
+    patched(udp4(MAC_A, MAC_B, b"hello"), 16, &200u16.to_be_bytes()),
+    Pass(Verdict::Malformed)
+)]
+#[case::ipv4_header_length_below_20(patched(udp4(MAC_A, MAC_B, b"hello"), 14, &[0x44]), Pass(Verdict::Malformed))]
+#[case::ipv4_ethertype_version_6_inside(
+    patched(udp4(MAC_A, MAC_B, b"hello"), 14, &[0x65]),
+    Pass(Verdict::Malformed)
+)]
+#[case::ipv6_payload_length_beyond_the_frame(
+    patched(tcp6(MAC_A, MAC_B), 18, &1000u16.to_be_bytes()),
+    Pass(Verdict::Malformed)
+)]
+#[case::truncated_arp(arp(MAC_A, MAC_B, ArpOperation::REPLY)[..20].to_vec(), Pass(Verdict::NotIp))]
+fn every_frame_goes_where_it_must_and_leaves_unchanged(
+    #[case] frame: Vec<u8>,
+    #[case] expect: Expect,
+) {
+    let mut program = PortProgram::load(true);
+    let (code, out) = program
+        .try_run(&frame)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e:?}"));
+    assert_eq!(out, frame, "the program must not change the frame");
+    let sender = program.port_stats(PORT_A);
+    match expect {
+        Expect::RedirectTo(_) => {
+            assert_eq!(code, TC_ACT_REDIRECT, "expected a redirect");
+            assert_eq!(program.verdict_count(Verdict::Redirected), 1);
+            assert_eq!(
+                (sender.fast_path_packets, sender.fast_path_bytes),
+                (1, frame.len() as u64)
+            );
+            assert_eq!(sender.bridge_packets, 0);
         }
+        Expect::Pass(verdict) => {
+            assert_eq!(
+                code, TC_ACT_OK,
+                "expected the frame to be passed to the bridge"
+            );
+            assert_eq!(
+                program.verdict_count(verdict),
+                1,
+                "expected verdict {verdict:?}"
+            );
+            assert_eq!(program.verdict_count(Verdict::Redirected), 0);
+            assert_eq!(
+                (sender.bridge_packets, sender.bridge_bytes),
+                (1, frame.len() as u64)
+            );
+            assert_eq!(sender.fast_path_packets, 0);
+        }
+    }
+    // Exactly one verdict counted, and delivered only where the frame was addressed (a
+    // hairpin frame is delivered nowhere, not even back to A: the bridge decides).
+    let verdicts: u64 = Verdict::ALL.iter().map(|&v| program.verdict_count(v)).sum();
+    assert_eq!(verdicts, 1, "one verdict per frame");
+    for other in [PORT_A, PORT_B, PORT_C] {
+        let delivered = program.port_stats(other).delivered_packets;
+        let wanted = u64::from(matches!(expect, Expect::RedirectTo(port) if port == other));
+        assert_eq!(
+            delivered, wanted,
+            "delivered count of port {other} (expected {expect:?})"
+        );
     }
 }
 
