@@ -82,7 +82,7 @@ const fn map(
 
 /// The maps of one attachment (the object's, in `bridge-ebpf/src/maps.rs`).
 #[rustfmt::skip]
-pub const MAPS: [MapDefinition; 18] = [
+pub const MAPS: [MapDefinition; 20] = [
     map("ENDPOINTS", Kind::Hash, size_of::<EndpointKey>(), size_of::<Endpoint>(), MAX_ENDPOINTS, Entries::Ports),
     map("PORT_STATS", Kind::PerCpuHash, 4, size_of::<PortStats>(), MAX_PORTS, Entries::Ports),
     map("VERDICTS", Kind::PerCpuArray, 4, 8, Verdict::COUNT, Entries::Fixed),
@@ -101,6 +101,9 @@ pub const MAPS: [MapDefinition; 18] = [
     map("HOLD_SCRATCH", Kind::PerCpuArray, 4, size_of::<HoldKey>(), 2, Entries::Fixed),
     // `ClientProbe`: a client hold key and an LPM key (prefix length, then the prefix).
     map("CLIENT_PROBE", Kind::PerCpuArray, 4, size_of::<ClientHoldKey>() + 4 + size_of::<ClientPrefix>(), 1, Entries::Fixed),
+    // The connection tables' prototypes (one entry each); the tables are made like them.
+    map("FLOW_TABLE", Kind::Hash, size_of::<FlowKey>(), size_of::<Flow>(), 1, Entries::Fixed),
+    map("TRANSIENT_TABLE", Kind::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), 1, Entries::Fixed),
     MapDefinition {
         name: "AYA_LOGS",
         kind: Kind::RingBuf,
@@ -115,7 +118,7 @@ pub const MAPS: [MapDefinition; 18] = [
 /// The connection tables, made with the first published port.
 pub const NAT_TABLES: [MapDefinition; 2] = [
     MapDefinition {
-        name: "FLOW_TABLE",
+        name: "nat_flows",
         kind: Kind::Hash,
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<Flow>() as u32,
@@ -124,7 +127,7 @@ pub const NAT_TABLES: [MapDefinition; 2] = [
         entries: Entries::Established,
     },
     MapDefinition {
-        name: "TRANSIENT_TABLE",
+        name: "nat_transient",
         kind: Kind::LruHash,
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<Flow>() as u32,

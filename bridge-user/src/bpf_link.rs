@@ -5,7 +5,8 @@
 //! in that moment would contradict a finished `xbr detach`. BPF_LINK_DETACH (5.9+) detaches
 //! synchronously.
 //!
-//! Emptying a slot of an array of maps (a bridge's connection tables go when nothing is
+//! Making a map shaped like another, BTF included (a connection table like its prototype), and
+//! emptying a slot of an array of maps (a bridge's connection tables go when nothing is
 //! published).
 //!
 //! Reading what really runs, so a hook removed behind xbr's back is seen: where a pinned link
@@ -23,7 +24,9 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -56,6 +59,56 @@ struct MapElemAttr {
     map_fd: u32,
     _pad: u32,
     key: u64,
+}
+
+/// The head of `struct bpf_map_info`, up to the BTF ids.
+#[repr(C)]
+#[derive(Default)]
+struct MapInfo {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    name: [u8; 16],
+    ifindex: u32,
+    btf_vmlinux_value_type_id: u32,
+    netns_dev: u64,
+    netns_ino: u64,
+    btf_id: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+    _pad: u32,
+}
+
+/// `union bpf_attr` as BPF_MAP_CREATE reads it (up to `map_extra`).
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+    btf_vmlinux_value_type_id: u32,
+    map_extra: u64,
+}
+
+/// `union bpf_attr` as BPF_BTF_GET_FD_BY_ID reads it.
+#[repr(C)]
+#[derive(Default)]
+struct BtfGetFdAttr {
+    btf_id: u32,
+    next_id: u32,
+    open_flags: u32,
 }
 
 /// `union bpf_attr` as BPF_PROG_QUERY reads it (6.6 layout; the kernel zero-checks the rest).
@@ -127,6 +180,54 @@ fn open_pinned(pin: &Path) -> io::Result<Option<OwnedFd>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Makes a map like `prototype` (type, key and value, flags and the BTF that describes them)
+/// with `max_entries` entries, named `name`. A map put into a slot of an array of maps must
+/// match the slot's template, and kernels 5.15 to 6.1 compare what the BTF says about the
+/// value too; the prototype was made by the same object load as the template.
+pub fn create_like(
+    prototype: std::os::fd::BorrowedFd<'_>,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    let mut info = MapInfo::default();
+    let mut get_info = InfoAttr {
+        bpf_fd: prototype.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get_info)?;
+    let btf = if info.btf_id != 0 {
+        let mut get_btf = BtfGetFdAttr {
+            btf_id: info.btf_id,
+            ..BtfGetFdAttr::default()
+        };
+        let fd = bpf(BPF_BTF_GET_FD_BY_ID, &mut get_btf)?;
+        // SAFETY: BPF_BTF_GET_FD_BY_ID returned a new fd that nothing else owns.
+        Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    } else {
+        None
+    };
+    let mut map_name = [0u8; 16];
+    for (to, from) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *to = from;
+    }
+    let mut create = MapCreateAttr {
+        map_type: info.map_type,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries,
+        map_flags: info.map_flags,
+        map_name,
+        btf_fd: btf.as_ref().map_or(0, |fd| fd.as_raw_fd() as u32),
+        btf_key_type_id: info.btf_key_type_id,
+        btf_value_type_id: info.btf_value_type_id,
+        ..MapCreateAttr::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut create)?;
+    // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Empties slot `index` of the array of maps pinned at `pin` (aya's `ArrayOfMaps` can only

@@ -25,7 +25,7 @@ pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 /// The XDP program in front of the uplink program (uplink xdp mode only).
 pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 15] = [
+pub const MAPS: [(&str, &str); 17] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
@@ -41,6 +41,8 @@ pub const MAPS: [(&str, &str); 15] = [
     ("HOLD_SHAPES", "hold_shapes"),
     ("CLIENT_HOLDS", "client_holds"),
     ("CLIENT_PREFIX_HOLDS", "client_prefix_holds"),
+    ("FLOW_TABLE", "flow_table_prototype"),
+    ("TRANSIENT_TABLE", "transient_table_prototype"),
 ];
 
 /// The directory of this network namespace's attachments under `root`. Bridges with the same

@@ -1,6 +1,8 @@
 //! xbr's kernel programs loaded for BPF_PROG_TEST_RUN: one fresh instance (programs and
 //! maps) per test, attached nowhere, with helpers to fill the maps and run frames.
 
+use std::os::fd::AsFd as _;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
@@ -11,7 +13,7 @@ use bridge_common::{
     ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, NatEvent,
     PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
-use xbr::datapath::FlowTable;
+use xbr::datapath::{FLOW_TABLE_PROTOTYPE, FlowTable, TRANSIENT_TABLE_PROTOTYPE};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_REDIRECT: u32 = 7;
@@ -46,25 +48,27 @@ impl Datapath {
         flow_capacity: Option<u32>,
         transient_capacity: Option<u32>,
     ) -> Datapath {
-        let mut datapath = Datapath::load_without_connection_tables(redirect_peer);
         let (flow_entries, transient_entries) =
             xbr::datapath::flow_table_entries(DEFAULT_MAX_FLOWS);
-        let (flows, transient) = xbr::datapath::new_flow_tables(
-            flow_capacity.unwrap_or(flow_entries),
-            transient_capacity.unwrap_or(transient_entries),
+        Datapath::load_with(
+            redirect_peer,
+            Some((
+                flow_capacity.unwrap_or(flow_entries),
+                transient_capacity.unwrap_or(transient_entries),
+            )),
         )
-        .unwrap();
-        for (slot, table) in [("NAT_FLOWS", flows), ("NAT_TRANSIENT", transient)] {
-            let mut slot: ArrayOfMaps<_, MapData> =
-                ArrayOfMaps::try_from(datapath.ebpf.map_mut(slot).unwrap()).unwrap();
-            slot.set(0, &table, 0).unwrap();
-        }
-        datapath
     }
 
     /// The programs as an attachment has them before its first published port: the
     /// connection tables' slots are empty.
     pub fn load_without_connection_tables(redirect_peer: bool) -> Datapath {
+        Datapath::load_with(redirect_peer, None)
+    }
+
+    /// Loads the object; with `tables` (entries of the established and the transient table),
+    /// makes the connection tables like the object's prototypes and puts them into the slots,
+    /// as the control plane does with the first published port.
+    fn load_with(redirect_peer: bool, tables: Option<(u32, u32)>) -> Datapath {
         let redirect_peer = u8::from(redirect_peer);
         let mut loader = EbpfLoader::new();
         loader
@@ -73,6 +77,26 @@ impl Datapath {
         let mut ebpf = loader
             .load(xbr::datapath::OBJECT)
             .expect("xbr's eBPF object loads (run the tests as root)");
+        if let Some((flow_entries, transient_entries)) = tables {
+            let prototype = |name: &str| match ebpf.map(name) {
+                Some(Map::HashMap(table) | Map::LruHashMap(table)) => table.fd().as_fd(),
+                other => panic!("{name} should be a hash map: {other:?}"),
+            };
+            let (flows, transient) = xbr::datapath::new_flow_tables(
+                [
+                    prototype(FLOW_TABLE_PROTOTYPE),
+                    prototype(TRANSIENT_TABLE_PROTOTYPE),
+                ],
+                flow_entries,
+                transient_entries,
+            )
+            .unwrap();
+            for (slot, table) in [("NAT_FLOWS", flows), ("NAT_TRANSIENT", transient)] {
+                let mut slot: ArrayOfMaps<_, MapData> =
+                    ArrayOfMaps::try_from(ebpf.map_mut(slot).unwrap()).unwrap();
+                slot.set(0, &table, 0).unwrap();
+            }
+        }
         for name in [PORT_PROGRAM, UPLINK_PROGRAM] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             program

@@ -31,7 +31,8 @@ pub use bridge_common::memory::flow_table_entries;
 use hooking::unpin_link;
 pub use hooking::{Role, mode_name, uplink_mode_name, xdp_attach_name};
 pub use pinned::{
-    FlowTable, MAX_MAX_FLOWS, MIN_MAX_FLOWS, OBJECT, Pinned, default_max_flows, new_flow_tables,
+    FLOW_TABLE_PROTOTYPE, FlowTable, MAX_MAX_FLOWS, MIN_MAX_FLOWS, OBJECT, Pinned,
+    TRANSIENT_TABLE_PROTOTYPE, default_max_flows, new_flow_tables,
 };
 pub use snapshot::{Attachment, read};
 

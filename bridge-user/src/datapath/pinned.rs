@@ -3,7 +3,10 @@
 //! with the first published port and removed once unused, behind their slots.
 
 use std::{
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::{AsFd as _, BorrowedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -95,24 +98,31 @@ pub(super) struct NatTables {
 }
 
 /// Makes the two connection tables, `NAT_FLOWS`' with `flow_entries` entries and
-/// `NAT_TRANSIENT`'s with `transient_entries`, to be put in their slots. They are the object's
-/// prototypes `FLOW_TABLE` and `TRANSIENT_TABLE` at those sizes: loading the object (its maps
-/// only; no program goes into the kernel) gives them the BTF the slots' templates have.
-pub fn new_flow_tables(flow_entries: u32, transient_entries: u32) -> Result<(MapData, MapData)> {
-    let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries("FLOW_TABLE", flow_entries)
-        .map_max_entries("TRANSIENT_TABLE", transient_entries)
-        .map_max_entries("AYA_LOGS", page_size());
-    let mut ebpf = loader
-        .load(OBJECT)
-        .map_err(|e| Error::ebpf("making the connection tables", e))?;
-    let mut take = |name: &str| match ebpf.take_map(name) {
-        Some(Map::HashMap(table) | Map::LruHashMap(table)) => table,
-        _ => unreachable!("the object defines the hash map {name}"),
+/// `NAT_TRANSIENT`'s with `transient_entries`, to be put in their slots: each like its
+/// prototype in the object (`FLOW_TABLE`, `TRANSIENT_TABLE`; pinned with the attachment), so
+/// that it carries the BTF the slots' templates have.
+pub fn new_flow_tables(
+    prototypes: [BorrowedFd<'_>; 2],
+    flow_entries: u32,
+    transient_entries: u32,
+) -> Result<(MapData, MapData)> {
+    let [flows, transient] = prototypes;
+    let create = |prototype, entries, name: &str| {
+        let fd = crate::bpf_link::create_like(prototype, entries, name)
+            .map_err(|e| Error::io(format!("creating the connection table {name}"), e))?;
+        MapData::from_fd(fd)
+            .map_err(|e| Error::ebpf(format!("opening the connection table {name}"), e))
     };
-    Ok((take("FLOW_TABLE"), take("TRANSIENT_TABLE")))
+    Ok((
+        create(flows, flow_entries, "nat_flows")?,
+        create(transient, transient_entries, "nat_transient")?,
+    ))
 }
+
+/// The object's prototypes of the two connection tables (see `new_flow_tables`): one entry
+/// each, pinned with the attachment.
+pub const FLOW_TABLE_PROTOTYPE: &str = "FLOW_TABLE";
+pub const TRANSIENT_TABLE_PROTOTYPE: &str = "TRANSIENT_TABLE";
 
 /// The established connections a new attachment holds when `--max-flows` is not given:
 /// 65536, less on a host with under 15 GB of memory, so that the connection tables, full,
@@ -205,7 +215,20 @@ impl Pinned {
             return Ok(());
         }
         let (flow_entries, transient_entries) = flow_table_entries(self.record.max_flows);
-        let (flows, transient) = new_flow_tables(flow_entries, transient_entries)?;
+        let prototype = |object_name| {
+            let pin = pins::map_pin(&self.dir, object_name);
+            MapData::from_pin(&pin)
+                .map_err(|e| Error::ebpf(format!("opening pinned map {}", pin.display()), e))
+        };
+        let prototypes = [
+            prototype(FLOW_TABLE_PROTOTYPE)?,
+            prototype(TRANSIENT_TABLE_PROTOTYPE)?,
+        ];
+        let (flows, transient) = new_flow_tables(
+            [prototypes[0].fd().as_fd(), prototypes[1].fd().as_fd()],
+            flow_entries,
+            transient_entries,
+        )?;
         // Established first: the datapath opens connections only once the transient one is in.
         self.nat_flows_slot
             .set(0, &flows, 0)
