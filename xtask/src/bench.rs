@@ -22,7 +22,7 @@ use self::host::{BpfStats, Machine};
 use self::report::{ConfigDescription, Report, Sample, summarize};
 use self::workloads::{Load, Workload};
 use self::worlds::{Config, PathCounters, Placement, Worlds};
-use crate::demo::processes::Interrupt;
+use crate::cmd::Interrupt;
 use crate::{build, cmd, setup};
 
 /// Every namespace of a `cargo xtask bench` run starts with `xbench-`.

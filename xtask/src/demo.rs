@@ -1,7 +1,6 @@
 //! `cargo xtask demo`: a lab bridge with containers on its ports (examples/lab.toml), the same
 //! traffic before and after `xbr attach`, and the bridge's own nftables counters as witness.
 
-pub(crate) mod processes;
 mod traffic;
 pub(crate) mod witness;
 
@@ -11,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use self::processes::{Interrupt, Processes};
+use crate::cmd::{Interrupt, Processes};
 use self::traffic::Container;
 use self::witness::{FrameCounts, Witness};
 use crate::{build, cmd, setup};

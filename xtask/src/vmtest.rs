@@ -170,22 +170,9 @@ impl Binaries {
                 "xbr-tests",
                 "--message-format=json",
             ])
-            .stdin(Stdio::null())
             .stderr(Stdio::inherit());
-        let output = command.output().with_context(|| {
-            format!(
-                "building the test binaries: cannot start `{}`",
-                cmd::show(&command)
-            )
-        })?;
-        if !output.status.success() {
-            bail!(
-                "building the test binaries: `{}` failed ({})",
-                cmd::show(&command),
-                output.status
-            );
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stdout = cmd::output_bytes(&mut command, "building the test binaries")?;
+        let stdout = String::from_utf8_lossy(&stdout);
         let find = |name: &str| test_executable(&stdout, name);
         Ok(Binaries {
             xbr,
@@ -587,23 +574,10 @@ fn module_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
     } else {
         return std::fs::read(path).with_context(|| format!("reading {}", path.display()));
     };
-    let mut command = Command::new(decompressor);
-    command.arg("-dc").arg(path).stdin(Stdio::null());
-    let output = command.output().with_context(|| {
-        format!(
-            "decompressing {}: cannot start {decompressor}",
-            path.display()
-        )
-    })?;
-    if !output.status.success() {
-        bail!(
-            "decompressing {}: `{}` failed: {}",
-            path.display(),
-            cmd::show(&command),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output.stdout)
+    cmd::output_bytes(
+        Command::new(decompressor).arg("-dc").arg(path),
+        &format!("decompressing {}", path.display()),
+    )
 }
 
 #[cfg(test)]

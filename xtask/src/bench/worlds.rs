@@ -6,7 +6,6 @@
 //! rule, by docker-proxy, by xbr's tc NAT and by its XDP NAT. Everything made here is removed
 //! again on every way out.
 
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -19,7 +18,7 @@ use serde_json::Value;
 use super::host;
 use super::peer::EchoServer;
 use crate::cmd;
-use crate::demo::processes::{Interrupt, Processes, run_captured};
+use crate::cmd::{Interrupt, Processes, run_captured};
 use crate::demo::witness::Witness;
 
 /// The bridge of every lab, in the lab's `-host` namespace.
@@ -521,30 +520,11 @@ impl Worlds {
         }
         set_sysctl(&host, "net.ipv4.ip_forward", "1")?;
         let doing = format!("installing Docker's iptables rules in {host}");
-        let mut restore = cmd::in_netns(&host, "iptables-restore");
-        restore
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = restore
-            .spawn()
-            .with_context(|| format!("{doing}: cannot start `{}`", cmd::show(&restore)))?;
-        child
-            .stdin
-            .take()
-            .context("iptables-restore's stdin")?
-            .write_all(docker_ruleset(BRIDGE).as_bytes())
-            .with_context(|| format!("{doing}: writing the rules"))?;
-        let output = child
-            .wait_with_output()
-            .with_context(|| format!("{doing}: waiting for iptables-restore"))?;
-        if !output.status.success() {
-            bail!(
-                "{doing}: iptables-restore failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        cmd::run_with_input(
+            &mut cmd::in_netns(&host, "iptables-restore"),
+            &docker_ruleset(BRIDGE),
+            &doing,
+        )?;
         Ok(())
     }
 
