@@ -7,6 +7,7 @@ mod host;
 mod memory;
 mod peer;
 mod report;
+mod results;
 mod workloads;
 mod worlds;
 
@@ -19,10 +20,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use self::host::{BpfStats, Machine};
-use self::report::{ConfigDescription, Report, Sample, summarize};
+use self::results::{ConfigDescription, Report, Sample, summarize};
 use self::workloads::{Load, Workload};
 use self::worlds::{Config, PathCounters, Placement, Worlds};
-use crate::demo::processes::Interrupt;
+use crate::cmd::Interrupt;
 use crate::{build, cmd, setup};
 
 /// Every namespace of a `cargo xtask bench` run starts with `xbench-`.
@@ -431,7 +432,7 @@ pub fn measure(
 /// Each of WORKLOADS in each configuration it runs in, in the order of a round.
 fn every_config(workloads: &[Workload]) -> impl Iterator<Item = (Workload, Config)> + '_ {
     workloads.iter().flat_map(|&workload| {
-        report::configs(workload)
+        results::configs(workload)
             .iter()
             .map(move |&config| (workload, config))
     })
@@ -723,7 +724,7 @@ mod tests {
             let configs: &[Config] = if workload.xbr_only() {
                 &[Config::Xbr]
             } else {
-                report::configs(workload)
+                results::configs(workload)
             };
             for config in configs {
                 for metric in workload.metrics() {
@@ -746,7 +747,7 @@ mod tests {
                         positive(format!("{field} of {what}"), &row[field])?;
                     }
                     if !workload.xbr_only() {
-                        for reference in report::references(workload) {
+                        for reference in results::references(workload) {
                             let field = format!("vs_{}", reference.name().replace('-', "_"));
                             positive(format!("{field} of {what}"), &row[field.as_str()])?;
                         }

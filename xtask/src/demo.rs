@@ -1,7 +1,6 @@
 //! `cargo xtask demo`: a lab bridge with containers on its ports (examples/lab.toml), the same
 //! traffic before and after `xbr attach`, and the bridge's own nftables counters as witness.
 
-pub(crate) mod processes;
 mod traffic;
 pub(crate) mod witness;
 
@@ -9,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
-use serde::Deserialize;
 
-use self::processes::{Interrupt, Processes};
 use self::traffic::Container;
 use self::witness::{FrameCounts, Witness};
+use crate::cmd::{Interrupt, Processes};
+use crate::lab::Lab;
 use crate::{build, cmd, setup};
 
 pub struct Options {
@@ -29,7 +28,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     interrupt.check().context("building xbr")?;
     let lab_path = std::path::absolute(&options.lab)
         .with_context(|| format!("finding the lab file {}", options.lab.display()))?;
-    let lab = LabFile::read(&lab_path)?;
+    let lab = read_lab(&lab_path)?;
     let mut demo = Demo {
         xbr,
         lab,
@@ -44,78 +43,32 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     demo.show()
 }
 
-/// The part of the lab file the demo needs; `xbr lab up` reads and checks all of it.
-#[derive(Deserialize)]
-struct LabFile {
-    name: String,
-    bridge: LabBridge,
-    containers: Vec<LabContainer>,
-    uplink: Option<toml::Value>,
-}
-
-#[derive(Deserialize)]
-struct LabBridge {
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct LabContainer {
-    name: String,
-    address: String,
-}
-
-impl LabFile {
-    fn read(path: &Path) -> anyhow::Result<LabFile> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the lab file {}", path.display()))?;
-        let lab: LabFile = toml::from_str(&text)
-            .with_context(|| format!("parsing the lab file {}", path.display()))?;
-        if lab.containers.len() < 2 {
-            bail!(
-                "the lab file {} has {} containers; the demo needs two",
-                path.display(),
-                lab.containers.len()
-            );
-        }
-        Ok(lab)
-    }
-
-    fn host_netns(&self) -> String {
-        format!("{}-host", self.name)
-    }
-
-    fn container(&self, index: usize) -> Container {
-        let container = &self.containers[index];
-        Container {
-            name: container.name.clone(),
-            netns: format!("{}-{}", self.name, container.name),
-            ip: container
-                .address
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-        }
-    }
-
-    /// Every namespace `xbr lab up` makes for this file.
-    fn namespaces(&self) -> Vec<String> {
-        let mut namespaces = vec![self.host_netns()];
-        namespaces.extend(
-            self.containers
-                .iter()
-                .map(|c| format!("{}-{}", self.name, c.name)),
+/// The lab file, with the two containers the demo sends traffic between.
+fn read_lab(path: &Path) -> anyhow::Result<Lab> {
+    let lab = Lab::read(path)?;
+    if lab.containers.len() < 2 {
+        bail!(
+            "the lab file {} has {} containers; the demo needs two",
+            path.display(),
+            lab.containers.len()
         );
-        if self.uplink.is_some() {
-            namespaces.push(format!("{}-out", self.name));
-        }
-        namespaces
+    }
+    Ok(lab)
+}
+
+/// Container INDEX of LAB, as the traffic sees it.
+fn container(lab: &Lab, index: usize) -> Container {
+    let container = &lab.containers[index];
+    Container {
+        name: container.name.clone(),
+        netns: lab.container_netns(&container.name),
+        ip: container.ip().to_owned(),
     }
 }
 
 struct Demo {
     xbr: PathBuf,
-    lab: LabFile,
+    lab: Lab,
     lab_path: PathBuf,
     seconds: u32,
     interrupt: Interrupt,
@@ -137,7 +90,7 @@ impl Demo {
         let host = self.lab.host_netns();
         let bridge = self.lab.bridge.name.clone();
         let lab_file = self.lab_path.display().to_string();
-        let (a, b) = (self.lab.container(0), self.lab.container(1));
+        let (a, b) = (container(&self.lab, 0), container(&self.lab, 1));
         println!();
         println!("== xbr demo: lab {:?} from {lab_file}", self.lab.name);
         println!(

@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod lab;
 mod setup;
 mod test;
 mod vmtest;

@@ -24,6 +24,7 @@ use self::modules::ModuleIndex;
 pub use self::qemu::Accel;
 use self::qemu::{Machine, Vm};
 use self::report::{Console, Event, Row};
+use crate::lab::{self, Lab};
 use crate::{build, cmd, setup};
 
 /// The default matrix: bullseye's 5.10, bookworm's 6.1 and 6.12, the newest backport.
@@ -170,22 +171,9 @@ impl Binaries {
                 "xbr-tests",
                 "--message-format=json",
             ])
-            .stdin(Stdio::null())
             .stderr(Stdio::inherit());
-        let output = command.output().with_context(|| {
-            format!(
-                "building the test binaries: cannot start `{}`",
-                cmd::show(&command)
-            )
-        })?;
-        if !output.status.success() {
-            bail!(
-                "building the test binaries: `{}` failed ({})",
-                cmd::show(&command),
-                output.status
-            );
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stdout = cmd::output_bytes(&mut command, "building the test binaries")?;
+        let stdout = String::from_utf8_lossy(&stdout);
         let find = |name: &str| test_executable(&stdout, name);
         Ok(Binaries {
             xbr,
@@ -210,31 +198,34 @@ fn test_executable(messages: &str, name: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cargo built no test executable named {name} in xbr-tests"))
 }
 
-/// The lab the auto-attach suite builds (xbr lab's format, see examples/lab.toml).
-const LAB: &str = "\
-# Written by `cargo xtask vmtest`: the auto-attach suite's lab.
-name = \"vmt\"
-
-[bridge]
-name = \"br0\"
-address = \"10.77.0.1/24\"
-
-[[containers]]
-name = \"a\"
-address = \"10.77.0.2/24\"
-mac = \"02:77:00:00:00:02\"
-
-[[containers]]
-name = \"b\"
-address = \"10.77.0.3/24\"
-mac = \"02:77:00:00:00:03\"
-";
+/// The lab the auto-attach suite builds: br0 with containers a and b.
+fn auto_attach_lab() -> Lab {
+    let container = |name: &str, host: u8| lab::Container {
+        name: name.to_owned(),
+        address: format!("10.77.0.{host}/24"),
+        mac: Some(format!("02:77:00:00:00:{host:02x}")),
+    };
+    Lab {
+        name: "vmt".to_owned(),
+        bridge: lab::Bridge {
+            name: "br0".to_owned(),
+            address: Some("10.77.0.1/24".to_owned()),
+        },
+        containers: vec![container("a", 2), container("b", 3)],
+        uplink: None,
+    }
+}
 
 fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<Suite>> {
     std::fs::create_dir_all(vmtest_dir)
         .with_context(|| format!("creating {}", vmtest_dir.display()))?;
+    let lab_spec = auto_attach_lab();
     let lab = vmtest_dir.join("lab.toml");
-    std::fs::write(&lab, LAB).with_context(|| format!("writing {}", lab.display()))?;
+    lab_spec.write(
+        &lab,
+        "Written by `cargo xtask vmtest`: the auto-attach suite's lab.",
+    )?;
+    let (a, b) = (&lab_spec.containers[0], &lab_spec.containers[1]);
     let tests_dir = cmd::workspace_root().join("tests");
     let program = |path: &Path| path.display().to_string();
     let east_west = |mode: &str| Suite {
@@ -303,7 +294,12 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             argv: vec![
                 "/bin/sh".to_owned(),
                 "-c".to_owned(),
-                guest::auto_attach_script(&binaries.xbr, &lab, "vmt-host", ("vmt-a", "10.77.0.3")),
+                guest::auto_attach_script(
+                    &binaries.xbr,
+                    &lab,
+                    &lab_spec.host_netns(),
+                    (&lab_spec.container_netns(&a.name), b.ip()),
+                ),
             ],
             dir: cmd::workspace_root(),
             timeout: Duration::from_secs(180),
@@ -587,23 +583,10 @@ fn module_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
     } else {
         return std::fs::read(path).with_context(|| format!("reading {}", path.display()));
     };
-    let mut command = Command::new(decompressor);
-    command.arg("-dc").arg(path).stdin(Stdio::null());
-    let output = command.output().with_context(|| {
-        format!(
-            "decompressing {}: cannot start {decompressor}",
-            path.display()
-        )
-    })?;
-    if !output.status.success() {
-        bail!(
-            "decompressing {}: `{}` failed: {}",
-            path.display(),
-            cmd::show(&command),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output.stdout)
+    cmd::output_bytes(
+        Command::new(decompressor).arg("-dc").arg(path),
+        &format!("decompressing {}", path.display()),
+    )
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::cmd;
-use crate::demo::processes::Interrupt;
+use crate::cmd::Interrupt;
 
 /// The machine-wide CPU time counters of /proc/stat's `cpu` line, in clock ticks, and the
 /// number of CPUs it sums (its `cpuN` lines).

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::demo::processes::Interrupt;
+use crate::cmd::Interrupt;
 
 pub const REQUEST_BYTES: usize = 64;
 const CLOSE_AFTER: u8 = b'C';

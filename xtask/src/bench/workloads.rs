@@ -2,9 +2,7 @@
 //! into named numbers (metrics) plus the raw figures behind them (details).
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -15,8 +13,7 @@ use super::peer::{self, RateKind};
 use super::worlds::{
     IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, UPLINK, World, on_cpu,
 };
-use crate::cmd;
-use crate::demo::processes::{Interrupt, run_captured};
+use crate::cmd::{Captured, Interrupt, Running, run_captured};
 
 /// iperf3's UDP payload for the packet-rate workloads.
 pub const UDP_PAYLOAD: u32 = 64;
@@ -308,19 +305,24 @@ fn flooded(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::Result<
         "--seconds",
         &format!("{flood_seconds:.1}"),
     ]);
-    let mut flood = Client::spawn(&mut flood, &doing)?;
+    let mut flood = Running::spawn(&mut flood, &doing)?;
     std::thread::sleep(FLOOD_LEAD);
     if flood.finished() {
-        let (status, _, stderr) = flood.wait(Duration::from_secs(1), interrupt, &doing)?;
+        let ended = flood.wait(Duration::from_secs(1), interrupt)?;
         bail!(
-            "{doing}: syn-flood ended early ({status}): {}",
-            stderr.trim()
+            "{doing}: syn-flood ended early ({}): {}",
+            ended.status,
+            ended.stderr.trim()
         );
     }
     let kind = RateKind::Connections;
     let cpu = load.placement.published_cpu;
     let during = peer::measure_rate(kind, &world.client_netns, cpu, to, load.seconds, interrupt)?;
-    let (status, stdout, stderr) = flood.wait(Duration::from_secs(30), interrupt, &doing)?;
+    let Captured {
+        status,
+        stdout,
+        stderr,
+    } = flood.wait(Duration::from_secs(30), interrupt)?;
     if !status.success() {
         bail!("{doing}: syn-flood failed ({status}): {}", stderr.trim());
     }
@@ -556,7 +558,7 @@ fn cpu_per_packet(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::
     );
     // The client outlasts the window by about a second on each side.
     let client_seconds = load.seconds + 2;
-    let mut client = Client::spawn(
+    let mut client = Running::spawn(
         &mut iperf3_client(world, &args, client_seconds, load),
         &doing,
     )?;
@@ -570,10 +572,13 @@ fn cpu_per_packet(world: &World, load: &Load, interrupt: &Interrupt) -> anyhow::
         interrupt,
     )
     .with_context(|| doing.clone())?;
-    let (status, stdout, stderr) = client.wait(
+    let Captured {
+        status,
+        stdout,
+        stderr,
+    } = client.wait(
         Duration::from_secs(u64::from(client_seconds) + 30),
         interrupt,
-        &doing,
     )?;
     let report = iperf3_report(&doing, status, &stdout, &stderr)?;
     let Window {
@@ -662,92 +667,6 @@ fn measure_window(
         tasks_ns: tasks_after.saturating_sub(tasks_before),
         delivered: datagrams_after.saturating_sub(datagrams_before),
         seconds: ended.duration_since(started).as_secs_f64(),
-    })
-}
-
-/// A traffic client running in the background, its output collected; killed (by pid) when
-/// dropped before it ended, so no path leaves it running.
-struct Client {
-    child: Child,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Client {
-    fn spawn(command: &mut Command, doing: &str) -> anyhow::Result<Client> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("{doing}: cannot start `{}`", cmd::show(command)))?;
-        let stdout = child.stdout.take().map(read_all);
-        let stderr = child.stderr.take().map(read_all);
-        Ok(Client {
-            child,
-            stdout,
-            stderr,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn finished(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// Waits for the client to end on its own; kills it on Ctrl-C or after TIMEOUT.
-    fn wait(
-        mut self,
-        timeout: Duration,
-        interrupt: &Interrupt,
-        doing: &str,
-    ) -> anyhow::Result<(ExitStatus, String, String)> {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self
-                .child
-                .try_wait()
-                .with_context(|| format!("{doing}: waiting for pid {}", self.child.id()))?
-            {
-                break status;
-            }
-            interrupt.check().with_context(|| doing.to_owned())?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{doing}: the client took longer than {}s",
-                    timeout.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let joined = |reader: Option<JoinHandle<String>>| {
-            reader
-                .and_then(|reader| reader.join().ok())
-                .unwrap_or_default()
-        };
-        let stdout = joined(self.stdout.take());
-        let stderr = joined(self.stderr.take());
-        Ok((status, stdout, stderr))
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
     })
 }
 

@@ -6,7 +6,6 @@
 //! rule, by docker-proxy, by xbr's tc NAT and by its XDP NAT. Everything made here is removed
 //! again on every way out.
 
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -19,8 +18,9 @@ use serde_json::Value;
 use super::host;
 use super::peer::EchoServer;
 use crate::cmd;
-use crate::demo::processes::{Interrupt, Processes, run_captured};
+use crate::cmd::{Interrupt, Processes, run_captured};
 use crate::demo::witness::Witness;
+use crate::lab;
 
 /// The bridge of every lab, in the lab's `-host` namespace.
 pub const BRIDGE: &str = "br0";
@@ -340,7 +340,7 @@ impl Worlds {
             let lab = self
                 .lab_name(config)
                 .expect("xbr's configurations are labs");
-            let host = format!("{lab}-host");
+            let host = lab::host_netns(&lab);
             if leftovers.contains(&host) {
                 self.detach(&host)?;
             }
@@ -464,12 +464,12 @@ impl Worlds {
             config,
             // The published-port client is outside, behind the uplink.
             client_netns: if uplink {
-                format!("{name}-out")
+                lab::outside_netns(&name)
             } else {
-                format!("{name}-{CLIENT}")
+                lab::container_netns(&name, CLIENT)
             },
-            server_netns: format!("{name}-{SERVER}"),
-            host_netns: Some(format!("{name}-host")),
+            server_netns: lab::container_netns(&name, SERVER),
+            host_netns: Some(lab::host_netns(&name)),
             published: uplink.then(|| SocketAddr::from((UPLINK_HOST_IP, HOST_PORT))),
             lab: Some(Lab { name, file }),
             servers: Servers::default(),
@@ -521,30 +521,11 @@ impl Worlds {
         }
         set_sysctl(&host, "net.ipv4.ip_forward", "1")?;
         let doing = format!("installing Docker's iptables rules in {host}");
-        let mut restore = cmd::in_netns(&host, "iptables-restore");
-        restore
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = restore
-            .spawn()
-            .with_context(|| format!("{doing}: cannot start `{}`", cmd::show(&restore)))?;
-        child
-            .stdin
-            .take()
-            .context("iptables-restore's stdin")?
-            .write_all(docker_ruleset(BRIDGE).as_bytes())
-            .with_context(|| format!("{doing}: writing the rules"))?;
-        let output = child
-            .wait_with_output()
-            .with_context(|| format!("{doing}: waiting for iptables-restore"))?;
-        if !output.status.success() {
-            bail!(
-                "{doing}: iptables-restore failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        cmd::run_with_input(
+            &mut cmd::in_netns(&host, "iptables-restore"),
+            &docker_ruleset(BRIDGE),
+            &doing,
+        )?;
         Ok(())
     }
 
@@ -1089,37 +1070,40 @@ fn address(host_part: usize) -> String {
     format!("10.77.{}.{}/{PREFIX_LEN}", host_part >> 8, host_part & 0xff)
 }
 
-/// A lab file for `xbr lab up`: bridge br0, client a, server b, and idle containers up to
+/// The lab for `xbr lab up`: bridge br0, client a, server b, and idle containers up to
 /// ENDPOINTS in all; with UPLINK, an outside namespace behind uplink0.
-pub fn lab_toml(name: &str, endpoints: usize, uplink: bool) -> String {
-    let mut text = format!(
-        "# Written by `cargo xtask bench`; `xbr lab down` with this file removes the lab.\n\
-         name = \"{name}\"\n\n[bridge]\nname = \"{BRIDGE}\"\naddress = \"{BRIDGE_ADDRESS}\"\n"
-    );
+fn bench_lab(name: &str, endpoints: usize, uplink: bool) -> lab::Lab {
     let containers = [(CLIENT.to_owned(), 2), (SERVER.to_owned(), 3)]
         .into_iter()
         .chain((FIRST_IDLE..).map(|n| (format!("e{n:04}"), n)))
-        .take(endpoints.max(2));
-    for (container, host_part) in containers {
-        text.push_str(&format!(
-            "\n[[containers]]\nname = \"{container}\"\naddress = \"{}\"\nmac = \"{}\"\n",
-            address(host_part),
-            mac(host_part)
-        ));
+        .take(endpoints.max(2))
+        .map(|(name, host_part)| lab::Container {
+            name,
+            address: address(host_part),
+            mac: Some(mac(host_part)),
+        })
+        .collect();
+    lab::Lab {
+        name: name.to_owned(),
+        bridge: lab::Bridge {
+            name: BRIDGE.to_owned(),
+            address: Some(BRIDGE_ADDRESS.to_owned()),
+        },
+        containers,
+        uplink: uplink.then(|| lab::Uplink {
+            host_address: UPLINK_HOST_ADDRESS.to_owned(),
+            outside_address: OUTSIDE_ADDRESS.to_owned(),
+        }),
     }
-    if uplink {
-        text.push_str(&format!(
-            "\n[uplink]\nhost_address = \"{UPLINK_HOST_ADDRESS}\"\noutside_address = \
-             \"{OUTSIDE_ADDRESS}\"\n"
-        ));
-    }
-    text
 }
 
 fn write_lab_file(file: &Path, name: &str, endpoints: usize, uplink: bool) -> anyhow::Result<()> {
-    std::fs::write(file, lab_toml(name, endpoints, uplink))
-        .with_context(|| format!("writing the lab file {}", file.display()))
+    bench_lab(name, endpoints, uplink).write(file, WRITTEN_BY)
 }
+
+/// The comment atop the bench's lab files.
+const WRITTEN_BY: &str =
+    "Written by `cargo xtask bench`; `xbr lab down` with this file removes the lab.";
 
 /// Docker 20.10's filter and nat rules for one bridge network (docker0 renamed BRIDGE).
 fn docker_ruleset(bridge: &str) -> String {
@@ -1164,7 +1148,7 @@ mod tests {
 
     #[test]
     fn lab_files_hold_client_server_and_idle_containers() {
-        let text = lab_toml("xb-bridge", 1000, false);
+        let text = bench_lab("xb-bridge", 1000, false).to_toml(WRITTEN_BY);
         let value: toml::Value = toml::from_str(&text).unwrap();
         let containers = value["containers"].as_array().unwrap();
         assert_eq!(containers.len(), 1000);
@@ -1183,13 +1167,15 @@ mod tests {
 
     #[test]
     fn published_labs_have_an_uplink() {
-        let value: toml::Value = toml::from_str(&lab_toml("xb-nat", 10, true)).unwrap();
+        let value: toml::Value =
+            toml::from_str(&bench_lab("xb-nat", 10, true).to_toml(WRITTEN_BY)).unwrap();
         assert_eq!(
             value["uplink"]["host_address"].as_str(),
             Some("10.78.0.1/24")
         );
         assert_eq!(value["containers"].as_array().unwrap().len(), 10);
-        let east_west: toml::Value = toml::from_str(&lab_toml("xb-xbr", 10, false)).unwrap();
+        let east_west: toml::Value =
+            toml::from_str(&bench_lab("xb-xbr", 10, false).to_toml(WRITTEN_BY)).unwrap();
         assert!(east_west.get("uplink").is_none());
     }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use super::processes::{Interrupt, Processes, run_captured};
 use crate::cmd;
+use crate::cmd::{Interrupt, Processes, run_captured};
 
 const IPERF3_PORT: u16 = 5201;
 /// From `iperf3 -s -1` starting to its socket listening; it takes milliseconds.

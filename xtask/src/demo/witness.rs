@@ -2,9 +2,6 @@
 //! lab's host namespace. Its forward hook sees every frame the bridge forwards and none that
 //! xbr redirects past the bridge, so it witnesses the fast path without trusting xbr.
 
-use std::io::Write as _;
-use std::process::Stdio;
-
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
@@ -55,30 +52,11 @@ impl Witness {
         );
         let doing =
             format!("adding the nftables witness (table bridge {TABLE}) in namespace {netns}");
-        let mut nft = cmd::in_netns(netns, "nft");
-        nft.args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = nft
-            .spawn()
-            .with_context(|| format!("{doing}: cannot start `{}`", cmd::show(&nft)))?;
-        child
-            .stdin
-            .take()
-            .context("nft's stdin")?
-            .write_all(ruleset.as_bytes())
-            .with_context(|| format!("{doing}: writing the ruleset to nft"))?;
-        let output = child
-            .wait_with_output()
-            .with_context(|| format!("{doing}: waiting for nft"))?;
-        if !output.status.success() {
-            bail!(
-                "{doing}: nft failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        cmd::run_with_input(
+            cmd::in_netns(netns, "nft").args(["-f", "-"]),
+            &ruleset,
+            &doing,
+        )?;
         Ok(Witness {
             netns: netns.to_owned(),
         })

@@ -48,22 +48,12 @@ pub fn choose(requested: Accel, vmlinuz: &Path) -> anyhow::Result<Accel> {
     if !kvm_opens {
         return Ok(Accel::Tcg);
     }
-    let mut command = Command::new(QEMU);
-    command
-        .args(Accel::Kvm.args())
-        .args([
-            "-m",
-            "256",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .args(["-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1"]);
+    let command = boot(
+        Accel::Kvm,
+        vmlinuz,
+        256,
+        "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
+    );
     let mut vm = Vm::start(command, "probing KVM")?;
     let deadline = Instant::now() + KVM_PROBE_LIMIT;
     let mut works = false;
@@ -75,6 +65,27 @@ pub fn choose(requested: Accel, vmlinuz: &Path) -> anyhow::Result<Accel> {
     }
     vm.stop();
     Ok(if works { Accel::Kvm } else { Accel::Tcg })
+}
+
+/// QEMU booting VMLINUZ with CMDLINE on its serial console (stdio), no display, no devices
+/// but what is asked for, and no reboot: a guest that ends powers the VM off.
+fn boot(accel: Accel, vmlinuz: &Path, memory_mib: u32, cmdline: &str) -> Command {
+    let mut command = Command::new(QEMU);
+    command
+        .args(accel.args())
+        .args(["-m", &memory_mib.to_string()])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .args(["-append", cmdline]);
+    command
 }
 
 /// The VM's hardware: enough for the tests, nothing they do not use.
@@ -89,28 +100,11 @@ pub struct Machine<'a> {
 
 impl Machine<'_> {
     pub fn command(&self) -> Command {
-        let mut command = Command::new(QEMU);
+        let mut command = boot(self.accel, self.vmlinuz, self.memory_mib, self.cmdline);
         command
-            .args(self.accel.args())
-            .args([
-                "-smp",
-                &self.cpus.to_string(),
-                "-m",
-                &self.memory_mib.to_string(),
-            ])
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-            ])
-            .arg("-kernel")
-            .arg(self.vmlinuz)
+            .args(["-smp", &self.cpus.to_string()])
             .arg("-initrd")
             .arg(self.initramfs)
-            .args(["-append", self.cmdline])
             // The host's root, read-only: the suites run on the host's own binaries and tools.
             .arg("-virtfs")
             .arg(format!(

@@ -1,0 +1,261 @@
+//! The bench's results as data: every raw sample, and medians with min-max per configuration
+//! with their ratios against `docker-like` and `limit` (east-west) or `dnat` and
+//! `docker-proxy` (published ports). Written out and rendered by report.rs, drawn by chart.rs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Settings;
+use super::host::Machine;
+use super::workloads::{Better, Workload};
+use super::worlds::Config;
+
+/// One run of one workload in one configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    pub round: u32,
+    pub endpoints: usize,
+    pub config: String,
+    pub workload: String,
+    pub metrics: BTreeMap<String, f64>,
+    pub details: Value,
+}
+
+/// One metric of one workload in one configuration, over all rounds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub endpoints: usize,
+    pub workload: String,
+    pub metric: String,
+    pub unit: String,
+    pub better: String,
+    pub config: String,
+    pub samples: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Median over docker-like's median (and limit's) for the same workload and metric.
+    pub vs_docker_like: Option<f64>,
+    pub vs_limit: Option<f64>,
+    /// The same over dnat's and docker-proxy's, for the published-port workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_dnat: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_docker_proxy: Option<f64>,
+}
+
+impl Summary {
+    /// This row's median over REFERENCE's, for one of the two references of its section.
+    pub fn ratio_to(&self, reference: Config) -> Option<f64> {
+        match reference {
+            Config::DockerLike => self.vs_docker_like,
+            Config::Limit => self.vs_limit,
+            Config::Dnat => self.vs_dnat,
+            Config::DockerProxy => self.vs_docker_proxy,
+            _ => None,
+        }
+    }
+}
+
+/// The two configurations every row of a workload is compared with.
+pub fn references(workload: Workload) -> [Config; 2] {
+    if workload.is_published() {
+        [Config::Dnat, Config::DockerProxy]
+    } else {
+        [Config::DockerLike, Config::Limit]
+    }
+}
+
+/// The configurations a workload runs in.
+pub fn configs(workload: Workload) -> &'static [Config] {
+    if workload.is_published() {
+        &Config::PUBLISHED
+    } else {
+        &Config::EAST_WEST
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigDescription {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub command: String,
+    /// What the measured xbr binary was built from.
+    #[serde(default)]
+    pub xbr_source: Option<String>,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub configurations: Vec<ConfigDescription>,
+    pub notes: Vec<String>,
+    pub started_unix: u64,
+    pub wall_seconds: f64,
+    pub samples: Vec<Sample>,
+    pub summary: Vec<Summary>,
+    /// ns per run of xbr's tc program, from the kernel's BPF run-time statistics.
+    pub xbr_program: Option<Value>,
+    /// `xbr stats --json` after the base rounds: what took the fast path.
+    pub xbr_stats: Option<Value>,
+    /// Kernel memory of one attachment, computed (absent in reports from before it).
+    #[serde(default)]
+    pub memory: Vec<super::memory::MemoryRow>,
+    /// ... and as the kernel reported it for the bench's attachment.
+    #[serde(default)]
+    pub memory_measured: Vec<super::memory::Measured>,
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    }
+}
+
+/// Medians and ranges, in table order: endpoint count, workload, metric, configuration.
+pub fn summarize(samples: &[Sample], endpoint_counts: &[usize]) -> Vec<Summary> {
+    let mut summary = Vec::new();
+    for &endpoints in endpoint_counts {
+        for workload in Workload::ALL {
+            for metric in workload.metrics() {
+                let mut rows = Vec::new();
+                for &config in configs(workload) {
+                    let values: Vec<f64> = samples
+                        .iter()
+                        .filter(|s| {
+                            s.endpoints == endpoints
+                                && s.workload == workload.id()
+                                && s.config == config.name()
+                        })
+                        .filter_map(|s| s.metrics.get(metric.key).copied())
+                        .collect();
+                    if values.is_empty() {
+                        continue;
+                    }
+                    rows.push(Summary {
+                        endpoints,
+                        workload: workload.id().to_owned(),
+                        metric: metric.key.to_owned(),
+                        unit: metric.unit.to_owned(),
+                        better: match metric.better {
+                            Better::Higher => "higher",
+                            Better::Lower => "lower",
+                        }
+                        .to_owned(),
+                        config: config.name().to_owned(),
+                        samples: values.len(),
+                        median: median(&values),
+                        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+                        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        vs_docker_like: None,
+                        vs_limit: None,
+                        vs_dnat: None,
+                        vs_docker_proxy: None,
+                    });
+                }
+                let reference = |config: Config| {
+                    rows.iter()
+                        .find(|row| row.config == config.name())
+                        .map(|row| row.median)
+                        .filter(|median| *median > 0.0)
+                };
+                let [first, second] = references(workload).map(reference);
+                for row in &mut rows {
+                    let [first, second] = [first, second]
+                        .map(|reference| reference.map(|reference| row.median / reference));
+                    if workload.is_published() {
+                        (row.vs_dnat, row.vs_docker_proxy) = (first, second);
+                    } else {
+                        (row.vs_docker_like, row.vs_limit) = (first, second);
+                    }
+                }
+                summary.extend(rows);
+            }
+        }
+    }
+    summary
+}
+
+impl Report {
+    pub fn find(
+        &self,
+        endpoints: usize,
+        workload: Workload,
+        metric: &str,
+        config: Config,
+    ) -> Option<&Summary> {
+        self.summary.iter().find(|row| {
+            row.endpoints == endpoints
+                && row.workload == workload.id()
+                && row.metric == metric
+                && row.config == config.name()
+        })
+    }
+
+    /// fast_path_packets over all packets xbr saw leave the containers, from `xbr stats`.
+    pub fn fast_path_share(&self) -> Option<f64> {
+        let endpoints = self.xbr_stats.as_ref()?["endpoints"].as_array()?;
+        let sum = |key: &str| -> f64 {
+            endpoints
+                .iter()
+                .filter_map(|endpoint| endpoint[key].as_f64())
+                .sum()
+        };
+        let (fast, bridge) = (sum("fast_path_packets"), sum("bridge_packets"));
+        (fast + bridge > 0.0).then(|| fast / (fast + bridge))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(round: u32, config: Config, value: f64) -> Sample {
+        Sample {
+            round,
+            endpoints: 10,
+            config: config.name().to_owned(),
+            workload: Workload::TcpOneStream.id().to_owned(),
+            metrics: BTreeMap::from([("gbit_per_s".to_owned(), value)]),
+            details: Value::Null,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn summary_has_ranges_and_ratios() {
+        let samples = vec![
+            sample(1, Config::Limit, 10.0),
+            sample(2, Config::Limit, 12.0),
+            sample(3, Config::Limit, 11.0),
+            sample(1, Config::DockerLike, 5.0),
+            sample(2, Config::DockerLike, 6.0),
+            sample(3, Config::DockerLike, 4.0),
+            sample(1, Config::Xbr, 11.0),
+        ];
+        let summary = summarize(&samples, &[10]);
+        assert_eq!(summary.len(), 3, "one row per configuration with samples");
+        let xbr = summary.iter().find(|row| row.config == "xbr").unwrap();
+        assert_eq!(xbr.vs_limit, Some(1.0));
+        assert_eq!(xbr.vs_docker_like, Some(11.0 / 5.0));
+        let limit = summary.iter().find(|row| row.config == "limit").unwrap();
+        assert_eq!((limit.median, limit.min, limit.max), (11.0, 10.0, 12.0));
+        assert_eq!(limit.better, "higher");
+    }
+}
