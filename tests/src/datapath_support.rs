@@ -32,6 +32,8 @@ const DEFAULT_MAX_FLOWS: u32 = 4096;
 
 pub struct Datapath {
     pub ebpf: Ebpf,
+    /// The connection tables in the slots (established, transient), opened once.
+    tables: Option<[FlowTable; 2]>,
 }
 
 impl Datapath {
@@ -77,6 +79,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(xbr::datapath::OBJECT)
             .expect("xbr's eBPF object loads (run the tests as root)");
+        let mut opened = None;
         if let Some((flow_entries, transient_entries)) = tables {
             let prototype = |name: &str| match ebpf.map(name) {
                 Some(Map::HashMap(table) | Map::LruHashMap(table)) => table.fd().as_fd(),
@@ -91,11 +94,13 @@ impl Datapath {
                 transient_entries,
             )
             .unwrap();
-            for (slot, table) in [("NAT_FLOWS", flows), ("NAT_TRANSIENT", transient)] {
+            for (slot, table) in [("NAT_FLOWS", &flows), ("NAT_TRANSIENT", &transient)] {
                 let mut slot: ArrayOfMaps<_, MapData> =
                     ArrayOfMaps::try_from(ebpf.map_mut(slot).unwrap()).unwrap();
-                slot.set(0, &table, 0).unwrap();
+                slot.set(0, table, 0).unwrap();
             }
+            let typed = |table| FlowTable::try_from(Map::from_map_data(table).unwrap()).unwrap();
+            opened = Some([typed(flows), typed(transient)]);
         }
         for name in [PORT_PROGRAM, UPLINK_PROGRAM] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
@@ -110,7 +115,10 @@ impl Datapath {
             .unwrap();
         xdp.load()
             .unwrap_or_else(|e| panic!("the verifier rejects {UPLINK_XDP_PROGRAM}: {e:?}"));
-        Datapath { ebpf }
+        Datapath {
+            ebpf,
+            tables: opened,
+        }
     }
 
     /// An endpoint as the control plane writes it: the MAC, the port's record and counters.
@@ -195,34 +203,34 @@ impl Datapath {
         holds.insert(&key, 1, 0).unwrap();
     }
 
-    /// The connection table in slot `slot` (`NAT_FLOWS` or `NAT_TRANSIENT`).
-    fn table(&self, slot: &str) -> FlowTable {
-        let slot: ArrayOfMaps<_, MapData> =
-            ArrayOfMaps::try_from(self.ebpf.map(slot).unwrap()).unwrap();
-        let table = slot.get(&0, 0).unwrap();
-        FlowTable::try_from(Map::from_map_data(table).unwrap()).unwrap()
+    /// The established (0) or the transient (1) connection table.
+    fn table(&self, which: usize) -> &FlowTable {
+        &self
+            .tables
+            .as_ref()
+            .expect("a datapath with connection tables")[which]
     }
 
     /// The established connections' entries (`NAT_FLOWS`).
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
-        let flows = self.table("NAT_FLOWS");
-        flows.iter().map(|entry| entry.unwrap()).collect()
+        self.table(0).iter().map(|entry| entry.unwrap()).collect()
     }
 
     /// The transient connections' entries (`NAT_TRANSIENT`: not established, or closing).
     pub fn transient(&self) -> Vec<(FlowKey, Flow)> {
-        let flows = self.table("NAT_TRANSIENT");
-        flows.iter().map(|entry| entry.unwrap()).collect()
+        self.table(1).iter().map(|entry| entry.unwrap()).collect()
     }
 
     /// Writes (or overwrites) a transient entry, as the datapath would have.
     pub fn put_transient(&mut self, key: FlowKey, flow: Flow) {
-        self.table("NAT_TRANSIENT").insert(key, flow, 0).unwrap();
+        let transient = &mut self.tables.as_mut().expect("connection tables")[1];
+        transient.insert(key, flow, 0).unwrap();
     }
 
     /// Removes a transient entry, as the LRU does when it makes room.
     pub fn drop_transient(&mut self, key: &FlowKey) {
-        self.table("NAT_TRANSIENT").remove(key).unwrap();
+        let transient = &mut self.tables.as_mut().expect("connection tables")[1];
+        transient.remove(key).unwrap();
     }
 
     pub fn event_count(&self, event: NatEvent) -> u64 {
