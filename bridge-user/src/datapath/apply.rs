@@ -155,7 +155,7 @@ impl Pinned {
         let observed = self.observe(Role::Port, &ifindexes)?;
         for (port, observed) in new_ports.iter().zip(observed) {
             let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
-                .map_err(|e| Error::ebpf("preparing port counters", e))?;
+                .map_err(|e| Error::io("preparing port counters", e))?;
             self.stats
                 .insert(port.ifindex, zeros, 0)
                 .map_err(|e| Error::ebpf("adding port counters", e))?;
