@@ -8,7 +8,10 @@ use std::{
 
 use bridge_common::{BridgeRecord, Endpoint, EndpointKey, HoldKey, PortRecord, PortStats, Verdict};
 
-use super::{hooking::xdp_attach_name, pinned::Pinned};
+use super::{
+    hooking::{Modes, xdp_attach_name},
+    pinned::Pinned,
+};
 use crate::{
     error::{Error, Result},
     hooks::Drift,
@@ -20,6 +23,8 @@ pub struct Attachment {
     pub bridge: String,
     pub dir: PathBuf,
     pub record: BridgeRecord,
+    /// The record's modes, decoded.
+    pub modes: Modes,
     pub ports: BTreeMap<u32, PortRecord>,
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
     /// Per port, summed over CPUs.
@@ -83,6 +88,7 @@ impl Pinned {
             bridge: self.bridge.clone(),
             dir: self.dir.clone(),
             record: self.record,
+            modes: self.modes,
             ports,
             endpoints,
             stats,
