@@ -850,7 +850,8 @@ impl Netlink {
     fn failed(&self, step: String, error: rtnetlink::Error) -> LabError {
         let cause = match error {
             rtnetlink::Error::NetlinkError(message) => message.to_io(),
-            other => io::Error::other(other.to_string()),
+            // Kept whole (not its text): the caller can still downcast it.
+            other => io::Error::other(other),
         };
         LabError::Kernel {
             netns: self.netns.clone(),
