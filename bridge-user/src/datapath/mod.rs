@@ -10,8 +10,9 @@
 //!   again, and the NAT connection tables made and removed behind their slots;
 //! - `hooking`: putting the programs on ports and uplinks (tcx, clsact, XDP), reading back
 //!   what the kernel runs there, and taking them off;
-//! - `apply`: bringing the pinned state to a plan (`Pinned::reconcile`) and the policy's
-//!   hold-backs;
+//! - `steps`: reconcile's safety ordering as a pure, tested list of steps;
+//! - `apply`: bringing the pinned state to a plan (`Pinned::reconcile`, executing those
+//!   steps) and the policy's hold-backs;
 //! - `published`: the published ports in the pinned map (`xbr publish`, Docker's bindings)
 //!   and the NATed connections through them: retiring and counting them;
 //! - `snapshot`: reading an attachment back for `status` and `stats`.
@@ -21,6 +22,7 @@ mod hooking;
 mod pinned;
 mod published;
 mod snapshot;
+mod steps;
 
 use std::path::{Path, PathBuf};
 
