@@ -44,18 +44,23 @@ pub enum DockerChoice {
 
 /// Docker's socket: DOCKER_HOST when it names a unix socket (`unix:///run/docker.sock`), else
 /// the default. xbr talks to the local daemon only.
-pub fn socket() -> std::result::Result<PathBuf, String> {
+pub fn socket() -> std::result::Result<PathBuf, NotUnixSocket> {
     match std::env::var("DOCKER_HOST") {
         Ok(host) if !host.is_empty() => match host.strip_prefix("unix://") {
             Some(path) => Ok(PathBuf::from(path)),
-            None => Err(format!(
-                "DOCKER_HOST={host} is not a unix socket; xbr talks to the local Docker daemon \
-                 only (DOCKER_HOST=unix:///PATH)"
-            )),
+            None => Err(NotUnixSocket(host)),
         },
         _ => Ok(PathBuf::from(DEFAULT_SOCKET)),
     }
 }
+
+/// DOCKER_HOST names something other than a unix socket.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "DOCKER_HOST={0} is not a unix socket; xbr talks to the local Docker daemon only \
+     (DOCKER_HOST=unix:///PATH)"
+)]
+pub struct NotUnixSocket(pub String);
 
 /// A Docker network with a Linux bridge, as far as xbr cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -389,7 +394,7 @@ pub fn find(choice: DockerChoice, bridge: &str) -> Result<Option<DockerBridge>> 
     }
     let socket = match socket() {
         Ok(socket) => socket,
-        Err(why) => return unavailable(why),
+        Err(why) => return unavailable(why.to_string()),
     };
     if !socket.exists() {
         return unavailable(format!(
@@ -751,7 +756,10 @@ mod tests {
         unsafe { std::env::set_var("DOCKER_HOST", "unix:///run/x.sock") };
         assert_eq!(socket().unwrap(), PathBuf::from("/run/x.sock"));
         unsafe { std::env::set_var("DOCKER_HOST", "tcp://10.0.0.1:2375") };
-        assert!(socket().unwrap_err().contains("unix"));
+        assert_eq!(
+            socket().unwrap_err(),
+            NotUnixSocket("tcp://10.0.0.1:2375".to_owned())
+        );
         unsafe { std::env::remove_var("DOCKER_HOST") };
         assert_eq!(socket().unwrap(), PathBuf::from(DEFAULT_SOCKET));
     }

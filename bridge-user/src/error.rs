@@ -98,9 +98,26 @@ pub enum Error {
     #[error("{context}: {source}")]
     Ebpf {
         context: String,
+        /// Boxed: aya's errors are large, and every `Result` here carries an `Error`.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: Box<Aya>,
     },
+}
+
+/// An error of aya, the library below the datapath, kept with its type (callers can match
+/// on e.g. `Aya::Program(ProgramError::...)`).
+#[derive(Debug, thiserror::Error)]
+pub enum Aya {
+    #[error(transparent)]
+    Load(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+    #[error(transparent)]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error(transparent)]
+    Pin(#[from] aya::pin::PinError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -127,13 +144,10 @@ impl Error {
         }
     }
 
-    pub fn ebpf(
-        context: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
+    pub fn ebpf(context: impl Into<String>, source: impl Into<Aya>) -> Self {
         Error::Ebpf {
             context: context.into(),
-            source: Box::new(source),
+            source: Box::new(source.into()),
         }
     }
 }

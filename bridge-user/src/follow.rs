@@ -375,7 +375,7 @@ enum Step {
 async fn reconcile(
     pinned: &mut Pinned,
     metrics: &FollowMetrics,
-    firewall: std::result::Result<policy::Firewall, String>,
+    firewall: std::result::Result<policy::Firewall, policy::ReadError>,
     docker: Option<&mut docker::Follow>,
     policy_said: &mut Option<String>,
 ) -> Result<Step> {

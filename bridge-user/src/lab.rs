@@ -13,9 +13,7 @@ use std::str::FromStr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
 };
@@ -838,27 +836,13 @@ struct Link {
 
 impl From<LinkMessage> for Link {
     fn from(message: LinkMessage) -> Link {
-        let mut link = Link {
+        Link {
             index: message.header.index,
             up: message.header.flags.contains(LinkFlags::Up),
-            kind: None,
-            controller: None,
-            mac: None,
-        };
-        for attribute in message.attributes {
-            match attribute {
-                LinkAttribute::Controller(index) => link.controller = Some(index),
-                LinkAttribute::Address(mac) => link.mac = Some(mac),
-                LinkAttribute::LinkInfo(infos) => {
-                    link.kind = infos.into_iter().find_map(|info| match info {
-                        LinkInfo::Kind(kind) => Some(kind),
-                        _ => None,
-                    });
-                }
-                _ => {}
-            }
+            kind: netlink::link_kind(&message).cloned(),
+            controller: netlink::link_controller(&message),
+            mac: netlink::link_address(&message).map(<[u8]>::to_vec),
         }
-        link
     }
 }
 
@@ -866,7 +850,8 @@ impl Netlink {
     fn failed(&self, step: String, error: rtnetlink::Error) -> LabError {
         let cause = match error {
             rtnetlink::Error::NetlinkError(message) => message.to_io(),
-            other => io::Error::other(other.to_string()),
+            // Kept whole (not its text): the caller can still downcast it.
+            other => io::Error::other(other),
         };
         LabError::Kernel {
             netns: self.netns.clone(),
@@ -884,21 +869,10 @@ impl Netlink {
     }
 
     async fn link(&self, name: &str) -> Result<Option<Link>, LabError> {
-        match self
-            .handle
-            .link()
-            .get()
-            .match_name(name)
-            .execute()
-            .try_next()
+        netlink::link_by_name(&self.handle, name)
             .await
-        {
-            Ok(found) => Ok(found.map(Link::from)),
-            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => {
-                Ok(None)
-            }
-            Err(error) => Err(self.failed(format!("look up link {name}"), error)),
-        }
+            .map(|found| found.map(Link::from))
+            .map_err(|error| self.failed(format!("look up link {name}"), error))
     }
 
     /// A link the lab made earlier; missing means someone removed part of the lab.
@@ -940,9 +914,7 @@ impl Netlink {
             return Ok(());
         };
         match self.handle.link().del(link.index).execute().await {
-            Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => {
-                Ok(())
-            }
+            Err(error) if netlink::is_errno(&error, libc::ENODEV) => Ok(()),
             result => result.map_err(|error| self.failed(format!("delete link {name}"), error)),
         }
     }

@@ -3,6 +3,10 @@
 
 use std::future::Future;
 
+use futures::TryStreamExt as _;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::Handle;
+
 /// Runs `job` with an rtnetlink handle bound to the calling thread's network namespace.
 ///
 /// The socket is opened before the job starts, so a thread that entered another namespace
@@ -40,5 +44,78 @@ where
         let result = job(handle).await;
         driver.abort();
         Ok(result)
+    })
+}
+
+/// Looks a link up by name; `None` when the namespace has no such link (ENODEV). The error is
+/// rtnetlink's, for the caller to say what it was doing.
+pub async fn link_by_name(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, rtnetlink::Error> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(error) if is_errno(&error, libc::ENODEV) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether `error` is the kernel refusing with `errno` (e.g. `libc::ENODEV`).
+pub fn is_errno(error: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(message) if message.raw_code() == -errno)
+}
+
+// A link message's attributes, as xbr reads them.
+
+/// The `IFLA_LINKINFO` entries.
+pub fn link_infos(link: &LinkMessage) -> impl Iterator<Item = &LinkInfo> {
+    link.attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+/// The link's kind (bridge, veth, ...); `None` for a device without one (loopback, a NIC).
+pub fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link_infos(link).find_map(|info| match info {
+        LinkInfo::Kind(kind) => Some(kind),
+        _ => None,
+    })
+}
+
+/// The link's name; empty when the message has none.
+pub fn link_name(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The link's hardware address, as the kernel gives it.
+pub fn link_address(link: &LinkMessage) -> Option<&[u8]> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(bytes) => Some(bytes.as_slice()),
+        _ => None,
+    })
+}
+
+/// The ifindex of the link's controller (the bridge of a bridge port).
+pub fn link_controller(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(index) => Some(*index),
+        _ => None,
     })
 }

@@ -14,7 +14,11 @@ use netlink_packet_route::{
 };
 use rtnetlink::Handle;
 
-use crate::error::{Error, Result};
+pub use crate::netlink::link_name;
+use crate::{
+    error::{Error, Result},
+    netlink::{self, link_infos},
+};
 
 pub type Mac = [u8; 6];
 
@@ -211,18 +215,9 @@ async fn veth_peer(
 
 /// Looks a link up by name; `None` when there is no such link.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
-    match handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
+    netlink::link_by_name(handle, name)
         .await
-    {
-        Ok(link) => Ok(link),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(Error::netlink(format!("looking up {name}"), e)),
-    }
+        .map_err(|e| Error::netlink(format!("looking up {name}"), e))
 }
 
 /// Names of the current links by ifindex, for showing pinned state.
@@ -250,16 +245,6 @@ fn address_of(message: &AddressMessage) -> Option<IpAddr> {
     })
 }
 
-fn link_infos(link: &LinkMessage) -> impl Iterator<Item = &LinkInfo> {
-    link.attributes
-        .iter()
-        .filter_map(|a| match a {
-            LinkAttribute::LinkInfo(infos) => Some(infos.iter()),
-            _ => None,
-        })
-        .flatten()
-}
-
 fn bridge_info(link: &LinkMessage) -> impl Iterator<Item = &InfoBridge> {
     link_infos(link)
         .filter_map(|info| match info {
@@ -270,32 +255,16 @@ fn bridge_info(link: &LinkMessage) -> impl Iterator<Item = &InfoBridge> {
 }
 
 fn link_kind(link: &LinkMessage) -> String {
-    link_infos(link)
-        .find_map(|info| match info {
-            LinkInfo::Kind(InfoKind::Other(kind)) => Some(kind.clone()),
-            LinkInfo::Kind(kind) => Some(kind.to_string()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-pub fn link_name(link: &LinkMessage) -> String {
-    link.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::IfName(name) => Some(name.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
+    match netlink::link_kind(link) {
+        Some(InfoKind::Other(kind)) => kind.clone(),
+        Some(kind) => kind.to_string(),
+        None => String::new(),
+    }
 }
 
 fn link_mac(link: &LinkMessage) -> Mac {
-    link.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(bytes) => bytes.as_slice().try_into().ok(),
-            _ => None,
-        })
+    netlink::link_address(link)
+        .and_then(|bytes| bytes.try_into().ok())
         .unwrap_or_default()
 }
 

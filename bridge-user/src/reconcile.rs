@@ -115,7 +115,13 @@ pub struct Attach {
 
 /// `xbr attach`: creates the pinned datapath or picks up the one pinned, and reconciles it.
 pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<Attach> {
-    let existing = Pinned::open(options.root, bridge).ok();
+    // Pins that are there but unusable (`BrokenPins`, another layout) are the user's to see
+    // now, not after observing the bridge as if it were a first attach.
+    let existing = match Pinned::open(options.root, bridge) {
+        Ok(pinned) => Some(pinned),
+        Err(Error::NotAttached { .. } | Error::Incomplete { .. }) => None,
+        Err(error) => return Err(error),
+    };
     let first_attach = existing.is_none();
     let plan = observe_and_plan(bridge, existing.as_ref(), inputs)?;
     drop(existing);

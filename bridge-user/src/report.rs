@@ -172,7 +172,7 @@ pub fn attached(
     docker: Option<(&DockerState, Synced)>,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let mode = mode_name(attached.mode as u32);
+    let mode = mode_name(attached.mode);
     if as_json {
         let docker = docker.as_ref().map(|(state, synced)| {
             let mut value = docker_json(state);
@@ -588,7 +588,7 @@ pub fn status(
                 json!({
                     "published": published,
                     "uplinks": attachment.uplinks.iter().map(|i| link_name(*i)).collect::<Vec<_>>(),
-                    "uplink_mode": uplink_mode_name(attachment.record.uplink_mode),
+                    "uplink_mode": uplink_mode_name(attachment.modes.uplink),
                     "uplink_xdp": attachment
                         .uplink_xdp
                         .iter()
@@ -600,7 +600,7 @@ pub fn status(
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
                     "present": view.is_some(),
-                    "mode": mode_name(attachment.record.attach_mode),
+                    "mode": mode_name(attachment.modes.attach),
                     "redirect": redirect_name(attachment.record.redirect_peer != 0),
                     "pins": attachment.dir,
                     "ports": ports,
@@ -671,7 +671,7 @@ pub fn status(
         println!(
             "bridge {}  mode {}  {}  pins {}{}",
             attachment.bridge,
-            mode_name(attachment.record.attach_mode),
+            mode_name(attachment.modes.attach),
             redirect_name(attachment.record.redirect_peer != 0),
             attachment.dir.display(),
             if view.is_none() {
@@ -704,7 +704,7 @@ pub fn status(
             .collect();
         println!(
             "  uplinks ({} mode): {}",
-            uplink_mode_name(attachment.record.uplink_mode),
+            uplink_mode_name(attachment.modes.uplink),
             if uplinks.is_empty() {
                 "none".to_owned()
             } else {

@@ -396,6 +396,60 @@ fn a_second_writer_waits_then_names_the_holder() {
     assert_hooked_once(&host, &ports(lab.spec()), "after the holder let go");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pins of another layout are named as such, never taken for an attachment.
+
+/// Pins whose maps do not have the layout this xbr expects (two map pins swapped, as a
+/// different build's pins would look): every writer names them as not a complete attachment
+/// and says how to remove them; `detach` removes them and a new attach starts afresh.
+#[test]
+fn pins_of_another_layout_are_named_and_detach_removes_them() {
+    let lab = lab_of(2);
+    let host = lab.spec().host_netns();
+    let pins = PinRoot::new(&host);
+    pins.xbr_ok(&["attach", "br0"]);
+    let inode = NetNs::open(&host).unwrap().inode().unwrap();
+    let dir = pins.path.join(format!("netns-{inode}/br0"));
+    // bpffs pins can be renamed: ENDPOINTS now has PORTS' key and value sizes, and the other
+    // way round.
+    let swap = dir.join("swap");
+    std::fs::rename(dir.join("endpoints"), &swap).unwrap();
+    std::fs::rename(dir.join("ports"), dir.join("endpoints")).unwrap();
+    std::fs::rename(&swap, dir.join("ports")).unwrap();
+    let broken = format!(
+        "the pins at {} are not a complete xbr attachment",
+        dir.display()
+    );
+    for args in [
+        vec!["attach", "br0"],
+        // Before anything else is looked at: an uplink that does not exist is not the news.
+        vec!["attach", "br0", "--uplink", "nosuch0"],
+        vec!["publish", "br0", "8080:10.77.0.2:80"],
+        vec!["unpublish", "br0", "8080:10.77.0.2:80"],
+    ] {
+        let (code, stdout, stderr) = pins.xbr(&args);
+        assert_eq!(code, 1, "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&broken)
+                && stderr.contains("/endpoints: invalid key size")
+                && stderr.contains("xbr detach br0"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stdout.contains("already attached"), "{args:?}: {stdout}");
+    }
+    let status = pins.xbr_ok(&["status", "br0"]);
+    assert!(status.contains(&broken), "{status}");
+    pins.xbr_ok(&["detach", "br0"]);
+    assert!(!dir.join("ports").exists(), "detach left the pins");
+    let attached = pins.xbr_ok(&["attach", "br0"]);
+    assert!(!attached.contains("already attached"), "{attached}");
+    assert_hooked_once(
+        &host,
+        &ports(lab.spec()),
+        "after the broken pins were removed",
+    );
+}
+
 /// A process this test started, killed (by pid) when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 

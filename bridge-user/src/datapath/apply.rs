@@ -1,5 +1,6 @@
-//! Apply: bringing the pinned state to a plan (`Pinned::reconcile`): removals first, then
-//! additions, so that at every moment each map entry points at a port that holds it; and the
+//! Apply: bringing the pinned state to a plan (`Pinned::reconcile`, executing the ordered
+//! steps of `steps.rs`): removals first, then additions, so that at every moment each map
+//! entry points at a port that holds it; and the
 //! firewall policy's hold-backs, east-west and on published ports.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +14,11 @@ use bridge_common::{
     PortStats, PublishedKey, PublishedPort,
 };
 
-use super::{hooking::Role, pinned::Pinned};
+use super::{
+    hooking::Role,
+    pinned::Pinned,
+    steps::{Step, Wanted, steps},
+};
 use crate::{
     error::{Error, Result},
     hooks::Drift,
@@ -63,166 +68,156 @@ impl Pinned {
     /// Brings the pinned state to `plan`. With `strict`, a port that cannot be hooked is an
     /// error (a first attach is all or nothing); otherwise it is skipped and reported.
     ///
+    /// The steps and their order come from `steps::steps` (removals first, a port's record
+    /// before its endpoints, hooks before anything points at them); this executes them.
+    ///
     /// The records are only a claim: what the kernel runs on each recorded port and uplink is
     /// read first, and a hook removed behind xbr's back, found twice, or left unrecorded by a
     /// writer that stopped half-way, is put right.
     pub fn reconcile(&mut self, plan: &Plan, strict: bool) -> Result<Changes> {
         let mut changes = Changes::default();
         let current = self.records(Role::Port)?;
-        let wanted_mac = &plan.port_macs;
-        let wanted: BTreeMap<u32, &PlannedPort> =
-            plan.ports.iter().map(|p| (p.ifindex, p)).collect();
-
-        // 1. Ports that left: first no delivery there (the record's MAC goes), which alone
-        // stops redirects to them; then the hook; then the record.
-        for (ifindex, record) in &current {
-            if !wanted.contains_key(ifindex) {
-                self.forget(*ifindex, record)?;
-                let _ = self.stats.remove(ifindex);
-                // Connections into the container that left end with it.
-                self.retire_flows(|_, flow| {
-                    flow.flags & Flow::INBOUND != 0 && flow.ifindex == *ifindex
-                });
-                changes.ports_removed.push(*ifindex);
-            }
-        }
-        // 2. Kept ports whose endpoint MAC changed (or went): the record first, as above.
-        for (ifindex, record) in &current {
-            let mac = wanted_mac.get(ifindex).copied().unwrap_or_default();
-            if wanted.contains_key(ifindex) && record.endpoint_mac != mac {
-                let updated = PortRecord {
-                    endpoint_mac: mac,
-                    ..*record
-                };
-                self.ports
-                    .insert(ifindex, updated, 0)
-                    .map_err(|e| Error::ebpf("updating the ports map", e))?;
-            }
-        }
-        // 3. Endpoint entries the plan does not have, or has on another port, go. One that
-        // stays on its port with another address or flags (rules appeared: the address check)
-        // is rewritten in place, so its frames never leave the fast path meanwhile.
-        let stale: Vec<(EndpointKey, Endpoint)> = self
+        let endpoints: BTreeMap<EndpointKey, Endpoint> = self
             .endpoints
             .iter()
             .filter_map(|entry| entry.ok())
-            .filter(|(key, endpoint)| plan.endpoints.get(key) != Some(endpoint))
             .collect();
-        for (key, endpoint) in stale {
-            let update = match plan.endpoints.get(&key) {
-                Some(wanted) if wanted.ifindex == endpoint.ifindex => {
-                    self.endpoints.insert(key, wanted, 0)
-                }
-                _ => {
-                    changes.endpoints_removed += 1;
-                    self.endpoints.remove(&key)
-                }
-            };
-            update.map_err(|e| Error::ebpf("updating the endpoints map", e))?;
-        }
-        // 4. Kept ports whose hook is not what their record says. Delivery into them never
-        // stopped (their record keeps its MAC); their own frames took the bridge meanwhile.
-        let kept: BTreeMap<u32, PortRecord> = self
-            .records(Role::Port)?
-            .into_iter()
-            .filter(|(ifindex, _)| wanted.contains_key(ifindex))
-            .collect();
+        let wanted_mac = &plan.port_macs;
+        let wanted: BTreeMap<u32, &PlannedPort> =
+            plan.ports.iter().map(|p| (p.ifindex, p)).collect();
         let mut failure = None;
-        for (ifindex, (drift, observed)) in self.drift(Role::Port, &kept)? {
-            let port = wanted[&ifindex];
-            match self.hook_one(Role::Port, port, Some(kept[&ifindex]), &observed) {
-                Ok(record) => {
-                    self.write_record(Role::Port, ifindex, record)?;
-                    changes.repaired.push((port.name.clone(), drift));
+        // The ports holding a record once the hooks are done (read at the first endpoint).
+        let mut hooked: Option<BTreeSet<u32>> = None;
+        for step in steps(&current, &endpoints, &Wanted::of(plan)) {
+            match step {
+                Step::RemovePort { ifindex, record } => {
+                    self.forget(ifindex, &record)?;
+                    let _ = self.stats.remove(&ifindex);
+                    // Connections into the container that left end with it.
+                    self.retire_flows(|_, flow| {
+                        flow.flags & Flow::INBOUND != 0 && flow.ifindex == ifindex
+                    });
+                    changes.ports_removed.push(ifindex);
                 }
-                Err(Error::PortVanished { .. }) if !strict => {
-                    changes.ports_skipped.push(port.name.clone())
+                Step::SetPortRecord { ifindex, record } => self
+                    .ports
+                    .insert(ifindex, record, 0)
+                    .map_err(|e| Error::ebpf("updating the ports map", e))?,
+                Step::RemoveEndpoint(key) => {
+                    changes.endpoints_removed += 1;
+                    self.endpoints
+                        .remove(&key)
+                        .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
                 }
-                Err(error) => failure = failure.or(Some(error)),
-            }
-        }
-        // 5. New ports: counters; a record that delivers nothing yet, so that a writer
-        // stopped half-way leaves a trace the next one finishes; the hook; then the record
-        // that lets frames be delivered there.
-        let cpus =
-            nr_cpus().map_err(|(what, e)| Error::io(format!("counting CPUs ({what})"), e))?;
-        let new_ports: Vec<&PlannedPort> = wanted
-            .iter()
-            .filter(|(ifindex, _)| !current.contains_key(ifindex))
-            .map(|(_, port)| *port)
-            .collect();
-        let ifindexes: Vec<u32> = new_ports.iter().map(|p| p.ifindex).collect();
-        let observed = self.observe(Role::Port, &ifindexes)?;
-        for (port, observed) in new_ports.iter().zip(observed) {
-            let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
-                .map_err(|e| Error::ebpf("preparing port counters", e))?;
-            self.stats
-                .insert(port.ifindex, zeros, 0)
-                .map_err(|e| Error::ebpf("adding port counters", e))?;
-            match self.hook_one(Role::Port, port, None, &observed) {
-                Ok(mut record) => {
-                    record.endpoint_mac =
-                        wanted_mac.get(&port.ifindex).copied().unwrap_or_default();
-                    self.write_record(Role::Port, port.ifindex, record)?;
-                    changes.ports_added.push(port.name.clone());
-                }
-                Err(error) => {
-                    let _ = self.stats.remove(&port.ifindex);
-                    let _ = self.ports.remove(&port.ifindex);
-                    match error {
-                        Error::PortVanished { .. } if !strict => {
-                            changes.ports_skipped.push(port.name.clone())
+                Step::RewriteEndpoint(key, endpoint) => self
+                    .endpoints
+                    .insert(key, endpoint, 0)
+                    .map_err(|e| Error::ebpf("updating the endpoints map", e))?,
+                // Delivery into kept ports never stopped (their record keeps its MAC); their
+                // own frames took the bridge meanwhile.
+                Step::RepairPortHooks => {
+                    let kept: BTreeMap<u32, PortRecord> = self
+                        .records(Role::Port)?
+                        .into_iter()
+                        .filter(|(ifindex, _)| wanted.contains_key(ifindex))
+                        .collect();
+                    for (ifindex, (drift, observed)) in self.drift(Role::Port, &kept)? {
+                        let port = wanted[&ifindex];
+                        match self.hook_one(Role::Port, port, Some(kept[&ifindex]), &observed) {
+                            Ok(record) => {
+                                self.write_record(Role::Port, ifindex, record)?;
+                                changes.repaired.push((port.name.clone(), drift));
+                            }
+                            Err(Error::PortVanished { .. }) if !strict => {
+                                changes.ports_skipped.push(port.name.clone())
+                            }
+                            Err(error) => failure = failure.or(Some(error)),
                         }
-                        // Keep recording the ports that did get hooked, so undo finds them.
-                        error => failure = failure.or(Some(error)),
                     }
                 }
-            }
-        }
-        // 4b. Uplinks, likewise (an uplink that is gone keeps its record, as before).
-        let uplinks = self.records(Role::Uplink)?;
-        for (ifindex, (drift, observed)) in self.drift(Role::Uplink, &uplinks)? {
-            let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
-                continue;
-            };
-            let uplink = PlannedPort {
-                name: name.to_string_lossy().into_owned(),
-                ifindex,
-            };
-            match self.hook_one(Role::Uplink, &uplink, Some(uplinks[&ifindex]), &observed) {
-                Ok(record) => {
-                    self.write_record(Role::Uplink, ifindex, record)?;
-                    changes.repaired.push((uplink.name, drift));
+                // Counters; a record that delivers nothing yet, so that a writer stopped
+                // half-way leaves a trace the next one finishes; the hook; then the record
+                // that lets frames be delivered there.
+                Step::HookNewPorts(new_ports) => {
+                    let cpus = nr_cpus()
+                        .map_err(|(what, e)| Error::io(format!("counting CPUs ({what})"), e))?;
+                    let ifindexes: Vec<u32> = new_ports.iter().map(|p| p.ifindex).collect();
+                    let observed = self.observe(Role::Port, &ifindexes)?;
+                    for (port, observed) in new_ports.iter().zip(observed) {
+                        let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
+                            .map_err(|e| Error::io("preparing port counters", e))?;
+                        self.stats
+                            .insert(port.ifindex, zeros, 0)
+                            .map_err(|e| Error::ebpf("adding port counters", e))?;
+                        match self.hook_one(Role::Port, port, None, &observed) {
+                            Ok(mut record) => {
+                                record.endpoint_mac =
+                                    wanted_mac.get(&port.ifindex).copied().unwrap_or_default();
+                                self.write_record(Role::Port, port.ifindex, record)?;
+                                changes.ports_added.push(port.name.clone());
+                            }
+                            Err(error) => {
+                                let _ = self.stats.remove(&port.ifindex);
+                                let _ = self.ports.remove(&port.ifindex);
+                                match error {
+                                    Error::PortVanished { .. } if !strict => {
+                                        changes.ports_skipped.push(port.name.clone())
+                                    }
+                                    // Keep recording the ports that did get hooked, so undo
+                                    // finds them.
+                                    error => failure = failure.or(Some(error)),
+                                }
+                            }
+                        }
+                    }
                 }
-                Err(Error::PortVanished { .. }) => {}
-                Err(error) => failure = failure.or(Some(error)),
+                // Likewise (an uplink that is gone keeps its record, as before).
+                Step::RepairUplinkHooks => {
+                    let uplinks = self.records(Role::Uplink)?;
+                    for (ifindex, (drift, observed)) in self.drift(Role::Uplink, &uplinks)? {
+                        let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+                            continue;
+                        };
+                        let uplink = PlannedPort {
+                            name: name.to_string_lossy().into_owned(),
+                            ifindex,
+                        };
+                        let recorded = Some(uplinks[&ifindex]);
+                        match self.hook_one(Role::Uplink, &uplink, recorded, &observed) {
+                            Ok(record) => {
+                                self.write_record(Role::Uplink, ifindex, record)?;
+                                changes.repaired.push((uplink.name, drift));
+                            }
+                            Err(Error::PortVanished { .. }) => {}
+                            Err(error) => failure = failure.or(Some(error)),
+                        }
+                    }
+                }
+                Step::StopIfHookFailed => {
+                    if let Some(error) = failure.take() {
+                        return Err(error);
+                    }
+                }
+                Step::SyncHolds => changes.holds = self.sync_holds(&plan.east_west.holds)?,
+                Step::AddEndpoint(key, endpoint) => {
+                    let hooked = hooked
+                        .get_or_insert_with(|| self.ports.keys().filter_map(|k| k.ok()).collect());
+                    if hooked.contains(&endpoint.ifindex) {
+                        self.endpoints
+                            .insert(key, endpoint, 0)
+                            .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
+                        changes.endpoints_added += 1;
+                    }
+                }
+                Step::UpdatePublished => {
+                    if let Some(containers) = &plan.containers {
+                        changes.published_updated =
+                            self.update_published(containers, plan.bridge_mac)?;
+                    }
+                }
+                Step::RemoveLeftovers => changes.leftovers_removed = self.remove_leftovers()?,
             }
         }
-        if let Some(error) = failure {
-            return Err(error);
-        }
-        // 5. What the policy holds back, before any new endpoint can take the fast path.
-        changes.holds = self.sync_holds(&plan.east_west.holds)?;
-        // 6. Endpoints, last: every port they name now holds them.
-        let hooked: BTreeSet<u32> = self.ports.keys().filter_map(|k| k.ok()).collect();
-        for (key, endpoint) in &plan.endpoints {
-            if !hooked.contains(&endpoint.ifindex) {
-                continue;
-            }
-            let present = self.endpoints.get(key, 0).ok() == Some(*endpoint);
-            if !present {
-                self.endpoints
-                    .insert(key, endpoint, 0)
-                    .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
-                changes.endpoints_added += 1;
-            }
-        }
-        // 7. Published ports follow their container to its current port and MAC.
-        if let Some(containers) = &plan.containers {
-            changes.published_updated = self.update_published(containers, plan.bridge_mac)?;
-        }
-        // 8. What writers stopped half-way left beside the records.
-        changes.leftovers_removed = self.remove_leftovers()?;
         Ok(changes)
     }
 

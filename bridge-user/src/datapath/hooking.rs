@@ -12,7 +12,7 @@ use aya::programs::{
     links::FdLink,
     tc::{self, NlOptions, TcAttachOptions, TcError},
 };
-use bridge_common::{AttachMode, PortRecord, UplinkMode};
+use bridge_common::{AttachMode, BridgeRecord, PortRecord, UplinkMode};
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 
 use super::pinned::Pinned;
@@ -25,10 +25,55 @@ use crate::{
     plan::{Plan, PlannedPort},
 };
 
-pub fn uplink_mode_name(mode: u32) -> &'static str {
+/// The modes of an attachment, decoded once from its bridge record's raw `u32`s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Modes {
+    pub attach: AttachMode,
+    pub uplink: UplinkMode,
+}
+
+/// A bridge record with a mode value this xbr does not know.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the bridge record names {what} mode {value}, which this xbr does not know")]
+pub struct UnknownMode {
+    pub what: &'static str,
+    pub value: u32,
+}
+
+impl TryFrom<&BridgeRecord> for Modes {
+    type Error = UnknownMode;
+
+    fn try_from(record: &BridgeRecord) -> std::result::Result<Modes, UnknownMode> {
+        let attach = match record.attach_mode {
+            m if m == AttachMode::Tcx as u32 => AttachMode::Tcx,
+            m if m == AttachMode::Clsact as u32 => AttachMode::Clsact,
+            value => {
+                return Err(UnknownMode {
+                    what: "attach",
+                    value,
+                });
+            }
+        };
+        let uplink = match record.uplink_mode {
+            // 0: attachments made before XDP mode existed.
+            0 => UplinkMode::Tc,
+            m if m == UplinkMode::Tc as u32 => UplinkMode::Tc,
+            m if m == UplinkMode::Xdp as u32 => UplinkMode::Xdp,
+            value => {
+                return Err(UnknownMode {
+                    what: "uplink",
+                    value,
+                });
+            }
+        };
+        Ok(Modes { attach, uplink })
+    }
+}
+
+pub fn uplink_mode_name(mode: UplinkMode) -> &'static str {
     match mode {
-        m if m == UplinkMode::Xdp as u32 => "xdp",
-        _ => "tc",
+        UplinkMode::Xdp => "xdp",
+        UplinkMode::Tc => "tc",
     }
 }
 
@@ -43,11 +88,10 @@ pub fn xdp_attach_name(flags: u32) -> Option<&'static str> {
     }
 }
 
-pub fn mode_name(mode: u32) -> &'static str {
+pub fn mode_name(mode: AttachMode) -> &'static str {
     match mode {
-        m if m == AttachMode::Tcx as u32 => "tcx",
-        m if m == AttachMode::Clsact as u32 => "clsact",
-        _ => "unknown",
+        AttachMode::Tcx => "tcx",
+        AttachMode::Clsact => "clsact",
     }
 }
 
@@ -103,7 +147,7 @@ impl Pinned {
     /// What the kernel runs on each of `ifindexes` where `role`'s program would be.
     pub(super) fn observe(&self, role: Role, ifindexes: &[u32]) -> Result<Vec<Observed>> {
         let program = self.program_id_of(role);
-        match self.mode() {
+        match self.modes.attach {
             AttachMode::Tcx => ifindexes
                 .iter()
                 .map(|ifindex| {
@@ -306,14 +350,14 @@ impl Pinned {
     /// links (and XDP links) can be detached without an event, a clsact filter or qdisc
     /// cannot. A few syscalls per port; the follower calls it every second.
     pub fn silent_hooks_intact(&self) -> Result<bool> {
-        let ports_intact = match self.mode() {
+        let ports_intact = match self.modes.attach {
             AttachMode::Tcx => self
                 .drift(Role::Port, &self.records(Role::Port)?)?
                 .is_empty(),
             AttachMode::Clsact => true,
         };
         let uplinks = self.records(Role::Uplink)?;
-        let uplinks_intact = match self.mode() {
+        let uplinks_intact = match self.modes.attach {
             AttachMode::Tcx => self.drift(Role::Uplink, &uplinks)?.is_empty(),
             AttachMode::Clsact => uplinks
                 .iter()
@@ -334,7 +378,7 @@ impl Pinned {
     /// Takes `role`'s program off a port: every filter of it (clsact), or the pinned link
     /// (tcx). A port that no longer exists took it along.
     pub(super) fn unhook(&self, role: Role, ifindex: u32, record: &PortRecord) -> Result<()> {
-        match self.mode() {
+        match self.modes.attach {
             AttachMode::Tcx => unpin_link(&self.link_pin(role, ifindex), ifindex, "tcx"),
             AttachMode::Clsact => {
                 if nix::net::if_::if_indextoname(ifindex).is_err() {
@@ -547,5 +591,54 @@ fn delete_clsact(ifindex: u32) -> Result<()> {
         other => other.map_err(|e| {
             Error::netlink(format!("deleting the clsact qdisc of ifindex {ifindex}"), e)
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bridge_common::{AttachMode, BridgeRecord, UplinkMode};
+
+    use super::{Modes, UnknownMode};
+
+    fn record(attach_mode: u32, uplink_mode: u32) -> BridgeRecord {
+        BridgeRecord {
+            attach_mode,
+            uplink_mode,
+            ..BridgeRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_records_modes_are_decoded_once_and_unknown_values_refused() {
+        let decode = |a, u| Modes::try_from(&record(a, u));
+        assert_eq!(
+            decode(AttachMode::Tcx as u32, UplinkMode::Xdp as u32),
+            Ok(Modes {
+                attach: AttachMode::Tcx,
+                uplink: UplinkMode::Xdp
+            })
+        );
+        // Uplink mode 0: pinned before XDP mode existed, which means tc.
+        assert_eq!(
+            decode(AttachMode::Clsact as u32, 0),
+            Ok(Modes {
+                attach: AttachMode::Clsact,
+                uplink: UplinkMode::Tc
+            })
+        );
+        assert_eq!(
+            decode(7, UplinkMode::Tc as u32),
+            Err(UnknownMode {
+                what: "attach",
+                value: 7
+            })
+        );
+        assert_eq!(
+            decode(AttachMode::Tcx as u32, 9),
+            Err(UnknownMode {
+                what: "uplink",
+                value: 9
+            })
+        );
     }
 }

@@ -10,8 +10,9 @@
 //!   again, and the NAT connection tables made and removed behind their slots;
 //! - `hooking`: putting the programs on ports and uplinks (tcx, clsact, XDP), reading back
 //!   what the kernel runs there, and taking them off;
-//! - `apply`: bringing the pinned state to a plan (`Pinned::reconcile`) and the policy's
-//!   hold-backs;
+//! - `steps`: reconcile's safety ordering as a pure, tested list of steps;
+//! - `apply`: bringing the pinned state to a plan (`Pinned::reconcile`, executing those
+//!   steps) and the policy's hold-backs;
 //! - `published`: the published ports in the pinned map (`xbr publish`, Docker's bindings)
 //!   and the NATed connections through them: retiring and counting them;
 //! - `snapshot`: reading an attachment back for `status` and `stats`.
@@ -21,6 +22,7 @@ mod hooking;
 mod pinned;
 mod published;
 mod snapshot;
+mod steps;
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +31,7 @@ use bridge_common::{AttachMode, UplinkMode};
 pub use apply::{Changes, PublishedApplied};
 pub use bridge_common::memory::flow_table_entries;
 use hooking::unpin_link;
-pub use hooking::{Role, mode_name, uplink_mode_name, xdp_attach_name};
+pub use hooking::{Modes, Role, UnknownMode, mode_name, uplink_mode_name, xdp_attach_name};
 pub use pinned::{
     FLOW_TABLE_PROTOTYPE, FlowTable, MAX_MAX_FLOWS, MIN_MAX_FLOWS, OBJECT, Pinned,
     TRANSIENT_TABLE_PROTOTYPE, default_max_flows, new_flow_tables,
@@ -107,8 +109,7 @@ impl UplinkModeChoice {
 pub struct Attached {
     pub dir: PathBuf,
     pub mode: AttachMode,
-    /// A `UplinkMode` value (as pinned).
-    pub uplink_mode: u32,
+    pub uplink_mode: UplinkMode,
     /// False when the bridge was attached already and this attach brought it up to date.
     pub created: bool,
     /// The pins were an interrupted attach or detach, removed before attaching afresh.
@@ -204,30 +205,29 @@ fn reattach(
             wanted,
         });
     }
-    if mode != ModeChoice::Auto && pinned.mode() != mode.resolve(features)? {
-        return Err(Error::ModeMismatch {
-            bridge: plan.bridge.clone(),
-            attached: mode_name(pinned.record.attach_mode),
-            wanted: mode_name(mode.resolve(features)? as u32),
-        });
+    if mode != ModeChoice::Auto {
+        let wanted = mode.resolve(features)?;
+        if pinned.modes.attach != wanted {
+            return Err(Error::ModeMismatch {
+                bridge: plan.bridge.clone(),
+                attached: mode_name(pinned.modes.attach),
+                wanted: mode_name(wanted),
+            });
+        }
     }
-    let pinned_uplink_mode = uplink_mode_name(pinned.record.uplink_mode);
-    if uplink_mode != UplinkModeChoice::Auto
-        && pinned_uplink_mode != uplink_mode_name(uplink_mode.resolve(features)? as u32)
-    {
-        return Err(Error::ModeMismatch {
-            bridge: plan.bridge.clone(),
-            attached: if pinned_uplink_mode == "xdp" {
-                "uplink xdp"
-            } else {
-                "uplink tc"
-            },
-            wanted: if pinned_uplink_mode == "xdp" {
-                "uplink tc"
-            } else {
-                "uplink xdp"
-            },
-        });
+    if uplink_mode != UplinkModeChoice::Auto {
+        let wanted = uplink_mode.resolve(features)?;
+        if pinned.modes.uplink != wanted {
+            let name = |mode| match mode {
+                UplinkMode::Tc => "uplink tc",
+                UplinkMode::Xdp => "uplink xdp",
+            };
+            return Err(Error::ModeMismatch {
+                bridge: plan.bridge.clone(),
+                attached: name(pinned.modes.uplink),
+                wanted: name(wanted),
+            });
+        }
     }
     let mut changes = pinned.reconcile(plan, false)?;
     changes.uplinks_added = pinned.hook_uplinks(plan, uplinks)?;
@@ -255,15 +255,10 @@ pub struct Detached {
 
 impl Pinned {
     fn attached(&self, plan: &Plan, created: bool, changes: Changes) -> Attached {
-        let mode = if self.record.attach_mode == AttachMode::Tcx as u32 {
-            AttachMode::Tcx
-        } else {
-            AttachMode::Clsact
-        };
         Attached {
             dir: self.dir.clone(),
-            mode,
-            uplink_mode: self.record.uplink_mode,
+            mode: self.modes.attach,
+            uplink_mode: self.modes.uplink,
             created,
             replaced_incomplete: false,
             ports: self.ports.keys().filter_map(|k| k.ok()).count(),

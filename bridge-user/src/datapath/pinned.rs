@@ -24,6 +24,7 @@ use bridge_common::{
     memory::flow_table_entries,
 };
 
+use super::hooking::Modes;
 use crate::{
     error::{Error, Result},
     features::Features,
@@ -43,6 +44,8 @@ pub struct Pinned {
     pub(super) record_pin_id: (u64, u64),
     pub(super) root: PathBuf,
     pub record: BridgeRecord,
+    /// The record's modes, decoded.
+    pub modes: Modes,
     /// The kernel's ids of the pinned programs: how their hooks are recognised.
     pub(super) port_program_id: u32,
     pub(super) uplink_program_id: u32,
@@ -296,7 +299,12 @@ impl Pinned {
             .map_err(|e| broken(Error::ebpf("opening the pinned port program", e)))?;
         let uplink_program = SchedClassifier::from_pin(dir.join(pins::UPLINK_PROGRAM))
             .map_err(|e| broken(Error::ebpf("opening the pinned uplink program", e)))?;
-        let uplink_xdp = if record.uplink_mode == UplinkMode::Xdp as u32 {
+        let modes = Modes::try_from(&record).map_err(|e| Error::BrokenPins {
+            bridge: bridge.to_owned(),
+            pins: dir.clone(),
+            detail: e.to_string(),
+        })?;
+        let uplink_xdp = if modes.uplink == UplinkMode::Xdp {
             let xdp = Xdp::from_pin(
                 dir.join(pins::UPLINK_XDP_PROGRAM),
                 aya_obj::programs::XdpAttachType::Interface,
@@ -315,6 +323,7 @@ impl Pinned {
             record_pin_id,
             root: root.to_owned(),
             record,
+            modes,
             port_program_id: id_of(program.info())?,
             uplink_program_id: id_of(uplink_program.info())?,
             uplink_xdp_id: uplink_xdp
@@ -425,14 +434,6 @@ impl Pinned {
             })?;
         }
         Pinned::open(root, &plan.bridge)
-    }
-
-    pub(super) fn mode(&self) -> AttachMode {
-        if self.record.attach_mode == AttachMode::Tcx as u32 {
-            AttachMode::Tcx
-        } else {
-            AttachMode::Clsact
-        }
     }
 
     /// Whether the attachment this was opened from is still the one pinned: false once a

@@ -8,7 +8,10 @@ use std::{
 
 use bridge_common::{BridgeRecord, Endpoint, EndpointKey, HoldKey, PortRecord, PortStats, Verdict};
 
-use super::{hooking::xdp_attach_name, pinned::Pinned};
+use super::{
+    hooking::{Modes, xdp_attach_name},
+    pinned::Pinned,
+};
 use crate::{
     error::{Error, Result},
     hooks::Drift,
@@ -20,6 +23,8 @@ pub struct Attachment {
     pub bridge: String,
     pub dir: PathBuf,
     pub record: BridgeRecord,
+    /// The record's modes, decoded.
+    pub modes: Modes,
     pub ports: BTreeMap<u32, PortRecord>,
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
     /// Per port, summed over CPUs.
@@ -83,6 +88,7 @@ impl Pinned {
             bridge: self.bridge.clone(),
             dir: self.dir.clone(),
             record: self.record,
+            modes: self.modes,
             ports,
             endpoints,
             stats,
@@ -114,4 +120,53 @@ pub fn read(root: &Path, bridge: &str) -> Result<Attachment> {
     attachment.follower = crate::lock::follower(&pinned.dir);
     attachment.writer = crate::lock::writer(&pinned.dir);
     Ok(attachment)
+}
+
+#[cfg(test)]
+mod tests {
+    use bridge_common::Verdict;
+
+    /// Where `verdict` must stand in `Verdict::ALL`: its index in the verdicts array. The
+    /// match has no catch-all, so a new variant does not compile until it is listed here; then
+    /// the test below fails until `ALL` and `COUNT` list it too.
+    fn position(verdict: Verdict) -> usize {
+        match verdict {
+            Verdict::Redirected => 0,
+            Verdict::NotUnicast => 1,
+            Verdict::NotIp => 2,
+            Verdict::VlanTagged => 3,
+            Verdict::UnknownDestination => 4,
+            Verdict::SamePort => 5,
+            Verdict::Malformed => 6,
+            Verdict::UnknownSource => 7,
+            Verdict::StaleEndpoint => 8,
+            Verdict::NatIn => 9,
+            Verdict::NatOut => 10,
+            Verdict::NatNotTranslated => 11,
+            Verdict::NatTableFull => 12,
+            Verdict::NatInXdp => 13,
+            Verdict::HeldByPolicy => 14,
+        }
+    }
+
+    /// The highest position `position` gives; keep it in step with the match above.
+    const LAST: usize = 14;
+
+    #[test]
+    fn verdict_all_lists_every_variant_once_at_its_index() {
+        assert_eq!(Verdict::ALL.len(), Verdict::COUNT as usize);
+        assert_eq!(
+            Verdict::COUNT as usize,
+            LAST + 1,
+            "a variant is missing from ALL"
+        );
+        for (index, verdict) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*verdict as usize, index, "{verdict:?} is not at its index");
+            assert_eq!(position(*verdict), index, "{verdict:?}");
+        }
+        let mut names: Vec<&str> = Verdict::ALL.iter().map(|v| v.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Verdict::ALL.len(), "two verdicts share a name");
+    }
 }

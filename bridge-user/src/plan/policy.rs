@@ -12,7 +12,7 @@ use bridge_common::{
     PublishedKey, PublishedPort,
 };
 
-use crate::policy::{self, Firewall, Pattern, model::Layer3};
+use crate::policy::{self, Firewall, Pattern, ReadError, model::Layer3};
 
 /// Transport protocols with ports that the datapath does not read: a hold-back on their
 /// ports holds back the whole protocol.
@@ -25,7 +25,7 @@ const MAX_CLIENTS_PER_PORT: usize = 256;
 pub struct Policy {
     /// The namespace's netfilter state, or why it cannot be read (then nothing may take the
     /// fast path: xbr cannot tell what the rules would drop).
-    pub firewall: std::result::Result<Firewall, String>,
+    pub firewall: std::result::Result<Firewall, ReadError>,
     /// Docker's `enable_icc=false` on the bridge's network: no east-west traffic at all.
     pub icc_off: Option<String>,
 }
@@ -123,7 +123,7 @@ impl EastWest {
     }
 }
 
-fn unreadable(why: &str) -> String {
+fn unreadable(why: &ReadError) -> String {
     format!("the netfilter ruleset cannot be read ({why}), so xbr cannot tell what it drops")
 }
 
@@ -411,7 +411,9 @@ mod tests {
     #[test]
     fn an_unreadable_ruleset_turns_everything_off() {
         let policy = Policy {
-            firewall: Err("nft is not installed".to_owned()),
+            firewall: Err(ReadError::NotInstalled {
+                tool: "nft".to_owned(),
+            }),
             icc_off: None,
         };
         let plan = east_west(&policy, "br0", &[], None);

@@ -27,7 +27,7 @@ pub use eval::{Hold, Pattern, Translation, Why};
 use eval::{Packets, Traversal, holds};
 pub use events::RulesetChanges;
 use model::{ConntrackState, Family, Hook, Layer3};
-pub use read::{Firewall, read};
+pub use read::{Firewall, ReadError, read};
 
 /// One bridge and its container ports, as the east-west class sees them.
 #[derive(Clone, Debug)]

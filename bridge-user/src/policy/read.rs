@@ -28,9 +28,28 @@ pub struct Firewall {
     pub bridged_ipv6: bool,
 }
 
+/// Why the ruleset cannot be read. Kept in the plan and shown by `status`, so it is plain
+/// data (Clone, Eq): an I/O error is kept as its kind and text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("{tool} is not installed (install the nftables and iptables packages)")]
+    NotInstalled { tool: String },
+    #[error("cannot run {tool}: {reason}")]
+    CannotRun {
+        tool: String,
+        kind: std::io::ErrorKind,
+        reason: String,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    /// nft's JSON does not parse as a ruleset.
+    #[error("{0}")]
+    Ruleset(String),
+}
+
 /// Reads the firewall of the calling thread's network namespace. An error says why it
 /// cannot be read; then nothing can be accelerated.
-pub fn read() -> Result<Firewall, String> {
+pub fn read() -> Result<Firewall, ReadError> {
     let json = run("nft", &["-j", "list", "ruleset"])?;
     let mut ruleset = ruleset_from(&json, iptables_nft_save)?;
     for (names, family, tool) in [
@@ -57,8 +76,8 @@ pub fn read() -> Result<Firewall, String> {
 pub(super) fn ruleset_from(
     json: &str,
     xtables_save: impl Fn(Family, &str) -> Option<String>,
-) -> Result<Ruleset, String> {
-    let (mut ruleset, with_xtables) = nft::parse(json)?;
+) -> Result<Ruleset, ReadError> {
+    let (mut ruleset, with_xtables) = nft::parse(json).map_err(ReadError::Ruleset)?;
     for (family, name) in with_xtables {
         let Some(save) = xtables_save(family, &name) else {
             continue;
@@ -87,22 +106,25 @@ fn iptables_nft_save(family: Family, table: &str) -> Option<String> {
     run(tool, &["-t", table]).ok()
 }
 
-fn run(tool: &str, args: &[&str]) -> Result<String, String> {
+fn run(tool: &str, args: &[&str]) -> Result<String, ReadError> {
     let output = Command::new(tool)
         .args(args)
         .output()
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("{tool} is not installed (install the nftables and iptables packages)")
-            }
-            _ => format!("cannot run {tool}: {e}"),
+            std::io::ErrorKind::NotFound => ReadError::NotInstalled {
+                tool: tool.to_owned(),
+            },
+            kind => ReadError::CannotRun {
+                tool: tool.to_owned(),
+                kind,
+                reason: e.to_string(),
+            },
         })?;
     if !output.status.success() {
-        return Err(format!(
-            "`{tool} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        return Err(ReadError::Failed {
+            command: format!("{tool} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -121,7 +143,7 @@ pub(super) fn unevented_state() -> String {
     ] {
         if legacy_in_use(names) {
             // iptables-save stamps its output with the time: leave those comment lines out.
-            let save = run(tool, &[]).unwrap_or_else(|why| why);
+            let save = run(tool, &[]).unwrap_or_else(|why| why.to_string());
             state.extend(save.lines().filter(|line| !line.starts_with('#')));
         }
     }
