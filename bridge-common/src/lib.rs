@@ -19,6 +19,21 @@ pub const MAX_HOLDS: u32 = 4096;
 /// bridge.
 pub const MAX_CLIENT_HOLDS: u32 = 4096;
 
+/// The names of the datapath's programs: the entry functions of `bridge-ebpf` (which must be
+/// spelled the same: an attribute macro names the program after its function), the pins the
+/// control plane gives them, and what the tests load. The packet tests check that the object
+/// holds each of them.
+pub mod programs {
+    /// tc ingress of a bridge port (`#[classifier] fn port_ingress`).
+    pub const PORT: &str = "port_ingress";
+    /// tc ingress of an uplink (`#[classifier] fn uplink_ingress`).
+    pub const UPLINK: &str = "uplink_ingress";
+    /// XDP on an uplink, in uplink XDP mode (`#[xdp] fn uplink_xdp`).
+    pub const UPLINK_XDP: &str = "uplink_xdp";
+    /// Every program of the object.
+    pub const ALL: [&str; 3] = [PORT, UPLINK, UPLINK_XDP];
+}
+
 /// IP protocol numbers of the published-port path.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

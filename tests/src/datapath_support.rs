@@ -18,9 +18,9 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 /// TC_ACT_UNSPEC (-1) as the u32 BPF_PROG_TEST_RUN reports: "not mine, next program".
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
-pub const PORT_PROGRAM: &str = "port_ingress";
-pub const UPLINK_PROGRAM: &str = "uplink_ingress";
-pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
+pub use bridge_common::programs::{
+    PORT as PORT_PROGRAM, UPLINK as UPLINK_PROGRAM, UPLINK_XDP as UPLINK_XDP_PROGRAM,
+};
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
