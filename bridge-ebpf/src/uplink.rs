@@ -13,6 +13,8 @@ use crate::{
 
 #[inline(always)]
 pub fn receive(ctx: &TcContext) -> i32 {
+    // SAFETY: the kernel's __sk_buff for this run, valid while the program runs; the verifier
+    // allows reading its ifindex.
     let uplink = unsafe { (*ctx.skb.skb).ifindex };
     // TC_ACT_UNSPEC, not OK: other programs on a shared uplink (another bridge's) still run.
     let Some(segment) = nat::parse(ctx) else {

@@ -20,11 +20,13 @@ use bridge_common::{IPPROTO_UDP, Verdict};
 use crate::{
     counters::{count_delivered, count_verdict},
     frame::ptr_at_mut,
-    nat::{self, IP_CHECK, IP_TTL, L4, Nat, Rewrite, Rewriter},
+    nat::{self, ETH_DST, ETH_SRC, IP_CHECK, IP_TTL, L4_PORTS_END, MAC_LEN, Nat, Rewrite, Rewriter},
 };
 
 #[inline(always)]
 pub fn receive(ctx: &XdpContext) -> u32 {
+    // SAFETY: the kernel's xdp_md for this run, valid while the program runs; the verifier
+    // allows reading its ingress_ifindex.
     let uplink = unsafe { (*ctx.ctx).ingress_ifindex };
     let Some(segment) = nat::parse(ctx) else {
         return XDP_PASS;
@@ -37,6 +39,7 @@ pub fn receive(ctx: &XdpContext) -> u32 {
             count_delivered(ctx, port);
             // Out of the container's bridge port (a veth): the kernel delivers it to the
             // container's end when that end has NAPI (an XDP program, or GRO on).
+            // SAFETY: a BPF helper that takes only integers.
             let action = unsafe { bpf_redirect(port, 0) } as u32;
             if action == XDP_REDIRECT {
                 action
@@ -74,14 +77,16 @@ impl Rewriter for XdpContext {
     #[inline(always)]
     fn rewrite(&self, r: &Rewrite) -> bool {
         // One bounds check for the headers up to the ports, one for the L4 checksum.
-        let Some(headers) = ptr_at_mut::<[u8; L4 + 4]>(self, 0) else {
+        let Some(headers) = ptr_at_mut::<[u8; L4_PORTS_END]>(self, 0) else {
             return false;
         };
         let Some(l4_check) = ptr_at_mut::<[u8; 2]>(self, r.l4_check) else {
             return false;
         };
-        let headers = unsafe { &mut *headers };
-        let l4_check = unsafe { &mut *l4_check };
+        // SAFETY: ptr_at_mut checked that both lie within the frame, which this program may
+        // write; they do not overlap (the checksum lies after the ports) and nothing else
+        // refers to the frame while they live.
+        let (headers, l4_check) = unsafe { (&mut *headers, &mut *l4_check) };
 
         // IP header: the address and the TTL (the TTL shares its word with the protocol).
         let ip_check = word(headers, IP_CHECK);
@@ -108,8 +113,8 @@ impl Rewriter for XdpContext {
         }
         headers[r.ip_at..r.ip_at + 4].copy_from_slice(&r.new_ip);
         headers[r.port_at..r.port_at + 2].copy_from_slice(&r.new_port);
-        headers[0..6].copy_from_slice(&r.eth_dst);
-        headers[6..12].copy_from_slice(&r.eth_src);
+        headers[ETH_DST..ETH_DST + MAC_LEN].copy_from_slice(&r.eth_dst);
+        headers[ETH_SRC..ETH_SRC + MAC_LEN].copy_from_slice(&r.eth_src);
         true
     }
 }
