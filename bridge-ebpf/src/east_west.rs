@@ -36,9 +36,9 @@ pub fn forward(ctx: &TcContext) -> i32 {
         // Not for a container here: maybe a reply to a client of a published port.
         Decision::Pass(Verdict::UnknownDestination) => {
             match nat::parse(ctx).map(|s| nat::outbound(ctx, &s, ingress_port)) {
-                Some(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
-                Some(Nat::Pass(verdict)) => Decision::Pass(verdict),
-                Some(Nat::NotOurs) | None => Decision::Pass(Verdict::UnknownDestination),
+                Ok(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
+                Ok(Nat::Pass(verdict)) => Decision::Pass(verdict),
+                Ok(Nat::NotOurs) | Err(_) => Decision::Pass(Verdict::UnknownDestination),
             }
         }
         decision => decision,

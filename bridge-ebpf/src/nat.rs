@@ -102,43 +102,62 @@ pub struct Segment {
 }
 
 /// Reads an IPv4 TCP or UDP frame that NAT can translate: no fragment, no IP options, the
-/// whole transport header present. Anything else is the kernel's.
+/// whole transport header present. Anything else is the kernel's, with the verdict that says
+/// why: `NotPublished` (not IPv4 TCP or UDP, which no published port is), `NatNotTranslated`
+/// (a fragment or IP options: NAT does not read those) or `Malformed`.
 #[inline(always)]
-pub fn parse(ctx: &impl Frame) -> Option<Segment> {
+pub fn parse(ctx: &impl Frame) -> Result<Segment, Verdict> {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Err(Verdict::Malformed);
+    };
     // SAFETY: ptr_at checked that the header lies within the frame's linear data.
-    let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0)? };
+    let eth = unsafe { &*eth };
     if eth.ether_type != EtherType::Ipv4 as u16 {
-        return None;
+        return Err(Verdict::NotPublished);
     }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, IP) else {
+        return Err(Verdict::Malformed);
+    };
     // SAFETY: ptr_at checked that the header lies within the frame's linear data.
-    let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, IP)? };
-    // Options would move the transport header; fragments have no ports (or only some).
-    let fragment = u16::from_be_bytes(ip.frags) & IPV4_FRAGMENT != 0;
-    if ip.vihl != IPV4_NO_OPTIONS || fragment {
-        return None;
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 || usize::from(ip.vihl & 0x0f) * 4 < Ipv4Hdr::LEN {
+        return Err(Verdict::Malformed);
     }
-    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
     let header_len = match ip.proto {
         IPPROTO_TCP => TcpHdr::LEN,
         IPPROTO_UDP => UdpHdr::LEN,
-        _ => return None,
+        _ => return Err(Verdict::NotPublished),
     };
+    // Options would move the transport header; fragments have no ports (or only some).
+    let fragment = u16::from_be_bytes(ip.frags) & IPV4_FRAGMENT != 0;
+    if ip.vihl != IPV4_NO_OPTIONS || fragment {
+        return Err(Verdict::NatNotTranslated);
+    }
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
     // The transport header must be there, and inside what the IP header claims.
     if total_len < Ipv4Hdr::LEN + header_len || IP + total_len > ctx.frame_len() {
-        return None;
+        return Err(Verdict::Malformed);
     }
+    let Some(ports) = ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT) else {
+        return Err(Verdict::Malformed);
+    };
     // SAFETY: ptr_at checked that the ports lie within the frame's linear data.
-    let ports = unsafe { &*ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT)? };
+    let ports = unsafe { &*ports };
     let (tcp_flags, tcp_seq, tcp_ack) = if header_len == TcpHdr::LEN {
+        let Some(tcp) = ptr_at::<[u8; TcpHdr::LEN]>(ctx, L4) else {
+            return Err(Verdict::Malformed);
+        };
         // SAFETY: ptr_at checked that the TCP header lies within the frame's linear data.
-        let tcp = unsafe { &*ptr_at::<[u8; TcpHdr::LEN]>(ctx, L4)? };
+        let tcp = unsafe { &*tcp };
         let at = |offset: usize| [tcp[offset], tcp[offset + 1], tcp[offset + 2], tcp[offset + 3]];
         (tcp[TCP_FLAGS], at(TCP_SEQ), at(TCP_ACK_SEQ))
     } else {
-        ptr_at::<[u8; UdpHdr::LEN]>(ctx, L4)?;
+        if ptr_at::<[u8; UdpHdr::LEN]>(ctx, L4).is_none() {
+            return Err(Verdict::Malformed);
+        }
         (0, [0; 4], [0; 4])
     };
-    Some(Segment {
+    Ok(Segment {
         eth_dst: eth.dst_addr,
         eth_src: eth.src_addr,
         key: FlowKey {

@@ -832,6 +832,14 @@ fn syn_cut_short() -> Vec<u8> {
     tcp_cut
 }
 
+/// A SYN to the published port whose IP header claims `len` bytes (too few: below 20).
+fn syn_with_header_length(len: u8) -> Vec<u8> {
+    let mut frame = tcp(&inbound(), "S", &[]);
+    frame[14] = 0x40 | (len / 4);
+    fix_ip_checksum(&mut frame);
+    frame
+}
+
 fn syn_to_port(host_port: u16) -> Vec<u8> {
     let mut other_port = inbound();
     other_port.ports.1 = host_port;
@@ -855,6 +863,18 @@ fn icmp_error() -> Vec<u8> {
     icmp_error
 }
 
+/// Who has the host's address, from the client (an Ethernet frame that is not IP).
+fn arp_request() -> Vec<u8> {
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&CLIENT_IP);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&HOST_IP);
+    arp
+}
+
 fn ipv6_syn() -> Vec<u8> {
     let mut ipv6 = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, UPLINK_MAC)
@@ -875,25 +895,25 @@ enum Uplink {
 
 /// Frames NAT must leave alone, each a test of its own for each uplink program, on a fresh
 /// datapath with a published TCP and UDP port: tc passes them on unchanged to the kernel
-/// (`TC_ACT_UNSPEC`) and counts the verdict given; XDP passes them on unchanged to tc and
-/// counts nothing (tc counts what it passes). Neither opens a connection.
+/// (`TC_ACT_UNSPEC`) and counts the verdict given (every frame it passes has one); XDP passes
+/// them on unchanged to tc and counts nothing (tc counts what it passes). Neither opens a
+/// connection.
 #[rstest]
-#[case::a_port_nobody_published(syn_to_port(9090), None)]
-#[case::tcp_without_syn_no_connection(
-    tcp(&inbound(), "A", b"data"),
-    Some(Verdict::NatNotTranslated)
-)]
-#[case::syn_ack_from_outside(tcp(&inbound(), "SA", &[]), Some(Verdict::NatNotTranslated))]
-#[case::first_fragment(first_fragment(), None)]
-#[case::later_fragment(later_fragment(), None)]
-#[case::ip_options(syn_with_ip_options(), None)]
-#[case::tcp_header_cut_short(syn_cut_short(), None)]
-#[case::ttl_about_to_expire(syn_with_ttl(1), Some(Verdict::NatNotTranslated))]
-#[case::icmp_error_about_a_connection(icmp_error(), None)]
-#[case::ipv6(ipv6_syn(), None)]
+#[case::a_port_nobody_published(syn_to_port(9090), Verdict::NotPublished)]
+#[case::tcp_without_syn_no_connection(tcp(&inbound(), "A", b"data"), Verdict::NatNotTranslated)]
+#[case::syn_ack_from_outside(tcp(&inbound(), "SA", &[]), Verdict::NatNotTranslated)]
+#[case::first_fragment(first_fragment(), Verdict::NatNotTranslated)]
+#[case::later_fragment(later_fragment(), Verdict::NatNotTranslated)]
+#[case::ip_options(syn_with_ip_options(), Verdict::NatNotTranslated)]
+#[case::tcp_header_cut_short(syn_cut_short(), Verdict::Malformed)]
+#[case::ip_header_length_below_20(syn_with_header_length(16), Verdict::Malformed)]
+#[case::ttl_about_to_expire(syn_with_ttl(1), Verdict::NatNotTranslated)]
+#[case::icmp_error_about_a_connection(icmp_error(), Verdict::NotPublished)]
+#[case::ipv6(ipv6_syn(), Verdict::NotPublished)]
+#[case::arp(arp_request(), Verdict::NotPublished)]
 fn frames_nat_must_not_touch_pass_unchanged(
     #[case] frame: Vec<u8>,
-    #[case] verdict: Option<Verdict>,
+    #[case] verdict: Verdict,
     #[values(Uplink::Tc, Uplink::Xdp)] uplink: Uplink,
 ) {
     let mut datapath = nat_datapath(None);
@@ -911,7 +931,7 @@ fn frames_nat_must_not_touch_pass_unchanged(
     }
     for counted in Verdict::ALL {
         let wanted = match uplink {
-            Uplink::Tc => u64::from(Some(counted) == verdict),
+            Uplink::Tc => u64::from(counted == verdict),
             Uplink::Xdp => 0,
         };
         assert_eq!(
@@ -1325,3 +1345,4 @@ fn xdp_random_and_mutated_frames_never_misdeliver() {
     }
     assert!(translated > 100, "{translated}");
 }
+
