@@ -755,14 +755,27 @@ pub struct Rewrite {
     pub eth_src: [u8; 6],
 }
 
-/// Writes a `Rewrite` into the frame; false when the frame is too short for it.
+/// How a program type sends a translated frame on: its redirect, and writing a `Rewrite`.
 pub trait Rewriter: Frame {
+    /// Called once NAT has decided to send the frame to `ifindex`, before anything in the
+    /// frame changes: false when the frame cannot be sent there, and then it goes on
+    /// unchanged (`Nat::Pass`), never translated.
+    fn redirect_to(&self, ifindex: u32) -> bool;
+    /// Writes `rewrite` into the frame; false when the frame is too short for it.
     fn rewrite(&self, rewrite: &Rewrite) -> bool;
 }
 
 /// tc: the skb helpers, which update checksums incrementally, also correctly for
 /// CHECKSUM_PARTIAL frames (where they update the pseudo-header part only).
 impl Rewriter for TcContext {
+    /// tc redirects after the rewrite, in `deliver`, whose helpers take any ifindex with
+    /// flags 0 (and return TC_ACT_REDIRECT); the kernel drops a frame whose redirect then
+    /// fails (no such device, no peer), it never passes it on translated.
+    #[inline(always)]
+    fn redirect_to(&self, _ifindex: u32) -> bool {
+        true
+    }
+
     #[inline(always)]
     fn rewrite(&self, r: &Rewrite) -> bool {
         let zero_means_none = if r.proto == IPPROTO_TCP {
@@ -842,6 +855,11 @@ fn translate(
         eth_dst: flow.eth_dst,
         eth_src: flow.eth_src,
     };
+    // Nothing in the frame changes before its redirect is certain: a frame that cannot go
+    // where the connection says goes on unchanged, to the kernel path.
+    if !ctx.redirect_to(flow.ifindex) {
+        return Nat::Pass(Verdict::NatNotTranslated);
+    }
     if !ctx.rewrite(&rewrite) {
         // Only a frame too short for its headers fails here, and parse() rules those out.
         return Nat::Pass(Verdict::Malformed);

@@ -46,7 +46,22 @@ impl Datapath {
         flow_capacity: Option<u32>,
         transient_capacity: Option<u32>,
     ) -> Datapath {
-        let mut datapath = Datapath::load_without_connection_tables(redirect_peer);
+        let datapath = Datapath::load_without_connection_tables(redirect_peer);
+        datapath.with_connection_tables(flow_capacity, transient_capacity)
+    }
+
+    /// `load`, with the XDP program asking for its redirects with `flags` (`XDP_REDIRECT_FLAGS`):
+    /// bpf_redirect refuses any but 0, so a test can see what a refused redirect does (xbr
+    /// always asks with 0, which no kernel refuses).
+    pub fn load_with_xdp_redirect_flags(flags: u64) -> Datapath {
+        Datapath::load_from(true, flags).with_connection_tables(None, None)
+    }
+
+    fn with_connection_tables(
+        mut self,
+        flow_capacity: Option<u32>,
+        transient_capacity: Option<u32>,
+    ) -> Datapath {
         let (flow_entries, transient_entries) =
             xbr::datapath::flow_table_entries(DEFAULT_MAX_FLOWS);
         let (flows, transient) = xbr::datapath::new_flow_tables(
@@ -56,19 +71,24 @@ impl Datapath {
         .unwrap();
         for (slot, table) in [("NAT_FLOWS", flows), ("NAT_TRANSIENT", transient)] {
             let mut slot: ArrayOfMaps<_, MapData> =
-                ArrayOfMaps::try_from(datapath.ebpf.map_mut(slot).unwrap()).unwrap();
+                ArrayOfMaps::try_from(self.ebpf.map_mut(slot).unwrap()).unwrap();
             slot.set(0, &table, 0).unwrap();
         }
-        datapath
+        self
     }
 
     /// The programs as an attachment has them before its first published port: the
     /// connection tables' slots are empty.
     pub fn load_without_connection_tables(redirect_peer: bool) -> Datapath {
+        Datapath::load_from(redirect_peer, 0)
+    }
+
+    fn load_from(redirect_peer: bool, xdp_redirect_flags: u64) -> Datapath {
         let redirect_peer = u8::from(redirect_peer);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("REDIRECT_PEER", &redirect_peer, true)
+            .override_global("XDP_REDIRECT_FLAGS", &xdp_redirect_flags, true)
             .override_global(aya_log::LEVEL, &0u8, true);
         let mut ebpf = loader
             .load(xbr::datapath::OBJECT)

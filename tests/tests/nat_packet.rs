@@ -1344,5 +1344,105 @@ fn xdp_random_and_mutated_frames_never_misdeliver() {
         }
     }
     assert!(translated > 100, "{translated}");
+    // Counted exactly what it redirected, nothing it passed.
+    for verdict in Verdict::ALL {
+        let wanted = if verdict == Verdict::NatInXdp {
+            translated
+        } else {
+            0
+        };
+        assert_eq!(datapath.verdict_count(verdict), wanted, "{verdict:?}");
+    }
+    assert_eq!(
+        datapath.port_stats(CONTAINER_PORT_IFINDEX).delivered_packets,
+        translated
+    );
 }
 
+/// XDP rewrites a frame, and counts it, only once its redirect is certain: the program asks
+/// for the redirect before anything in the frame changes. Every frame it passes on to tc is
+/// the frame that arrived, uncounted (tc counts it), also where NAT read or changed the
+/// connection's state before it passed the frame; every frame it redirects is counted once.
+/// (BPF_PROG_TEST_RUN cannot make bpf_redirect refuse, which it does for flags 0 on no
+/// kernel; what this shows is that no path rewrites or counts a frame it does not redirect.)
+#[test]
+fn xdp_rewrites_and_counts_only_what_it_redirects() {
+    let mut datapath = nat_datapath(None);
+    let mut redirected = 0;
+    let mut run = |datapath: &mut Datapath, case: &str, frame: Vec<u8>, want: u32| {
+        let delivered = || datapath.port_stats(CONTAINER_PORT_IFINDEX).delivered_packets;
+        let before = delivered();
+        let (action, out) = datapath.run_xdp(&frame).unwrap();
+        assert_eq!(action, want, "{case}");
+        if action == XDP_PASS {
+            assert_frame(case, &out, &frame);
+        } else {
+            redirected += 1;
+        }
+        for verdict in Verdict::ALL {
+            let wanted = if verdict == Verdict::NatInXdp {
+                redirected
+            } else {
+                0
+            };
+            assert_eq!(datapath.verdict_count(verdict), wanted, "{case}: {verdict:?}");
+        }
+        let after = datapath.port_stats(CONTAINER_PORT_IFINDEX).delivered_packets;
+        let wanted = u64::from(action == XDP_REDIRECT);
+        assert_eq!(after - before, wanted, "{case}: delivered");
+    };
+
+    run(&mut datapath, "SYN", tcp(&inbound(), "S", &[]), XDP_REDIRECT);
+    // On the connection just opened: found, then left to the kernel by the translation itself.
+    let mut dying = inbound();
+    dying.ttl = 1;
+    run(&mut datapath, "TTL 1", tcp(&dying, "A", b"x"), XDP_PASS);
+    run(&mut datapath, "data", tcp(&inbound(), "A", b"x"), XDP_REDIRECT);
+    // Found, and ended because its container left the port.
+    datapath.add_endpoint([0x02, 0x77, 0, 0, 0, 0x99], CONTAINER_PORT_IFINDEX);
+    run(&mut datapath, "stale", tcp(&inbound(), "A", b"x"), XDP_PASS);
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    run(&mut datapath, "SYN again", tcp(&inbound(), "S", &[]), XDP_REDIRECT);
+    // A new connection to a published port a netfilter rule holds back.
+    let (key, mut port) = published(IPPROTO_UDP, CONTAINER_PORT_IFINDEX);
+    port.flags |= PublishedPort::HELD;
+    datapath.publish(key, port);
+    run(&mut datapath, "held", udp(&inbound(), b"x"), XDP_PASS);
+    run(&mut datapath, "not published", syn_to_port(9090), XDP_PASS);
+    assert_eq!(redirected, 3);
+}
+
+/// A redirect the kernel refuses (here: asked for with flags bpf_redirect does not take; xbr
+/// asks with 0, which no kernel refuses) leaves the frame as it arrived, uncounted, for tc:
+/// the XDP program asks for the redirect before it rewrites anything. The tc program then
+/// translates and delivers the same frame, on the connection XDP opened.
+#[test]
+fn xdp_leaves_a_frame_whose_redirect_is_refused_unchanged_for_tc() {
+    let mut datapath = Datapath::load_with_xdp_redirect_flags(1);
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    let (key, port) = published(IPPROTO_TCP, CONTAINER_PORT_IFINDEX);
+    datapath.publish(key, port);
+
+    let syn = tcp(&inbound(), "S", &[]);
+    let (action, out) = datapath.run_xdp(&syn).unwrap();
+    assert_eq!(action, XDP_PASS, "refused: on to tc");
+    assert_frame("SYN whose redirect was refused", &out, &syn);
+    assert_eq!(datapath.verdict_count(Verdict::NatInXdp), 0);
+    assert_eq!(
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
+        0
+    );
+
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &syn).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame("SYN through tc", &out, &tcp(&inbound_translated(), "S", &[]));
+    assert_eq!(datapath.verdict_count(Verdict::NatIn), 1);
+    assert_eq!(
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
+        1
+    );
+}
