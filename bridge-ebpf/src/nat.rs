@@ -17,7 +17,9 @@
 //! helpers here for tc, direct writes with RFC 1624 arithmetic in `uplink_xdp` for XDP.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_HDR_FIELD_MASK, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::{
+        BPF_ANY, BPF_F_HDR_FIELD_MASK, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+    },
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -149,7 +151,14 @@ pub fn parse(ctx: &impl Frame) -> Result<Segment, Verdict> {
         };
         // SAFETY: ptr_at checked that the TCP header lies within the frame's linear data.
         let tcp = unsafe { &*tcp };
-        let at = |offset: usize| [tcp[offset], tcp[offset + 1], tcp[offset + 2], tcp[offset + 3]];
+        let at = |offset: usize| {
+            [
+                tcp[offset],
+                tcp[offset + 1],
+                tcp[offset + 2],
+                tcp[offset + 3],
+            ]
+        };
         (tcp[TCP_FLAGS], at(TCP_SEQ), at(TCP_ACK_SEQ))
     } else {
         if ptr_at::<[u8; UdpHdr::LEN]>(ctx, L4).is_none() {

@@ -24,7 +24,9 @@ use bridge_common::{IPPROTO_UDP, Verdict};
 use crate::{
     counters::{count_delivered, count_verdict},
     frame::ptr_at_mut,
-    nat::{self, ETH_DST, ETH_SRC, IP_CHECK, IP_TTL, L4_PORTS_END, MAC_LEN, Nat, Rewrite, Rewriter},
+    nat::{
+        self, ETH_DST, ETH_SRC, IP_CHECK, IP_TTL, L4_PORTS_END, MAC_LEN, Nat, Rewrite, Rewriter,
+    },
 };
 
 /// The flags of the redirect: 0, always, in xbr. The packet tests set one bpf_redirect

@@ -1354,7 +1354,9 @@ fn xdp_random_and_mutated_frames_never_misdeliver() {
         assert_eq!(datapath.verdict_count(verdict), wanted, "{verdict:?}");
     }
     assert_eq!(
-        datapath.port_stats(CONTAINER_PORT_IFINDEX).delivered_packets,
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
         translated
     );
 }
@@ -1370,7 +1372,11 @@ fn xdp_rewrites_and_counts_only_what_it_redirects() {
     let mut datapath = nat_datapath(None);
     let mut redirected = 0;
     let mut run = |datapath: &mut Datapath, case: &str, frame: Vec<u8>, want: u32| {
-        let delivered = || datapath.port_stats(CONTAINER_PORT_IFINDEX).delivered_packets;
+        let delivered = || {
+            datapath
+                .port_stats(CONTAINER_PORT_IFINDEX)
+                .delivered_packets
+        };
         let before = delivered();
         let (action, out) = datapath.run_xdp(&frame).unwrap();
         assert_eq!(action, want, "{case}");
@@ -1385,24 +1391,45 @@ fn xdp_rewrites_and_counts_only_what_it_redirects() {
             } else {
                 0
             };
-            assert_eq!(datapath.verdict_count(verdict), wanted, "{case}: {verdict:?}");
+            assert_eq!(
+                datapath.verdict_count(verdict),
+                wanted,
+                "{case}: {verdict:?}"
+            );
         }
-        let after = datapath.port_stats(CONTAINER_PORT_IFINDEX).delivered_packets;
+        let after = datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets;
         let wanted = u64::from(action == XDP_REDIRECT);
         assert_eq!(after - before, wanted, "{case}: delivered");
     };
 
-    run(&mut datapath, "SYN", tcp(&inbound(), "S", &[]), XDP_REDIRECT);
+    run(
+        &mut datapath,
+        "SYN",
+        tcp(&inbound(), "S", &[]),
+        XDP_REDIRECT,
+    );
     // On the connection just opened: found, then left to the kernel by the translation itself.
     let mut dying = inbound();
     dying.ttl = 1;
     run(&mut datapath, "TTL 1", tcp(&dying, "A", b"x"), XDP_PASS);
-    run(&mut datapath, "data", tcp(&inbound(), "A", b"x"), XDP_REDIRECT);
+    run(
+        &mut datapath,
+        "data",
+        tcp(&inbound(), "A", b"x"),
+        XDP_REDIRECT,
+    );
     // Found, and ended because its container left the port.
     datapath.add_endpoint([0x02, 0x77, 0, 0, 0, 0x99], CONTAINER_PORT_IFINDEX);
     run(&mut datapath, "stale", tcp(&inbound(), "A", b"x"), XDP_PASS);
     datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
-    run(&mut datapath, "SYN again", tcp(&inbound(), "S", &[]), XDP_REDIRECT);
+    run(
+        &mut datapath,
+        "SYN again",
+        tcp(&inbound(), "S", &[]),
+        XDP_REDIRECT,
+    );
     // A new connection to a published port a netfilter rule holds back.
     let (key, mut port) = published(IPPROTO_UDP, CONTAINER_PORT_IFINDEX);
     port.flags |= PublishedPort::HELD;
@@ -1437,7 +1464,11 @@ fn xdp_leaves_a_frame_whose_redirect_is_refused_unchanged_for_tc() {
 
     let (code, out) = datapath.run(UPLINK_PROGRAM, &syn).unwrap();
     assert_eq!(code, TC_ACT_REDIRECT);
-    assert_frame("SYN through tc", &out, &tcp(&inbound_translated(), "S", &[]));
+    assert_frame(
+        "SYN through tc",
+        &out,
+        &tcp(&inbound_translated(), "S", &[]),
+    );
     assert_eq!(datapath.verdict_count(Verdict::NatIn), 1);
     assert_eq!(
         datapath

@@ -307,7 +307,10 @@ fn the_object_holds_each_program_by_its_name() {
     found.sort_unstable();
     let mut named = programs::ALL.to_vec();
     named.sort_unstable();
-    assert_eq!(found, named, "the object's programs and bridge_common::programs");
+    assert_eq!(
+        found, named,
+        "the object's programs and bridge_common::programs"
+    );
     for (name, tc) in [
         (programs::PORT, true),
         (programs::UPLINK, true),
