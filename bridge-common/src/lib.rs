@@ -19,6 +19,21 @@ pub const MAX_HOLDS: u32 = 4096;
 /// bridge.
 pub const MAX_CLIENT_HOLDS: u32 = 4096;
 
+/// The names of the datapath's programs: the entry functions of `bridge-ebpf` (which must be
+/// spelled the same: an attribute macro names the program after its function), the pins the
+/// control plane gives them, and what the tests load. The packet tests check that the object
+/// holds each of them.
+pub mod programs {
+    /// tc ingress of a bridge port (`#[classifier] fn port_ingress`).
+    pub const PORT: &str = "port_ingress";
+    /// tc ingress of an uplink (`#[classifier] fn uplink_ingress`).
+    pub const UPLINK: &str = "uplink_ingress";
+    /// XDP on an uplink, in uplink XDP mode (`#[xdp] fn uplink_xdp`).
+    pub const UPLINK_XDP: &str = "uplink_xdp";
+    /// Every program of the object.
+    pub const ALL: [&str; 3] = [PORT, UPLINK, UPLINK_XDP];
+}
+
 /// IP protocol numbers of the published-port path.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -92,7 +107,8 @@ pub enum Verdict {
     UnknownDestination = 4,
     /// Destination behind the port the frame came from (hairpin): the bridge decides.
     SamePort = 5,
-    /// Too short for its Ethernet or IP header, or an IP header that does not parse.
+    /// Too short for its Ethernet or IP header, or an IP header that does not parse; on an
+    /// uplink, also an IPv4 TCP or UDP header cut short.
     Malformed = 6,
     /// Source MAC is not the endpoint learned on the port the frame came in on (spoofed,
     /// moved, or a port the bridge does not forward from): the bridge decides.
@@ -104,9 +120,11 @@ pub enum Verdict {
     NatIn = 9,
     /// A container's reply on a NATed connection: SNATed and sent out of the uplink.
     NatOut = 10,
-    /// For a published port, but not translated: fragment, IP options, TTL about to expire,
-    /// a TCP segment of a connection the fast path did not see start (or whose state expired
-    /// or was replaced), or a new connection whose reply tuple another connection holds.
+    /// For a published port, but not translated: TTL about to expire, a TCP segment of a
+    /// connection the fast path did not see start (or whose state expired or was replaced),
+    /// or a new connection whose reply tuple another connection holds. On an uplink, also
+    /// every IPv4 TCP/UDP fragment and every IPv4 header with options, published port or not:
+    /// NAT does not read their ports, so cannot tell.
     NatNotTranslated = 11,
     /// For a published port, but there was no room to track the new connection: the kernel
     /// path takes it.
@@ -118,10 +136,23 @@ pub enum Verdict {
     /// frame is one whose ports cannot be read while such rules exist): the kernel path
     /// takes it, so that the rule applies.
     HeldByPolicy = 14,
+    /// Arrived on an uplink, and no published port or inbound NATed connection matches it
+    /// (the host's own traffic, another bridge's published ports, anything that is not IPv4
+    /// TCP or UDP): the kernel path takes it.
+    NotPublished = 15,
 }
 
+// `ALL` lists each verdict at its own index (so `COUNT` is how many there are).
+const _: () = {
+    let mut i = 0;
+    while i < Verdict::ALL.len() {
+        assert!(Verdict::ALL[i] as u32 == i as u32);
+        i += 1;
+    }
+};
+
 impl Verdict {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Redirected,
         Verdict::NotUnicast,
@@ -138,6 +169,7 @@ impl Verdict {
         Verdict::NatTableFull,
         Verdict::NatInXdp,
         Verdict::HeldByPolicy,
+        Verdict::NotPublished,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -157,6 +189,7 @@ impl Verdict {
             Verdict::NatTableFull => "nat_table_full",
             Verdict::NatInXdp => "nat_in_xdp",
             Verdict::HeldByPolicy => "held_by_policy",
+            Verdict::NotPublished => "not_published",
         }
     }
 }

@@ -23,10 +23,15 @@ pub fn into_container(ctx: &TcContext, port: u32) -> i32 {
     // one) deliver it into the container with that mark, and the container's IP stack drops
     // it; the frame is for the container now.
     let _ = ctx.change_type(PACKET_HOST);
+    // SAFETY: a reference to a static is valid and aligned; volatile, so that the compiler
+    // does not fold in the default and the loader's value is read.
     let redirect_peer = unsafe { core::ptr::read_volatile(&REDIRECT_PEER) };
     if redirect_peer != 0 {
+        // SAFETY: a BPF helper that takes only integers (the loader checked that this kernel
+        // has it, else REDIRECT_PEER is 0 and the verifier prunes this branch).
         unsafe { bpf_redirect_peer(port, 0) as i32 }
     } else {
+        // SAFETY: a BPF helper that takes only integers.
         unsafe { bpf_redirect(port, 0) as i32 }
     }
 }
@@ -34,5 +39,6 @@ pub fn into_container(ctx: &TcContext, port: u32) -> i32 {
 /// Out of `ifindex` (its egress).
 #[inline(always)]
 pub fn out_of(ifindex: u32) -> i32 {
+    // SAFETY: a BPF helper that takes only integers.
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

@@ -29,14 +29,16 @@ enum Decision {
 
 #[inline(always)]
 pub fn forward(ctx: &TcContext) -> i32 {
+    // SAFETY: the kernel's __sk_buff for this run, valid while the program runs; the verifier
+    // allows reading its ifindex.
     let ingress_port = unsafe { (*ctx.skb.skb).ifindex };
     let decision = match decide(ctx, ingress_port) {
         // Not for a container here: maybe a reply to a client of a published port.
         Decision::Pass(Verdict::UnknownDestination) => {
             match nat::parse(ctx).map(|s| nat::outbound(ctx, &s, ingress_port)) {
-                Some(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
-                Some(Nat::Pass(verdict)) => Decision::Pass(verdict),
-                Some(Nat::NotOurs) | None => Decision::Pass(Verdict::UnknownDestination),
+                Ok(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
+                Ok(Nat::Pass(verdict)) => Decision::Pass(verdict),
+                Ok(Nat::NotOurs) | Err(_) => Decision::Pass(Verdict::UnknownDestination),
             }
         }
         decision => decision,
@@ -73,12 +75,14 @@ pub fn forward(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     // A tag the NIC (or veth) pulled into metadata is still a VLAN frame.
+    // SAFETY: as in `forward`: the run's __sk_buff, a field the verifier allows reading.
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Decision::Pass(Verdict::VlanTagged);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Decision::Pass(Verdict::Malformed);
     };
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
     let eth = unsafe { &*eth };
     // The group bit: broadcast and multicast are the bridge's to flood.
     if eth.dst_addr[0] & 1 != 0 {
@@ -102,6 +106,9 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     }
 
     let key = EndpointKey { mac: eth.dst_addr };
+    // SAFETY (each map lookup here): a hash map's value, which the kernel keeps valid for the
+    // program run (entries are freed after an RCU grace period); the control plane may change
+    // it meanwhile, which is why the port's record is checked as well (below).
     let Some(endpoint) = (unsafe { ENDPOINTS.get(&key) }) else {
         return Decision::Pass(Verdict::UnknownDestination);
     };
@@ -111,12 +118,14 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     // Only frames from the container we learned on this port skip the bridge: a port the
     // bridge does not forward from has no endpoint, so its frames meet the bridge's rules.
     let source = EndpointKey { mac: eth.src_addr };
+    // SAFETY: as for the endpoint above.
     let sender = match unsafe { ENDPOINTS.get(&source) } {
         Some(sender) if sender.ifindex == ingress_port => sender,
         _ => return Decision::Pass(Verdict::UnknownSource),
     };
     // The target port must still hold that MAC: endpoint and port records are written
     // separately, and either one being current is enough to stop a wrong delivery.
+    // SAFETY: as for the endpoint above.
     match unsafe { PORTS.get(&endpoint.ifindex) } {
         Some(port) if port.endpoint_mac == eth.dst_addr => {}
         _ => return Decision::Pass(Verdict::StaleEndpoint),
@@ -138,6 +147,7 @@ fn ipv4_header_is_sane(ctx: &TcContext) -> bool {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
         return false;
     };
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
     let ip = unsafe { &*ip };
     let version = ip.vihl >> 4;
     let header_len = usize::from(ip.vihl & 0x0f) * 4;
@@ -154,6 +164,7 @@ fn ipv6_header_is_sane(ctx: &TcContext) -> bool {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
         return false;
     };
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
     let ip = unsafe { &*ip };
     let version = ip.vcf[0] >> 4;
     let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));

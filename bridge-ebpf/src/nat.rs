@@ -17,7 +17,9 @@
 //! helpers here for tc, direct writes with RFC 1624 arithmetic in `uplink_xdp` for XDP.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::{
+        BPF_ANY, BPF_F_HDR_FIELD_MASK, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+    },
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -28,6 +30,8 @@ use bridge_common::{
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
 };
 
 use crate::{
@@ -38,12 +42,24 @@ use crate::{
     },
 };
 
+// Map access. A lookup hands out a reference (`get`) or a pointer (`get_ptr_mut`) into the
+// map's value, which the kernel keeps valid memory for the whole program run: a hash map
+// frees a removed entry only after an RCU grace period, an LRU reuses its preallocated
+// entries but never unmaps them, a per-CPU array's value is this CPU's alone. Map lookups
+// are unsafe because the entry may change meanwhile (the control plane, another CPU on the
+// same connection, the LRU giving the entry to another key): the value read is then stale or
+// mixed, as with any BPF map, never invalid memory. Writes through `get_ptr_mut` are plain
+// stores of whole fields; two CPUs on one connection at once keep the last one's.
+
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// Offsets in the frame: the Ethernet header, then an IPv4 header without options.
+pub const ETH_DST: usize = 0;
+pub const ETH_SRC: usize = ETH_DST + MAC_LEN;
+pub const MAC_LEN: usize = 6;
 pub const IP: usize = EthHdr::LEN;
 pub const IP_TTL: usize = IP + 8;
 pub const IP_CHECK: usize = IP + 10;
@@ -54,6 +70,26 @@ pub const L4_SRC_PORT: usize = L4;
 pub const L4_DST_PORT: usize = L4 + 2;
 pub const TCP_CHECK: usize = L4 + 16;
 pub const UDP_CHECK: usize = L4 + 6;
+/// Where the ports end: the frame's bytes from its start to here hold every field NAT
+/// rewrites except the L4 checksum.
+pub const L4_PORTS_END: usize = L4_DST_PORT + 2;
+
+/// Offsets in the TCP header.
+const TCP_SEQ: usize = 4;
+const TCP_ACK_SEQ: usize = 8;
+const TCP_FLAGS: usize = 13;
+
+/// The first byte of an IPv4 header without options: version 4, 5 words of header.
+const IPV4_NO_OPTIONS: u8 = 0x45;
+/// In the IPv4 header's flags and fragment offset: "more fragments" and the offset. Either
+/// set, and the frame is a fragment.
+pub const IPV4_FRAGMENT: u16 = 0x3fff;
+
+/// The size of the field an l3/l4 checksum helper replaces, in its flags'
+/// `BPF_F_HDR_FIELD_MASK` bits: a 32-bit word (an address) or a 16-bit one (a port; the TTL
+/// with the protocol).
+const CSUM_FIELD_U32: u64 = 4 & BPF_F_HDR_FIELD_MASK as u64;
+const CSUM_FIELD_U16: u64 = 2 & BPF_F_HDR_FIELD_MASK as u64;
 
 /// The parts of an IPv4 TCP/UDP frame that NAT reads.
 pub struct Segment {
@@ -68,42 +104,69 @@ pub struct Segment {
 }
 
 /// Reads an IPv4 TCP or UDP frame that NAT can translate: no fragment, no IP options, the
-/// whole transport header present. Anything else is the kernel's.
+/// whole transport header present. Anything else is the kernel's, with the verdict that says
+/// why: `NotPublished` (not IPv4 TCP or UDP, which no published port is), `NatNotTranslated`
+/// (a fragment or IP options: NAT does not read those) or `Malformed`.
 #[inline(always)]
-pub fn parse(ctx: &impl Frame) -> Option<Segment> {
-    let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0)? };
+pub fn parse(ctx: &impl Frame) -> Result<Segment, Verdict> {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Err(Verdict::Malformed);
+    };
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
+    let eth = unsafe { &*eth };
     if eth.ether_type != EtherType::Ipv4 as u16 {
-        return None;
+        return Err(Verdict::NotPublished);
     }
-    let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, IP)? };
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, IP) else {
+        return Err(Verdict::Malformed);
+    };
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 || usize::from(ip.vihl & 0x0f) * 4 < Ipv4Hdr::LEN {
+        return Err(Verdict::Malformed);
+    }
+    let header_len = match ip.proto {
+        IPPROTO_TCP => TcpHdr::LEN,
+        IPPROTO_UDP => UdpHdr::LEN,
+        _ => return Err(Verdict::NotPublished),
+    };
     // Options would move the transport header; fragments have no ports (or only some).
-    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
-    if ip.vihl != 0x45 || fragment {
-        return None;
+    let fragment = u16::from_be_bytes(ip.frags) & IPV4_FRAGMENT != 0;
+    if ip.vihl != IPV4_NO_OPTIONS || fragment {
+        return Err(Verdict::NatNotTranslated);
     }
     let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let header_len = match ip.proto {
-        IPPROTO_TCP => 20,
-        IPPROTO_UDP => 8,
-        _ => return None,
-    };
     // The transport header must be there, and inside what the IP header claims.
     if total_len < Ipv4Hdr::LEN + header_len || IP + total_len > ctx.frame_len() {
-        return None;
+        return Err(Verdict::Malformed);
     }
-    let ports = unsafe { &*ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT)? };
-    let (tcp_flags, tcp_seq, tcp_ack) = if header_len == 20 {
-        let tcp = unsafe { &*ptr_at::<[u8; 20]>(ctx, L4)? };
-        (
-            tcp[13],
-            [tcp[4], tcp[5], tcp[6], tcp[7]],
-            [tcp[8], tcp[9], tcp[10], tcp[11]],
-        )
+    let Some(ports) = ptr_at::<[[u8; 2]; 2]>(ctx, L4_SRC_PORT) else {
+        return Err(Verdict::Malformed);
+    };
+    // SAFETY: ptr_at checked that the ports lie within the frame's linear data.
+    let ports = unsafe { &*ports };
+    let (tcp_flags, tcp_seq, tcp_ack) = if header_len == TcpHdr::LEN {
+        let Some(tcp) = ptr_at::<[u8; TcpHdr::LEN]>(ctx, L4) else {
+            return Err(Verdict::Malformed);
+        };
+        // SAFETY: ptr_at checked that the TCP header lies within the frame's linear data.
+        let tcp = unsafe { &*tcp };
+        let at = |offset: usize| {
+            [
+                tcp[offset],
+                tcp[offset + 1],
+                tcp[offset + 2],
+                tcp[offset + 3],
+            ]
+        };
+        (tcp[TCP_FLAGS], at(TCP_SEQ), at(TCP_ACK_SEQ))
     } else {
-        ptr_at::<[u8; 8]>(ctx, L4)?;
+        if ptr_at::<[u8; UdpHdr::LEN]>(ctx, L4).is_none() {
+            return Err(Verdict::Malformed);
+        }
         (0, [0; 4], [0; 4])
     };
-    Some(Segment {
+    Ok(Segment {
         eth_dst: eth.dst_addr,
         eth_src: eth.src_addr,
         key: FlowKey {
@@ -133,12 +196,15 @@ pub enum Nat {
 
 #[inline(always)]
 fn now() -> u64 {
+    // SAFETY: a BPF helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
 fn count(event: NatEvent) {
     if let Some(counter) = NAT_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: a per-CPU array's value, valid for the whole program run; no other program
+        // runs on this CPU meanwhile, so nothing else writes it.
         unsafe { *counter += 1 };
     }
 }
@@ -192,6 +258,7 @@ fn opens_connection(segment: &Segment) -> bool {
 pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
     let key = &segment.key;
     let now = now();
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     if let Some(flow) = unsafe { FLOWS.get(key) } {
         if flow.flags & Flow::INBOUND == 0 {
             return Nat::NotOurs;
@@ -209,6 +276,7 @@ pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
         return open_and_translate(ctx, segment, uplink, now, false);
     }
     let mut existed = false;
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     if let Some(flow) = unsafe { TRANSIENT.get(key) } {
         if flow.flags & Flow::INBOUND == 0 {
             return Nat::NotOurs;
@@ -241,11 +309,13 @@ pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
 #[inline(never)]
 fn client_spoke(segment: &Segment, uplink: u32, now: u64) {
     let key = &segment.key;
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let Some(flow) = (unsafe { TRANSIENT.get(key) }) else {
         return;
     };
     let reply_key = flow.peer;
     let (opened_ns, flags) = (flow.opened_ns, flow.flags);
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let (answered, handshake_ack) = match unsafe { TRANSIENT.get(&reply_key) } {
         Some(reply) if reply.flags & Flow::OUTBOUND != 0 => {
             (reply.flags & Flow::ANSWERED != 0, reply.handshake_ack)
@@ -296,6 +366,7 @@ fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
     else {
         return false;
     };
+    // SAFETY: a connection-table value, valid for the run (see "Map access" at the top).
     let (inbound, outbound) = unsafe { (&mut *inbound, &mut *outbound) };
     let first_try = inbound.flags & Flow::ESTABLISHED == 0;
     // A FIN seen while it waited for room still counts.
@@ -324,6 +395,7 @@ fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
 /// same guard as east-west, so a connection never follows a stale port to another container.
 #[inline(always)]
 fn port_holds(ifindex: u32, mac: &[u8; 6]) -> bool {
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     match unsafe { PORTS.get(&ifindex) } {
         Some(port) => port.endpoint_mac == *mac,
         None => false,
@@ -348,6 +420,7 @@ fn open_and_translate(
         return Nat::Pass(Verdict::HeldByPolicy);
     }
     match open(segment, uplink, now, existed) {
+        // SAFETY: a map value, only read, during the run (see "Map access" at the top).
         OPENED => match unsafe { TRANSIENT.get(&segment.key) } {
             Some(flow) => translate(ctx, segment, flow, IP_DST, L4_DST_PORT),
             None => Nat::Pass(Verdict::NatTableFull),
@@ -373,6 +446,7 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
         host_ip: [0; 4],
         ..exact
     };
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let published = match unsafe { PUBLISHED.get(&exact).or_else(|| PUBLISHED.get(&any)) } {
         Some(published) => published,
         None => return NOT_PUBLISHED,
@@ -397,9 +471,11 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
     };
     // The reply tuple must be free: the container could not tell two connections on one
     // tuple apart. A dead transient entry does not hold it.
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     if unsafe { FLOWS.get(&reply_key) }.is_some() {
         return NOT_OPENED;
     }
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let reply_existed = match unsafe { TRANSIENT.get(&reply_key) } {
         Some(other) if other.peer != *key && alive(other, key.proto, now) => {
             return NOT_OPENED;
@@ -410,6 +486,8 @@ fn open(segment: &Segment, uplink: u32, now: u64, existed: bool) -> u32 {
     let Some(scratch) = FLOW_SCRATCH.get_ptr_mut(0) else {
         return NO_ROOM;
     };
+    // SAFETY: a per-CPU array value, valid for the whole program run and used by nothing
+    // else meanwhile (no other program runs on this CPU).
     let flow = unsafe { &mut *scratch };
     // The reply direction first.
     flow.new_ip = key.dst_ip;
@@ -461,10 +539,12 @@ fn published_held(key: &FlowKey) -> bool {
     published_key._pad = 0;
     published_key.host_port = key.dst_port;
     published_key.host_ip = key.dst_ip;
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let flags = match unsafe { PUBLISHED.get(&probe.hold.published) } {
         Some(published) => published.flags,
         None => {
             probe.hold.published.host_ip = [0; 4];
+            // SAFETY: a map value, only read, during the run (see "Map access" at the top).
             match unsafe { PUBLISHED.get(&probe.hold.published) } {
                 Some(published) => published.flags,
                 None => return false,
@@ -488,11 +568,13 @@ fn published_held(key: &FlowKey) -> bool {
     probe.hold.client_port = key.src_port;
     probe.hold.shape = ClientHoldKey::ADDRESS | ClientHoldKey::PORT;
     probe.hold._pad = 0;
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     if unsafe { CLIENT_HOLDS.get(&probe.hold) }.is_some() {
         return true;
     }
     probe.hold.client_ip = [0; 4];
     probe.hold.shape = ClientHoldKey::PORT;
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     unsafe { CLIENT_HOLDS.get(&probe.hold) }.is_some()
 }
 
@@ -502,12 +584,14 @@ fn published_held(key: &FlowKey) -> bool {
 pub fn outbound(ctx: &impl Rewriter, segment: &Segment, port: u32) -> Nat {
     let key = &segment.key;
     let now = now();
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     if let Some(flow) = unsafe { FLOWS.get(key) } {
         if flow.flags & Flow::OUTBOUND == 0 {
             return Nat::NotOurs;
         }
         return established(ctx, segment, flow, IP_SRC, L4_SRC_PORT, now);
     }
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let Some(flow) = (unsafe { TRANSIENT.get(key) }) else {
         return Nat::NotOurs;
     };
@@ -531,6 +615,7 @@ fn container_spoke(segment: &Segment, port: u32, now: u64) {
     let Some(flow) = TRANSIENT.get_ptr_mut(key) else {
         return;
     };
+    // SAFETY: a connection-table value, valid for the run (see "Map access" at the top).
     let flow = unsafe { &mut *flow };
     let peer = flow.peer;
     let answer = if key.proto == IPPROTO_TCP {
@@ -545,6 +630,7 @@ fn container_spoke(segment: &Segment, port: u32, now: u64) {
                 .wrapping_add(1)
                 .to_be_bytes();
         }
+        // SAFETY: a map value, only read, during the run (see "Map access" at the top).
         if unsafe { TRANSIENT.get(&peer) }.is_none() && port_holds(port, &segment.eth_src) {
             let inbound = Flow {
                 new_ip: key.src_ip,
@@ -597,6 +683,7 @@ fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
     let Some(this) = FLOWS.get_ptr_mut(key) else {
         return;
     };
+    // SAFETY: a connection-table value, valid for the run (see "Map access" at the top).
     let this = unsafe { &mut *this };
     this.last_seen_ns = now;
     if tcp_flags & TCP_FIN == 0 {
@@ -606,6 +693,7 @@ fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
     let Some(other) = FLOWS.get_ptr_mut(peer) else {
         return;
     };
+    // SAFETY: a connection-table value, valid for the run (see "Map access" at the top).
     let other = unsafe { &mut *other };
     if other.flags & Flow::FIN_SEEN == 0 {
         return;
@@ -616,7 +704,9 @@ fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
         entry.flags = (entry.flags & (Flow::INBOUND | Flow::OUTBOUND)) | Flow::CLOSING;
         entry.opened_ns = now;
     }
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let key_existed = unsafe { TRANSIENT.get(key) }.is_some();
+    // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let peer_existed = unsafe { TRANSIENT.get(peer) }.is_some();
     if transient_put(key, this, key_existed) && transient_put(peer, other, peer_existed) {
         let _ = FLOWS.remove(peer);
@@ -638,6 +728,7 @@ fn track_transient(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
     let Some(this) = TRANSIENT.get_ptr_mut(key) else {
         return;
     };
+    // SAFETY: a connection-table value, valid for the run (see "Map access" at the top).
     let this = unsafe { &mut *this };
     this.last_seen_ns = now;
     if tcp_flags & TCP_FIN == 0 || this.flags & Flow::ESTABLISHED == 0 {
@@ -645,6 +736,7 @@ fn track_transient(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
     }
     this.flags |= Flow::FIN_SEEN;
     if let Some(other) = TRANSIENT.get_ptr_mut(peer) {
+        // SAFETY: a connection-table value, valid for the run (see "Map access" at the top).
         let other = unsafe { &mut *other };
         if other.flags & Flow::FIN_SEEN != 0 {
             other.flags = (other.flags & !Flow::ESTABLISHED) | Flow::CLOSING;
@@ -672,14 +764,27 @@ pub struct Rewrite {
     pub eth_src: [u8; 6],
 }
 
-/// Writes a `Rewrite` into the frame; false when the frame is too short for it.
+/// How a program type sends a translated frame on: its redirect, and writing a `Rewrite`.
 pub trait Rewriter: Frame {
+    /// Called once NAT has decided to send the frame to `ifindex`, before anything in the
+    /// frame changes: false when the frame cannot be sent there, and then it goes on
+    /// unchanged (`Nat::Pass`), never translated.
+    fn redirect_to(&self, ifindex: u32) -> bool;
+    /// Writes `rewrite` into the frame; false when the frame is too short for it.
     fn rewrite(&self, rewrite: &Rewrite) -> bool;
 }
 
 /// tc: the skb helpers, which update checksums incrementally, also correctly for
 /// CHECKSUM_PARTIAL frames (where they update the pseudo-header part only).
 impl Rewriter for TcContext {
+    /// tc redirects after the rewrite, in `deliver`, whose helpers take any ifindex with
+    /// flags 0 (and return TC_ACT_REDIRECT); the kernel drops a frame whose redirect then
+    /// fails (no such device, no peer), it never passes it on translated.
+    #[inline(always)]
+    fn redirect_to(&self, _ifindex: u32) -> bool {
+        true
+    }
+
     #[inline(always)]
     fn rewrite(&self, r: &Rewrite) -> bool {
         let zero_means_none = if r.proto == IPPROTO_TCP {
@@ -697,7 +802,7 @@ impl Rewriter for TcContext {
             r.l4_check,
             old_ip_word,
             new_ip_word,
-            BPF_F_PSEUDO_HDR as u64 | zero_means_none | 4,
+            BPF_F_PSEUDO_HDR as u64 | zero_means_none | CSUM_FIELD_U32,
         )
         .is_ok()
             && self
@@ -705,20 +810,20 @@ impl Rewriter for TcContext {
                     r.l4_check,
                     old_port_word,
                     new_port_word,
-                    zero_means_none | 2,
+                    zero_means_none | CSUM_FIELD_U16,
                 )
                 .is_ok()
             && self
-                .l3_csum_replace(IP_CHECK, old_ip_word, new_ip_word, 4)
+                .l3_csum_replace(IP_CHECK, old_ip_word, new_ip_word, CSUM_FIELD_U32)
                 .is_ok()
             && self
-                .l3_csum_replace(IP_CHECK, old_ttl_word, new_ttl_word, 2)
+                .l3_csum_replace(IP_CHECK, old_ttl_word, new_ttl_word, CSUM_FIELD_U16)
                 .is_ok()
             && self.store(r.ip_at, &r.new_ip, 0).is_ok()
             && self.store(r.port_at, &r.new_port, 0).is_ok()
             && self.store(IP_TTL, &(r.ttl - 1), 0).is_ok()
-            && self.store(0, &r.eth_dst, 0).is_ok()
-            && self.store(6, &r.eth_src, 0).is_ok()
+            && self.store(ETH_DST, &r.eth_dst, 0).is_ok()
+            && self.store(ETH_SRC, &r.eth_src, 0).is_ok()
     }
 }
 
@@ -759,6 +864,11 @@ fn translate(
         eth_dst: flow.eth_dst,
         eth_src: flow.eth_src,
     };
+    // Nothing in the frame changes before its redirect is certain: a frame that cannot go
+    // where the connection says goes on unchanged, to the kernel path.
+    if !ctx.redirect_to(flow.ifindex) {
+        return Nat::Pass(Verdict::NatNotTranslated);
+    }
     if !ctx.rewrite(&rewrite) {
         // Only a frame too short for its headers fails here, and parse() rules those out.
         return Nat::Pass(Verdict::Malformed);

@@ -25,6 +25,7 @@ pub fn addresses_are_theirs(ctx: &TcContext, sender: &Endpoint, receiver: &Endpo
     }
     match ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) {
         Some(ip) => {
+            // SAFETY: ptr_at checked that the header lies within the frame's linear data.
             let ip = unsafe { &*ip };
             ip.src_addr == sender.ipv4 && ip.dst_addr == receiver.ipv4
         }
@@ -60,6 +61,7 @@ pub fn holds_back(ctx: &TcContext, ipv4: bool) -> bool {
     for shape in 0..HoldKey::SHAPES {
         if shapes & (1 << shape) != 0 {
             key.mask_into(shape as u8, &mut *probe);
+            // SAFETY: only whether the entry exists is read.
             if unsafe { HOLDS.get(&*probe) }.is_some() {
                 return true;
             }
@@ -71,6 +73,7 @@ pub fn holds_back(ctx: &TcContext, ipv4: bool) -> bool {
 /// The frame's IPv4 fields into `key`; `None` for a frame whose ports cannot be read.
 #[inline(always)]
 fn read_ipv4(ctx: &TcContext, key: &mut HoldKey) -> Option<()> {
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
     let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)? };
     // A fragment after the first has no transport header; any fragment goes to the bridge.
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
@@ -89,6 +92,7 @@ fn read_ipv4(ctx: &TcContext, key: &mut HoldKey) -> Option<()> {
 /// The frame's IPv6 fields into `key`; `None` for a frame whose ports cannot be read.
 #[inline(always)]
 fn read_ipv6(ctx: &TcContext, key: &mut HoldKey) -> Option<()> {
+    // SAFETY: ptr_at checked that the header lies within the frame's linear data.
     let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN)? };
     // An extension header: the transport header (and its ports) lies further on.
     if matches!(
@@ -111,6 +115,7 @@ fn read_ports(ctx: &TcContext, offset: usize, key: &mut HoldKey) -> Option<()> {
     key.source_port = [0; 2];
     key.destination_port = [0; 2];
     if key.protocol == IPPROTO_TCP || key.protocol == IPPROTO_UDP {
+        // SAFETY: ptr_at checked that the ports lie within the frame's linear data.
         let ports = unsafe { &*ptr_at::<[[u8; 2]; 2]>(ctx, offset)? };
         key.source_port = ports[0];
         key.destination_port = ports[1];

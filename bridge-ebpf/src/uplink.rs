@@ -1,6 +1,6 @@
 //! The uplink: frames from outside. Connections to published ports are translated and
 //! delivered into their container; every other frame goes on to the kernel (or to the next
-//! program on the uplink) untouched.
+//! program on the uplink) untouched, with its verdict counted.
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
 use bridge_common::Verdict;
@@ -13,21 +13,28 @@ use crate::{
 
 #[inline(always)]
 pub fn receive(ctx: &TcContext) -> i32 {
+    // SAFETY: the kernel's __sk_buff for this run, valid while the program runs; the verifier
+    // allows reading its ifindex.
     let uplink = unsafe { (*ctx.skb.skb).ifindex };
     // TC_ACT_UNSPEC, not OK: other programs on a shared uplink (another bridge's) still run.
-    let Some(segment) = nat::parse(ctx) else {
-        return TC_ACT_UNSPEC;
+    let segment = match nat::parse(ctx) {
+        Ok(segment) => segment,
+        Err(verdict) => return pass(verdict),
     };
     match nat::inbound(ctx, &segment, uplink) {
-        Nat::NotOurs => TC_ACT_UNSPEC,
-        Nat::Pass(verdict) => {
-            count_verdict(verdict);
-            TC_ACT_UNSPEC
-        }
+        Nat::NotOurs => pass(Verdict::NotPublished),
+        Nat::Pass(verdict) => pass(verdict),
         Nat::Redirect(port) => {
             count_verdict(Verdict::NatIn);
             count_delivered(ctx, port);
             deliver::into_container(ctx, port)
         }
     }
+}
+
+/// On to the kernel path (and any next program), untouched.
+#[inline(always)]
+fn pass(verdict: Verdict) -> i32 {
+    count_verdict(verdict);
+    TC_ACT_UNSPEC
 }

@@ -5,6 +5,10 @@
 //! program and the kernel see it next (and count its verdict; this program counts only what
 //! it delivers, as `nat_in_xdp`).
 //!
+//! The redirect is asked for before the frame changes (`Rewriter::redirect_to`): a frame is
+//! rewritten only once its redirect is certain, so a frame passed on is always the frame that
+//! arrived, never a translated one the kernel would mistake for its own.
+//!
 //! XDP has no checksum state, so the checksums are updated here with RFC 1624 arithmetic on
 //! the bytes. That is right only for frames that carry full checksums (from a physical NIC):
 //! a CHECKSUM_PARTIAL frame (a veth sender with tx offload) looks the same and would be
@@ -20,29 +24,34 @@ use bridge_common::{IPPROTO_UDP, Verdict};
 use crate::{
     counters::{count_delivered, count_verdict},
     frame::ptr_at_mut,
-    nat::{self, IP_CHECK, IP_TTL, L4, Nat, Rewrite, Rewriter},
+    nat::{
+        self, ETH_DST, ETH_SRC, IP_CHECK, IP_TTL, L4_PORTS_END, MAC_LEN, Nat, Rewrite, Rewriter,
+    },
 };
+
+/// The flags of the redirect: 0, always, in xbr. The packet tests set one bpf_redirect
+/// refuses (any other value), to drive the path of a refused redirect, which no kernel takes
+/// with flags 0. A load-time constant, like `REDIRECT_PEER`.
+#[unsafe(no_mangle)]
+static XDP_REDIRECT_FLAGS: u64 = 0;
 
 #[inline(always)]
 pub fn receive(ctx: &XdpContext) -> u32 {
+    // SAFETY: the kernel's xdp_md for this run, valid while the program runs; the verifier
+    // allows reading its ingress_ifindex.
     let uplink = unsafe { (*ctx.ctx).ingress_ifindex };
-    let Some(segment) = nat::parse(ctx) else {
+    // Passed frames are not counted here: the tc program sees them next, unchanged, and
+    // counts their verdict.
+    let Ok(segment) = nat::parse(ctx) else {
         return XDP_PASS;
     };
     match nat::inbound(ctx, &segment, uplink) {
-        // Not counted here: the tc program sees the frame next and counts it.
         Nat::NotOurs | Nat::Pass(_) => XDP_PASS,
+        // The redirect was asked for (`redirect_to`) and granted before the rewrite.
         Nat::Redirect(port) => {
             count_verdict(Verdict::NatInXdp);
             count_delivered(ctx, port);
-            // Out of the container's bridge port (a veth): the kernel delivers it to the
-            // container's end when that end has NAPI (an XDP program, or GRO on).
-            let action = unsafe { bpf_redirect(port, 0) } as u32;
-            if action == XDP_REDIRECT {
-                action
-            } else {
-                XDP_PASS
-            }
+            XDP_REDIRECT
         }
     }
 }
@@ -71,17 +80,38 @@ fn update(check: u16, old: &[u8; 4], new: &[u8; 4], old_word: u16, new_word: u16
 }
 
 impl Rewriter for XdpContext {
+    /// Out of the container's bridge port (a veth): the kernel delivers it to the container's
+    /// end when that end has NAPI (an XDP program, or GRO on). bpf_redirect only records the
+    /// target; its action becomes the program's. It returns XDP_REDIRECT for flags 0 on every
+    /// kernel we know, anything else (XDP_ABORTED, for flags it does not take) leaves the
+    /// frame unchanged for tc.
+    #[inline(always)]
+    fn redirect_to(&self, ifindex: u32) -> bool {
+        // SAFETY: a reference to a static is valid and aligned; volatile, so that the compiler
+        // does not fold in the default and the loader's value is read.
+        let flags = unsafe { core::ptr::read_volatile(&XDP_REDIRECT_FLAGS) };
+        // SAFETY: a BPF helper that takes only integers.
+        let action = unsafe { bpf_redirect(ifindex, flags) } as u32;
+        action == XDP_REDIRECT
+    }
+
     #[inline(always)]
     fn rewrite(&self, r: &Rewrite) -> bool {
-        // One bounds check for the headers up to the ports, one for the L4 checksum.
-        let Some(headers) = ptr_at_mut::<[u8; L4 + 4]>(self, 0) else {
+        // One bounds check for the headers up to the ports, one for the L4 checksum; and the
+        // rewrite's offsets checked too, all before the first write.
+        let Some(headers) = ptr_at_mut::<[u8; L4_PORTS_END]>(self, 0) else {
             return false;
         };
         let Some(l4_check) = ptr_at_mut::<[u8; 2]>(self, r.l4_check) else {
             return false;
         };
-        let headers = unsafe { &mut *headers };
-        let l4_check = unsafe { &mut *l4_check };
+        if r.ip_at + 4 > L4_PORTS_END || r.port_at + 2 > L4_PORTS_END {
+            return false;
+        }
+        // SAFETY: ptr_at_mut checked that both lie within the frame, which this program may
+        // write; they do not overlap (the checksum lies after the ports) and nothing else
+        // refers to the frame while they live.
+        let (headers, l4_check) = unsafe { (&mut *headers, &mut *l4_check) };
 
         // IP header: the address and the TTL (the TTL shares its word with the protocol).
         let ip_check = word(headers, IP_CHECK);
@@ -103,13 +133,10 @@ impl Rewriter for XdpContext {
         }
         headers[IP_CHECK..IP_CHECK + 2].copy_from_slice(&ip_check.to_be_bytes());
         headers[IP_TTL] = r.ttl - 1;
-        if r.ip_at + 4 > headers.len() || r.port_at + 2 > headers.len() {
-            return false;
-        }
         headers[r.ip_at..r.ip_at + 4].copy_from_slice(&r.new_ip);
         headers[r.port_at..r.port_at + 2].copy_from_slice(&r.new_port);
-        headers[0..6].copy_from_slice(&r.eth_dst);
-        headers[6..12].copy_from_slice(&r.eth_src);
+        headers[ETH_DST..ETH_DST + MAC_LEN].copy_from_slice(&r.eth_dst);
+        headers[ETH_SRC..ETH_SRC + MAC_LEN].copy_from_slice(&r.eth_src);
         true
     }
 }

@@ -10,6 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use bridge_common::programs;
+
 use crate::{
     error::{Error, Result},
     netns,
@@ -19,11 +21,12 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xbr";
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The program on every bridge port, and the one on every uplink.
-pub const PORT_PROGRAM: &str = "port_ingress";
-pub const UPLINK_PROGRAM: &str = "uplink_ingress";
+/// The program on every bridge port, and the one on every uplink (their names in the object,
+/// and of their pins).
+pub const PORT_PROGRAM: &str = programs::PORT;
+pub const UPLINK_PROGRAM: &str = programs::UPLINK;
 /// The XDP program in front of the uplink program (uplink xdp mode only).
-pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
+pub const UPLINK_XDP_PROGRAM: &str = programs::UPLINK_XDP;
 /// (name in the object, name of the pin)
 pub const MAPS: [(&str, &str); 17] = [
     ("ENDPOINTS", "endpoints"),

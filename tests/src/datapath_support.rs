@@ -20,9 +20,9 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 /// TC_ACT_UNSPEC (-1) as the u32 BPF_PROG_TEST_RUN reports: "not mine, next program".
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
-pub const PORT_PROGRAM: &str = "port_ingress";
-pub const UPLINK_PROGRAM: &str = "uplink_ingress";
-pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
+pub use bridge_common::programs::{
+    PORT as PORT_PROGRAM, UPLINK as UPLINK_PROGRAM, UPLINK_XDP as UPLINK_XDP_PROGRAM,
+};
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
@@ -54,6 +54,7 @@ impl Datapath {
             xbr::datapath::flow_table_entries(DEFAULT_MAX_FLOWS);
         Datapath::load_with(
             redirect_peer,
+            0,
             Some((
                 flow_capacity.unwrap_or(flow_entries),
                 transient_capacity.unwrap_or(transient_entries),
@@ -61,20 +62,34 @@ impl Datapath {
         )
     }
 
+    /// `load`, with the XDP program asking for its redirects with `flags` (`XDP_REDIRECT_FLAGS`):
+    /// bpf_redirect refuses any but 0, so a test can see what a refused redirect does (xbr
+    /// always asks with 0, which no kernel refuses).
+    pub fn load_with_xdp_redirect_flags(flags: u64) -> Datapath {
+        let (flow_entries, transient_entries) =
+            xbr::datapath::flow_table_entries(DEFAULT_MAX_FLOWS);
+        Datapath::load_with(true, flags, Some((flow_entries, transient_entries)))
+    }
+
     /// The programs as an attachment has them before its first published port: the
     /// connection tables' slots are empty.
     pub fn load_without_connection_tables(redirect_peer: bool) -> Datapath {
-        Datapath::load_with(redirect_peer, None)
+        Datapath::load_with(redirect_peer, 0, None)
     }
 
     /// Loads the object; with `tables` (entries of the established and the transient table),
     /// makes the connection tables like the object's prototypes and puts them into the slots,
     /// as the control plane does with the first published port.
-    fn load_with(redirect_peer: bool, tables: Option<(u32, u32)>) -> Datapath {
+    fn load_with(
+        redirect_peer: bool,
+        xdp_redirect_flags: u64,
+        tables: Option<(u32, u32)>,
+    ) -> Datapath {
         let redirect_peer = u8::from(redirect_peer);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("REDIRECT_PEER", &redirect_peer, true)
+            .override_global("XDP_REDIRECT_FLAGS", &xdp_redirect_flags, true)
             .override_global(aya_log::LEVEL, &0u8, true);
         let mut ebpf = loader
             .load(xbr::datapath::OBJECT)

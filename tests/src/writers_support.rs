@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bridge_common::programs;
 use xbr::{
     lab::{BridgeSpec, ContainerSpec, Ipv4Cidr, LabGuard, LabSpec, MacAddr},
     netns::NetNs,
@@ -69,7 +70,7 @@ pub fn senders(spec: &LabSpec) -> Vec<Sender> {
 pub fn xbr_hooks(netns: &str, port: &str) -> usize {
     tc_programs(netns, port)
         .iter()
-        .filter(|name| *name == "port_ingress")
+        .filter(|name| *name == programs::PORT)
         .count()
 }
 
@@ -78,7 +79,7 @@ pub fn assert_hooked_once(netns: &str, ports: &[String], when: &str) {
     let wrong: Vec<(String, Vec<String>)> = ports
         .iter()
         .map(|port| (port.clone(), tc_programs(netns, port)))
-        .filter(|(_, programs)| programs.iter().filter(|p| *p == "port_ingress").count() != 1)
+        .filter(|(_, hooked)| hooked.iter().filter(|p| *p == programs::PORT).count() != 1)
         .collect();
     assert!(
         wrong.is_empty(),

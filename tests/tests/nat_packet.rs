@@ -832,6 +832,14 @@ fn syn_cut_short() -> Vec<u8> {
     tcp_cut
 }
 
+/// A SYN to the published port whose IP header claims `len` bytes (too few: below 20).
+fn syn_with_header_length(len: u8) -> Vec<u8> {
+    let mut frame = tcp(&inbound(), "S", &[]);
+    frame[14] = 0x40 | (len / 4);
+    fix_ip_checksum(&mut frame);
+    frame
+}
+
 fn syn_to_port(host_port: u16) -> Vec<u8> {
     let mut other_port = inbound();
     other_port.ports.1 = host_port;
@@ -855,6 +863,18 @@ fn icmp_error() -> Vec<u8> {
     icmp_error
 }
 
+/// Who has the host's address, from the client (an Ethernet frame that is not IP).
+fn arp_request() -> Vec<u8> {
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&CLIENT_IP);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&HOST_IP);
+    arp
+}
+
 fn ipv6_syn() -> Vec<u8> {
     let mut ipv6 = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, UPLINK_MAC)
@@ -875,25 +895,25 @@ enum Uplink {
 
 /// Frames NAT must leave alone, each a test of its own for each uplink program, on a fresh
 /// datapath with a published TCP and UDP port: tc passes them on unchanged to the kernel
-/// (`TC_ACT_UNSPEC`) and counts the verdict given; XDP passes them on unchanged to tc and
-/// counts nothing (tc counts what it passes). Neither opens a connection.
+/// (`TC_ACT_UNSPEC`) and counts the verdict given (every frame it passes has one); XDP passes
+/// them on unchanged to tc and counts nothing (tc counts what it passes). Neither opens a
+/// connection.
 #[rstest]
-#[case::a_port_nobody_published(syn_to_port(9090), None)]
-#[case::tcp_without_syn_no_connection(
-    tcp(&inbound(), "A", b"data"),
-    Some(Verdict::NatNotTranslated)
-)]
-#[case::syn_ack_from_outside(tcp(&inbound(), "SA", &[]), Some(Verdict::NatNotTranslated))]
-#[case::first_fragment(first_fragment(), None)]
-#[case::later_fragment(later_fragment(), None)]
-#[case::ip_options(syn_with_ip_options(), None)]
-#[case::tcp_header_cut_short(syn_cut_short(), None)]
-#[case::ttl_about_to_expire(syn_with_ttl(1), Some(Verdict::NatNotTranslated))]
-#[case::icmp_error_about_a_connection(icmp_error(), None)]
-#[case::ipv6(ipv6_syn(), None)]
+#[case::a_port_nobody_published(syn_to_port(9090), Verdict::NotPublished)]
+#[case::tcp_without_syn_no_connection(tcp(&inbound(), "A", b"data"), Verdict::NatNotTranslated)]
+#[case::syn_ack_from_outside(tcp(&inbound(), "SA", &[]), Verdict::NatNotTranslated)]
+#[case::first_fragment(first_fragment(), Verdict::NatNotTranslated)]
+#[case::later_fragment(later_fragment(), Verdict::NatNotTranslated)]
+#[case::ip_options(syn_with_ip_options(), Verdict::NatNotTranslated)]
+#[case::tcp_header_cut_short(syn_cut_short(), Verdict::Malformed)]
+#[case::ip_header_length_below_20(syn_with_header_length(16), Verdict::Malformed)]
+#[case::ttl_about_to_expire(syn_with_ttl(1), Verdict::NatNotTranslated)]
+#[case::icmp_error_about_a_connection(icmp_error(), Verdict::NotPublished)]
+#[case::ipv6(ipv6_syn(), Verdict::NotPublished)]
+#[case::arp(arp_request(), Verdict::NotPublished)]
 fn frames_nat_must_not_touch_pass_unchanged(
     #[case] frame: Vec<u8>,
-    #[case] verdict: Option<Verdict>,
+    #[case] verdict: Verdict,
     #[values(Uplink::Tc, Uplink::Xdp)] uplink: Uplink,
 ) {
     let mut datapath = nat_datapath(None);
@@ -911,7 +931,7 @@ fn frames_nat_must_not_touch_pass_unchanged(
     }
     for counted in Verdict::ALL {
         let wanted = match uplink {
-            Uplink::Tc => u64::from(Some(counted) == verdict),
+            Uplink::Tc => u64::from(counted == verdict),
             Uplink::Xdp => 0,
         };
         assert_eq!(
@@ -1324,4 +1344,136 @@ fn xdp_random_and_mutated_frames_never_misdeliver() {
         }
     }
     assert!(translated > 100, "{translated}");
+    // Counted exactly what it redirected, nothing it passed.
+    for verdict in Verdict::ALL {
+        let wanted = if verdict == Verdict::NatInXdp {
+            translated
+        } else {
+            0
+        };
+        assert_eq!(datapath.verdict_count(verdict), wanted, "{verdict:?}");
+    }
+    assert_eq!(
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
+        translated
+    );
+}
+
+/// XDP rewrites a frame, and counts it, only once its redirect is certain: the program asks
+/// for the redirect before anything in the frame changes. Every frame it passes on to tc is
+/// the frame that arrived, uncounted (tc counts it), also where NAT read or changed the
+/// connection's state before it passed the frame; every frame it redirects is counted once.
+/// (BPF_PROG_TEST_RUN cannot make bpf_redirect refuse, which it does for flags 0 on no
+/// kernel; what this shows is that no path rewrites or counts a frame it does not redirect.)
+#[test]
+fn xdp_rewrites_and_counts_only_what_it_redirects() {
+    let mut datapath = nat_datapath(None);
+    let mut redirected = 0;
+    let mut run = |datapath: &mut Datapath, case: &str, frame: Vec<u8>, want: u32| {
+        let delivered = || {
+            datapath
+                .port_stats(CONTAINER_PORT_IFINDEX)
+                .delivered_packets
+        };
+        let before = delivered();
+        let (action, out) = datapath.run_xdp(&frame).unwrap();
+        assert_eq!(action, want, "{case}");
+        if action == XDP_PASS {
+            assert_frame(case, &out, &frame);
+        } else {
+            redirected += 1;
+        }
+        for verdict in Verdict::ALL {
+            let wanted = if verdict == Verdict::NatInXdp {
+                redirected
+            } else {
+                0
+            };
+            assert_eq!(
+                datapath.verdict_count(verdict),
+                wanted,
+                "{case}: {verdict:?}"
+            );
+        }
+        let after = datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets;
+        let wanted = u64::from(action == XDP_REDIRECT);
+        assert_eq!(after - before, wanted, "{case}: delivered");
+    };
+
+    run(
+        &mut datapath,
+        "SYN",
+        tcp(&inbound(), "S", &[]),
+        XDP_REDIRECT,
+    );
+    // On the connection just opened: found, then left to the kernel by the translation itself.
+    let mut dying = inbound();
+    dying.ttl = 1;
+    run(&mut datapath, "TTL 1", tcp(&dying, "A", b"x"), XDP_PASS);
+    run(
+        &mut datapath,
+        "data",
+        tcp(&inbound(), "A", b"x"),
+        XDP_REDIRECT,
+    );
+    // Found, and ended because its container left the port.
+    datapath.add_endpoint([0x02, 0x77, 0, 0, 0, 0x99], CONTAINER_PORT_IFINDEX);
+    run(&mut datapath, "stale", tcp(&inbound(), "A", b"x"), XDP_PASS);
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    run(
+        &mut datapath,
+        "SYN again",
+        tcp(&inbound(), "S", &[]),
+        XDP_REDIRECT,
+    );
+    // A new connection to a published port a netfilter rule holds back.
+    let (key, mut port) = published(IPPROTO_UDP, CONTAINER_PORT_IFINDEX);
+    port.flags |= PublishedPort::HELD;
+    datapath.publish(key, port);
+    run(&mut datapath, "held", udp(&inbound(), b"x"), XDP_PASS);
+    run(&mut datapath, "not published", syn_to_port(9090), XDP_PASS);
+    assert_eq!(redirected, 3);
+}
+
+/// A redirect the kernel refuses (here: asked for with flags bpf_redirect does not take; xbr
+/// asks with 0, which no kernel refuses) leaves the frame as it arrived, uncounted, for tc:
+/// the XDP program asks for the redirect before it rewrites anything. The tc program then
+/// translates and delivers the same frame, on the connection XDP opened.
+#[test]
+fn xdp_leaves_a_frame_whose_redirect_is_refused_unchanged_for_tc() {
+    let mut datapath = Datapath::load_with_xdp_redirect_flags(1);
+    datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    let (key, port) = published(IPPROTO_TCP, CONTAINER_PORT_IFINDEX);
+    datapath.publish(key, port);
+
+    let syn = tcp(&inbound(), "S", &[]);
+    let (action, out) = datapath.run_xdp(&syn).unwrap();
+    assert_eq!(action, XDP_PASS, "refused: on to tc");
+    assert_frame("SYN whose redirect was refused", &out, &syn);
+    assert_eq!(datapath.verdict_count(Verdict::NatInXdp), 0);
+    assert_eq!(
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
+        0
+    );
+
+    let (code, out) = datapath.run(UPLINK_PROGRAM, &syn).unwrap();
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_frame(
+        "SYN through tc",
+        &out,
+        &tcp(&inbound_translated(), "S", &[]),
+    );
+    assert_eq!(datapath.verdict_count(Verdict::NatIn), 1);
+    assert_eq!(
+        datapath
+            .port_stats(CONTAINER_PORT_IFINDEX)
+            .delivered_packets,
+        1
+    );
 }

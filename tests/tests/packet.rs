@@ -290,3 +290,38 @@ fn a_stale_endpoint_entry_alone_delivers_nothing() {
     assert_eq!(program.verdict_count(Verdict::StaleEndpoint), 1);
     assert_eq!(program.port_stats(PORT_B).delivered_packets, 0);
 }
+
+/// The object holds each program under the name `bridge_common::programs` gives it (the name
+/// its pin, the control plane and these tests use; the entry function in bridge-ebpf must be
+/// spelled the same), of the type it is attached as, and no other program: renaming an entry
+/// function without the constant fails here.
+#[test]
+fn the_object_holds_each_program_by_its_name() {
+    use aya::programs::Program;
+    use bridge_common::programs;
+
+    let ebpf = aya::EbpfLoader::new()
+        .load(xbr::datapath::OBJECT)
+        .expect("xbr's eBPF object loads (run the tests as root)");
+    let mut found: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+    found.sort_unstable();
+    let mut named = programs::ALL.to_vec();
+    named.sort_unstable();
+    assert_eq!(
+        found, named,
+        "the object's programs and bridge_common::programs"
+    );
+    for (name, tc) in [
+        (programs::PORT, true),
+        (programs::UPLINK, true),
+        (programs::UPLINK_XDP, false),
+    ] {
+        let program = ebpf.program(name);
+        let right_type = match program {
+            Some(Program::SchedClassifier(_)) => tc,
+            Some(Program::Xdp(_)) => !tc,
+            _ => false,
+        };
+        assert!(right_type, "{name}: {program:?}");
+    }
+}

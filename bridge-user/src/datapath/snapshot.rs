@@ -146,11 +146,12 @@ mod tests {
             Verdict::NatTableFull => 12,
             Verdict::NatInXdp => 13,
             Verdict::HeldByPolicy => 14,
+            Verdict::NotPublished => 15,
         }
     }
 
     /// The highest position `position` gives; keep it in step with the match above.
-    const LAST: usize = 14;
+    const LAST: usize = 15;
 
     #[test]
     fn verdict_all_lists_every_variant_once_at_its_index() {
