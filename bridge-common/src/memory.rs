@@ -6,7 +6,7 @@
 //! runs them.
 //!
 //! An attachment's maps, in short (`c` CPUs, `p` ports, N = `--max-flows`, `n` established
-//! connections): 266 KiB + 584·c + p·(256 + 48·c) bytes, and once a port is published
+//! connections): 268 KiB + 656·c + p·(256 + 48·c) bytes, and once a port is published
 //! 176·N + 272·n bytes more (the transient LRU is preallocated; the rest follows use).
 
 use core::mem::size_of;
