@@ -6,6 +6,7 @@
 //! established before the flood keeps working through it; the flood's state is gone within
 //! its documented lifetime, with and without a follower.
 
+use std::ffi::OsStr;
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
@@ -315,6 +316,8 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
             nat["transient"].as_u64().unwrap() > 0,
             "the flood left half-open state: {nat}"
         );
+        // The witness below (bpftool on the table behind the pinned slot) sees it too.
+        assert!(transient_entries(lab) > 0, "bpftool sees no transient entry: {nat}");
     }
     // The follower's metrics say the same: occupancy, size, replacements, no fallback.
     let metrics = scrape_metrics(&followed.host);
@@ -364,26 +367,44 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
 
 /// Entries of the pinned transient map, counted by bpftool (the witness beside xbr).
 fn transient_entries(lab: &FloodLab) -> usize {
-    let dir = std::fs::read_dir(&lab.pins.path)
+    let slot = std::fs::read_dir(&lab.pins.path)
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path()
         .join("br0/nat_transient");
+    // The pin is the table's slot (an array of maps): its one entry holds the table's id.
+    let slot_entries = bpftool_dump(&[OsStr::new("pinned"), slot.as_os_str()]);
+    let Some(entry) = slot_entries.first() else {
+        return 0;
+    };
+    let id_bytes: Vec<u8> = entry["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|byte| {
+            u8::from_str_radix(byte.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+        })
+        .collect();
+    let id = u32::from_le_bytes(id_bytes.try_into().unwrap()).to_string();
+    bpftool_dump(&[OsStr::new("id"), OsStr::new(&id)]).len()
+}
+
+/// `bpftool -j map dump WHICH...`: the map's entries.
+fn bpftool_dump(which: &[&OsStr]) -> Vec<serde_json::Value> {
     let output = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&dir)
+        .args(["-j", "map", "dump"])
+        .args(which)
         .output()
         .unwrap();
     assert!(
         output.status.success(),
-        "bpftool map dump {}: {}",
-        dir.display(),
+        "bpftool map dump {which:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     let dump: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    dump.as_array().map_or(0, Vec::len)
+    dump.as_array().cloned().unwrap_or_default()
 }
 
 /// A UDP round trip from outside with a few tries (a datagram may be lost in a full socket
