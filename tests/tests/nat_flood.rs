@@ -317,7 +317,10 @@ fn a_floods_half_open_state_expires_with_and_without_a_follower() {
             "the flood left half-open state: {nat}"
         );
         // The witness below (bpftool on the table behind the pinned slot) sees it too.
-        assert!(transient_entries(lab) > 0, "bpftool sees no transient entry: {nat}");
+        assert!(
+            transient_entries(lab) > 0,
+            "bpftool sees no transient entry: {nat}"
+        );
     }
     // The follower's metrics say the same: occupancy, size, replacements, no fallback.
     let metrics = scrape_metrics(&followed.host);

@@ -14,6 +14,7 @@ use bridge_common::{
     PortStats, PublishedKey, PublishedPort,
 };
 
+use super::pinned::allocating;
 use super::{
     hooking::Role,
     pinned::Pinned,
@@ -99,20 +100,20 @@ impl Pinned {
                     });
                     changes.ports_removed.push(ifindex);
                 }
-                Step::SetPortRecord { ifindex, record } => self
-                    .ports
-                    .insert(ifindex, record, 0)
-                    .map_err(|e| Error::ebpf("updating the ports map", e))?,
+                Step::SetPortRecord { ifindex, record } => {
+                    allocating(|| self.ports.insert(ifindex, record, 0))
+                        .map_err(|e| Error::ebpf("updating the ports map", e))?
+                }
                 Step::RemoveEndpoint(key) => {
                     changes.endpoints_removed += 1;
                     self.endpoints
                         .remove(&key)
                         .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
                 }
-                Step::RewriteEndpoint(key, endpoint) => self
-                    .endpoints
-                    .insert(key, endpoint, 0)
-                    .map_err(|e| Error::ebpf("updating the endpoints map", e))?,
+                Step::RewriteEndpoint(key, endpoint) => {
+                    allocating(|| self.endpoints.insert(key, endpoint, 0))
+                        .map_err(|e| Error::ebpf("updating the endpoints map", e))?
+                }
                 // Delivery into kept ports never stopped (their record keeps its MAC); their
                 // own frames took the bridge meanwhile.
                 Step::RepairPortHooks => {
@@ -144,11 +145,13 @@ impl Pinned {
                     let ifindexes: Vec<u32> = new_ports.iter().map(|p| p.ifindex).collect();
                     let observed = self.observe(Role::Port, &ifindexes)?;
                     for (port, observed) in new_ports.iter().zip(observed) {
-                        let zeros = PerCpuValues::try_from(vec![PortStats::default(); cpus])
-                            .map_err(|e| Error::io("preparing port counters", e))?;
-                        self.stats
-                            .insert(port.ifindex, zeros, 0)
-                            .map_err(|e| Error::ebpf("adding port counters", e))?;
+                        let zeros = vec![PortStats::default(); cpus];
+                        allocating(|| {
+                            let zeros = PerCpuValues::try_from(zeros.clone())
+                                .map_err(aya::maps::MapError::IoError)?;
+                            self.stats.insert(port.ifindex, zeros, 0)
+                        })
+                        .map_err(|e| Error::ebpf("adding port counters", e))?;
                         match self.hook_one(Role::Port, port, None, &observed) {
                             Ok(mut record) => {
                                 record.endpoint_mac =
@@ -203,8 +206,7 @@ impl Pinned {
                     let hooked = hooked
                         .get_or_insert_with(|| self.ports.keys().filter_map(|k| k.ok()).collect());
                     if hooked.contains(&endpoint.ifindex) {
-                        self.endpoints
-                            .insert(key, endpoint, 0)
+                        allocating(|| self.endpoints.insert(key, endpoint, 0))
                             .map_err(|e| Error::ebpf("updating the endpoints map", e))?;
                         changes.endpoints_added += 1;
                     }
@@ -232,7 +234,7 @@ impl Pinned {
         }
         let as_error = |e| Error::ebpf("updating the policy's hold-backs", e);
         for key in &added {
-            self.holds.insert(**key, 1, 0).map_err(as_error)?;
+            allocating(|| self.holds.insert(**key, 1, 0)).map_err(as_error)?;
         }
         let before = crate::plan::hold_shapes(&current);
         let after = crate::plan::hold_shapes(wanted.keys());
@@ -297,8 +299,7 @@ impl Pinned {
             .copied()
             .collect();
         for prefix in &new_prefixes {
-            self.client_prefix_holds
-                .insert(&trie_key(prefix), 1, 0)
+            allocating(|| self.client_prefix_holds.insert(&trie_key(prefix), 1, 0))
                 .map_err(as_error)?;
         }
         let current: Vec<ClientHoldKey> = self.client_holds.keys().filter_map(|k| k.ok()).collect();
@@ -308,14 +309,16 @@ impl Pinned {
             .copied()
             .collect();
         for key in &new_clients {
-            self.client_holds.insert(key, 1, 0).map_err(as_error)?;
+            allocating(|| self.client_holds.insert(key, 1, 0)).map_err(as_error)?;
         }
         let mut newly_held = Vec::new();
         for (key, value, flags) in flagged {
             if flags != value.flags {
-                self.published
-                    .insert(key, PublishedPort { flags, ..value }, 0)
-                    .map_err(as_error)?;
+                allocating(|| {
+                    self.published
+                        .insert(key, PublishedPort { flags, ..value }, 0)
+                })
+                .map_err(as_error)?;
                 if flags & PublishedPort::HELD != 0 {
                     newly_held.push(key);
                 }
@@ -369,8 +372,7 @@ impl Pinned {
                 ..published
             };
             if current != published {
-                self.published
-                    .insert(key, current, 0)
+                allocating(|| self.published.insert(key, current, 0))
                     .map_err(|e| Error::ebpf("updating the published ports map", e))?;
                 updated += 1;
             }

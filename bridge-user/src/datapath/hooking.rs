@@ -16,6 +16,7 @@ use bridge_common::{AttachMode, BridgeRecord, PortRecord, UplinkMode};
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 
 use super::pinned::Pinned;
+use super::pinned::allocating;
 use crate::{
     error::{Error, Result},
     hooks::{self, Drift, Observed, Recorded},
@@ -126,8 +127,7 @@ impl Pinned {
             Role::Port => (&mut self.ports, "updating the ports map"),
             Role::Uplink => (&mut self.uplinks, "updating the uplinks map"),
         };
-        map.insert(ifindex, record, 0)
-            .map_err(|e| Error::ebpf(what, e))
+        allocating(|| map.insert(ifindex, record, 0)).map_err(|e| Error::ebpf(what, e))
     }
 
     fn link_pin(&self, role: Role, ifindex: u32) -> PathBuf {

@@ -122,6 +122,28 @@ pub fn new_flow_tables(
     ))
 }
 
+/// Runs a write into a map whose entries are allocated as they come (`BPF_F_NO_PREALLOC`),
+/// retrying it while the kernel reports ENOMEM for a moment: it refills its per-CPU allocation
+/// caches (and the per-CPU memory area) asynchronously, and a burst of writes, such as 1000
+/// ports at one attach on a busy host, can find them empty. Gives up after about a second.
+pub(super) fn allocating<T>(
+    mut write: impl FnMut() -> std::result::Result<T, aya::maps::MapError>,
+) -> std::result::Result<T, aya::maps::MapError> {
+    let mut pause = std::time::Duration::from_millis(1);
+    for _ in 0..20 {
+        match write() {
+            Err(aya::maps::MapError::SyscallError(ref error))
+                if error.io_error.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            done => return done,
+        }
+    }
+    write()
+}
+
 /// The object's prototypes of the two connection tables (see `new_flow_tables`): one entry
 /// each, pinned with the attachment.
 pub const FLOW_TABLE_PROTOTYPE: &str = "FLOW_TABLE";

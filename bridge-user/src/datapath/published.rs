@@ -12,6 +12,7 @@ use std::{
 use aya::maps::PerCpuValues;
 use bridge_common::{Flow, FlowKey, NatEvent, PublishedKey, PublishedPort};
 
+use super::pinned::allocating;
 use super::pinned::{FlowTable, NatTables, Pinned};
 use crate::{
     error::{Error, Result},
@@ -58,8 +59,7 @@ impl Pinned {
             container_mac,
             gateway_mac: bridge_mac,
         };
-        self.published
-            .insert(key, value, 0)
+        allocating(|| self.published.insert(key, value, 0))
             .map_err(|e| Error::ebpf("writing the published ports map", e))
     }
 
@@ -322,8 +322,7 @@ impl Pinned {
                 container_mac,
                 gateway_mac: bridge_mac,
             };
-            self.published
-                .insert(spec.key(), value, 0)
+            allocating(|| self.published.insert(spec.key(), value, 0))
                 .map_err(|e| Error::ebpf("writing the published ports map", e))?;
         }
         Ok(synced)
