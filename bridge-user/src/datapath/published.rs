@@ -187,14 +187,8 @@ impl Pinned {
             return 0;
         };
         let mut ended = retire_established(&mut flows, &retire);
-        let doomed: Vec<(FlowKey, FlowKey)> = transient
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(key, flow)| retire(key, flow))
-            .map(|(key, flow)| (key, flow.peer))
-            .collect();
         let mut swept = 0;
-        for (key, peer) in doomed {
+        for (key, peer) in picked(&transient, &retire) {
             if transient.remove(&key).is_ok() {
                 ended += 1;
                 swept += 1 + usize::from(transient.remove(&peer).is_ok());
@@ -345,17 +339,21 @@ impl Pinned {
     }
 }
 
+/// The entries of `table` that `pick` picks, each with its other direction's key.
+fn picked(table: &FlowTable, pick: impl Fn(&FlowKey, &Flow) -> bool) -> Vec<(FlowKey, FlowKey)> {
+    table
+        .iter()
+        .filter_map(|entry| entry.ok())
+        .filter(|(key, flow)| pick(key, flow))
+        .map(|(key, flow)| (key, flow.peer))
+        .collect()
+}
+
 /// Removes the established connections one of whose directions `retire` picks (both
 /// directions go); returns how many it ended.
 fn retire_established(flows: &mut FlowTable, retire: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
-    let doomed: Vec<(FlowKey, FlowKey)> = flows
-        .iter()
-        .filter_map(|entry| entry.ok())
-        .filter(|(key, flow)| retire(key, flow))
-        .map(|(key, flow)| (key, flow.peer))
-        .collect();
     let mut ended = 0;
-    for (key, peer) in doomed {
+    for (key, peer) in picked(flows, &retire) {
         // A connection whose both directions were picked is counted once.
         if flows.remove(&key).is_ok() {
             ended += 1;
