@@ -10,7 +10,7 @@ use xbr_tests::{
     lab_support::{ExtraContainers, LabBuilder, PortOptions, ip_in},
     witness::{
         Addressed, AddressedCounter, BridgeForwardCounter, BridgeUdpForwardCounter, Follower,
-        IngressCounter, PinRoot, UdpStream, tc_programs, tcp_echo, wait_for,
+        IngressCounter, PinRoot, UdpStream, scrape_metrics, tc_programs, tcp_echo, wait_for,
     },
 };
 
@@ -487,20 +487,7 @@ fn metrics_are_served_in_prometheus_text_format() {
     let a = NetNs::open(&spec.container_netns("a")).unwrap();
     let b = NetNs::open(&spec.container_netns("b")).unwrap();
     tcp_echo(&a, &b, "10.77.0.3".parse().unwrap(), 64 * 1024);
-    let body = NetNs::open(&host)
-        .unwrap()
-        .run(|| {
-            use std::io::{Read as _, Write as _};
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9477")
-                .expect("connect to the metrics port");
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            response
-        })
-        .unwrap();
+    let body = scrape_metrics(&host);
     assert!(
         body.starts_with("HTTP/1.") && body.contains(" 200 "),
         "{body}"
