@@ -30,8 +30,40 @@ pub mod programs {
     pub const UPLINK: &str = "uplink_ingress";
     /// XDP on an uplink, in uplink XDP mode (`#[xdp] fn uplink_xdp`).
     pub const UPLINK_XDP: &str = "uplink_xdp";
+    /// The socket programs (`#[cgroup_sock_addr(..)] fn socket_*`), attached to a cgroup:
+    /// published ports for clients on the host, translated when they connect or send.
+    pub const SOCKET_CONNECT4: &str = "socket_connect4";
+    pub const SOCKET_SENDMSG4: &str = "socket_sendmsg4";
+    pub const SOCKET_RECVMSG4: &str = "socket_recvmsg4";
+    pub const SOCKET_GETPEERNAME4: &str = "socket_getpeername4";
+    pub const SOCKET_CONNECT6: &str = "socket_connect6";
+    pub const SOCKET_SENDMSG6: &str = "socket_sendmsg6";
+    pub const SOCKET_RECVMSG6: &str = "socket_recvmsg6";
+    pub const SOCKET_GETPEERNAME6: &str = "socket_getpeername6";
+    pub const SOCKET: [&str; 8] = [
+        SOCKET_CONNECT4,
+        SOCKET_SENDMSG4,
+        SOCKET_RECVMSG4,
+        SOCKET_GETPEERNAME4,
+        SOCKET_CONNECT6,
+        SOCKET_SENDMSG6,
+        SOCKET_RECVMSG6,
+        SOCKET_GETPEERNAME6,
+    ];
     /// Every program of the object.
-    pub const ALL: [&str; 3] = [PORT, UPLINK, UPLINK_XDP];
+    pub const ALL: [&str; 11] = [
+        PORT,
+        UPLINK,
+        UPLINK_XDP,
+        SOCKET_CONNECT4,
+        SOCKET_SENDMSG4,
+        SOCKET_RECVMSG4,
+        SOCKET_GETPEERNAME4,
+        SOCKET_CONNECT6,
+        SOCKET_SENDMSG6,
+        SOCKET_RECVMSG6,
+        SOCKET_GETPEERNAME6,
+    ];
 }
 
 /// IP protocol numbers of the published-port path.
@@ -218,6 +250,10 @@ pub struct BridgeRecord {
     pub uplink_mode: u32,
     /// Established connections the NAT tables hold once they are made (`--max-flows`).
     pub max_flows: u32,
+    pub _pad: u32,
+    /// The cgroup the socket programs are attached to (its id, the inode of its directory on
+    /// the cgroup v2 filesystem); 0: no socket hooks.
+    pub socket_cgroup: u64,
 }
 
 /// How the uplinks are hooked: the tc program alone, or an XDP program in front of it.
@@ -299,6 +335,76 @@ impl PublishedPort {
     pub fn by_docker(&self) -> bool {
         self.flags & Self::BY_DOCKER != 0
     }
+}
+
+/// How many local addresses of the host (besides 127.0.0.0/8) the socket programs know.
+pub const MAX_LOCAL_ADDRESSES: u32 = 1024;
+
+/// `SOCKET_CONFIG`: what the socket programs know of the host they serve.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketConfig {
+    /// The network namespace of the bridge (its netns cookie): only its sockets are the
+    /// host's clients. Zero: the socket programs translate nothing.
+    pub host_netns_cookie: u64,
+}
+
+/// `SOCKET_COUNTS` value (per CPU, per published port): what the socket programs did with
+/// the host's connections and datagrams to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketCounts {
+    /// connect() calls sent straight to the container (TCP, and connected UDP).
+    pub connects: u64,
+    /// Datagrams of unconnected UDP sockets sent straight to the container.
+    pub datagrams: u64,
+    /// connect() and send calls left to the kernel path: the port is held by a netfilter
+    /// rule, or its container is gone.
+    pub kernel_path: u64,
+}
+
+impl SocketCounts {
+    pub fn add(&mut self, other: &SocketCounts) {
+        self.connects += other.connects;
+        self.datagrams += other.datagrams;
+        self.kernel_path += other.kernel_path;
+    }
+}
+
+/// One published port a socket was sent to: the container it went to instead, and the
+/// address the socket dialled (what replies and `getpeername` must show).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dial {
+    pub container_ip: [u8; 4],
+    /// Network byte order.
+    pub container_port: [u8; 2],
+    pub dialled_port: [u8; 2],
+    pub dialled_ip: [u8; 4],
+    pub proto: u8,
+    /// `Dial::IPV6_LOOPBACK`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Dial {
+    /// The socket dialled `::1` (an IPv6 socket): replies show `::1`, not `::ffff:127.0.0.1`.
+    pub const IPV6_LOOPBACK: u8 = 1;
+}
+
+/// How many published ports one socket remembers (an unconnected UDP socket may send to
+/// several); the oldest is forgotten first.
+pub const DIALS_PER_SOCKET: usize = 4;
+
+/// Per-socket storage (`SOCKET_DIALS`): the published ports the socket was sent to. It lives
+/// and dies with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketDials {
+    pub dials: [Dial; DIALS_PER_SOCKET],
+    /// The slot the next new dial takes.
+    pub next: u32,
+    pub _pad: u32,
 }
 
 /// `HOLDS` key: east-west frames that a netfilter rule on the kernel path could drop,
@@ -561,4 +667,6 @@ mod pod {
     unsafe impl aya::Pod for HoldKey {}
     unsafe impl aya::Pod for ClientHoldKey {}
     unsafe impl aya::Pod for ClientPrefix {}
+    unsafe impl aya::Pod for SocketConfig {}
+    unsafe impl aya::Pod for SocketCounts {}
 }

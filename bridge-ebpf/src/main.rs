@@ -10,13 +10,15 @@ mod frame;
 mod maps;
 mod nat;
 mod policy;
+mod socket;
 mod uplink;
 mod uplink_xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
+use socket::{Call, PROCEED};
 
 /// tc ingress of a bridge port: a frame a container just sent.
 #[classifier]
@@ -35,6 +37,57 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     uplink_xdp::receive(&ctx)
+}
+
+// Published ports for the host's own clients (attached to a cgroup): the socket is pointed
+// at the container when it connects or sends, and shown what it dialled when it reads.
+
+#[cgroup_sock_addr(connect4)]
+pub fn socket_connect4(ctx: SockAddrContext) -> i32 {
+    socket::translate_v4(&ctx, Call::Connect);
+    PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn socket_sendmsg4(ctx: SockAddrContext) -> i32 {
+    socket::translate_v4(&ctx, Call::Send);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn socket_recvmsg4(ctx: SockAddrContext) -> i32 {
+    socket::restore_v4(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn socket_getpeername4(ctx: SockAddrContext) -> i32 {
+    socket::restore_v4(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn socket_connect6(ctx: SockAddrContext) -> i32 {
+    socket::translate_v6(&ctx, Call::Connect);
+    PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn socket_sendmsg6(ctx: SockAddrContext) -> i32 {
+    socket::translate_v6(&ctx, Call::Send);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn socket_recvmsg6(ctx: SockAddrContext) -> i32 {
+    socket::restore_v6(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn socket_getpeername6(ctx: SockAddrContext) -> i32 {
+    socket::restore_v6(&ctx);
+    PROCEED
 }
 
 #[cfg(not(test))]

@@ -3,14 +3,15 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{self, ArrayOfMaps},
+    btf_maps::{self, ArrayOfMaps, SkStorage},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
     BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
-    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent,
-    PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
+    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_LOCAL_ADDRESSES, MAX_PORTS, MAX_PUBLISHED,
+    MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, SocketConfig,
+    SocketCounts, SocketDials, Verdict,
 };
 
 /// Hash maps are allocated entry by entry as the control plane fills them (not all at
@@ -169,3 +170,27 @@ pub struct ClientProbe {
 
 #[map]
 pub static CLIENT_PROBE: PerCpuArray<ClientProbe> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the socket programs know of the host: the bridge's network namespace. Written by the
+/// control plane when it hooks the socket programs.
+#[map]
+pub static SOCKET_CONFIG: Array<SocketConfig> = Array::with_max_entries(1, 0);
+
+/// The host's own IPv4 addresses (besides 127.0.0.0/8, which is always local): a port
+/// published on every address serves a socket that dials any of them. Written by the control
+/// plane from the bridge's namespace.
+#[map]
+pub static LOCAL_ADDRESSES: HashMap<[u8; 4], u8> =
+    HashMap::with_max_entries(MAX_LOCAL_ADDRESSES, NO_PREALLOC);
+
+/// Per published port (the control plane makes the entry with the port), what the socket
+/// programs did with the host's connections to it.
+#[map]
+pub static SOCKET_COUNTS: PerCpuHashMap<PublishedKey, SocketCounts> =
+    PerCpuHashMap::with_max_entries(MAX_PUBLISHED, NO_PREALLOC);
+
+/// Per socket, the published ports it was sent to: how replies and `getpeername` show the
+/// address it dialled. Socket storage lives and dies with its socket, so it costs what the
+/// host's clients hold open and needs no expiry.
+#[btf_map]
+pub static SOCKET_DIALS: SkStorage<SocketDials> = SkStorage::new();

@@ -290,6 +290,27 @@ pub fn pinned_link_target(pin: &Path) -> io::Result<Option<LinkTarget>> {
     }))
 }
 
+/// Which cgroup the cgroup link pinned at `pin` is attached to (its id: the inode of the
+/// cgroup's directory); `Some(0)` when it was detached (`bpftool link detach`), `None` when
+/// nothing is pinned there.
+pub fn pinned_cgroup_link(pin: &Path) -> io::Result<Option<u64>> {
+    let Some(fd) = open_pinned(pin)? else {
+        return Ok(None);
+    };
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // The union's cgroup member starts with the 64-bit cgroup id, where the others have the
+    // ifindex.
+    Ok(Some(
+        u64::from(info.ifindex) | (u64::from(info._rest[0]) << 32),
+    ))
+}
+
 /// The ids of the programs on tcx ingress of `ifindex`, in the order they run. An error on
 /// kernels without tcx (before 6.6) and for a device that is gone (ENODEV).
 pub fn tcx_ingress_programs(ifindex: u32) -> io::Result<Vec<u32>> {

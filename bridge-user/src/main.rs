@@ -90,6 +90,18 @@ enum Command {
         /// with another size must be detached first.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(i64::from(datapath::MIN_MAX_FLOWS)..=i64::from(datapath::MAX_MAX_FLOWS)))]
         max_flows: Option<u32>,
+        /// Hook the socket programs, which serve published ports to clients on the host itself
+        /// (`curl 127.0.0.1:8080`, the host's own address, `[::1]:8080`) by pointing their
+        /// sockets at the container when they connect, instead of docker-proxy or hairpin NAT,
+        /// to this cgroup v2 directory: only its processes (and its descendants') are served.
+        /// Default: the root of the cgroup v2 hierarchy (every process of the host), when the
+        /// kernel has what they need (5.14+). Decided at the first attach.
+        #[arg(long, value_name = "PATH", conflicts_with = "no_socket_hooks")]
+        cgroup: Option<PathBuf>,
+        /// No socket hooks: clients on the host reach published ports the kernel's way
+        /// (docker-proxy, or hairpin NAT), as without xbr.
+        #[arg(long)]
+        no_socket_hooks: bool,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
         /// path within milliseconds, containers that leave are removed, hooks removed outside
         /// xbr are put back. Ctrl-C or SIGTERM stop following and leave the datapath in place;
@@ -226,6 +238,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             uplinks,
             uplink_mode,
             max_flows,
+            cgroup,
+            no_socket_hooks,
             follow,
             metrics,
             resync,
@@ -252,11 +266,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 docker: docker_state.as_ref(),
                 mirror_docker: follow,
             };
+            let socket_hooks = match (cgroup, no_socket_hooks) {
+                (_, true) => datapath::SocketHooksChoice::Off,
+                (Some(path), false) => datapath::SocketHooksChoice::At(path),
+                (None, false) => datapath::SocketHooksChoice::Auto,
+            };
+            let socket_cgroup = socket_hooks.resolve()?;
             let options = reconcile::AttachOptions {
                 uplinks,
                 mode,
                 uplink_mode,
                 max_flows,
+                socket_cgroup: socket_cgroup.as_deref(),
                 features: &features,
                 root,
             };

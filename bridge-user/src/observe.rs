@@ -220,6 +220,24 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMess
         .map_err(|e| Error::netlink(format!("looking up {name}"), e))
 }
 
+/// The IPv4 addresses of this namespace's interfaces (the host's own addresses).
+pub async fn local_ipv4_addresses(
+    handle: &Handle,
+) -> Result<std::collections::BTreeSet<std::net::Ipv4Addr>> {
+    let mut stream = handle.address().get().execute();
+    let mut addresses = std::collections::BTreeSet::new();
+    while let Some(message) = stream
+        .try_next()
+        .await
+        .map_err(|e| Error::netlink("listing this namespace's addresses", e))?
+    {
+        if let Some(IpAddr::V4(address)) = address_of(&message) {
+            addresses.insert(address);
+        }
+    }
+    Ok(addresses)
+}
+
 /// Names of the current links by ifindex, for showing pinned state.
 pub async fn link_names(handle: &Handle) -> Result<std::collections::BTreeMap<u32, String>> {
     let mut names = std::collections::BTreeMap::new();

@@ -28,7 +28,7 @@ pub const UPLINK_PROGRAM: &str = programs::UPLINK;
 /// The XDP program in front of the uplink program (uplink xdp mode only).
 pub const UPLINK_XDP_PROGRAM: &str = programs::UPLINK_XDP;
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 17] = [
+pub const MAPS: [(&str, &str); 21] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
@@ -46,7 +46,20 @@ pub const MAPS: [(&str, &str); 17] = [
     ("CLIENT_PREFIX_HOLDS", "client_prefix_holds"),
     ("FLOW_TABLE", "flow_table_prototype"),
     ("TRANSIENT_TABLE", "transient_table_prototype"),
+    ("SOCKET_CONFIG", "socket_config"),
+    ("LOCAL_ADDRESSES", "local_addresses"),
+    ("SOCKET_COUNTS", "socket_counts"),
+    ("SOCKET_DIALS", "socket_dials"),
 ];
+
+/// The pins of the links that attach the socket programs to their cgroup start with this,
+/// then the program's name.
+pub const CGROUP_LINK_PREFIX: &str = "cgroup_link_";
+
+/// Whether the pin `name` is a link (detached before it is unpinned).
+fn is_link_pin(name: &str) -> bool {
+    parse_link_pin(name).is_some() || name.starts_with(CGROUP_LINK_PREFIX)
+}
 
 /// The directory of this network namespace's attachments under `root`. Bridges with the same
 /// name in different namespaces get different directories.
@@ -194,7 +207,7 @@ pub fn clear(dir: &Path) -> Result<()> {
             .unwrap_or_default();
         match name {
             COMPLETE => 0,
-            _ if parse_link_pin(name).is_some() => 1,
+            _ if is_link_pin(name) => 1,
             _ if path.is_dir() => 3,
             _ => 2,
         }
@@ -205,7 +218,7 @@ pub fn clear(dir: &Path) -> Result<()> {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        if parse_link_pin(name).is_some() {
+        if is_link_pin(name) {
             crate::bpf_link::detach_pinned(&path).map_err(|e| {
                 Error::io(
                     format!("detaching the link pinned at {}", path.display()),

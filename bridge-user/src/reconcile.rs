@@ -76,6 +76,10 @@ pub fn once(pinned: &mut Pinned, inputs: &Inputs) -> Result<Outcome> {
         Err(error) => return Err(error),
     };
     let changes = pinned.reconcile(&plan, false);
+    let changes = changes.and_then(|changes| {
+        sync_sockets(pinned)?;
+        Ok(changes)
+    });
     let docker = inputs
         .docker
         .map(|state| docker::apply(pinned, state, &plan, inputs.mirror_docker));
@@ -102,6 +106,8 @@ pub struct AttachOptions<'a> {
     pub uplink_mode: UplinkModeChoice,
     /// `--max-flows`: the NAT tables' size on a first attach (checked on a later one).
     pub max_flows: Option<u32>,
+    /// The cgroup to hook the socket programs to on a first attach (none: no socket hooks).
+    pub socket_cgroup: Option<&'a Path>,
     pub features: &'a Features,
     pub root: &'a Path,
 }
@@ -138,13 +144,17 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
     let attached = datapath::attach(
         &plan,
         &uplinks,
-        options.mode,
-        options.uplink_mode,
-        options.max_flows,
+        &datapath::Choices {
+            mode: options.mode,
+            uplink_mode: options.uplink_mode,
+            max_flows: options.max_flows,
+            socket_cgroup: options.socket_cgroup,
+        },
         options.features,
         options.root,
     )?;
     let mut pinned = Pinned::open(options.root, &plan.bridge)?;
+    sync_sockets(&mut pinned)?;
     let docker = match inputs.docker {
         Some(state) => Some(docker::apply(
             &mut pinned,
@@ -161,4 +171,24 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
         attached,
         docker,
     })
+}
+
+/// The socket hooks' part of a pass: the host's addresses written for them, and hooks that
+/// were detached behind xbr's back put back.
+fn sync_sockets(pinned: &mut Pinned) -> Result<()> {
+    if pinned.socket_hooks().is_none() {
+        return Ok(());
+    }
+    let addresses =
+        netlink::run(|handle| async move { observe::local_ipv4_addresses(&handle).await })
+            .map_err(|e| Error::io("opening a netlink socket", e))??;
+    pinned.sync_local_addresses(&addresses)?;
+    let restored = pinned.restore_socket_hooks()?;
+    if restored > 0 {
+        tracing::warn!(
+            "{}: {restored} socket hook(s) had been detached outside xbr; attached them again",
+            pinned.bridge
+        );
+    }
+    Ok(())
 }

@@ -928,7 +928,7 @@ impl Xbr {
             .env("DOCKER_HOST", &self.docker_host)
             .arg("--pin-root")
             .arg(&self.root)
-            .args(args)
+            .args(crate::witness::without_root_cgroup(args))
             .output()
             .expect("run xbr");
         (

@@ -187,10 +187,26 @@ pub fn xbr_quietly(args: &[&str]) {
     }
 }
 
+/// Tests never hook socket programs to the machine's root cgroup, which `xbr attach` does by
+/// default: an attach without `--cgroup` gets `--no-socket-hooks`. Every test's xbr command
+/// line goes through this.
+pub fn without_root_cgroup<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = args.to_vec();
+    let chooses = |arg: &&str| {
+        *arg == "--cgroup" || arg.starts_with("--cgroup=") || *arg == "--no-socket-hooks"
+    };
+    if let Some(at) = args.iter().position(|arg| *arg == "attach")
+        && !args.iter().any(chooses)
+    {
+        args.insert(at + 1, "--no-socket-hooks");
+    }
+    args
+}
+
 /// Runs `xbr ARGS...`; returns (exit code, stdout, stderr).
 pub fn xbr(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(xbr_binary())
-        .args(args)
+        .args(without_root_cgroup(args))
         .output()
         .expect("run xbr");
     (
@@ -344,7 +360,7 @@ impl Follower {
         let child = Command::new(xbr_binary())
             .envs(env.iter().copied())
             .arg("-v")
-            .args(args)
+            .args(without_root_cgroup(args))
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -652,7 +668,7 @@ impl PinRoot {
     pub fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
         let mut full = vec!["-n", self.netns.as_str(), "--pin-root", self.arg()];
         full.extend_from_slice(args);
-        full
+        without_root_cgroup(&full)
     }
 
     /// `xbr -n NETNS --pin-root ROOT ARGS...` as (code, stdout, stderr).

@@ -310,9 +310,12 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
             xbr::datapath::attach(
                 &plan,
                 &[],
-                xbr::datapath::ModeChoice::Auto,
-                xbr::datapath::UplinkModeChoice::Auto,
-                None,
+                &xbr::datapath::Choices {
+                    mode: xbr::datapath::ModeChoice::Auto,
+                    uplink_mode: xbr::datapath::UplinkModeChoice::Auto,
+                    max_flows: None,
+                    socket_cgroup: None,
+                },
                 &features,
                 &root,
             )
@@ -348,7 +351,12 @@ fn same_bridge_name_in_two_namespaces_does_not_collide() {
     let output = std::process::Command::new("nsenter")
         .arg(format!("--net=/run/netns/{second_host}"))
         .arg(xbr_tests::witness::xbr_binary())
-        .args(["--pin-root", pins.arg(), "attach", "br0"])
+        .args(xbr_tests::witness::without_root_cgroup(&[
+            "--pin-root",
+            pins.arg(),
+            "attach",
+            "br0",
+        ]))
         .output()
         .unwrap();
     assert!(

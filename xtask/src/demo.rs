@@ -127,7 +127,9 @@ impl Demo {
         println!();
         println!("== attaching xbr to {bridge}");
         self.attached = true;
-        self.xbr(&["-n", &host, "attach", &bridge])?;
+        // The demo is about traffic between containers: the host's cgroups are left alone
+        // (no socket hooks, which serve host clients of published ports).
+        self.xbr(&["-n", &host, "attach", &bridge, "--no-socket-hooks"])?;
         self.xbr(&["-n", &host, "status"])?;
 
         println!();

@@ -22,6 +22,7 @@ mod hooking;
 mod pinned;
 mod published;
 mod snapshot;
+mod sockets;
 mod steps;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 use bridge_common::{AttachMode, UplinkMode};
 
 pub use apply::{Changes, PublishedApplied};
+pub use bridge_common::SocketCounts;
 pub use bridge_common::memory::flow_table_entries;
 use hooking::unpin_link;
 pub use hooking::{Modes, Role, UnknownMode, mode_name, uplink_mode_name, xdp_attach_name};
@@ -37,6 +39,7 @@ pub use pinned::{
     TRANSIENT_TABLE_PROTOTYPE, default_max_flows, new_flow_tables,
 };
 pub use snapshot::{Attachment, read};
+pub use sockets::{SocketHooks, SocketHooksChoice, cgroup2_root, netns_cookie};
 
 use crate::{
     error::{Error, Result},
@@ -104,6 +107,19 @@ impl UplinkModeChoice {
     }
 }
 
+/// How a bridge is to be attached, as the user chose (what an attached bridge has already
+/// is checked against them, not changed).
+#[derive(Clone, Copy, Debug)]
+pub struct Choices<'a> {
+    pub mode: ModeChoice,
+    pub uplink_mode: UplinkModeChoice,
+    /// Established connections the new datapath's NAT table holds (None:
+    /// `default_max_flows()`).
+    pub max_flows: Option<u32>,
+    /// The cgroup to hook the socket programs to (None: no socket hooks).
+    pub socket_cgroup: Option<&'a Path>,
+}
+
 /// The result of `attach`.
 #[derive(Debug)]
 pub struct Attached {
@@ -121,17 +137,20 @@ pub struct Attached {
 
 /// Attaches `plan`'s bridge (and hooks `uplinks` for its published ports): creates the pinned
 /// datapath, or picks up the one already pinned and reconciles it. A failed first attach
-/// removes everything it made. `max_flows`: established connections the new datapath's table
-/// holds (`default_max_flows()` when None); an attached bridge keeps its size.
+/// removes everything it made. An attached bridge keeps its modes, sizes and socket hooks.
 pub fn attach(
     plan: &Plan,
     uplinks: &[UplinkView],
-    mode: ModeChoice,
-    uplink_mode: UplinkModeChoice,
-    max_flows: Option<u32>,
+    choices: &Choices,
     features: &Features,
     root: &Path,
 ) -> Result<Attached> {
+    let Choices {
+        mode,
+        uplink_mode,
+        max_flows,
+        socket_cgroup,
+    } = *choices;
     match Pinned::open(root, &plan.bridge) {
         Ok(pinned) => {
             return reattach(
@@ -157,7 +176,15 @@ pub fn attach(
     let mode = mode.resolve(features)?;
     let uplink_mode = uplink_mode.resolve(features)?;
     let max_flows = max_flows.unwrap_or_else(default_max_flows);
-    let mut pinned = match Pinned::create(plan, mode, uplink_mode, max_flows, features, root) {
+    let mut pinned = match Pinned::create(
+        plan,
+        mode,
+        uplink_mode,
+        max_flows,
+        socket_cgroup,
+        features,
+        root,
+    ) {
         Ok(pinned) => pinned,
         Err(error) => {
             let _ = pins::remove(&dir, root);

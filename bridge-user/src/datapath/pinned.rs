@@ -20,7 +20,7 @@ use aya::{
 };
 use bridge_common::{
     AttachMode, BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey,
-    HoldKey, PortRecord, PortStats, PublishedKey, PublishedPort, UplinkMode,
+    HoldKey, PortRecord, PortStats, PublishedKey, PublishedPort, SocketCounts, UplinkMode,
     memory::flow_table_entries,
 };
 
@@ -70,6 +70,9 @@ pub struct Pinned {
     pub(super) hold_shapes: Array<MapData, u32>,
     pub(super) client_holds: HashMap<MapData, ClientHoldKey, u8>,
     pub(super) client_prefix_holds: LpmTrie<MapData, ClientPrefix, u8>,
+    /// The host's own addresses, for the socket programs.
+    pub(super) local_addresses: HashMap<MapData, [u8; 4], u8>,
+    pub(super) socket_counts: PerCpuHashMap<MapData, PublishedKey, SocketCounts>,
 }
 
 fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
@@ -213,6 +216,13 @@ impl Pinned {
         ];
         if let Some(xdp) = &self.uplink_xdp {
             programs.push(xdp.info().map_err(as_error)?);
+        }
+        if self.record.socket_cgroup != 0 {
+            for name in bridge_common::programs::SOCKET {
+                programs.push(
+                    aya::programs::ProgramInfo::from_pin(self.dir.join(name)).map_err(as_error)?,
+                );
+            }
         }
         // Pinned maps the programs do not use (BRIDGE, UPLINKS) and the connection tables.
         let mut maps = Vec::new();
@@ -365,6 +375,8 @@ impl Pinned {
             hold_shapes: open_pinned(&dir, "HOLD_SHAPES").map_err(broken)?,
             client_holds: open_pinned(&dir, "CLIENT_HOLDS").map_err(broken)?,
             client_prefix_holds: open_pinned(&dir, "CLIENT_PREFIX_HOLDS").map_err(broken)?,
+            local_addresses: open_pinned(&dir, "LOCAL_ADDRESSES").map_err(broken)?,
+            socket_counts: open_pinned(&dir, "SOCKET_COUNTS").map_err(broken)?,
             endpoints: open_pinned(&dir, "ENDPOINTS").map_err(broken)?,
             ports: open_pinned(&dir, "PORTS").map_err(broken)?,
             stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
@@ -379,6 +391,7 @@ impl Pinned {
         mode: AttachMode,
         uplink_mode: UplinkMode,
         max_flows: u32,
+        socket_cgroup: Option<&Path>,
         features: &Features,
         root: &Path,
     ) -> Result<Pinned> {
@@ -402,22 +415,27 @@ impl Pinned {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;
-        let record = BridgeRecord {
+        let mut record = BridgeRecord {
             ifindex: plan.bridge_ifindex,
             attach_mode: mode as u32,
             redirect_peer: u32::from(features.redirect_peer),
             uplink_mode: uplink_mode as u32,
             max_flows,
+            _pad: 0,
+            socket_cgroup: 0,
         };
+
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        if let Some(cgroup) = socket_cgroup {
+            record.socket_cgroup = super::sockets::hook(&mut ebpf, &dir, cgroup)?;
+        }
         let mut bridge: Array<_, BridgeRecord> =
             Array::try_from(ebpf.map_mut("BRIDGE").expect("BRIDGE map"))
                 .map_err(|e| Error::ebpf("opening the bridge record", e))?;
         bridge
             .set(0, record, 0)
             .map_err(|e| Error::ebpf("writing the bridge record", e))?;
-
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         for name in [pins::PORT_PROGRAM, pins::UPLINK_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -59,6 +59,7 @@ impl Pinned {
             container_mac,
             gateway_mac: bridge_mac,
         };
+        self.add_socket_counts(&key)?;
         allocating(|| self.published.insert(key, value, 0))
             .map_err(|e| Error::ebpf("writing the published ports map", e))
     }
@@ -106,6 +107,7 @@ impl Pinned {
         self.published
             .remove(&key)
             .map_err(|e| Error::ebpf("updating the published ports map", e))?;
+        self.remove_socket_counts(&key);
         let ended = self
             .retire_flows(|key, flow| flow.flags & Flow::INBOUND != 0 && spec.matches_inbound(key));
         self.release_unused_nat_tables()?;
@@ -316,6 +318,7 @@ impl Pinned {
                 container_mac,
                 gateway_mac: bridge_mac,
             };
+            self.add_socket_counts(&spec.key())?;
             allocating(|| self.published.insert(spec.key(), value, 0))
                 .map_err(|e| Error::ebpf("writing the published ports map", e))?;
         }
@@ -333,9 +336,14 @@ impl Pinned {
             .filter(|(_, value)| value.by_docker())
             .map(|(key, _)| key)
             .collect();
-        keys.iter()
+        let withdrawn = keys
+            .iter()
             .filter(|key| self.published.remove(key).is_ok())
-            .count()
+            .count();
+        for key in &keys {
+            self.remove_socket_counts(key);
+        }
+        withdrawn
     }
 }
 

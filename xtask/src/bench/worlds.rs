@@ -614,7 +614,18 @@ impl Worlds {
         let host = self.host(Config::Xbr);
         self.mark_attached(&host);
         let started = Instant::now();
-        let printed = self.xbr(&["-n", &host, "attach", BRIDGE, "--mode", mode, "--json"])?;
+        // The socket hooks serve host clients of published ports, which this world has none
+        // of: the host's cgroups are left alone.
+        let printed = self.xbr(&[
+            "-n",
+            &host,
+            "attach",
+            BRIDGE,
+            "--mode",
+            mode,
+            "--no-socket-hooks",
+            "--json",
+        ])?;
         let took = started.elapsed();
         let attached: Value = serde_json::from_str(&printed)
             .with_context(|| format!("`xbr attach --json` printed no JSON: {printed}"))?;
@@ -636,6 +647,7 @@ impl Worlds {
             UPLINK,
             "--uplink-mode",
             uplink_mode,
+            "--no-socket-hooks",
             "--docker",
             "off",
         ])?;
