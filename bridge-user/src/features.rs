@@ -19,6 +19,9 @@ pub struct Features {
     pub redirect_peer: bool,
     /// XDP programs attached through bpf links (5.9+), for `--uplink-mode xdp`.
     pub xdp: bool,
+    /// A socket's network namespace can be named (SO_NETNS_COOKIE, 5.14+): what the socket
+    /// hooks need to serve the host's clients of published ports and no one else.
+    pub socket_hooks: bool,
 }
 
 pub fn detect() -> Features {
@@ -38,5 +41,6 @@ pub fn detect() -> Features {
         tcx: at_least(6, 6),
         redirect_peer,
         xdp: at_least(5, 9) && is_program_supported(ProgramType::Xdp).unwrap_or(false),
+        socket_hooks: crate::datapath::netns_cookie().is_ok(),
     }
 }

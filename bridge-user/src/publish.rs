@@ -132,6 +132,8 @@ pub struct Published {
     pub port_ifindex: Option<u32>,
     /// What the datapath does with it: `PublishedPort::HELD`, `CLIENT_HOLDS` (and `BY_DOCKER`).
     pub flags: u8,
+    /// What the socket hooks did for the host's own clients of the port.
+    pub host_clients: bridge_common::SocketCounts,
 }
 
 /// What a sync of Docker's published ports changed.

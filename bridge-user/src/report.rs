@@ -339,6 +339,32 @@ fn memory_json(memory: &Memory) -> Value {
     })
 }
 
+/// Where the socket programs are hooked, and whether all of them still are.
+fn print_socket_hooks(attachment: &Attachment) {
+    let Some(hooks) = &attachment.socket_hooks else {
+        println!(
+            "  socket hooks: none (the host's own clients reach published ports the kernel's way)"
+        );
+        return;
+    };
+    let cgroup = hooks.cgroup.as_ref().map_or_else(
+        || format!("cgroup id {} (gone)", hooks.cgroup_id),
+        |path| path.display().to_string(),
+    );
+    println!(
+        "  socket hooks: {} of {} programs on cgroup {cgroup}: the host's clients of published ports connect straight to the container",
+        hooks.attached.len(),
+        hooks.attached.len() + hooks.missing.len()
+    );
+    if !hooks.missing.is_empty() {
+        println!(
+            "  not accelerated: host clients: {} detached outside xbr; `xbr attach {}` puts them back",
+            hooks.missing.join(", "),
+            attachment.bridge
+        );
+    }
+}
+
 /// The kernel's memory figure for the attachment, and its three largest maps.
 fn print_memory(memory: &Memory) {
     let largest: Vec<String> = memory
@@ -532,6 +558,7 @@ pub fn status(
         "tcx": features.tcx,
         "redirect_peer": features.redirect_peer,
         "xdp": features.xdp,
+        "socket_hooks": features.socket_hooks,
     });
     if as_json {
         let bridges: Vec<Value> = attachments
@@ -576,6 +603,11 @@ pub fn status(
                             "container_port_ifindex": p.port_ifindex,
                             "held": p.flags & PublishedPort::HELD != 0,
                             "clients_held": p.flags & PublishedPort::CLIENT_HOLDS != 0,
+                            "host_clients": json!({
+                                "connects": p.host_clients.connects,
+                                "datagrams": p.host_clients.datagrams,
+                                "kernel_path": p.host_clients.kernel_path,
+                            }),
                             "not_accelerated": policy.as_ref().map(|policy| {
                                 published_held(&p.spec, policy)
                                     .into_iter()
@@ -597,6 +629,12 @@ pub fn status(
                     "connections": attachment.nat.established + attachment.nat.transient,
                     "nat": nat_json(&attachment.nat),
                     "memory": memory_json(&attachment.memory),
+                    "socket_hooks": attachment.socket_hooks.as_ref().map(|hooks| json!({
+                        "cgroup": hooks.cgroup,
+                        "cgroup_id": hooks.cgroup_id,
+                        "attached": hooks.attached,
+                        "missing": hooks.missing,
+                    })),
                     "name": attachment.bridge,
                     "ifindex": attachment.record.ifindex,
                     "present": view.is_some(),
@@ -638,11 +676,16 @@ pub fn status(
     }
 
     println!(
-        "kernel {}: tcx {}, bpf_redirect_peer {}, xdp {}",
+        "kernel {}: tcx {}, bpf_redirect_peer {}, xdp {}, socket hooks {}",
         features.kernel,
         if features.tcx { "yes" } else { "no" },
         if features.redirect_peer { "yes" } else { "no" },
-        if features.xdp { "yes" } else { "no" }
+        if features.xdp { "yes" } else { "no" },
+        if features.socket_hooks {
+            "yes"
+        } else {
+            "no (needs 5.14)"
+        }
     );
     if attachments.is_empty() && incomplete.is_empty() {
         println!(
@@ -730,12 +773,14 @@ pub fn status(
         }
         print_nat(&attachment.nat);
         print_memory(&attachment.memory);
+        print_socket_hooks(attachment);
         let published = published_policies(observed);
         for (
             Published {
                 spec,
                 port_ifindex,
                 flags,
+                host_clients,
             },
             _,
         ) in &published
@@ -746,6 +791,12 @@ pub fn status(
                 None => "container not on the bridge now: kernel path".to_owned(),
             };
             println!("  published {spec}  ({target})");
+            if attachment.socket_hooks.is_some() {
+                println!(
+                    "    host clients: {} connects and {} datagrams sent straight to the container, {} left to the kernel path",
+                    host_clients.connects, host_clients.datagrams, host_clients.kernel_path
+                );
+            }
         }
         if let Some(plan) = plan {
             for skipped in &plan.skipped {

@@ -124,6 +124,7 @@ impl Pinned {
                     spec: PublishSpec::from_entry(&key, &value)?,
                     port_ifindex: (value.ifindex != 0).then_some(value.ifindex),
                     flags: value.flags,
+                    host_clients: self.socket_counts(&key),
                 })
             })
             .collect();

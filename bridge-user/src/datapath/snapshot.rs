@@ -46,6 +46,8 @@ pub struct Attachment {
     pub nat: crate::publish::NatState,
     /// The kernel memory the attachment locks.
     pub memory: crate::memory::Memory,
+    /// The socket programs' cgroup and links, if the attachment has socket hooks.
+    pub socket_hooks: Option<super::SocketHooks>,
 }
 
 impl Pinned {
@@ -108,6 +110,7 @@ impl Pinned {
             writer: None,
             nat: self.nat_state(),
             memory: self.memory()?,
+            socket_hooks: self.socket_hooks(),
         })
     }
 }
