@@ -6,15 +6,17 @@
 //! runs them.
 //!
 //! An attachment's maps, in short (`c` CPUs, `p` ports, N = `--max-flows`, `n` established
-//! connections): 268 KiB + 656·c + p·(256 + 48·c) bytes, and once a port is published
-//! 176·N + 272·n bytes more (the transient LRU is preallocated; the rest follows use).
+//! connections): 270 KiB + 736·c + p·(256 + 48·c) bytes, 80 KiB more with socket hooks,
+//! and once a port is published 176·N + 272·n bytes more (the transient LRU is
+//! preallocated; the rest follows use).
 
 use core::mem::size_of;
 
 use crate::{
     BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
-    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent,
-    PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
+    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_LOCAL_ADDRESSES, MAX_PORTS, MAX_PUBLISHED,
+    MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, SocketConfig,
+    SocketCounts, SocketDials, Verdict,
 };
 
 /// The kernel's map types that xbr uses (named as `aya::maps::MapType`).
@@ -28,6 +30,9 @@ pub enum Kind {
     ArrayOfMaps,
     RingBuf,
     LpmTrie,
+    /// Per-socket storage: the map itself is small; each socket's value is charged to the
+    /// socket (its memory follows the host's open sockets), not to the map.
+    SkStorage,
 }
 
 /// What decides how many entries a map holds.
@@ -43,6 +48,8 @@ pub enum Entries {
     Fixed,
     /// Netfilter hold-backs (none on a host whose rules leave the fast path alone).
     Holds,
+    /// The host's own addresses (with socket hooks only).
+    LocalAddresses,
 }
 
 /// One map as the object defines it (and the control plane creates the connection tables).
@@ -75,14 +82,17 @@ const fn map(
         value_size: value_size as u32,
         max_entries: Some(max_entries),
         // Hash maps are made with BPF_F_NO_PREALLOC; arrays are always allocated whole.
-        preallocated: !matches!(kind, Kind::Hash | Kind::PerCpuHash | Kind::LpmTrie),
+        preallocated: !matches!(
+            kind,
+            Kind::Hash | Kind::PerCpuHash | Kind::LpmTrie | Kind::SkStorage
+        ),
         entries,
     }
 }
 
 /// The maps of one attachment (the object's, in `bridge-ebpf/src/maps.rs`).
 #[rustfmt::skip]
-pub const MAPS: [MapDefinition; 20] = [
+pub const MAPS: [MapDefinition; 24] = [
     map("ENDPOINTS", Kind::Hash, size_of::<EndpointKey>(), size_of::<Endpoint>(), MAX_ENDPOINTS, Entries::Ports),
     map("PORT_STATS", Kind::PerCpuHash, 4, size_of::<PortStats>(), MAX_PORTS, Entries::Ports),
     map("VERDICTS", Kind::PerCpuArray, 4, 8, Verdict::COUNT, Entries::Fixed),
@@ -104,6 +114,12 @@ pub const MAPS: [MapDefinition; 20] = [
     // The connection tables' prototypes (one entry each); the tables are made like them.
     map("FLOW_TABLE", Kind::Hash, size_of::<FlowKey>(), size_of::<Flow>(), 1, Entries::Fixed),
     map("TRANSIENT_TABLE", Kind::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), 1, Entries::Fixed),
+    // The socket hooks' maps.
+    map("SOCKET_CONFIG", Kind::Array, 4, size_of::<SocketConfig>(), 1, Entries::Fixed),
+    // These two hold one entry unless the attachment has socket hooks (`socket_hooks_entries`).
+    MapDefinition { max_entries: None, ..map("LOCAL_ADDRESSES", Kind::Hash, 4, 1, 0, Entries::LocalAddresses) },
+    MapDefinition { max_entries: None, ..map("SOCKET_COUNTS", Kind::PerCpuHash, size_of::<PublishedKey>(), size_of::<SocketCounts>(), 0, Entries::Published) },
+    map("SOCKET_DIALS", Kind::SkStorage, 4, size_of::<SocketDials>(), 0, Entries::Fixed),
     MapDefinition {
         name: "AYA_LOGS",
         kind: Kind::RingBuf,
@@ -150,6 +166,10 @@ const RINGBUF_HEADER: u64 = 304;
 const RINGBUF_META_PAGES: u64 = 3;
 const PAGE: u64 = 4096;
 const LPM_NODE_HEADER: u64 = 40;
+/// `struct bpf_local_storage_map`, and one of its buckets (one per possible CPU, rounded up
+/// to a power of two, at least two).
+const SK_STORAGE_HEADER: u64 = 448;
+const SK_STORAGE_BUCKET: u64 = 16;
 
 const fn round8(size: u32) -> u64 {
     (size as u64).div_ceil(8) * 8
@@ -190,6 +210,14 @@ pub const fn map_bytes(map: &MapDefinition, max_entries: u32, entries: u64, cpus
                 + (RINGBUF_META_PAGES + 2 * pages) * 8
         }
         Kind::LpmTrie => 2 * entries * (LPM_NODE_HEADER + map.key_size as u64 - 4 + value),
+        Kind::SkStorage => {
+            let buckets = if cpus.next_power_of_two() < 2 {
+                2
+            } else {
+                cpus.next_power_of_two()
+            };
+            SK_STORAGE_HEADER + SK_STORAGE_BUCKET * buckets
+        }
     }
 }
 
@@ -206,6 +234,20 @@ pub struct Work {
     pub max_flows: Option<u32>,
     /// Whether the eBPF log ring is full size (`-vv` at attach).
     pub logging: bool,
+    /// Whether the attachment has socket hooks.
+    pub socket_hooks: bool,
+    /// The host's own IPv4 addresses the socket hooks know (0 without socket hooks).
+    pub local_addresses: u64,
+}
+
+/// The entries of the socket hooks' maps `LOCAL_ADDRESSES` and `SOCKET_COUNTS`: the host's
+/// addresses and the published ports with socket hooks; one each without (never written).
+pub const fn socket_hooks_entries(socket_hooks: bool) -> (u32, u32) {
+    if socket_hooks {
+        (MAX_LOCAL_ADDRESSES, MAX_PUBLISHED)
+    } else {
+        (1, 1)
+    }
 }
 
 /// The log ring: 128 KiB with logging on, one page otherwise.
@@ -223,15 +265,24 @@ pub const fn flow_table_entries(max_flows: u32) -> (u32, u32) {
 pub fn attachment_bytes(work: &Work) -> u64 {
     let entries = |map: &MapDefinition| match map.entries {
         Entries::Ports => work.ports,
-        Entries::Published => work.published,
         Entries::Uplinks => work.uplinks,
         Entries::Established => 2 * work.connections,
+        Entries::LocalAddresses => work.local_addresses,
+        // Counters of published ports exist only with socket hooks.
+        Entries::Published if map.name == "SOCKET_COUNTS" && !work.socket_hooks => 0,
+        Entries::Published => work.published,
         Entries::Fixed | Entries::Holds => 0,
+    };
+    let (local_addresses, socket_counts) = socket_hooks_entries(work.socket_hooks);
+    let made_with = |map: &MapDefinition| match map.name {
+        "LOCAL_ADDRESSES" => local_addresses,
+        "SOCKET_COUNTS" => socket_counts,
+        _ => log_ring_bytes(work.logging),
     };
     let mut bytes: u64 = MAPS
         .iter()
         .map(|map| {
-            let max = map.max_entries.unwrap_or(log_ring_bytes(work.logging));
+            let max = map.max_entries.unwrap_or_else(|| made_with(map));
             map_bytes(map, max, entries(map), work.cpus)
         })
         .sum();

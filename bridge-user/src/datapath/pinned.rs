@@ -412,6 +412,12 @@ impl Pinned {
             // The log ring's smallest size: nothing is ever written to it.
             loader.map_max_entries("AYA_LOGS", page_size());
         }
+        // Without socket hooks, their maps are never written: one entry each.
+        let (local_addresses, socket_counts) =
+            bridge_common::memory::socket_hooks_entries(socket_cgroup.is_some());
+        loader
+            .map_max_entries("LOCAL_ADDRESSES", local_addresses)
+            .map_max_entries("SOCKET_COUNTS", socket_counts);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| Error::ebpf("loading xbr's eBPF object", e))?;

@@ -297,9 +297,11 @@ impl Pinned {
         Ok(current != *addresses)
     }
 
-    /// Makes the socket counters of a published port (kept if it has them already).
+    /// Makes the socket counters of a published port (kept if it has them already), when the
+    /// attachment has socket hooks.
     pub(super) fn add_socket_counts(&mut self, key: &PublishedKey) -> Result<()> {
-        if self.socket_counts.get(key, 0).is_ok() {
+        // Without socket hooks the map has room for none (see `socket_hooks_entries`).
+        if self.record.socket_cgroup == 0 || self.socket_counts.get(key, 0).is_ok() {
             return Ok(());
         }
         let cpus = nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;

@@ -32,6 +32,8 @@ pub fn table() -> Vec<MemoryRow> {
         connections: 0,
         max_flows: None,
         logging: false,
+        socket_hooks: false,
+        local_addresses: 0,
     };
     let published = Work {
         published: 1,
