@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use self::debian::{Kernel, Spec};
-use self::guest::{GuestPlan, Suite};
+use self::guest::{Feature, GuestPlan, Suite};
 use self::initramfs::Archive;
 use self::modules::ModuleIndex;
 pub use self::qemu::Accel;
@@ -154,6 +154,7 @@ struct Binaries {
     nat_packet: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
+    sockets: PathBuf,
     writers: PathBuf,
 }
 
@@ -182,6 +183,7 @@ impl Binaries {
             nat_packet: find("nat_packet")?,
             east_west: find("east_west")?,
             published: find("published")?,
+            sockets: find("sockets")?,
             writers: find("writers")?,
         })
     }
@@ -237,7 +239,7 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         ],
         dir: tests_dir.clone(),
         timeout: Duration::from_secs(300),
-        needs_tcx: mode == "tcx",
+        needs: (mode == "tcx").then_some(Feature::Tcx),
     };
     // Many writers at once, hooks removed behind xbr's back, writers killed anywhere: the lock
     // (flock on bpffs), the hook queries (tcx, cls_bpf dumps) and repairs on this kernel.
@@ -258,7 +260,7 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             argv,
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
-            needs_tcx: mode == "tcx",
+            needs: (mode == "tcx").then_some(Feature::Tcx),
         }
     };
     Ok(vec![
@@ -268,7 +270,7 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             argv: vec![program(&binaries.packet)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
-            needs_tcx: false,
+            needs: None,
         },
         // The policy's hold-backs (HOLDS by shape, the address check, client holds in a hash
         // and an LPM trie) through this kernel's verifier and maps.
@@ -277,7 +279,7 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             argv: vec![program(&binaries.policy_packet)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
-            needs_tcx: false,
+            needs: None,
         },
         // The NAT state machine through BPF_PROG_TEST_RUN: this kernel's LRU and hash maps,
         // and its verifier on the NAT subprograms.
@@ -286,7 +288,7 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             argv: vec![program(&binaries.nat_packet)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
-            needs_tcx: false,
+            needs: None,
         },
         // xbr's own choice of path on this kernel, with traffic across it.
         Suite {
@@ -303,7 +305,7 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             ],
             dir: cmd::workspace_root(),
             timeout: Duration::from_secs(180),
-            needs_tcx: false,
+            needs: None,
         },
         // A lab, attach, traffic that skips the bridge (nft's witness), detach clean.
         east_west("clsact"),
@@ -314,7 +316,16 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
             argv: vec![program(&binaries.published)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
-            needs_tcx: false,
+            needs: None,
+        },
+        // Published ports for host clients, translated at connect() by the socket hooks:
+        // cgroup sock_addr programs, socket storage and netns cookies on this kernel.
+        Suite {
+            name: "sockets".to_owned(),
+            argv: vec![program(&binaries.sockets)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs: Some(Feature::SocketHooks),
         },
         writers("clsact"),
         writers("tcx"),

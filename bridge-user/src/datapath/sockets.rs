@@ -290,9 +290,27 @@ impl Pinned {
         for gone in current.difference(addresses) {
             let _ = self.local_addresses.remove(&gone.octets());
         }
+        let mut left_out = 0;
         for new in addresses.difference(&current) {
-            allocating(|| self.local_addresses.insert(new.octets(), 1, 0))
-                .map_err(|e| Error::ebpf("writing the host's addresses", e))?;
+            match allocating(|| self.local_addresses.insert(new.octets(), 1, 0)) {
+                Ok(()) => {}
+                // Full: a port published on every address then serves the host's clients
+                // of the addresses in the map (and 127.0.0.0/8); the rest take the kernel path.
+                Err(aya::maps::MapError::SyscallError(error))
+                    if error.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    left_out += 1;
+                }
+                Err(e) => return Err(Error::ebpf("writing the host's addresses", e)),
+            }
+        }
+        if left_out > 0 {
+            tracing::warn!(
+                "{}: the host has more than {} addresses; the socket hooks serve {left_out} of \
+                 them the kernel's way",
+                self.bridge,
+                bridge_common::MAX_LOCAL_ADDRESSES
+            );
         }
         Ok(current != *addresses)
     }

@@ -31,8 +31,34 @@ pub struct Suite {
     /// The working directory (cargo runs tests in their package's directory).
     pub dir: PathBuf,
     pub timeout: Duration,
-    /// Skipped, with the reason said, on kernels where `xbr status` reports no tcx.
-    pub needs_tcx: bool,
+    /// Skipped, with the reason said, on kernels where `xbr status` reports it missing.
+    pub needs: Option<Feature>,
+}
+
+/// A kernel feature a suite needs, as `xbr status` reports it on its kernel line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feature {
+    /// "tcx yes/no": tcx links, 6.6+.
+    Tcx,
+    /// "socket hooks yes/no": SO_NETNS_COOKIE, 5.14+.
+    SocketHooks,
+}
+
+impl Feature {
+    /// The init script's variable that holds yes, no or unknown.
+    fn variable(self) -> &'static str {
+        match self {
+            Feature::Tcx => "TCX",
+            Feature::SocketHooks => "SOCKET_HOOKS",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Feature::Tcx => "xbr status says tcx no (tcx links need 6.6)",
+            Feature::SocketHooks => "xbr status says socket hooks no (SO_NETNS_COOKIE needs 5.14)",
+        }
+    }
 }
 
 /// Everything the init script needs to know.
@@ -89,6 +115,8 @@ mount -t proc proc /host/proc || fatal "cannot mount /proc"
 mount -t sysfs sysfs /host/sys || fatal "cannot mount /sys"
 mount -t devtmpfs devtmpfs /host/dev || fatal "cannot mount /dev"
 mount -t bpf bpf /host/sys/fs/bpf || fatal "cannot mount bpffs"
+# The socket hooks' suite makes cgroups of its own under the cgroup v2 hierarchy.
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || echo "vmtest: cannot mount cgroup2"
 mount -t tmpfs -o mode=1777 tmpfs /host/run || fatal "cannot mount a tmpfs on /run"
 mkdir -p -m 1777 /host{GUEST_TMPDIR}
 mkdir -p /host/dev/pts /host/dev/shm
@@ -120,13 +148,17 @@ say "event=modules loaded=\"{names}\""
 STATUS=$(echo "$OUT" | grep '^kernel ' | head -n 1)
 [ -n "$STATUS" ] || STATUS="xbr status failed: $(echo "$OUT" | head -n 1 | tr -d '"')"
 say "event=features status=\"$STATUS\""
-# Skip tcx suites only where xbr says there is no tcx; when unsure, run them.
+# Skip a suite only where xbr says its feature is missing; when unsure, run it.
 case "$STATUS" in *"tcx yes"*) TCX=yes ;; *"tcx no"*) TCX=no ;; *) TCX=unknown ;; esac
+case "$STATUS" in
+    *"socket hooks yes"*) SOCKET_HOOKS=yes ;; *"socket hooks no"*) SOCKET_HOOKS=no ;;
+    *) SOCKET_HOOKS=unknown ;;
+esac
 "#,
                 xbr = quote(&xbr.display().to_string())
             );
         }
-        None => s.push_str("TCX=unknown\n"),
+        None => s.push_str("TCX=unknown\nSOCKET_HOOKS=unknown\n"),
     }
     s.push_str(
         r#"run_suite() {
@@ -170,12 +202,13 @@ case "$STATUS" in *"tcx yes"*) TCX=yes ;; *"tcx no"*) TCX=no ;; *) TCX=unknown ;
             quote(&suite.dir.display().to_string()),
             argv.join(" ")
         );
-        if suite.needs_tcx {
+        if let Some(feature) = suite.needs {
             let _ = writeln!(
                 s,
-                "if [ \"$TCX\" = no ]; then say \"suite={} result=skip reason=\\\"xbr status says \
-                 tcx no (tcx links need 6.6)\\\"\"; else {run}; fi",
-                suite.name
+                "if [ \"${}\" = no ]; then say \"suite={} result=skip reason=\\\"{}\\\"\"; else {run}; fi",
+                feature.variable(),
+                suite.name,
+                feature.reason()
             );
         } else {
             let _ = writeln!(s, "{run}");
@@ -239,7 +272,7 @@ mod tests {
             ],
             dir: "/w/tests".into(),
             timeout: Duration::from_secs(600),
-            needs_tcx: true,
+            needs: Some(Feature::Tcx),
         }];
         let script = init_script(&GuestPlan {
             boot_modules: vec!["9pnet.ko".into(), "9p.ko".into()],

@@ -132,7 +132,7 @@ fn a_datapath_the_old_verifier_rejects_fails_the_matrix() {
             argv: probe,
             dir: cmd::workspace_root(),
             timeout: Duration::from_secs(120),
-            needs_tcx: false,
+            needs: None,
         },
         // And a kernel that dies under a suite: the console's panic must end the VM and fail it.
         Suite {
@@ -142,7 +142,7 @@ fn a_datapath_the_old_verifier_rejects_fails_the_matrix() {
                 .to_vec(),
             dir: cmd::workspace_root(),
             timeout: Duration::from_secs(60),
-            needs_tcx: false,
+            needs: None,
         },
     ];
     let names: Vec<String> = suites.iter().map(|suite| suite.name.clone()).collect();
