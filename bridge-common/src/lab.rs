@@ -77,7 +77,8 @@ pub struct Ipv4Cidr {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);
 
-/// Why a lab file or spec is refused.
+/// Why a lab file or spec is refused. ORIGIN names what was read: the file, `lab spec` for
+/// text, `lab NAME` for a spec built in code.
 #[derive(Debug, thiserror::Error)]
 pub enum LabSpecError {
     #[error("cannot read lab file {}: {cause}", path.display())]
@@ -87,12 +88,72 @@ pub enum LabSpecError {
         origin: String,
         cause: toml::de::Error,
     },
-    #[error("{origin}: `{key}` {problem}")]
+    /// The value at KEY (as in `containers[1].mac`) is wrong; CONTAINER, when set, names the
+    /// container it belongs to, so the reader need not count.
+    #[error("{origin}: `{key}` {}{problem}", of_container(container))]
     Invalid {
         origin: String,
         key: String,
-        problem: String,
+        container: Option<String>,
+        problem: InvalidValue,
     },
+}
+
+/// What is wrong with one value of a lab spec; `LabSpecError::Invalid` says where it is.
+/// Each message follows the key, so most start with the value (`= "10.77.0.2" ...`).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidValue {
+    // Addresses.
+    #[error("= {text:?} has no prefix length; {WANT_CIDR}")]
+    CidrWithoutPrefix { text: String },
+    #[error("= {text:?} is not an IPv4 address; {WANT_CIDR}")]
+    NotIpv4 { text: String },
+    #[error("= {text:?} has no prefix length from 0 to 32; {WANT_CIDR}")]
+    BadPrefixLength { text: String },
+    /// Only a spec built in code can hold one; text is refused with `BadPrefixLength`.
+    #[error("= \"{cidr}\" has a prefix length above 32")]
+    PrefixAbove32 { cidr: Ipv4Cidr },
+    #[error("= {text:?} is not a MAC address; want six hex bytes like 02:77:00:00:00:02")]
+    NotAMac { text: String },
+    #[error(
+        "= \"{mac}\" is not a unicast MAC; use a locally administered one like 02:77:00:00:00:02"
+    )]
+    NotUnicast { mac: MacAddr },
+    #[error("= {mac} is used by an earlier container; MACs must be unique")]
+    DuplicateMac { mac: MacAddr },
+
+    // Names.
+    #[error("is empty")]
+    EmptyName,
+    #[error("= {name:?} may hold only letters, digits, '-' and '_'")]
+    NameCharacters { name: String },
+    #[error("makes namespace name {netns} longer than 255 bytes; shorten it")]
+    NamespaceTooLong { netns: String },
+    #[error("= {name:?} is reserved for the lab's own namespace; rename the container")]
+    ReservedContainerName { name: String },
+    #[error(
+        "= {name:?} is too long: its bridge port {port} exceeds {IFNAME_MAX} bytes (keep names to {keep} bytes)",
+        keep = IFNAME_MAX - PORT_PREFIX.len()
+    )]
+    ContainerNameTooLong { name: String, port: String },
+    #[error("= {name:?} is used by an earlier container; names must be unique")]
+    DuplicateContainer { name: String },
+    #[error("= {name:?} must be 1 to {IFNAME_MAX} bytes long (an interface name)")]
+    IfnameLength { name: String },
+    #[error("= {name:?} is not a valid interface name (no '/', ':' or spaces)")]
+    IfnameCharacters { name: String },
+    #[error("= {name:?} is also the name of another link in the host namespace; rename the bridge")]
+    BridgeNameTaken { name: String },
+}
+
+const WANT_CIDR: &str = "want an IPv4 address with prefix length, like 10.77.0.2/24";
+
+/// `(container a) `, before a problem with one of container a's values.
+fn of_container(container: &Option<String>) -> String {
+    container
+        .as_ref()
+        .map(|name| format!("(container {name}) "))
+        .unwrap_or_default()
 }
 
 /// The namespace holding lab LAB's bridge.
@@ -175,59 +236,50 @@ impl LabSpec {
     }
 
     fn validate_in(&self, origin: &str) -> Result<(), LabSpecError> {
-        let invalid = |key: String, problem: String| LabSpecError::Invalid {
+        let invalid = |key: &str, problem| LabSpecError::Invalid {
             origin: origin.to_owned(),
-            key,
+            key: key.to_owned(),
+            container: None,
             problem,
         };
-        if let Err(problem) = check_plain_name(&self.name) {
-            return Err(invalid("name".into(), problem));
+        check_plain_name(&self.name).map_err(|problem| invalid("name", problem))?;
+        if let Some(netns) = self.namespaces().into_iter().find(|ns| ns.len() > 255) {
+            return Err(invalid("name", InvalidValue::NamespaceTooLong { netns }));
         }
-        if let Some(long) = self.namespaces().into_iter().find(|ns| ns.len() > 255) {
-            return Err(invalid(
-                "name".into(),
-                format!("makes namespace name {long} longer than 255 bytes; shorten it"),
-            ));
-        }
-        check_ifname(&self.bridge.name)
-            .map_err(|problem| invalid("bridge.name".into(), problem))?;
+        check_ifname(&self.bridge.name).map_err(|problem| invalid("bridge.name", problem))?;
         if let Some(address) = self.bridge.address {
             address
                 .check()
-                .map_err(|problem| invalid("bridge.address".into(), problem))?;
+                .map_err(|problem| invalid("bridge.address", problem))?;
         }
 
         let mut names = HashSet::new();
         let mut macs = HashSet::new();
         for (index, container) in self.containers.iter().enumerate() {
             let key = |field: &str| format!("containers[{index}].{field}");
-            let in_container =
-                |problem: String| format!("(container {}) {problem}", container.name);
-            check_container_name(&container.name)
-                .map_err(|problem| invalid(key("name"), problem))?;
+            let invalid_name = |problem| invalid(&key("name"), problem);
+            // The container's own values name it: the key's index alone leaves one counting.
+            let invalid_value = |field: &str, problem| LabSpecError::Invalid {
+                origin: origin.to_owned(),
+                key: key(field),
+                container: Some(container.name.clone()),
+                problem,
+            };
+            check_container_name(&container.name).map_err(invalid_name)?;
             if !names.insert(container.name.as_str()) {
-                return Err(invalid(
-                    key("name"),
-                    format!(
-                        "= {:?} is used by an earlier container; names must be unique",
-                        container.name
-                    ),
-                ));
+                return Err(invalid_name(InvalidValue::DuplicateContainer {
+                    name: container.name.clone(),
+                }));
             }
             container
                 .address
                 .check()
-                .map_err(|problem| invalid(key("address"), in_container(problem)))?;
+                .map_err(|problem| invalid_value("address", problem))?;
             if let Some(mac) = container.mac {
                 mac.check()
-                    .map_err(|problem| invalid(key("mac"), in_container(problem)))?;
+                    .map_err(|problem| invalid_value("mac", problem))?;
                 if !macs.insert(mac) {
-                    return Err(invalid(
-                        key("mac"),
-                        in_container(format!(
-                            "= {mac} is used by an earlier container; MACs must be unique"
-                        )),
-                    ));
+                    return Err(invalid_value("mac", InvalidValue::DuplicateMac { mac }));
                 }
             }
         }
@@ -239,19 +291,18 @@ impl LabSpec {
             uplink
                 .host_address
                 .check()
-                .map_err(|problem| invalid("uplink.host_address".into(), problem))?;
+                .map_err(|problem| invalid("uplink.host_address", problem))?;
             uplink
                 .outside_address
                 .check()
-                .map_err(|problem| invalid("uplink.outside_address".into(), problem))?;
+                .map_err(|problem| invalid("uplink.outside_address", problem))?;
         }
         if host_links.contains(&self.bridge.name) {
             return Err(invalid(
-                "bridge.name".into(),
-                format!(
-                    "= {:?} is also the name of another link in the host namespace; rename the bridge",
-                    self.bridge.name
-                ),
+                "bridge.name",
+                InvalidValue::BridgeNameTaken {
+                    name: self.bridge.name.clone(),
+                },
             ));
         }
         Ok(())
@@ -270,30 +321,29 @@ impl Ipv4Cidr {
         u32::from(self.addr) & mask == u32::from(ip) & mask
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), InvalidValue> {
         if self.prefix_len > 32 {
-            return Err(format!("= \"{self}\" has a prefix length above 32"));
+            return Err(InvalidValue::PrefixAbove32 { cidr: *self });
         }
         Ok(())
     }
 }
 
 impl FromStr for Ipv4Cidr {
-    type Err = String;
+    type Err = InvalidValue;
 
-    fn from_str(text: &str) -> Result<Ipv4Cidr, String> {
-        let wanted = "want an IPv4 address with prefix length, like 10.77.0.2/24";
+    fn from_str(text: &str) -> Result<Ipv4Cidr, InvalidValue> {
         let (addr, prefix_len) = text
             .split_once('/')
-            .ok_or_else(|| format!("= {text:?} has no prefix length; {wanted}"))?;
+            .ok_or_else(|| InvalidValue::CidrWithoutPrefix { text: text.into() })?;
         let addr = addr
             .parse()
-            .map_err(|_| format!("= {text:?} is not an IPv4 address; {wanted}"))?;
+            .map_err(|_| InvalidValue::NotIpv4 { text: text.into() })?;
         let prefix_len = prefix_len
             .parse()
             .ok()
             .filter(|len| *len <= 32)
-            .ok_or_else(|| format!("= {text:?} has no prefix length from 0 to 32; {wanted}"))?;
+            .ok_or_else(|| InvalidValue::BadPrefixLength { text: text.into() })?;
         Ok(Ipv4Cidr { addr, prefix_len })
     }
 }
@@ -305,23 +355,21 @@ impl fmt::Display for Ipv4Cidr {
 }
 
 impl MacAddr {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), InvalidValue> {
         // The kernel refuses a multicast or all-zero address on an Ethernet device.
         if self.0[0] & 1 != 0 || self.0 == [0; 6] {
-            return Err(format!(
-                "= \"{self}\" is not a unicast MAC; use a locally administered one like 02:77:00:00:00:02"
-            ));
+            return Err(InvalidValue::NotUnicast { mac: *self });
         }
         Ok(())
     }
 }
 
 impl FromStr for MacAddr {
-    type Err = String;
+    type Err = InvalidValue;
 
-    fn from_str(text: &str) -> Result<MacAddr, String> {
-        let problem = || {
-            format!("= {text:?} is not a MAC address; want six hex bytes like 02:77:00:00:00:02")
+    fn from_str(text: &str) -> Result<MacAddr, InvalidValue> {
+        let problem = || InvalidValue::NotAMac {
+            text: text.to_owned(),
         };
         let mut mac = [0u8; 6];
         let mut bytes = text.split(':');
@@ -451,7 +499,7 @@ fn parse_lab(text: &str, origin: &str) -> Result<LabSpec, LabSpecError> {
     Ok(spec)
 }
 
-fn parse_field<T: FromStr<Err = String>>(
+fn parse_field<T: FromStr<Err = InvalidValue>>(
     origin: &str,
     key: String,
     value: &str,
@@ -459,48 +507,49 @@ fn parse_field<T: FromStr<Err = String>>(
     value.parse().map_err(|problem| LabSpecError::Invalid {
         origin: origin.to_owned(),
         key,
+        container: None,
         problem,
     })
 }
 
 /// Lab and container names become parts of namespace and interface names.
-fn check_plain_name(name: &str) -> Result<(), String> {
+fn check_plain_name(name: &str) -> Result<(), InvalidValue> {
     if name.is_empty() {
-        return Err("is empty".into());
+        return Err(InvalidValue::EmptyName);
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(format!(
-            "= {name:?} may hold only letters, digits, '-' and '_'"
-        ));
+        return Err(InvalidValue::NameCharacters {
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
 
-fn check_container_name(name: &str) -> Result<(), String> {
+fn check_container_name(name: &str) -> Result<(), InvalidValue> {
     check_plain_name(name)?;
     if RESERVED_CONTAINER_NAMES.contains(&name) {
-        return Err(format!(
-            "= {name:?} is reserved for the lab's own namespace; rename the container"
-        ));
+        return Err(InvalidValue::ReservedContainerName {
+            name: name.to_owned(),
+        });
     }
     let port = LabSpec::port_name(name);
     if port.len() > IFNAME_MAX {
-        return Err(format!(
-            "= {name:?} is too long: its bridge port {port} exceeds {IFNAME_MAX} bytes (keep names to {} bytes)",
-            IFNAME_MAX - PORT_PREFIX.len()
-        ));
+        return Err(InvalidValue::ContainerNameTooLong {
+            name: name.to_owned(),
+            port,
+        });
     }
     Ok(())
 }
 
-fn check_ifname(name: &str) -> Result<(), String> {
+fn check_ifname(name: &str) -> Result<(), InvalidValue> {
     if name.is_empty() || name.len() > IFNAME_MAX {
-        return Err(format!(
-            "= {name:?} must be 1 to {IFNAME_MAX} bytes long (an interface name)"
-        ));
+        return Err(InvalidValue::IfnameLength {
+            name: name.to_owned(),
+        });
     }
     if name == "."
         || name == ".."
@@ -508,9 +557,9 @@ fn check_ifname(name: &str) -> Result<(), String> {
             .bytes()
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
     {
-        return Err(format!(
-            "= {name:?} is not a valid interface name (no '/', ':' or spaces)"
-        ));
+        return Err(InvalidValue::IfnameCharacters {
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -739,6 +788,69 @@ mod tests {
         assert!(
             matches!(spec.validate(), Err(LabSpecError::Invalid { key, .. }) if key == "containers[0].address")
         );
+    }
+
+    /// The messages are what the user sees: each names the key, the value and the fix.
+    #[test]
+    fn messages_name_the_key_the_value_and_the_fix() {
+        // MINIMAL's container a, its MAC A_MAC, and a container b with MAC B_MAC.
+        let with_b = |a_mac: &str, b_mac: &str| {
+            format!(
+                "{MINIMAL}mac = \"{a_mac}\"\n[[containers]]\nname = \"b\"\naddress = \"10.77.0.3/24\"\n\
+                 mac = \"{b_mac}\"\n"
+            )
+        };
+        let cases = [
+            (
+                MINIMAL.replace("10.77.0.2/24", "10.77.0.2"),
+                "lab spec: `containers[0].address` = \"10.77.0.2\" has no prefix length; want an \
+                 IPv4 address with prefix length, like 10.77.0.2/24",
+            ),
+            (
+                MINIMAL.replace("name = \"a\"", "name = \"abcdefghijk\""),
+                "lab spec: `containers[0].name` = \"abcdefghijk\" is too long: its bridge port \
+                 veth-abcdefghijk exceeds 15 bytes (keep names to 10 bytes)",
+            ),
+            (
+                with_b("02:77:00:00:00:02", "02:77:00:00:00:02"),
+                "lab spec: `containers[1].mac` (container b) = 02:77:00:00:00:02 is used by an \
+                 earlier container; MACs must be unique",
+            ),
+            (
+                with_b("02:77:00:00:00:02", "01:00:5e:00:00:01"),
+                "lab spec: `containers[1].mac` (container b) = \"01:00:5e:00:00:01\" is not a \
+                 unicast MAC; use a locally administered one like 02:77:00:00:00:02",
+            ),
+            (
+                MINIMAL.replace("name = \"br0\"", "name = \"lo\""),
+                "lab spec: `bridge.name` = \"lo\" is also the name of another link in the host \
+                 namespace; rename the bridge",
+            ),
+            (
+                MINIMAL.replace("name = \"t\"", "name = \"\""),
+                "lab spec: `name` is empty",
+            ),
+        ];
+        for (text, message) in cases {
+            let error = LabSpec::parse(&text).expect_err(message);
+            assert_eq!(error.to_string(), message);
+        }
+    }
+
+    #[test]
+    fn leaf_parsers_say_what_is_wrong_in_their_type() {
+        assert!(matches!(
+            "10.77.0.2".parse::<Ipv4Cidr>(),
+            Err(InvalidValue::CidrWithoutPrefix { text }) if text == "10.77.0.2"
+        ));
+        assert!(matches!(
+            "10.77.0.2/33".parse::<Ipv4Cidr>(),
+            Err(InvalidValue::BadPrefixLength { .. })
+        ));
+        assert!(matches!(
+            "02:77".parse::<MacAddr>(),
+            Err(InvalidValue::NotAMac { .. })
+        ));
     }
 
     #[test]
