@@ -2,6 +2,8 @@
 //! (`bridge-user`). Every type is `#[repr(C)]` with explicit padding, so both sides agree on bytes.
 #![no_std]
 
+#[cfg(feature = "lab")]
+pub mod lab;
 pub mod memory;
 
 /// How many bridge ports one attached bridge can hold: all of them, since a Linux bridge has

@@ -45,35 +45,76 @@ pub struct PublishSpec {
     pub proto: Proto,
 }
 
-impl FromStr for PublishSpec {
-    type Err = String;
+/// Why text is not a published port: which part is wrong, and the form to write.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishSpecError {
+    #[error("`{text}` is not a published port ({proto:?} is not tcp or udp); {PUBLISH_FORM}")]
+    Protocol { text: String, proto: String },
+    #[error("`{text}` is not a published port (it has {parts} parts, not 3 or 4); {PUBLISH_FORM}")]
+    Parts { text: String, parts: usize },
+    #[error("`{text}` is not a published port ({ip:?} is not an IPv4 address); {PUBLISH_FORM}")]
+    Address { text: String, ip: String },
+    #[error(
+        "`{text}` is not a published port ({port:?} is not a port from 1 to 65535); {PUBLISH_FORM}"
+    )]
+    Port { text: String, port: String },
+}
 
-    fn from_str(text: &str) -> std::result::Result<Self, String> {
-        let usage = || {
-            format!(
-                "`{text}` is not a published port; write [HOSTIP:]HOSTPORT:CONTAINERIP:CONTAINERPORT[/tcp|/udp], e.g. 8080:172.17.0.2:80"
-            )
-        };
+const PUBLISH_FORM: &str =
+    "write [HOSTIP:]HOSTPORT:CONTAINERIP:CONTAINERPORT[/tcp|/udp], e.g. 8080:172.17.0.2:80";
+
+impl FromStr for PublishSpec {
+    type Err = PublishSpecError;
+
+    fn from_str(text: &str) -> std::result::Result<Self, PublishSpecError> {
         let (ports, proto) = match text.rsplit_once('/') {
             Some((ports, "tcp")) => (ports, Proto::Tcp),
             Some((ports, "udp")) => (ports, Proto::Udp),
-            Some(_) => return Err(usage()),
+            Some((_, proto)) => {
+                return Err(PublishSpecError::Protocol {
+                    text: text.into(),
+                    proto: proto.into(),
+                });
+            }
             None => (text, Proto::Tcp),
         };
-        let parts: Vec<&str> = ports.split(':').collect();
-        let (host_ip, rest) = match parts.as_slice() {
-            [host_ip, rest @ ..] if rest.len() == 3 => {
-                (Some(host_ip.parse().map_err(|_| usage())?), rest)
-            }
-            rest if rest.len() == 3 => (None, rest),
-            _ => return Err(usage()),
+        let ip = |ip: &str| {
+            ip.parse::<Ipv4Addr>()
+                .map_err(|_| PublishSpecError::Address {
+                    text: text.into(),
+                    ip: ip.into(),
+                })
         };
-        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(usage);
+        let port = |port: &str| {
+            port.parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| PublishSpecError::Port {
+                    text: text.into(),
+                    port: port.into(),
+                })
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, [host_port, container_ip, container_port]) = match parts[..] {
+            [host_ip, host_port, container_ip, container_port] => (
+                Some(ip(host_ip)?),
+                [host_port, container_ip, container_port],
+            ),
+            [host_port, container_ip, container_port] => {
+                (None, [host_port, container_ip, container_port])
+            }
+            _ => {
+                return Err(PublishSpecError::Parts {
+                    text: text.into(),
+                    parts: parts.len(),
+                });
+            }
+        };
         Ok(PublishSpec {
             host_ip,
-            host_port: port(rest[0])?,
-            container_ip: rest[1].parse().map_err(|_| usage())?,
-            container_port: port(rest[2])?,
+            host_port: port(host_port)?,
+            container_ip: ip(container_ip)?,
+            container_port: port(container_port)?,
             proto,
         })
     }
@@ -308,12 +349,42 @@ mod tests {
             "8080:nohost:80",
             "70000:10.0.0.1:80",
         ] {
-            let error = bad.parse::<PublishSpec>().unwrap_err();
+            let error = bad.parse::<PublishSpec>().unwrap_err().to_string();
             assert!(
                 error.contains("HOSTPORT:CONTAINERIP:CONTAINERPORT"),
                 "{bad}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn bad_specs_name_the_wrong_part() {
+        let error = |text: &str| text.parse::<PublishSpec>().unwrap_err();
+        assert_eq!(
+            error("8080:10.0.0.1:80/sctp"),
+            PublishSpecError::Protocol {
+                text: "8080:10.0.0.1:80/sctp".into(),
+                proto: "sctp".into()
+            }
+        );
+        assert!(matches!(
+            error("8080:80"),
+            PublishSpecError::Parts { parts: 2, .. }
+        ));
+        assert!(
+            matches!(error("8080:nohost:80"), PublishSpecError::Address { ip, .. } if ip == "nohost")
+        );
+        assert!(
+            matches!(error("x:8080:10.0.0.1:80"), PublishSpecError::Address { ip, .. } if ip == "x")
+        );
+        assert!(
+            matches!(error("0:10.0.0.1:80"), PublishSpecError::Port { port, .. } if port == "0")
+        );
+        assert_eq!(
+            error("70000:10.0.0.1:80").to_string(),
+            "`70000:10.0.0.1:80` is not a published port (\"70000\" is not a port from 1 to 65535); \
+             write [HOSTIP:]HOSTPORT:CONTAINERIP:CONTAINERPORT[/tcp|/udp], e.g. 8080:172.17.0.2:80"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use self::traffic::Container;
 use self::witness::{FrameCounts, Witness};
 use crate::cmd::{Interrupt, Processes};
-use crate::lab::Lab;
+use crate::lab::LabSpec;
 use crate::{build, cmd, setup};
 
 pub struct Options {
@@ -44,8 +44,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 }
 
 /// The lab file, with the two containers the demo sends traffic between.
-fn read_lab(path: &Path) -> anyhow::Result<Lab> {
-    let lab = Lab::read(path)?;
+fn read_lab(path: &Path) -> anyhow::Result<LabSpec> {
+    let lab = LabSpec::from_file(path)?;
     if lab.containers.len() < 2 {
         bail!(
             "the lab file {} has {} containers; the demo needs two",
@@ -57,18 +57,18 @@ fn read_lab(path: &Path) -> anyhow::Result<Lab> {
 }
 
 /// Container INDEX of LAB, as the traffic sees it.
-fn container(lab: &Lab, index: usize) -> Container {
+fn container(lab: &LabSpec, index: usize) -> Container {
     let container = &lab.containers[index];
     Container {
         name: container.name.clone(),
         netns: lab.container_netns(&container.name),
-        ip: container.ip().to_owned(),
+        ip: container.address.addr.to_string(),
     }
 }
 
 struct Demo {
     xbr: PathBuf,
-    lab: Lab,
+    lab: LabSpec,
     lab_path: PathBuf,
     seconds: u32,
     interrupt: Interrupt,

@@ -1,113 +1,20 @@
-//! The lab file that `xbr lab up` reads (see examples/lab.toml) and the namespaces it makes of
-//! one: xtask's one copy of both, for the demo (which reads a lab file), the bench and vmtest
-//! (which write theirs).
-//!
-//! The product's own is `xbr::lab::LabSpec` (bridge-user/src/lab.rs). xtask cannot depend on
-//! bridge-user: building it compiles the eBPF object, which needs the bpf-linker that xtask
-//! installs first. So this module mirrors the file format (fields kept as text: `xbr lab up`
-//! parses and checks them) and the naming rule `{lab}-host`, `{lab}-{container}`, `{lab}-out`.
+//! Lab files for `xbr lab up`: the demo reads one (examples/lab.toml), the bench and vmtest
+//! write theirs. The spec and its namespace names are xbr's own, `bridge_common::lab`, shared
+//! so that xtask cannot drift from the file format `xbr lab up` reads.
 
 use std::path::Path;
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lab {
-    /// The prefix of every namespace the lab makes.
-    pub name: String,
-    pub bridge: Bridge,
-    pub containers: Vec<Container>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uplink: Option<Uplink>,
-}
+pub use bridge_common::lab::*;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bridge {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Container {
-    pub name: String,
-    /// ADDRESS/PREFIX.
-    pub address: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Uplink {
-    pub host_address: String,
-    pub outside_address: String,
-}
-
-impl Lab {
-    pub fn read(path: &Path) -> anyhow::Result<Lab> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the lab file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing the lab file {}", path.display()))
-    }
-
-    /// The file's text, a comment saying who wrote it first.
-    pub fn to_toml(&self, written_by: &str) -> String {
-        let body = toml::to_string(self).expect("a lab is plain strings and tables");
-        format!("# {written_by}\n{body}")
-    }
-
-    /// Writes the lab to PATH (see `to_toml`).
-    pub fn write(&self, path: &Path, written_by: &str) -> anyhow::Result<()> {
-        std::fs::write(path, self.to_toml(written_by))
-            .with_context(|| format!("writing the lab file {}", path.display()))
-    }
-
-    pub fn host_netns(&self) -> String {
-        host_netns(&self.name)
-    }
-
-    pub fn container_netns(&self, container: &str) -> String {
-        container_netns(&self.name, container)
-    }
-
-    pub fn outside_netns(&self) -> Option<String> {
-        self.uplink.as_ref().map(|_| outside_netns(&self.name))
-    }
-
-    /// Every namespace `xbr lab up` makes: host, containers in order, then outside.
-    pub fn namespaces(&self) -> Vec<String> {
-        let containers = self
-            .containers
-            .iter()
-            .map(|container| self.container_netns(&container.name));
-        std::iter::once(self.host_netns())
-            .chain(containers)
-            .chain(self.outside_netns())
-            .collect()
-    }
-}
-
-impl Container {
-    /// The address without its prefix length.
-    pub fn ip(&self) -> &str {
-        self.address.split('/').next().unwrap_or_default()
-    }
-}
-
-/// The namespace holding lab LAB's bridge.
-pub fn host_netns(lab: &str) -> String {
-    format!("{lab}-host")
-}
-
-/// The namespace of CONTAINER in lab LAB.
-pub fn container_netns(lab: &str, container: &str) -> String {
-    format!("{lab}-{container}")
-}
-
-/// The namespace behind lab LAB's uplink.
-pub fn outside_netns(lab: &str) -> String {
-    format!("{lab}-out")
+/// Writes SPEC to PATH, a comment saying who wrote it first; a spec `xbr lab up` would refuse
+/// is refused here already.
+pub fn write(spec: &LabSpec, path: &Path, written_by: &str) -> anyhow::Result<()> {
+    spec.validate()
+        .with_context(|| format!("writing the lab file {}", path.display()))?;
+    std::fs::write(path, format!("# {written_by}\n{}", spec.to_toml()))
+        .with_context(|| format!("writing the lab file {}", path.display()))
 }
 
 #[cfg(test)]
@@ -115,39 +22,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_example_lab_reads_and_names_its_namespaces() {
-        let lab = Lab::read(&crate::cmd::workspace_root().join("examples/lab.toml")).unwrap();
-        let namespaces = lab.namespaces();
-        assert_eq!(namespaces[0], lab.host_netns());
-        assert_eq!(
-            namespaces.len(),
-            1 + lab.containers.len() + usize::from(lab.uplink.is_some())
-        );
-        assert!(!lab.containers[0].ip().contains('/'));
-    }
-
-    #[test]
     fn a_written_lab_reads_back_the_same() {
-        let lab = Lab {
-            name: "t".into(),
-            bridge: Bridge {
-                name: "br0".into(),
-                address: Some("10.77.0.1/24".into()),
-            },
-            containers: vec![Container {
-                name: "a".into(),
-                address: "10.77.0.2/24".into(),
-                mac: None,
-            }],
-            uplink: Some(Uplink {
-                host_address: "10.78.0.1/24".into(),
-                outside_address: "10.78.0.2/24".into(),
-            }),
-        };
-        let text = lab.to_toml("written by a test");
+        let example = crate::cmd::workspace_root().join("examples/lab.toml");
+        let lab = LabSpec::from_file(&example).unwrap();
+        let dir = std::env::temp_dir().join(format!("xtask-lab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lab.toml");
+        write(&lab, &path, "written by a test").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(text.starts_with("# written by a test\n"), "{text}");
-        assert!(text.contains("[[containers]]"), "{text}");
-        assert_eq!(toml::from_str::<Lab>(&text).unwrap(), lab);
-        assert_eq!(lab.namespaces(), ["t-host", "t-a", "t-out"]);
+        assert_eq!(LabSpec::parse(&text).unwrap(), lab);
     }
 }

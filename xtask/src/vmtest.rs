@@ -11,6 +11,7 @@ mod report;
 mod selftest;
 
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use self::modules::ModuleIndex;
 pub use self::qemu::Accel;
 use self::qemu::{Machine, Vm};
 use self::report::{Console, Event, Row};
-use crate::lab::{self, Lab};
+use crate::lab::{self, BridgeSpec, ContainerSpec, Ipv4Cidr, LabSpec, MacAddr};
 use crate::{build, cmd, setup};
 
 /// The default matrix: bullseye's 5.10, bookworm's 6.1 and 6.12, the newest backport.
@@ -201,17 +202,18 @@ fn test_executable(messages: &str, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The lab the auto-attach suite builds: br0 with containers a and b.
-fn auto_attach_lab() -> Lab {
-    let container = |name: &str, host: u8| lab::Container {
+fn auto_attach_lab() -> LabSpec {
+    let address = |host: u8| Ipv4Cidr::new(Ipv4Addr::new(10, 77, 0, host), 24);
+    let container = |name: &str, host: u8| ContainerSpec {
         name: name.to_owned(),
-        address: format!("10.77.0.{host}/24"),
-        mac: Some(format!("02:77:00:00:00:{host:02x}")),
+        address: address(host),
+        mac: Some(MacAddr([0x02, 0x77, 0, 0, 0, host])),
     };
-    Lab {
+    LabSpec {
         name: "vmt".to_owned(),
-        bridge: lab::Bridge {
+        bridge: BridgeSpec {
             name: "br0".to_owned(),
-            address: Some("10.77.0.1/24".to_owned()),
+            address: Some(address(1)),
         },
         containers: vec![container("a", 2), container("b", 3)],
         uplink: None,
@@ -223,7 +225,8 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         .with_context(|| format!("creating {}", vmtest_dir.display()))?;
     let lab_spec = auto_attach_lab();
     let lab = vmtest_dir.join("lab.toml");
-    lab_spec.write(
+    lab::write(
+        &lab_spec,
         &lab,
         "Written by `cargo xtask vmtest`: the auto-attach suite's lab.",
     )?;
@@ -300,7 +303,10 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
                     &binaries.xbr,
                     &lab,
                     &lab_spec.host_netns(),
-                    (&lab_spec.container_netns(&a.name), b.ip()),
+                    (
+                        &lab_spec.container_netns(&a.name),
+                        &b.address.addr.to_string(),
+                    ),
                 ),
             ],
             dir: cmd::workspace_root(),

@@ -20,7 +20,7 @@ use super::peer::EchoServer;
 use crate::cmd;
 use crate::cmd::{Interrupt, Processes, run_captured};
 use crate::demo::witness::Witness;
-use crate::lab;
+use crate::lab::{self, BridgeSpec, ContainerSpec, Ipv4Cidr, LabSpec, MacAddr, UplinkSpec};
 
 /// The bridge of every lab, in the lab's `-host` namespace.
 pub const BRIDGE: &str = "br0";
@@ -32,7 +32,7 @@ pub const SERVER_IP: &str = "10.77.0.3";
 /// A /16, so that 1000 containers fit in one subnet as on a large Docker network.
 const PREFIX_LEN: u8 = 16;
 const SUBNET: &str = "10.77.0.0/16";
-const BRIDGE_ADDRESS: &str = "10.77.0.1/16";
+const BRIDGE_ADDRESS: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 77, 0, 1), PREFIX_LEN);
 /// Host part of the first idle container; a and b are .2 and .3, the bridge .1.
 const FIRST_IDLE: usize = 4;
 
@@ -43,9 +43,9 @@ pub const SOCKPERF_TCP_PORT: u16 = 11112;
 /// The published-port labs: uplink0 in the host namespace, eth0 in the outside namespace
 /// (the client's), and the server's port 80 published as the host's port 8080.
 pub const UPLINK: &str = "uplink0";
-const UPLINK_HOST_ADDRESS: &str = "10.78.0.1/24";
 const UPLINK_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
-const OUTSIDE_ADDRESS: &str = "10.78.0.2/24";
+const UPLINK_HOST_ADDRESS: Ipv4Cidr = Ipv4Cidr::new(UPLINK_HOST_IP, 24);
+const OUTSIDE_ADDRESS: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 78, 0, 2), 24);
 const HOST_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 80;
 /// Where Debian's docker.io installs Docker's userland proxy.
@@ -419,14 +419,14 @@ impl Worlds {
                 "add",
                 "eth0",
                 "address",
-                &mac(2),
+                &mac(2).to_string(),
                 "type",
                 "veth",
                 "peer",
                 "name",
                 "eth0",
                 "address",
-                &mac(3),
+                &mac(3).to_string(),
                 "netns",
                 &server,
             ],
@@ -562,9 +562,9 @@ impl Worlds {
     fn route_spoofed_sources(&mut self, config: Config) -> anyhow::Result<()> {
         let host = self.host(config);
         let subnet = format!("{}/16", super::workloads::SPOOFED_SOURCES);
-        let via = OUTSIDE_ADDRESS.split('/').next().expect("an address");
+        let via = OUTSIDE_ADDRESS.addr.to_string();
         cmd::run(
-            cmd::in_netns(&host, "ip").args(["route", "add", &subnet, "via", via]),
+            cmd::in_netns(&host, "ip").args(["route", "add", &subnet, "via", &via]),
             &format!("routing {subnet} to the outside namespace in {host}"),
         )
     }
@@ -1070,47 +1070,45 @@ pub fn namespaces_with_prefix(prefix: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// The container with host part N: 10.77.{N/256}.{N%256}, MAC 02:77:00:00:{N/256}:{N%256}.
-fn mac(host_part: usize) -> String {
-    format!(
-        "02:77:00:00:{:02x}:{:02x}",
-        host_part >> 8,
-        host_part & 0xff
-    )
+fn mac(host_part: usize) -> MacAddr {
+    let [.., high, low] = (host_part as u16).to_be_bytes();
+    MacAddr([0x02, 0x77, 0, 0, high, low])
 }
 
-fn address(host_part: usize) -> String {
-    format!("10.77.{}.{}/{PREFIX_LEN}", host_part >> 8, host_part & 0xff)
+fn address(host_part: usize) -> Ipv4Cidr {
+    let [.., high, low] = (host_part as u16).to_be_bytes();
+    Ipv4Cidr::new(Ipv4Addr::new(10, 77, high, low), PREFIX_LEN)
 }
 
 /// The lab for `xbr lab up`: bridge br0, client a, server b, and idle containers up to
 /// ENDPOINTS in all; with UPLINK, an outside namespace behind uplink0.
-fn bench_lab(name: &str, endpoints: usize, uplink: bool) -> lab::Lab {
+fn bench_lab(name: &str, endpoints: usize, uplink: bool) -> LabSpec {
     let containers = [(CLIENT.to_owned(), 2), (SERVER.to_owned(), 3)]
         .into_iter()
         .chain((FIRST_IDLE..).map(|n| (format!("e{n:04}"), n)))
         .take(endpoints.max(2))
-        .map(|(name, host_part)| lab::Container {
+        .map(|(name, host_part)| ContainerSpec {
             name,
             address: address(host_part),
             mac: Some(mac(host_part)),
         })
         .collect();
-    lab::Lab {
+    LabSpec {
         name: name.to_owned(),
-        bridge: lab::Bridge {
+        bridge: BridgeSpec {
             name: BRIDGE.to_owned(),
-            address: Some(BRIDGE_ADDRESS.to_owned()),
+            address: Some(BRIDGE_ADDRESS),
         },
         containers,
-        uplink: uplink.then(|| lab::Uplink {
-            host_address: UPLINK_HOST_ADDRESS.to_owned(),
-            outside_address: OUTSIDE_ADDRESS.to_owned(),
+        uplink: uplink.then_some(UplinkSpec {
+            host_address: UPLINK_HOST_ADDRESS,
+            outside_address: OUTSIDE_ADDRESS,
         }),
     }
 }
 
 fn write_lab_file(file: &Path, name: &str, endpoints: usize, uplink: bool) -> anyhow::Result<()> {
-    bench_lab(name, endpoints, uplink).write(file, WRITTEN_BY)
+    lab::write(&bench_lab(name, endpoints, uplink), file, WRITTEN_BY)
 }
 
 /// The comment atop the bench's lab files.
@@ -1160,35 +1158,26 @@ mod tests {
 
     #[test]
     fn lab_files_hold_client_server_and_idle_containers() {
-        let text = bench_lab("xb-bridge", 1000, false).to_toml(WRITTEN_BY);
-        let value: toml::Value = toml::from_str(&text).unwrap();
-        let containers = value["containers"].as_array().unwrap();
+        let lab = bench_lab("xb-bridge", 1000, false);
+        // What `xbr lab up` checks, unique names and MACs among it.
+        lab.validate().expect("xbr takes the bench's lab");
+        let containers = &lab.containers;
         assert_eq!(containers.len(), 1000);
-        assert_eq!(containers[0]["name"].as_str(), Some("a"));
-        assert_eq!(containers[1]["address"].as_str(), Some("10.77.0.3/16"));
+        assert_eq!(containers[0].name, "a");
+        assert_eq!(containers[1].address.to_string(), "10.77.0.3/16");
         let last = &containers[999];
-        assert_eq!(last["name"].as_str(), Some("e1001"));
-        assert_eq!(last["address"].as_str(), Some("10.77.3.233/16"));
-        assert_eq!(last["mac"].as_str(), Some("02:77:00:00:03:e9"));
-        let names: std::collections::HashSet<_> = containers
-            .iter()
-            .map(|c| c["mac"].as_str().unwrap())
-            .collect();
-        assert_eq!(names.len(), 1000, "MACs are unique");
+        assert_eq!(last.name, "e1001");
+        assert_eq!(last.address.to_string(), "10.77.3.233/16");
+        assert_eq!(last.mac.unwrap().to_string(), "02:77:00:00:03:e9");
     }
 
     #[test]
     fn published_labs_have_an_uplink() {
-        let value: toml::Value =
-            toml::from_str(&bench_lab("xb-nat", 10, true).to_toml(WRITTEN_BY)).unwrap();
-        assert_eq!(
-            value["uplink"]["host_address"].as_str(),
-            Some("10.78.0.1/24")
-        );
-        assert_eq!(value["containers"].as_array().unwrap().len(), 10);
-        let east_west: toml::Value =
-            toml::from_str(&bench_lab("xb-xbr", 10, false).to_toml(WRITTEN_BY)).unwrap();
-        assert!(east_west.get("uplink").is_none());
+        let published = bench_lab("xb-nat", 10, true);
+        let uplink = published.uplink.as_ref().expect("an uplink");
+        assert_eq!(uplink.host_address.to_string(), "10.78.0.1/24");
+        assert_eq!(published.containers.len(), 10);
+        assert!(bench_lab("xb-xbr", 10, false).uplink.is_none());
     }
 
     #[test]
