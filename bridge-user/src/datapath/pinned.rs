@@ -218,11 +218,12 @@ impl Pinned {
             programs.push(xdp.info().map_err(as_error)?);
         }
         if self.record.socket_cgroup != 0 {
-            for name in bridge_common::programs::SOCKET {
-                programs.push(
-                    aya::programs::ProgramInfo::from_pin(self.dir.join(name)).map_err(as_error)?,
-                );
-            }
+            // (A socket program unpinned behind xbr's back is not counted.)
+            programs.extend(
+                bridge_common::programs::SOCKET.iter().filter_map(|name| {
+                    aya::programs::ProgramInfo::from_pin(self.dir.join(name)).ok()
+                }),
+            );
         }
         // Pinned maps the programs do not use (BRIDGE, UPLINKS) and the connection tables.
         let mut maps = Vec::new();
