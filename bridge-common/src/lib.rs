@@ -361,7 +361,8 @@ pub struct SocketCounts {
     /// Datagrams of unconnected UDP sockets sent straight to the container.
     pub datagrams: u64,
     /// connect() and send calls left to the kernel path: the port is held by a netfilter
-    /// rule, or its container is gone.
+    /// rule, or its container is gone, or the kernel cannot redirect the call (an unconnected
+    /// IPv6 socket's datagram to `[::1]`).
     pub kernel_path: u64,
 }
 

@@ -179,8 +179,13 @@ fn destination(
     let (key, published) = published_port(proto, ip, port, ipv6_loopback)?;
     let counts = SOCKET_COUNTS.get_ptr_mut(&key);
     // A port no container serves now, or one a netfilter rule could touch on the kernel path,
-    // is the kernel path's: the call goes on as dialled.
-    if published.ifindex == 0 || published.flags & PublishedPort::HELD != 0 {
+    // is the kernel path's: the call goes on as dialled. So is a datagram an unconnected IPv6
+    // socket sends to `[::1]`: the kernel refuses to send it to the IPv4-mapped address the
+    // container would have (udpv6_sendmsg: ENOTSUPP), which would fail the send.
+    if published.ifindex == 0
+        || published.flags & PublishedPort::HELD != 0
+        || (ipv6_loopback && call == Call::Send)
+    {
         if let Some(counts) = counts {
             // SAFETY: this CPU's value of a per-CPU hash entry, valid for the program run.
             unsafe { (*counts).kernel_path += 1 };
