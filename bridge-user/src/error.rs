@@ -27,6 +27,14 @@ pub enum Error {
         wanted: &'static str,
     },
     #[error(
+        "bridge {bridge} is attached with {attached}; run `xbr detach {bridge}` first to attach it with {wanted}"
+    )]
+    SocketHooksMismatch {
+        bridge: String,
+        attached: String,
+        wanted: String,
+    },
+    #[error(
         "bridge {bridge} is attached with a table of {attached} connections (--max-flows); run `xbr detach {bridge}` first to attach it with --max-flows {wanted}"
     )]
     FlowTableSize {

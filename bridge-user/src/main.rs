@@ -95,7 +95,8 @@ enum Command {
         /// sockets at the container when they connect, instead of docker-proxy or hairpin NAT,
         /// to this cgroup v2 directory: only its processes (and its descendants') are served.
         /// Default: the root of the cgroup v2 hierarchy (every process of the host), when the
-        /// kernel has what they need (5.14+). Decided at the first attach.
+        /// kernel has what they need (5.14+). Decided at the first attach; a later attach
+        /// that names another cgroup (or --no-socket-hooks) is refused.
         #[arg(long, value_name = "PATH", conflicts_with = "no_socket_hooks")]
         cgroup: Option<PathBuf>,
         /// No socket hooks: clients on the host reach published ports the kernel's way
@@ -271,13 +272,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(path), false) => datapath::SocketHooksChoice::At(path),
                 (None, false) => datapath::SocketHooksChoice::Auto,
             };
-            let socket_cgroup = socket_hooks.resolve()?;
             let options = reconcile::AttachOptions {
                 uplinks,
                 mode,
                 uplink_mode,
                 max_flows,
-                socket_cgroup: socket_cgroup.as_deref(),
+                socket_hooks: &socket_hooks,
                 features: &features,
                 root,
             };

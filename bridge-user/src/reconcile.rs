@@ -106,8 +106,9 @@ pub struct AttachOptions<'a> {
     pub uplink_mode: UplinkModeChoice,
     /// `--max-flows`: the NAT tables' size on a first attach (checked on a later one).
     pub max_flows: Option<u32>,
-    /// The cgroup to hook the socket programs to on a first attach (none: no socket hooks).
-    pub socket_cgroup: Option<&'a Path>,
+    /// Whether and where to hook the socket programs (on a first attach; checked on a later
+    /// one).
+    pub socket_hooks: &'a datapath::SocketHooksChoice,
     pub features: &'a Features,
     pub root: &'a Path,
 }
@@ -148,7 +149,7 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
             mode: options.mode,
             uplink_mode: options.uplink_mode,
             max_flows: options.max_flows,
-            socket_cgroup: options.socket_cgroup,
+            socket_hooks: options.socket_hooks,
         },
         options.features,
         options.root,

@@ -314,7 +314,7 @@ fn a_port_deleted_between_observe_and_attach_leaves_nothing() {
                     mode: xbr::datapath::ModeChoice::Auto,
                     uplink_mode: xbr::datapath::UplinkModeChoice::Auto,
                     max_flows: None,
-                    socket_cgroup: None,
+                    socket_hooks: &xbr::datapath::SocketHooksChoice::Off,
                 },
                 &features,
                 &root,

@@ -946,3 +946,48 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[test]
+fn a_later_attach_that_wants_other_socket_hooks_is_refused() {
+    if !socket_hooks_here("a_later_attach_that_wants_other_socket_hooks_is_refused") {
+        return;
+    }
+    let lab = HostLab::up(&[]);
+    let other = TestCgroup::new().expect("cgroup v2 is mounted (checked by the test)");
+    let hooks_before = lab.socket_hooks();
+    for (wanted, args) in [
+        (
+            "another cgroup",
+            vec!["attach", "br0", "--cgroup", other.arg()],
+        ),
+        (
+            "no socket hooks",
+            vec!["attach", "br0", "--no-socket-hooks"],
+        ),
+    ] {
+        let (code, _, stderr) = lab.pins.xbr(&args);
+        assert_eq!(
+            code, 1,
+            "{wanted} on a bridge hooked elsewhere is refused: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("socket hooks on cgroup {}", lab.cgroup.arg()))
+                && stderr.contains("xbr detach br0"),
+            "the error names the attached cgroup and the way out: {stderr}"
+        );
+        assert_eq!(
+            lab.socket_hooks(),
+            hooks_before,
+            "{wanted}: the hooks are unchanged"
+        );
+    }
+    assert_eq!(
+        cgroup_programs(other.arg()),
+        Vec::<String>::new(),
+        "nothing was hooked to the other cgroup"
+    );
+    // The same cgroup, or no choice at all, is an attach like any other.
+    lab.pins
+        .xbr_ok(&["attach", "br0", "--cgroup", lab.cgroup.arg()]);
+    assert_eq!(lab.socket_hooks(), hooks_before);
+}

@@ -116,8 +116,8 @@ pub struct Choices<'a> {
     /// Established connections the new datapath's NAT table holds (None:
     /// `default_max_flows()`).
     pub max_flows: Option<u32>,
-    /// The cgroup to hook the socket programs to (None: no socket hooks).
-    pub socket_cgroup: Option<&'a Path>,
+    /// Whether and where to hook the socket programs.
+    pub socket_hooks: &'a SocketHooksChoice,
 }
 
 /// The result of `attach`.
@@ -149,19 +149,11 @@ pub fn attach(
         mode,
         uplink_mode,
         max_flows,
-        socket_cgroup,
+        socket_hooks,
     } = *choices;
     match Pinned::open(root, &plan.bridge) {
         Ok(pinned) => {
-            return reattach(
-                pinned,
-                plan,
-                uplinks,
-                mode,
-                uplink_mode,
-                max_flows,
-                features,
-            );
+            return reattach(pinned, plan, uplinks, choices, features);
         }
         Err(Error::NotAttached { .. } | Error::Incomplete { .. }) => {}
         Err(error) => return Err(error),
@@ -176,12 +168,13 @@ pub fn attach(
     let mode = mode.resolve(features)?;
     let uplink_mode = uplink_mode.resolve(features)?;
     let max_flows = max_flows.unwrap_or_else(default_max_flows);
+    let socket_cgroup = socket_hooks.resolve()?;
     let mut pinned = match Pinned::create(
         plan,
         mode,
         uplink_mode,
         max_flows,
-        socket_cgroup,
+        socket_cgroup.as_deref(),
         features,
         root,
     ) {
@@ -218,11 +211,16 @@ fn reattach(
     mut pinned: Pinned,
     plan: &Plan,
     uplinks: &[UplinkView],
-    mode: ModeChoice,
-    uplink_mode: UplinkModeChoice,
-    max_flows: Option<u32>,
+    choices: &Choices,
     features: &Features,
 ) -> Result<Attached> {
+    let Choices {
+        mode,
+        uplink_mode,
+        max_flows,
+        socket_hooks,
+    } = *choices;
+    socket_hooks.check(&pinned)?;
     if let Some(wanted) = max_flows
         && wanted as usize != pinned.capacity.established
     {

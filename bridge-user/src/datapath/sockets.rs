@@ -76,6 +76,38 @@ impl SocketHooksChoice {
     }
 }
 
+impl SocketHooksChoice {
+    /// On an attached bridge: a choice the user made (`--cgroup`, `--no-socket-hooks`) must be
+    /// what the attachment has; `Auto` keeps whatever it has.
+    pub(super) fn check(&self, pinned: &Pinned) -> Result<()> {
+        let attached = pinned.record.socket_cgroup;
+        let describe = |id: u64| match id {
+            0 => "no socket hooks (--no-socket-hooks)".to_owned(),
+            id => format!(
+                "socket hooks on cgroup {}",
+                cgroup_path(id).map_or_else(|| format!("id {id}"), |p| p.display().to_string())
+            ),
+        };
+        let wanted = match self {
+            SocketHooksChoice::Auto => return Ok(()),
+            SocketHooksChoice::Off => 0,
+            SocketHooksChoice::At(path) => cgroup_id(path)
+                .map_err(|e| Error::io(format!("reading cgroup {}", path.display()), e))?,
+        };
+        if wanted == attached {
+            return Ok(());
+        }
+        Err(Error::SocketHooksMismatch {
+            bridge: pinned.bridge.clone(),
+            attached: describe(attached),
+            wanted: match self {
+                SocketHooksChoice::At(path) => format!("socket hooks on cgroup {}", path.display()),
+                _ => describe(wanted),
+            },
+        })
+    }
+}
+
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
 /// in the hybrid layout), from this process's mount table.
 pub fn cgroup2_root() -> Option<PathBuf> {
