@@ -953,8 +953,14 @@ impl Xbr {
     }
 
     pub fn follow(&mut self, bridge: &str, uplink: &str) -> Follower {
+        self.follow_with(bridge, &["--uplink", uplink])
+    }
+
+    /// `xbr attach BRIDGE --follow EXTRA...` (e.g. `--uplink IFACE --cgroup DIR`), detached
+    /// again on drop.
+    pub fn follow_with(&mut self, bridge: &str, extra: &[&str]) -> Follower {
         self.attached.push(bridge.to_owned());
-        docker_follower(&self.docker_host, &self.root, bridge, &["--uplink", uplink])
+        docker_follower(&self.docker_host, &self.root, bridge, extra)
     }
 
     pub fn bridge_status(&self, bridge: &str) -> Value {

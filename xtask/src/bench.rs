@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: xbr side by side with a plain bridge, Docker's netfilter path and a
-//! direct veth pair (the limit), and for published ports with Docker's DNAT and docker-proxy,
-//! interleaved round by round; see BENCHMARKS.md.
+//! direct veth pair (the limit), for published ports with Docker's DNAT and docker-proxy, and
+//! for host clients of a published port with docker-proxy, hairpin DNAT and a direct
+//! connection, interleaved round by round; see BENCHMARKS.md.
 
 mod chart;
 mod host;
@@ -18,6 +19,8 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+pub use self::peer::{ClientArgs, client};
 
 use self::host::{BpfStats, Machine};
 use self::results::{ConfigDescription, Report, Sample, summarize};
@@ -142,7 +145,8 @@ impl Settings {
     fn steps(&self) -> u64 {
         let east_west = Config::EAST_WEST.len() as u64;
         let base = Workload::TRAFFIC.len() as u64 * east_west
-            + (Workload::PUBLISHED.len() * Config::PUBLISHED.len()) as u64;
+            + (Workload::PUBLISHED.len() * Config::PUBLISHED.len()) as u64
+            + (Workload::HOST.len() * Config::HOST.len()) as u64;
         let scale = Workload::SCALE.len() as u64 * east_west;
         let attach = Workload::ATTACH.len() as u64 * u64::from(self.attach_rounds);
         let grow = east_west - 1;
@@ -163,6 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => build::release_binary()?,
     };
     let built_flood = build::flood_binary()?;
+    let built_client = build::xtask_binary()?;
     interrupt.check().context("building xbr")?;
     let settings = Settings::new(&args);
     let out_dir = args
@@ -177,6 +182,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let flood = out_dir.join("syn-flood");
     std::fs::copy(&built_flood, &flood)
         .with_context(|| format!("copying {} to {}", built_flood.display(), flood.display()))?;
+    let client = out_dir.join("bench-client");
+    std::fs::copy(&built_client, &client)
+        .with_context(|| format!("copying {} to {}", built_client.display(), client.display()))?;
     let about = About {
         command: std::iter::once("cargo xtask".to_owned())
             .chain(std::env::args().skip(1))
@@ -201,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let report = measure(
         &settings,
-        (&xbr, &flood),
+        (&xbr, &flood, &client),
         PREFIX,
         &out_dir.join("labs"),
         &about,
@@ -279,7 +287,7 @@ fn redraw(json: &Path, out_dir: Option<&Path>) -> anyhow::Result<()> {
 /// panics: `Worlds` cleans up when dropped) and returns the report.
 pub fn measure(
     settings: &Settings,
-    (xbr, flood): (&Path, &Path),
+    (xbr, flood, client): (&Path, &Path, &Path),
     prefix: &str,
     lab_dir: &Path,
     about: &About,
@@ -296,6 +304,7 @@ pub fn measure(
         placement: settings.placement(),
         flood_pps: settings.flood_pps,
         flood: flood.to_owned(),
+        client: client.to_owned(),
     };
     let progress = Progress::new(settings.steps());
     let mut worlds = Worlds::new(xbr, prefix, lab_dir, settings.placement(), interrupt);
@@ -320,7 +329,9 @@ pub fn measure(
         settings.endpoints
     ));
     for round in 1..=settings.rounds {
-        let runs = every_config(&Workload::TRAFFIC).chain(every_config(&Workload::PUBLISHED));
+        let runs = every_config(&Workload::TRAFFIC)
+            .chain(every_config(&Workload::PUBLISHED))
+            .chain(every_config(&Workload::HOST));
         for (workload, config) in runs.filter(|(workload, _)| settings.runs(*workload)) {
             let sample = traffic_sample(
                 &mut worlds,
@@ -508,8 +519,11 @@ fn traffic_sample(
     };
     if let Some(before) = counted_before {
         let after = worlds.path_counters(config)?;
-        let completed = measured.details["completed"].as_u64().unwrap_or(0);
-        measured.details["path"] = check_path(config, &before, &after, completed)?;
+        let ran = Ran {
+            completed: measured.details["completed"].as_u64().unwrap_or(0),
+            connections: measured.details["connections"].as_u64().unwrap_or(0),
+        };
+        measured.details["path"] = check_path(config, &before, &after, &ran)?;
     }
     if workload == Workload::TcpConnectionsFlooded && config.uplink_mode().is_some() {
         // What the flood did to xbr's tables: how full, how much it replaced.
@@ -531,18 +545,56 @@ fn traffic_sample(
 /// discovery take the bridge), besides one in a hundred of the frames sent.
 const EAST_WEST_SLACK_FRAMES: u64 = 20;
 
+/// What a run did, as its path check needs it: exchanges completed, and connections made
+/// (host clients).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ran {
+    completed: u64,
+    connections: u64,
+}
+
 /// What the counters grew by during a run, after checking that they grew as the
 /// configuration's path implies. Published ports: Docker's DNAT rule counts (the first packet
 /// of) each connection it translates, xbr each frame its tc or XDP program delivers. xbr
 /// between containers: about every frame client and server sent is redirected by xbr, and the
-/// bridge forwards (about) no IPv4 frame itself.
+/// bridge forwards (about) no IPv4 frame itself. Host clients: docker-proxy accepts each
+/// connection in the host namespace (its Tcp PassiveOpens; the server is in the container's),
+/// the DNAT rule counts each connection, xbr each connect() it translated.
 fn check_path(
     config: Config,
     before: &PathCounters,
     after: &PathCounters,
-    completed: u64,
+    ran: &Ran,
 ) -> anyhow::Result<Value> {
+    let completed = ran.completed;
     let grown = |counter: fn(&PathCounters) -> u64| counter(after).saturating_sub(counter(before));
+    if config.is_host() {
+        let dnat = grown(|c| c.dnat_packets);
+        let proxied = grown(|c| c.host_passive_opens);
+        let translated = grown(|c| c.host_connects);
+        let connections = ran.connections;
+        let took_its_path = connections > 0
+            && match config {
+                Config::HostProxy => dnat == 0 && proxied >= connections,
+                Config::HostDnat => dnat >= connections && proxied == 0,
+                Config::HostXbr => dnat == 0 && proxied == 0 && translated >= connections,
+                // Straight to the container: neither Docker's way (nor xbr: not attached).
+                Config::HostLimit => dnat == 0 && proxied == 0 && translated == 0,
+                _ => true,
+            };
+        anyhow::ensure!(
+            took_its_path,
+            "{} did not take its own path: Docker's DNAT rule +{dnat} packets, the host \
+             namespace accepted +{proxied} connections (docker-proxy), xbr translated \
+             +{translated} connect()s, for {connections} connections",
+            config.name()
+        );
+        return Ok(json!({
+            "dnat_packets": dnat,
+            "host_accepted_connections": proxied,
+            "xbr_host_connects": translated,
+        }));
+    }
     if config == Config::Xbr {
         let sent = grown(|c| c.sent);
         let redirected = grown(|c| c.xbr_redirected);
@@ -714,7 +766,11 @@ mod tests {
             }
         };
         let mut expected = Vec::new();
-        for workload in Workload::TRAFFIC.into_iter().chain(Workload::PUBLISHED) {
+        for workload in Workload::TRAFFIC
+            .into_iter()
+            .chain(Workload::PUBLISHED)
+            .chain(Workload::HOST)
+        {
             expected.push((settings.endpoints, workload));
         }
         for workload in Workload::SCALE.into_iter().chain(Workload::ATTACH) {
@@ -748,8 +804,8 @@ mod tests {
                     }
                     if !workload.xbr_only() {
                         for reference in results::references(workload) {
-                            let field = format!("vs_{}", reference.name().replace('-', "_"));
-                            positive(format!("{field} of {what}"), &row[field.as_str()])?;
+                            let field = results::ratio_field(*reference);
+                            positive(format!("{field} of {what}"), &row[field])?;
                         }
                     }
                 }
@@ -789,6 +845,7 @@ mod tests {
         }
         let xbr = build::release_binary().expect("building the xbr binary for the quick bench");
         let flood = build::flood_binary().expect("building the syn-flood binary");
+        let client = build::xtask_binary().expect("building xtask, the host client");
         let interrupt = Interrupt::install().expect("installing the Ctrl-C handler");
         let prefix = format!("xbt{}", std::process::id() % 100_000);
         let dir = cmd::target_dir().join(format!("bench-test-{prefix}"));
@@ -807,7 +864,7 @@ mod tests {
         let settings = Settings::new(&args);
         let measured = measure(
             &settings,
-            (&xbr, &flood),
+            (&xbr, &flood, &client),
             &prefix,
             &dir.join("labs"),
             &About {
@@ -861,7 +918,7 @@ mod tests {
             bridge_forwarded_ipv4: before.bridge_forwarded_ipv4 + bridged,
             ..PathCounters::default()
         };
-        let check = |after: PathCounters| check_path(Config::Xbr, &before, &after, 0);
+        let check = |after: PathCounters| check_path(Config::Xbr, &before, &after, &Ran::default());
         // ARP and a stray frame or two take the bridge: still the fast path.
         let path = check(after(100_000, 99_990, 0)).expect("the fast path");
         assert_eq!(path["xbr_redirected"], 99_990);
@@ -874,6 +931,49 @@ mod tests {
         assert!(check(after(100_000, 100_000, 5_000)).is_err());
         // Nothing sent proves nothing.
         assert!(check(after(0, 0, 0)).is_err());
+    }
+
+    /// A host client's run is a number only when its connections took the path it is
+    /// labelled with: xbr translated every connect() and neither docker-proxy nor the DNAT
+    /// rule saw one; docker-proxy accepted each; the DNAT rule counted each.
+    #[test]
+    fn a_host_client_run_off_its_path_is_an_error() {
+        let before = PathCounters {
+            dnat_packets: 7,
+            host_passive_opens: 100,
+            host_connects: 1000,
+            ..PathCounters::default()
+        };
+        let after = |dnat: u64, accepted: u64, translated: u64| PathCounters {
+            dnat_packets: before.dnat_packets + dnat,
+            host_passive_opens: before.host_passive_opens + accepted,
+            host_connects: before.host_connects + translated,
+            ..PathCounters::default()
+        };
+        let ran = Ran {
+            completed: 500,
+            connections: 500,
+        };
+        let check = |config: Config, after: PathCounters| check_path(config, &before, &after, &ran);
+        let path = check(Config::HostXbr, after(0, 0, 500)).expect("the socket path");
+        assert_eq!(path["xbr_host_connects"], 500);
+        // The hooks missed the client (not in the cgroup): docker-proxy served it.
+        let error = check(Config::HostXbr, after(0, 500, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("did not take its own path"), "{error}");
+        // Translated, yet the DNAT rule counted some too; or fewer translated than made.
+        assert!(check(Config::HostXbr, after(3, 0, 500)).is_err());
+        assert!(check(Config::HostXbr, after(0, 0, 499)).is_err());
+        assert!(check(Config::HostProxy, after(0, 500, 0)).is_ok());
+        assert!(check(Config::HostProxy, after(500, 0, 0)).is_err());
+        assert!(check(Config::HostDnat, after(500, 0, 0)).is_ok());
+        assert!(check(Config::HostDnat, after(0, 500, 0)).is_err());
+        assert!(check(Config::HostLimit, after(0, 0, 0)).is_ok());
+        assert!(check(Config::HostLimit, after(0, 500, 0)).is_err());
+        // Nothing made proves nothing.
+        let none = Ran::default();
+        assert!(check_path(Config::HostXbr, &before, &after(0, 0, 0), &none).is_err());
     }
 
     #[test]

@@ -56,3 +56,17 @@ pub fn flood_binary() -> anyhow::Result<PathBuf> {
     }
     Ok(binary)
 }
+
+/// Builds target/release/xtask, whose `bench-client` verb is the bench's host client
+/// (optimized like the servers it measures, whatever profile runs the bench); returns its path.
+pub fn xtask_binary() -> anyhow::Result<PathBuf> {
+    cmd::run(
+        cmd::cargo().args(["build", "--release", "-p", "xtask"]),
+        "building the xtask binary",
+    )?;
+    let binary = cmd::target_dir().join("release/xtask");
+    if !binary.is_file() {
+        bail!("cargo built xtask but {} is not there", binary.display());
+    }
+    Ok(binary)
+}

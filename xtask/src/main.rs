@@ -49,6 +49,9 @@ enum Verb {
     /// direct veth pair, and its published-port NAT against Docker's DNAT and docker-proxy;
     /// writes target/bench/bench.{json,svg,md} (root).
     Bench(bench::Args),
+    /// The bench's host client, which the bench runs as a process of its own (in a cgroup).
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
     /// Set up, build, then run the kernel-facing tests in QEMU on Debian kernels (5.10 to the
     /// newest backport) and print a kernel x suite matrix; about a minute per kernel on TCG.
     Vmtest {
@@ -77,6 +80,7 @@ fn main() {
             seconds,
         }),
         Verb::Bench(args) => bench::run(args),
+        Verb::BenchClient(args) => bench::client(args),
         Verb::Vmtest {
             kernels,
             suites,

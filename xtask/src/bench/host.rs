@@ -171,6 +171,14 @@ pub fn link_packets(netns: &str, link: &str) -> anyhow::Result<LinkPackets> {
     })
 }
 
+/// TCP connections accepted in NETNS so far (Tcp PassiveOpens of its /proc/net/snmp, which
+/// shows the namespace of whoever reads it).
+pub fn tcp_passive_opens(netns: &str) -> anyhow::Result<u64> {
+    let doing = format!("reading /proc/net/snmp in {netns}");
+    let text = cmd::output(cmd::in_netns(netns, "cat").arg("/proc/net/snmp"), &doing)?;
+    snmp_counter(&text, "Tcp", "PassiveOpens").context(doing)
+}
+
 /// CPU time a task has run, in ns (/proc/PID/schedstat: the scheduler's own clock, not
 /// sampled by ticks).
 pub fn task_runtime_ns(pid: u32) -> anyhow::Result<u64> {

@@ -6,6 +6,11 @@
 //! `CLOSE_AFTER` is the connection's last: the server answers and closes, as an HTTP/1.0
 //! server does. The server closing first keeps TIME_WAIT on its side, so the client's ports
 //! are free again at once and a run of tens of thousands of connections never runs out.
+//! A first request starting with `STREAM` turns the connection into a sink: the server reads
+//! until the client shuts down its side, then answers with the byte count (8 bytes, LE).
+//!
+//! The host-client workloads run the client as a process of its own (`cargo xtask
+//! bench-client`, this module's `client`): it must join a cgroup, which a thread cannot.
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
@@ -25,6 +30,9 @@ use crate::cmd::Interrupt;
 pub const REQUEST_BYTES: usize = 64;
 const CLOSE_AFTER: u8 = b'C';
 const KEEP_OPEN: u8 = b'K';
+const STREAM: u8 = b'S';
+/// What a stream client writes at a time.
+const STREAM_CHUNK: usize = 128 * 1024;
 /// How long one connect or one response may take before the exchange counts as failed.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often an idle server looks whether it should stop.
@@ -59,46 +67,65 @@ fn enter(netns: &str, cpu: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The echo server: one connection at a time, since the client makes one at a time.
-/// Dropping it stops the thread and closes its socket.
+/// The echo server: ACCEPTORS threads, each serving one connection at a time (one for
+/// clients that make one at a time). Dropping it stops the threads and closes its socket.
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl EchoServer {
     /// Listens on ADDRESS in NETNS before it returns.
-    pub fn start(netns: &str, address: SocketAddr, cpu: Option<usize>) -> anyhow::Result<Self> {
+    pub fn start(
+        netns: &str,
+        address: SocketAddr,
+        cpu: Option<usize>,
+        acceptors: usize,
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (listening, bound) = std::sync::mpsc::channel();
-        let thread = {
-            let (netns, stop) = (netns.to_owned(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("echo {netns}"))
-                .spawn(move || {
-                    let listener = enter(&netns, cpu).and_then(|()| {
-                        TcpListener::bind(address).with_context(|| format!("binding {address}"))
-                    });
-                    match listener {
-                        Ok(listener) => {
-                            let _ = listening.send(Ok(()));
-                            serve(&listener, &stop);
-                        }
-                        Err(error) => {
-                            let _ = listening.send(Err(error));
-                        }
-                    }
-                })
-                .context("starting the echo server's thread")?
+        let mut server = EchoServer {
+            stop: stop.clone(),
+            threads: Vec::new(),
         };
-        let server = EchoServer {
-            stop,
-            thread: Some(thread),
-        };
-        bound
-            .recv()
-            .context("the echo server's thread ended before it listened")?
-            .with_context(|| format!("starting the echo server on {address} in {netns}"))?;
+        // The first thread binds and hands back a copy of its socket; the others accept on
+        // copies of that.
+        let mut shared: Option<TcpListener> = None;
+        for index in 0..acceptors.max(1) {
+            let copy = shared
+                .as_ref()
+                .map(TcpListener::try_clone)
+                .transpose()
+                .context("sharing the echo server's socket")?;
+            let (listening, bound) = std::sync::mpsc::channel();
+            let thread = {
+                let (netns, stop) = (netns.to_owned(), stop.clone());
+                std::thread::Builder::new()
+                    .name(format!("echo {netns} {index}"))
+                    .spawn(move || {
+                        let listener = enter(&netns, cpu).and_then(|()| match copy {
+                            Some(listener) => Ok(listener),
+                            None => TcpListener::bind(address)
+                                .with_context(|| format!("binding {address}")),
+                        });
+                        match listener {
+                            Ok(listener) => {
+                                let _ = listening.send(listener.try_clone().map_err(Into::into));
+                                serve(&listener, &stop);
+                            }
+                            Err(error) => {
+                                let _ = listening.send(Err(error));
+                            }
+                        }
+                    })
+                    .context("starting the echo server's thread")?
+            };
+            server.threads.push(thread);
+            let listener = bound
+                .recv()
+                .context("the echo server's thread ended before it listened")?
+                .with_context(|| format!("starting the echo server on {address} in {netns}"))?;
+            shared.get_or_insert(listener);
+        }
         Ok(server)
     }
 }
@@ -106,7 +133,7 @@ impl EchoServer {
 impl Drop for EchoServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -136,11 +163,27 @@ fn echo(mut stream: TcpStream) -> io::Result<()> {
     let mut request = [0u8; REQUEST_BYTES];
     loop {
         stream.read_exact(&mut request)?;
+        if request[0] == STREAM {
+            return sink(stream);
+        }
         stream.write_all(&request)?;
         if request[0] == CLOSE_AFTER {
             return Ok(());
         }
     }
+}
+
+/// Reads (and drops) everything until the client's end of the stream, then says how much.
+fn sink(mut stream: TcpStream) -> io::Result<()> {
+    let mut buffer = vec![0u8; STREAM_CHUNK];
+    let mut received: u64 = 0;
+    loop {
+        match stream.read(&mut buffer)? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    stream.write_all(&received.to_le_bytes())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,6 +250,139 @@ pub fn measure_rate(
         .map_err(|_| anyhow::anyhow!("the rate client's thread panicked"))??;
     interrupt.check()?;
     Ok(rate)
+}
+
+/// What the host-client process measures (`cargo xtask bench-client`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientKind {
+    /// New connections, PARALLEL at a time: connect, one request, its response, the close.
+    Connections,
+    /// Requests one after another on one connection.
+    Requests,
+    /// One connection streaming to the server's sink.
+    Stream,
+}
+
+/// `cargo xtask bench-client`: the host-client workloads' client, run by the bench (in a
+/// namespace, on a CPU, and for xbr in a cgroup) as a process of its own. Prints its count as
+/// JSON on stdout.
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    #[arg(long, value_enum)]
+    kind: ClientKind,
+    #[arg(long, value_name = "ADDR")]
+    to: SocketAddr,
+    #[arg(long, value_name = "SECONDS")]
+    seconds: u32,
+    /// Connections at a time (threads), for `--kind connections`.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    parallel: usize,
+}
+
+/// What a host-client run counted: exchanges (connections or requests; the stream is one),
+/// and for the stream the bytes the server said it received.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ClientReport {
+    pub completed: u64,
+    pub failed: u64,
+    pub seconds: f64,
+    pub first_error: Option<String>,
+    pub bytes: u64,
+}
+
+pub fn client(args: ClientArgs) -> anyhow::Result<()> {
+    let window = Duration::from_secs(u64::from(args.seconds));
+    let interrupt = Interrupt::default();
+    let report = match args.kind {
+        ClientKind::Connections => {
+            let to = args.to;
+            let threads: Vec<JoinHandle<Rate>> = (0..args.parallel.max(1))
+                .map(|index| {
+                    let interrupt = interrupt.clone();
+                    std::thread::spawn(move || {
+                        // Serials differ between threads, so every response differs.
+                        let base = (index as u64) << 48;
+                        count(window, &interrupt, |serial| {
+                            one_connection(to, base + serial)
+                        })
+                    })
+                })
+                .collect();
+            let mut report = ClientReport {
+                completed: 0,
+                failed: 0,
+                seconds: 0.0,
+                first_error: None,
+                bytes: 0,
+            };
+            for thread in threads {
+                let rate = thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a connections thread panicked"))?;
+                report.completed += rate.completed;
+                report.failed += rate.failed;
+                report.seconds = report.seconds.max(rate.seconds);
+                report.first_error = report.first_error.or(rate.first_error);
+            }
+            report.bytes = report.completed * REQUEST_BYTES as u64;
+            report
+        }
+        ClientKind::Requests => {
+            let mut stream =
+                connect(args.to).with_context(|| format!("connecting to {}", args.to))?;
+            let rate = count(window, &interrupt, |serial| {
+                request(&mut stream, KEEP_OPEN, serial)
+            });
+            ClientReport {
+                bytes: rate.completed * REQUEST_BYTES as u64,
+                completed: rate.completed,
+                failed: rate.failed,
+                seconds: rate.seconds,
+                first_error: rate.first_error,
+            }
+        }
+        ClientKind::Stream => stream(args.to, window)?,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// One connection: the `STREAM` request, then as much as it takes for WINDOW, then the
+/// server's count, which must be every byte sent.
+fn stream(to: SocketAddr, window: Duration) -> anyhow::Result<ClientReport> {
+    let mut stream = connect(to).with_context(|| format!("connecting to {to}"))?;
+    let mut header = [0x5au8; REQUEST_BYTES];
+    header[0] = STREAM;
+    stream.write_all(&header)?;
+    let chunk = vec![0xa5u8; STREAM_CHUNK];
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    while started.elapsed() < window {
+        stream
+            .write_all(&chunk)
+            .with_context(|| format!("streaming to {to}"))?;
+        sent += chunk.len() as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut count = [0u8; 8];
+    stream
+        .read_exact(&mut count)
+        .with_context(|| format!("reading the stream's count from {to}"))?;
+    // Received when the server had it all: the client's writes end in its socket buffer.
+    let seconds = started.elapsed().as_secs_f64();
+    let received = u64::from_le_bytes(count);
+    anyhow::ensure!(
+        received == sent,
+        "the server received {received} of the {sent} bytes streamed to {to}"
+    );
+    Ok(ClientReport {
+        completed: 1,
+        failed: 0,
+        seconds,
+        first_error: None,
+        bytes: received,
+    })
 }
 
 /// Runs EXCHANGE again and again for WINDOW; a failed requests connection ends the run.

@@ -24,12 +24,14 @@ impl Report {
                 section.title,
                 self.rounds_text()
             );
-            let [first, second] = section
+            let columns: String = section
                 .references
-                .map(|config| format!("x {}", config.name()));
+                .iter()
+                .map(|config| format!(" {:>14}", format!("x {}", config.name())))
+                .collect();
             let _ = writeln!(
                 out,
-                "   {:<12} {:>10}  {:<21} {first:>13} {second:>14}",
+                "   {:<12} {:>10}  {:<21}{columns}",
                 "config", "median", "[min - max]"
             );
             let mut heading = String::new();
@@ -39,10 +41,14 @@ impl Report {
                     let _ = writeln!(out, "{title}");
                     heading = title;
                 }
-                let [first, second] = section.references.map(|config| ratio(row.ratio_to(config)));
+                let ratios: String = section
+                    .references
+                    .iter()
+                    .map(|config| format!(" {:>14}", ratio(row.ratio_to(*config))))
+                    .collect();
                 let _ = writeln!(
                     out,
-                    "   {:<12} {:>10}  {:<21} {first:>13} {second:>14}",
+                    "   {:<12} {:>10}  {:<21}{ratios}",
                     row.config,
                     number(row.median),
                     format!("[{} - {}]", number(row.min), number(row.max)),
@@ -72,11 +78,16 @@ impl Report {
                 "\n**{title}** (median [min - max] of {}; ratios are of medians)\n",
                 self.rounds_text()
             );
-            let [first, second] = section.references.map(|config| config.name());
+            let names: String = section
+                .references
+                .iter()
+                .map(|config| format!(" × {} |", config.name()))
+                .collect();
+            let aligns = " ---: |".repeat(section.references.len());
             let _ = writeln!(
                 out,
-                "| workload | config | median | [min - max] | × {first} | × {second} |\n\
-                 | --- | --- | ---: | ---: | ---: | ---: |"
+                "| workload | config | median | [min - max] |{names}\n\
+                 | --- | --- | ---: | ---: |{aligns}"
             );
             let mut heading = String::new();
             for row in section.rows {
@@ -87,10 +98,14 @@ impl Report {
                     title.clone()
                 };
                 heading = title;
-                let [first, second] = section.references.map(|config| ratio(row.ratio_to(config)));
+                let ratios: String = section
+                    .references
+                    .iter()
+                    .map(|config| format!(" {} |", ratio(row.ratio_to(*config))))
+                    .collect();
                 let _ = writeln!(
                     out,
-                    "| {shown} | {} | {} | [{} - {}] | {first} | {second} |",
+                    "| {shown} | {} | {} | [{} - {}] |{ratios}",
                     row.config,
                     number(row.median),
                     number(row.min),
@@ -116,14 +131,15 @@ impl Report {
         )
     }
 
-    /// East-west at each endpoint count, then the published port.
+    /// East-west at each endpoint count, then the published port, then its host clients.
     fn sections(&self) -> Vec<Section<'_>> {
         let published =
             |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_published);
+        let host = |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_host);
         let mut counts: Vec<usize> = self
             .summary
             .iter()
-            .filter(|row| !published(row))
+            .filter(|row| !published(row) && !host(row))
             .map(|row| row.endpoints)
             .collect();
         counts.dedup();
@@ -131,11 +147,11 @@ impl Report {
             .into_iter()
             .map(|endpoints| Section {
                 title: format!("east-west, {endpoints} endpoints on each bridge"),
-                references: [Config::DockerLike, Config::Limit],
+                references: &[Config::DockerLike, Config::Limit],
                 rows: self
                     .summary
                     .iter()
-                    .filter(|row| row.endpoints == endpoints && !published(row))
+                    .filter(|row| row.endpoints == endpoints && !published(row) && !host(row))
                     .collect(),
             })
             .collect();
@@ -147,7 +163,19 @@ impl Report {
                      endpoints on the bridge",
                     first.endpoints
                 ),
-                references: [Config::Dnat, Config::DockerProxy],
+                references: &[Config::Dnat, Config::DockerProxy],
+                rows,
+            });
+        }
+        let rows: Vec<&Summary> = self.summary.iter().filter(|row| host(row)).collect();
+        if let Some(first) = rows.first() {
+            sections.push(Section {
+                title: format!(
+                    "host clients of a published port, from the bridge's namespace to \
+                     127.0.0.1:8080 (host-limit: to the container), {} endpoints on the bridge",
+                    first.endpoints
+                ),
+                references: &[Config::HostLimit, Config::HostProxy, Config::HostDnat],
                 rows,
             });
         }
@@ -302,6 +330,25 @@ impl Report {
                 self.row_title(row),
                 row.endpoints,
                 ratio_to_limit
+            );
+        }
+        for row in self
+            .summary
+            .iter()
+            .filter(|row| row.config == Config::HostXbr.name())
+        {
+            let Some(ratio_to_limit) = row.vs_limit else {
+                continue;
+            };
+            let verdict = if ratio_to_limit >= 0.95 {
+                "met".to_owned()
+            } else {
+                format!("missed by {}", percent((0.95 - ratio_to_limit) / 0.95))
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}host-xbr >= 0.95x host-limit, {}: {ratio_to_limit:.2}x ({verdict})",
+                self.row_title(row)
             );
         }
         for row in self.summary.iter().filter(|row| {
@@ -476,7 +523,7 @@ impl Report {
 /// One block of the tables.
 struct Section<'a> {
     title: String,
-    references: [Config; 2],
+    references: &'static [Config],
     rows: Vec<&'a Summary>,
 }
 

@@ -1,6 +1,7 @@
 //! The bench's results as data: every raw sample, and medians with min-max per configuration
-//! with their ratios against `docker-like` and `limit` (east-west) or `dnat` and
-//! `docker-proxy` (published ports). Written out and rendered by report.rs, drawn by chart.rs.
+//! with their ratios against `docker-like` and `limit` (east-west), `dnat` and
+//! `docker-proxy` (published ports), or `host-limit`, `host-proxy` and `host-dnat` (host
+//! clients of a published port). Written out and rendered by report.rs, drawn by chart.rs.
 
 use std::collections::BTreeMap;
 
@@ -39,7 +40,8 @@ pub struct Summary {
     /// Median over docker-like's median (and limit's) for the same workload and metric.
     pub vs_docker_like: Option<f64>,
     pub vs_limit: Option<f64>,
-    /// The same over dnat's and docker-proxy's, for the published-port workloads.
+    /// The same over dnat's and docker-proxy's, for the published-port workloads (for the
+    /// host clients: over host-limit's in vs_limit, host-dnat's, host-proxy's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_dnat: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,24 +49,47 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// This row's median over REFERENCE's, for one of the two references of its section.
+    /// This row's median over REFERENCE's, for one of the references of its section.
     pub fn ratio_to(&self, reference: Config) -> Option<f64> {
         match reference {
             Config::DockerLike => self.vs_docker_like,
-            Config::Limit => self.vs_limit,
-            Config::Dnat => self.vs_dnat,
-            Config::DockerProxy => self.vs_docker_proxy,
+            Config::Limit | Config::HostLimit => self.vs_limit,
+            Config::Dnat | Config::HostDnat => self.vs_dnat,
+            Config::DockerProxy | Config::HostProxy => self.vs_docker_proxy,
             _ => None,
+        }
+    }
+
+    fn set_ratio(&mut self, reference: Config, ratio: Option<f64>) {
+        match reference {
+            Config::DockerLike => self.vs_docker_like = ratio,
+            Config::Limit | Config::HostLimit => self.vs_limit = ratio,
+            Config::Dnat | Config::HostDnat => self.vs_dnat = ratio,
+            Config::DockerProxy | Config::HostProxy => self.vs_docker_proxy = ratio,
+            _ => {}
         }
     }
 }
 
-/// The two configurations every row of a workload is compared with.
-pub fn references(workload: Workload) -> [Config; 2] {
+/// The field of a summary row (in bench.json) that holds its ratio to REFERENCE.
+#[cfg(test)]
+pub fn ratio_field(reference: Config) -> &'static str {
+    match reference {
+        Config::DockerLike => "vs_docker_like",
+        Config::Dnat | Config::HostDnat => "vs_dnat",
+        Config::DockerProxy | Config::HostProxy => "vs_docker_proxy",
+        _ => "vs_limit",
+    }
+}
+
+/// The configurations every row of a workload is compared with.
+pub fn references(workload: Workload) -> &'static [Config] {
     if workload.is_published() {
-        [Config::Dnat, Config::DockerProxy]
+        &[Config::Dnat, Config::DockerProxy]
+    } else if workload.is_host() {
+        &[Config::HostLimit, Config::HostProxy, Config::HostDnat]
     } else {
-        [Config::DockerLike, Config::Limit]
+        &[Config::DockerLike, Config::Limit]
     }
 }
 
@@ -72,6 +97,8 @@ pub fn references(workload: Workload) -> [Config; 2] {
 pub fn configs(workload: Workload) -> &'static [Config] {
     if workload.is_published() {
         &Config::PUBLISHED
+    } else if workload.is_host() {
+        &Config::HOST
     } else {
         &Config::EAST_WEST
     }
@@ -169,14 +196,13 @@ pub fn summarize(samples: &[Sample], endpoint_counts: &[usize]) -> Vec<Summary> 
                         .map(|row| row.median)
                         .filter(|median| *median > 0.0)
                 };
-                let [first, second] = references(workload).map(reference);
+                let medians: Vec<(Config, Option<f64>)> = references(workload)
+                    .iter()
+                    .map(|&config| (config, reference(config)))
+                    .collect();
                 for row in &mut rows {
-                    let [first, second] = [first, second]
-                        .map(|reference| reference.map(|reference| row.median / reference));
-                    if workload.is_published() {
-                        (row.vs_dnat, row.vs_docker_proxy) = (first, second);
-                    } else {
-                        (row.vs_docker_like, row.vs_limit) = (first, second);
+                    for &(config, median) in &medians {
+                        row.set_ratio(config, median.map(|median| row.median / median));
                     }
                 }
                 summary.extend(rows);

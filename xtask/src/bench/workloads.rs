@@ -9,9 +9,10 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::host::{self, CpuTimes};
-use super::peer::{self, RateKind};
+use super::peer::{self, ClientKind, ClientReport, RateKind};
 use super::worlds::{
-    IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, UPLINK, World, on_cpu,
+    HOST_PARALLEL, IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, UPLINK,
+    World, on_cpu,
 };
 use crate::cmd::{Captured, Interrupt, Running, run_captured};
 
@@ -33,6 +34,9 @@ pub enum Workload {
     TcpConnections,
     TcpRequests,
     TcpConnectionsFlooded,
+    HostConnections,
+    HostRequests,
+    HostStream,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +143,13 @@ impl Workload {
         Workload::TcpRequests,
         Workload::TcpConnectionsFlooded,
     ];
-    pub const ALL: [Workload; 11] = [
+    /// From a client on the host to a published port, in the host-client configurations.
+    pub const HOST: [Workload; 3] = [
+        Workload::HostConnections,
+        Workload::HostRequests,
+        Workload::HostStream,
+    ];
+    pub const ALL: [Workload; 14] = [
         Workload::TcpOneStream,
         Workload::TcpTwoStreams,
         Workload::UdpPps,
@@ -151,6 +161,9 @@ impl Workload {
         Workload::TcpConnections,
         Workload::TcpRequests,
         Workload::TcpConnectionsFlooded,
+        Workload::HostConnections,
+        Workload::HostRequests,
+        Workload::HostStream,
     ];
 
     pub fn id(self) -> &'static str {
@@ -166,6 +179,9 @@ impl Workload {
             Workload::TcpConnections => "tcp-connections",
             Workload::TcpRequests => "tcp-requests",
             Workload::TcpConnectionsFlooded => "tcp-connections-syn-flood",
+            Workload::HostConnections => "host-connections",
+            Workload::HostRequests => "host-requests",
+            Workload::HostStream => "host-stream",
         }
     }
 
@@ -195,6 +211,14 @@ impl Workload {
                 "TCP connections to a published port during a flood of spoofed SYNs at a fixed rate \
                  (connect, 64 B request, response, close)"
             }
+            Workload::HostConnections => {
+                "host client, TCP connections to 127.0.0.1:8080, 4 at a time: connect, 64 B \
+                 request, response, close"
+            }
+            Workload::HostRequests => {
+                "host client, TCP requests to 127.0.0.1:8080, 64 B each way, one connection"
+            }
+            Workload::HostStream => "host client, one TCP stream to 127.0.0.1:8080",
         }
     }
 
@@ -208,11 +232,18 @@ impl Workload {
             Workload::TcpConnections => &[CONNECTIONS],
             Workload::TcpRequests => &[REQUESTS],
             Workload::TcpConnectionsFlooded => &[CONNECTIONS, CONNECTIONS_AFTER],
+            Workload::HostConnections => &[CONNECTIONS],
+            Workload::HostRequests => &[REQUESTS],
+            Workload::HostStream => &[GBIT],
         }
     }
 
     pub fn is_published(self) -> bool {
         Workload::PUBLISHED.contains(&self)
+    }
+
+    pub fn is_host(self) -> bool {
+        Workload::HOST.contains(&self)
     }
 
     /// Attaching is xbr's alone; traffic runs in every configuration.
@@ -238,6 +269,8 @@ pub struct Load {
     /// The SYN flood's rate, and the program that sends it.
     pub flood_pps: u32,
     pub flood: std::path::PathBuf,
+    /// The host clients' program: this xtask, as `bench-client`.
+    pub client: std::path::PathBuf,
 }
 
 pub fn run(
@@ -259,7 +292,104 @@ pub fn run(
         Workload::TcpConnections => rate(world, RateKind::Connections, load, interrupt),
         Workload::TcpRequests => rate(world, RateKind::Requests, load, interrupt),
         Workload::TcpConnectionsFlooded => flooded(world, load, interrupt),
+        Workload::HostConnections => host_client(world, ClientKind::Connections, load, interrupt),
+        Workload::HostRequests => host_client(world, ClientKind::Requests, load, interrupt),
+        Workload::HostStream => host_client(world, ClientKind::Stream, load, interrupt),
     }
+}
+
+/// The host client (`cargo xtask bench-client`) in the world's host namespace, on the
+/// published-port CPU at nice -20, and in the world's cgroup when it has one (host-xbr: the
+/// cgroup xbr's socket hooks serve). More than one failed exchange in a thousand is an error.
+fn host_client(
+    world: &World,
+    kind: ClientKind,
+    load: &Load,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Measured> {
+    let to = world
+        .published
+        .with_context(|| format!("{} has no published port", world.config.name()))?;
+    let program = load.client.to_string_lossy().into_owned();
+    let mut client = on_cpu(&world.client_netns, load.placement.published_cpu, &program);
+    let kind_name = match kind {
+        ClientKind::Connections => "connections",
+        ClientKind::Requests => "requests",
+        ClientKind::Stream => "stream",
+    };
+    client.args([
+        "bench-client",
+        "--kind",
+        kind_name,
+        "--to",
+        &to.to_string(),
+        "--seconds",
+        &load.seconds.to_string(),
+        "--parallel",
+        &HOST_PARALLEL.to_string(),
+    ]);
+    let mut command = match &world.cgroup {
+        // The child joins the cgroup, then becomes the client: never the bench itself.
+        Some(cgroup) => {
+            let mut command = Command::new("sh");
+            command
+                .arg("-c")
+                .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+                .arg(cgroup)
+                .arg(client.get_program())
+                .args(client.get_args());
+            command
+        }
+        None => client,
+    };
+    let doing = format!(
+        "running the host client ({kind_name}) to {to} in {}",
+        world.config.name()
+    );
+    let timeout = Duration::from_secs(u64::from(load.seconds) + 30);
+    let captured = run_captured(&mut command, &doing, timeout, interrupt)?;
+    if !captured.status.success() {
+        bail!(
+            "{doing}: failed ({}): {}",
+            captured.status,
+            captured.stderr.trim()
+        );
+    }
+    let report: ClientReport = serde_json::from_str(captured.stdout.trim())
+        .with_context(|| format!("{doing}: no report: {}", captured.stdout))?;
+    if report.completed == 0 || report.failed * 1000 > report.completed || report.seconds <= 0.0 {
+        bail!(
+            "{doing}: {} completed, {} failed (first: {})",
+            report.completed,
+            report.failed,
+            report.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    let per_second = report.completed as f64 / report.seconds;
+    let metric = match kind {
+        ClientKind::Connections => (CONNECTIONS.key, per_second),
+        ClientKind::Requests => (REQUESTS.key, per_second),
+        ClientKind::Stream => (GBIT.key, report.bytes as f64 * 8.0 / report.seconds / 1e9),
+    };
+    // What the path check expects: every connection made (a connect() each), and the bytes
+    // a relay on the way would have read.
+    let connections = match kind {
+        ClientKind::Connections => report.completed,
+        ClientKind::Requests | ClientKind::Stream => 1,
+    };
+    Ok(Measured {
+        metrics: metrics(&[metric]),
+        details: json!({
+            "completed": report.completed,
+            "failed": report.failed,
+            "seconds": report.seconds,
+            "first_error": report.first_error,
+            "bytes": report.bytes,
+            "connections": connections,
+            "parallel": if kind == ClientKind::Connections { HOST_PARALLEL } else { 1 },
+            "in_cgroup": world.cgroup.is_some(),
+        }),
+    })
 }
 
 /// The spoofed sources of the flood: a /16 the published-port labs route to the outside

@@ -3,8 +3,11 @@
 //! three labs from the lab builder (`xbr lab up`) - a plain bridge, Docker's netfilter setup,
 //! and that setup with xbr attached. Published ports: four labs with an uplink to an outside
 //! namespace, where the client connects to the host's port 8080 - served by Docker's DNAT
-//! rule, by docker-proxy, by xbr's tc NAT and by its XDP NAT. Everything made here is removed
-//! again on every way out.
+//! rule, by docker-proxy, by xbr's tc NAT and by its XDP NAT. Host clients of published ports:
+//! four more labs where a client in the lab's host namespace connects to 127.0.0.1:8080 -
+//! served by docker-proxy, by Docker's DNAT with `--userland-proxy=false`, by xbr's socket
+//! hooks (the client in a cgroup the bench makes), or, the limit, dialling the container
+//! itself. Everything made here is removed again on every way out.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
@@ -48,6 +51,9 @@ const UPLINK_HOST_ADDRESS: Ipv4Cidr = Ipv4Cidr::new(UPLINK_HOST_IP, 24);
 const OUTSIDE_ADDRESS: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 78, 0, 2), 24);
 const HOST_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 80;
+/// Connections at a time in the host-client connections workload (and acceptor threads of
+/// the host-client labs' echo servers).
+pub const HOST_PARALLEL: usize = 4;
 /// Where Debian's docker.io installs Docker's userland proxy.
 const DOCKER_PROXY: &str = "/usr/sbin/docker-proxy";
 /// From a server starting to its socket listening: milliseconds, unless the machine is busy.
@@ -72,6 +78,10 @@ pub enum Config {
     DockerProxy,
     XbrNat,
     XbrNatXdp,
+    HostLimit,
+    HostProxy,
+    HostDnat,
+    HostXbr,
 }
 
 impl Config {
@@ -89,7 +99,14 @@ impl Config {
         Config::XbrNat,
         Config::XbrNatXdp,
     ];
-    pub const ALL: [Config; 8] = [
+    /// Host clients of a published port, likewise.
+    pub const HOST: [Config; 4] = [
+        Config::HostLimit,
+        Config::HostProxy,
+        Config::HostDnat,
+        Config::HostXbr,
+    ];
+    pub const ALL: [Config; 12] = [
         Config::Limit,
         Config::Bridge,
         Config::DockerLike,
@@ -98,6 +115,10 @@ impl Config {
         Config::DockerProxy,
         Config::XbrNat,
         Config::XbrNatXdp,
+        Config::HostLimit,
+        Config::HostProxy,
+        Config::HostDnat,
+        Config::HostXbr,
     ];
 
     pub fn name(self) -> &'static str {
@@ -110,6 +131,10 @@ impl Config {
             Config::DockerProxy => "docker-proxy",
             Config::XbrNat => "xbr-nat",
             Config::XbrNatXdp => "xbr-nat-xdp",
+            Config::HostLimit => "host-limit",
+            Config::HostProxy => "host-proxy",
+            Config::HostDnat => "host-dnat",
+            Config::HostXbr => "host-xbr",
         }
     }
 
@@ -117,12 +142,17 @@ impl Config {
         Config::PUBLISHED.contains(&self)
     }
 
+    /// A lab whose client is on the host itself (its host namespace).
+    pub fn is_host(self) -> bool {
+        Config::HOST.contains(&self)
+    }
+
     /// Whether a run must show, in the counters, that it took the path it measures: every
     /// published port, and xbr between containers. (The bridge's witness is an nftables
     /// counter in its forward hook: in the xbr world the fast path never reaches it, in
     /// `bridge` and `docker-like` it would add a rule to the very path they measure.)
     pub fn path_checked(self) -> bool {
-        self.is_published() || self == Config::Xbr
+        self.is_published() || self == Config::Xbr || self.is_host()
     }
 
     /// How xbr's uplink is hooked in the configurations that attach it for published ports.
@@ -162,6 +192,26 @@ impl Config {
                  uplink the client sends full checksums (tx offload off), and the container's \
                  eth0 has GRO on (the NAPI an XDP redirect into a veth needs)"
             }
+            Config::HostLimit => {
+                "a client in the lab's host namespace connects to the container's address \
+                 itself (10.77.0.3:80), across the bridge with Docker's netfilter setup: what \
+                 any way of serving 127.0.0.1:8080 adds is measured against this"
+            }
+            Config::HostProxy => {
+                "the client connects to 127.0.0.1:8080, published as Docker does with \
+                 `-p 127.0.0.1:8080:80` by default: docker-proxy (docker.io's, unpinned) \
+                 accepts and opens a second connection to the container"
+            }
+            Config::HostDnat => {
+                "the same with Docker's `--userland-proxy=false`: nat OUTPUT jumps to the \
+                 DOCKER chain for 127.0.0.1 too, whose DNAT rule sends the connection to the \
+                 container (route_localnet=1 on br0, MASQUERADE of local sources out br0)"
+            }
+            Config::HostXbr => {
+                "host-proxy after `xbr attach br0 --cgroup DIR` and `xbr publish br0 \
+                 127.0.0.1:8080:CONTAINER:80`, the client in DIR (a cgroup the bench makes): \
+                 its socket is pointed at the container at connect(), docker-proxy stays idle"
+            }
         }
     }
 
@@ -176,6 +226,10 @@ impl Config {
             Config::DockerProxy => Some("proxy"),
             Config::XbrNat => Some("nat"),
             Config::XbrNatXdp => Some("natxdp"),
+            Config::HostLimit => Some("hlimit"),
+            Config::HostProxy => Some("hproxy"),
+            Config::HostDnat => Some("hdnat"),
+            Config::HostXbr => Some("hxbr"),
         }
     }
 }
@@ -187,8 +241,11 @@ pub struct World {
     pub server_netns: String,
     /// The namespace holding the bridge; None for `limit`.
     pub host_netns: Option<String>,
-    /// Where the client connects in the published-port worlds: the host's port 8080.
+    /// Where the client connects in the published-port worlds: the host's port 8080 (for
+    /// host clients 127.0.0.1:8080, or the container in host-limit).
     pub published: Option<SocketAddr>,
+    /// The cgroup the host client runs in (host-xbr: the one xbr's socket hooks serve).
+    pub cgroup: Option<PathBuf>,
     lab: Option<Lab>,
     servers: Servers,
 }
@@ -280,6 +337,8 @@ pub struct Worlds {
     pub notes: Vec<String>,
     /// The pin directory `xbr attach --json` reported, for reading the program's stats.
     pub pins: Option<PathBuf>,
+    /// The cgroup v2 directory made for host-xbr's client; removed at teardown.
+    cgroup: Option<PathBuf>,
     /// The bridge's own count of what it forwarded in the xbr world.
     witness: Option<Witness>,
 }
@@ -306,6 +365,7 @@ impl Worlds {
             notes: Vec::new(),
             pins: None,
             witness: None,
+            cgroup: None,
         }
     }
 
@@ -336,7 +396,12 @@ impl Worlds {
         if leftovers.is_empty() {
             return Ok(0);
         }
-        for config in [Config::Xbr, Config::XbrNat, Config::XbrNatXdp] {
+        for config in [
+            Config::Xbr,
+            Config::XbrNat,
+            Config::XbrNatXdp,
+            Config::HostXbr,
+        ] {
             let lab = self
                 .lab_name(config)
                 .expect("xbr's configurations are labs");
@@ -350,6 +415,11 @@ impl Worlds {
                 Command::new("ip").args(["netns", "delete", netns]),
                 &format!("removing namespace {netns}, left from an earlier bench run"),
             )?;
+        }
+        if let Some(cgroup) = self.host_clients_cgroup()
+            && cgroup.exists()
+        {
+            remove_cgroup(&cgroup)?;
         }
         Ok(leftovers.len())
     }
@@ -382,9 +452,27 @@ impl Worlds {
                 }
                 // Docker's base rules; the proxy itself starts with the servers.
                 Config::DockerProxy => self.docker_netfilter(config)?,
+                Config::HostLimit => self.docker_netfilter(config)?,
+                Config::HostProxy => {
+                    self.docker_netfilter(config)?;
+                    self.publish_on_loopback(config, true)?;
+                }
+                Config::HostDnat => {
+                    self.docker_netfilter(config)?;
+                    self.publish_on_loopback(config, false)?;
+                }
+                // Docker's default (docker-proxy serves the port), then xbr.
+                Config::HostXbr => {
+                    self.docker_netfilter(config)?;
+                    self.publish_on_loopback(config, true)?;
+                    self.attach_host_clients()?;
+                }
             }
             if config.is_published() {
                 self.route_spoofed_sources(config)?;
+            }
+            if config == Config::HostXbr {
+                self.check_host_clients_served()?;
             }
             if config == Config::XbrNatXdp {
                 self.xdp_conditions(config)?;
@@ -448,6 +536,7 @@ impl Worlds {
             server_netns: server,
             host_netns: None,
             published: None,
+            cgroup: None,
             lab: None,
             servers: Servers::default(),
         })
@@ -456,21 +545,39 @@ impl Worlds {
     fn build_lab(&mut self, config: Config, endpoints: usize) -> anyhow::Result<World> {
         let name = self.lab_name(config).expect("labs have names");
         let file = self.lab_dir.join(format!("{name}.toml"));
-        let uplink = config.is_published();
+        // Host clients' labs have the uplink a Docker host has too (xbr's socket hooks serve a
+        // published port only where its policy lets it take the fast path, and that policy is
+        // about connections arriving from the uplink), but their client is on the host.
+        let uplink = config.is_published() || config.is_host();
         write_lab_file(&file, &name, endpoints, uplink)?;
         self.labs_up.push(file.clone());
         self.xbr(&["lab", "up", &file.display().to_string()])?;
         Ok(World {
             config,
-            // The published-port client is outside, behind the uplink.
-            client_netns: if uplink {
+            // The published-port client is outside, behind the uplink; the host client in
+            // the host namespace.
+            client_netns: if config.is_host() {
+                lab::host_netns(&name)
+            } else if uplink {
                 lab::outside_netns(&name)
             } else {
                 lab::container_netns(&name, CLIENT)
             },
             server_netns: lab::container_netns(&name, SERVER),
             host_netns: Some(lab::host_netns(&name)),
-            published: uplink.then(|| SocketAddr::from((UPLINK_HOST_IP, HOST_PORT))),
+            published: if config == Config::HostLimit {
+                Some(SocketAddr::from((
+                    SERVER_IP.parse::<Ipv4Addr>()?,
+                    ECHO_PORT,
+                )))
+            } else if config.is_host() {
+                Some(SocketAddr::from((Ipv4Addr::LOCALHOST, HOST_PORT)))
+            } else if uplink {
+                Some(SocketAddr::from((UPLINK_HOST_IP, HOST_PORT)))
+            } else {
+                None
+            },
+            cgroup: None,
             lab: Some(Lab { name, file }),
             servers: Servers::default(),
         })
@@ -483,7 +590,7 @@ impl Worlds {
             self.interrupt.check()?;
             let world = &self.worlds[index];
             let Some(lab) = &world.lab else { continue };
-            if world.config.is_published() {
+            if world.config.is_published() || world.config.is_host() {
                 continue;
             }
             step(&format!(
@@ -552,6 +659,99 @@ impl Worlds {
                 cmd::in_netns(&host, "iptables").args(rule.split_whitespace()),
                 &format!("adding Docker's rule `iptables {rule}` in {host}"),
             )?;
+        }
+        Ok(())
+    }
+
+    /// Docker's rules for `-p 127.0.0.1:8080:80` on the server container. With the userland
+    /// proxy (Docker's default) they are those of publish_with_dnat with `-d 127.0.0.1/32`,
+    /// which nat OUTPUT never reaches for 127.0.0.0/8: docker-proxy serves the host. Without
+    /// it (`--userland-proxy=false`), as dockerd sets up then: nat OUTPUT jumps to DOCKER for
+    /// every local destination, route_localnet=1 on the bridge lets 127.0.0.1-sourced packets
+    /// out of it, and local sources leaving through it are masqueraded.
+    fn publish_on_loopback(&mut self, config: Config, userland_proxy: bool) -> anyhow::Result<()> {
+        let host = self.host(config);
+        let mut rules = vec![
+            format!(
+                "-t filter -A DOCKER -d {SERVER_IP}/32 ! -i {BRIDGE} -o {BRIDGE} -p tcp -m tcp \
+                 --dport {ECHO_PORT} -j ACCEPT"
+            ),
+            format!(
+                "-t nat -A POSTROUTING -s {SERVER_IP}/32 -d {SERVER_IP}/32 -p tcp -m tcp \
+                 --dport {ECHO_PORT} -j MASQUERADE"
+            ),
+            format!(
+                "-t nat -A DOCKER -d 127.0.0.1/32 ! -i {BRIDGE} -p tcp -m tcp --dport \
+                 {HOST_PORT} -j DNAT --to-destination {SERVER_IP}:{ECHO_PORT}"
+            ),
+        ];
+        if !userland_proxy {
+            rules.extend([
+                "-t nat -D OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER"
+                    .to_owned(),
+                "-t nat -A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER".to_owned(),
+                format!(
+                    "-t nat -A POSTROUTING -o {BRIDGE} -m addrtype --src-type LOCAL -j MASQUERADE"
+                ),
+            ]);
+            set_sysctl(
+                &host,
+                &format!("net.ipv4.conf.{BRIDGE}.route_localnet"),
+                "1",
+            )?;
+        }
+        for rule in rules {
+            cmd::run(
+                cmd::in_netns(&host, "iptables").args(rule.split_whitespace()),
+                &format!("adding Docker's rule `iptables {rule}` in {host}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The cgroup v2 directory for host-xbr's client, or None without a cgroup v2 hierarchy.
+    fn host_clients_cgroup(&self) -> Option<PathBuf> {
+        cgroup2_root().map(|root| root.join(format!("{}-host-clients", self.prefix)))
+    }
+
+    /// `xbr -n HOST attach br0 --cgroup DIR` on host-xbr's lab, with DIR a cgroup made for its
+    /// client, and `xbr publish br0 127.0.0.1:8080:CONTAINER:80`, as `xbr attach --follow`
+    /// would publish Docker's `-p 127.0.0.1:8080:80`.
+    fn attach_host_clients(&mut self) -> anyhow::Result<()> {
+        let config = Config::HostXbr;
+        let host = self.host(config);
+        let cgroup = self.host_clients_cgroup().context(
+            "no cgroup v2 hierarchy is mounted here: host-xbr needs one for xbr's socket hooks",
+        )?;
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating the cgroup {}", cgroup.display()))?;
+        self.cgroup = Some(cgroup.clone());
+        self.mark_attached(&host);
+        let path = cgroup.display().to_string();
+        self.xbr(&[
+            "-n", &host, "attach", BRIDGE, "--uplink", UPLINK, "--cgroup", &path, "--docker", "off",
+        ])?;
+        let spec = format!("127.0.0.1:{HOST_PORT}:{SERVER_IP}:{ECHO_PORT}");
+        self.xbr(&["-n", &host, "publish", BRIDGE, &spec])?;
+        let world = self
+            .worlds
+            .iter_mut()
+            .find(|world| world.config == config)
+            .expect("the world is built");
+        world.cgroup = Some(cgroup);
+        Ok(())
+    }
+
+    /// Says so, with xbr's reason, when xbr holds host-xbr's published port back for the
+    /// kernel path: its socket hooks would then leave the host client to docker-proxy.
+    fn check_host_clients_served(&self) -> anyhow::Result<()> {
+        let host = self.host(Config::HostXbr);
+        let printed = self.xbr(&["-n", &host, "status", BRIDGE, "--json"])?;
+        let status: Value =
+            serde_json::from_str(&printed).context("`xbr status --json` printed no JSON")?;
+        let published = &status["bridges"][0]["published"];
+        if published[0]["held"] != false {
+            bail!("xbr holds host-xbr's published port back for the kernel path: {published}");
         }
         Ok(())
     }
@@ -695,12 +895,44 @@ impl Worlds {
         } else {
             (0, 0)
         };
+        let host_connects = if config == Config::HostXbr {
+            self.host_connects(config)?
+        } else {
+            0
+        };
+        let host_passive_opens = if config.is_host() {
+            host::tcp_passive_opens(&host)?
+        } else {
+            0
+        };
         Ok(PathCounters {
             dnat_packets,
             xbr_nat_in,
             xbr_nat_in_xdp,
+            host_connects,
+            host_passive_opens,
             ..PathCounters::default()
         })
+    }
+
+    /// The connect()s xbr's socket hooks pointed at the container for the published port of
+    /// CONFIG's lab (`host_clients.connects` in `xbr status --json`).
+    fn host_connects(&self, config: Config) -> anyhow::Result<u64> {
+        let host = self.host(config);
+        let printed = self.xbr(&["-n", &host, "status", BRIDGE, "--json"])?;
+        let status: Value =
+            serde_json::from_str(&printed).context("`xbr status --json` printed no JSON")?;
+        let spec = format!("127.0.0.1:{HOST_PORT}:{SERVER_IP}:{ECHO_PORT}/tcp");
+        status["bridges"][0]["published"]
+            .as_array()
+            .and_then(|published| published.iter().find(|p| p["spec"] == spec.as_str()))
+            .and_then(|p| p["host_clients"]["connects"].as_u64())
+            .with_context(|| {
+                format!(
+                    "`xbr status --json` in {host} shows no host_clients.connects for {spec}: {}",
+                    status["bridges"][0]["published"]
+                )
+            })
     }
 
     /// The xbr world's counters: frames its client and server sent, frames xbr redirected,
@@ -819,11 +1051,19 @@ impl Worlds {
         let netns = self.worlds[index].server_netns.clone();
         let cpu = self.placement.server_cpu;
         let name = config.name();
-        if config.is_published() {
+        if config.is_published() || config.is_host() {
             let cpu = self.placement.published_cpu;
             let address = SocketAddr::from((SERVER_IP.parse::<Ipv4Addr>()?, ECHO_PORT));
-            self.worlds[index].servers.echo = Some(EchoServer::start(&netns, address, cpu)?);
-            if config == Config::DockerProxy {
+            let acceptors = if config.is_host() { HOST_PARALLEL } else { 1 };
+            self.worlds[index].servers.echo =
+                Some(EchoServer::start(&netns, address, cpu, acceptors)?);
+            let host_ip = match config {
+                Config::DockerProxy => Some(UPLINK_HOST_IP),
+                // Docker's default for `-p 127.0.0.1:8080:80`; host-xbr's clients bypass it.
+                Config::HostProxy | Config::HostXbr => Some(Ipv4Addr::LOCALHOST),
+                _ => None,
+            };
+            if let Some(host_ip) = host_ip {
                 let host = self.host(config);
                 let pid = self.start_server(
                     "docker-proxy",
@@ -831,7 +1071,7 @@ impl Worlds {
                         "-proto",
                         "tcp",
                         "-host-ip",
-                        &UPLINK_HOST_IP.to_string(),
+                        &host_ip.to_string(),
                         "-host-port",
                         &HOST_PORT.to_string(),
                         "-container-ip",
@@ -955,6 +1195,11 @@ impl Worlds {
                 Err(error) => errors.push(format!("cannot run {}: {error}", self.xbr.display())),
             }
         }
+        if let Some(cgroup) = self.cgroup.take()
+            && let Err(error) = remove_cgroup(&cgroup)
+        {
+            errors.push(format!("{error:#}"));
+        }
         if std::mem::take(&mut self.limit_made) {
             for netns in self.limit_netns() {
                 if Path::new("/run/netns").join(&netns).exists()
@@ -996,6 +1241,11 @@ pub struct PathCounters {
     pub dnat_packets: u64,
     pub xbr_nat_in: u64,
     pub xbr_nat_in_xdp: u64,
+    /// Host clients: connect()s xbr's socket hooks translated, and connections accepted in
+    /// the host namespace (Tcp PassiveOpens), where only docker-proxy listens: the server
+    /// is in the container's namespace.
+    pub host_connects: u64,
+    pub host_passive_opens: u64,
     /// Between containers (xbr): frames the client and the server sent from their eth0 (each
     /// crosses xbr's program on its port), frames xbr redirected past the bridge, and IPv4
     /// frames the bridge forwarded itself (the nftables witness).
@@ -1040,6 +1290,37 @@ fn docker_proxy(netns: &str) -> anyhow::Result<Command> {
         });
     }
     Ok(command)
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+/// in the hybrid layout), from this process's mount table.
+fn cgroup2_root() -> Option<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let fstype = after.split_whitespace().next()?;
+        let root = before.split_whitespace().nth(3)?;
+        let mount_point = before.split_whitespace().nth(4)?;
+        (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// Removes a cgroup the bench made. Its clients have exited by now; anything still in it
+/// (only a client of the bench's can be) goes back to the root first.
+fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    let root = cgroup.parent().context("a cgroup has a parent")?;
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(root.join("cgroup.procs"), pid);
+        }
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    std::fs::remove_dir(cgroup).with_context(|| format!("removing the cgroup {}", cgroup.display()))
 }
 
 fn set_sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
