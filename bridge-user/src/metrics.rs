@@ -232,6 +232,31 @@ impl Collector for DatapathCollector {
             counter_type,
         )?;
         ConstCounter::new(fallbacks).encode(family.encode_family(&vec![bridge()])?)?;
+        if attachment.socket_hooks.is_some() {
+            let mut family = encoder.encode_descriptor(
+                "xbr_host_clients",
+                "What the socket hooks did with the host's own clients of a published port: \
+                 connects and datagrams sent straight to the container, or left to the kernel \
+                 path (held by a rule, or no container)",
+                None,
+                counter_type,
+            )?;
+            for published in &attachment.published {
+                let counts = &published.host_clients;
+                for (outcome, count) in [
+                    ("connect", counts.connects),
+                    ("datagram", counts.datagrams),
+                    ("kernel_path", counts.kernel_path),
+                ] {
+                    let labels: Labels = vec![
+                        bridge(),
+                        ("published".to_owned(), published.spec.to_string()),
+                        ("outcome".to_owned(), outcome.to_owned()),
+                    ];
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
         Ok(())
     }
 }

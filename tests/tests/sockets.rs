@@ -991,3 +991,31 @@ fn a_later_attach_that_wants_other_socket_hooks_is_refused() {
         .xbr_ok(&["attach", "br0", "--cgroup", lab.cgroup.arg()]);
     assert_eq!(lab.socket_hooks(), hooks_before);
 }
+
+#[test]
+fn a_follower_serves_the_host_clients_counters_as_metrics() {
+    if !socket_hooks_here("a_follower_serves_the_host_clients_counters_as_metrics") {
+        return;
+    }
+    let world = HostLab::up(&[]);
+    let host = world.host();
+    let _follower = xbr_tests::witness::Follower::start(
+        &host,
+        &world.pins.path,
+        "br0",
+        &[
+            "--cgroup",
+            world.cgroup.arg(),
+            "--metrics",
+            "127.0.0.1:9477",
+        ],
+    );
+    world.pins.xbr_ok(&["publish", "br0", "8080:10.77.0.2:80"]);
+    let _server = TcpServer::start(&world.netns("a"), CONTAINER_A, 80);
+    let result = world.client(&["tcp", "--to", "127.0.0.1:8080", "--connections", "3"]);
+    assert_served(&result, 3, "127.0.0.1:8080");
+    // (The scrape itself comes from the test process, outside the cgroup: never translated.)
+    let body = xbr_tests::witness::scrape_metrics(&host);
+    let line = "xbr_host_clients_total{bridge=\"br0\",published=\"8080:10.77.0.2:80/tcp\",outcome=\"connect\"} 3";
+    assert!(body.contains(line), "{line} in {body}");
+}
