@@ -5,7 +5,7 @@
 //! so docker-proxy accepts nothing (ss names the owner of every socket of the connection) and
 //! Docker's DNAT rule counts nothing; xbr counts it. The same client outside DIR is served the
 //! kernel's way, by docker-proxy or the DNAT rule. Skipped, with the reason printed, only
-//! where Docker cannot run.
+//! where Docker cannot run or no cgroup v2 hierarchy is mounted.
 
 use std::{
     io::Write as _,

@@ -140,6 +140,12 @@ impl Drop for EchoServer {
 }
 
 fn serve(listener: &TcpListener, stop: &AtomicBool) {
+    // Several acceptors may wake for one connection: the others must not block in accept()
+    // (they would outlive the stop). Accepted sockets are blocking all the same (accept4
+    // without SOCK_NONBLOCK).
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
     while !stop.load(Ordering::Relaxed) {
         let mut ready = libc::pollfd {
             fd: listener.as_raw_fd(),
