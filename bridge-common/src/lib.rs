@@ -312,7 +312,7 @@ pub struct PublishedPort {
     pub container_ip: [u8; 4],
     /// Network byte order.
     pub container_port: [u8; 2],
-    /// `PublishedPort::BY_DOCKER`, `HELD`, `CLIENT_HOLDS`.
+    /// `PublishedPort::BY_DOCKER`, `HELD`, `CLIENT_HOLDS`, `HOST_CLIENTS_HELD`.
     pub flags: u8,
     pub _pad: u8,
     /// Host-side ifindex of the container's bridge port (0: container not found now, so
@@ -333,6 +333,9 @@ impl PublishedPort {
     pub const HELD: u8 = 2;
     /// A rule could touch the connections of some clients: `CLIENT_HOLDS` names them.
     pub const CLIENT_HOLDS: u8 = 4;
+    /// A rule could touch the host's own connections to this port on the hooks the socket
+    /// hooks skip: they leave the host's clients to the kernel path.
+    pub const HOST_CLIENTS_HELD: u8 = 8;
 
     pub fn by_docker(&self) -> bool {
         self.flags & Self::BY_DOCKER != 0

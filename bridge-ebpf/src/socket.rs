@@ -178,12 +178,14 @@ fn destination(
     }
     let (key, published) = published_port(proto, ip, port, ipv6_loopback)?;
     let counts = SOCKET_COUNTS.get_ptr_mut(&key);
-    // A port no container serves now, or one a netfilter rule could touch on the kernel path,
-    // is the kernel path's: the call goes on as dialled. So is a datagram an unconnected IPv6
+    // A port no container serves now, or one a netfilter rule could touch on the way of the
+    // host's clients to it (`HOST_CLIENTS_HELD`; the uplink clients' `HELD` is about hooks
+    // these connections never pass), is the kernel path's: the call goes on as dialled. So is
+    // a datagram an unconnected IPv6
     // socket sends to `[::1]`: the kernel refuses to send it to the IPv4-mapped address the
     // container would have (udpv6_sendmsg: ENOTSUPP), which would fail the send.
     if published.ifindex == 0
-        || published.flags & PublishedPort::HELD != 0
+        || published.flags & PublishedPort::HOST_CLIENTS_HELD != 0
         || (ipv6_loopback && call == Call::Send)
     {
         if let Some(counts) = counts {

@@ -105,8 +105,16 @@ fn east_west_held(plan: &Plan) -> Vec<(String, &str)> {
 
 /// A published port's policy as (class, reason) lines.
 fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, String)> {
+    let host_clients = policy.host_clients_held.iter().map(|reason| {
+        (
+            format!("published {spec} for clients on the host"),
+            reason.clone(),
+        )
+    });
     if let Some(reason) = &policy.held {
-        return vec![(format!("published {spec}"), reason.clone())];
+        return std::iter::once((format!("published {spec}"), reason.clone()))
+            .chain(host_clients)
+            .collect();
     }
     let prefixes = policy
         .client_prefixes
@@ -138,6 +146,7 @@ fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, 
             )
         })
         .chain(prefixes)
+        .chain(host_clients)
         .collect()
 }
 
@@ -540,7 +549,10 @@ fn up_to_date(observed: &Observed) -> bool {
         .iter()
         .all(|(published, policy)| {
             policy.as_ref().is_none_or(|policy| {
-                published.flags & (PublishedPort::HELD | PublishedPort::CLIENT_HOLDS)
+                published.flags
+                    & (PublishedPort::HELD
+                        | PublishedPort::CLIENT_HOLDS
+                        | PublishedPort::HOST_CLIENTS_HELD)
                     == policy.flags()
             })
         });
@@ -603,6 +615,7 @@ pub fn status(
                             "container_port_ifindex": p.port_ifindex,
                             "held": p.flags & PublishedPort::HELD != 0,
                             "clients_held": p.flags & PublishedPort::CLIENT_HOLDS != 0,
+                            "host_clients_held": p.flags & PublishedPort::HOST_CLIENTS_HELD != 0,
                             "host_clients": json!({
                                 "connects": p.host_clients.connects,
                                 "datagrams": p.host_clients.datagrams,

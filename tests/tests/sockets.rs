@@ -1019,3 +1019,52 @@ fn a_follower_serves_the_host_clients_counters_as_metrics() {
     let line = "xbr_host_clients_total{bridge=\"br0\",published=\"8080:10.77.0.2:80/tcp\",outcome=\"connect\"} 3";
     assert!(body.contains(line), "{line} in {body}");
 }
+
+#[test]
+fn a_rule_on_the_host_clients_way_to_the_port_leaves_them_to_the_kernel_path() {
+    if !socket_hooks_here(
+        "a_rule_on_the_host_clients_way_to_the_port_leaves_them_to_the_kernel_path",
+    ) {
+        return;
+    }
+    let world = HostLab::up(&[]);
+    let host = world.host();
+    let iptables = |args: &[&str]| {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &host, "iptables"])
+            .args(args)
+            .status()
+            .expect("run iptables");
+        assert!(status.success(), "iptables {args:?}");
+    };
+    // On the kernel path this rejects the host's own connections to the port.
+    let rule = ["OUTPUT", "-p", "tcp", "--dport", "8080", "-j", "REJECT"];
+    iptables(&[&["-A"], &rule[..]].concat());
+    world.pins.xbr_ok(&["publish", "br0", "8080:10.77.0.2:80"]);
+    let _server = TcpServer::start(&world.netns("a"), CONTAINER_A, 80);
+    let spec = "8080:10.77.0.2:80/tcp";
+    let published = &world.pins.status()["bridges"][0]["published"][0];
+    assert_eq!(published["host_clients_held"], true, "{published}");
+    assert_refused(
+        &world.client(&["tcp", "--to", "127.0.0.1:8080"]),
+        "127.0.0.1:8080 with a rule rejecting it",
+    );
+    assert_eq!(
+        world.host_clients(spec),
+        HostClients {
+            connects: 0,
+            datagrams: 0,
+            kernel_path: 1
+        },
+        "left to the kernel path, where the rule rejected it"
+    );
+
+    // Without the rule, a reconcile gives the host's clients the socket path again.
+    iptables(&[&["-D"], &rule[..]].concat());
+    world
+        .pins
+        .xbr_ok(&["attach", "br0", "--cgroup", world.cgroup.arg()]);
+    let result = world.client(&["tcp", "--to", "127.0.0.1:8080"]);
+    assert_served(&result, 1, "127.0.0.1:8080 once the rule is gone");
+    assert_eq!(world.host_clients(spec).connects, 1);
+}

@@ -53,7 +53,7 @@ impl Pinned {
             container_ip: spec.container_ip.octets(),
             container_port: spec.container_port.to_be_bytes(),
             // Held until the policy has been asked (`apply_published_policy`).
-            flags: PublishedPort::HELD,
+            flags: PublishedPort::HELD | PublishedPort::HOST_CLIENTS_HELD,
             _pad: 0,
             ifindex,
             container_mac,
@@ -313,7 +313,9 @@ impl Pinned {
                 container_ip: spec.container_ip.octets(),
                 container_port: spec.container_port.to_be_bytes(),
                 // Held until the policy has been asked (`apply_published_policy`).
-                flags: PublishedPort::BY_DOCKER | PublishedPort::HELD,
+                flags: PublishedPort::BY_DOCKER
+                    | PublishedPort::HELD
+                    | PublishedPort::HOST_CLIENTS_HELD,
                 _pad: 0,
                 ifindex,
                 container_mac,

@@ -218,18 +218,27 @@ pub struct PublishedPolicy {
     pub clients: BTreeMap<ClientHoldKey, String>,
     /// ...and by address prefix: (prefix data, length in bits of the client address).
     pub client_prefixes: BTreeMap<(ClientPrefix, u8), String>,
+    /// Why the host's own clients of the port must not be pointed at the container by the
+    /// socket hooks, when they must not.
+    pub host_clients_held: Option<String>,
 }
 
 impl PublishedPolicy {
     /// Its `PublishedPort` flags (`HELD`, `CLIENT_HOLDS`).
     pub fn flags(&self) -> u8 {
-        if self.held.is_some() {
+        let uplink_clients = if self.held.is_some() {
             PublishedPort::HELD
         } else if !self.clients.is_empty() || !self.client_prefixes.is_empty() {
             PublishedPort::CLIENT_HOLDS
         } else {
             0
-        }
+        };
+        let host_clients = if self.host_clients_held.is_some() {
+            PublishedPort::HOST_CLIENTS_HELD
+        } else {
+            0
+        };
+        uplink_clients | host_clients
     }
 }
 
@@ -252,26 +261,27 @@ pub fn published(
         Err(why) => {
             return PublishedPolicy {
                 held: Some(unreadable(why)),
+                host_clients_held: Some(unreadable(why)),
                 ..PublishedPolicy::default()
             };
         }
     };
-    let holds = policy::published(
-        firewall,
-        &policy::Published {
-            bridge: place.bridge,
-            uplinks: place.uplinks,
-            port_name: place.port_name,
-            protocol: key.proto,
-            host_ip: (key.host_ip != [0; 4]).then(|| Ipv4Addr::from(key.host_ip)),
-            host_port: u16::from_be_bytes(key.host_port),
-            container_ip: Ipv4Addr::from(value.container_ip),
-            container_port: u16::from_be_bytes(value.container_port),
-        },
-    );
+    let published = policy::Published {
+        bridge: place.bridge,
+        uplinks: place.uplinks,
+        port_name: place.port_name,
+        protocol: key.proto,
+        host_ip: (key.host_ip != [0; 4]).then(|| Ipv4Addr::from(key.host_ip)),
+        host_port: u16::from_be_bytes(key.host_port),
+        container_ip: Ipv4Addr::from(value.container_ip),
+        container_port: u16::from_be_bytes(value.container_port),
+    };
+    let host_clients_held = policy::host_clients(firewall, &published).map(|hold| hold.to_string());
+    let holds = policy::published(firewall, &published);
     if let Some(hold) = holds.whole {
         return PublishedPolicy {
             held: Some(hold.to_string()),
+            host_clients_held,
             ..PublishedPolicy::default()
         };
     }
@@ -323,6 +333,7 @@ pub fn published(
             held: Some(format!(
                 "rules hold back {count} kinds of client, more than xbr tracks per port"
             )),
+            host_clients_held,
             ..PublishedPolicy::default()
         };
     }
@@ -330,6 +341,7 @@ pub fn published(
         held: None,
         clients,
         client_prefixes,
+        host_clients_held,
     }
 }
 
@@ -428,6 +440,9 @@ mod tests {
                 uplinks: &[],
             },
         );
-        assert_eq!(published.flags(), PublishedPort::HELD);
+        assert_eq!(
+            published.flags(),
+            PublishedPort::HELD | PublishedPort::HOST_CLIENTS_HELD
+        );
     }
 }

@@ -13,6 +13,10 @@
 //! - a published port: connections from an uplink DNATed into a container, and the
 //!   container's replies; they skip the uplink's netdev ingress, the ip hooks of both
 //!   directions and the bridge family's hooks.
+//! - a published port's clients on the host, which the socket hooks point at the container
+//!   when they connect: they skip the hooks the connection to the host's port would pass
+//!   (output, postrouting and input over loopback, with the nat output chain's DNAT or
+//!   docker-proxy behind them); the connection to the container passes its hooks either way.
 
 mod eval;
 mod events;
@@ -88,6 +92,72 @@ enum ClientIs {
     Source,
     /// Replies: container to client.
     Destination,
+}
+
+/// The first rule that could touch the host's own connections to `published` on the hooks
+/// the socket hooks skip (`None`: the socket hooks may serve them).
+pub fn host_clients(firewall: &Firewall, published: &Published) -> Option<Hold> {
+    host_client_traversals(published)
+        .iter()
+        .flat_map(|traversal| holds(&firewall.ruleset, traversal))
+        .next()
+}
+
+/// The hooks a host client's connection to a published port passes on its way to the
+/// host's port, which a connection pointed at the container at connect() does not: the
+/// request through output (where Docker's nat rule DNATs it, the translation the socket
+/// hooks make) and postrouting, and over loopback through input to docker-proxy; the
+/// replies the other way.
+fn host_client_traversals(published: &Published) -> Vec<Traversal> {
+    let loopback = names(&["lo"]);
+    let none = names(&[""]);
+    let request = Packets {
+        layer3: any_of(&[Layer3::V4]),
+        protocol: any_of(&[published.protocol]),
+        destination: published.host_ip.map(|ip| vec![IpAddr::V4(ip)]),
+        destination_port: any_of(&[published.host_port]),
+        conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
+        dnat: any_of(&[false]),
+        local_source: any_of(&[true]),
+        local_destination: any_of(&[true]),
+        ..Packets::default()
+    };
+    let reply = Packets {
+        layer3: any_of(&[Layer3::V4]),
+        protocol: any_of(&[published.protocol]),
+        source: published.host_ip.map(|ip| vec![IpAddr::V4(ip)]),
+        source_port: any_of(&[published.host_port]),
+        conntrack: any_of(&[ConntrackState::Established]),
+        dnat: any_of(&[false]),
+        local_source: any_of(&[true]),
+        local_destination: any_of(&[true]),
+        ..Packets::default()
+    };
+    let ip = [Family::Ip, Family::Inet];
+    let own_dnat = Some((IpAddr::V4(published.container_ip), published.container_port));
+    let mut traversals = Vec::new();
+    for (packets, first_packets) in [(request, true), (reply, false)] {
+        let at =
+            |hook, in_interface: &Option<Vec<String>>, out_interface, first_packets| Traversal {
+                hook,
+                families: ip.to_vec(),
+                devices: None,
+                packets: Packets {
+                    in_interface: in_interface.clone(),
+                    out_interface,
+                    ..packets.clone()
+                },
+                first_packets,
+                own_dnat,
+            };
+        traversals.push(at(Hook::Output, &none, None, first_packets));
+        // Over loopback to docker-proxy, a source NAT (a network's MASQUERADE of its subnet,
+        // when the client dialled the bridge's own address) changes only the address the
+        // proxy sees, never what the client gets: postrouting's nat chains are left out.
+        traversals.push(at(Hook::Postrouting, &none, loopback.clone(), false));
+        traversals.push(at(Hook::Input, &loopback, none.clone(), first_packets));
+    }
+    traversals
 }
 
 /// Every hold-back for the connections to `published`.

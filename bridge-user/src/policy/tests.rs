@@ -607,3 +607,62 @@ fn a_masquerade_for_another_subnet_holds_back_only_those_clients_of_a_published_
         }]
     );
 }
+
+#[test]
+fn dockers_own_rules_leave_the_host_clients_of_its_published_ports_to_the_socket_hooks() {
+    // Docker's nat OUTPUT DNAT (with --userland-proxy=false, and with the proxy for addresses
+    // other than loopback) is the translation the socket hooks make themselves.
+    for fixture in ["docker-hairpin", "docker-default"] {
+        let firewall = firewall(fixture);
+        let held = host_clients(&firewall, &tcp_published(18090, "172.18.0.3", 8000));
+        assert_eq!(held, None, "{fixture}: {held:#?}");
+    }
+}
+
+#[test]
+fn a_rule_on_the_way_to_the_hosts_port_holds_back_its_host_clients() {
+    let with = |rules: &str| {
+        let save = format!(
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+             {rules}COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n\
+             :OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n\
+             -A OUTPUT -m addrtype --dst-type LOCAL -j DOCKER\n\
+             -A DOCKER -p tcp -m tcp --dport 18090 -j DNAT --to-destination 172.18.0.3:8000\n\
+             COMMIT\n"
+        );
+        Firewall {
+            ruleset: model::Ruleset {
+                tables: xtables::parse(&save, Family::Ip, Origin::IptablesNft),
+            },
+            bridged_ipv4: true,
+            bridged_ipv6: true,
+        }
+    };
+    let published = tcp_published(18090, "172.18.0.3", 8000);
+    assert_eq!(host_clients(&with(""), &published), None);
+    for rule in [
+        // What docker-proxy's clients meet over loopback.
+        "-A INPUT -i lo -p tcp -m tcp --dport 18090 -j DROP\n",
+        // Before Docker's DNAT, on the host port.
+        "-A OUTPUT -p tcp -m tcp --dport 18090 -j REJECT\n",
+    ] {
+        let held = host_clients(&with(rule), &published)
+            .unwrap_or_else(|| panic!("{rule} holds back the host's clients"));
+        assert!(
+            held.to_string().contains(
+                rule.trim_end()
+                    .split_once(' ')
+                    .unwrap()
+                    .1
+                    .split_once(' ')
+                    .unwrap()
+                    .1
+            ),
+            "the reason names the rule: {held}"
+        );
+    }
+    // Another protocol's rule does not. (Another port's could: a reply to a client whose own
+    // port it names.)
+    let other = "-A OUTPUT -p udp -m udp --dport 18090 -j REJECT\n";
+    assert_eq!(host_clients(&with(other), &published), None);
+}
