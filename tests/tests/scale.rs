@@ -263,6 +263,32 @@ fn fast_path_at_every_endpoint(spec: &xbr::lab::LabSpec, pins: &PinRoot, count: 
         std::thread::sleep(Duration::from_millis(200));
         after_counters = endpoint_counters(pins);
     }
+    // A datagram the kernel dropped before xbr saw it (the sender's per-CPU backlog, on a
+    // loaded machine) is sent again, a few times at most: an endpoint the fast path cannot
+    // reach counts no delivery however often it is sent to.
+    for _ in 0..3 {
+        let again = missing(&after_counters);
+        if again.is_empty() {
+            break;
+        }
+        println!(
+            "sending again to {} endpoint(s) with no delivery yet: {again:?}",
+            again.len()
+        );
+        for (_, address, _) in everyone[1..]
+            .iter()
+            .filter(|(name, _, _)| again.contains(name))
+        {
+            sender
+                .send_to(b"to every endpoint", (*address, PORT + 1))
+                .expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !missing(&after_counters).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            after_counters = endpoint_counters(pins);
+        }
+    }
     let after_bridge = bridge.read();
 
     let missing = missing(&after_counters);
