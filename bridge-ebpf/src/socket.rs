@@ -67,18 +67,7 @@ pub fn translate_v4(ctx: &SockAddrContext, call: Call) {
 #[inline(always)]
 pub fn translate_v6(ctx: &SockAddrContext, call: Call) {
     let sa = ctx.sock_addr;
-    // SAFETY: see above.
-    let (words, port) = unsafe {
-        (
-            [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ],
-            port_bytes(read_volatile(&(*sa).user_port)),
-        )
-    };
+    let (words, port) = user_ip6_and_port(ctx);
     if words[0] != 0 || words[1] != 0 {
         return;
     }
@@ -126,18 +115,7 @@ pub fn restore_v4(ctx: &SockAddrContext) {
 #[inline(always)]
 pub fn restore_v6(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    // SAFETY: see above.
-    let (words, port) = unsafe {
-        (
-            [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ],
-            port_bytes(read_volatile(&(*sa).user_port)),
-        )
-    };
+    let (words, port) = user_ip6_and_port(ctx);
     if words[0] != 0 || words[1] != 0 || words[2] != V4_MAPPED_WORD {
         return;
     }
@@ -154,6 +132,24 @@ pub fn restore_v6(ctx: &SockAddrContext) {
         write_volatile(&mut (*sa).user_ip6[2], third);
         write_volatile(&mut (*sa).user_ip6[3], last);
         write_volatile(&mut (*sa).user_port, port_word(dial.dialled_port));
+    }
+}
+
+/// An IPv6 socket's address (four 32-bit words, in memory order) and port.
+#[inline(always)]
+fn user_ip6_and_port(ctx: &SockAddrContext) -> ([u32; 4], [u8; 2]) {
+    let sa = ctx.sock_addr;
+    // SAFETY: see the note on `bpf_sock_addr` fields above.
+    unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            port_bytes(read_volatile(&(*sa).user_port)),
+        )
     }
 }
 

@@ -272,8 +272,8 @@ pub struct LinkTarget {
     pub ifindex: u32,
 }
 
-/// What the link pinned at `pin` runs and where; `None` when nothing is pinned there.
-pub fn pinned_link_target(pin: &Path) -> io::Result<Option<LinkTarget>> {
+/// The info of the link pinned at `pin`; `None` when nothing is pinned there.
+fn pinned_link_info(pin: &Path) -> io::Result<Option<LinkInfo>> {
     let Some(fd) = open_pinned(pin)? else {
         return Ok(None);
     };
@@ -284,7 +284,12 @@ pub fn pinned_link_target(pin: &Path) -> io::Result<Option<LinkTarget>> {
         info: &mut info as *mut LinkInfo as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(Some(LinkTarget {
+    Ok(Some(info))
+}
+
+/// What the link pinned at `pin` runs and where; `None` when nothing is pinned there.
+pub fn pinned_link_target(pin: &Path) -> io::Result<Option<LinkTarget>> {
+    Ok(pinned_link_info(pin)?.map(|info| LinkTarget {
         prog_id: info.prog_id,
         ifindex: info.ifindex,
     }))
@@ -294,21 +299,10 @@ pub fn pinned_link_target(pin: &Path) -> io::Result<Option<LinkTarget>> {
 /// cgroup's directory); `Some(0)` when it was detached (`bpftool link detach`), `None` when
 /// nothing is pinned there.
 pub fn pinned_cgroup_link(pin: &Path) -> io::Result<Option<u64>> {
-    let Some(fd) = open_pinned(pin)? else {
-        return Ok(None);
-    };
-    let mut info = LinkInfo::default();
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: &mut info as *mut LinkInfo as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     // The union's cgroup member starts with the 64-bit cgroup id, where the others have the
     // ifindex.
-    Ok(Some(
-        u64::from(info.ifindex) | (u64::from(info._rest[0]) << 32),
-    ))
+    Ok(pinned_link_info(pin)?
+        .map(|info| u64::from(info.ifindex) | (u64::from(info._rest[0]) << 32)))
 }
 
 /// The ids of the programs on tcx ingress of `ifindex`, in the order they run. An error on

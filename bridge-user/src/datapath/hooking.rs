@@ -334,9 +334,13 @@ impl Pinned {
     /// How each recorded port's and uplink's hook differs from its record (read-only, for
     /// `status`): (ports, uplinks).
     pub fn drift_report(&self) -> Result<(BTreeMap<u32, Drift>, BTreeMap<u32, Drift>)> {
+        // A port deleted since the last reconcile has lost its hook with it: stale, not
+        // drift (the next reconcile forgets its record).
+        let exists = |ifindex: u32| nix::net::if_::if_indextoname(ifindex).is_ok();
         let only = |drifted: BTreeMap<u32, (Drift, Observed)>| {
             drifted
                 .into_iter()
+                .filter(|(ifindex, _)| exists(*ifindex))
                 .map(|(ifindex, (drift, _))| (ifindex, drift))
                 .collect()
         };
