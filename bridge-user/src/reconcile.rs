@@ -177,7 +177,7 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
 /// The socket hooks' part of a pass: the host's addresses written for them, and hooks that
 /// were detached behind xbr's back put back.
 fn sync_sockets(pinned: &mut Pinned) -> Result<()> {
-    if pinned.socket_hooks().is_none() {
+    if !pinned.has_socket_hooks() {
         return Ok(());
     }
     let addresses =

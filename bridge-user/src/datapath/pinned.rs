@@ -217,7 +217,7 @@ impl Pinned {
         if let Some(xdp) = &self.uplink_xdp {
             programs.push(xdp.info().map_err(as_error)?);
         }
-        if self.record.socket_cgroup != 0 {
+        if self.has_socket_hooks() {
             // (A socket program unpinned behind xbr's back is not counted.)
             programs.extend(
                 bridge_common::programs::SOCKET.iter().filter_map(|name| {

@@ -262,19 +262,31 @@ pub struct SocketHooks {
 }
 
 impl Pinned {
-    /// The socket hooks, if the attachment has them.
-    pub fn socket_hooks(&self) -> Option<SocketHooks> {
+    /// Whether the attachment has socket hooks.
+    pub fn has_socket_hooks(&self) -> bool {
+        self.record.socket_cgroup != 0
+    }
+
+    /// The socket programs whose link is attached to the hooks' cgroup, and those whose
+    /// link someone detached or removed.
+    fn socket_links(&self) -> (Vec<&'static str>, Vec<&'static str>) {
         let cgroup_id = self.record.socket_cgroup;
-        if cgroup_id == 0 {
-            return None;
-        }
-        let (attached, missing) = programs::SOCKET.iter().partition(|name| {
+        programs::SOCKET.iter().partition(|name| {
             crate::bpf_link::pinned_cgroup_link(&link_pin(&self.dir, name))
                 .is_ok_and(|target| target == Some(cgroup_id))
-        });
+        })
+    }
+
+    /// The socket hooks, if the attachment has them (for status: this searches the cgroup
+    /// hierarchy for the cgroup's directory).
+    pub fn socket_hooks(&self) -> Option<SocketHooks> {
+        if !self.has_socket_hooks() {
+            return None;
+        }
+        let (attached, missing) = self.socket_links();
         Some(SocketHooks {
-            cgroup_id,
-            cgroup: cgroup_path(cgroup_id),
+            cgroup_id: self.record.socket_cgroup,
+            cgroup: cgroup_path(self.record.socket_cgroup),
             attached,
             missing,
         })
@@ -283,15 +295,19 @@ impl Pinned {
     /// Puts back socket hooks that were detached behind xbr's back (`bpftool link detach`,
     /// an unpinned link). Returns how many it put back; none when the cgroup itself is gone.
     pub fn restore_socket_hooks(&self) -> Result<usize> {
-        let Some(hooks) = self.socket_hooks() else {
+        if !self.has_socket_hooks() {
             return Ok(0);
-        };
-        let Some(cgroup) = hooks.cgroup.filter(|_| !hooks.missing.is_empty()) else {
+        }
+        let (_, missing) = self.socket_links();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let Some(cgroup) = cgroup_path(self.record.socket_cgroup) else {
             return Ok(0);
         };
         let cgroup_dir = std::fs::File::open(&cgroup)
             .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.display()), e))?;
-        for name in &hooks.missing {
+        for name in &missing {
             let pin = link_pin(&self.dir, name);
             let _ = crate::bpf_link::detach_pinned(&pin);
             match std::fs::remove_file(&pin) {
@@ -304,13 +320,13 @@ impl Pinned {
                 .map_err(|e| Error::ebpf(format!("opening the pinned program {name}"), e))?;
             attach(&mut program, &cgroup_dir, &pin, &cgroup)?;
         }
-        Ok(hooks.missing.len())
+        Ok(missing.len())
     }
 
     /// Writes the host's own IPv4 addresses for the socket programs (a port published on
     /// every address serves a socket that dials any of them). Returns whether they changed.
     pub fn sync_local_addresses(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<bool> {
-        if self.record.socket_cgroup == 0 {
+        if !self.has_socket_hooks() {
             return Ok(false);
         }
         let current: BTreeSet<Ipv4Addr> = self
@@ -351,7 +367,7 @@ impl Pinned {
     /// attachment has socket hooks.
     pub(super) fn add_socket_counts(&mut self, key: &PublishedKey) -> Result<()> {
         // Without socket hooks the map has room for none (see `socket_hooks_entries`).
-        if self.record.socket_cgroup == 0 || self.socket_counts.get(key, 0).is_ok() {
+        if !self.has_socket_hooks() || self.socket_counts.get(key, 0).is_ok() {
             return Ok(());
         }
         let cpus = nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
