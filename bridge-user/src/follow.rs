@@ -392,6 +392,7 @@ async fn reconcile(
         policy: &policy,
         docker: docker.as_ref(),
         mirror_docker: true,
+        leaving: &[],
     };
     let pass = match reconcile::once(pinned, &inputs) {
         Ok(Outcome::Reconciled(pass)) => *pass,

@@ -5,6 +5,7 @@
 //! `datapath` applies it (load, attach, fill maps, pin).
 
 pub mod bpf_link;
+pub mod cni;
 pub mod datapath;
 pub mod docker;
 pub mod error;

@@ -266,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 policy: &policy,
                 docker: docker_state.as_ref(),
                 mirror_docker: follow,
+                leaving: &[],
             };
             let socket_hooks = match (cgroup, no_socket_hooks) {
                 (_, true) => datapath::SocketHooksChoice::Off,
@@ -274,6 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let options = reconcile::AttachOptions {
                 uplinks,
+                default_uplinks: true,
                 mode,
                 uplink_mode,
                 max_flows,

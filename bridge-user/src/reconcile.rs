@@ -24,6 +24,9 @@ pub struct Inputs<'a> {
     pub docker: Option<&'a DockerState>,
     /// Mirror Docker's published ports: only while a follower keeps them current.
     pub mirror_docker: bool,
+    /// Ports (ifindexes) whose container is being removed (a CNI DEL runs before the
+    /// `bridge` plugin deletes the veth): planned as gone although still on the bridge.
+    pub leaving: &'a [u32],
 }
 
 /// How much to read about the containers: their addresses only when published ports (ours or
@@ -45,8 +48,11 @@ fn detail(pinned: Option<&Pinned>, inputs: &Inputs) -> Detail {
 pub fn observe_and_plan(bridge: &str, pinned: Option<&Pinned>, inputs: &Inputs) -> Result<Plan> {
     let detail = detail(pinned, inputs);
     let name = bridge.to_owned();
-    let view = netlink::run(|handle| async move { observe::bridge(&handle, &name, detail).await })
-        .map_err(|e| Error::io("opening a netlink socket", e))??;
+    let mut view =
+        netlink::run(|handle| async move { observe::bridge(&handle, &name, detail).await })
+            .map_err(|e| Error::io("opening a netlink socket", e))??;
+    view.ports
+        .retain(|port| !inputs.leaving.contains(&port.ifindex));
     plan::plan_with(&view, inputs.policy)
 }
 
@@ -100,8 +106,10 @@ pub fn once(pinned: &mut Pinned, inputs: &Inputs) -> Result<Outcome> {
 /// How `xbr attach` wants the bridge hooked.
 pub struct AttachOptions<'a> {
     /// Uplinks named on the command line; none: keep those hooked, or on a first attach, the
-    /// interfaces of this namespace's default routes.
+    /// interfaces of this namespace's default routes (when `default_uplinks`).
     pub uplinks: Vec<String>,
+    /// Whether a first attach without named uplinks takes the default routes' interfaces.
+    pub default_uplinks: bool,
     pub mode: ModeChoice,
     pub uplink_mode: UplinkModeChoice,
     /// `--max-flows`: the NAT tables' size on a first attach (checked on a later one).
@@ -133,8 +141,9 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
     let plan = observe_and_plan(bridge, existing.as_ref(), inputs)?;
     drop(existing);
     let requested = options.uplinks;
+    let default_uplinks = options.default_uplinks;
     let uplinks = netlink::run(|handle| async move {
-        let names = if requested.is_empty() && first_attach {
+        let names = if requested.is_empty() && first_attach && default_uplinks {
             observe::default_route_interfaces(&handle).await?
         } else {
             requested

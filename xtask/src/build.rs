@@ -1,5 +1,5 @@
-//! `cargo xtask build`: the single `xbr` binary, with its eBPF object built in by
-//! bridge-user's build script (aya-build).
+//! `cargo xtask build`: the `xbr` binary, with its eBPF object built in by bridge-user's
+//! build script (aya-build), and beside it the chained CNI plugin `xbr-cni`.
 
 use std::path::PathBuf;
 
@@ -11,10 +11,14 @@ pub fn run() -> anyhow::Result<PathBuf> {
     setup::run()?;
     let binary = release_binary()?;
     println!("xbr is at {}", binary.display());
+    println!(
+        "xbr-cni (the CNI plugin) is at {}",
+        binary.with_file_name("xbr-cni").display()
+    );
     Ok(binary)
 }
 
-/// Builds target/release/xbr and returns its path.
+/// Builds target/release/xbr (and xbr-cni beside it) and returns xbr's path.
 pub fn release_binary() -> anyhow::Result<PathBuf> {
     println!(
         "building xbr (release; bridge-user's build script prints `Compiling` warnings for the eBPF crate)"
@@ -24,11 +28,13 @@ pub fn release_binary() -> anyhow::Result<PathBuf> {
         "building the xbr binary",
     )?;
     let binary = cmd::target_dir().join("release/xbr");
-    if !binary.is_file() {
-        bail!(
-            "cargo built bridge-user but {} is not there",
-            binary.display()
-        );
+    for built in [&binary, &binary.with_file_name("xbr-cni")] {
+        if !built.is_file() {
+            bail!(
+                "cargo built bridge-user but {} is not there",
+                built.display()
+            );
+        }
     }
     Ok(binary)
 }

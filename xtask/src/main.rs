@@ -25,7 +25,7 @@ struct Cli {
 enum Verb {
     /// Install what building and testing xbr needs on Debian 12; only what is missing.
     Setup,
-    /// Set up, then build the release binary (target/release/xbr).
+    /// Set up, then build the release binaries (target/release/xbr and the CNI plugin xbr-cni).
     Build,
     /// Set up, then run the whole test suite as root (`cargo test --workspace --release`, without
     /// the BPF-only bridge-ebpf).

@@ -292,6 +292,11 @@ impl Pinned {
         }
     }
 
+    /// How many ports hold the program now.
+    pub fn hooked_ports(&self) -> usize {
+        self.ports.keys().filter_map(|k| k.ok()).count()
+    }
+
     /// Removes everything: hooks, qdiscs xbr added, pins (the bridge record first, so a
     /// detach stopped half-way leaves pins that say so).
     pub fn detach(self) -> Result<Detached> {
