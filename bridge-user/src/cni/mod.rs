@@ -307,6 +307,11 @@ fn add(env: &Environment, conf: &NetConf) -> Result<String, CniError> {
     Ok(protocol::add_result(conf))
 }
 
+/// Whether xbr-cni made the attachment pinned at `dir` (its last container's DEL detaches it).
+pub fn made_by_cni(dir: &Path) -> bool {
+    dir.join(CNI_MARKER).is_dir()
+}
+
 fn mark_as_cni(dir: &Path) -> std::io::Result<()> {
     match std::fs::create_dir(dir.join(CNI_MARKER)) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
@@ -442,8 +447,8 @@ fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
         }
         Err(error) => return Err(datapath_error(&doing, error)),
     };
-    let made_by_cni = pinned.dir.join(CNI_MARKER).is_dir();
-    if made_by_cni && (bridge_gone || (pinned.hooked_ports() == 0 && pinned.published().is_empty()))
+    if made_by_cni(&pinned.dir)
+        && (bridge_gone || (pinned.hooked_ports() == 0 && pinned.published().is_empty()))
     {
         pinned.detach().map_err(|e| datapath_error(&doing, e))?;
     }
@@ -512,7 +517,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         let Ok(dir) = pins::bridge_dir(&root, &bridge) else {
             continue;
         };
-        if !dir.join(CNI_MARKER).is_dir() {
+        if !made_by_cni(&dir) {
             continue;
         }
         let _writer = match lock::Writer::acquire(&root, &bridge, false, wait(conf)) {
