@@ -244,6 +244,16 @@ fn add(env: &Environment, conf: &NetConf) -> Result<String, CniError> {
     let _writer = lock::Writer::acquire(&root, &bridge, true, wait(conf))
         .map_err(|e| datapath_error(&doing, e))?;
     let first_attach = !pins::bridge_dir(&root, &bridge).is_ok_and(|dir| pins::is_complete(&dir));
+    // Many ADDs started together queue on the lock; the first reconcile hooks every veth
+    // there by then, and the others find theirs done.
+    if !first_attach
+        && conf.uplinks.is_empty()
+        && let Some(mac) = endpoint.container_mac
+        && Pinned::open(&root, &bridge)
+            .is_ok_and(|pinned| pinned.serves(port, mac, &endpoint.container_ipv4))
+    {
+        return Ok(protocol::add_result(conf));
+    }
     let socket_hooks = match &conf.socket_hooks {
         None | Some(protocol::SocketHooks::Enabled(true)) => SocketHooksChoice::Auto,
         Some(protocol::SocketHooks::Enabled(false)) => SocketHooksChoice::Off,
