@@ -322,6 +322,15 @@ pub fn made_by_cni(dir: &Path) -> bool {
     dir.join(CNI_MARKER).is_dir()
 }
 
+/// `xbr attach` on an attachment xbr-cni made: from now on it is the user's, and stays when
+/// the last container leaves (a follower beside the plugin keeps following).
+pub fn hand_to_user(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(dir.join(CNI_MARKER)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn mark_as_cni(dir: &Path) -> std::io::Result<()> {
     match std::fs::create_dir(dir.join(CNI_MARKER)) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
