@@ -225,7 +225,7 @@ enum End {
     /// Every packet that entered the chain got a final verdict there.
     Ends,
     /// Some packets come back out (returned, or fell off the end): at most these.
-    Returns(Packets),
+    Returns(Box<Packets>),
 }
 
 /// Where a rule sends the packets it matched.
@@ -234,7 +234,7 @@ enum Next {
     /// On to the next rule.
     On,
     /// On to the next rule, after a jump whose chain kept only these of them.
-    OnAs(Packets),
+    OnAs(Box<Packets>),
     /// Out of this chain.
     Leaves(End),
 }
@@ -280,7 +280,7 @@ impl<'a> Walk<'a> {
                 Next::On => continue,
                 Next::OnAs(kept) => {
                     if matched == Tri::Always {
-                        packets = kept;
+                        packets = *kept;
                     }
                     continue;
                 }
@@ -288,21 +288,21 @@ impl<'a> Walk<'a> {
             };
             if let End::Returns(back) = &end {
                 returned.get_or_insert_with(|| match matched {
-                    Tri::Always => back.clone(),
+                    Tri::Always => (**back).clone(),
                     _ => packets.clone(),
                 });
             }
             if matched == Tri::Always {
-                return returned.map_or(End::Ends, End::Returns);
+                return returned.map_or(End::Ends, |back| End::Returns(Box::new(back)));
             }
             if let Some(rest) = without(&packets, &rule.conditions) {
                 packets = rest;
                 if packets.is_empty() {
-                    return returned.map_or(End::Ends, End::Returns);
+                    return returned.map_or(End::Ends, |back| End::Returns(Box::new(back)));
                 }
             }
         }
-        End::Returns(returned.unwrap_or(packets))
+        End::Returns(Box::new(returned.unwrap_or(packets)))
     }
 
     /// Runs a matching rule's statements for `packets`.
@@ -324,7 +324,7 @@ impl<'a> Walk<'a> {
                 Statement::Continue => return Next::On,
                 Statement::Accept => return Next::Leaves(End::Ends),
                 Statement::Return => {
-                    return Next::Leaves(End::Returns(within(packets, &rule.conditions)));
+                    return Next::Leaves(End::Returns(Box::new(within(packets, &rule.conditions))));
                 }
                 Statement::Drop => Why::Drops,
                 Statement::Reject => Why::Rejects,
