@@ -228,6 +228,36 @@ enum End {
     Returns(Box<Packets>),
 }
 
+/// The packets that come back out of a chain: exactly those of one rule that returns some
+/// (or of its end), or, where several do, at most those that reached the first of them
+/// (later rules see fewer).
+#[derive(Default)]
+struct Returned {
+    first: Option<Packets>,
+    reached_first: Option<Packets>,
+    more: bool,
+}
+
+impl Returned {
+    /// `back` returned by a rule that `reached` got to.
+    fn add(&mut self, back: Packets, reached: &Packets) {
+        if self.first.is_some() {
+            self.more = true;
+        } else {
+            self.first = Some(back);
+            self.reached_first = Some(reached.clone());
+        }
+    }
+
+    fn end(self) -> End {
+        match (self.first, self.more) {
+            (None, _) => End::Ends,
+            (Some(back), false) => End::Returns(Box::new(back)),
+            (Some(_), true) => End::Returns(Box::new(self.reached_first.unwrap_or_default())),
+        }
+    }
+}
+
 /// Where a rule sends the packets it matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Next {
@@ -260,9 +290,7 @@ impl<'a> Walk<'a> {
         path: &mut Vec<&'a Condition>,
         depth: usize,
     ) -> End {
-        // Packets that left through a return: at most those that reached the first rule that
-        // returns some (later rules see fewer).
-        let mut returned: Option<Packets> = None;
+        let mut returned = Returned::default();
         for rule in &chain.rules {
             let matched = rule
                 .conditions
@@ -286,23 +314,25 @@ impl<'a> Walk<'a> {
                 }
                 Next::Leaves(end) => end,
             };
-            if let End::Returns(back) = &end {
-                returned.get_or_insert_with(|| match matched {
-                    Tri::Always => (**back).clone(),
-                    _ => packets.clone(),
-                });
+            if let End::Returns(back) = end {
+                returned.add(*back, &packets);
             }
             if matched == Tri::Always {
-                return returned.map_or(End::Ends, |back| End::Returns(Box::new(back)));
+                return returned.end();
             }
             if let Some(rest) = without(&packets, &rule.conditions) {
+                // A class described with no values at all (a published port without uplinks)
+                // is walked as before; one whose last packets the rule took is done.
+                let emptied = rest.is_empty() && !packets.is_empty();
                 packets = rest;
-                if packets.is_empty() {
-                    return returned.map_or(End::Ends, |back| End::Returns(Box::new(back)));
+                if emptied {
+                    return returned.end();
                 }
             }
         }
-        End::Returns(Box::new(returned.unwrap_or(packets)))
+        let fell_off = packets.clone();
+        returned.add(fell_off, &packets);
+        returned.end()
     }
 
     /// Runs a matching rule's statements for `packets`.

@@ -958,3 +958,28 @@ fn marks_are_read_from_both_tools() {
         }]
     );
 }
+
+#[test]
+fn packets_a_base_chain_returns_meet_its_policy() {
+    // A return in a base chain hands the packets to the policy, even where a later rule
+    // accepts all the others.
+    let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                -A FORWARD -s 10.252.0.9/32 -j RETURN\n-A FORWARD -j ACCEPT\nCOMMIT\n";
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
+    assert_eq!(
+        patterns(&holds),
+        vec![Pattern {
+            layer3: Some(Layer3::V4),
+            source: v4(CNI_A),
+            ..Pattern::default()
+        }],
+        "{holds:#?}"
+    );
+}
