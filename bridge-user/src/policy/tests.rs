@@ -983,3 +983,54 @@ fn packets_a_base_chain_returns_meet_its_policy() {
         "{holds:#?}"
     );
 }
+
+#[test]
+fn the_cni_firewall_plugin_behind_dockers_forward_rules() {
+    // dockerd's FORWARD chain (and its DROP policy) first, the plugin's jump after it, as on a
+    // host that runs both: Docker's rules name only its own bridges.
+    let cni = fixture("cni-plugins.save");
+    let filter_lines = |save: &str| -> Vec<String> {
+        save.lines()
+            .skip_while(|line| *line != "*filter")
+            .take_while(|line| *line != "COMMIT")
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    };
+    let (docker, cni) = (filter_lines(DOCKER_RULES), filter_lines(&cni));
+    let (chains, rules): (Vec<String>, Vec<String>) = docker
+        .into_iter()
+        .chain(
+            cni.into_iter()
+                .filter(|line| !line.starts_with(':') || line.contains("CNI")),
+        )
+        .partition(|line| line.starts_with(':'));
+    let save = format!(
+        "*filter\n{}\n{}\nCOMMIT\n",
+        chains.join("\n"),
+        rules.join("\n")
+    );
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(&save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let forward = firewall.ruleset.tables[0].chain("FORWARD").unwrap();
+    assert_eq!(
+        forward.rules.len(),
+        11,
+        "Docker's ten rules and the plugin's jump"
+    );
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B, CNI_C]);
+    assert_eq!(
+        patterns(&holds),
+        vec![Pattern {
+            layer3: Some(Layer3::V4),
+            source: v4(CNI_C),
+            ..Pattern::default()
+        }],
+        "{holds:#?}"
+    );
+}
