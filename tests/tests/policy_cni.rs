@@ -254,6 +254,12 @@ fn east_west_held(bridge: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+fn held_classes_include(lab: &CniLab, packets: &str) -> bool {
+    east_west_held(&lab.bridge_status())
+        .iter()
+        .any(|(p, _)| p == packets)
+}
+
 #[test]
 fn the_firewall_plugins_accepts_leave_east_west_fast_and_a_container_without_them_held() {
     let Some(lab) = CniLab::up(
@@ -263,7 +269,14 @@ fn the_firewall_plugins_accepts_leave_east_west_fast_and_a_container_without_the
         return;
     };
     // The kernel path: a's and b's frames are accepted by their own `-s X -j ACCEPT`; c's
-    // by nothing, so the policy drops them.
+    // by nothing, so the policy drops them, but for its replies to a connection a opened
+    // (`-d a ctstate RELATED,ESTABLISHED -j ACCEPT`).
+    let _server = tcp_echo_server(&lab.ns("c"), C, 9000);
+    let a_c = SocketAddr::from((C, 9000));
+    assert!(
+        exchange(&lab.ns("a"), a_c, 1000).is_ok(),
+        "the kernel path: a connects to c"
+    );
     let a_b = lab.datagrams(("a", A), ("b", B), "kernel-ab");
     let b_a = lab.datagrams(("b", B), ("a", A), "kernel-ba");
     let c_a = lab.datagrams(("c", C), ("a", A), "kernel-ca");
@@ -293,6 +306,12 @@ fn the_firewall_plugins_accepts_leave_east_west_fast_and_a_container_without_the
             .any(|(p, _)| p.contains("10.77.0.2:* ->") || p.contains("10.77.0.3:* ->")),
         "nothing a or b sends is held but the replies portmap's DNAT makes: {held:#?}"
     );
+    // a's SYN to c takes the kernel path too, so that conntrack knows c's SYN-ACK as
+    // established.
+    assert!(
+        held.iter().any(|(p, _)| p == "ipv4 *:* -> 10.77.0.4:*"),
+        "what goes to c is held: {held:#?}"
+    );
 
     let redirected = lab.verdict("redirected");
     let a_b = lab.datagrams(("a", A), ("b", B), "xbr-ab");
@@ -312,19 +331,36 @@ fn the_firewall_plugins_accepts_leave_east_west_fast_and_a_container_without_the
         held >= DATAGRAMS as u64,
         "c -> a was held for the kernel path: held_by_policy +{held}"
     );
+    let held_by_policy = lab.verdict("held_by_policy");
+    assert!(
+        exchange(&lab.ns("a"), a_c, 1000).is_ok(),
+        "with xbr: a connects to c"
+    );
+    let held = lab.verdict("held_by_policy") - held_by_policy;
+    assert!(held >= 4, "a <-> c was held: held_by_policy +{held}");
 }
 
 #[test]
 fn an_admin_drop_in_cni_admin_holds_back_exactly_that_pair() {
     let Some(lab) = CniLab::up(
         "an_admin_drop_in_cni_admin_holds_back_exactly_that_pair",
-        &["-A CNI-ADMIN -s 10.77.0.2/32 -d 10.77.0.3/32 -j DROP"],
+        &[
+            // c gets the plugin's rules too here, so that a -> c is a class no rule holds.
+            "-A CNI-FORWARD -d 10.77.0.4/32 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-A CNI-FORWARD -s 10.77.0.4/32 -j ACCEPT",
+            "-A CNI-ADMIN -s 10.77.0.2/32 -d 10.77.0.3/32 -j DROP",
+        ],
     ) else {
         return;
     };
     let a_b = lab.datagrams(("a", A), ("b", B), "kernel-ab");
+    let b_a = lab.datagrams(("b", B), ("a", A), "kernel-ba");
     let a_c = lab.datagrams(("a", A), ("c", C), "kernel-ac");
-    assert_eq!((a_b, a_c), (0, DATAGRAMS), "the kernel path");
+    assert_eq!(
+        (a_b, b_a, a_c),
+        (0, DATAGRAMS, DATAGRAMS),
+        "the kernel path"
+    );
 
     lab.attach();
     let held = east_west_held(&lab.bridge_status());
@@ -346,6 +382,18 @@ fn an_admin_drop_in_cni_admin_holds_back_exactly_that_pair() {
     let held = lab.verdict("held_by_policy") - held_by_policy;
     assert_eq!(a_b, 0, "a -> b is dropped with xbr too");
     assert!(held >= DATAGRAMS as u64, "held_by_policy +{held}");
+
+    // b -> a is held too (the ruleset decides by conntrack state, so conntrack must see both
+    // directions of what is held), and delivered, as on the kernel path.
+    assert!(
+        held_classes_include(&lab, "ipv4 10.77.0.3:* -> 10.77.0.2:*"),
+        "b -> a is held"
+    );
+    let held_by_policy = lab.verdict("held_by_policy");
+    let b_a = lab.datagrams(("b", B), ("a", A), "xbr-ba");
+    let held = lab.verdict("held_by_policy") - held_by_policy;
+    assert_eq!(b_a, DATAGRAMS, "b -> a with xbr");
+    assert!(held >= DATAGRAMS as u64, "b -> a held_by_policy +{held}");
 
     // a's other traffic is not the rule's.
     let redirected = lab.verdict("redirected");

@@ -127,6 +127,22 @@ pub struct Pattern {
     pub destination_port: Option<u16>,
 }
 
+impl Pattern {
+    /// The same packets' other direction: the replies (or the requests) of their connections.
+    pub fn reversed(&self) -> Pattern {
+        Pattern {
+            layer3: self.layer3,
+            source: self.destination,
+            destination: self.source,
+            source_prefix: self.destination_prefix,
+            destination_prefix: self.source_prefix,
+            protocol: self.protocol,
+            source_port: self.destination_port,
+            destination_port: self.source_port,
+        }
+    }
+}
+
 /// Why a rule holds packets back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Why {
@@ -187,7 +203,15 @@ pub struct Hold {
 
 /// Every hold-back the ruleset makes for packets passing `traversal`.
 pub fn holds(ruleset: &Ruleset, traversal: &Traversal) -> Vec<Hold> {
+    holds_and_state(ruleset, traversal).0
+}
+
+/// `holds`, and whether a rule there decides the class's packets by conntrack state (`ct
+/// state`, `ct status`) for some of them and not others: then the kernel path decides packets
+/// by what conntrack saw of their connection's other direction.
+pub fn holds_and_state(ruleset: &Ruleset, traversal: &Traversal) -> (Vec<Hold>, bool) {
     let mut holds = Vec::new();
+    let mut by_state = false;
     for table in &ruleset.tables {
         if !traversal.families.contains(&table.family) {
             continue;
@@ -208,6 +232,7 @@ pub fn holds(ruleset: &Ruleset, traversal: &Traversal) -> Vec<Hold> {
                 table,
                 traversal,
                 holds: &mut holds,
+                by_state: &mut by_state,
             };
             let end = walk.chain(chain, traversal.packets.clone(), &mut Vec::new(), 0);
             if let End::Returns(left) = end
@@ -217,7 +242,7 @@ pub fn holds(ruleset: &Ruleset, traversal: &Traversal) -> Vec<Hold> {
             }
         }
     }
-    holds
+    (holds, by_state)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,6 +298,9 @@ struct Walk<'a> {
     table: &'a Table,
     traversal: &'a Traversal,
     holds: &'a mut Vec<Hold>,
+    /// A rule that may change a packet's fate matched on conntrack state, and some of the
+    /// class's packets and not others were in that state.
+    by_state: &'a mut bool,
 }
 
 impl<'a> Walk<'a> {
@@ -299,6 +327,16 @@ impl<'a> Walk<'a> {
                 .fold(Tri::Always, Tri::and);
             if matched == Tri::Never {
                 continue;
+            }
+            if rule.statements.iter().any(|s| *s != Statement::Observes)
+                && rule.conditions.iter().any(|condition| {
+                    matches!(
+                        condition,
+                        Condition::ConntrackState(_) | Condition::ConntrackDnat(_)
+                    ) && matches(condition, &packets) == Tri::Maybe
+                })
+            {
+                *self.by_state = true;
             }
             let outer = path.len();
             path.extend(rule.conditions.iter());

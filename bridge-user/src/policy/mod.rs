@@ -28,7 +28,7 @@ mod xtables;
 use std::net::{IpAddr, Ipv4Addr};
 
 pub use eval::{Hold, Pattern, Translation, Why};
-use eval::{Packets, Traversal, holds};
+use eval::{Packets, Traversal, holds, holds_and_state};
 pub use events::RulesetChanges;
 use model::{ConntrackState, Family, Hook, Layer3};
 pub use read::{Firewall, ReadError, read};
@@ -46,8 +46,27 @@ pub struct Bridge<'a> {
 /// Every hold-back for east-west frames on `bridge`.
 pub fn east_west(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
     let mut found = Vec::new();
+    let mut by_state = false;
     for traversal in east_west_traversals(firewall, bridge) {
-        found.extend(holds(&firewall.ruleset, &traversal));
+        let (holds, state) = holds_and_state(&firewall.ruleset, &traversal);
+        found.extend(holds);
+        by_state |= state;
+    }
+    // A held frame meets the rules with conntrack's view of its connection, and conntrack
+    // sees only the frames that take the kernel path: where a rule decides by state (the CNI
+    // firewall plugin's `-d A ctstate RELATED,ESTABLISHED -j ACCEPT` for C's replies to A), the
+    // other direction of what is held is held too, so conntrack sees both (A's SYN to C, and C's
+    // SYN-ACK is established, as without xbr).
+    if by_state {
+        for hold in &mut found {
+            let reversed: Vec<Pattern> = hold
+                .patterns
+                .iter()
+                .map(Pattern::reversed)
+                .filter(|pattern| !hold.patterns.contains(pattern))
+                .collect();
+            hold.patterns.extend(reversed);
+        }
     }
     found.extend(translated_replies(firewall, bridge));
     found

@@ -718,7 +718,8 @@ fn the_cni_firewall_plugin_leaves_east_west_between_its_containers_accelerated()
 #[test]
 fn the_cni_firewall_plugin_holds_back_what_a_container_without_its_rules_sends() {
     // The kernel drops C -> A unless it replies to a connection A opened (`-d A ctstate
-    // RELATED,ESTABLISHED -j ACCEPT`); either way the frames from C are the kernel's.
+    // RELATED,ESTABLISHED -j ACCEPT`); either way the frames from C are the kernel's. And so
+    // are the frames to C: conntrack must see A's SYN for C's SYN-ACK to be established.
     let firewall = firewall("cni-plugins");
     let holds = cni_east_west(&firewall, &[CNI_A, CNI_B, CNI_C]);
     assert!(!wide(&holds), "{holds:#?}");
@@ -728,6 +729,11 @@ fn the_cni_firewall_plugin_holds_back_what_a_container_without_its_rules_sends()
             Pattern {
                 layer3: Some(Layer3::V4),
                 source: v4(CNI_C),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                destination: v4(CNI_C),
                 ..Pattern::default()
             },
             portmap_hairpin_replies(),
@@ -765,6 +771,8 @@ fn a_conntrack_state_accept_alone_leaves_the_policy_to_decide_new_connections() 
 
 #[test]
 fn an_admin_override_in_cni_admin_holds_back_the_frames_it_drops() {
+    // A -> B, and (as the ruleset decides by conntrack state) B -> A, so that conntrack sees
+    // both directions of what is held.
     let firewall = firewall("cni-admin");
     let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
     assert!(!wide(&holds), "{holds:#?}");
@@ -775,6 +783,12 @@ fn an_admin_override_in_cni_admin_holds_back_the_frames_it_drops() {
                 layer3: Some(Layer3::V4),
                 source: v4(CNI_A),
                 destination: v4(CNI_B),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_B),
+                destination: v4(CNI_A),
                 ..Pattern::default()
             },
             portmap_hairpin_replies(),
@@ -816,6 +830,11 @@ fn a_kube_forward_style_drop_holds_back_what_it_may_drop() {
             Pattern {
                 layer3: Some(Layer3::V4),
                 destination: v4(CNI_B),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_B),
                 ..Pattern::default()
             },
             portmap_hairpin_replies(),
@@ -1026,11 +1045,48 @@ fn the_cni_firewall_plugin_behind_dockers_forward_rules() {
     let holds = cni_east_west(&firewall, &[CNI_A, CNI_B, CNI_C]);
     assert_eq!(
         patterns(&holds),
-        vec![Pattern {
-            layer3: Some(Layer3::V4),
-            source: v4(CNI_C),
-            ..Pattern::default()
-        }],
+        vec![
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_C),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                destination: v4(CNI_C),
+                ..Pattern::default()
+            },
+        ],
         "{holds:#?}"
+    );
+}
+
+#[test]
+fn without_a_rule_that_decides_by_state_only_the_held_direction_is_held() {
+    let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                -A FORWARD -s 10.252.0.9/32 -d 10.252.0.10/32 -j DROP\nCOMMIT\n";
+    let with_state = save.replace(
+        "-A FORWARD -s",
+        "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A FORWARD -s",
+    );
+    let held = |save: &str| {
+        let firewall = Firewall {
+            ruleset: model::Ruleset {
+                tables: xtables::parse(save, Family::Ip, Origin::IptablesNft),
+            },
+            bridged_ipv4: true,
+            bridged_ipv6: false,
+        };
+        patterns(&cni_east_west(&firewall, &[CNI_A, CNI_B]))
+            .iter()
+            .map(|p| (p.source, p.destination))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(held(save), vec![(v4(CNI_A), v4(CNI_B))]);
+    // Established A -> B frames are accepted on the kernel path only where conntrack saw
+    // B's side of the connection.
+    assert_eq!(
+        held(&with_state),
+        vec![(v4(CNI_A), v4(CNI_B)), (v4(CNI_B), v4(CNI_A))]
     );
 }
