@@ -7,8 +7,8 @@
 use std::net::IpAddr;
 
 use super::model::{
-    Addresses, Chain, ChainType, Condition, ConntrackState, Family, Hook, Layer3, Name, Ports,
-    Rule, RuleRef, Ruleset, Statement, Table,
+    Addresses, Chain, ChainType, Choice, Condition, ConntrackState, Family, Hook, Layer3, Name,
+    Ports, Rule, RuleRef, Ruleset, Statement, Table,
 };
 
 /// Jumps nest at most this deep before the walk gives up (and holds the class back).
@@ -68,6 +68,32 @@ pub struct Packets {
     pub local_destination: Field<bool>,
     /// Whether the source is one of the host's own addresses.
     pub local_source: Field<bool>,
+    /// The packet mark (`meta mark`, `-m mark`).
+    pub mark: Field<u32>,
+}
+
+impl Packets {
+    /// Whether no packet is left: some field has no value at all.
+    fn is_empty(&self) -> bool {
+        fn none<T>(field: &Field<T>) -> bool {
+            field.as_ref().is_some_and(Vec::is_empty)
+        }
+        none(&self.layer3)
+            || none(&self.in_interface)
+            || none(&self.out_interface)
+            || none(&self.in_bridge_port)
+            || none(&self.out_bridge_port)
+            || none(&self.source)
+            || none(&self.destination)
+            || none(&self.protocol)
+            || none(&self.source_port)
+            || none(&self.destination_port)
+            || none(&self.conntrack)
+            || none(&self.dnat)
+            || none(&self.local_destination)
+            || none(&self.local_source)
+            || none(&self.mark)
+    }
 }
 
 /// One hook that a traffic class passes on the kernel path.
@@ -99,6 +125,22 @@ pub struct Pattern {
     pub protocol: Option<u8>,
     pub source_port: Option<u16>,
     pub destination_port: Option<u16>,
+}
+
+impl Pattern {
+    /// The same packets' other direction: the replies (or the requests) of their connections.
+    pub fn reversed(&self) -> Pattern {
+        Pattern {
+            layer3: self.layer3,
+            source: self.destination,
+            destination: self.source,
+            source_prefix: self.destination_prefix,
+            destination_prefix: self.source_prefix,
+            protocol: self.protocol,
+            source_port: self.destination_port,
+            destination_port: self.source_port,
+        }
+    }
 }
 
 /// Why a rule holds packets back.
@@ -161,7 +203,15 @@ pub struct Hold {
 
 /// Every hold-back the ruleset makes for packets passing `traversal`.
 pub fn holds(ruleset: &Ruleset, traversal: &Traversal) -> Vec<Hold> {
+    holds_and_state(ruleset, traversal).0
+}
+
+/// `holds`, and whether a rule there decides the class's packets by conntrack state (`ct
+/// state`, `ct status`) for some of them and not others: then the kernel path decides packets
+/// by what conntrack saw of their connection's other direction.
+pub fn holds_and_state(ruleset: &Ruleset, traversal: &Traversal) -> (Vec<Hold>, bool) {
     let mut holds = Vec::new();
+    let mut by_state = false;
     for table in &ruleset.tables {
         if !traversal.families.contains(&table.family) {
             continue;
@@ -182,79 +232,173 @@ pub fn holds(ruleset: &Ruleset, traversal: &Traversal) -> Vec<Hold> {
                 table,
                 traversal,
                 holds: &mut holds,
+                by_state: &mut by_state,
             };
-            let end = walk.chain(chain, &mut Vec::new(), 0);
-            if end == End::Returns && base.policy_drops {
-                walk.hold(&[], chain, None, Why::PolicyDrops);
+            let end = walk.chain(chain, traversal.packets.clone(), &mut Vec::new(), 0);
+            if let End::Returns(left) = end
+                && base.policy_drops
+            {
+                walk.hold(&[], &left, chain, None, Why::PolicyDrops);
             }
         }
     }
-    holds
+    (holds, by_state)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum End {
     /// Every packet that entered the chain got a final verdict there.
     Ends,
-    /// Some packets come back out (returned, or fell off the end).
-    Returns,
+    /// Some packets come back out (returned, or fell off the end): at most these.
+    Returns(Box<Packets>),
+}
+
+/// The packets that come back out of a chain: exactly those of one rule that returns some
+/// (or of its end), or, where several do, at most those that reached the first of them
+/// (later rules see fewer).
+#[derive(Default)]
+struct Returned {
+    first: Option<Packets>,
+    reached_first: Option<Packets>,
+    more: bool,
+}
+
+impl Returned {
+    /// `back` returned by a rule that `reached` got to.
+    fn add(&mut self, back: Packets, reached: &Packets) {
+        if self.first.is_some() {
+            self.more = true;
+        } else {
+            self.first = Some(back);
+            self.reached_first = Some(reached.clone());
+        }
+    }
+
+    fn end(self) -> End {
+        match (self.first, self.more) {
+            (None, _) => End::Ends,
+            (Some(back), false) => End::Returns(Box::new(back)),
+            (Some(_), true) => End::Returns(Box::new(self.reached_first.unwrap_or_default())),
+        }
+    }
+}
+
+/// Where a rule sends the packets it matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Next {
+    /// On to the next rule.
+    On,
+    /// On to the next rule, after a jump whose chain kept only these of them.
+    OnAs(Box<Packets>),
+    /// Out of this chain.
+    Leaves(End),
 }
 
 struct Walk<'a> {
     table: &'a Table,
     traversal: &'a Traversal,
     holds: &'a mut Vec<Hold>,
+    /// A rule that may change a packet's fate matched on conntrack state, and some of the
+    /// class's packets and not others were in that state.
+    by_state: &'a mut bool,
 }
 
 impl<'a> Walk<'a> {
-    /// Walks `chain` for packets that got there through the conditions in `path`.
-    fn chain(&mut self, chain: &'a Chain, path: &mut Vec<&'a Condition>, depth: usize) -> End {
+    /// Walks `chain` for `packets` (those that got there through the conditions in `path`).
+    ///
+    /// A rule that takes the packets it matches out of the chain (accept, drop, a jump to a
+    /// chain that decides them all) leaves the following rules only the rest. Where the rule
+    /// may match some of the class's packets and not others through one field only (`ip saddr
+    /// 10.0.0.2 accept` of packets from three containers), the rest is known exactly (the other
+    /// two sources), and later rules, and the chain's policy, are decided for it alone.
+    fn chain(
+        &mut self,
+        chain: &'a Chain,
+        mut packets: Packets,
+        path: &mut Vec<&'a Condition>,
+        depth: usize,
+    ) -> End {
+        let mut returned = Returned::default();
         for rule in &chain.rules {
             let matched = rule
                 .conditions
                 .iter()
-                .map(|condition| matches(condition, &self.traversal.packets))
+                .map(|condition| matches(condition, &packets))
                 .fold(Tri::Always, Tri::and);
             if matched == Tri::Never {
                 continue;
             }
+            if rule.statements.iter().any(|s| *s != Statement::Observes)
+                && rule.conditions.iter().any(|condition| {
+                    matches!(
+                        condition,
+                        Condition::ConntrackState(_) | Condition::ConntrackDnat(_)
+                    ) && matches(condition, &packets) == Tri::Maybe
+                })
+            {
+                *self.by_state = true;
+            }
             let outer = path.len();
             path.extend(rule.conditions.iter());
-            let end = self.statements(chain, rule, path, depth);
+            let next = self.statements(chain, rule, &packets, path, depth);
             path.truncate(outer);
-            if let Some(end) = end
-                && matched == Tri::Always
-            {
-                return end;
+            let end = match next {
+                Next::On => continue,
+                Next::OnAs(kept) => {
+                    if matched == Tri::Always {
+                        packets = *kept;
+                    }
+                    continue;
+                }
+                Next::Leaves(end) => end,
+            };
+            if let End::Returns(back) = end {
+                returned.add(*back, &packets);
+            }
+            if matched == Tri::Always {
+                return returned.end();
+            }
+            if let Some(rest) = without(&packets, &rule.conditions) {
+                // A class described with no values at all (a published port without uplinks)
+                // is walked as before; one whose last packets the rule took is done.
+                let emptied = rest.is_empty() && !packets.is_empty();
+                packets = rest;
+                if emptied {
+                    return returned.end();
+                }
             }
         }
-        End::Returns
+        let fell_off = packets.clone();
+        returned.add(fell_off, &packets);
+        returned.end()
     }
 
-    /// Runs a matching rule's statements; `Some` when the rule takes its packets out of the
-    /// chain (a verdict), `None` when they go on to the next rule.
+    /// Runs a matching rule's statements for `packets`.
     fn statements(
         &mut self,
         chain: &'a Chain,
         rule: &'a Rule,
+        packets: &Packets,
         path: &mut Vec<&'a Condition>,
         depth: usize,
-    ) -> Option<End> {
+    ) -> Next {
         for statement in &rule.statements {
             let why = match statement {
                 Statement::Observes => continue,
                 Statement::Changes(what) => {
-                    self.hold(path, chain, Some(rule), Why::Changes(what.clone()));
+                    self.hold(path, packets, chain, Some(rule), Why::Changes(what.clone()));
                     continue;
                 }
-                Statement::Continue => return None,
-                Statement::Accept => return Some(End::Ends),
-                Statement::Return => return Some(End::Returns),
+                Statement::Continue => return Next::On,
+                Statement::Accept => return Next::Leaves(End::Ends),
+                Statement::Return => {
+                    return Next::Leaves(End::Returns(Box::new(within(packets, &rule.conditions))));
+                }
                 Statement::Drop => Why::Drops,
                 Statement::Reject => Why::Rejects,
                 Statement::Queue => Why::Queues,
                 Statement::Dnat { to: Some(to), port } if self.is_own_dnat(*to, *port) => {
-                    return Some(End::Ends);
+                    return Next::Leaves(End::Ends);
                 }
                 Statement::Dnat { to, port } => Why::Translates(Translation::Destination {
                     to: *to,
@@ -262,19 +406,20 @@ impl<'a> Walk<'a> {
                 }),
                 Statement::OtherNat(kind) => Why::Translates(Translation::Other(kind.clone())),
                 Statement::Jump(target) | Statement::Goto(target) => {
-                    let end = self.follow(chain, rule, target, path, depth);
+                    let entering = within(packets, &rule.conditions);
+                    let end = self.follow(chain, rule, target, entering, path, depth);
                     return match (statement, end) {
                         // After a jump, packets that come back go on with the next rule.
-                        (Statement::Jump(_), End::Returns) => None,
+                        (Statement::Jump(_), End::Returns(back)) => Next::OnAs(back),
                         // After a goto, they leave this chain too.
-                        (_, end) => Some(end),
+                        (_, end) => Next::Leaves(end),
                     };
                 }
             };
-            self.hold(path, chain, Some(rule), why);
-            return Some(End::Ends);
+            self.hold(path, packets, chain, Some(rule), why);
+            return Next::Leaves(End::Ends);
         }
-        None
+        Next::On
     }
 
     fn follow(
@@ -282,6 +427,7 @@ impl<'a> Walk<'a> {
         chain: &'a Chain,
         rule: &'a Rule,
         target: &str,
+        packets: Packets,
         path: &mut Vec<&'a Condition>,
         depth: usize,
     ) -> End {
@@ -289,10 +435,10 @@ impl<'a> Walk<'a> {
             Some(_) if depth >= MAX_DEPTH => {
                 Why::CannotFollow(format!("jumps nest deeper than {MAX_DEPTH}"))
             }
-            Some(next) => return self.chain(next, path, depth + 1),
+            Some(next) => return self.chain(next, packets, path, depth + 1),
             None => Why::CannotFollow(format!("no chain {target} in the table")),
         };
-        self.hold(path, chain, Some(rule), why);
+        self.hold(path, &packets, chain, Some(rule), why);
         End::Ends
     }
 
@@ -307,7 +453,16 @@ impl<'a> Walk<'a> {
             .is_some_and(|own| own.0 == to && port.or(original_port) == Some(own.1))
     }
 
-    fn hold(&mut self, path: &[&Condition], chain: &Chain, rule: Option<&Rule>, why: Why) {
+    /// Holds back `packets` (what reached the rule of the class's packets; earlier rules may
+    /// have taken some) that match every condition of `path`.
+    fn hold(
+        &mut self,
+        path: &[&Condition],
+        packets: &Packets,
+        chain: &Chain,
+        rule: Option<&Rule>,
+        why: Why,
+    ) {
         // Packets that pass this hook are of one layer 3 only, where the class says so.
         let layer3 = match self.traversal.packets.layer3.as_deref() {
             Some([layer3]) => Some(*layer3),
@@ -317,7 +472,11 @@ impl<'a> Walk<'a> {
             layer3,
             ..Pattern::default()
         }];
-        for condition in path {
+        for condition in path
+            .iter()
+            .copied()
+            .chain(&left_of(&self.traversal.packets, packets))
+        {
             patterns = narrow(patterns, condition);
         }
         if patterns.is_empty() {
@@ -373,8 +532,117 @@ pub fn matches(condition: &Condition, packets: &Packets) -> Tri {
         Condition::ConntrackDnat(wanted) => test(&packets.dnat, |v| v == wanted),
         Condition::LocalDestination(wanted) => test(&packets.local_destination, |v| v == wanted),
         Condition::LocalSource(wanted) => test(&packets.local_source, |v| v == wanted),
+        Condition::Mark {
+            value,
+            mask,
+            negated,
+        } => test(&packets.mark, |mark| ((mark & mask) == *value) != *negated),
         Condition::Unknown(_) => Tri::Maybe,
     }
+}
+
+/// The packets of `packets` that do not match `conditions`, where that is known exactly:
+/// every condition but one matches all of them, and that one tests a field whose values
+/// are listed. `None` otherwise (then the rest is taken to be all of `packets`, more).
+fn without(packets: &Packets, conditions: &[Condition]) -> Option<Packets> {
+    let mut deciding = conditions
+        .iter()
+        .filter(|condition| matches(condition, packets) != Tri::Always);
+    let condition = deciding.next()?;
+    if deciding.next().is_some() {
+        return None;
+    }
+    Some(keep(packets, condition, |tri| tri != Tri::Always))
+}
+
+/// The packets of `packets` that may match every one of `conditions` (more where a condition
+/// tests several fields or one whose values are not listed).
+fn within(packets: &Packets, conditions: &[Condition]) -> Packets {
+    conditions
+        .iter()
+        .fold(packets.clone(), |packets, condition| {
+            keep(&packets, condition, |tri| tri != Tri::Never)
+        })
+}
+
+/// `packets` with the values of the field `condition` tests filtered by `wanted` (how the
+/// condition matches packets with that one value); unchanged where the values are any.
+fn keep(packets: &Packets, condition: &Condition, wanted: impl Fn(Tri) -> bool) -> Packets {
+    fn filter<T: Clone>(
+        packets: &Packets,
+        condition: &Condition,
+        wanted: impl Fn(Tri) -> bool,
+        field: fn(&mut Packets) -> &mut Field<T>,
+    ) -> Packets {
+        let mut rest = packets.clone();
+        let Some(values) = field(&mut rest).clone() else {
+            return rest;
+        };
+        let kept = values
+            .into_iter()
+            .filter(|value| {
+                let mut one = packets.clone();
+                *field(&mut one) = Some(vec![value.clone()]);
+                wanted(matches(condition, &one))
+            })
+            .collect();
+        *field(&mut rest) = Some(kept);
+        rest
+    }
+    match condition {
+        Condition::InInterface(_) => filter(packets, condition, wanted, |p| &mut p.in_interface),
+        Condition::OutInterface(_) => filter(packets, condition, wanted, |p| &mut p.out_interface),
+        Condition::InBridgePort(_) => filter(packets, condition, wanted, |p| &mut p.in_bridge_port),
+        Condition::OutBridgePort(_) => {
+            filter(packets, condition, wanted, |p| &mut p.out_bridge_port)
+        }
+        Condition::Layer3(_) => filter(packets, condition, wanted, |p| &mut p.layer3),
+        Condition::Protocol(_) => filter(packets, condition, wanted, |p| &mut p.protocol),
+        Condition::Source(_) => filter(packets, condition, wanted, |p| &mut p.source),
+        Condition::Destination(_) => filter(packets, condition, wanted, |p| &mut p.destination),
+        Condition::SourcePort(_) => filter(packets, condition, wanted, |p| &mut p.source_port),
+        Condition::DestinationPort(_) => {
+            filter(packets, condition, wanted, |p| &mut p.destination_port)
+        }
+        Condition::ConntrackState(_) => filter(packets, condition, wanted, |p| &mut p.conntrack),
+        Condition::ConntrackDnat(_) => filter(packets, condition, wanted, |p| &mut p.dnat),
+        Condition::LocalDestination(_) => {
+            filter(packets, condition, wanted, |p| &mut p.local_destination)
+        }
+        Condition::LocalSource(_) => filter(packets, condition, wanted, |p| &mut p.local_source),
+        Condition::Mark { .. } => filter(packets, condition, wanted, |p| &mut p.mark),
+        Condition::Unknown(_) => packets.clone(),
+    }
+}
+
+/// Where earlier rules took some of a class's packets (`class`) and left `left`: conditions
+/// that name what is left, for hold-backs (addresses, protocols and ports only: what a
+/// hold-back can be keyed on).
+fn left_of(class: &Packets, left: &Packets) -> Vec<Condition> {
+    let mut conditions = Vec::new();
+    if let (Some(values), true) = (&left.source, left.source != class.source) {
+        let hosts = values.iter().map(|a| Addresses::host(*a)).collect();
+        conditions.push(Condition::Source(Choice::one_of(hosts, false)));
+    }
+    if let (Some(values), true) = (&left.destination, left.destination != class.destination) {
+        let hosts = values.iter().map(|a| Addresses::host(*a)).collect();
+        conditions.push(Condition::Destination(Choice::one_of(hosts, false)));
+    }
+    if let (Some(values), true) = (&left.protocol, left.protocol != class.protocol) {
+        conditions.push(Condition::Protocol(Choice::one_of(values.clone(), false)));
+    }
+    if let (Some(values), true) = (&left.source_port, left.source_port != class.source_port) {
+        let ports = values.iter().map(|p| Ports::one(*p)).collect();
+        conditions.push(Condition::SourcePort(Choice::one_of(ports, false)));
+    }
+    if let (Some(values), true) = (
+        &left.destination_port,
+        left.destination_port != class.destination_port,
+    ) {
+        let ports = values.iter().map(|p| Ports::one(*p)).collect();
+        conditions.push(Condition::DestinationPort(Choice::one_of(ports, false)));
+    }
+    conditions
 }
 
 fn test<T>(field: &Field<T>, accepts: impl Fn(&T) -> bool) -> Tri {

@@ -28,7 +28,7 @@ mod xtables;
 use std::net::{IpAddr, Ipv4Addr};
 
 pub use eval::{Hold, Pattern, Translation, Why};
-use eval::{Packets, Traversal, holds};
+use eval::{Packets, Traversal, holds, holds_and_state};
 pub use events::RulesetChanges;
 use model::{ConntrackState, Family, Hook, Layer3};
 pub use read::{Firewall, ReadError, read};
@@ -46,8 +46,27 @@ pub struct Bridge<'a> {
 /// Every hold-back for east-west frames on `bridge`.
 pub fn east_west(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
     let mut found = Vec::new();
+    let mut by_state = false;
     for traversal in east_west_traversals(firewall, bridge) {
-        found.extend(holds(&firewall.ruleset, &traversal));
+        let (holds, state) = holds_and_state(&firewall.ruleset, &traversal);
+        found.extend(holds);
+        by_state |= state;
+    }
+    // A held frame meets the rules with conntrack's view of its connection, and conntrack
+    // sees only the frames that take the kernel path: where a rule decides by state (the CNI
+    // firewall plugin's `-d A ctstate RELATED,ESTABLISHED -j ACCEPT` for C's replies to A), the
+    // other direction of what is held is held too, so conntrack sees both (A's SYN to C, and C's
+    // SYN-ACK is established, as without xbr).
+    if by_state {
+        for hold in &mut found {
+            let reversed: Vec<Pattern> = hold
+                .patterns
+                .iter()
+                .map(Pattern::reversed)
+                .filter(|pattern| !hold.patterns.contains(pattern))
+                .collect();
+            hold.patterns.extend(reversed);
+        }
     }
     found.extend(translated_replies(firewall, bridge));
     found
@@ -193,6 +212,16 @@ pub fn published(firewall: &Firewall, published: &Published) -> PublishedHolds {
     found
 }
 
+/// The mark of a packet that came in from a container or an uplink, for every packet of
+/// the class that no rule holds back: a packet that crosses into the namespace, or comes
+/// off a NIC, carries none, and every rule that could set one (`meta mark set`, `-j MARK`,
+/// a mark restored from conntrack) holds back the packets it matches. So a mark match (the
+/// CNI portmap plugin's `-m mark --mark 0x2000/0x2000 -j MASQUERADE`) is decided on mark 0.
+/// The host's own clients are not: a socket can set its own (SO_MARK).
+fn unmarked() -> Option<Vec<u32>> {
+    Some(vec![0])
+}
+
 fn names(names: &[&str]) -> Option<Vec<String>> {
     Some(names.iter().map(|name| (*name).to_owned()).collect())
 }
@@ -209,7 +238,7 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
         (Layer3::V4, firewall.bridged_ipv4, Family::Ip),
         (Layer3::V6, firewall.bridged_ipv6, Family::Ip6),
     ] {
-        let own = match (layer3, bridge.own_ipv4) {
+        let own: Option<Vec<IpAddr>> = match (layer3, bridge.own_ipv4) {
             (Layer3::V4, Some(own)) => Some(own.iter().map(|a| IpAddr::V4(*a)).collect()),
             _ => None,
         };
@@ -218,14 +247,17 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
             in_interface: ports.clone(),
             out_interface: ports.clone(),
             source: own.clone(),
-            destination: own,
             // Both directions of a connection are east-west: any state but the ones xbr
             // never takes (it takes no ICMP errors and nothing conntrack finds invalid; see
             // docs/DESIGN.md).
             conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
             dnat: any_of(&[false]),
-            // Containers send from their own addresses, not the host's (see docs/DESIGN.md).
+            // Containers send from their own addresses, not the host's (see docs/DESIGN.md)...
             local_source: any_of(&[false]),
+            // ... and, where the datapath checks it, to another container's own address.
+            local_destination: own.is_some().then(|| vec![false]),
+            destination: own,
+            mark: unmarked(),
             ..Packets::default()
         };
         let traversal = |hook, families: &[Family], packets: Packets| Traversal {
@@ -332,6 +364,7 @@ fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
                 out_interface: names(&[""]),
                 conntrack: any_of(&[ConntrackState::New]),
                 local_source: any_of(&[false]),
+                mark: unmarked(),
                 ..Packets::default()
             },
             first_packets: true,
@@ -383,6 +416,7 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
         local_destination: any_of(&[true]),
         // Martians: the kernel drops a packet from outside that claims a host address.
         local_source: any_of(&[false]),
+        mark: unmarked(),
         ..Packets::default()
     };
     let translated = Packets {
@@ -404,6 +438,7 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
         conntrack: any_of(&[ConntrackState::Established]),
         dnat: any_of(&[true]),
         local_source: any_of(&[false]),
+        mark: unmarked(),
         ..Packets::default()
     };
     let at = |hook, families: &[Family], packets: Packets, first_packets| Traversal {

@@ -157,6 +157,12 @@ pub enum Condition {
     LocalDestination(bool),
     /// `fib saddr type local` / `-m addrtype --src-type LOCAL` (`false`: negated).
     LocalSource(bool),
+    /// `meta mark & mask == value` / `-m mark --mark value/mask` (`negated`: `!=`, `!`).
+    Mark {
+        value: u32,
+        mask: u32,
+        negated: bool,
+    },
     /// Anything else: it may match some packets of a class and not others.
     Unknown(String),
 }

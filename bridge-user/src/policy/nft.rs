@@ -6,7 +6,9 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use nftables::{
-    expr::{Expression, FibFlag, FibResult, MetaKey, NamedExpression, Payload, SetItem},
+    expr::{
+        BinaryOperation, Expression, FibFlag, FibResult, MetaKey, NamedExpression, Payload, SetItem,
+    },
     schema::{NfListObject, NfObject, SetFlag},
     stmt::{Operator, Statement as NftStatement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
@@ -322,6 +324,30 @@ fn condition(
     let Some(values) = literals(right, sets) else {
         return unknown();
     };
+    // `meta mark & 0x2000 == 0x2000` (iptables-nft's `-m mark`), `meta mark 0x10`.
+    let mark = match left {
+        Expression::BinaryOperation(operation) => match &**operation {
+            BinaryOperation::AND(
+                Expression::Named(NamedExpression::Meta(meta)),
+                Expression::Number(mask),
+            ) if meta.key == MetaKey::Mark => Some(*mask),
+            _ => return unknown(),
+        },
+        Expression::Named(NamedExpression::Meta(meta)) if meta.key == MetaKey::Mark => {
+            Some(u32::MAX)
+        }
+        _ => None,
+    };
+    if let Some(mask) = mark {
+        return match values.as_slice() {
+            [Literal::Number(value)] if op == "==" || op == "!=" => vec![Condition::Mark {
+                value: *value,
+                mask,
+                negated,
+            }],
+            _ => unknown(),
+        };
+    }
     let Expression::Named(named) = left else {
         return unknown();
     };

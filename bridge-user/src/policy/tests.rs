@@ -666,3 +666,427 @@ fn a_rule_on_the_way_to_the_hosts_port_holds_back_its_host_clients() {
     let other = "-A OUTPUT -p udp -m udp --dport 18090 -j REJECT\n";
     assert_eq!(host_clients(&with(other), &published), None);
 }
+
+/// The CNI plugins' containers in `cni-plugins` and `cni-admin`.
+const CNI_A: &str = "10.252.0.9";
+const CNI_B: &str = "10.252.0.10";
+/// A container on the same bridge that the firewall plugin wrote no rule for.
+const CNI_C: &str = "10.252.0.11";
+
+fn cni_east_west(firewall: &Firewall, containers: &[&str]) -> Vec<Hold> {
+    let ports = ports();
+    let own: Vec<Ipv4Addr> = containers.iter().map(|a| a.parse().unwrap()).collect();
+    east_west(
+        firewall,
+        &Bridge {
+            name: "barcni0",
+            ports: &ports,
+            own_ipv4: Some(&own),
+        },
+    )
+}
+
+/// What portmap's DNAT to 10.252.0.9:8000 holds back of east-west traffic: the replies of
+/// hairpin connections, which conntrack must translate.
+fn portmap_hairpin_replies() -> Pattern {
+    Pattern {
+        layer3: Some(Layer3::V4),
+        source: v4(CNI_A),
+        protocol: Some(6),
+        source_port: Some(8000),
+        ..Pattern::default()
+    }
+}
+
+#[test]
+fn the_cni_firewall_plugin_leaves_east_west_between_its_containers_accelerated() {
+    // FORWARD drops by policy; `-s A -j ACCEPT` and `-s B -j ACCEPT` take every frame the
+    // two containers send to each other (the datapath checks they send from their own
+    // addresses), whatever its conntrack state: nothing is left for the policy to drop.
+    let firewall = firewall("cni-plugins");
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
+    assert!(!wide(&holds), "{holds:#?}");
+    assert_eq!(patterns(&holds), vec![portmap_hairpin_replies()]);
+    // portmap's MASQUERADE of marked connections never meets an east-west frame: only the
+    // SETMARK rules, which hold back what they match, set that mark.
+    assert!(
+        !holds.iter().any(|h| h.to_string().contains("MASQUERADE")),
+        "{holds:#?}"
+    );
+}
+
+#[test]
+fn the_cni_firewall_plugin_holds_back_what_a_container_without_its_rules_sends() {
+    // The kernel drops C -> A unless it replies to a connection A opened (`-d A ctstate
+    // RELATED,ESTABLISHED -j ACCEPT`); either way the frames from C are the kernel's. And so
+    // are the frames to C: conntrack must see A's SYN for C's SYN-ACK to be established.
+    let firewall = firewall("cni-plugins");
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B, CNI_C]);
+    assert!(!wide(&holds), "{holds:#?}");
+    assert_eq!(
+        patterns(&holds),
+        vec![
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_C),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                destination: v4(CNI_C),
+                ..Pattern::default()
+            },
+            portmap_hairpin_replies(),
+        ]
+    );
+    assert_eq!(
+        holds[0].to_string(),
+        "iptables `table ip filter` chain FORWARD policy drop drops it (no rule accepts it) on \
+         the kernel path (forward hook)"
+    );
+    // Where the datapath cannot tell who sent a frame, any source might be one no rule
+    // accepts.
+    assert!(wide(&east_west_on(&firewall, "barcni0")));
+}
+
+#[test]
+fn a_conntrack_state_accept_alone_leaves_the_policy_to_decide_new_connections() {
+    // Without the `-s A -j ACCEPT` rules, `-d A ctstate RELATED,ESTABLISHED -j ACCEPT`
+    // accepts only replies; a connection's first packet falls to the policy drop.
+    let save = fixture("cni-plugins.save")
+        .lines()
+        .filter(|line| !line.starts_with("-A CNI-FORWARD -s "))
+        .map(|line| format!("{line}\n"))
+        .collect::<String>();
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(&save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
+    assert!(wide(&holds), "{holds:#?}");
+}
+
+#[test]
+fn an_admin_override_in_cni_admin_holds_back_the_frames_it_drops() {
+    // A -> B, and (as the ruleset decides by conntrack state) B -> A, so that conntrack sees
+    // both directions of what is held.
+    let firewall = firewall("cni-admin");
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
+    assert!(!wide(&holds), "{holds:#?}");
+    assert_eq!(
+        patterns(&holds),
+        vec![
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_A),
+                destination: v4(CNI_B),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_B),
+                destination: v4(CNI_A),
+                ..Pattern::default()
+            },
+            portmap_hairpin_replies(),
+        ]
+    );
+    assert_eq!(
+        holds[0].to_string(),
+        "iptables `table ip filter` chain CNI-ADMIN rule `-s 10.252.0.9/32 -d 10.252.0.10/32 \
+         -j DROP` drops it on the kernel path (forward hook)"
+    );
+}
+
+#[test]
+fn a_kube_forward_style_drop_holds_back_what_it_may_drop() {
+    // A network-policy chain jumped from CNI-ADMIN that drops what its set of allowed
+    // sources does not name: the walk cannot read `-m set`, so it may drop anything the
+    // jump reaches (traffic to B), and only that.
+    let save = fixture("cni-plugins.save")
+        .replace(
+            ":CNI-ADMIN - [0:0]\n",
+            ":CNI-ADMIN - [0:0]\n:KUBE-NWPLCY-B - [0:0]\n",
+        )
+        .replace(
+            "COMMIT\n*nat",
+            "-A CNI-ADMIN -d 10.252.0.10/32 -j KUBE-NWPLCY-B\n\
+             -A KUBE-NWPLCY-B -m set ! --match-set allowed-b src -j DROP\nCOMMIT\n*nat",
+        );
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(&save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
+    assert_eq!(
+        patterns(&holds),
+        vec![
+            Pattern {
+                layer3: Some(Layer3::V4),
+                destination: v4(CNI_B),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_B),
+                ..Pattern::default()
+            },
+            portmap_hairpin_replies(),
+        ],
+        "{holds:#?}"
+    );
+    assert!(
+        holds[0].to_string().contains("KUBE-NWPLCY-B"),
+        "{}",
+        holds[0]
+    );
+}
+
+/// `cni-plugins` where the forward policy accepts (or an admin accepts new connections to
+/// the published container: under FORWARD DROP alone the kernel drops them).
+fn cni_forward_accepting() -> Firewall {
+    let mut firewall = firewall("cni-plugins");
+    for table in &mut firewall.ruleset.tables {
+        for chain in &mut table.chains {
+            if let Some(base) = &mut chain.base {
+                base.policy_drops = false;
+            }
+        }
+    }
+    firewall
+}
+
+#[test]
+fn portmaps_dnat_to_the_ports_own_target_does_not_hold_it() {
+    let firewall = cni_forward_accepting();
+    let holds = published(&firewall, &tcp_published(18081, CNI_A, 8000));
+    assert_eq!(holds.whole, None, "{holds:#?}");
+    // Its hairpin and localhost clients are marked for masquerade on the kernel path; a
+    // client on an uplink that claims one of those addresses is the kernel's.
+    assert_eq!(
+        holds.clients.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        vec![
+            Client {
+                address: Some(("10.252.0.0".parse().unwrap(), 24)),
+                port: None
+            },
+            Client {
+                address: Some(("127.0.0.1".parse().unwrap(), 32)),
+                port: None
+            },
+        ]
+    );
+    assert!(
+        holds.clients[0]
+            .1
+            .to_string()
+            .contains("CNI-HOSTPORT-SETMARK"),
+        "{}",
+        holds.clients[0].1
+    );
+    // The host's own clients: the kernel path marks those from 10.252.0.0/24 and 127.0.0.1
+    // and masquerades them; the socket hooks would not.
+    let host = host_clients(&firewall, &tcp_published(18081, CNI_A, 8000));
+    assert!(host.is_some_and(|hold| hold.to_string().contains("MARK")));
+}
+
+#[test]
+fn portmaps_dnat_to_another_target_holds_the_port() {
+    let firewall = cni_forward_accepting();
+    let holds = published(&firewall, &tcp_published(18081, CNI_B, 8000));
+    let whole = holds.whole.expect("held whole");
+    assert_eq!(
+        whole.why,
+        Why::Translates(Translation::Destination {
+            to: v4(CNI_A),
+            port: Some(8000)
+        })
+    );
+}
+
+#[test]
+fn under_the_forward_drop_the_firewall_plugin_leaves_a_published_port_to_the_kernel() {
+    // The firewall plugin accepts what its containers send and the replies they get, never a
+    // new connection to them from outside: with FORWARD's policy drop the kernel drops it,
+    // so xbr must not open it.
+    let firewall = firewall("cni-plugins");
+    let holds = published(&firewall, &tcp_published(18081, CNI_A, 8000));
+    let whole = holds.whole.expect("held whole");
+    assert_eq!(whole.why, Why::PolicyDrops);
+    assert_eq!(whole.rule.chain, "FORWARD");
+    // An admin override that accepts new connections to the port lets it through.
+    let save = fixture("cni-plugins.save").replace(
+        "COMMIT\n*nat",
+        "-A CNI-ADMIN -d 10.252.0.9/32 -p tcp -m tcp --dport 8000 -m conntrack --ctstate NEW \
+         -j ACCEPT\nCOMMIT\n*nat",
+    );
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(&save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = published(&firewall, &tcp_published(18081, CNI_A, 8000));
+    assert_eq!(holds.whole, None, "{holds:#?}");
+}
+
+#[test]
+fn marks_are_read_from_both_tools() {
+    let save = "*nat\n:POSTROUTING ACCEPT [0:0]\n\
+                -A POSTROUTING -m mark --mark 0x2000/0x2000 -j MASQUERADE\n\
+                -A POSTROUTING -m mark ! --mark 0x10 -j ACCEPT\nCOMMIT\n";
+    let tables = xtables::parse(save, Family::Ip, Origin::IptablesNft);
+    let rules = &tables[0].chains[0].rules;
+    assert_eq!(
+        rules[0].conditions,
+        vec![model::Condition::Mark {
+            value: 0x2000,
+            mask: 0x2000,
+            negated: false
+        }]
+    );
+    assert_eq!(
+        rules[1].conditions,
+        vec![model::Condition::Mark {
+            value: 0x10,
+            mask: u32::MAX,
+            negated: true
+        }]
+    );
+    // nft prints iptables-nft's `-m mark` natively.
+    let (ruleset, _) = nft::parse(&fixture("cni-plugins.json")).unwrap();
+    let masq = ruleset
+        .tables
+        .iter()
+        .flat_map(|t| &t.chains)
+        .find(|c| c.name == "CNI-HOSTPORT-MASQ")
+        .expect("the chain");
+    assert_eq!(
+        masq.rules[0].conditions,
+        vec![model::Condition::Mark {
+            value: 0x2000,
+            mask: 0x2000,
+            negated: false
+        }]
+    );
+}
+
+#[test]
+fn packets_a_base_chain_returns_meet_its_policy() {
+    // A return in a base chain hands the packets to the policy, even where a later rule
+    // accepts all the others.
+    let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                -A FORWARD -s 10.252.0.9/32 -j RETURN\n-A FORWARD -j ACCEPT\nCOMMIT\n";
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B]);
+    assert_eq!(
+        patterns(&holds),
+        vec![Pattern {
+            layer3: Some(Layer3::V4),
+            source: v4(CNI_A),
+            ..Pattern::default()
+        }],
+        "{holds:#?}"
+    );
+}
+
+#[test]
+fn the_cni_firewall_plugin_behind_dockers_forward_rules() {
+    // dockerd's FORWARD chain (and its DROP policy) first, the plugin's jump after it, as on a
+    // host that runs both: Docker's rules name only its own bridges.
+    let cni = fixture("cni-plugins.save");
+    let filter_lines = |save: &str| -> Vec<String> {
+        save.lines()
+            .skip_while(|line| *line != "*filter")
+            .take_while(|line| *line != "COMMIT")
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    };
+    let (docker, cni) = (filter_lines(DOCKER_RULES), filter_lines(&cni));
+    let (chains, rules): (Vec<String>, Vec<String>) = docker
+        .into_iter()
+        .chain(
+            cni.into_iter()
+                .filter(|line| !line.starts_with(':') || line.contains("CNI")),
+        )
+        .partition(|line| line.starts_with(':'));
+    let save = format!(
+        "*filter\n{}\n{}\nCOMMIT\n",
+        chains.join("\n"),
+        rules.join("\n")
+    );
+    let firewall = Firewall {
+        ruleset: model::Ruleset {
+            tables: xtables::parse(&save, Family::Ip, Origin::IptablesNft),
+        },
+        bridged_ipv4: true,
+        bridged_ipv6: false,
+    };
+    let forward = firewall.ruleset.tables[0].chain("FORWARD").unwrap();
+    assert_eq!(
+        forward.rules.len(),
+        11,
+        "Docker's ten rules and the plugin's jump"
+    );
+    let holds = cni_east_west(&firewall, &[CNI_A, CNI_B, CNI_C]);
+    assert_eq!(
+        patterns(&holds),
+        vec![
+            Pattern {
+                layer3: Some(Layer3::V4),
+                source: v4(CNI_C),
+                ..Pattern::default()
+            },
+            Pattern {
+                layer3: Some(Layer3::V4),
+                destination: v4(CNI_C),
+                ..Pattern::default()
+            },
+        ],
+        "{holds:#?}"
+    );
+}
+
+#[test]
+fn without_a_rule_that_decides_by_state_only_the_held_direction_is_held() {
+    let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                -A FORWARD -s 10.252.0.9/32 -d 10.252.0.10/32 -j DROP\nCOMMIT\n";
+    let with_state = save.replace(
+        "-A FORWARD -s",
+        "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A FORWARD -s",
+    );
+    let held = |save: &str| {
+        let firewall = Firewall {
+            ruleset: model::Ruleset {
+                tables: xtables::parse(save, Family::Ip, Origin::IptablesNft),
+            },
+            bridged_ipv4: true,
+            bridged_ipv6: false,
+        };
+        patterns(&cni_east_west(&firewall, &[CNI_A, CNI_B]))
+            .iter()
+            .map(|p| (p.source, p.destination))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(held(save), vec![(v4(CNI_A), v4(CNI_B))]);
+    // Established A -> B frames are accepted on the kernel path only where conntrack saw
+    // B's side of the connection.
+    assert_eq!(
+        held(&with_state),
+        vec![(v4(CNI_A), v4(CNI_B)), (v4(CNI_B), v4(CNI_A))]
+    );
+}

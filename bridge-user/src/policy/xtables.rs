@@ -251,6 +251,14 @@ fn module_condition(
             Some(Condition::LocalDestination(!negated))
         }
         ("addrtype", "--src-type") if values == ["LOCAL"] => Some(Condition::LocalSource(!negated)),
+        ("mark", "--mark") => values.first().and_then(|value| {
+            let (value, mask) = value.split_once('/').unwrap_or((value, "0xffffffff"));
+            Some(Condition::Mark {
+                value: number(value)?,
+                mask: number(mask)?,
+                negated,
+            })
+        }),
         ("physdev", "--physdev-in") => values
             .first()
             .map(|port| Condition::InBridgePort(name(port, negated))),
@@ -260,6 +268,14 @@ fn module_condition(
         _ => None,
     };
     condition.or_else(unknown)
+}
+
+/// `0x2000` or `8192`, as iptables-save prints marks.
+fn number(text: &str) -> Option<u32> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
 }
 
 fn target_statement(jump: &str, target: &str, options: &[&str], chains: &[String]) -> Statement {
