@@ -288,6 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 attached,
                 docker: synced,
             } = reconcile::attach(&bridge, options, &inputs)?;
+            xbr::cni::hand_to_user(&attached.dir)
+                .with_context(|| format!("taking {} over from xbr-cni", plan.bridge))?;
             let synced = docker_state.as_ref().zip(synced);
             report::attached(&plan, &attached, &features, synced, output.json)?;
             drop(writer);

@@ -654,6 +654,7 @@ pub fn status(
                     "mode": mode_name(attachment.modes.attach),
                     "redirect": redirect_name(attachment.record.redirect_peer != 0),
                     "pins": attachment.dir,
+                    "attached_by": if xbr::cni::made_by_cni(&attachment.dir) { "xbr-cni" } else { "xbr attach" },
                     "ports": ports,
                     "not_accelerated": plan.as_ref().map(skipped_json),
                     "policy": plan.as_ref().map(|plan| {
@@ -725,11 +726,16 @@ pub fn status(
         } = observed;
         println!();
         println!(
-            "bridge {}  mode {}  {}  pins {}{}",
+            "bridge {}  mode {}  {}  pins {}{}{}",
             attachment.bridge,
             mode_name(attachment.modes.attach),
             redirect_name(attachment.record.redirect_peer != 0),
             attachment.dir.display(),
+            if xbr::cni::made_by_cni(&attachment.dir) {
+                "  (attached by xbr-cni: its last container's DEL detaches it)"
+            } else {
+                ""
+            },
             if view.is_none() {
                 "  (bridge is gone: run `xbr detach` to clean up)"
             } else {

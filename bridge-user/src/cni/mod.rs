@@ -244,6 +244,16 @@ fn add(env: &Environment, conf: &NetConf) -> Result<String, CniError> {
     let _writer = lock::Writer::acquire(&root, &bridge, true, wait(conf))
         .map_err(|e| datapath_error(&doing, e))?;
     let first_attach = !pins::bridge_dir(&root, &bridge).is_ok_and(|dir| pins::is_complete(&dir));
+    // Many ADDs started together queue on the lock; the first reconcile hooks every veth
+    // there by then, and the others find theirs done.
+    if !first_attach
+        && conf.uplinks.is_empty()
+        && let Some(mac) = endpoint.container_mac
+        && Pinned::open(&root, &bridge)
+            .is_ok_and(|pinned| pinned.serves(port, mac, &endpoint.container_ipv4))
+    {
+        return Ok(protocol::add_result(conf));
+    }
     let socket_hooks = match &conf.socket_hooks {
         None | Some(protocol::SocketHooks::Enabled(true)) => SocketHooksChoice::Auto,
         Some(protocol::SocketHooks::Enabled(false)) => SocketHooksChoice::Off,
@@ -305,6 +315,20 @@ fn add(env: &Environment, conf: &NetConf) -> Result<String, CniError> {
         )?;
     }
     Ok(protocol::add_result(conf))
+}
+
+/// Whether xbr-cni made the attachment pinned at `dir` (its last container's DEL detaches it).
+pub fn made_by_cni(dir: &Path) -> bool {
+    dir.join(CNI_MARKER).is_dir()
+}
+
+/// `xbr attach` on an attachment xbr-cni made: from now on it is the user's, and stays when
+/// the last container leaves (a follower beside the plugin keeps following).
+pub fn hand_to_user(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(dir.join(CNI_MARKER)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn mark_as_cni(dir: &Path) -> std::io::Result<()> {
@@ -442,8 +466,8 @@ fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
         }
         Err(error) => return Err(datapath_error(&doing, error)),
     };
-    let made_by_cni = pinned.dir.join(CNI_MARKER).is_dir();
-    if made_by_cni && (bridge_gone || (pinned.hooked_ports() == 0 && pinned.published().is_empty()))
+    if made_by_cni(&pinned.dir)
+        && (bridge_gone || (pinned.hooked_ports() == 0 && pinned.published().is_empty()))
     {
         pinned.detach().map_err(|e| datapath_error(&doing, e))?;
     }
@@ -512,7 +536,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         let Ok(dir) = pins::bridge_dir(&root, &bridge) else {
             continue;
         };
-        if !dir.join(CNI_MARKER).is_dir() {
+        if !made_by_cni(&dir) {
             continue;
         }
         let _writer = match lock::Writer::acquire(&root, &bridge, false, wait(conf)) {

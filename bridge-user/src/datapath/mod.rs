@@ -292,6 +292,34 @@ impl Pinned {
         }
     }
 
+    /// Whether the container with `mac` and `addresses` behind `port` is on the fast path
+    /// with no hold-back naming its addresses: what a reconcile that saw it left. (Lets a
+    /// writer queued behind that reconcile, such as one of many CNI ADDs started together,
+    /// skip its own.)
+    pub fn serves(&self, port: u32, mac: [u8; 6], addresses: &[std::net::Ipv4Addr]) -> bool {
+        use bridge_common::{EndpointKey, HoldKey};
+        let recorded = self
+            .ports
+            .get(&port, 0)
+            .is_ok_and(|record| record.endpoint_mac == mac);
+        let delivered = self
+            .endpoints
+            .get(&EndpointKey { mac }, 0)
+            .is_ok_and(|endpoint| endpoint.ifindex == port);
+        let names = |key: &HoldKey, address: &std::net::Ipv4Addr| {
+            key.family == 4
+                && ((key.shape & HoldKey::SOURCE != 0 && key.source[..4] == address.octets())
+                    || (key.shape & HoldKey::DESTINATION != 0
+                        && key.destination[..4] == address.octets()))
+        };
+        let held = self
+            .holds
+            .keys()
+            .filter_map(|key| key.ok())
+            .any(|key| addresses.iter().any(|address| names(&key, address)));
+        recorded && delivered && !held
+    }
+
     /// How many ports hold the program now.
     pub fn hooked_ports(&self) -> usize {
         self.ports.keys().filter_map(|k| k.ok()).count()
