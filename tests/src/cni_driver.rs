@@ -81,8 +81,7 @@ impl CniPath {
             std::os::unix::fs::symlink(Path::new(SYSTEM_PLUGIN_DIR).join(plugin), dir.join(plugin))
                 .unwrap_or_else(|e| panic!("symlink {plugin}: {e}"));
         }
-        std::os::unix::fs::symlink(xbr_cni_binary(), dir.join("xbr-cni"))
-            .expect("symlink xbr-cni");
+        std::os::unix::fs::symlink(xbr_cni_binary(), dir.join("xbr-cni")).expect("symlink xbr-cni");
         CniPath { dir }
     }
 
@@ -311,7 +310,10 @@ impl Network {
         if let Some(prev) = prev {
             config["prevResult"] = prev.clone();
         }
-        let declared = config["capabilities"].as_object().cloned().unwrap_or_default();
+        let declared = config["capabilities"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let mut runtime = serde_json::Map::new();
         for (capability, value) in attachment.capability_args.as_object().into_iter().flatten() {
             if declared.get(capability) == Some(&Value::Bool(true)) {
@@ -342,7 +344,7 @@ impl Network {
         command: &str,
         config: &Value,
         attachment: Option<&Attachment>,
-    ) -> Result<(Value, Duration), CniFailure> {
+    ) -> Result<(Value, Duration), Box<CniFailure>> {
         let binary = self.find_plugin(plugin);
         let input = config.to_string();
         let mut process = Command::new("nsenter");
@@ -390,18 +392,18 @@ impl Network {
             input: input.clone(),
         };
         if !output.status.success() {
-            return Err(failure());
+            return Err(Box::new(failure()));
         }
         let value = if stdout.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(stdout.trim()).map_err(|_| failure())?
+            serde_json::from_str(stdout.trim()).map_err(|_| Box::new(failure()))?
         };
         Ok((value, elapsed))
     }
 
     /// ADD through the whole chain; the last result is cached (and returned).
-    pub fn add(&self, attachment: &Attachment) -> Result<ChainRun, CniFailure> {
+    pub fn add(&self, attachment: &Attachment) -> Result<ChainRun, Box<CniFailure>> {
         let chain_started = Instant::now();
         let mut prev: Option<Value> = None;
         let mut calls = Vec::new();
@@ -430,7 +432,7 @@ impl Network {
 
     /// DEL through the chain in reverse order, the cached ADD result as prevResult (none when
     /// nothing is cached); the cache entry goes once every plugin succeeded.
-    pub fn del(&self, attachment: &Attachment) -> Result<ChainRun, CniFailure> {
+    pub fn del(&self, attachment: &Attachment) -> Result<ChainRun, Box<CniFailure>> {
         let prev = self.cached_result(attachment);
         let order: Vec<usize> = (0..self.plugins().len()).rev().collect();
         let run = self.each("DEL", &order, prev.as_ref(), attachment)?;
@@ -439,7 +441,7 @@ impl Network {
     }
 
     /// CHECK through the chain in order, the cached ADD result as prevResult.
-    pub fn check(&self, attachment: &Attachment) -> Result<ChainRun, CniFailure> {
+    pub fn check(&self, attachment: &Attachment) -> Result<ChainRun, Box<CniFailure>> {
         let prev = self.cached_result(attachment);
         let order: Vec<usize> = (0..self.plugins().len()).collect();
         self.each("CHECK", &order, prev.as_ref(), attachment)
@@ -451,7 +453,7 @@ impl Network {
         order: &[usize],
         prev: Option<&Value>,
         attachment: &Attachment,
-    ) -> Result<ChainRun, CniFailure> {
+    ) -> Result<ChainRun, Box<CniFailure>> {
         let chain_started = Instant::now();
         let mut calls = Vec::new();
         for &index in order {
@@ -477,7 +479,12 @@ impl Network {
 
     /// Runs `command` (VERSION, GC, STATUS) on the plugin of type `plugin` alone, with its
     /// configuration from the list plus `extra` keys (e.g. GC's `cni.dev/valid-attachments`).
-    pub fn call_alone(&self, plugin: &str, command: &str, extra: Value) -> Result<Value, CniFailure> {
+    pub fn call_alone(
+        &self,
+        plugin: &str,
+        command: &str,
+        extra: Value,
+    ) -> Result<Value, Box<CniFailure>> {
         let index = self
             .plugins()
             .iter()
@@ -488,7 +495,8 @@ impl Network {
         for (key, value) in extra.as_object().into_iter().flatten() {
             config[key] = value.clone();
         }
-        self.exec(plugin, command, &config, None).map(|(value, _)| value)
+        self.exec(plugin, command, &config, None)
+            .map(|(value, _)| value)
     }
 
     /// One plugin's ADD with a `prevResult` of the test's making (the chain's earlier plugins
@@ -498,7 +506,7 @@ impl Network {
         plugin: &str,
         prev: &Value,
         attachment: &Attachment,
-    ) -> Result<Value, CniFailure> {
+    ) -> Result<Value, Box<CniFailure>> {
         let index = self
             .plugins()
             .iter()
@@ -527,8 +535,7 @@ pub fn endpoint_of(result: &Value, ifname: &str) -> (String, String, std::net::I
     let veth = interfaces
         .iter()
         .take(container)
-        .filter(|i| i["sandbox"].is_null())
-        .last()
+        .rfind(|i| i["sandbox"].is_null())
         .and_then(|i| i["name"].as_str())
         .expect("host veth before the container interface")
         .to_owned();

@@ -302,7 +302,9 @@ fn two_containers_take_the_fast_path_and_del_leaves_nothing() {
     fixture.network.check(&b).expect("CHECK b after a left");
 
     // b's container is gone before its DEL.
-    fixture.namespaces.delete(b.netns.file_name().unwrap().to_str().unwrap());
+    fixture
+        .namespaces
+        .delete(b.netns.file_name().unwrap().to_str().unwrap());
     fixture.network.del(&b).expect("DEL b, container gone");
     fixture.network.del(&b).expect("DEL b twice");
     assert!(
@@ -364,7 +366,16 @@ fn a_re_add_with_a_new_host_veth_leaves_one_endpoint() {
     ip_in(
         &fixture.host,
         &[
-            "link", "add", &veth_a3, "type", "veth", "peer", "name", "eth0", "netns", ns_a.name(),
+            "link",
+            "add",
+            &veth_a3,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns_a.name(),
         ],
     );
     ip_in(ns_a.name(), &["link", "set", "eth0", "address", &mac_a2]);
@@ -405,10 +416,7 @@ fn a_re_add_with_a_new_host_veth_leaves_one_endpoint() {
         },
         "exactly one endpoint per container"
     );
-    fixture
-        .network
-        .check(&a)
-        .expect("CHECK a on its new veth");
+    fixture.network.check(&a).expect("CHECK a on its new veth");
     let before = witness.read();
     tcp_echo(&ns_b, &ns_a, ip_a2, 64 * 1024);
     assert_eq!(witness.read().ipv4_unicast, before.ipv4_unicast);
@@ -442,7 +450,10 @@ fn portmap_dnat_packets(netns: &str, chain: &str) -> u64 {
 /// (portmap keeps its DNAT rules for what xbr does not serve) and with xbr-cni alone after the
 /// bridge (nothing but xbr can serve the port).
 #[rstest::rstest]
-#[case::after_bridge("a_published_port_is_served_by_xbr_and_unpublished_on_del::after_bridge", false)]
+#[case::after_bridge(
+    "a_published_port_is_served_by_xbr_and_unpublished_on_del::after_bridge",
+    false
+)]
 #[case::after_portmap_and_firewall(
     "a_published_port_is_served_by_xbr_and_unpublished_on_del::after_portmap_and_firewall",
     true
@@ -469,12 +480,27 @@ fn a_published_port_is_served_by_xbr_and_unpublished_on_del(
     ip_in(
         &fixture.host,
         &[
-            "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &outside_name,
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &outside_name,
         ],
     );
-    ip_in(&fixture.host, &["addr", "add", "10.204.0.1/24", "dev", "up0"]);
+    ip_in(
+        &fixture.host,
+        &["addr", "add", "10.204.0.1/24", "dev", "up0"],
+    );
     ip_in(&fixture.host, &["link", "set", "up0", "up"]);
-    ip_in(&outside_name, &["addr", "add", "10.204.0.2/24", "dev", "eth0"]);
+    ip_in(
+        &outside_name,
+        &["addr", "add", "10.204.0.2/24", "dev", "eth0"],
+    );
     ip_in(&outside_name, &["link", "set", "eth0", "up"]);
     let host = NetNs::open(&fixture.host).unwrap();
 
@@ -482,8 +508,13 @@ fn a_published_port_is_served_by_xbr_and_unpublished_on_del(
         .container("a")
         .with_port_mappings(json!([{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }]));
     // The driver's copy has the mappings; the fixture's (for cleanup) needs them too.
-    fixture.attachments.lock().unwrap().last_mut().unwrap().capability_args =
-        a.capability_args.clone();
+    fixture
+        .attachments
+        .lock()
+        .unwrap()
+        .last_mut()
+        .unwrap()
+        .capability_args = a.capability_args.clone();
     let (_, _, ip_a) = fixture.add(&a);
     let ns_a = Fixture::netns_of(&a);
     let _server = tcp_echo_server(&ns_a, ip_a, 80);
@@ -689,7 +720,10 @@ fn two_hundred_parallel_adds_and_dels() {
         assert_ping(ns_peer.name(), *ip);
         let answer = name_at(&ns_peer, SocketAddr::from((*ip, 7000)))
             .unwrap_or_else(|e| panic!("TCP from the peer to {ip} ({}): {e}", ns.name()));
-        assert_eq!(&answer, name, "the connection to {ip} reached another container");
+        assert_eq!(
+            &answer, name,
+            "the connection to {ip} reached another container"
+        );
     }
     eprintln!(
         "the peer's ADD with {PARALLEL} endpoints on the bridge: xbr-cni {:?}, on the fast path \
@@ -737,7 +771,11 @@ fn two_hundred_parallel_adds_and_dels() {
     let (del_median, del_p99) = median_p99(&del_times);
     eprintln!("{PARALLEL} parallel DELs: xbr-cni DEL median {del_median:?}, p99 {del_p99:?}");
     assert_eq!(fixture.endpoints().len(), 0, "endpoints after the DELs");
-    assert_eq!(fixture.bridge_ports(), Vec::<String>::new(), "veths left on {BRIDGE}");
+    assert_eq!(
+        fixture.bridge_ports(),
+        Vec::<String>::new(),
+        "veths left on {BRIDGE}"
+    );
     let leases: Vec<_> = std::fs::read_dir(fixture.state.join("ipam").join(fixture.network.name()))
         .into_iter()
         .flatten()

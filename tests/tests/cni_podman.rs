@@ -78,25 +78,30 @@ fn remove_cni_skeleton() {
         for jump in NAT_JUMPS {
             iptables(&format!("-t nat -D {jump}"));
         }
-        for chain in ["CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK"] {
+        for chain in [
+            "CNI-HOSTPORT-DNAT",
+            "CNI-HOSTPORT-MASQ",
+            "CNI-HOSTPORT-SETMARK",
+        ] {
             iptables(&format!("-t nat -F {chain}"));
             iptables(&format!("-t nat -X {chain}"));
         }
     }
 }
 
-/// Counts IPv4 unicast frames the test's bridge forwards between its ports (nftables, bridge
-/// family, forward hook, in the root namespace where podman made the bridge).
+/// Counts IPv4 unicast frames between the test's containers that a bridge forwards between
+/// its ports (nftables, bridge family, forward hook, in the root namespace where podman made
+/// the bridge; by subnet, since this kernel's nft has no `meta ibrname`).
 struct BridgeWitness {
     table: String,
 }
 
 impl BridgeWitness {
-    fn install(bridge: &str) -> BridgeWitness {
+    fn install(subnet: &str) -> BridgeWitness {
         let table = unique_name("xbrpodman");
         let rules = format!(
             "table bridge {table} {{\n chain forward {{\n  type filter hook forward priority 0; policy accept;\n  \
-             meta ibrname \"{bridge}\" ether type ip ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 counter\n }}\n}}\n"
+             ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 ip saddr {subnet} ip daddr {subnet} counter\n }}\n}}\n"
         );
         let mut child = Command::new("nft")
             .args(["-f", "-"])
@@ -145,6 +150,7 @@ struct Podman {
     dir: TempDir,
     network: String,
     bridge: String,
+    subnet: String,
     pin_root: PathBuf,
     containers: std::sync::Mutex<Vec<String>>,
     chains_before: bool,
@@ -259,7 +265,9 @@ impl Podman {
     }
 
     fn ip(&self, name: &str) -> Ipv4Addr {
-        self.inspect(name, "IPAddress").parse().expect("an IPv4 address")
+        self.inspect(name, "IPAddress")
+            .parse()
+            .expect("an IPv4 address")
     }
 
     fn mac(&self, name: &str) -> String {
@@ -287,6 +295,32 @@ impl Podman {
             "-",
             &format!("http://{to}:{HTTP_PORT}/index.html"),
         ])
+    }
+
+    /// What xbr's policy leaves to the kernel path, from `xbr status --json`.
+    fn held(&self) -> String {
+        let status: Value = serde_json::from_str(&self.xbr_ok(&["status", "--json"])).unwrap();
+        status["bridges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| b["policy"]["east_west_held"].to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// A restarted container may come back with its old address and a new MAC: its peers'
+    /// neighbour entries (the host's too) would take seconds to notice, on any bridge.
+    fn forget_neighbours(&self, containers: &[&str]) {
+        for name in containers {
+            let netns = self.netns(name);
+            let _ = Command::new("ip")
+                .args(["-n", netns.name(), "neigh", "flush", "all"])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["neigh", "flush", "dev", &self.bridge])
+            .output();
     }
 
     fn live_macs(&self) -> BTreeSet<String> {
@@ -355,11 +389,17 @@ fn podman_usable() -> Result<(), String> {
                 String::from_utf8_lossy(&output.stderr)
             ));
         }
-        Err(e) => return Err(format!("podman is not installed ({e}); `cargo xtask setup` installs it")),
+        Err(e) => {
+            return Err(format!(
+                "podman is not installed ({e}); `cargo xtask setup` installs it"
+            ));
+        }
     }
     for plugin in SYSTEM_PLUGINS {
         if !Path::new(SYSTEM_PLUGIN_DIR).join(plugin).exists() {
-            return Err(format!("{SYSTEM_PLUGIN_DIR}/{plugin} missing (containernetworking-plugins)"));
+            return Err(format!(
+                "{SYSTEM_PLUGIN_DIR}/{plugin} missing (containernetworking-plugins)"
+            ));
         }
     }
     if !Path::new("/bin/busybox").exists() {
@@ -368,13 +408,15 @@ fn podman_usable() -> Result<(), String> {
     Ok(())
 }
 
-fn hard_nofile() -> u64 {
+/// The hard limit `resource` has here (capped at podman's default): without
+/// CAP_SYS_RESOURCE, runc cannot raise a container's limit past it.
+fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes the struct it is given.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    unsafe { libc::getrlimit(resource, &mut limit) };
     limit.rlim_max.min(1 << 20)
 }
 
@@ -386,8 +428,7 @@ fn import_image(podman: &Podman) {
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
     for applet in [
-        "sh", "sleep", "ping", "httpd", "wget", "nc", "ip", "cat", "ls", "mkdir", "echo",
-        "timeout",
+        "sh", "sleep", "ping", "httpd", "wget", "nc", "ip", "cat", "ls", "mkdir", "echo", "timeout",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
@@ -430,11 +471,13 @@ fn setup(test_name: &str) -> Podman {
         .unwrap();
     }
     std::fs::copy(xbr_cni_binary(), dir.join("plugins/xbr-cni")).expect("copy xbr-cni");
-    let nofile = hard_nofile();
+    let nofile = hard_limit(libc::RLIMIT_NOFILE);
+    // The recipe's value: the hard limit itself is refused for nproc.
+    let nproc = hard_limit(libc::RLIMIT_NPROC).min(32768);
     let conf = format!(
         "[containers]\n\
-         # no CAP_SYS_RESOURCE here: nofile above the hard limit fails in runc\n\
-         default_ulimits = [\"nofile={nofile}:{nofile}\"]\n\
+         # no CAP_SYS_RESOURCE here: limits above the hard ones fail in runc\n\
+         default_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
          [network]\n\
          network_backend = \"cni\"\n\
          cni_plugin_dirs = [\"{plugins}\"]\n\
@@ -448,6 +491,7 @@ fn setup(test_name: &str) -> Podman {
     std::fs::write(dir.join("containers.conf"), conf).unwrap();
     // A subnet of the test's own: away from podman's 10.88/16 and Docker's 172.17/16.
     let third = 100 + std::process::id() % 100;
+    let subnet = format!("10.251.{third}.0/24");
     let conflist = json!({
         "cniVersion": "1.0.0",
         "name": network,
@@ -462,7 +506,7 @@ fn setup(test_name: &str) -> Podman {
                     "type": "host-local",
                     "dataDir": dir.join("ipam"),
                     "routes": [{ "dst": "0.0.0.0/0" }],
-                    "ranges": [[{ "subnet": format!("10.251.{third}.0/24") }]],
+                    "ranges": [[{ "subnet": subnet }]],
                 },
             },
             { "type": "portmap", "capabilities": { "portMappings": true } },
@@ -484,6 +528,7 @@ fn setup(test_name: &str) -> Podman {
         dir,
         network,
         bridge,
+        subnet,
         pin_root,
         containers: Default::default(),
         chains_before: cni_chains_present(),
@@ -508,6 +553,7 @@ fn http_get(to: SocketAddr) -> std::io::Result<String> {
 /// their namespaces) takes the fast path: xbr's counters grow, the bridge's stays flat.
 fn assert_fast_path(podman: &Podman, witness: &BridgeWitness, one: &str, two: &str, what: &str) {
     let (ip_one, ip_two) = (podman.ip(one), podman.ip(two));
+    podman.forget_neighbours(&[one, two]);
     let before = witness.read();
     let (fast_before, delivered_before) = podman.fast_path_totals();
     assert_eq!(podman.http_from(one, ip_two), two, "{what}: {one} -> {two}");
@@ -516,7 +562,9 @@ fn assert_fast_path(podman: &Podman, witness: &BridgeWitness, one: &str, two: &s
     let (fast, delivered) = podman.fast_path_totals();
     assert!(
         fast > fast_before + 50 && delivered > delivered_before + 50,
-        "{what}: fast path {fast_before} -> {fast}, delivered {delivered_before} -> {delivered}"
+        "{what}: fast path {fast_before} -> {fast}, delivered {delivered_before} -> {delivered}; \
+         xbr holds for the kernel path: {}",
+        podman.held()
     );
     assert_eq!(
         witness.read(),
@@ -536,7 +584,7 @@ fn podman_containers_take_the_fast_path_through_their_lifecycle() {
     let port_base = 18100 + (std::process::id() % 400) as u16 * 2;
     podman.start("xbrpm-one", port_base);
     podman.start("xbrpm-two", port_base + 1);
-    let witness = BridgeWitness::install(&podman.bridge);
+    let witness = BridgeWitness::install(&podman.subnet);
 
     assert_eq!(
         podman.endpoint_macs(),
@@ -553,8 +601,18 @@ fn podman_containers_take_the_fast_path_through_their_lifecycle() {
 
     // `podman network reload`: DEL and ADD in the same namespace, a new host veth.
     podman.ok(&["network", "reload", "xbrpm-one"]);
-    assert_eq!(podman.endpoint_macs(), podman.live_macs(), "after network reload");
-    assert_fast_path(&podman, &witness, "xbrpm-one", "xbrpm-two", "after network reload");
+    assert_eq!(
+        podman.endpoint_macs(),
+        podman.live_macs(),
+        "after network reload"
+    );
+    assert_fast_path(
+        &podman,
+        &witness,
+        "xbrpm-one",
+        "xbrpm-two",
+        "after network reload",
+    );
 
     // `podman restart`: a new namespace, MAC and veth.
     podman.ok(&["restart", "-t", "0", "xbrpm-two"]);
