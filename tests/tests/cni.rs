@@ -787,3 +787,102 @@ fn two_hundred_parallel_adds_and_dels() {
     fixture.detach();
     assert_eq!(fixture.pins_left(), Vec::<String>::new(), "pins left");
 }
+
+#[test]
+fn check_fails_off_the_fast_path_and_gc_and_status_answer() {
+    if !needs_plugins("check_fails_off_the_fast_path_and_gc_and_status_answer") {
+        return;
+    }
+    let fixture = Fixture::new("10.206.0.0/24", |root| vec![xbr_cni_plugin(root, &[])]);
+    let a = fixture.container("a");
+    let b = fixture.container("b");
+    let (veth_a, _, _) = fixture.add(&a);
+    let (veth_b, _, _) = fixture.add(&b);
+
+    // Detached behind the runtime's back: CHECK says so, as a CNI error.
+    fixture.pins.xbr_ok(&["detach", BRIDGE]);
+    let failure = fixture
+        .network
+        .check(&a)
+        .expect_err("CHECK of a detached endpoint");
+    assert_eq!(failure.plugin, "xbr-cni", "{failure}");
+    assert_eq!(failure.exit_code, Some(1), "{failure}");
+    let error = failure
+        .error()
+        .unwrap_or_else(|| panic!("no error JSON: {failure}"));
+    assert!(
+        error["code"].as_u64().is_some() && error["msg"].is_string(),
+        "{error}"
+    );
+    assert_eq!(error["cniVersion"], "1.0.0", "{error}");
+
+    // The next ADD attaches the bridge again, with every container on it.
+    let c = fixture.container("c");
+    let (veth_c, _, _) = fixture.add(&c);
+    let mut want = vec![veth_a.clone(), veth_b.clone(), veth_c.clone()];
+    want.sort();
+    assert_eq!(
+        fixture.endpoints().into_keys().collect::<Vec<_>>(),
+        want,
+        "after re-attaching"
+    );
+    fixture
+        .network
+        .check(&a)
+        .expect("CHECK a after the ADD of c");
+
+    // Errors are CNI errors: ADD without prevResult (xbr-cni first in a list).
+    let alone = fixture
+        .network
+        .exec(
+            "xbr-cni",
+            "ADD",
+            &json!({ "cniVersion": "1.0.0", "name": "x", "type": "xbr-cni", "socketHooks": false, "pinRoot": fixture.pins.path }),
+            Some(&a),
+        )
+        .expect_err("ADD without prevResult");
+    assert_eq!(alone.exit_code, Some(1), "{alone}");
+    assert!(alone.code().is_some(), "{alone}");
+
+    // GC and STATUS (CNI 1.1.0, which the bridge plugin here predates: xbr-cni's entry alone).
+    let v110 = Network::new(
+        conflist(
+            fixture.network.name(),
+            "1.1.0",
+            vec![xbr_cni_plugin(&fixture.pins.path, &[])],
+        ),
+        &fixture.network.cni_path,
+        &fixture.host,
+        &fixture.state.join("cache110"),
+    );
+    v110.call_alone("xbr-cni", "STATUS", json!({}))
+        .expect("STATUS");
+    // b's container goes without a DEL; GC with a and c still valid forgets its port.
+    fixture
+        .namespaces
+        .delete(b.netns.file_name().unwrap().to_str().unwrap());
+    xbr_tests::witness::wait_for("b's veth to go", Duration::from_secs(10), || {
+        !fixture.bridge_ports().contains(&veth_b)
+    });
+    let valid = json!({ "cni.dev/valid-attachments": [
+        { "containerID": a.container_id, "ifname": "eth0" },
+        { "containerID": c.container_id, "ifname": "eth0" },
+    ]});
+    // Until a reconcile, xbr still holds b's records (status lists a "(gone)" port).
+    assert_eq!(fixture.endpoints().len(), 3, "{:?}", fixture.endpoints());
+    v110.call_alone("xbr-cni", "GC", valid).expect("GC");
+    let mut want = vec![veth_a, veth_c];
+    want.sort();
+    assert_eq!(
+        fixture.endpoints().into_keys().collect::<Vec<_>>(),
+        want,
+        "after GC"
+    );
+    fixture.network.forget(&b);
+
+    fixture.network.del(&a).expect("DEL a");
+    fixture.network.del(&c).expect("DEL c");
+    assert!(fixture.endpoints().is_empty(), "{:?}", fixture.endpoints());
+    fixture.detach();
+    assert_eq!(fixture.pins_left(), Vec::<String>::new(), "pins left");
+}
