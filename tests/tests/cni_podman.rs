@@ -2,7 +2,8 @@
 //! test's own files only (containers.conf through CONTAINERS_CONF, `--network-config-dir`,
 //! storage under `--root`), runs two containers on a network whose plugin list ends in xbr-cni.
 //! Their traffic takes the fast path (xbr's counters grow, an nftables counter on the bridge
-//! stays flat), a published port works, and `podman stop`/`rm`/`restart`/`network reload`
+//! stays flat), a published port works (from the host through portmap, from outside through
+//! the uplink through xbr's NAT), and `podman stop`/`rm`/`restart`/`network reload`
 //! leave exactly the live containers as endpoints; `podman network rm` leaves no xbr state.
 
 use std::{
@@ -151,6 +152,10 @@ struct Podman {
     network: String,
     bridge: String,
     subnet: String,
+    /// The uplink (in the root namespace) and its peer's namespace, where outside clients are.
+    uplink: String,
+    uplink_address: Ipv4Addr,
+    outside: NetNs,
     pin_root: PathBuf,
     containers: std::sync::Mutex<Vec<String>>,
     chains_before: bool,
@@ -323,6 +328,29 @@ impl Podman {
             .output();
     }
 
+    fn verdict(&self, name: &str) -> u64 {
+        let stats: Value = serde_json::from_str(&self.xbr_ok(&["stats", "--json"])).unwrap();
+        stats["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v[name].as_u64())
+            .sum()
+    }
+
+    /// Published ports xbr leaves to the kernel path, and why.
+    fn published_held(&self) -> String {
+        let status: Value = serde_json::from_str(&self.xbr_ok(&["status", "--json"])).unwrap();
+        status["bridges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|b| b["published"].as_array().cloned().unwrap_or_default())
+            .map(|p| format!("{} held={} {}", p["spec"], p["held"], p["not_accelerated"]))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     fn live_macs(&self) -> BTreeSet<String> {
         let running = self.ok(&["ps", "--format", "{{.Names}}"]);
         running.lines().map(|name| self.mac(name)).collect()
@@ -339,9 +367,10 @@ impl Drop for Podman {
         }
         let _ = self.run(&["network", "rm", "-f", &self.network]);
         let _ = self.run(&["rmi", "-f", IMAGE]);
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        for link in [&self.bridge, &self.uplink] {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+        let _ = NetNs::delete(self.outside.name());
         xbr_quietly(&[
             "--pin-root",
             self.pin_root.to_str().unwrap_or_default(),
@@ -492,6 +521,12 @@ fn setup(test_name: &str) -> Podman {
     // A subnet of the test's own: away from podman's 10.88/16 and Docker's 172.17/16.
     let third = 100 + std::process::id() % 100;
     let subnet = format!("10.251.{third}.0/24");
+    // The uplink: a veth of the test's own, its peer in an "outside" namespace.
+    let uplink = format!("xbrup{suffix}");
+    assert!(uplink.len() <= 15, "uplink name {uplink} too long");
+    let uplink_address = Ipv4Addr::new(10, 252, third as u8, 1);
+    let outside = NetNs::create(&format!("xbrpmout{suffix}")).expect("the outside namespace");
+
     let conflist = json!({
         "cniVersion": "1.0.0",
         "name": network,
@@ -516,6 +551,7 @@ fn setup(test_name: &str) -> Podman {
                 "capabilities": { "portMappings": true },
                 "pinRoot": pin_root,
                 "socketHooks": false,
+                "uplinks": [uplink],
             },
         ],
     });
@@ -524,15 +560,58 @@ fn setup(test_name: &str) -> Podman {
         serde_json::to_string_pretty(&conflist).unwrap(),
     )
     .unwrap();
-    Podman {
+    let podman = Podman {
         dir,
         network,
         bridge,
         subnet,
+        uplink,
+        uplink_address,
+        outside,
         pin_root,
         containers: Default::default(),
         chains_before: cni_chains_present(),
-    }
+    };
+    let ip = |args: &[&str]| {
+        let output = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            output.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    ip(&[
+        "link",
+        "add",
+        &podman.uplink,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        podman.outside.name(),
+    ]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{uplink_address}/24"),
+        "dev",
+        &podman.uplink,
+    ]);
+    ip(&["link", "set", &podman.uplink, "up"]);
+    ip(&[
+        "-n",
+        podman.outside.name(),
+        "addr",
+        "add",
+        &format!("10.252.{third}.2/24"),
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", podman.outside.name(), "link", "set", "eth0", "up"]);
+    podman
 }
 
 fn http_get(to: SocketAddr) -> std::io::Result<String> {
@@ -551,7 +630,15 @@ fn http_get(to: SocketAddr) -> std::io::Result<String> {
 
 /// Traffic between the two containers (HTTP from their own processes, a TCP stream between
 /// their namespaces) takes the fast path: xbr's counters grow, the bridge's stays flat.
-fn assert_fast_path(podman: &Podman, witness: &BridgeWitness, one: &str, two: &str, what: &str) {
+/// Connectivity is asserted at once; a fast-path shortfall is returned, so that the lifecycle
+/// checks after it still run.
+fn fast_path_between(
+    podman: &Podman,
+    witness: &BridgeWitness,
+    one: &str,
+    two: &str,
+    what: &str,
+) -> Option<String> {
     let (ip_one, ip_two) = (podman.ip(one), podman.ip(two));
     podman.forget_neighbours(&[one, two]);
     let before = witness.read();
@@ -560,17 +647,15 @@ fn assert_fast_path(podman: &Podman, witness: &BridgeWitness, one: &str, two: &s
     assert_eq!(podman.http_from(two, ip_one), one, "{what}: {two} -> {one}");
     tcp_echo(&podman.netns(one), &podman.netns(two), ip_two, 128 * 1024);
     let (fast, delivered) = podman.fast_path_totals();
-    assert!(
-        fast > fast_before + 50 && delivered > delivered_before + 50,
-        "{what}: fast path {fast_before} -> {fast}, delivered {delivered_before} -> {delivered}; \
-         xbr holds for the kernel path: {}",
-        podman.held()
-    );
-    assert_eq!(
-        witness.read(),
-        before,
-        "{what}: unicast IPv4 between the containers crossed the bridge"
-    );
+    let crossed = witness.read() - before;
+    (fast <= fast_before + 50 || delivered <= delivered_before + 50 || crossed > 0).then(|| {
+        format!(
+            "{what}: fast path {fast_before} -> {fast}, delivered {delivered_before} -> \
+             {delivered}, {crossed} unicast IPv4 frames crossed the bridge; xbr holds for the \
+             kernel path: {}",
+            podman.held()
+        )
+    })
 }
 
 #[test]
@@ -585,6 +670,7 @@ fn podman_containers_take_the_fast_path_through_their_lifecycle() {
     podman.start("xbrpm-one", port_base);
     podman.start("xbrpm-two", port_base + 1);
     let witness = BridgeWitness::install(&podman.subnet);
+    let mut missed = Vec::new();
 
     assert_eq!(
         podman.endpoint_macs(),
@@ -592,12 +678,36 @@ fn podman_containers_take_the_fast_path_through_their_lifecycle() {
         "endpoints after two `podman run`"
     );
     assert_eq!(podman.live_macs().len(), 2);
-    assert_fast_path(&podman, &witness, "xbrpm-one", "xbrpm-two", "after run");
+    missed.extend(fast_path_between(
+        &podman,
+        &witness,
+        "xbrpm-one",
+        "xbrpm-two",
+        "after run",
+    ));
 
-    // Published ports from the host (portmap's DNAT keeps them: no uplink configured).
+    // Published ports from the host: portmap's DNAT (xbr-cni has no socket hooks here).
     let localhost = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     assert_eq!(http_get(localhost(port_base)).unwrap(), "xbrpm-one");
     assert_eq!(http_get(localhost(port_base + 1)).unwrap(), "xbrpm-two");
+    // From outside through the uplink: xbr's NAT.
+    let nat_in = podman.verdict("nat_in");
+    for (port, name) in [(port_base, "xbrpm-one"), (port_base + 1, "xbrpm-two")] {
+        let to = SocketAddr::from((podman.uplink_address, port));
+        let answer = podman
+            .outside
+            .run(|| http_get(to))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{to} from the outside namespace: {e}"));
+        assert_eq!(answer, name, "{to} from outside");
+    }
+    let nat_in_after = podman.verdict("nat_in");
+    if nat_in_after < nat_in + 2 * 3 {
+        missed.push(format!(
+            "published ports from outside: xbr's nat_in {nat_in} -> {nat_in_after}; xbr holds: {}",
+            podman.published_held()
+        ));
+    }
 
     // `podman network reload`: DEL and ADD in the same namespace, a new host veth.
     podman.ok(&["network", "reload", "xbrpm-one"]);
@@ -606,18 +716,24 @@ fn podman_containers_take_the_fast_path_through_their_lifecycle() {
         podman.live_macs(),
         "after network reload"
     );
-    assert_fast_path(
+    missed.extend(fast_path_between(
         &podman,
         &witness,
         "xbrpm-one",
         "xbrpm-two",
         "after network reload",
-    );
+    ));
 
     // `podman restart`: a new namespace, MAC and veth.
     podman.ok(&["restart", "-t", "0", "xbrpm-two"]);
     assert_eq!(podman.endpoint_macs(), podman.live_macs(), "after restart");
-    assert_fast_path(&podman, &witness, "xbrpm-one", "xbrpm-two", "after restart");
+    missed.extend(fast_path_between(
+        &podman,
+        &witness,
+        "xbrpm-one",
+        "xbrpm-two",
+        "after restart",
+    ));
     assert_eq!(http_get(localhost(port_base + 1)).unwrap(), "xbrpm-two");
 
     podman.ok(&["stop", "-t", "0", "xbrpm-two"]);
@@ -648,4 +764,9 @@ fn podman_containers_take_the_fast_path_through_their_lifecycle() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "pins left: {left:?}");
+    assert!(
+        missed.is_empty(),
+        "traffic left xbr's fast path:\n{}",
+        missed.join("\n")
+    );
 }
