@@ -651,6 +651,7 @@ fn two_hundred_parallel_adds_and_dels() {
         .map(|i| fixture.container(&format!("c{i}")))
         .collect();
 
+    let all_started = std::time::Instant::now();
     let runs: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = containers
             .iter()
@@ -658,6 +659,7 @@ fn two_hundred_parallel_adds_and_dels() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let all_added = all_started.elapsed();
     let failures: Vec<String> = runs
         .iter()
         .filter_map(|r| r.as_ref().err().map(ToString::to_string))
@@ -679,10 +681,17 @@ fn two_hundred_parallel_adds_and_dels() {
         .collect();
     let (median, p99) = median_p99(&xbr_cni);
     let (chain_median, chain_p99) = median_p99(&to_fast_path);
+    let (reached_median, _) = median_p99(
+        &runs
+            .iter()
+            .map(|r| r.call("xbr-cni").unwrap().started)
+            .collect::<Vec<_>>(),
+    );
     eprintln!(
         "{PARALLEL} parallel ADDs: xbr-cni ADD median {median:?}, p99 {p99:?}; \
          chain ADD start to endpoint on the fast path (xbr-cni returned) median \
-         {chain_median:?}, p99 {chain_p99:?}"
+         {chain_median:?}, p99 {chain_p99:?}; xbr-cni started {reached_median:?} (median) \
+         into its chain; all {PARALLEL} chains done {all_added:?} after the first started"
     );
 
     let endpoints_of: Vec<(String, String, Ipv4Addr)> = runs
