@@ -101,9 +101,17 @@ impl Fixture {
 
     /// A container: its namespace, and what the runtime will hand the plugins.
     fn container(&self, name: &str) -> Attachment {
+        self.container_with(name, Value::Null)
+    }
+
+    /// A container whose ports `port_mappings` publishes (the portMappings capability).
+    fn container_with(&self, name: &str, port_mappings: Value) -> Attachment {
         let netns = format!("{}{name}", self.host);
         self.namespaces.create(&netns);
-        let attachment = Attachment::new(&format!("{netns}-id"), &netns);
+        let mut attachment = Attachment::new(&format!("{netns}-id"), &netns);
+        if !port_mappings.is_null() {
+            attachment = attachment.with_port_mappings(port_mappings);
+        }
         self.attachments.lock().unwrap().push(attachment.clone());
         attachment
     }
@@ -504,17 +512,10 @@ fn a_published_port_is_served_by_xbr_and_unpublished_on_del(
     ip_in(&outside_name, &["link", "set", "eth0", "up"]);
     let host = NetNs::open(&fixture.host).unwrap();
 
-    let a = fixture
-        .container("a")
-        .with_port_mappings(json!([{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }]));
-    // The driver's copy has the mappings; the fixture's (for cleanup) needs them too.
-    fixture
-        .attachments
-        .lock()
-        .unwrap()
-        .last_mut()
-        .unwrap()
-        .capability_args = a.capability_args.clone();
+    let a = fixture.container_with(
+        "a",
+        json!([{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }]),
+    );
     let (_, _, ip_a) = fixture.add(&a);
     let ns_a = Fixture::netns_of(&a);
     let _server = tcp_echo_server(&ns_a, ip_a, 80);
@@ -545,8 +546,10 @@ fn a_published_port_is_served_by_xbr_and_unpublished_on_del(
     }
     assert!(
         fixture.verdict("nat_in") >= nat_in + 20 * 3,
-        "xbr's NAT took the connections in ({nat_in} -> {})",
-        fixture.verdict("nat_in")
+        "xbr's NAT took the connections in ({nat_in} -> {}); what xbr leaves to the kernel \
+         path: {}",
+        fixture.verdict("nat_in"),
+        fixture.pins.status()["bridges"][0]["published"]
     );
     assert!(fixture.verdict("nat_out") >= nat_out + 20 * 3);
     if let Some(prerouting) = prerouting {
