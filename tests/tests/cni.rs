@@ -222,12 +222,28 @@ fn needs_plugins(test: &str) -> bool {
     installed
 }
 
-#[test]
-fn two_containers_take_the_fast_path_and_del_leaves_nothing() {
-    if !needs_plugins("two_containers_take_the_fast_path_and_del_leaves_nothing") {
+/// `mode` as xbr-cni's entry says it (None: left out, auto) and as `xbr status` reports it.
+#[rstest::rstest]
+#[case::auto(None, "tcx")]
+#[case::clsact(Some("clsact"), "clsact")]
+fn two_containers_take_the_fast_path_and_del_leaves_nothing(
+    #[case] mode: Option<&str>,
+    #[case] reported: &str,
+) {
+    let test = format!("two_containers_take_the_fast_path_and_del_leaves_nothing::{reported}");
+    if !needs_plugins(&test) {
         return;
     }
-    let fixture = Fixture::new("10.201.0.0/24", |root| vec![xbr_cni_plugin(root, &[])]);
+    if reported == "tcx" && !xbr_tests::skip::needs_tcx(&test) {
+        return;
+    }
+    let fixture = Fixture::new("10.201.0.0/24", |root| {
+        let mut plugin = xbr_cni_plugin(root, &[]);
+        if let Some(mode) = mode {
+            plugin["mode"] = json!(mode);
+        }
+        vec![plugin]
+    });
     let witness = BridgeForwardCounter::install(&fixture.host);
 
     let version = fixture
@@ -267,6 +283,9 @@ fn two_containers_take_the_fast_path_and_del_leaves_nothing() {
         BTreeMap::from([(veth_a.clone(), mac_a), (veth_b.clone(), mac_b)]),
         "after ADD of b"
     );
+    let status = fixture.pins.status();
+    assert_eq!(status["bridges"][0]["mode"], reported, "{status}");
+    assert_eq!(status["bridges"][0]["attached_by"], "xbr-cni", "{status}");
 
     let (ns_a, ns_b) = (Fixture::netns_of(&a), Fixture::netns_of(&b));
     let before = witness.read();
