@@ -1,9 +1,12 @@
-//! xbr-cni driven as a runtime drives it (run as root): the real `bridge`, `host-local` and
-//! `portmap` plugins, then xbr-cni, through `cni_driver`'s libcni semantics, all inside
-//! namespaces of the test's own. Containers ADDed are on the fast path when ADD returns (xbr's
-//! counters grow while an nftables counter on the bridge stays flat), CHECK agrees, DEL is
+//! xbr-cni driven as a runtime drives it (run as root): the real `bridge` and `host-local`
+//! (and `portmap`, `firewall`) plugins, then xbr-cni, through `cni_driver`'s libcni semantics,
+//! all inside namespaces of the test's own. Containers ADDed are on the fast path when ADD
+//! returns (xbr's counters grow while an nftables counter on the bridge stays flat), in tcx and
+//! clsact mode; CHECK agrees, and fails with a CNI error once the bridge is detached; DEL is
 //! idempotent and the last one leaves no pins; a re-ADD with a new veth leaves one endpoint;
-//! published ports are served by xbr's NAT; 200 parallel ADDs and DELs lose nothing.
+//! published ports are served by xbr's NAT and go with DEL; GC forgets a container that left
+//! without DEL; 200 parallel ADDs and DELs lose and misdeliver nothing (their latencies are
+//! printed, not asserted).
 
 use std::{
     collections::BTreeMap,
