@@ -477,20 +477,28 @@ fn portmap_dnat_packets(netns: &str, chain: &str) -> u64 {
 }
 
 /// A published port through an uplink of the test's own, with the plugin list podman writes
-/// (portmap keeps its DNAT rules for what xbr does not serve) and with xbr-cni alone after the
-/// bridge (nothing but xbr can serve the port).
+/// (portmap keeps its DNAT rules for what xbr does not serve), with the firewall plugin only,
+/// and with xbr-cni alone after the bridge (nothing but xbr can serve the port).
 #[rstest::rstest]
 #[case::after_bridge(
     "a_published_port_is_served_by_xbr_and_unpublished_on_del::after_bridge",
+    false,
     false
+)]
+#[case::after_firewall(
+    "a_published_port_is_served_by_xbr_and_unpublished_on_del::after_firewall",
+    false,
+    true
 )]
 #[case::after_portmap_and_firewall(
     "a_published_port_is_served_by_xbr_and_unpublished_on_del::after_portmap_and_firewall",
+    true,
     true
 )]
 fn a_published_port_is_served_by_xbr_and_unpublished_on_del(
     #[case] test: &str,
     #[case] with_portmap: bool,
+    #[case] with_firewall: bool,
 ) {
     if !needs_plugins(test) {
         return;
@@ -499,6 +507,8 @@ fn a_published_port_is_served_by_xbr_and_unpublished_on_del(
         let mut plugins = Vec::new();
         if with_portmap {
             plugins.push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
+        }
+        if with_firewall {
             plugins.push(json!({ "type": "firewall" }));
         }
         plugins.push(xbr_cni_plugin(root, &["up0"]));
