@@ -1,6 +1,7 @@
 //! Shared pieces of xbr's kernel-facing tests: unique lab names, cleanup guards, witnesses.
 
 pub mod cgroup_support;
+pub mod cni_driver;
 pub mod datapath_support;
 pub mod docker_support;
 pub mod flood;

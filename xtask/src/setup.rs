@@ -15,7 +15,7 @@ const BUILD_PACKAGES: [&str; 4] = [
     "zlib1g-dev",
 ];
 /// Test witnesses and traffic tools.
-const TOOL_PACKAGES: [&str; 9] = [
+const TOOL_PACKAGES: [&str; 11] = [
     // The Docker end-to-end test's own dockerd (its image is busybox-static, listed below).
     "docker.io",
     "iproute2",
@@ -27,6 +27,10 @@ const TOOL_PACKAGES: [&str; 9] = [
     "sockperf",
     "iptables",
     "bpftool",
+    // The CNI tests: the reference plugins (bridge, host-local, portmap, firewall) in
+    // /usr/lib/cni, and podman 4.3 with its CNI backend (its image is busybox-static too).
+    "containernetworking-plugins",
+    "podman",
 ];
 /// `cargo xtask vmtest`: QEMU, a static busybox for the initramfs, kmod for depmod/modprobe.
 const VMTEST_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "kmod"];
