@@ -447,6 +447,21 @@ impl Network {
         self.each("CHECK", &order, prev.as_ref(), attachment)
     }
 
+    /// CHECK on the plugin of type `plugin` alone, the cached ADD result as prevResult.
+    pub fn check_plugin(
+        &self,
+        plugin: &str,
+        attachment: &Attachment,
+    ) -> Result<ChainRun, Box<CniFailure>> {
+        let prev = self.cached_result(attachment);
+        let index = self
+            .plugins()
+            .iter()
+            .position(|p| p["type"] == plugin)
+            .unwrap_or_else(|| panic!("no plugin {plugin} in the list"));
+        self.each("CHECK", &[index], prev.as_ref(), attachment)
+    }
+
     fn each(
         &self,
         command: &str,
