@@ -27,6 +27,11 @@ use xbr_tests::{
 const TEST: &str = "podman_containers_take_the_fast_path_through_their_lifecycle";
 const IMAGE: &str = "localhost/xbr-cni-test-bb:latest";
 const HTTP_PORT: u16 = 8000;
+/// The same server on a port nobody publishes: east-west traffic to it takes the fast path
+/// both ways. (Replies from HTTP_PORT do not: portmap DNATs connections to it, and the
+/// kernel's conntrack must translate a hairpin connection's replies back, so frames from a
+/// DNAT target's port stay on the kernel path.)
+const EAST_WEST_PORT: u16 = 8001;
 
 /// The CNI plugins' skeleton chains in the root namespace's iptables, which they leave
 /// behind after the last DEL (the recipe's cleanup); removed only when the test made them.
@@ -235,12 +240,14 @@ impl Podman {
             })
     }
 
-    /// Runs container `name`: an HTTP server answering its own name on port 8000.
+    /// Runs container `name`: an HTTP server answering its own name on HTTP_PORT (published)
+    /// and EAST_WEST_PORT.
     fn start(&self, name: &str, host_port: u16) {
         self.containers.lock().unwrap().push(name.to_owned());
         let publish = format!("{host_port}:{HTTP_PORT}");
         let script = format!(
-            "mkdir -p /w && echo {name} > /w/index.html && exec httpd -f -p {HTTP_PORT} -h /w"
+            "mkdir -p /w && echo {name} > /w/index.html && httpd -p {EAST_WEST_PORT} -h /w \
+             && exec httpd -f -p {HTTP_PORT} -h /w"
         );
         self.ok(&[
             "run",
@@ -286,7 +293,7 @@ impl Podman {
         NetNs::open(netns).unwrap_or_else(|e| panic!("{name}'s namespace {key}: {e}"))
     }
 
-    /// What `wget` in container `from` gets from `to`'s HTTP server.
+    /// What `wget` in container `from` gets from `to`'s HTTP server on EAST_WEST_PORT.
     fn http_from(&self, from: &str, to: Ipv4Addr) -> String {
         // busybox 1.35's `wget -T` crashes: `timeout` bounds it instead.
         self.ok(&[
@@ -298,7 +305,7 @@ impl Podman {
             "-q",
             "-O",
             "-",
-            &format!("http://{to}:{HTTP_PORT}/index.html"),
+            &format!("http://{to}:{EAST_WEST_PORT}/index.html"),
         ])
     }
 
