@@ -506,7 +506,10 @@ fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
     };
     if let Some(drift) = attachment.port_drift.get(&port) {
         return Err(not_on_fast_path(
-            format!("the container's veth (ifindex {port}) on {bridge}: {drift:?}"),
+            format!(
+                "the container's veth (ifindex {port}) on {bridge}: {}",
+                drift.describe()
+            ),
             "a hook was changed outside xbr; ADD again or `xbr attach` the bridge to repair it",
         ));
     }

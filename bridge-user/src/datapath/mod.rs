@@ -293,15 +293,23 @@ impl Pinned {
     }
 
     /// Whether the container with `mac` and `addresses` behind `port` is on the fast path
-    /// with no hold-back naming its addresses: what a reconcile that saw it left. (Lets a
+    /// (recorded, hooked, delivered to) with no hold-back naming its addresses: what a
+    /// reconcile that saw it left. (Lets a
     /// writer queued behind that reconcile, such as one of many CNI ADDs started together,
     /// skip its own.)
     pub fn serves(&self, port: u32, mac: [u8; 6], addresses: &[std::net::Ipv4Addr]) -> bool {
         use bridge_common::{EndpointKey, HoldKey};
-        let recorded = self
-            .ports
-            .get(&port, 0)
-            .is_ok_and(|record| record.endpoint_mac == mac);
+        let Ok(record) = self.ports.get(&port, 0) else {
+            return false;
+        };
+        let recorded = record.endpoint_mac == mac;
+        // Hooks can be removed without an event (`bpftool link detach`): look.
+        let hooked = self
+            .drift(
+                Role::Port,
+                &std::collections::BTreeMap::from([(port, record)]),
+            )
+            .is_ok_and(|drifted| drifted.is_empty());
         let delivered = self
             .endpoints
             .get(&EndpointKey { mac }, 0)
@@ -317,7 +325,7 @@ impl Pinned {
             .keys()
             .filter_map(|key| key.ok())
             .any(|key| addresses.iter().any(|address| names(&key, address)));
-        recorded && delivered && !held
+        recorded && hooked && delivered && !held
     }
 
     /// How many ports hold the program now.
