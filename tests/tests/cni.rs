@@ -31,7 +31,7 @@ use xbr_tests::{
     lab_support::{assert_ping, ip_in, unique_name},
     skip::skip,
     traffic::{exchange, tcp_echo_server},
-    witness::{BridgeForwardCounter, PinRoot, tcp_echo, udp_echo},
+    witness::{BridgeForwardCounter, PinRoot, tc_programs, tcp_echo, udp_echo},
 };
 
 const BRIDGE: &str = "br0";
@@ -935,4 +935,43 @@ fn check_fails_off_the_fast_path_and_gc_and_status_answer() {
     assert!(fixture.endpoints().is_empty(), "{:?}", fixture.endpoints());
     fixture.detach();
     assert_eq!(fixture.pins_left(), Vec::<String>::new(), "pins left");
+}
+
+/// A hook removed behind xbr's back (`tc filter del`, in clsact mode where no event says
+/// so to anyone): CHECK reports the container off the fast path, and the next ADD on the
+/// bridge puts the hook back.
+#[test]
+fn a_hook_removed_behind_xbrs_back_fails_check_until_the_next_add() {
+    let test = "a_hook_removed_behind_xbrs_back_fails_check_until_the_next_add";
+    if !needs_plugins(test) {
+        return;
+    }
+    let fixture = Fixture::new("10.207.0.0/24", |root| {
+        let mut plugin = xbr_cni_plugin(root, &[]);
+        plugin["mode"] = json!("clsact");
+        vec![plugin]
+    });
+    let a = fixture.container("a");
+    let (veth_a, _, _) = fixture.add(&a);
+    fixture.network.check(&a).expect("CHECK after ADD");
+    assert_eq!(tc_programs(&fixture.host, &veth_a), ["port_ingress"]);
+
+    let removed = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", fixture.host))
+        .args(["tc", "filter", "del", "dev", &veth_a, "ingress"])
+        .status()
+        .expect("run tc");
+    assert!(removed.success(), "tc filter del dev {veth_a} ingress");
+    assert!(tc_programs(&fixture.host, &veth_a).is_empty());
+    let failure = fixture
+        .network
+        .check(&a)
+        .expect_err("CHECK with the hook removed");
+    assert_eq!(failure.plugin, "xbr-cni", "{failure}");
+    assert_eq!(failure.code(), Some(101), "{failure}");
+
+    let b = fixture.container("b");
+    fixture.add(&b);
+    assert_eq!(tc_programs(&fixture.host, &veth_a), ["port_ingress"]);
+    fixture.network.check(&a).expect("CHECK after the next ADD");
 }
