@@ -21,21 +21,7 @@ pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/cni";
 /// The `xbr-cni` binary built beside these tests (`cargo build -p bridge-user` builds it next
 /// to `xbr`). `XBR_CNI` overrides the path.
 pub fn xbr_cni_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("XBR_CNI") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..");
-    let binary = profile_dir.join("xbr-cni");
-    assert!(
-        binary.exists(),
-        "{} not built; run `cargo build -p bridge-user` with the same profile, or set XBR_CNI",
-        binary.display()
-    );
-    binary
+    crate::witness::built_binary("xbr-cni", "XBR_CNI")
 }
 
 /// Whether containernetworking-plugins is installed (`cargo xtask setup` installs it).

@@ -158,7 +158,13 @@ pub fn tc_programs(netns: &str, port: &str) -> Vec<String> {
 /// The `xbr` binary built beside these tests (`cargo test --workspace` builds it; so does
 /// `cargo build -p bridge-user`). `XBR` overrides the path.
 pub fn xbr_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("XBR") {
+    built_binary("xbr", "XBR")
+}
+
+/// Binary `name` of this workspace, built beside these tests (same profile); environment
+/// variable `overridden_by` overrides the path.
+pub fn built_binary(name: &str, overridden_by: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(overridden_by) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test binary path");
@@ -166,10 +172,10 @@ pub fn xbr_binary() -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/..");
-    let binary = profile_dir.join("xbr");
+    let binary = profile_dir.join(name);
     assert!(
         binary.exists(),
-        "{} not built; run `cargo build -p bridge-user` with the same profile, or set XBR",
+        "{} not built; run `cargo build -p bridge-user` with the same profile, or set {overridden_by}",
         binary.display()
     );
     binary

@@ -228,17 +228,7 @@ fn add(env: &Environment, conf: &NetConf) -> Result<String, CniError> {
             "xbr-cni accelerates containers on a Linux bridge: put it after the `bridge` plugin",
         ));
     };
-    let features = features::detect();
-    if !features.sched_cls {
-        return Err(CniError::new(
-            Code::NotAvailable,
-            "xbr-cni: the kernel refused a tc BPF program",
-            format!(
-                "kernel {}; xbr needs BPF_PROG_TYPE_SCHED_CLS",
-                features.kernel
-            ),
-        ));
-    }
+    let features = usable_kernel()?;
     let root = pin_root(conf);
     let doing = format!("putting the container on bridge {bridge}'s fast path");
     let _writer = lock::Writer::acquire(&root, &bridge, true, wait(conf))
@@ -567,7 +557,13 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
+/// STATUS: whether the kernel can run xbr's programs.
 fn status() -> Result<(), CniError> {
+    usable_kernel().map(|_| ())
+}
+
+/// The kernel's features, when it can run xbr's programs.
+fn usable_kernel() -> Result<features::Features, CniError> {
     let features = features::detect();
     if !features.sched_cls {
         return Err(CniError::new(
@@ -579,7 +575,7 @@ fn status() -> Result<(), CniError> {
             ),
         ));
     }
-    Ok(())
+    Ok(features)
 }
 
 #[cfg(test)]
