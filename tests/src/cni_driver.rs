@@ -433,6 +433,14 @@ impl Network {
         self.each("CHECK", &order, prev.as_ref(), attachment)
     }
 
+    /// Where the plugin of type `plugin` stands in the list.
+    fn plugin_index(&self, plugin: &str) -> usize {
+        self.plugins()
+            .iter()
+            .position(|p| p["type"] == plugin)
+            .unwrap_or_else(|| panic!("no plugin {plugin} in the list"))
+    }
+
     /// CHECK on the plugin of type `plugin` alone, the cached ADD result as prevResult.
     pub fn check_plugin(
         &self,
@@ -440,11 +448,7 @@ impl Network {
         attachment: &Attachment,
     ) -> Result<ChainRun, Box<CniFailure>> {
         let prev = self.cached_result(attachment);
-        let index = self
-            .plugins()
-            .iter()
-            .position(|p| p["type"] == plugin)
-            .unwrap_or_else(|| panic!("no plugin {plugin} in the list"));
+        let index = self.plugin_index(plugin);
         self.each("CHECK", &[index], prev.as_ref(), attachment)
     }
 
@@ -486,11 +490,7 @@ impl Network {
         command: &str,
         extra: Value,
     ) -> Result<Value, Box<CniFailure>> {
-        let index = self
-            .plugins()
-            .iter()
-            .position(|p| p["type"] == plugin)
-            .unwrap_or_else(|| panic!("no plugin {plugin} in the list"));
+        let index = self.plugin_index(plugin);
         let empty = Attachment::new("", "");
         let mut config = self.plugin_config(index, None, &empty);
         for (key, value) in extra.as_object().into_iter().flatten() {
@@ -508,11 +508,7 @@ impl Network {
         prev: &Value,
         attachment: &Attachment,
     ) -> Result<Value, Box<CniFailure>> {
-        let index = self
-            .plugins()
-            .iter()
-            .position(|p| p["type"] == plugin)
-            .unwrap_or_else(|| panic!("no plugin {plugin} in the list"));
+        let index = self.plugin_index(plugin);
         let config = self.plugin_config(index, Some(prev), attachment);
         let (result, _) = self.exec(plugin, "ADD", &config, Some(attachment))?;
         std::fs::write(self.cache_file(attachment), result.to_string())
@@ -551,6 +547,16 @@ pub fn endpoint_of(result: &Value, ifname: &str) -> (String, String, std::net::I
         })
         .unwrap_or_else(|| panic!("no IPv4 address for {ifname} in {result}"));
     (veth, mac, address)
+}
+
+/// Verdict `name` summed over the bridges of `xbr stats --json`'s output.
+pub fn verdict_total(stats: &Value, name: &str) -> u64 {
+    stats["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v[name].as_u64())
+        .sum()
 }
 
 /// Median and 99th percentile (nearest rank) of `samples`.

@@ -26,7 +26,7 @@ use xbr::netns::NetNs;
 use xbr_tests::{
     cni_driver::{
         Attachment, CniPath, Network, TempDir, bridge_plugin, conflist, endpoint_of, median_p99,
-        system_plugins_installed, xbr_cni_plugin,
+        system_plugins_installed, verdict_total, xbr_cni_plugin,
     },
     lab_support::{assert_ping, ip_in, unique_name},
     skip::skip,
@@ -158,12 +158,7 @@ impl Fixture {
 
     fn verdict(&self, name: &str) -> u64 {
         let stats: Value = serde_json::from_str(&self.pins.xbr_ok(&["stats", "--json"])).unwrap();
-        stats["verdicts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v[name].as_u64())
-            .sum()
+        verdict_total(&stats, name)
     }
 
     /// Files left under the pin root (none after a detach).
@@ -681,6 +676,20 @@ fn name_at(client: &NetNs, to: SocketAddr) -> std::io::Result<String> {
 
 const PARALLEL: usize = 200;
 
+/// Fails naming how many of the parallel `what` failed, and the first failure.
+fn all_succeeded<T, E: std::fmt::Display>(runs: &[Result<T, E>], what: &str) {
+    let failures: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {PARALLEL} parallel {what} failed; the first: {}",
+        failures.len(),
+        failures[0]
+    );
+}
+
 #[test]
 fn two_hundred_parallel_adds_and_dels() {
     if !needs_plugins("two_hundred_parallel_adds_and_dels") {
@@ -701,16 +710,7 @@ fn two_hundred_parallel_adds_and_dels() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let all_added = all_started.elapsed();
-    let failures: Vec<String> = runs
-        .iter()
-        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {PARALLEL} parallel ADDs failed; the first: {}",
-        failures.len(),
-        failures[0]
-    );
+    all_succeeded(&runs, "ADDs");
     let runs: Vec<_> = runs.into_iter().map(Result::unwrap).collect();
     let xbr_cni: Vec<Duration> = runs
         .iter()
@@ -804,16 +804,7 @@ fn two_hundred_parallel_adds_and_dels() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let failures: Vec<String> = dels
-        .iter()
-        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {PARALLEL} parallel DELs failed; the first: {}",
-        failures.len(),
-        failures[0]
-    );
+    all_succeeded(&dels, "DELs");
     let del_times: Vec<Duration> = dels
         .iter()
         .map(|r| r.as_ref().unwrap().call("xbr-cni").unwrap().elapsed)

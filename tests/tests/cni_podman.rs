@@ -18,7 +18,7 @@ use std::{
 use serde_json::{Value, json};
 use xbr::netns::NetNs;
 use xbr_tests::{
-    cni_driver::{SYSTEM_PLUGIN_DIR, SYSTEM_PLUGINS, TempDir, xbr_cni_binary},
+    cni_driver::{SYSTEM_PLUGIN_DIR, SYSTEM_PLUGINS, TempDir, verdict_total, xbr_cni_binary},
     lab_support::unique_name,
     skip::skip,
     witness::{tcp_echo, xbr, xbr_quietly},
@@ -337,12 +337,7 @@ impl Podman {
 
     fn verdict(&self, name: &str) -> u64 {
         let stats: Value = serde_json::from_str(&self.xbr_ok(&["stats", "--json"])).unwrap();
-        stats["verdicts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v[name].as_u64())
-            .sum()
+        verdict_total(&stats, name)
     }
 
     /// Published ports xbr leaves to the kernel path, and why.

@@ -234,6 +234,17 @@ impl CniLab {
     }
 }
 
+/// `packets` is held back exactly once, for a reason that names `rule`.
+fn assert_held_once(held: &[(String, String)], packets: &str, rule: &str) {
+    let found: Vec<&(String, String)> = held.iter().filter(|(p, _)| p == packets).collect();
+    assert_eq!(found.len(), 1, "{packets} is held once: {held:#?}");
+    assert!(
+        found[0].1.contains(rule),
+        "the reason names `{rule}`: {}",
+        found[0].1
+    );
+}
+
 /// What `xbr status --json` holds back of east-west traffic: (packets, reason).
 fn east_west_held(bridge: &Value) -> Vec<(String, String)> {
     assert_eq!(
@@ -288,17 +299,10 @@ fn the_firewall_plugins_accepts_leave_east_west_fast_and_a_container_without_the
 
     lab.attach();
     let held = east_west_held(&lab.bridge_status());
-    let from_c: Vec<&(String, String)> = held
-        .iter()
-        .filter(|(p, _)| p == "ipv4 10.77.0.4:* -> *:*")
-        .collect();
-    assert_eq!(from_c.len(), 1, "what c sends is held: {held:#?}");
-    assert!(
-        from_c[0]
-            .1
-            .contains("`table ip filter` chain FORWARD policy drop"),
-        "the reason names the policy: {}",
-        from_c[0].1
+    assert_held_once(
+        &held,
+        "ipv4 10.77.0.4:* -> *:*",
+        "`table ip filter` chain FORWARD policy drop",
     );
     assert!(
         !held
@@ -364,17 +368,10 @@ fn an_admin_drop_in_cni_admin_holds_back_exactly_that_pair() {
 
     lab.attach();
     let held = east_west_held(&lab.bridge_status());
-    let pair: Vec<&(String, String)> = held
-        .iter()
-        .filter(|(p, _)| p == "ipv4 10.77.0.2:* -> 10.77.0.3:*")
-        .collect();
-    assert_eq!(pair.len(), 1, "a -> b is held: {held:#?}");
-    assert!(
-        pair[0]
-            .1
-            .contains("chain CNI-ADMIN rule `-s 10.77.0.2/32 -d 10.77.0.3/32 -j DROP`"),
-        "the reason names the rule: {}",
-        pair[0].1
+    assert_held_once(
+        &held,
+        "ipv4 10.77.0.2:* -> 10.77.0.3:*",
+        "chain CNI-ADMIN rule `-s 10.77.0.2/32 -d 10.77.0.3/32 -j DROP`",
     );
 
     let held_by_policy = lab.verdict("held_by_policy");
