@@ -522,7 +522,8 @@ fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
 /// one whose bridge is gone, or with no port left, is detached.
 fn gc(conf: &NetConf) -> Result<(), CniError> {
     let root = pin_root(conf);
-    let bridges = pins::attached_bridges(&root).map_err(|e| datapath_error("listing", e))?;
+    let bridges = pins::attached_bridges(&root)
+        .map_err(|e| datapath_error("listing the bridges attached here", e))?;
     let policy = policy();
     for bridge in bridges {
         let doing = format!("collecting bridge {bridge}'s garbage");
