@@ -268,7 +268,9 @@ pub struct BridgeRecord {
     pub uplink_mode: u32,
     /// Established connections the NAT tables hold once they are made (`--max-flows`).
     pub max_flows: u32,
-    pub _pad: u32,
+    /// 1: `xbr attach --masquerade` asked for egress NAT (the containers' outbound flows
+    /// source-NATed in the datapath), whoever owns the bridge.
+    pub masquerade: u32,
     /// The cgroup the socket programs are attached to (its id, the inode of its directory on
     /// the cgroup v2 filesystem); 0: no socket hooks.
     pub socket_cgroup: u64,

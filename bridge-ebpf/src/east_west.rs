@@ -26,7 +26,10 @@ enum Decision {
     Uplink(u32),
     /// A frame of an outbound flow, translated: out of this uplink (`resolve_neigh`: with the
     /// next hop's neighbour resolved by the kernel).
-    Egress { uplink: u32, resolve_neigh: bool },
+    Egress {
+        uplink: u32,
+        resolve_neigh: bool,
+    },
     Pass(Verdict),
 }
 
@@ -95,7 +98,10 @@ pub fn forward(ctx: &TcContext) -> i32 {
             uplink,
             resolve_neigh,
         } => {
-            debug!(ctx, "port {}: egress out of uplink {}", ingress_port, uplink);
+            debug!(
+                ctx,
+                "port {}: egress out of uplink {}", ingress_port, uplink
+            );
             count_verdict(Verdict::EgressOut);
             count_sent(ctx, ingress_port, true);
             if resolve_neigh {

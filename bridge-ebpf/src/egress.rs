@@ -10,9 +10,7 @@
 //! locally or routes out of an interface xbr did not hook.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup,
-    },
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
     programs::TcContext,
 };
@@ -253,8 +251,7 @@ fn create(segment: &Segment, port: u32, route: &Route, port_min: u16, port_max: 
 #[inline(always)]
 fn port_is_free(reply_key: &FlowKey) -> Option<bool> {
     // SAFETY (each lookup): a map value, only read, during the run.
-    if unsafe { FLOWS.get(reply_key) }.is_some()
-        || unsafe { KERNEL_FLOWS.get(reply_key) }.is_some()
+    if unsafe { FLOWS.get(reply_key) }.is_some() || unsafe { KERNEL_FLOWS.get(reply_key) }.is_some()
     {
         return None;
     }

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use bridge_common::{
     BridgeRecord, ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey, Flow, FlowKey,
     HoldKey, MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_KERNEL_FLOWS, MAX_LOCAL_ADDRESSES,
-    MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, SocketConfig,
-    SocketCounts, SocketDials, Verdict,
+    MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey,
+    PublishedPort, SocketConfig, SocketCounts, SocketDials, Verdict,
 };
 
 /// Hash maps are allocated entry by entry as the control plane fills them (not all at

@@ -203,7 +203,10 @@ impl Nat {
     /// Whether the frame was translated (and is to be redirected).
     #[inline(always)]
     pub fn translated(&self) -> bool {
-        matches!(self, Nat::Redirect(_) | Nat::Egress(_) | Nat::EgressNeigh(_))
+        matches!(
+            self,
+            Nat::Redirect(_) | Nat::Egress(_) | Nat::EgressNeigh(_)
+        )
     }
 }
 
