@@ -6,6 +6,7 @@
 
 pub mod bpf_link;
 pub mod cni;
+pub mod conntrack;
 pub mod datapath;
 pub mod docker;
 pub mod error;
