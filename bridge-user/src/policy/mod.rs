@@ -168,6 +168,7 @@ fn host_client_traversals(published: &Published) -> Vec<Traversal> {
                 },
                 first_packets,
                 own_dnat,
+                own_snat: None,
             };
         traversals.push(at(Hook::Output, &none, None, first_packets));
         // Over loopback to docker-proxy, a source NAT (a network's MASQUERADE of its subnet,
@@ -267,6 +268,7 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
             packets,
             first_packets: true,
             own_dnat: None,
+            own_snat: None,
         };
         traversals.push(Traversal {
             devices: ports.clone(),
@@ -369,6 +371,7 @@ fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
             },
             first_packets: true,
             own_dnat: None,
+            own_snat: None,
         };
         for hold in holds(&firewall.ruleset, &traversal) {
             // Replies of a source NAT (or a redirect) go to the host, which routes them.
@@ -448,6 +451,7 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
         packets,
         first_packets,
         own_dnat: None,
+        own_snat: None,
     };
     let ip = [Family::Ip, Family::Inet];
     let requests = vec![
