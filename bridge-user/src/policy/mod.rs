@@ -935,4 +935,6 @@ impl std::fmt::Display for Pattern {
 }
 
 #[cfg(test)]
+mod egress_tests;
+#[cfg(test)]
 mod tests;
