@@ -986,9 +986,7 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
                 Value::Object(counts)
             })
             .collect();
-        return print_json(
-            &json!({ "endpoints": endpoints, "verdicts": verdicts, "nat": nat }),
-        );
+        return print_json(&json!({ "endpoints": endpoints, "verdicts": verdicts, "nat": nat }));
     }
     println!(
         "{:<10} {:<16} {:<17} {:>12} {:>14} {:>12} {:>12}",

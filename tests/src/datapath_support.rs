@@ -10,8 +10,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, NatEvent,
-    PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
+    NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
 use xbr::datapath::{FLOW_TABLE_PROTOTYPE, FlowTable, TRANSIENT_TABLE_PROTOTYPE};
 

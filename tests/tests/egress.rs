@@ -85,10 +85,7 @@ fn udp_seen_as(socket: &UdpSocket, payload: &[u8]) -> std::io::Result<SocketAddr
 }
 
 fn udp_socket(ns: &NetNs) -> UdpSocket {
-    let socket = ns
-        .run(|| UdpSocket::bind(("0.0.0.0", 0)))
-        .unwrap()
-        .unwrap();
+    let socket = ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap().unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -138,7 +135,11 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
     let egress = &status["bridges"][0]["egress"];
     assert_eq!(egress["accelerated"], true, "{status}");
     assert_eq!(egress["uplinks"][0]["address"], "10.78.0.1", "{status}");
-    assert_eq!(egress["ports"], serde_json::json!([61000, 65535]), "{status}");
+    assert_eq!(
+        egress["ports"],
+        serde_json::json!([61000, 65535]),
+        "{status}"
+    );
 
     // Many connections, from two containers: each seen from the uplink's address, on a port
     // of xbr's range, no two at once on the same one.
@@ -149,7 +150,11 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
         assert!(in_egress_range(seen), "connection {round} seen as {seen}");
         ports.insert(seen.port());
     }
-    assert!(ports.len() > 90, "ports are spread: {} distinct", ports.len());
+    assert!(
+        ports.len() > 90,
+        "ports are spread: {} distinct",
+        ports.len()
+    );
     // A large transfer with the veths' offloads on: GSO segments and partial checksums.
     exchange(&a, echo, 4 << 20).expect("4 MiB through egress NAT");
     // UDP, odd sizes, up to a full frame.
@@ -164,7 +169,10 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
 
     let out = verdict(&pins, "egress_out");
     let back = verdict(&pins, "egress_in");
-    assert!(out > 100 * 3 && back > 100 * 2, "egress_out {out}, egress_in {back}");
+    assert!(
+        out > 100 * 3 && back > 100 * 2,
+        "egress_out {out}, egress_in {back}"
+    );
     assert!(
         stats(&pins)["nat"][0]["egress_opened"].as_u64().unwrap() >= 102,
         "{}",
@@ -216,7 +224,10 @@ fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
     round_trip(&mut stream, "before attach");
     let socket = udp_socket(&a);
     let kernel_udp = udp_seen_as(&socket, b"first").expect("UDP on the kernel path");
-    assert!(!in_egress_range(kernel_udp), "the kernel kept the port: {kernel_udp}");
+    assert!(
+        !in_egress_range(kernel_udp),
+        "the kernel kept the port: {kernel_udp}"
+    );
 
     pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
     let status: serde_json::Value =
