@@ -3,11 +3,13 @@
 #![no_std]
 #![no_main]
 
+mod checksum;
 mod counters;
 mod deliver;
 mod east_west;
 mod egress;
 mod frame;
+mod icmp;
 mod maps;
 mod nat;
 mod policy;

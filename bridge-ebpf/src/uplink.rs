@@ -7,7 +7,7 @@ use bridge_common::Verdict;
 
 use crate::{
     counters::{count_delivered, count_verdict},
-    deliver,
+    deliver, icmp,
     nat::{self, Nat},
 };
 
@@ -19,6 +19,15 @@ pub fn receive(ctx: &TcContext) -> i32 {
     // TC_ACT_UNSPEC, not OK: other programs on a shared uplink (another bridge's) still run.
     let segment = match nat::parse(ctx) {
         Ok(segment) => segment,
+        // Not TCP or UDP: maybe an ICMP error about a container's outbound flow.
+        Err(Verdict::NotPublished) => match icmp::error_inbound(ctx) {
+            icmp::Error::Deliver(port) => {
+                count_verdict(Verdict::EgressIn);
+                count_delivered(ctx, port);
+                return deliver::into_container(ctx, port);
+            }
+            icmp::Error::NotOurs => return pass(Verdict::NotPublished),
+        },
         Err(verdict) => return pass(verdict),
     };
     match nat::inbound(ctx, &segment, uplink) {

@@ -29,8 +29,9 @@ pub struct Tracked {
 
 /// Every IPv4 TCP and UDP connection the kernel's conntrack holds in this namespace.
 ///
-/// A kernel without conntrack (nfnetlink or ctnetlink absent: EPROTONOSUPPORT, EOPNOTSUPP or
-/// ENOENT) tracks nothing, so the list is empty; any other failure is an error.
+/// A kernel without conntrack (nfnetlink or ctnetlink absent: EPROTONOSUPPORT, EOPNOTSUPP,
+/// ENOENT, or EINVAL, which nfnetlink answers for a subsystem that is not registered) tracks
+/// nothing, so the list is empty; any other failure is an error.
 pub fn ipv4_connections() -> io::Result<Vec<Tracked>> {
     let socket = match open_socket() {
         Ok(socket) => socket,
@@ -124,11 +125,13 @@ enum DumpError {
     Malformed(String),
 }
 
-/// Whether `errno` says conntrack is not there to ask (no nfnetlink, no ctnetlink).
+/// Whether `errno` says conntrack is not there to ask (no nfnetlink, no ctnetlink: a 5.10
+/// kernel whose nf_conntrack module is not loaded answers the dump with EINVAL, since
+/// nfnetlink has no such subsystem; the request itself is the one every kernel takes).
 fn is_absent(errno: Option<i32>) -> bool {
     matches!(
         errno,
-        Some(libc::EOPNOTSUPP | libc::ENOENT | libc::EPROTONOSUPPORT)
+        Some(libc::EOPNOTSUPP | libc::ENOENT | libc::EPROTONOSUPPORT | libc::EINVAL)
     )
 }
 
@@ -758,6 +761,7 @@ mod tests {
         assert!(is_absent(Some(libc::EOPNOTSUPP)));
         assert!(is_absent(Some(libc::ENOENT)));
         assert!(is_absent(Some(libc::EPROTONOSUPPORT)));
+        assert!(is_absent(Some(libc::EINVAL)));
         assert!(!is_absent(Some(libc::EPERM)));
         assert!(!is_absent(None));
     }

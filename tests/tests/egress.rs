@@ -130,6 +130,20 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
         assert_eq!(seen, first, "one UDP flow keeps its translation");
     }
 
+    // A closed port outside: the outside's ICMP error reaches the container's socket.
+    let refused = udp_socket(&a);
+    refused.connect((OUTSIDE, 9)).unwrap();
+    refused.send(b"anyone?").unwrap();
+    let mut buffer = [0u8; 64];
+    let error = refused
+        .recv(&mut buffer)
+        .expect_err("nothing listens on the outside's port 9");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the port unreachable was translated back: {error}"
+    );
+
     let out = verdict(&pins, "egress_out");
     let back = verdict(&pins, "egress_in");
     assert!(

@@ -1,9 +1,9 @@
 //! Egress NAT packet tests through BPF_PROG_TEST_RUN (run as root): a container's SYN and
 //! UDP datagrams source-NATed byte for byte (checksums, TTL, MACs), the outside's replies
-//! translated back into the container, the handshake making the flow established; and what
-//! goes to the kernel path unchanged: an expiring TTL, no free port, no room to track, a
-//! destination inside the subnet, a sender that is not the port's container, an ICMP error,
-//! mutated frames.
+//! translated back into the container, the handshake making the flow established, ICMP
+//! errors about a flow translated into its container; and what goes to the kernel path
+//! unchanged: an expiring TTL, no free port, no room to track, a destination inside the
+//! subnet, a sender that is not the port's container, mutated frames.
 //!
 //! The FIB lookup needs routes: each test runs its frames inside a network namespace it
 //! makes, with a bridge (the lookup's input interface) and an uplink whose next hop has
@@ -436,29 +436,79 @@ fn frames_egress_must_not_take_pass_unchanged() {
             }
             assert_eq!(datapath.event_count(NatEvent::EgressOpened), 0);
             assert_eq!(datapath.verdict_count(Verdict::EgressOut), 0);
+        })
+        .unwrap();
+}
 
-            // An ICMP error about a translated flow arrives on the uplink: it is not
-            // translated (see docs/DESIGN.md), the kernel path gets it unchanged.
-            assert_eq!(
-                datapath
-                    .run(PORT_PROGRAM, &tcp(&out(40006), "S", 1, 0, &[]))
-                    .unwrap()
-                    .0,
-                TC_ACT_REDIRECT
+/// An ICMP error from the outside about the frame `quoted` (as it left the uplink: the
+/// first 28 bytes of its IP packet).
+fn icmp_error(to: [u8; 4], ttl: u8, quoted: &[u8], eth: ([u8; 6], [u8; 6])) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(eth.0, eth.1)
+        .ipv4(OUTSIDE_IP, to, ttl)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut frame, &quoted[14..14 + 28])
+        .unwrap();
+    frame
+}
+
+#[test]
+fn an_icmp_error_about_an_outbound_flow_reaches_its_container() {
+    let routes = routes();
+    routes
+        .netns
+        .run(|| {
+            let mut datapath = egress_datapath(&routes, 61000, 65535);
+            for (proto, opening) in [
+                (IPPROTO_UDP, udp(&out(40000), b"to a closed port")),
+                (IPPROTO_TCP, tcp(&out(40000), "S", 1000, 0, &[])),
+            ] {
+                assert_eq!(
+                    datapath.run(PORT_PROGRAM, &opening).unwrap().0,
+                    TC_ACT_REDIRECT
+                );
+                let nat = nat_port(&datapath, proto, 40000);
+                // What left the uplink, and what the container sent, as the error quotes it.
+                let (left, sent) = if proto == IPPROTO_UDP {
+                    let mut sent = out(40000);
+                    sent.ttl = 63;
+                    (
+                        udp(&out_translated(nat), b"to a closed port"),
+                        udp(&sent, b"to a closed port"),
+                    )
+                } else {
+                    let mut sent = out(40000);
+                    sent.ttl = 63;
+                    (
+                        tcp(&out_translated(nat), "S", 1000, 0, &[]),
+                        tcp(&sent, "S", 1000, 0, &[]),
+                    )
+                };
+                let error = icmp_error(UPLINK_IP, 64, &left, (OUTSIDE_MAC, UPLINK_MAC));
+                let (code, delivered) = datapath.run(UPLINK_PROGRAM, &error).unwrap();
+                assert_eq!(code, TC_ACT_REDIRECT, "proto {proto}: into the container");
+                assert_frame(
+                    &format!("ICMP error, proto {proto}"),
+                    &delivered,
+                    &icmp_error(CONTAINER_IP, 63, &sent, (BRIDGE_MAC, CONTAINER_MAC)),
+                );
+            }
+            assert_eq!(datapath.verdict_count(Verdict::EgressIn), 2);
+
+            // An error about no flow of xbr's (another server port) is the kernel's, unchanged.
+            let mut elsewhere = out_translated(61000);
+            elsewhere.ports.1 = SERVER_PORT + 1;
+            let stranger = icmp_error(
+                UPLINK_IP,
+                64,
+                &udp(&elsewhere, b"x"),
+                (OUTSIDE_MAC, UPLINK_MAC),
             );
-            let nat = nat_port(&datapath, IPPROTO_TCP, 40006);
-            let quoted = tcp(&out_translated(nat), "S", 1, 0, &[]);
-            let mut icmp = Vec::new();
-            PacketBuilder::ethernet2(OUTSIDE_MAC, UPLINK_MAC)
-                .ipv4(OUTSIDE_IP, UPLINK_IP, 64)
-                .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
-                    etherparse::icmpv4::DestUnreachableHeader::Port,
-                ))
-                .write(&mut icmp, &quoted[14..14 + 28])
-                .unwrap();
-            let (code, passed) = datapath.run(UPLINK_PROGRAM, &icmp).unwrap();
+            let (code, passed) = datapath.run(UPLINK_PROGRAM, &stranger).unwrap();
             assert_eq!(code, TC_ACT_UNSPEC);
-            assert_frame("ICMP error", &passed, &icmp);
+            assert_frame("ICMP error about nothing of xbr's", &passed, &stranger);
         })
         .unwrap();
 }

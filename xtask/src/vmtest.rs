@@ -37,13 +37,18 @@ const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
 /// What the suites use, loaded with the host's modprobe from the kernel's own tree; the
 /// kernel's autoloader (pointed at the same modprobe) brings in whatever else they touch.
 /// Names a kernel does not have (nft_counter became part of nf_tables in 5.x) are left out.
-const TEST_MODULES: [&str; 6] = [
+const TEST_MODULES: [&str; 10] = [
     "veth",
     "bridge",
     "sch_ingress",
     "cls_bpf",
     "nf_tables",
     "nft_counter",
+    // The egress suite's kernel-path masquerade, and conntrack for xbr to read.
+    "nf_conntrack_netlink",
+    "nf_nat",
+    "nft_chain_nat",
+    "nft_masq",
 ];
 
 const CPUS: u32 = 2;
