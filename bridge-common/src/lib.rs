@@ -547,10 +547,13 @@ pub struct EgressConfig {
     /// not outbound.
     pub subnet: [u8; 4],
     pub subnet_mask: [u8; 4],
-    /// The source ports xbr gives translated flows, host byte order, inclusive: a range the
-    /// host's own sockets never use (above `ip_local_port_range`).
+    /// The source ports xbr gives translated flows, host byte order, inclusive...
     pub port_min: u16,
     pub port_max: u16,
+    /// ... except these (inclusive; both 0: none): `ip_local_port_range`, where the host's own
+    /// connections and the source ports the kernel's MASQUERADE keeps for containers live.
+    pub skip_min: u16,
+    pub skip_max: u16,
 }
 
 /// How many tuples `KERNEL_FLOWS` holds: flows the kernel path owns, which egress must not

@@ -10,11 +10,18 @@
 //! locally or routes out of an interface xbr did not hook.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        bpf_fib_lookup, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     programs::TcContext,
 };
-use bridge_common::{Flow, FlowKey, NatEvent, PublishedKey, Verdict};
+use bridge_common::{Flow, FlowKey, IPPROTO_TCP, NatEvent, PublishedKey, Verdict};
 
 use crate::{
     maps::{
@@ -66,7 +73,13 @@ pub fn open(ctx: &TcContext, segment: &Segment, port: u32) -> Nat {
     if !route(ctx, segment, config.bridge_ifindex, &mut uplink) {
         return Nat::NotOurs;
     }
-    match create(segment, port, &uplink, config.port_min, config.port_max) {
+    let ports = Ports {
+        min: config.port_min,
+        max: config.port_max,
+        skip_min: config.skip_min,
+        skip_max: config.skip_max,
+    };
+    match create(ctx, segment, port, &uplink, &ports) {
         Created::Yes => {}
         Created::NoPort => {
             count(NatEvent::EgressPortsExhausted);
@@ -162,6 +175,37 @@ fn route(ctx: &TcContext, segment: &Segment, bridge: u32, found: &mut Route) -> 
     true
 }
 
+/// The source ports egress gives flows: `min..=max` without `skip_min..=skip_max`.
+struct Ports {
+    min: u16,
+    max: u16,
+    skip_min: u16,
+    skip_max: u16,
+}
+
+impl Ports {
+    /// The `n`th port of the range (any `n`: it wraps).
+    #[inline(always)]
+    fn nth(&self, n: u32) -> u16 {
+        let span = u32::from(self.max.saturating_sub(self.min)) + 1;
+        // A hole inside the range (the control plane never writes one that is not).
+        let skipped = if self.skip_min >= self.min
+            && self.skip_min <= self.skip_max
+            && self.skip_max <= self.max
+        {
+            u32::from(self.skip_max - self.skip_min) + 1
+        } else {
+            0
+        };
+        let usable = span.saturating_sub(skipped).max(1);
+        let mut port = u32::from(self.min) + n % usable;
+        if skipped > 0 && port >= u32::from(self.skip_min) {
+            port += skipped;
+        }
+        port as u16
+    }
+}
+
 enum Created {
     Yes,
     /// Every port tried is taken for this destination.
@@ -170,9 +214,9 @@ enum Created {
 }
 
 /// Creates both directions of a new outbound flow in the transient table, with a source port
-/// of `port_min..=port_max` that no other flow to the same destination holds.
+/// of `ports` that nothing else holds for the same destination.
 #[inline(never)]
-fn create(segment: &Segment, port: u32, route: &Route, port_min: u16, port_max: u16) -> Created {
+fn create(ctx: &TcContext, segment: &Segment, port: u32, route: &Route, ports: &Ports) -> Created {
     let key = &segment.key;
     let Some(scratch) = FLOW_SCRATCH.get_ptr_mut(0) else {
         return Created::NoRoom;
@@ -189,16 +233,15 @@ fn create(segment: &Segment, port: u32, route: &Route, port_min: u16, port_max: 
         src_port: key.dst_port,
         dst_port: [0; 2],
     };
-    let span = u32::from(port_max.saturating_sub(port_min)) + 1;
     let mut free = None;
     for _ in 0..PORT_TRIES {
         // SAFETY: a BPF helper without arguments.
-        let candidate = port_min as u32 + unsafe { bpf_get_prandom_u32() } % span;
-        reply_key.dst_port = (candidate as u16).to_be_bytes();
+        reply_key.dst_port = ports.nth(unsafe { bpf_get_prandom_u32() }).to_be_bytes();
         free = port_is_free(&reply_key);
-        if free.is_some() {
+        if free.is_some() && !local_socket_takes(ctx, &reply_key) {
             break;
         }
+        free = None;
     }
     let Some(reply_existed) = free else {
         return Created::NoPort;
@@ -243,6 +286,38 @@ fn create(segment: &Segment, port: u32, route: &Route, port_min: u16, port_max: 
     count(NatEvent::Opened);
     count(NatEvent::EgressOpened);
     Created::Yes
+}
+
+/// Whether one of the host's own sockets would receive a frame with the tuple `reply_key` (a
+/// connection from that port, a listener on it, one in TIME_WAIT): the port is the host's.
+#[inline(always)]
+fn local_socket_takes(ctx: &TcContext, reply_key: &FlowKey) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(reply_key.src_ip),
+                daddr: u32::from_ne_bytes(reply_key.dst_ip),
+                sport: u16::from_ne_bytes(reply_key.src_port),
+                dport: u16::from_ne_bytes(reply_key.dst_port),
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let skb = ctx.skb.skb as *mut _;
+    // SAFETY: the helpers read `tuple` (its IPv4 part, of the size given) and return a
+    // referenced socket or null; a socket found is released before returning.
+    unsafe {
+        let socket = if reply_key.proto == IPPROTO_TCP {
+            bpf_skc_lookup_tcp(skb, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        } else {
+            bpf_sk_lookup_udp(skb, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        };
+        if socket.is_null() {
+            return false;
+        }
+        bpf_sk_release(socket as *mut _);
+    }
+    true
 }
 
 /// Whether no flow, of xbr's or the kernel's, and no published port holds the uplink's

@@ -59,8 +59,9 @@ pub struct Facts {
     pub subnets: Vec<(Ipv4Addr, u8)>,
     pub bridge_mtu: u32,
     pub uplinks: Vec<Uplink>,
-    /// The upper end of `net.ipv4.ip_local_port_range`: the host's sockets use ports up to it.
-    pub local_ports_end: u16,
+    /// `net.ipv4.ip_local_port_range`: the ports of the host's own connections, and the ones
+    /// the kernel's MASQUERADE keeps for containers (theirs come from the same default).
+    pub local_ports: (u16, u16),
     /// What the policy reader says of the class (`None`: no rule could change its fate).
     pub held_by: Option<String>,
 }
@@ -69,11 +70,12 @@ pub struct Facts {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Egress {
     /// New outbound flows from `subnet` are translated to the uplinks' addresses, with source
-    /// ports `ports`.
+    /// ports `ports` except `skip`.
     Accelerated {
         subnet: (Ipv4Addr, u8),
         uplinks: Vec<(Uplink, Ipv4Addr)>,
         ports: (u16, u16),
+        skip: (u16, u16),
     },
     /// The kernel path keeps egress, for this reason.
     Kernel(String),
@@ -86,6 +88,7 @@ impl Egress {
             Egress::Accelerated {
                 subnet: (address, prefix_len),
                 ports: (port_min, port_max),
+                skip: (skip_min, skip_max),
                 ..
             } => {
                 let mask = prefix_mask(*prefix_len);
@@ -96,6 +99,8 @@ impl Egress {
                     subnet_mask: mask.to_be_bytes(),
                     port_min: *port_min,
                     port_max: *port_max,
+                    skip_min: *skip_min,
+                    skip_max: *skip_max,
                 }
             }
             Egress::Kernel(_) => EgressConfig::default(),
@@ -180,12 +185,12 @@ pub fn decide(facts: &Facts) -> Egress {
             )
         });
     }
-    if facts.local_ports_end == u16::MAX {
-        return Egress::Kernel(
-            "net.ipv4.ip_local_port_range ends at 65535: no source ports are left that the \
-             host's own sockets never use"
-                .into(),
-        );
+    let (local_min, local_max) = facts.local_ports;
+    if local_min <= FIRST_PORT && local_max == u16::MAX {
+        return Egress::Kernel(format!(
+            "net.ipv4.ip_local_port_range is {local_min}-{local_max}: no source ports are left \
+             that the host's own connections never use"
+        ));
     }
     if let Some(rule) = &facts.held_by {
         return Egress::Kernel(rule.clone());
@@ -193,24 +198,27 @@ pub fn decide(facts: &Facts) -> Egress {
     Egress::Accelerated {
         subnet,
         uplinks,
-        ports: (facts.local_ports_end + 1, u16::MAX),
+        ports: (FIRST_PORT, u16::MAX),
+        skip: (local_min.max(FIRST_PORT), local_max),
     }
 }
 
-/// The upper end of this namespace's `net.ipv4.ip_local_port_range` (60999 by default).
-pub fn local_ports_end() -> Result<u16> {
+/// Below it, the well-known ports: never given to a flow.
+pub const FIRST_PORT: u16 = 1024;
+
+/// This namespace's `net.ipv4.ip_local_port_range` (32768-60999 by default).
+pub fn local_ports() -> Result<(u16, u16)> {
     let path = "/proc/sys/net/ipv4/ip_local_port_range";
     let text =
         std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|end| end.parse().ok())
-        .ok_or_else(|| {
-            Error::io(
-                format!("reading {path}"),
-                std::io::Error::other(format!("unexpected contents {text:?}")),
-            )
-        })
+    let mut ends = text.split_whitespace().map(str::parse::<u16>);
+    match (ends.next(), ends.next()) {
+        (Some(Ok(min)), Some(Ok(max))) if min <= max => Ok((min, max)),
+        _ => Err(Error::io(
+            format!("reading {path}"),
+            std::io::Error::other(format!("unexpected contents {text:?}")),
+        )),
+    }
 }
 
 /// The bridge's IPv4 subnets and MTU, and the uplinks' addresses and MTUs, from netlink.
@@ -284,14 +292,15 @@ async fn link_mtu(handle: &Handle, ifindex: u32) -> Result<u32> {
 
 /// The tuples of `connections` (the kernel's conntrack) that egress must leave to the kernel
 /// path: a container's side of every flow from `subnet` (it began on the kernel path, or xbr
-/// left it there), and the uplink side of every translation the kernel made to an uplink
-/// address and a port of `ports` (egress must not give that port to a flow to the same
-/// destination).
+/// left it there), and the uplink side of every connection to an uplink address on a port
+/// egress gives (a translation of the kernel's, a connection of the host's: egress must not
+/// give that port to a flow to the same destination).
 pub fn kernel_flows(connections: &[Tracked], egress: &Egress) -> BTreeSet<FlowKey> {
     let Egress::Accelerated {
         subnet: (address, prefix_len),
         uplinks,
         ports: (port_min, port_max),
+        skip: (skip_min, skip_max),
     } = egress
     else {
         return BTreeSet::new();
@@ -311,6 +320,7 @@ pub fn kernel_flows(connections: &[Tracked], egress: &Egress) -> BTreeSet<FlowKe
         let reply = &connection.reply;
         if uplink_addresses.contains(&reply.destination)
             && (*port_min..=*port_max).contains(&reply.destination_port)
+            && !(*skip_min..=*skip_max).contains(&reply.destination_port)
         {
             keys.insert(flow_key(connection.protocol, reply));
         }
@@ -346,7 +356,7 @@ mod tests {
                 address: Some(Ipv4Addr::new(192, 0, 2, 10)),
                 mtu: 1500,
             }],
-            local_ports_end: 60999,
+            local_ports: (32768, 60999),
             held_by: None,
         }
     }
@@ -354,10 +364,16 @@ mod tests {
     #[test]
     fn masquerade_asked_for_takes_the_ports_above_the_local_range() {
         let egress = decide(&facts());
-        let Egress::Accelerated { ports, subnet, .. } = &egress else {
+        let Egress::Accelerated {
+            ports,
+            skip,
+            subnet,
+            ..
+        } = &egress
+        else {
             panic!("{egress:?}");
         };
-        assert_eq!(*ports, (61000, 65535));
+        assert_eq!((*ports, *skip), ((1024, 65535), (32768, 60999)));
         assert_eq!(*subnet, (Ipv4Addr::new(172, 17, 0, 1), 16));
         let config = egress.config(3);
         assert_eq!(config.subnet, [172, 17, 0, 0]);
@@ -424,10 +440,10 @@ mod tests {
             ),
             (
                 Facts {
-                    local_ports_end: 65535,
+                    local_ports: (1024, 65535),
                     ..facts()
                 },
-                "ends at 65535",
+                "is 1024-65535: no source ports are left",
             ),
             (
                 Facts {

@@ -229,7 +229,7 @@ pub fn egress_now(
             subnets: Vec::new(),
             bridge_mtu: 0,
             uplinks: Vec::new(),
-            local_ports_end: 0,
+            local_ports: (0, 0),
             held_by: None,
         }));
     }
@@ -255,7 +255,7 @@ pub fn egress_now(
         subnets,
         bridge_mtu,
         uplinks,
-        local_ports_end: egress::local_ports_end()?,
+        local_ports: egress::local_ports()?,
         held_by,
     }))
 }

@@ -163,8 +163,9 @@ pub fn egress_line(egress: &Egress) -> String {
             subnet: (address, prefix_len),
             uplinks,
             ports: (port_min, port_max),
+            skip: (skip_min, skip_max),
         } => format!(
-            "accelerated: new outbound flows from {address}/{prefix_len} are source-NATed to {} (ports {port_min}-{port_max})",
+            "accelerated: new outbound flows from {address}/{prefix_len} are source-NATed to {} (ports {port_min}-{port_max} except {skip_min}-{skip_max})",
             uplinks
                 .iter()
                 .map(|(uplink, address)| format!("{address} on {}", uplink.name))
@@ -181,6 +182,7 @@ fn egress_json(egress: &Egress) -> Value {
             subnet: (address, prefix_len),
             uplinks,
             ports: (port_min, port_max),
+            skip: (skip_min, skip_max),
         } => json!({
             "accelerated": true,
             "subnet": format!("{address}/{prefix_len}"),
@@ -189,6 +191,7 @@ fn egress_json(egress: &Egress) -> Value {
                 "address": address.to_string(),
             })).collect::<Vec<_>>(),
             "ports": [port_min, port_max],
+            "except_ports": [skip_min, skip_max],
         }),
         Egress::Kernel(reason) => json!({ "accelerated": false, "reason": reason }),
     }

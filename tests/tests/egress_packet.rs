@@ -100,6 +100,8 @@ fn config(routes: &Routes, port_min: u16, port_max: u16) -> EgressConfig {
         subnet_mask: [255, 255, 255, 0],
         port_min,
         port_max,
+        skip_min: 0,
+        skip_max: 0,
     }
 }
 
@@ -389,6 +391,21 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
             assert_eq!(code, TC_ACT_OK);
             assert_frame("the kernel's flow", &passed, &second);
 
+            // A range with a hole: only the port left at either end is given, then no more.
+            for ((skip_min, skip_max), left) in [((1024, 65534), 65535), ((1025, 65535), 1024)] {
+                let mut holed = Datapath::load(true, None);
+                holed.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+                let mut range = config(&routes, 1024, 65535);
+                (range.skip_min, range.skip_max) = (skip_min, skip_max);
+                holed.enable_egress(range, routes.uplink, UPLINK_IP);
+                assert_eq!(
+                    holed.run(PORT_PROGRAM, &syn(40000)).unwrap().0,
+                    TC_ACT_REDIRECT
+                );
+                assert_eq!(nat_port(&holed, IPPROTO_TCP, 40000), left);
+                assert_eq!(holed.run(PORT_PROGRAM, &syn(40001)).unwrap().0, TC_ACT_OK);
+            }
+
             // Without connection tables (none made yet): the kernel path, unchanged.
             let mut untracked = Datapath::load_without_connection_tables(true);
             untracked.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
@@ -397,6 +414,39 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
             assert_eq!(code, TC_ACT_OK);
             assert_frame("no table", &passed, &syn(40002));
             assert_eq!(untracked.verdict_count(Verdict::EgressKernel), 1);
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_port_the_hosts_own_sockets_use_is_never_given() {
+    let routes = routes();
+    routes
+        .netns
+        .run(|| {
+            // The one port egress may give is a listener's (TCP) and a bound socket's (UDP)
+            // on the host: a reply to it would be theirs.
+            let _listener = std::net::TcpListener::bind(("0.0.0.0", 61000)).unwrap();
+            let _bound = std::net::UdpSocket::bind(("10.78.0.1", 61000)).unwrap();
+            let mut datapath = egress_datapath(&routes, 61000, 61000);
+            for frame in [
+                tcp(&out(40000), "S", 1000, 0, &[]),
+                udp(&out(40000), b"datagram"),
+            ] {
+                let (code, passed) = datapath.run(PORT_PROGRAM, &frame).unwrap();
+                assert_eq!(code, TC_ACT_OK);
+                assert_frame("the host's port", &passed, &frame);
+            }
+            assert_eq!(datapath.event_count(NatEvent::EgressPortsExhausted), 2);
+            // Another port is free for both.
+            let mut datapath = egress_datapath(&routes, 61001, 61001);
+            assert_eq!(
+                datapath
+                    .run(PORT_PROGRAM, &tcp(&out(40000), "S", 1000, 0, &[]))
+                    .unwrap()
+                    .0,
+                TC_ACT_REDIRECT
+            );
         })
         .unwrap();
 }
