@@ -24,14 +24,23 @@ impl Report {
                 section.title,
                 self.rounds_text()
             );
+            // Wide enough for the section's longest name (egress-docker-like).
+            let width = section
+                .rows
+                .iter()
+                .map(|row| row.config.len())
+                .chain(section.references.iter().map(|c| c.name().len() + 2))
+                .max()
+                .unwrap_or(0)
+                .max(12);
             let columns: String = section
                 .references
                 .iter()
-                .map(|config| format!(" {:>14}", format!("x {}", config.name())))
+                .map(|config| format!(" {:>width$}", format!("x {}", config.name())))
                 .collect();
             let _ = writeln!(
                 out,
-                "   {:<12} {:>10}  {:<21}{columns}",
+                "   {:<width$} {:>10}  {:<21}{columns}",
                 "config", "median", "[min - max]"
             );
             let mut heading = String::new();
@@ -44,11 +53,11 @@ impl Report {
                 let ratios: String = section
                     .references
                     .iter()
-                    .map(|config| format!(" {:>14}", ratio(row.ratio_to(*config))))
+                    .map(|config| format!(" {:>width$}", ratio(row.ratio_to(*config))))
                     .collect();
                 let _ = writeln!(
                     out,
-                    "   {:<12} {:>10}  {:<21}{ratios}",
+                    "   {:<width$} {:>10}  {:<21}{ratios}",
                     row.config,
                     number(row.median),
                     format!("[{} - {}]", number(row.min), number(row.max)),
@@ -131,15 +140,19 @@ impl Report {
         )
     }
 
-    /// East-west at each endpoint count, then the published port, then its host clients.
+    /// East-west at each endpoint count, then the published port, then its host clients, then
+    /// egress.
     fn sections(&self) -> Vec<Section<'_>> {
         let published =
             |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_published);
         let host = |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_host);
+        let egress =
+            |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_egress);
+        let east_west = |row: &Summary| !published(row) && !host(row) && !egress(row);
         let mut counts: Vec<usize> = self
             .summary
             .iter()
-            .filter(|row| !published(row) && !host(row))
+            .filter(|row| east_west(row))
             .map(|row| row.endpoints)
             .collect();
         counts.dedup();
@@ -151,7 +164,7 @@ impl Report {
                 rows: self
                     .summary
                     .iter()
-                    .filter(|row| row.endpoints == endpoints && !published(row) && !host(row))
+                    .filter(|row| row.endpoints == endpoints && east_west(row))
                     .collect(),
             })
             .collect();
@@ -176,6 +189,19 @@ impl Report {
                     first.endpoints
                 ),
                 references: &[Config::HostLimit, Config::HostProxy, Config::HostDnat],
+                rows,
+            });
+        }
+        let rows: Vec<&Summary> = self.summary.iter().filter(|row| egress(row)).collect();
+        if let Some(first) = rows.first() {
+            sections.push(Section {
+                title: format!(
+                    "egress, from a container through the uplink to a server outside that has no \
+                     route back (egress-limit: routed, no bridge, no NAT), {} endpoints on the \
+                     bridge",
+                    first.endpoints
+                ),
+                references: &[Config::EgressDocker, Config::EgressLimit],
                 rows,
             });
         }
@@ -297,6 +323,49 @@ impl Report {
                 out,
                 "{bullet}note: the flood sent less than 90% of its rate in: {}",
                 short.join(", ")
+            );
+        }
+        out
+    }
+
+    /// Egress targets: xbr >= 1.3x docker-like's connections/s, and >= 0.9x the limit on every
+    /// egress workload's rate (higher-is-better metrics).
+    fn egress_findings(&self, bullet: &str) -> String {
+        let mut out = String::new();
+        let verdict = |ratio: f64, target: f64| {
+            if ratio >= target {
+                "met".to_owned()
+            } else {
+                format!("missed by {}", percent((target - ratio) / target))
+            }
+        };
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::EgressXbr.name()
+                && row.workload == Workload::EgressConnections.id()
+        }) {
+            let Some(ratio) = row.vs_docker_like else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}egress-xbr >= 1.3x egress-docker-like, {}: {ratio:.2}x ({})",
+                self.row_title(row),
+                verdict(ratio, 1.3)
+            );
+        }
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::EgressXbr.name()
+                && row.better == "higher"
+                && Workload::from_id(&row.workload).is_some_and(Workload::is_egress)
+        }) {
+            let Some(ratio) = row.vs_limit else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}egress-xbr >= 0.9x egress-limit, {}: {ratio:.2}x ({})",
+                self.row_title(row),
+                verdict(ratio, 0.9)
             );
         }
         out
@@ -437,6 +506,7 @@ impl Report {
             }
         }
         out.push_str(&self.flood_findings(bullet));
+        out.push_str(&self.egress_findings(bullet));
         if let Some(program) = &self.xbr_program
             && let Some(ns) = program["ns_per_run"].as_f64()
         {
