@@ -174,6 +174,16 @@ pub enum Verdict {
     /// (the host's own traffic, another bridge's published ports, anything that is not IPv4
     /// TCP or UDP): the kernel path takes it.
     NotPublished = 15,
+    /// A container's frame of an outbound flow (egress NAT): source-NATed to an uplink's
+    /// address and sent out of that uplink.
+    EgressOut = 16,
+    /// Arrived on an uplink, a reply of an outbound flow: translated back and delivered into
+    /// the container.
+    EgressIn = 17,
+    /// The first frame of a new outbound flow that the kernel path takes (and with it the
+    /// whole flow): TTL about to expire, no free source port, no room to track it, or a flow
+    /// the kernel's conntrack already holds.
+    EgressKernel = 18,
 }
 
 // `ALL` lists each verdict at its own index (so `COUNT` is how many there are).
@@ -186,7 +196,7 @@ const _: () = {
 };
 
 impl Verdict {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Redirected,
         Verdict::NotUnicast,
@@ -204,6 +214,9 @@ impl Verdict {
         Verdict::NatInXdp,
         Verdict::HeldByPolicy,
         Verdict::NotPublished,
+        Verdict::EgressOut,
+        Verdict::EgressIn,
+        Verdict::EgressKernel,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -224,6 +237,9 @@ impl Verdict {
             Verdict::NatInXdp => "nat_in_xdp",
             Verdict::HeldByPolicy => "held_by_policy",
             Verdict::NotPublished => "not_published",
+            Verdict::EgressOut => "egress_out",
+            Verdict::EgressIn => "egress_in",
+            Verdict::EgressKernel => "egress_kernel",
         }
     }
 }
@@ -252,7 +268,9 @@ pub struct BridgeRecord {
     pub uplink_mode: u32,
     /// Established connections the NAT tables hold once they are made (`--max-flows`).
     pub max_flows: u32,
-    pub _pad: u32,
+    /// 1: `xbr attach --masquerade` asked for egress NAT (the containers' outbound flows
+    /// source-NATed in the datapath), whoever owns the bridge.
+    pub masquerade: u32,
     /// The cgroup the socket programs are attached to (its id, the inode of its directory on
     /// the cgroup v2 filesystem); 0: no socket hooks.
     pub socket_cgroup: u64,
@@ -514,6 +532,31 @@ impl ClientPrefix {
     }
 }
 
+/// The one `EGRESS` entry: whether and how the bridge's containers' new outbound flows are
+/// source-NATed in the datapath. Written by the control plane; all zero: egress is the
+/// kernel's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressConfig {
+    /// 1: translate new outbound flows; 0: leave them to the kernel path.
+    pub enabled: u32,
+    /// The bridge: the interface the kernel path would route the container's frames from
+    /// (the input interface of the FIB lookup).
+    pub bridge_ifindex: u32,
+    /// The containers' subnet: sources inside it are translated, destinations inside it are
+    /// not outbound.
+    pub subnet: [u8; 4],
+    pub subnet_mask: [u8; 4],
+    /// The source ports xbr gives translated flows, host byte order, inclusive: a range the
+    /// host's own sockets never use (above `ip_local_port_range`).
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+/// How many tuples `KERNEL_FLOWS` holds: flows the kernel path owns, which egress must not
+/// take over.
+pub const MAX_KERNEL_FLOWS: u32 = 65536;
+
 /// `NAT_FLOWS` key: a connection as one direction sees it (source, then destination).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -569,6 +612,15 @@ impl Flow {
     pub const ESTABLISHED: u16 = 16;
     /// (Transient) Both directions sent FIN: only the last segments are left.
     pub const CLOSING: u16 = 32;
+    /// An outbound flow (egress NAT): the container opened it, the outside answers. Without
+    /// it, a connection to a published port: the outside opened it.
+    pub const EGRESS: u16 = 64;
+    /// (Egress, outbound direction) The uplink had no neighbour entry for the next hop when
+    /// the flow opened: its frames go out with bpf_redirect_neigh, which resolves it.
+    pub const RESOLVE_NEIGH: u16 = 128;
+    /// The flags that say which direction and kind of connection an entry is: kept through
+    /// every change of state.
+    pub const IDENTITY: u16 = Flow::INBOUND | Flow::OUTBOUND | Flow::EGRESS | Flow::RESOLVE_NEIGH;
 
     /// How long this entry may stay quiet (since `last_seen_ns`) before it is retired: the
     /// transient lifetime unless established, the established one by protocol and FIN.
@@ -629,10 +681,16 @@ pub enum NatEvent {
     /// Entries the control plane removed from `NAT_TRANSIENT` (written by the control plane
     /// only).
     TransientSwept = 7,
+    /// A container opened an outbound flow that xbr translates (egress NAT); `Opened` counts
+    /// it too.
+    EgressOpened = 8,
+    /// A new outbound flow found no free source port for its destination: the kernel path
+    /// took it.
+    EgressPortsExhausted = 9,
 }
 
 impl NatEvent {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [NatEvent; Self::COUNT as usize] = [
         NatEvent::Opened,
         NatEvent::Established,
@@ -642,6 +700,8 @@ impl NatEvent {
         NatEvent::TransientAdded,
         NatEvent::TransientRemoved,
         NatEvent::TransientSwept,
+        NatEvent::EgressOpened,
+        NatEvent::EgressPortsExhausted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -654,6 +714,8 @@ impl NatEvent {
             NatEvent::TransientAdded => "transient_added",
             NatEvent::TransientRemoved => "transient_removed",
             NatEvent::TransientSwept => "transient_swept",
+            NatEvent::EgressOpened => "egress_opened",
+            NatEvent::EgressPortsExhausted => "egress_ports_exhausted",
         }
     }
 }
@@ -670,6 +732,7 @@ mod pod {
     unsafe impl aya::Pod for PublishedPort {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for EgressConfig {}
     unsafe impl aya::Pod for HoldKey {}
     unsafe impl aya::Pod for ClientHoldKey {}
     unsafe impl aya::Pod for ClientPrefix {}

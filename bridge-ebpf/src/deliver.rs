@@ -2,7 +2,7 @@
 //! out of an uplink.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 
@@ -41,4 +41,14 @@ pub fn into_container(ctx: &TcContext, port: u32) -> i32 {
 pub fn out_of(ifindex: u32) -> i32 {
     // SAFETY: a BPF helper that takes only integers.
     unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// Out of `ifindex`, with the next hop's neighbour resolved by the kernel (its route lookup
+/// and neighbour table fill in the MACs; an unresolved neighbour is resolved, the frame
+/// queued meanwhile).
+#[inline(always)]
+pub fn out_of_resolving(ifindex: u32) -> i32 {
+    // SAFETY: a BPF helper given no parameters (null, length 0): the kernel routes by the
+    // frame's destination.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -12,7 +12,7 @@ use network_types::{
 
 use crate::{
     counters::{count_delivered, count_sent, count_verdict},
-    deliver,
+    deliver, egress,
     frame::ptr_at,
     maps::{ENDPOINTS, PORTS},
     nat::{self, Nat},
@@ -24,7 +24,31 @@ enum Decision {
     Redirect(u32),
     /// A reply on a NATed connection, translated: out of this uplink.
     Uplink(u32),
+    /// A frame of an outbound flow, translated: out of this uplink (`resolve_neigh`: with the
+    /// next hop's neighbour resolved by the kernel).
+    Egress {
+        uplink: u32,
+        resolve_neigh: bool,
+    },
     Pass(Verdict),
+}
+
+impl Decision {
+    fn from_nat(nat: Nat) -> Decision {
+        match nat {
+            Nat::Redirect(uplink) => Decision::Uplink(uplink),
+            Nat::Egress(uplink) => Decision::Egress {
+                uplink,
+                resolve_neigh: false,
+            },
+            Nat::EgressNeigh(uplink) => Decision::Egress {
+                uplink,
+                resolve_neigh: true,
+            },
+            Nat::Pass(verdict) => Decision::Pass(verdict),
+            Nat::NotOurs => Decision::Pass(Verdict::UnknownDestination),
+        }
+    }
 }
 
 #[inline(always)]
@@ -33,14 +57,15 @@ pub fn forward(ctx: &TcContext) -> i32 {
     // allows reading its ifindex.
     let ingress_port = unsafe { (*ctx.skb.skb).ifindex };
     let decision = match decide(ctx, ingress_port) {
-        // Not for a container here: maybe a reply to a client of a published port.
-        Decision::Pass(Verdict::UnknownDestination) => {
-            match nat::parse(ctx).map(|s| nat::outbound(ctx, &s, ingress_port)) {
-                Ok(Nat::Redirect(uplink)) => Decision::Uplink(uplink),
-                Ok(Nat::Pass(verdict)) => Decision::Pass(verdict),
-                Ok(Nat::NotOurs) | Err(_) => Decision::Pass(Verdict::UnknownDestination),
-            }
-        }
+        // Not for a container here: maybe a reply to a client of a published port, a frame
+        // of an outbound flow, or the first frame of a new one.
+        Decision::Pass(Verdict::UnknownDestination) => match nat::parse(ctx) {
+            Ok(segment) => match nat::outbound(ctx, &segment, ingress_port) {
+                Nat::NotOurs => Decision::from_nat(egress::open(ctx, &segment, ingress_port)),
+                nat => Decision::from_nat(nat),
+            },
+            Err(_) => Decision::Pass(Verdict::UnknownDestination),
+        },
         decision => decision,
     };
     match decision {
@@ -68,6 +93,22 @@ pub fn forward(ctx: &TcContext) -> i32 {
             count_verdict(Verdict::NatOut);
             count_sent(ctx, ingress_port, true);
             deliver::out_of(uplink)
+        }
+        Decision::Egress {
+            uplink,
+            resolve_neigh,
+        } => {
+            debug!(
+                ctx,
+                "port {}: egress out of uplink {}", ingress_port, uplink
+            );
+            count_verdict(Verdict::EgressOut);
+            count_sent(ctx, ingress_port, true);
+            if resolve_neigh {
+                deliver::out_of_resolving(uplink)
+            } else {
+                deliver::out_of(uplink)
+            }
         }
     }
 }

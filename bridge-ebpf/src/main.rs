@@ -6,6 +6,7 @@
 mod counters;
 mod deliver;
 mod east_west;
+mod egress;
 mod frame;
 mod maps;
 mod nat;

@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use bridge_common::{
-    BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
-    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_LOCAL_ADDRESSES, MAX_PORTS, MAX_PUBLISHED,
-    MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, SocketConfig,
-    SocketCounts, SocketDials, Verdict,
+    BridgeRecord, ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey, Flow, FlowKey,
+    HoldKey, MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_KERNEL_FLOWS, MAX_LOCAL_ADDRESSES,
+    MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey,
+    PublishedPort, SocketConfig, SocketCounts, SocketDials, Verdict,
 };
 
 /// Hash maps are allocated entry by entry as the control plane fills them (not all at
@@ -130,6 +130,31 @@ pub static FLOW_SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0)
 /// How many connections had each `NatEvent`.
 #[map]
 pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NatEvent::COUNT, 0);
+
+/// Egress NAT: whether the containers' new outbound flows are translated, and how. Written
+/// by the control plane (all zero: the kernel path's).
+#[map]
+pub static EGRESS: Array<EgressConfig> = Array::with_max_entries(1, 0);
+
+/// Uplinks that egress may leave by -> the IPv4 address flows are translated to. Only
+/// uplinks xbr hooked: the replies must meet `uplink_ingress`. Written by the control plane.
+#[map]
+pub static EGRESS_UPLINKS: HashMap<u32, [u8; 4]> =
+    HashMap::with_max_entries(MAX_UPLINKS, NO_PREALLOC);
+
+/// Tuples the kernel path owns, which egress must leave alone: flows the kernel's conntrack
+/// holds (a container's side, written by the control plane from conntrack, and by the
+/// datapath for a new flow it left to the kernel) and the uplink side of the kernel's own
+/// translations into xbr's port range (no port is allocated where one is found).
+#[map]
+pub static KERNEL_FLOWS: HashMap<FlowKey, u8> =
+    HashMap::with_max_entries(MAX_KERNEL_FLOWS, NO_PREALLOC);
+
+/// Scratch space for the FIB lookup of a new outbound flow (per CPU, off the stack): a
+/// `struct bpf_fib_lookup`, held as plain words (the loader's BTF for the map need not
+/// describe the kernel's unions).
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Every uplink xbr hooked (control-plane bookkeeping; the datapath never reads it).
 #[map]

@@ -192,16 +192,32 @@ pub enum Nat {
     Pass(Verdict),
     /// Translated; send it to this ifindex (into the container, or out of the uplink).
     Redirect(u32),
+    /// Translated, a frame of an outbound flow (egress NAT): out of this uplink, or into the
+    /// container behind this bridge port.
+    Egress(u32),
+    /// As `Egress`, out of this uplink, with the next hop's neighbour resolved by the kernel.
+    EgressNeigh(u32),
+}
+
+impl Nat {
+    /// Whether the frame was translated (and is to be redirected).
+    #[inline(always)]
+    pub fn translated(&self) -> bool {
+        matches!(
+            self,
+            Nat::Redirect(_) | Nat::Egress(_) | Nat::EgressNeigh(_)
+        )
+    }
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a BPF helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
-fn count(event: NatEvent) {
+pub fn count(event: NatEvent) {
     if let Some(counter) = NAT_EVENTS.get_ptr_mut(event as u32) {
         // SAFETY: a per-CPU array's value, valid for the whole program run; no other program
         // runs on this CPU meanwhile, so nothing else writes it.
@@ -211,7 +227,7 @@ fn count(event: NatEvent) {
 
 /// Whether a transient entry has been quiet for less than its lifetime.
 #[inline(always)]
-fn alive(flow: &Flow, proto: u8, now: u64) -> bool {
+pub fn alive(flow: &Flow, proto: u8, now: u64) -> bool {
     // Another CPU may have stamped it a moment after this one read the clock.
     now <= flow.last_seen_ns || now - flow.last_seen_ns <= flow.lifetime_ns(proto)
 }
@@ -219,7 +235,7 @@ fn alive(flow: &Flow, proto: u8, now: u64) -> bool {
 /// Writes a transient entry; `existed`: whether the key was there already (for the count
 /// from which the LRU's replacements are derived).
 #[inline(always)]
-fn transient_put(key: &FlowKey, flow: &Flow, existed: bool) -> bool {
+pub fn transient_put(key: &FlowKey, flow: &Flow, existed: bool) -> bool {
     if TRANSIENT.insert(key, flow, BPF_ANY as u64).is_err() {
         return false;
     }
@@ -230,7 +246,7 @@ fn transient_put(key: &FlowKey, flow: &Flow, existed: bool) -> bool {
 }
 
 #[inline(always)]
-fn transient_remove(key: &FlowKey) {
+pub fn transient_remove(key: &FlowKey) {
     if TRANSIENT.remove(key).is_ok() {
         count(NatEvent::TransientRemoved);
     }
@@ -245,7 +261,7 @@ fn is_syn(segment: &Segment) -> bool {
 /// Only a connection's first segment opens it: a TCP connection that began on the kernel
 /// path (before attach, or when xbr could not track it) stays there.
 #[inline(always)]
-fn opens_connection(segment: &Segment) -> bool {
+pub fn opens_connection(segment: &Segment) -> bool {
     segment.key.proto == IPPROTO_UDP || is_syn(segment)
 }
 
@@ -292,9 +308,15 @@ pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
                 return Nat::Pass(Verdict::StaleEndpoint);
             }
         } else if !(is_syn(segment) && flow.flags & Flow::CLOSING != 0) {
+            // The outside opened a connection to a published port; it answers an outbound one.
+            let outside_opened = flow.flags & Flow::EGRESS == 0;
             let nat = translate(ctx, segment, flow, IP_DST, L4_DST_PORT);
-            if matches!(nat, Nat::Redirect(_)) {
-                client_spoke(segment, uplink, now);
+            if nat.translated() {
+                if outside_opened {
+                    opener_spoke(segment, uplink, FROM_UPLINK, now);
+                } else {
+                    answerer_spoke(segment, uplink, FROM_UPLINK, now);
+                }
             }
             return nat;
         }
@@ -303,11 +325,52 @@ pub fn inbound(ctx: &impl Rewriter, segment: &Segment, uplink: u32) -> Nat {
     open_and_translate(ctx, segment, uplink, now, existed)
 }
 
-/// The client sent a frame on a transient connection. It completes the handshake when it
-/// acknowledges the container's SYN-ACK (TCP), or makes the flow a stream when the container
-/// answered and the flow is old enough (UDP): then the connection becomes established.
+/// Where a frame of a connection arrived: on an uplink (from the outside), or on a bridge
+/// port (from a container).
+const FROM_UPLINK: bool = true;
+const FROM_PORT: bool = false;
+
+/// The other direction's entry of a connection, as a frame that arrived on `arrived_on`
+/// shows it: its answers go back where this frame came from, translated back, between the
+/// same two MACs. For when the LRU replaced that entry.
+#[inline(always)]
+fn other_direction(
+    segment: &Segment,
+    arrived_on: u32,
+    from_uplink: bool,
+    flags: u16,
+    opened_ns: u64,
+    now: u64,
+) -> Flow {
+    let key = &segment.key;
+    // Toward the uplink the other direction's source is translated back to what this frame
+    // was sent to; toward a container, its destination to what this frame came from.
+    let (new_ip, new_port, direction) = if from_uplink {
+        (key.dst_ip, key.dst_port, Flow::OUTBOUND)
+    } else {
+        (key.src_ip, key.src_port, Flow::INBOUND)
+    };
+    Flow {
+        new_ip,
+        new_port,
+        flags: direction | (flags & (Flow::ESTABLISHED | Flow::EGRESS)),
+        ifindex: arrived_on,
+        eth_src: segment.eth_dst,
+        eth_dst: segment.eth_src,
+        last_seen_ns: now,
+        peer: *key,
+        opened_ns,
+        handshake_ack: [0; 4],
+        _pad: [0; 4],
+    }
+}
+
+/// The end that opened a transient connection sent a frame (the client of a published port,
+/// or the container of an outbound flow). It completes the handshake when it acknowledges the
+/// other end's SYN-ACK (TCP), or makes the flow a stream when the other end answered and the
+/// flow is old enough (UDP): then the connection becomes established.
 #[inline(never)]
-fn client_spoke(segment: &Segment, uplink: u32, now: u64) {
+fn opener_spoke(segment: &Segment, arrived_on: u32, from_uplink: bool, now: u64) {
     let key = &segment.key;
     // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let Some(flow) = (unsafe { TRANSIENT.get(key) }) else {
@@ -315,28 +378,24 @@ fn client_spoke(segment: &Segment, uplink: u32, now: u64) {
     };
     let reply_key = flow.peer;
     let (opened_ns, flags) = (flow.opened_ns, flow.flags);
+    let reply_direction = if from_uplink {
+        Flow::OUTBOUND
+    } else {
+        Flow::INBOUND
+    };
     // SAFETY: a map value, only read, during the run (see "Map access" at the top).
     let (answered, handshake_ack) = match unsafe { TRANSIENT.get(&reply_key) } {
-        Some(reply) if reply.flags & Flow::OUTBOUND != 0 => {
+        Some(reply) if reply.flags & reply_direction != 0 => {
             (reply.flags & Flow::ANSWERED != 0, reply.handshake_ack)
         }
         Some(_) => (false, [0; 4]),
         None => {
             // Replaced by the LRU: the frame shows it again (as when the connection opened).
-            let reply = Flow {
-                new_ip: key.dst_ip,
-                new_port: key.dst_port,
-                flags: Flow::OUTBOUND | (flags & Flow::ESTABLISHED),
-                ifindex: uplink,
-                eth_src: segment.eth_dst,
-                eth_dst: segment.eth_src,
-                last_seen_ns: now,
-                peer: *key,
-                opened_ns,
-                handshake_ack: [0; 4],
-                _pad: [0; 4],
-            };
-            let _ = transient_put(&reply_key, &reply, false);
+            if from_uplink || port_holds(arrived_on, &segment.eth_src) {
+                let reply =
+                    other_direction(segment, arrived_on, from_uplink, flags, opened_ns, now);
+                let _ = transient_put(&reply_key, &reply, false);
+            }
             (false, [0; 4])
         }
     };
@@ -370,9 +429,10 @@ fn promote(key: &FlowKey, reply_key: &FlowKey, now: u64) -> bool {
     let (inbound, outbound) = unsafe { (&mut *inbound, &mut *outbound) };
     let first_try = inbound.flags & Flow::ESTABLISHED == 0;
     // A FIN seen while it waited for room still counts.
-    inbound.flags = (inbound.flags & Flow::FIN_SEEN) | Flow::INBOUND | Flow::ESTABLISHED;
+    let kept = Flow::IDENTITY | Flow::FIN_SEEN;
+    inbound.flags = (inbound.flags & kept) | Flow::ESTABLISHED;
     inbound.last_seen_ns = now;
-    outbound.flags = (outbound.flags & Flow::FIN_SEEN) | Flow::OUTBOUND | Flow::ESTABLISHED;
+    outbound.flags = (outbound.flags & kept) | Flow::ESTABLISHED;
     if FLOWS
         .insert(reply_key, &*outbound, BPF_NOEXIST as u64)
         .is_ok()
@@ -598,19 +658,26 @@ pub fn outbound(ctx: &impl Rewriter, segment: &Segment, port: u32) -> Nat {
     if flow.flags & Flow::OUTBOUND == 0 || !alive(flow, key.proto, now) {
         return Nat::NotOurs;
     }
+    // The container opened an outbound flow; it answers a connection to a published port.
+    let container_opened = flow.flags & Flow::EGRESS != 0;
     let nat = translate(ctx, segment, flow, IP_SRC, L4_SRC_PORT);
-    if matches!(nat, Nat::Redirect(_)) {
-        container_spoke(segment, port, now);
+    if nat.translated() {
+        if container_opened {
+            opener_spoke(segment, port, FROM_PORT, now);
+        } else {
+            answerer_spoke(segment, port, FROM_PORT, now);
+        }
     }
     nat
 }
 
-/// The container sent a frame on a transient connection. A SYN-ACK (TCP) or a datagram
-/// (UDP) is its answer, remembered in the reply direction's entry: the client's next frame
-/// can then make the connection established. If the LRU replaced the inbound direction
-/// meanwhile, the answer brings it back, so that the client's ACK finds it.
+/// The end that did not open a transient connection sent a frame (the container behind a
+/// published port, or the outside server of an outbound flow). A SYN-ACK (TCP) or a datagram
+/// (UDP) is its answer, remembered in its direction's entry: the opener's next frame can then
+/// make the connection established. If the LRU replaced the opener's direction meanwhile,
+/// the answer brings it back, so that the opener's ACK finds it.
 #[inline(never)]
-fn container_spoke(segment: &Segment, port: u32, now: u64) {
+fn answerer_spoke(segment: &Segment, arrived_on: u32, from_uplink: bool, now: u64) {
     let key = &segment.key;
     let Some(flow) = TRANSIENT.get_ptr_mut(key) else {
         return;
@@ -631,22 +698,18 @@ fn container_spoke(segment: &Segment, port: u32, now: u64) {
                 .to_be_bytes();
         }
         // SAFETY: a map value, only read, during the run (see "Map access" at the top).
-        if unsafe { TRANSIENT.get(&peer) }.is_none() && port_holds(port, &segment.eth_src) {
-            let inbound = Flow {
-                new_ip: key.src_ip,
-                new_port: key.src_port,
-                flags: Flow::INBOUND,
-                ifindex: port,
-                // Delivered as the container's gateway sends: from the MAC it answers to.
-                eth_src: segment.eth_dst,
-                eth_dst: segment.eth_src,
-                last_seen_ns: now,
-                peer: *key,
-                opened_ns: flow.opened_ns,
-                handshake_ack: [0; 4],
-                _pad: [0; 4],
-            };
-            let _ = transient_put(&peer, &inbound, false);
+        if unsafe { TRANSIENT.get(&peer) }.is_none()
+            && (from_uplink || port_holds(arrived_on, &segment.eth_src))
+        {
+            let opener = other_direction(
+                segment,
+                arrived_on,
+                from_uplink,
+                flow.flags & Flow::EGRESS,
+                flow.opened_ns,
+                now,
+            );
+            let _ = transient_put(&peer, &opener, false);
         }
     }
     track_transient(key, &peer, segment.tcp_flags, now);
@@ -663,7 +726,7 @@ fn established(
     now: u64,
 ) -> Nat {
     let nat = translate(ctx, segment, flow, ip_at, port_at);
-    if matches!(nat, Nat::Redirect(_)) {
+    if nat.translated() {
         let peer = flow.peer;
         track_established(&segment.key, &peer, segment.tcp_flags, now);
     }
@@ -701,7 +764,7 @@ fn track_established(key: &FlowKey, peer: &FlowKey, tcp_flags: u8, now: u64) {
     // Both ways closed: only the last ACK and retransmissions are left, which the transient
     // table serves (a flood may replace them there, costing a retransmission at most).
     for entry in [&mut *this, &mut *other] {
-        entry.flags = (entry.flags & (Flow::INBOUND | Flow::OUTBOUND)) | Flow::CLOSING;
+        entry.flags = (entry.flags & Flow::IDENTITY) | Flow::CLOSING;
         entry.opened_ns = now;
     }
     // SAFETY: a map value, only read, during the run (see "Map access" at the top).
@@ -830,7 +893,7 @@ impl Rewriter for TcContext {
 /// Rewrites one address and port (at `ip_at`, `port_at`), the MACs and the TTL, keeping
 /// every checksum right.
 #[inline(always)]
-fn translate(
+pub fn translate(
     ctx: &impl Rewriter,
     segment: &Segment,
     flow: &Flow,
@@ -873,5 +936,11 @@ fn translate(
         // Only a frame too short for its headers fails here, and parse() rules those out.
         return Nat::Pass(Verdict::Malformed);
     }
-    Nat::Redirect(flow.ifindex)
+    if flow.flags & Flow::EGRESS == 0 {
+        Nat::Redirect(flow.ifindex)
+    } else if flow.flags & Flow::RESOLVE_NEIGH != 0 {
+        Nat::EgressNeigh(flow.ifindex)
+    } else {
+        Nat::Egress(flow.ifindex)
+    }
 }

@@ -29,6 +29,12 @@ pub fn receive(ctx: &TcContext) -> i32 {
             count_delivered(ctx, port);
             deliver::into_container(ctx, port)
         }
+        // A reply of an outbound flow (never `EgressNeigh`: that is toward an uplink).
+        Nat::Egress(port) | Nat::EgressNeigh(port) => {
+            count_verdict(Verdict::EgressIn);
+            count_delivered(ctx, port);
+            deliver::into_container(ctx, port)
+        }
     }
 }
 

@@ -48,7 +48,7 @@ pub fn receive(ctx: &XdpContext) -> u32 {
     match nat::inbound(ctx, &segment, uplink) {
         Nat::NotOurs | Nat::Pass(_) => XDP_PASS,
         // The redirect was asked for (`redirect_to`) and granted before the rewrite.
-        Nat::Redirect(port) => {
+        Nat::Redirect(port) | Nat::Egress(port) | Nat::EgressNeigh(port) => {
             count_verdict(Verdict::NatInXdp);
             count_delivered(ctx, port);
             XDP_REDIRECT

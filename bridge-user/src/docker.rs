@@ -30,6 +30,7 @@ pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 const REQUEST_TIMEOUT_SECS: u64 = 10;
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+const MASQUERADE_OPTION: &str = "com.docker.network.bridge.enable_ip_masquerade";
 
 /// `xbr attach --docker`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -71,6 +72,11 @@ pub struct NetworkView {
     pub bridge: String,
     /// `com.docker.network.bridge.enable_icc`: whether its containers may talk to each other.
     pub icc: bool,
+    /// `com.docker.network.bridge.enable_ip_masquerade`: whether Docker masquerades its
+    /// containers' outbound flows.
+    pub masquerade: bool,
+    /// `docker network create --internal`: no way out at all.
+    pub internal: bool,
 }
 
 /// The bridge network a `docker network ls` entry describes; `None` for other drivers.
@@ -98,6 +104,8 @@ pub fn network_view(network: &Network) -> Option<NetworkView> {
         name,
         bridge,
         icc: option(ICC_OPTION).is_none_or(parse_docker_bool),
+        masquerade: option(MASQUERADE_OPTION).is_none_or(parse_docker_bool),
+        internal: network.internal.unwrap_or(false),
     })
 }
 

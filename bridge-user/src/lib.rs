@@ -6,8 +6,10 @@
 
 pub mod bpf_link;
 pub mod cni;
+pub mod conntrack;
 pub mod datapath;
 pub mod docker;
+pub mod egress;
 pub mod error;
 pub mod features;
 pub mod follow;

@@ -103,6 +103,16 @@ enum Command {
         /// (docker-proxy, or hairpin NAT), as without xbr.
         #[arg(long)]
         no_socket_hooks: bool,
+        /// Egress NAT in the datapath: the containers' new outbound connections (TCP, UDP) to
+        /// addresses outside the bridge's subnet are source-NATed to the uplink's address,
+        /// the way a MASQUERADE rule would, and sent out of the uplink the kernel's routing
+        /// picks, skipping the bridge, netfilter and conntrack; replies go straight back into
+        /// the container. Source ports come from above net.ipv4.ip_local_port_range, which
+        /// the host's own sockets never use. A Docker network asks for this by itself (unless
+        /// --internal or enable_ip_masquerade=false); `xbr status` says whether egress is
+        /// accelerated and why not. Kept by later attaches until detach.
+        #[arg(long)]
+        masquerade: bool,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
         /// path within milliseconds, containers that leave are removed, hooks removed outside
         /// xbr are put back. Ctrl-C or SIGTERM stop following and leave the datapath in place;
@@ -241,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_flows,
             cgroup,
             no_socket_hooks,
+            masquerade,
             follow,
             metrics,
             resync,
@@ -280,18 +291,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 uplink_mode,
                 max_flows,
                 socket_hooks: &socket_hooks,
+                masquerade,
                 features: &features,
                 root,
             };
             let reconcile::Attach {
                 plan,
                 attached,
+                egress,
                 docker: synced,
             } = reconcile::attach(&bridge, options, &inputs)?;
             xbr::cni::hand_to_user(&attached.dir)
                 .with_context(|| format!("taking {} over from xbr-cni", plan.bridge))?;
             let synced = docker_state.as_ref().zip(synced);
-            report::attached(&plan, &attached, &features, synced, output.json)?;
+            report::attached(&plan, &attached, &egress, &features, synced, output.json)?;
             drop(writer);
             if !follow {
                 return Ok(());
@@ -430,11 +443,28 @@ fn read_attachments(
             }
             _ => None,
         };
+        let egress = plan.as_ref().map(|plan| {
+            let policy = plan.policy.clone();
+            let inputs = reconcile::Inputs {
+                policy: &policy,
+                docker: docker.as_ref(),
+                mirror_docker: false,
+                leaving: &[],
+            };
+            reconcile::egress_now(
+                attachment.record.masquerade != 0,
+                attachment.uplinks.clone(),
+                plan,
+                &inputs,
+            )
+            .map_err(|e| e.to_string())
+        });
         attachments.push(report::Observed {
             attachment,
             view,
             docker,
             plan,
+            egress,
         });
     }
     Ok((attachments, incomplete))

@@ -28,7 +28,7 @@ pub const UPLINK_PROGRAM: &str = programs::UPLINK;
 /// The XDP program in front of the uplink program (uplink xdp mode only).
 pub const UPLINK_XDP_PROGRAM: &str = programs::UPLINK_XDP;
 /// (name in the object, name of the pin)
-pub const MAPS: [(&str, &str); 21] = [
+pub const MAPS: [(&str, &str); 25] = [
     ("ENDPOINTS", "endpoints"),
     ("PORT_STATS", "port_stats"),
     ("VERDICTS", "verdicts"),
@@ -50,6 +50,10 @@ pub const MAPS: [(&str, &str); 21] = [
     ("LOCAL_ADDRESSES", "local_addresses"),
     ("SOCKET_COUNTS", "socket_counts"),
     ("SOCKET_DIALS", "socket_dials"),
+    ("EGRESS", "egress"),
+    ("EGRESS_UPLINKS", "egress_uplinks"),
+    ("KERNEL_FLOWS", "kernel_flows"),
+    ("FIB_SCRATCH", "fib_scratch"),
 ];
 
 /// The pins of the links that attach the socket programs to their cgroup start with this,

@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use crate::{
-    datapath::{self, Attached, Changes, ModeChoice, Pinned, UplinkModeChoice},
+    datapath::{self, Attached, Changes, EgressApplied, ModeChoice, Pinned, UplinkModeChoice},
     docker::{self, DockerState},
+    egress::{self, Egress},
     error::{Error, Result},
     features::Features,
     netlink,
@@ -61,6 +62,8 @@ pub struct Pass {
     pub plan: Plan,
     /// The pins brought to the plan (or why not).
     pub changes: Result<Changes>,
+    /// Egress NAT decided and applied (or why it could not be).
+    pub egress: Result<(Egress, EgressApplied)>,
     /// Docker's published ports synced (where Docker owns the bridge), or why not.
     pub docker: Option<Result<Synced>>,
 }
@@ -96,9 +99,11 @@ pub fn once(pinned: &mut Pinned, inputs: &Inputs) -> Result<Outcome> {
         changes.connections_held = published?.connections_ended;
         Ok(changes)
     });
+    let egress = sync_egress(pinned, &plan, inputs);
     Ok(Outcome::Reconciled(Box::new(Pass {
         plan,
         changes,
+        egress,
         docker,
     })))
 }
@@ -117,6 +122,9 @@ pub struct AttachOptions<'a> {
     /// Whether and where to hook the socket programs (on a first attach; checked on a later
     /// one).
     pub socket_hooks: &'a datapath::SocketHooksChoice,
+    /// `--masquerade`: source-NAT the containers' outbound flows in the datapath (recorded;
+    /// a later attach without it keeps it).
+    pub masquerade: bool,
     pub features: &'a Features,
     pub root: &'a Path,
 }
@@ -125,6 +133,7 @@ pub struct AttachOptions<'a> {
 pub struct Attach {
     pub plan: Plan,
     pub attached: Attached,
+    pub egress: Egress,
     pub docker: Option<Synced>,
 }
 
@@ -176,11 +185,119 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
     };
     // The uplinks are hooked now: published ports can be decided.
     pinned.apply_published_policy(&plan)?;
+    if options.masquerade {
+        pinned.request_masquerade()?;
+    }
+    let (egress, _) = sync_egress(&mut pinned, &plan, inputs)?;
     Ok(Attach {
         plan,
         attached,
+        egress,
         docker,
     })
+}
+
+/// Who asked for egress NAT on the bridge: `--masquerade`, or the Docker network that owns
+/// it.
+pub fn egress_requested(by_user: bool, docker: Option<&DockerState>) -> egress::Requested {
+    if by_user {
+        return egress::Requested::ByUser;
+    }
+    match docker {
+        Some(state) => egress::Requested::ByDocker {
+            network: state.network.name.clone(),
+            masquerade: state.network.masquerade,
+            internal: state.network.internal,
+        },
+        None => egress::Requested::No,
+    }
+}
+
+/// What egress NAT would be for the bridge now (observed, nothing changed): `by_user` whether
+/// `--masquerade` asked for it, `uplink_ifindexes` the uplinks xbr hooked.
+pub fn egress_now(
+    by_user: bool,
+    uplink_ifindexes: Vec<u32>,
+    plan: &Plan,
+    inputs: &Inputs,
+) -> Result<Egress> {
+    let requested = egress_requested(by_user, inputs.docker);
+    if requested == egress::Requested::No {
+        return Ok(egress::decide(&egress::Facts {
+            requested,
+            bridge_ifindex: plan.bridge_ifindex,
+            subnets: Vec::new(),
+            bridge_mtu: 0,
+            uplinks: Vec::new(),
+            local_ports_end: 0,
+            held_by: None,
+        }));
+    }
+    let bridge_ifindex = plan.bridge_ifindex;
+    let (subnets, bridge_mtu, uplinks) = netlink::run(|handle| async move {
+        let names = observe::link_names(&handle).await?;
+        let views: Vec<observe::UplinkView> = uplink_ifindexes
+            .iter()
+            .filter_map(|ifindex| {
+                names.get(ifindex).map(|name| observe::UplinkView {
+                    name: name.clone(),
+                    ifindex: *ifindex,
+                })
+            })
+            .collect();
+        egress::observe_links(&handle, bridge_ifindex, &views).await
+    })
+    .map_err(|e| Error::io("opening a netlink socket", e))??;
+    let held_by = egress_held_by(inputs.policy, plan, &subnets, &uplinks);
+    Ok(egress::decide(&egress::Facts {
+        requested,
+        bridge_ifindex,
+        subnets,
+        bridge_mtu,
+        uplinks,
+        local_ports_end: egress::local_ports_end()?,
+        held_by,
+    }))
+}
+
+/// The rule on the kernel path that could change the egress class's fate, if any.
+fn egress_held_by(
+    policy: &Policy,
+    plan: &Plan,
+    subnets: &[(std::net::Ipv4Addr, u8)],
+    uplinks: &[egress::Uplink],
+) -> Option<String> {
+    let _ = (policy, plan, subnets, uplinks);
+    None
+}
+
+/// Decides egress NAT now and brings the datapath to it, with the kernel's flows read from
+/// conntrack: before the switch (flows that live there stay there), and once more after it
+/// (flows that began meanwhile).
+fn sync_egress(
+    pinned: &mut Pinned,
+    plan: &Plan,
+    inputs: &Inputs,
+) -> Result<(Egress, EgressApplied)> {
+    let egress = egress_now(
+        pinned.masquerade_requested(),
+        pinned.uplink_ifindexes(),
+        plan,
+        inputs,
+    )?;
+    let read_kernel_flows = |egress: &Egress| -> Result<_> {
+        if !egress.is_accelerated() {
+            return Ok(Default::default());
+        }
+        let connections = crate::conntrack::ipv4_connections()
+            .map_err(|e| Error::io("reading the kernel's connection tracking table", e))?;
+        Ok(egress::kernel_flows(&connections, egress))
+    };
+    let mut applied = pinned.apply_egress(&egress, &read_kernel_flows(&egress)?)?;
+    if applied.turned_on {
+        applied.kernel_flows_added += pinned.add_kernel_flows(&read_kernel_flows(&egress)?)?;
+    }
+    Ok((egress, applied))
 }
 
 /// The socket hooks' part of a pass: the host's addresses written for them, and hooks that

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
     docker::DockerState,
+    egress::Egress,
     features::Features,
     hooks::Drift,
     lock::Holder,
@@ -25,6 +26,8 @@ pub struct Observed {
     pub docker: Option<DockerState>,
     /// What xbr would plan for it now, under the ruleset as it is now.
     pub plan: Option<Plan>,
+    /// Egress NAT as decided now (or why it could not be decided).
+    pub egress: Option<std::result::Result<Egress, String>>,
 }
 
 /// Pins that are not a whole attachment: an attach or detach interrupted, or running now.
@@ -152,6 +155,45 @@ fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, 
 
 /// The policy's east-west hold-backs: `east_west` when none may take the fast path, else
 /// each held class.
+/// Egress NAT as one line: accelerated (from which subnet, to which addresses, with which
+/// ports) or on the kernel path, and why.
+pub fn egress_line(egress: &Egress) -> String {
+    match egress {
+        Egress::Accelerated {
+            subnet: (address, prefix_len),
+            uplinks,
+            ports: (port_min, port_max),
+        } => format!(
+            "accelerated: new outbound flows from {address}/{prefix_len} are source-NATed to {} (ports {port_min}-{port_max})",
+            uplinks
+                .iter()
+                .map(|(uplink, address)| format!("{address} on {}", uplink.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Egress::Kernel(reason) => format!("kernel path: {reason}"),
+    }
+}
+
+fn egress_json(egress: &Egress) -> Value {
+    match egress {
+        Egress::Accelerated {
+            subnet: (address, prefix_len),
+            uplinks,
+            ports: (port_min, port_max),
+        } => json!({
+            "accelerated": true,
+            "subnet": format!("{address}/{prefix_len}"),
+            "uplinks": uplinks.iter().map(|(uplink, address)| json!({
+                "name": uplink.name,
+                "address": address.to_string(),
+            })).collect::<Vec<_>>(),
+            "ports": [port_min, port_max],
+        }),
+        Egress::Kernel(reason) => json!({ "accelerated": false, "reason": reason }),
+    }
+}
+
 fn east_west_json(plan: &Plan) -> Value {
     json!({
         "east_west": plan.east_west.off,
@@ -177,6 +219,7 @@ fn docker_json(state: &DockerState) -> Value {
 pub fn attached(
     plan: &Plan,
     attached: &Attached,
+    egress: &Egress,
     features: &Features,
     docker: Option<(&DockerState, Synced)>,
     as_json: bool,
@@ -209,6 +252,7 @@ pub fn attached(
                 .map(|(port, drift)| json!({ "port": port, "problem": drift.name() }))
                 .collect::<Vec<_>>(),
             "replaced_incomplete": attached.replaced_incomplete,
+            "egress": egress_json(egress),
         }));
     }
     let verb = if attached.created {
@@ -240,6 +284,7 @@ pub fn attached(
     for (class, reason) in east_west_held(plan) {
         println!("  not accelerated: {class}: {reason}");
     }
+    println!("  egress: {}", egress_line(egress));
     if let Some((state, synced)) = &docker {
         let bindings = state.ports.specs.len();
         let mirrored = match (bindings, synced.mirrored) {
@@ -581,6 +626,7 @@ pub fn status(
                     view,
                     docker,
                     plan,
+                    egress,
                 } = observed;
                 let ports: Vec<Value> = port_lines(attachment, view.as_ref())
                     .into_iter()
@@ -667,6 +713,10 @@ pub fn status(
                         policy
                     }),
                     "docker": docker.as_ref().map(docker_json),
+                    "egress": egress.as_ref().map(|egress| match egress {
+                        Ok(egress) => egress_json(egress),
+                        Err(error) => json!({ "accelerated": null, "error": error }),
+                    }),
                     "drift": drift,
                     "follower": holder_json(&attachment.follower),
                     "writer": holder_json(&attachment.writer),
@@ -723,6 +773,7 @@ pub fn status(
             view,
             docker,
             plan,
+            egress,
         } = observed;
         println!();
         println!(
@@ -773,6 +824,11 @@ pub fn status(
                 uplinks.join(" ")
             },
         );
+        match egress {
+            Some(Ok(egress)) => println!("  egress: {}", egress_line(egress)),
+            Some(Err(error)) => println!("  egress: cannot tell: {error}"),
+            None => {}
+        }
         if let Some(follower) = &attachment.follower {
             println!("  followed by {follower}");
         }

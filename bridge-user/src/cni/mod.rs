@@ -268,6 +268,7 @@ fn add(env: &Environment, conf: &NetConf) -> Result<String, CniError> {
         uplink_mode: UplinkModeChoice::Auto,
         max_flows: conf.max_flows,
         socket_hooks: &socket_hooks,
+        masquerade: false,
         features: &features,
         root: &root,
     };

@@ -18,6 +18,7 @@
 //! - `snapshot`: reading an attachment back for `status` and `stats`.
 
 mod apply;
+mod egress;
 mod hooking;
 mod pinned;
 mod published;
@@ -32,6 +33,7 @@ use bridge_common::{AttachMode, UplinkMode};
 pub use apply::{Changes, PublishedApplied};
 pub use bridge_common::SocketCounts;
 pub use bridge_common::memory::flow_table_entries;
+pub use egress::EgressApplied;
 use hooking::unpin_link;
 pub use hooking::{Modes, Role, UnknownMode, mode_name, uplink_mode_name, xdp_attach_name};
 pub use pinned::{

@@ -19,9 +19,9 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    AttachMode, BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey,
-    HoldKey, PortRecord, PortStats, PublishedKey, PublishedPort, SocketCounts, UplinkMode,
-    memory::flow_table_entries,
+    AttachMode, BridgeRecord, ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey,
+    Flow, FlowKey, HoldKey, PortRecord, PortStats, PublishedKey, PublishedPort, SocketCounts,
+    UplinkMode, memory::flow_table_entries,
 };
 
 use super::hooking::Modes;
@@ -73,9 +73,13 @@ pub struct Pinned {
     /// The host's own addresses, for the socket programs.
     pub(super) local_addresses: HashMap<MapData, [u8; 4], u8>,
     pub(super) socket_counts: PerCpuHashMap<MapData, PublishedKey, SocketCounts>,
+    /// Egress NAT: its settings, the uplinks it may leave by, and the kernel's flows.
+    pub(super) egress: Array<MapData, EgressConfig>,
+    pub(super) egress_uplinks: HashMap<MapData, u32, [u8; 4]>,
+    pub(super) kernel_flows: HashMap<MapData, FlowKey, u8>,
 }
 
-fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
+pub(super) fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
@@ -283,7 +287,11 @@ impl Pinned {
             return Ok(false);
         };
         let in_use = |table: &FlowTable| table.keys().next().is_some();
-        if self.has_published() || in_use(&tables.flows) || in_use(&tables.transient) {
+        if self.has_published()
+            || self.egress_enabled()
+            || in_use(&tables.flows)
+            || in_use(&tables.transient)
+        {
             return Ok(false);
         }
         // Transient first, the reverse of `ensure_nat_tables`.
@@ -378,6 +386,9 @@ impl Pinned {
             client_prefix_holds: open_pinned(&dir, "CLIENT_PREFIX_HOLDS").map_err(broken)?,
             local_addresses: open_pinned(&dir, "LOCAL_ADDRESSES").map_err(broken)?,
             socket_counts: open_pinned(&dir, "SOCKET_COUNTS").map_err(broken)?,
+            egress: open_pinned(&dir, "EGRESS").map_err(broken)?,
+            egress_uplinks: open_pinned(&dir, "EGRESS_UPLINKS").map_err(broken)?,
+            kernel_flows: open_pinned(&dir, "KERNEL_FLOWS").map_err(broken)?,
             endpoints: open_pinned(&dir, "ENDPOINTS").map_err(broken)?,
             ports: open_pinned(&dir, "PORTS").map_err(broken)?,
             stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
@@ -428,7 +439,7 @@ impl Pinned {
             redirect_peer: u32::from(features.redirect_peer),
             uplink_mode: uplink_mode as u32,
             max_flows,
-            _pad: 0,
+            masquerade: 0,
             socket_cgroup: 0,
         };
 
