@@ -574,6 +574,10 @@ fn traffic_sample(
         };
         measured.details["path"] = check_path(config, &before, &after, &ran)?;
     }
+    if config == Config::EgressXbr {
+        // How xbr's connection tables fared: ports exhausted, flows left to the kernel.
+        measured.details["xbr_nat"] = worlds.nat_state(config)?;
+    }
     if workload == Workload::TcpConnectionsFlooded && config.uplink_mode().is_some() {
         // What the flood did to xbr's tables: how full, how much it replaced.
         measured.details["xbr_nat"] = worlds.nat_state(config)?;
@@ -706,6 +710,7 @@ fn check_egress_path(
     let conntrack = grown(|c| c.conntrack_entries);
     let out = grown(|c| c.xbr_egress_out);
     let back = grown(|c| c.xbr_egress_in);
+    let left = grown(|c| c.xbr_egress_kernel);
     // ARP and neighbour discovery, and one frame in a hundred.
     let slack = |frames: u64| EAST_WEST_SLACK_FRAMES + frames / 100;
     let both = sent + replies;
@@ -716,6 +721,7 @@ fn check_egress_path(
                 out + slack(sent) >= sent
                     && back + slack(replies) >= replies
                     && forwarded <= slack(both)
+                    && left <= slack(sent)
                     && conntrack <= EAST_WEST_SLACK_FRAMES
                     && masqueraded == 0
             }
@@ -731,7 +737,7 @@ fn check_egress_path(
         took_its_path,
         "{} did not take its own path: the container sent {sent} frames and the server \
          {replies}; xbr translated +{out} out and +{back} in, the host's kernel forwarded \
-         +{forwarded} IPv4 datagrams, MASQUERADE counted +{masqueraded} packets and conntrack \
+         +{forwarded} IPv4 datagrams (xbr left +{left} frames to it), MASQUERADE counted +{masqueraded} packets and conntrack \
          gained +{conntrack} entries, for {} exchanges",
         config.name(),
         ran.completed
@@ -741,6 +747,7 @@ fn check_egress_path(
         "server_sent": replies,
         "xbr_egress_out": out,
         "xbr_egress_in": back,
+        "xbr_egress_kernel": left,
         "kernel_forwarded": forwarded,
         "masqueraded": masqueraded,
         "conntrack_entries_added": conntrack,
@@ -1193,6 +1200,18 @@ mod tests {
             )
             .is_err()
         );
+        // Flows xbr left to the kernel path (no free port): within slack, recorded; beyond
+        // it, not xbr's path.
+        let leaked = |left: u64| {
+            let mut after = after(xbr());
+            after.xbr_egress_kernel = before.xbr_egress_kernel + left;
+            check_path(Config::EgressXbr, &before, &after, &connections)
+        };
+        assert_eq!(
+            leaked(2).expect("two frames are slack")["xbr_egress_kernel"],
+            2
+        );
+        assert!(leaked(5000).is_err());
         // Docker's way: the kernel's path is right there, xbr's is not.
         assert!(check(Config::EgressDocker, kernel()).is_ok());
         assert!(check(Config::EgressDocker, xbr()).is_err());

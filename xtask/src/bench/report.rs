@@ -368,6 +368,40 @@ impl Report {
                 verdict(ratio, 0.9)
             );
         }
+        // Flows xbr left to the kernel path (which, without a MASQUERADE rule, cannot reach
+        // the outside) and exchanges that failed, per run: within the path check's slack, but
+        // worth knowing.
+        let leaks: Vec<String> = self
+            .samples
+            .iter()
+            .filter(|sample| sample.config == Config::EgressXbr.name())
+            .filter_map(|sample| {
+                let path = &sample.details["path"];
+                let left = path["xbr_egress_kernel"].as_u64().unwrap_or(0);
+                let forwarded = path["kernel_forwarded"].as_u64().unwrap_or(0);
+                let failed = sample.details["failed"].as_u64().unwrap_or(0);
+                let exhausted =
+                    sample.details["xbr_nat"]["events"]["egress_ports_exhausted"].as_u64();
+                (left + forwarded + failed > 0).then(|| {
+                    format!(
+                        "{} round {}: {left} frames left to the kernel, {forwarded} forwarded by \
+                         it, {failed} failed exchanges{}",
+                        sample.workload,
+                        sample.round,
+                        exhausted.map_or_else(String::new, |n| format!(
+                            ", egress_ports_exhausted {n} so far"
+                        ))
+                    )
+                })
+            })
+            .collect();
+        if !leaks.is_empty() {
+            let _ = writeln!(
+                out,
+                "{bullet}note: egress-xbr runs where flows took the kernel path: {}",
+                leaks.join("; ")
+            );
+        }
         out
     }
 

@@ -490,6 +490,7 @@ impl Worlds {
                     self.docker_netfilter(config)?;
                     self.without_masquerade(config)?;
                     self.attach_masquerade(config)?;
+                    self.check_egress_accelerated(config)?;
                 }
                 Config::Bridge => self.plain_bridge()?,
                 Config::DockerLike => self.docker_netfilter(Config::DockerLike)?,
@@ -852,6 +853,26 @@ impl Worlds {
         Ok(())
     }
 
+    /// Says so, with xbr's reason, when xbr leaves CONFIG's egress on the kernel path: every
+    /// run would then fail its path check, and the reason is what to look at.
+    fn check_egress_accelerated(&self, config: Config) -> anyhow::Result<()> {
+        let host = self.host(config);
+        let printed = self.xbr(&["-n", &host, "status", BRIDGE, "--json"])?;
+        let status: Value =
+            serde_json::from_str(&printed).context("`xbr status --json` printed no JSON")?;
+        let egress = &status["bridges"][0]["egress"];
+        if egress["accelerated"] != true {
+            bail!(
+                "xbr leaves {}'s egress on the kernel path: {}",
+                config.name(),
+                egress["reason"]
+                    .as_str()
+                    .map_or_else(|| egress.to_string(), str::to_owned)
+            );
+        }
+        Ok(())
+    }
+
     /// Docker's rules for `-p 8080:80` on the server container: DNAT in the nat table's
     /// DOCKER chain, the FORWARD accept, and the hairpin MASQUERADE.
     fn publish_with_dnat(&mut self, config: Config) -> anyhow::Result<()> {
@@ -1178,11 +1199,15 @@ impl Worlds {
     fn egress_counters(&self, config: Config) -> anyhow::Result<PathCounters> {
         let world = self.get(config);
         let host = self.host(config);
-        let (xbr_egress_out, xbr_egress_in) = if config == Config::EgressXbr {
+        let (xbr_egress_out, xbr_egress_in, xbr_egress_kernel) = if config == Config::EgressXbr {
             let verdicts = self.verdicts(config)?;
-            (verdicts.count("egress_out")?, verdicts.count("egress_in")?)
+            (
+                verdicts.count("egress_out")?,
+                verdicts.count("egress_in")?,
+                verdicts.count("egress_kernel")?,
+            )
         } else {
-            (0, 0)
+            (0, 0, 0)
         };
         Ok(PathCounters {
             egress_sent: host::link_packets(&world.client_netns, "eth0")?.tx,
@@ -1197,6 +1222,7 @@ impl Worlds {
             conntrack_entries: host::conntrack_entries(&host)?,
             xbr_egress_out,
             xbr_egress_in,
+            xbr_egress_kernel,
             ..PathCounters::default()
         })
     }
@@ -1506,7 +1532,8 @@ pub struct PathCounters {
     /// datagrams the host namespace forwarded itself (Ip ForwDatagrams: the kernel's path,
     /// whatever netfilter does), packets of Docker's MASQUERADE rule (the first of each
     /// connection it translates), conntrack entries in the host namespace, and xbr's
-    /// `egress_out` and `egress_in` verdicts.
+    /// `egress_out` and `egress_in` verdicts, and `egress_kernel` (frames of flows xbr left to
+    /// the kernel path: no free port, no room).
     pub egress_sent: u64,
     pub egress_replies: u64,
     pub forwarded: u64,
@@ -1514,6 +1541,7 @@ pub struct PathCounters {
     pub conntrack_entries: u64,
     pub xbr_egress_out: u64,
     pub xbr_egress_in: u64,
+    pub xbr_egress_kernel: u64,
 }
 
 /// One bridge's verdicts from `xbr stats --json`.
