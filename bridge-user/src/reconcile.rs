@@ -267,8 +267,20 @@ fn egress_held_by(
     subnets: &[(std::net::Ipv4Addr, u8)],
     uplinks: &[egress::Uplink],
 ) -> Option<String> {
-    let _ = (policy, plan, subnets, uplinks);
-    None
+    let ports: Vec<String> = plan.ports.iter().map(|port| port.name.clone()).collect();
+    let uplink_names: Vec<String> = uplinks.iter().map(|uplink| uplink.name.clone()).collect();
+    let uplink_addresses: Vec<std::net::Ipv4Addr> =
+        uplinks.iter().filter_map(|uplink| uplink.address).collect();
+    plan::egress(
+        policy,
+        &crate::policy::Egress {
+            bridge: &plan.bridge,
+            ports: &ports,
+            subnets,
+            uplinks: &uplink_names,
+            uplink_addresses: &uplink_addresses,
+        },
+    )
 }
 
 /// Decides egress NAT now and brings the datapath to it, with the kernel's flows read from

@@ -974,7 +974,19 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
                 Value::Object(counts)
             })
             .collect();
-        return print_json(&json!({ "endpoints": endpoints, "verdicts": verdicts }));
+        // What happened to NATed connections and flows (published ports and egress).
+        let nat: Vec<Value> = attachments
+            .iter()
+            .map(|Observed { attachment, .. }| {
+                let mut counts = serde_json::Map::new();
+                counts.insert("bridge".to_owned(), json!(attachment.bridge));
+                for (event, count) in &attachment.nat.events {
+                    counts.insert(event.name().to_owned(), json!(count));
+                }
+                Value::Object(counts)
+            })
+            .collect();
+        return print_json(&json!({ "endpoints": endpoints, "verdicts": verdicts, "nat": nat }));
     }
     println!(
         "{:<10} {:<16} {:<17} {:>12} {:>14} {:>12} {:>12}",
@@ -999,6 +1011,13 @@ pub fn stats(attachments: &[Observed], as_json: bool) -> anyhow::Result<()> {
             .map(|(verdict, count)| format!("{}={count}", verdict.name()))
             .collect();
         println!("verdicts {}: {}", attachment.bridge, verdicts.join(" "));
+        let events: Vec<String> = attachment
+            .nat
+            .events
+            .iter()
+            .map(|(event, count)| format!("{}={count}", event.name()))
+            .collect();
+        println!("nat {}: {}", attachment.bridge, events.join(" "));
     }
     Ok(())
 }

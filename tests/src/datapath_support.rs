@@ -10,8 +10,8 @@ use aya::{
     util::nr_cpus,
 };
 use bridge_common::{
-    ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey, NatEvent,
-    PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
+    ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
+    NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, Verdict,
 };
 use xbr::datapath::{FLOW_TABLE_PROTOTYPE, FlowTable, TRANSIENT_TABLE_PROTOTYPE};
 
@@ -246,6 +246,24 @@ impl Datapath {
     pub fn drop_transient(&mut self, key: &FlowKey) {
         let transient = &mut self.tables.as_mut().expect("connection tables")[1];
         transient.remove(key).unwrap();
+    }
+
+    /// Egress NAT as the control plane turns it on: the settings, and one uplink with its
+    /// address.
+    pub fn enable_egress(&mut self, config: EgressConfig, uplink: u32, address: [u8; 4]) {
+        let mut egress: aya::maps::Array<_, EgressConfig> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("EGRESS").unwrap()).unwrap();
+        egress.set(0, config, 0).unwrap();
+        let mut uplinks: HashMap<_, u32, [u8; 4]> =
+            HashMap::try_from(self.ebpf.map_mut("EGRESS_UPLINKS").unwrap()).unwrap();
+        uplinks.insert(uplink, address, 0).unwrap();
+    }
+
+    /// The tuples the datapath leaves to the kernel path (`KERNEL_FLOWS`).
+    pub fn kernel_flows(&self) -> Vec<FlowKey> {
+        let flows: HashMap<_, FlowKey, u8> =
+            HashMap::try_from(self.ebpf.map("KERNEL_FLOWS").unwrap()).unwrap();
+        flows.keys().map(|key| key.unwrap()).collect()
     }
 
     pub fn event_count(&self, event: NatEvent) -> u64 {

@@ -5,7 +5,9 @@ mod policy;
 
 use std::collections::BTreeMap;
 
-pub use policy::{EastWest, Policy, PublishedPlace, PublishedPolicy, hold_keys, hold_shapes};
+pub use policy::{
+    EastWest, Policy, PublishedPlace, PublishedPolicy, egress, hold_keys, hold_shapes,
+};
 
 use bridge_common::{Endpoint, EndpointKey};
 

@@ -345,6 +345,18 @@ pub fn published(
     }
 }
 
+/// Why a bridge's egress must stay on the kernel path: the first rule on the hooks it
+/// skips that could change its fate, or why the ruleset cannot be read (`None`: it may take
+/// the fast path). The datapath holds egress per bridge as a whole, so one reason is enough.
+pub fn egress(policy: &Policy, egress: &policy::Egress) -> Option<String> {
+    match &policy.firewall {
+        Ok(firewall) => policy::egress(firewall, egress)
+            .first()
+            .map(|hold| hold.to_string()),
+        Err(why) => Some(unreadable(why)),
+    }
+}
+
 /// `address` with the bits past a /`len` prefix cleared, as an LPM trie keeps it.
 fn mask(address: Ipv4Addr, len: u8) -> [u8; 4] {
     let bits = u32::from(address);

@@ -46,6 +46,9 @@ impl Tri {
 /// The values a field takes for the packets of a class; `None`: any value.
 pub type Field<T> = Option<Vec<T>>;
 
+/// An address prefix: the address and the length of its network part in bits.
+pub type Prefix = (IpAddr, u8);
+
 /// The packets of one traffic class at one hook, field by field.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Packets {
@@ -59,7 +62,15 @@ pub struct Packets {
     pub source: Field<IpAddr>,
     /// Addresses the source is known not to be (when `source` is any).
     pub source_is_not: Vec<IpAddr>,
+    /// Where `source` is any: prefixes the source is in (one of them; empty: anywhere)...
+    pub source_within: Vec<Prefix>,
+    /// ... and prefixes it is known not to be in.
+    pub source_outside: Vec<Prefix>,
     pub destination: Field<IpAddr>,
+    /// Where `destination` is any: prefixes the destination is in (one of them; empty:
+    /// anywhere), and prefixes it is known not to be in.
+    pub destination_within: Vec<Prefix>,
+    pub destination_outside: Vec<Prefix>,
     pub protocol: Field<u8>,
     pub source_port: Field<u16>,
     pub destination_port: Field<u16>,
@@ -109,6 +120,10 @@ pub struct Traversal {
     pub first_packets: bool,
     /// A destination NAT to this address and port is the translation xbr makes itself.
     pub own_dnat: Option<(IpAddr, u16)>,
+    /// A source NAT that is the translation xbr makes itself: a masquerade, or an snat to
+    /// one of these addresses (either only changing the address, as the kernel does by
+    /// default).
+    pub own_snat: Option<Vec<IpAddr>>,
 }
 
 /// Which packets a hold-back covers; `None` fields match any value.
@@ -404,7 +419,17 @@ impl<'a> Walk<'a> {
                     to: *to,
                     port: *port,
                 }),
-                Statement::OtherNat(kind) => Why::Translates(Translation::Other(kind.clone())),
+                Statement::Snat {
+                    masquerade,
+                    to,
+                    plain: true,
+                    ..
+                } if self.is_own_snat(*masquerade, *to) => {
+                    return Next::Leaves(End::Ends);
+                }
+                Statement::Snat { kind, .. } | Statement::OtherNat(kind) => {
+                    Why::Translates(Translation::Other(kind.clone()))
+                }
                 Statement::Jump(target) | Statement::Goto(target) => {
                     let entering = within(packets, &rule.conditions);
                     let end = self.follow(chain, rule, target, entering, path, depth);
@@ -451,6 +476,14 @@ impl<'a> Walk<'a> {
         self.traversal
             .own_dnat
             .is_some_and(|own| own.0 == to && port.or(original_port) == Some(own.1))
+    }
+
+    /// Whether a plain source NAT (a masquerade, or to `to`) is the translation xbr makes.
+    fn is_own_snat(&self, masquerade: bool, to: Option<IpAddr>) -> bool {
+        self.traversal
+            .own_snat
+            .as_ref()
+            .is_some_and(|own| masquerade || to.is_some_and(|to| own.contains(&to)))
     }
 
     /// Holds back `packets` (what reached the rule of the class's packets; earlier rules may
@@ -518,8 +551,18 @@ pub fn matches(condition: &Condition, packets: &Packets) -> Tri {
             test(&packets.protocol, |v| choice.accepts(v, |a, b| a == b))
         }
         Condition::Source(choice) if only_excluded(choice, &packets.source_is_not) => Tri::Never,
-        Condition::Source(choice) => addresses(choice, &packets.source, &packets.layer3),
-        Condition::Destination(choice) => addresses(choice, &packets.destination, &packets.layer3),
+        Condition::Source(choice) => addresses(
+            choice,
+            &packets.source,
+            (&packets.source_within, &packets.source_outside),
+            &packets.layer3,
+        ),
+        Condition::Destination(choice) => addresses(
+            choice,
+            &packets.destination,
+            (&packets.destination_within, &packets.destination_outside),
+            &packets.layer3,
+        ),
         Condition::SourcePort(choice) => test(&packets.source_port, |v| {
             choice.accepts(&Ports::one(*v), |item, port| item.contains(port.first))
         }),
@@ -663,19 +706,117 @@ fn only_excluded(choice: &super::model::Choice<Addresses>, excluded: &[IpAddr]) 
 }
 
 /// An address match also says which layer 3 it is for: `ip saddr` never matches IPv6.
+/// Where the addresses are any, the prefixes they are known to be in (or not in) decide it.
 fn addresses(
     choice: &super::model::Choice<Addresses>,
     field: &Field<IpAddr>,
+    (within, outside): (&[Prefix], &[Prefix]),
     layer3: &Field<Layer3>,
 ) -> Tri {
     let Some(family) = choice.any_of.first().map(Addresses::layer3) else {
         return Tri::Maybe;
     };
     let right_family = test(layer3, |l3| *l3 == family);
-    let right_address = test(field, |address| {
-        choice.any_of.iter().any(|item| item.contains(address)) != choice.negated
-    });
+    let right_address = match field {
+        Some(_) => test(field, |address| {
+            choice.any_of.iter().any(|item| item.contains(address)) != choice.negated
+        }),
+        None => in_prefixes(choice, within, outside),
+    };
     right_family.and(right_address)
+}
+
+/// Whether `choice` accepts addresses known only to be in one of `within` (when it has
+/// any) and in none of `outside`.
+fn in_prefixes(
+    choice: &super::model::Choice<Addresses>,
+    within: &[Prefix],
+    outside: &[Prefix],
+) -> Tri {
+    // Whether the addresses are in the choice's items: all of them, none, or some.
+    let items: Vec<Span> = choice.any_of.iter().map(Span::of).collect();
+    let listed = if within.is_empty() {
+        // Anywhere but `outside`: in no item where every item is in an outside prefix.
+        let outside: Vec<Span> = outside.iter().map(|p| Span::prefix(*p)).collect();
+        let all_outside = items
+            .iter()
+            .all(|item| outside.iter().any(|o| o.contains(item)));
+        if all_outside && !outside.is_empty() {
+            Tri::Never
+        } else {
+            Tri::Maybe
+        }
+    } else {
+        let each = within.iter().map(|prefix| {
+            let prefix = Span::prefix(*prefix);
+            if items.iter().any(|item| item.contains(&prefix)) {
+                Tri::Always
+            } else if items.iter().all(|item| !item.overlaps(&prefix)) {
+                Tri::Never
+            } else {
+                Tri::Maybe
+            }
+        });
+        each.reduce(|a, b| if a == b { a } else { Tri::Maybe })
+            .unwrap_or(Tri::Maybe)
+    };
+    match (listed, choice.negated) {
+        (Tri::Always, false) | (Tri::Never, true) => Tri::Always,
+        (Tri::Never, false) | (Tri::Always, true) => Tri::Never,
+        _ => Tri::Maybe,
+    }
+}
+
+/// Addresses from `first` to `last`, of one layer 3 (IPv4 as the low 32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    v4: bool,
+    first: u128,
+    last: u128,
+}
+
+impl Span {
+    fn of(addresses: &Addresses) -> Span {
+        match *addresses {
+            Addresses::Prefix(address, len) => Span::prefix((address, len)),
+            Addresses::Range(first, last) => Span {
+                v4: first.is_ipv4(),
+                first: Span::number(first),
+                last: Span::number(last),
+            },
+        }
+    }
+
+    fn prefix((address, len): Prefix) -> Span {
+        let bits: u32 = if address.is_ipv4() { 32 } else { 128 };
+        let host_bits = bits - u32::from(len).min(bits);
+        let hosts = if host_bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
+        let first = Span::number(address) & !hosts;
+        Span {
+            v4: address.is_ipv4(),
+            first,
+            last: first | hosts,
+        }
+    }
+
+    fn number(address: IpAddr) -> u128 {
+        match address {
+            IpAddr::V4(a) => u32::from(a).into(),
+            IpAddr::V6(a) => a.into(),
+        }
+    }
+
+    fn contains(&self, other: &Span) -> bool {
+        self.v4 == other.v4 && self.first <= other.first && other.last <= self.last
+    }
+
+    fn overlaps(&self, other: &Span) -> bool {
+        self.v4 == other.v4 && self.first <= other.last && other.first <= self.last
+    }
 }
 
 /// The patterns `patterns` narrowed by `condition`, where it names values a hold-back can be

@@ -17,6 +17,12 @@
 //!   when they connect: they skip the hooks the connection to the host's port would pass
 //!   (output, postrouting and input over loopback, with the nat output chain's DNAT or
 //!   docker-proxy behind them); the connection to the container passes its hooks either way.
+//! - egress from a bridge: its containers' new outbound IPv4 TCP/UDP connections out of an
+//!   uplink, which xbr source-NATs to an uplink's address itself, and their replies; they
+//!   skip the container port's and the bridge's netdev hooks, the bridge family's hooks (the
+//!   requests are for the bridge's MAC), the ip hooks of both directions and the uplink's
+//!   netdev ingress. A masquerade, or an snat to an uplink's address, is xbr's own
+//!   translation there, as a published port's own DNAT is.
 
 mod eval;
 mod events;
@@ -168,6 +174,7 @@ fn host_client_traversals(published: &Published) -> Vec<Traversal> {
                 },
                 first_packets,
                 own_dnat,
+                own_snat: None,
             };
         traversals.push(at(Hook::Output, &none, None, first_packets));
         // Over loopback to docker-proxy, a source NAT (a network's MASQUERADE of its subnet,
@@ -267,6 +274,7 @@ fn east_west_traversals(firewall: &Firewall, bridge: &Bridge) -> Vec<Traversal> 
             packets,
             first_packets: true,
             own_dnat: None,
+            own_snat: None,
         };
         traversals.push(Traversal {
             devices: ports.clone(),
@@ -369,6 +377,7 @@ fn translated_replies(firewall: &Firewall, bridge: &Bridge) -> Vec<Hold> {
             },
             first_packets: true,
             own_dnat: None,
+            own_snat: None,
         };
         for hold in holds(&firewall.ruleset, &traversal) {
             // Replies of a source NAT (or a redirect) go to the host, which routes them.
@@ -448,6 +457,7 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
         packets,
         first_packets,
         own_dnat: None,
+        own_snat: None,
     };
     let ip = [Family::Ip, Family::Inet];
     let requests = vec![
@@ -573,6 +583,312 @@ fn published_traversals(published: &Published) -> Vec<(ClientIs, Traversal)> {
     requests.chain(replies).collect()
 }
 
+/// A bridge's egress: its containers' new outbound IPv4 TCP and UDP connections to
+/// destinations outside its subnets that go out of an uplink, which xbr translates to an
+/// uplink's address itself, and their replies.
+#[derive(Clone, Debug)]
+pub struct Egress<'a> {
+    pub bridge: &'a str,
+    /// The containers' ports on the bridge.
+    pub ports: &'a [String],
+    /// The bridge's IPv4 subnets: the containers' addresses are in them, the destinations
+    /// of egress are not.
+    pub subnets: &'a [(Ipv4Addr, u8)],
+    pub uplinks: &'a [String],
+    /// The uplinks' addresses, the ones xbr translates the containers' to.
+    pub uplink_addresses: &'a [Ipv4Addr],
+}
+
+/// Every hold-back for `egress` (empty: nothing on the hooks it skips could change its
+/// packets' fate). A masquerade, or an snat to an uplink's address, on the way out of an
+/// uplink is the translation xbr makes itself, so it holds nothing back.
+pub fn egress(firewall: &Firewall, egress: &Egress) -> Vec<Hold> {
+    egress_traversals(firewall, egress)
+        .iter()
+        .flat_map(|traversal| holds(&firewall.ruleset, traversal))
+        .collect()
+}
+
+/// The hooks egress passes on the kernel path. Requests: the container port's netdev
+/// ingress, the bridge family's prerouting and input (they are for the bridge's MAC), the
+/// bridge's own netdev ingress, then routed: ip prerouting (with br_netfilter as a bridged
+/// frame, its physdev the port), forward and postrouting, where the source NAT is. Replies:
+/// the uplink's netdev ingress, ip prerouting (where conntrack translates the destination
+/// back to the container), forward and postrouting into the bridge, the bridge's netdev
+/// egress, the bridge family's output and postrouting and the port's netdev egress. nat
+/// chains see only connections' first packets, so they are walked for requests only.
+fn egress_traversals(firewall: &Firewall, egress: &Egress) -> Vec<Traversal> {
+    let ports = Some(egress.ports.to_vec());
+    let ports_or_none = Some(
+        egress
+            .ports
+            .iter()
+            .cloned()
+            .chain([String::new()])
+            .collect(),
+    );
+    let bridge = names(&[egress.bridge]);
+    let uplinks = Some(egress.uplinks.to_vec());
+    let none = names(&[""]);
+    let subnets: Vec<(IpAddr, u8)> = egress
+        .subnets
+        .iter()
+        .map(|(address, len)| (IpAddr::V4(*address), *len))
+        .collect();
+    let uplink_hosts: Vec<(IpAddr, u8)> = egress
+        .uplink_addresses
+        .iter()
+        .map(|address| (IpAddr::V4(*address), 32))
+        .collect();
+    let subnets_or_uplinks: Vec<(IpAddr, u8)> =
+        subnets.iter().chain(&uplink_hosts).copied().collect();
+    // With br_netfilter the ip hooks see the bridge port a request came in on (physdev);
+    // without it, none.
+    let in_bridge_port = if firewall.bridged_ipv4 {
+        ports.clone()
+    } else {
+        none.clone()
+    };
+    let tcp_udp = any_of(&[6, 17]);
+    let v4 = any_of(&[Layer3::V4]);
+    let request = Packets {
+        layer3: v4.clone(),
+        protocol: tcp_udp.clone(),
+        // Containers send from their own addresses (see docs/DESIGN.md), in the subnet...
+        source_within: subnets.clone(),
+        local_source: any_of(&[false]),
+        // ... to a destination outside it that is not the host's.
+        destination_outside: subnets.clone(),
+        local_destination: any_of(&[false]),
+        conntrack: any_of(&[ConntrackState::New, ConntrackState::Established]),
+        dnat: any_of(&[false]),
+        mark: unmarked(),
+        ..Packets::default()
+    };
+    let reply = Packets {
+        layer3: v4,
+        protocol: tcp_udp,
+        // Martians: the kernel drops a packet from outside that claims a host address.
+        source_outside: subnets.clone(),
+        local_source: any_of(&[false]),
+        destination_within: subnets.clone(),
+        local_destination: any_of(&[false]),
+        conntrack: any_of(&[ConntrackState::Established]),
+        dnat: any_of(&[false]),
+        mark: unmarked(),
+        ..Packets::default()
+    };
+    let at = |hook, families: &[Family], devices: &Option<Vec<String>>, packets, first_packets| {
+        Traversal {
+            hook,
+            families: families.to_vec(),
+            devices: devices.clone(),
+            packets,
+            first_packets,
+            own_dnat: None,
+            own_snat: None,
+        }
+    };
+    let ip = [Family::Ip, Family::Inet];
+    let netdev = [Family::Netdev];
+    let bridge_family = [Family::Bridge];
+    let requests = vec![
+        at(
+            Hook::Ingress,
+            &netdev,
+            &ports,
+            Packets {
+                in_interface: ports.clone(),
+                ..request.clone()
+            },
+            true,
+        ),
+        at(
+            Hook::Prerouting,
+            &bridge_family,
+            &None,
+            Packets {
+                in_interface: ports.clone(),
+                out_interface: none.clone(),
+                ..request.clone()
+            },
+            true,
+        ),
+        at(
+            Hook::Input,
+            &bridge_family,
+            &None,
+            Packets {
+                in_interface: ports.clone(),
+                out_interface: none.clone(),
+                ..request.clone()
+            },
+            true,
+        ),
+        at(
+            Hook::Ingress,
+            &netdev,
+            &bridge,
+            Packets {
+                in_interface: bridge.clone(),
+                ..request.clone()
+            },
+            true,
+        ),
+        at(
+            Hook::Prerouting,
+            &ip,
+            &None,
+            Packets {
+                in_interface: bridge.clone(),
+                out_interface: none.clone(),
+                in_bridge_port: in_bridge_port.clone(),
+                out_bridge_port: none.clone(),
+                ..request.clone()
+            },
+            true,
+        ),
+        at(
+            Hook::Forward,
+            &ip,
+            &None,
+            Packets {
+                in_interface: bridge.clone(),
+                out_interface: uplinks.clone(),
+                in_bridge_port: in_bridge_port.clone(),
+                out_bridge_port: none.clone(),
+                ..request.clone()
+            },
+            true,
+        ),
+        Traversal {
+            // Translated here: chains after the source NAT see an uplink's address.
+            own_snat: Some(
+                egress
+                    .uplink_addresses
+                    .iter()
+                    .map(|a| IpAddr::V4(*a))
+                    .collect(),
+            ),
+            ..at(
+                Hook::Postrouting,
+                &ip,
+                &None,
+                Packets {
+                    in_interface: none.clone(),
+                    out_interface: uplinks.clone(),
+                    in_bridge_port,
+                    out_bridge_port: none.clone(),
+                    source_within: subnets_or_uplinks.clone(),
+                    local_source: None,
+                    ..request
+                },
+                true,
+            )
+        },
+    ];
+    let replies = vec![
+        at(
+            Hook::Ingress,
+            &netdev,
+            &uplinks,
+            Packets {
+                in_interface: uplinks.clone(),
+                // Still to an uplink's address.
+                destination_within: uplink_hosts,
+                local_destination: any_of(&[true]),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Prerouting,
+            &ip,
+            &None,
+            Packets {
+                in_interface: uplinks.clone(),
+                out_interface: none.clone(),
+                in_bridge_port: none.clone(),
+                out_bridge_port: none.clone(),
+                // Chains before conntrack's translation back see an uplink's address.
+                destination_within: subnets_or_uplinks,
+                local_destination: None,
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Forward,
+            &ip,
+            &None,
+            Packets {
+                in_interface: uplinks.clone(),
+                out_interface: bridge.clone(),
+                in_bridge_port: none.clone(),
+                out_bridge_port: ports_or_none.clone(),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Postrouting,
+            &ip,
+            &None,
+            Packets {
+                in_interface: none.clone(),
+                out_interface: bridge.clone(),
+                in_bridge_port: none.clone(),
+                out_bridge_port: ports_or_none,
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Egress,
+            &netdev,
+            &bridge,
+            Packets {
+                out_interface: bridge.clone(),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Output,
+            &bridge_family,
+            &None,
+            Packets {
+                in_interface: none.clone(),
+                out_interface: ports.clone(),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Postrouting,
+            &bridge_family,
+            &None,
+            Packets {
+                in_interface: none,
+                out_interface: ports.clone(),
+                ..reply.clone()
+            },
+            false,
+        ),
+        at(
+            Hook::Egress,
+            &netdev,
+            &ports,
+            Packets {
+                out_interface: ports.clone(),
+                ..reply
+            },
+            false,
+        ),
+    ];
+    requests.into_iter().chain(replies).collect()
+}
+
 impl std::fmt::Display for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let verb = match &self.why {
@@ -618,5 +934,7 @@ impl std::fmt::Display for Pattern {
     }
 }
 
+#[cfg(test)]
+mod egress_tests;
 #[cfg(test)]
 mod tests;

@@ -321,7 +321,19 @@ pub enum Statement {
         to: Option<IpAddr>,
         port: Option<u16>,
     },
-    /// Source NAT, masquerade, redirect: a translation the kernel keeps in conntrack.
+    /// Source NAT (snat, masquerade): a translation the kernel keeps in conntrack.
+    Snat {
+        /// The target as the rule names it (`SNAT`, `masquerade`), for messages.
+        kind: String,
+        /// A masquerade: to the address of the interface the packet goes out of.
+        masquerade: bool,
+        /// The one address an snat translates to, where the rule says it plainly.
+        to: Option<IpAddr>,
+        /// Only the address changes, ports chosen as the kernel does by default: no port
+        /// range, no `random`, `fully-random` or `persistent` flag.
+        plain: bool,
+    },
+    /// Redirect, netmap: a translation the kernel keeps in conntrack.
     OtherNat(String),
     /// Changes the packet or state that later rules or the receiver see: marks, payload,
     /// conntrack settings, set updates, notrack, duplication.
@@ -340,6 +352,7 @@ impl Statement {
                 | Statement::Reject
                 | Statement::Queue
                 | Statement::Dnat { .. }
+                | Statement::Snat { .. }
                 | Statement::OtherNat(_)
         )
     }

@@ -275,8 +275,27 @@ fn decode_statement(statement: &NftStatement<'static>) -> Statement {
                     }),
             }
         }
-        NftStatement::SNAT(_) => Statement::OtherNat("snat".into()),
-        NftStatement::Masquerade(_) => Statement::OtherNat("masquerade".into()),
+        NftStatement::SNAT(nat) => {
+            let to = nat
+                .as_ref()
+                .filter(|nat| nat.port.is_none() && no_flags(nat))
+                .and_then(|nat| nat.addr.as_ref())
+                .and_then(|addr| literal_text(addr)?.parse().ok());
+            Statement::Snat {
+                kind: "snat".into(),
+                masquerade: false,
+                to,
+                plain: to.is_some(),
+            }
+        }
+        NftStatement::Masquerade(nat) => Statement::Snat {
+            kind: "masquerade".into(),
+            masquerade: true,
+            to: None,
+            plain: nat
+                .as_ref()
+                .is_none_or(|nat| nat.addr.is_none() && nat.port.is_none() && no_flags(nat)),
+        },
         NftStatement::Redirect(_) => Statement::OtherNat("redirect".into()),
         NftStatement::XT(Some(xt)) => {
             let name = xt.get("name").and_then(|n| n.as_str()).unwrap_or("?");
@@ -498,6 +517,11 @@ fn single_literal(expression: &Expression<'static>) -> Option<Literal> {
         Expression::Number(n) => Some(Literal::Number(*n)),
         _ => None,
     }
+}
+
+/// A NAT statement without flags (`random`, `fully-random`, `persistent`, ...).
+fn no_flags(nat: &nftables::stmt::NAT) -> bool {
+    nat.flags.as_ref().is_none_or(|flags| flags.is_empty())
 }
 
 fn literal_text(expression: &Expression<'static>) -> Option<String> {

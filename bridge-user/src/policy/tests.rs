@@ -11,13 +11,13 @@ use super::{
     *,
 };
 
-fn fixture(name: &str) -> String {
+pub(super) fn fixture(name: &str) -> String {
     let path = format!("{}/src/policy/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
 /// The firewall of a fixture, br_netfilter on for both families.
-fn firewall(name: &str) -> Firewall {
+pub(super) fn firewall(name: &str) -> Firewall {
     let save = std::fs::read_to_string(format!(
         "{}/src/policy/testdata/{name}.save",
         env!("CARGO_MANIFEST_DIR")

@@ -299,7 +299,27 @@ fn target_statement(jump: &str, target: &str, options: &[&str], chains: &[String
                 .unwrap_or((None, None));
             Statement::Dnat { to, port }
         }
-        "SNAT" | "MASQUERADE" | "REDIRECT" | "NETMAP" => Statement::OtherNat(target.to_owned()),
+        "SNAT" => {
+            // `--to-source 192.0.2.10`; a range of addresses or ports, several `--to-source`,
+            // or a flag (`--random`, `--random-fully`, `--persistent`) is not plain.
+            let to = match options {
+                ["--to-source", address] => address.parse().ok(),
+                _ => None,
+            };
+            Statement::Snat {
+                kind: target.to_owned(),
+                masquerade: false,
+                to,
+                plain: to.is_some(),
+            }
+        }
+        "MASQUERADE" => Statement::Snat {
+            kind: target.to_owned(),
+            masquerade: true,
+            to: None,
+            plain: options.is_empty(),
+        },
+        "REDIRECT" | "NETMAP" => Statement::OtherNat(target.to_owned()),
         chain if chains.iter().any(|c| c == chain) => {
             if matches!(jump, "-g" | "--goto") {
                 Statement::Goto(chain.to_owned())

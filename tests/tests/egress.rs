@@ -1,0 +1,257 @@
+//! Egress NAT through a real lab (run as root): containers reach a server in the outside
+//! namespace, which has no route back to the containers' subnet, with no MASQUERADE rule
+//! anywhere: only xbr's source NAT gets the answers back. Flows the kernel holds when xbr
+//! attaches (with a MASQUERADE rule of their own) stay the kernel's across attach and detach.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use xbr::netns::NetNs;
+use xbr_tests::{
+    lab_support::LabBuilder,
+    traffic::{exchange, tcp_echo_server},
+    witness::{PinRoot, nft},
+};
+
+const UPLINK_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
+/// The outside server's ports: an echo (TCP 80), and who-are-you (TCP and UDP 7000: answers
+/// with the address and port it sees the client at).
+const ECHO_PORT: u16 = 80;
+const WHO_PORT: u16 = 7000;
+
+/// A server in `ns` that answers every TCP connection and every datagram on `port` with the
+/// client's address as it sees it ("10.78.0.1:61234"). Runs until the test process ends (its
+/// sockets go with the namespace's last user).
+fn who_are_you_server(ns: &NetNs, port: u16) {
+    let (listener, socket) = ns
+        .run(|| {
+            (
+                TcpListener::bind((OUTSIDE, port)).expect("bind TCP"),
+                UdpSocket::bind((OUTSIDE, port)).expect("bind UDP"),
+            )
+        })
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let peer = stream.peer_addr().unwrap();
+            let _ = stream.write_all(peer.to_string().as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buffer) {
+            let mut answer = from.to_string().into_bytes();
+            answer.push(b' ');
+            answer.extend_from_slice(&buffer[..n]);
+            let _ = socket.send_to(&answer, from);
+        }
+    });
+}
+
+/// Connects from `client` to the who-are-you server: where the server saw the connection
+/// come from.
+fn seen_as(client: &NetNs) -> std::io::Result<SocketAddr> {
+    let to = SocketAddr::from((OUTSIDE, WHO_PORT));
+    let mut stream = client
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+        .unwrap()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    answer
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("answer {answer:?}: {e}")))
+}
+
+/// Sends `payload` from `socket` to the who-are-you server: where the server saw it come
+/// from, and checks the payload came back.
+fn udp_seen_as(socket: &UdpSocket, payload: &[u8]) -> std::io::Result<SocketAddr> {
+    socket.send_to(payload, (OUTSIDE, WHO_PORT))?;
+    let mut buffer = [0u8; 4096];
+    let (n, from) = socket.recv_from(&mut buffer)?;
+    assert_eq!(from, SocketAddr::from((OUTSIDE, WHO_PORT)));
+    let answer = &buffer[..n];
+    let space = answer.iter().position(|b| *b == b' ').unwrap();
+    assert_eq!(&answer[space + 1..], payload, "the payload came back whole");
+    std::str::from_utf8(&answer[..space])
+        .unwrap()
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{e}")))
+}
+
+fn udp_socket(ns: &NetNs) -> UdpSocket {
+    let socket = ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap().unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    socket
+}
+
+fn stats(pins: &PinRoot) -> serde_json::Value {
+    serde_json::from_str(&pins.xbr_ok(&["stats", "--json"])).unwrap()
+}
+
+fn verdict(pins: &PinRoot, name: &str) -> u64 {
+    let stats = stats(pins);
+    stats["verdicts"][0][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no verdict {name}: {stats}"))
+}
+
+/// The source ports xbr gives egress flows in a namespace with the default
+/// `ip_local_port_range` (32768 60999).
+fn in_egress_range(address: SocketAddr) -> bool {
+    address.ip() == UPLINK_ADDRESS && address.port() >= 61000
+}
+
+#[test]
+fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
+    let lab = LabBuilder::three_containers().with_uplink().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let b = NetNs::open(&spec.container_netns("b")).unwrap();
+    let pins = PinRoot::new(&host);
+    who_are_you_server(&outside, WHO_PORT);
+    let _echo = tcp_echo_server(&outside, OUTSIDE, ECHO_PORT);
+    let echo = SocketAddr::from((OUTSIDE, ECHO_PORT));
+    assert!(
+        !nft(&host, &["list", "ruleset"], None).contains("masquerade"),
+        "the lab has no MASQUERADE rule"
+    );
+
+    // The outside has no route back: without a translation nothing answers.
+    assert!(seen_as(&a).is_err(), "the outside answered before xbr");
+
+    pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&pins.xbr_ok(&["status", "--json"])).unwrap();
+    let egress = &status["bridges"][0]["egress"];
+    assert_eq!(egress["accelerated"], true, "{status}");
+    assert_eq!(egress["uplinks"][0]["address"], "10.78.0.1", "{status}");
+    assert_eq!(
+        egress["ports"],
+        serde_json::json!([61000, 65535]),
+        "{status}"
+    );
+
+    // Many connections, from two containers: each seen from the uplink's address, on a port
+    // of xbr's range, no two at once on the same one.
+    let mut ports = std::collections::BTreeSet::new();
+    for round in 0..100 {
+        let client = if round % 2 == 0 { &a } else { &b };
+        let seen = seen_as(client).unwrap_or_else(|e| panic!("connection {round}: {e}"));
+        assert!(in_egress_range(seen), "connection {round} seen as {seen}");
+        ports.insert(seen.port());
+    }
+    assert!(
+        ports.len() > 90,
+        "ports are spread: {} distinct",
+        ports.len()
+    );
+    // A large transfer with the veths' offloads on: GSO segments and partial checksums.
+    exchange(&a, echo, 4 << 20).expect("4 MiB through egress NAT");
+    // UDP, odd sizes, up to a full frame.
+    let socket = udp_socket(&a);
+    let first = udp_seen_as(&socket, b"x").expect("a datagram's answer");
+    assert!(in_egress_range(first), "{first}");
+    for size in [3usize, 512, 1401] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let seen = udp_seen_as(&socket, &payload).expect("an answer");
+        assert_eq!(seen, first, "one UDP flow keeps its translation");
+    }
+
+    let out = verdict(&pins, "egress_out");
+    let back = verdict(&pins, "egress_in");
+    assert!(
+        out > 100 * 3 && back > 100 * 2,
+        "egress_out {out}, egress_in {back}"
+    );
+    assert!(
+        stats(&pins)["nat"][0]["egress_opened"].as_u64().unwrap() >= 102,
+        "{}",
+        stats(&pins)
+    );
+
+    // Detached, egress is the kernel's again: which, in this lab, answers nothing.
+    pins.xbr_ok(&["detach", "br0"]);
+    assert!(seen_as(&a).is_err(), "the outside answered after detach");
+    assert!(!pins.path.exists());
+}
+
+#[test]
+fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
+    let lab = LabBuilder::three_containers().with_uplink().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let pins = PinRoot::new(&host);
+    who_are_you_server(&outside, WHO_PORT);
+    let _echo = tcp_echo_server(&outside, OUTSIDE, ECHO_PORT);
+    // The kernel masquerades, as Docker's rule does.
+    nft(
+        &host,
+        &["-f", "-"],
+        Some(
+            "table ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat;\n  \
+             ip saddr 10.77.0.0/24 oifname \"uplink0\" masquerade\n }\n}\n",
+        ),
+    );
+
+    // A TCP connection and a UDP flow begin on the kernel path.
+    let mut stream = a
+        .run(|| TcpStream::connect_timeout(&(OUTSIDE, ECHO_PORT).into(), Duration::from_secs(2)))
+        .unwrap()
+        .expect("connect on the kernel path");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let round_trip = |stream: &mut TcpStream, what: &str| {
+        stream.write_all(b"ping").unwrap();
+        let mut answer = [0u8; 4];
+        stream
+            .read_exact(&mut answer)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(&answer, b"ping");
+    };
+    round_trip(&mut stream, "before attach");
+    let socket = udp_socket(&a);
+    let kernel_udp = udp_seen_as(&socket, b"first").expect("UDP on the kernel path");
+    assert!(
+        !in_egress_range(kernel_udp),
+        "the kernel kept the port: {kernel_udp}"
+    );
+
+    pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&pins.xbr_ok(&["status", "--json"])).unwrap();
+    assert_eq!(
+        status["bridges"][0]["egress"]["accelerated"], true,
+        "a MASQUERADE of the subnet is xbr's own translation: {status}"
+    );
+    // Both keep going on the kernel path: the same connection, the same UDP translation.
+    round_trip(&mut stream, "after attach");
+    for _ in 0..3 {
+        assert_eq!(udp_seen_as(&socket, b"again").unwrap(), kernel_udp);
+    }
+    assert!(verdict(&pins, "egress_kernel") >= 1, "{}", stats(&pins));
+    // New flows are xbr's.
+    let seen = seen_as(&a).expect("a new connection");
+    assert!(in_egress_range(seen), "{seen}");
+    let new_udp = udp_seen_as(&udp_socket(&a), b"new").unwrap();
+    assert!(in_egress_range(new_udp), "{new_udp}");
+
+    // Detached: the kernel's flows never noticed; new flows are the kernel's again.
+    pins.xbr_ok(&["detach", "br0"]);
+    round_trip(&mut stream, "after detach");
+    assert_eq!(udp_seen_as(&socket, b"still").unwrap(), kernel_udp);
+    let seen = seen_as(&a).expect("a new connection after detach");
+    assert!(!in_egress_range(seen), "{seen}");
+}
