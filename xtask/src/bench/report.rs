@@ -24,19 +24,25 @@ impl Report {
                 section.title,
                 self.rounds_text()
             );
-            // Wide enough for the section's longest name (egress-docker-like).
+            // Wide enough for the section's longest names (egress-docker-like).
             let width = section
                 .rows
                 .iter()
                 .map(|row| row.config.len())
-                .chain(section.references.iter().map(|c| c.name().len() + 2))
                 .max()
                 .unwrap_or(0)
                 .max(12);
+            let ratio_width = section
+                .references
+                .iter()
+                .map(|config| config.name().len() + 2)
+                .max()
+                .unwrap_or(0)
+                .max(14);
             let columns: String = section
                 .references
                 .iter()
-                .map(|config| format!(" {:>width$}", format!("x {}", config.name())))
+                .map(|config| format!(" {:>ratio_width$}", format!("x {}", config.name())))
                 .collect();
             let _ = writeln!(
                 out,
@@ -53,7 +59,7 @@ impl Report {
                 let ratios: String = section
                     .references
                     .iter()
-                    .map(|config| format!(" {:>width$}", ratio(row.ratio_to(*config))))
+                    .map(|config| format!(" {:>ratio_width$}", ratio(row.ratio_to(*config))))
                     .collect();
                 let _ = writeln!(
                     out,
@@ -348,8 +354,9 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{bullet}egress-xbr >= 1.3x egress-docker-like, {}: {ratio:.2}x ({})",
-                self.row_title(row),
+                "{bullet}egress-xbr >= 1.3x egress-docker-like, {} {}: {ratio:.2}x ({})",
+                row.workload,
+                row.unit,
                 verdict(ratio, 1.3)
             );
         }
@@ -363,8 +370,9 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{bullet}egress-xbr >= 0.9x egress-limit, {}: {ratio:.2}x ({})",
-                self.row_title(row),
+                "{bullet}egress-xbr >= 0.9x egress-limit, {} {}: {ratio:.2}x ({})",
+                row.workload,
+                row.unit,
                 verdict(ratio, 0.9)
             );
         }

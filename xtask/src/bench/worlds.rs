@@ -7,7 +7,11 @@
 //! four more labs where a client in the lab's host namespace connects to 127.0.0.1:8080 -
 //! served by docker-proxy, by Docker's DNAT with `--userland-proxy=false`, by xbr's socket
 //! hooks (the client in a cgroup the bench makes), or, the limit, dialling the container
-//! itself. Everything made here is removed again on every way out.
+//! itself. Egress: a container's connections to a server outside, behind the uplink, which has
+//! no route back to the containers - source-NATed by Docker's MASQUERADE (egress-docker-like)
+//! or by xbr's datapath with no MASQUERADE rule at all (egress-xbr), against a routed limit
+//! without bridge, NAT or netfilter (egress-limit). Everything made here is removed again on
+//! every way out.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
