@@ -86,3 +86,48 @@ pub fn exchange(client: &NetNs, to: SocketAddr, bytes: usize) -> std::io::Result
     }
     Ok(())
 }
+
+/// A server in `ns` that answers every TCP connection and every datagram on `address:port`
+/// with the client's address as it sees it ("10.78.0.1:61234", then a space and the datagram
+/// for UDP): what a source NAT made of the client. Runs until the test process ends (its
+/// sockets go with the namespace's last user).
+pub fn who_are_you_server(ns: &NetNs, address: Ipv4Addr, port: u16) {
+    let (listener, socket) = ns
+        .run(|| {
+            (
+                TcpListener::bind((address, port)).expect("bind TCP"),
+                std::net::UdpSocket::bind((address, port)).expect("bind UDP"),
+            )
+        })
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let peer = stream.peer_addr().unwrap();
+            let _ = stream.write_all(peer.to_string().as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buffer) {
+            let mut answer = from.to_string().into_bytes();
+            answer.push(b' ');
+            answer.extend_from_slice(&buffer[..n]);
+            let _ = socket.send_to(&answer, from);
+        }
+    });
+}
+
+/// Connects from `client` to a `who_are_you_server` at `to`: where the server saw the
+/// connection come from.
+pub fn seen_as(client: &NetNs, to: SocketAddr) -> std::io::Result<SocketAddr> {
+    let mut stream = client
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+        .unwrap()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    answer
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("answer {answer:?}: {e}")))
+}

@@ -5,14 +5,14 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::LabBuilder,
-    traffic::{exchange, tcp_echo_server},
+    traffic::{self, exchange, tcp_echo_server},
     witness::{PinRoot, nft},
 };
 
@@ -23,49 +23,12 @@ const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
 const ECHO_PORT: u16 = 80;
 const WHO_PORT: u16 = 7000;
 
-/// A server in `ns` that answers every TCP connection and every datagram on `port` with the
-/// client's address as it sees it ("10.78.0.1:61234"). Runs until the test process ends (its
-/// sockets go with the namespace's last user).
 fn who_are_you_server(ns: &NetNs, port: u16) {
-    let (listener, socket) = ns
-        .run(|| {
-            (
-                TcpListener::bind((OUTSIDE, port)).expect("bind TCP"),
-                UdpSocket::bind((OUTSIDE, port)).expect("bind UDP"),
-            )
-        })
-        .unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let peer = stream.peer_addr().unwrap();
-            let _ = stream.write_all(peer.to_string().as_bytes());
-        }
-    });
-    std::thread::spawn(move || {
-        let mut buffer = [0u8; 2048];
-        while let Ok((n, from)) = socket.recv_from(&mut buffer) {
-            let mut answer = from.to_string().into_bytes();
-            answer.push(b' ');
-            answer.extend_from_slice(&buffer[..n]);
-            let _ = socket.send_to(&answer, from);
-        }
-    });
+    traffic::who_are_you_server(ns, OUTSIDE, port);
 }
 
-/// Connects from `client` to the who-are-you server: where the server saw the connection
-/// come from.
 fn seen_as(client: &NetNs) -> std::io::Result<SocketAddr> {
-    let to = SocketAddr::from((OUTSIDE, WHO_PORT));
-    let mut stream = client
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
-        .unwrap()?;
-    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    answer
-        .parse()
-        .map_err(|e| std::io::Error::other(format!("answer {answer:?}: {e}")))
+    traffic::seen_as(client, SocketAddr::from((OUTSIDE, WHO_PORT)))
 }
 
 /// Sends `payload` from `socket` to the who-are-you server: where the server saw it come

@@ -153,6 +153,8 @@ struct Binaries {
     packet: PathBuf,
     policy_packet: PathBuf,
     nat_packet: PathBuf,
+    egress_packet: PathBuf,
+    egress: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
     sockets: PathBuf,
@@ -182,6 +184,8 @@ impl Binaries {
             packet: find("packet")?,
             policy_packet: find("policy_packet")?,
             nat_packet: find("nat_packet")?,
+            egress_packet: find("egress_packet")?,
+            egress: find("egress")?,
             east_west: find("east_west")?,
             published: find("published")?,
             sockets: find("sockets")?,
@@ -289,6 +293,24 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         Suite {
             name: "nat-packet".to_owned(),
             argv: vec![program(&binaries.nat_packet)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs: None,
+        },
+        // Egress NAT through BPF_PROG_TEST_RUN: this kernel's FIB lookup from tc, its
+        // verifier on the port allocation loop, bpf_redirect_neigh.
+        Suite {
+            name: "egress-packet".to_owned(),
+            argv: vec![program(&binaries.egress_packet)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs: None,
+        },
+        // Egress NAT in a lab: containers reach an outside with no route back, and the
+        // kernel's own masqueraded flows stay the kernel's across attach and detach.
+        Suite {
+            name: "egress".to_owned(),
+            argv: vec![program(&binaries.egress)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
             needs: None,

@@ -150,11 +150,14 @@ mod tests {
             Verdict::NatInXdp => 13,
             Verdict::HeldByPolicy => 14,
             Verdict::NotPublished => 15,
+            Verdict::EgressOut => 16,
+            Verdict::EgressIn => 17,
+            Verdict::EgressKernel => 18,
         }
     }
 
     /// The highest position `position` gives; keep it in step with the match above.
-    const LAST: usize = 15;
+    const LAST: usize = 18;
 
     #[test]
     fn verdict_all_lists_every_variant_once_at_its_index() {
