@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: xbr side by side with a plain bridge, Docker's netfilter path and a
 //! direct veth pair (the limit), for published ports with Docker's DNAT and docker-proxy, and
 //! for host clients of a published port with docker-proxy, hairpin DNAT and a direct
-//! connection, interleaved round by round; see BENCHMARKS.md.
+//! connection, and for a container's connections to the outside with Docker's MASQUERADE and
+//! a routed limit, interleaved round by round; see BENCHMARKS.md.
 
 mod chart;
 mod host;
@@ -141,16 +142,50 @@ impl Settings {
         }
     }
 
+    /// The configurations the chosen workloads run in: only their worlds are built.
+    fn configs(&self) -> Vec<Config> {
+        Config::ALL
+            .into_iter()
+            .filter(|config| {
+                Workload::ALL.into_iter().any(|workload| {
+                    self.runs(workload)
+                        && if Workload::ATTACH.contains(&workload) {
+                            *config == Config::Xbr
+                        } else {
+                            results::configs(workload).contains(config)
+                        }
+                })
+            })
+            .collect()
+    }
+
     /// Progress steps: building, every run, the profile, growing, attaching.
     fn steps(&self) -> u64 {
-        let east_west = Config::EAST_WEST.len() as u64;
-        let base = Workload::TRAFFIC.len() as u64 * east_west
-            + (Workload::PUBLISHED.len() * Config::PUBLISHED.len()) as u64
-            + (Workload::HOST.len() * Config::HOST.len()) as u64;
-        let scale = Workload::SCALE.len() as u64 * east_west;
-        let attach = Workload::ATTACH.len() as u64 * u64::from(self.attach_rounds);
-        let grow = east_west - 1;
-        Config::ALL.len() as u64 + u64::from(self.rounds) * (base + scale) + attach + 1 + grow
+        let runs = |workloads: &[Workload]| {
+            every_config(workloads)
+                .filter(|(workload, _)| self.runs(*workload))
+                .count() as u64
+        };
+        let base = runs(&Workload::TRAFFIC)
+            + runs(&Workload::PUBLISHED)
+            + runs(&Workload::HOST)
+            + runs(&Workload::EGRESS);
+        let scale_runs = runs(&Workload::SCALE);
+        let attach = Workload::ATTACH
+            .iter()
+            .filter(|workload| self.runs(**workload))
+            .count() as u64
+            * u64::from(self.attach_rounds);
+        let configs = self.configs();
+        let grow = if scale_runs + attach > 0 {
+            Config::EAST_WEST
+                .iter()
+                .filter(|config| **config != Config::Limit && configs.contains(config))
+                .count() as u64
+        } else {
+            0
+        };
+        configs.len() as u64 + u64::from(self.rounds) * (base + scale_runs) + attach + 1 + grow
     }
 }
 
@@ -314,7 +349,9 @@ pub fn measure(
             "   removed {leftovers} namespaces left by an earlier run ({prefix}-*)"
         ));
     }
-    worlds.build(settings.endpoints, &|what| progress.step(what))?;
+    worlds.build(settings.endpoints, &settings.configs(), &|what| {
+        progress.step(what);
+    })?;
     settle(
         settings,
         "building the worlds",
@@ -331,8 +368,15 @@ pub fn measure(
     for round in 1..=settings.rounds {
         let runs = every_config(&Workload::TRAFFIC)
             .chain(every_config(&Workload::PUBLISHED))
-            .chain(every_config(&Workload::HOST));
-        for (workload, config) in runs.filter(|(workload, _)| settings.runs(*workload)) {
+            .chain(every_config(&Workload::HOST))
+            .chain(every_config(&Workload::EGRESS));
+        let built: Vec<Config> = Config::ALL
+            .into_iter()
+            .filter(|config| worlds.has(*config))
+            .collect();
+        let runs =
+            runs.filter(|(workload, config)| settings.runs(*workload) && built.contains(config));
+        for (workload, config) in runs {
             let sample = traffic_sample(
                 &mut worlds,
                 settings.endpoints,
@@ -359,9 +403,14 @@ pub fn measure(
         }
         None => None,
     };
-    let xbr_stats = worlds.xbr_stats().ok();
-    let mut memory_measured: Vec<memory::Measured> =
-        worlds.xbr_memory(settings.endpoints).into_iter().collect();
+    // What only the east-west xbr world has (not built when `--workload` left it out).
+    let xbr_built = worlds.has(Config::Xbr);
+    let xbr_stats = xbr_built.then(|| worlds.xbr_stats().ok()).flatten();
+    let mut memory_measured: Vec<memory::Measured> = if xbr_built {
+        worlds.xbr_memory(settings.endpoints).into_iter().collect()
+    } else {
+        Vec::new()
+    };
 
     let scale = Workload::SCALE
         .iter()
@@ -408,7 +457,7 @@ pub fn measure(
             samples.push(sample);
         }
     }
-    if scale {
+    if scale && xbr_built {
         memory_measured.extend(worlds.xbr_memory(settings.scale_endpoints));
     }
     progress.finish("tearing down");
@@ -525,6 +574,10 @@ fn traffic_sample(
         };
         measured.details["path"] = check_path(config, &before, &after, &ran)?;
     }
+    if config == Config::EgressXbr {
+        // How xbr's connection tables fared: ports exhausted, flows left to the kernel.
+        measured.details["xbr_nat"] = worlds.nat_state(config)?;
+    }
     if workload == Workload::TcpConnectionsFlooded && config.uplink_mode().is_some() {
         // What the flood did to xbr's tables: how full, how much it replaced.
         measured.details["xbr_nat"] = worlds.nat_state(config)?;
@@ -595,6 +648,9 @@ fn check_path(
             "xbr_host_connects": translated,
         }));
     }
+    if config.is_egress() {
+        return check_egress_path(config, before, after, ran);
+    }
     if config == Config::Xbr {
         let sent = grown(|c| c.sent);
         let redirected = grown(|c| c.xbr_redirected);
@@ -629,6 +685,73 @@ fn check_path(
         config.name()
     );
     Ok(json!({ "dnat_packets": dnat, "xbr_nat_in": tc, "xbr_nat_in_xdp": xdp }))
+}
+
+/// Egress: which path carried a run from the container to the server outside.
+/// - egress-xbr: xbr's `egress_out` grew by (about) every frame the container sent and its
+///   `egress_in` by every frame the server sent, while the host namespace's kernel forwarded
+///   (about) no IPv4 datagram (Ip ForwDatagrams), conntrack gained no entries and no
+///   MASQUERADE rule counted anything. A run the kernel carried forwards every frame and, for
+///   connections, leaves a conntrack entry per connection: it fails this.
+/// - egress-docker-like: the kernel forwarded (about) every frame of both directions, and
+///   Docker's MASQUERADE rule translated each new connection (at least one).
+/// - egress-limit: the kernel forwarded every frame, and nothing made a conntrack entry.
+fn check_egress_path(
+    config: Config,
+    before: &PathCounters,
+    after: &PathCounters,
+    ran: &Ran,
+) -> anyhow::Result<Value> {
+    let grown = |counter: fn(&PathCounters) -> u64| counter(after).saturating_sub(counter(before));
+    let sent = grown(|c| c.egress_sent);
+    let replies = grown(|c| c.egress_replies);
+    let forwarded = grown(|c| c.forwarded);
+    let masqueraded = grown(|c| c.masqueraded);
+    let conntrack = grown(|c| c.conntrack_entries);
+    let out = grown(|c| c.xbr_egress_out);
+    let back = grown(|c| c.xbr_egress_in);
+    let left = grown(|c| c.xbr_egress_kernel);
+    // ARP and neighbour discovery, and one frame in a hundred.
+    let slack = |frames: u64| EAST_WEST_SLACK_FRAMES + frames / 100;
+    let both = sent + replies;
+    let took_its_path = sent > 0
+        && replies > 0
+        && match config {
+            Config::EgressXbr => {
+                out + slack(sent) >= sent
+                    && back + slack(replies) >= replies
+                    && forwarded <= slack(both)
+                    && left <= slack(sent)
+                    && conntrack <= EAST_WEST_SLACK_FRAMES
+                    && masqueraded == 0
+            }
+            Config::EgressDocker => {
+                forwarded + slack(both) >= both && masqueraded >= ran.completed.max(1)
+            }
+            Config::EgressLimit => {
+                forwarded + slack(both) >= both && masqueraded == 0 && conntrack == 0
+            }
+            _ => true,
+        };
+    anyhow::ensure!(
+        took_its_path,
+        "{} did not take its own path: the container sent {sent} frames and the server \
+         {replies}; xbr translated +{out} out and +{back} in, the host's kernel forwarded \
+         +{forwarded} IPv4 datagrams (xbr left +{left} frames to it), MASQUERADE counted +{masqueraded} packets and conntrack \
+         gained +{conntrack} entries, for {} exchanges",
+        config.name(),
+        ran.completed
+    );
+    Ok(json!({
+        "container_sent": sent,
+        "server_sent": replies,
+        "xbr_egress_out": out,
+        "xbr_egress_in": back,
+        "xbr_egress_kernel": left,
+        "kernel_forwarded": forwarded,
+        "masqueraded": masqueraded,
+        "conntrack_entries_added": conntrack,
+    }))
 }
 
 /// Detach, then time `xbr attach --mode tcx|clsact` on the xbr lab's grown bridge. The last
@@ -770,6 +893,7 @@ mod tests {
             .into_iter()
             .chain(Workload::PUBLISHED)
             .chain(Workload::HOST)
+            .chain(Workload::EGRESS)
         {
             expected.push((settings.endpoints, workload));
         }
@@ -974,6 +1098,153 @@ mod tests {
         // Nothing made proves nothing.
         let none = Ran::default();
         assert!(check_path(Config::HostXbr, &before, &after(0, 0, 0), &none).is_err());
+    }
+
+    /// An egress run is a number only when the path it is labelled with carried it: in
+    /// egress-xbr xbr translated every frame both ways and the kernel forwarded none (a run
+    /// the kernel carried fails), in egress-docker-like the kernel forwarded them and
+    /// MASQUERADE translated each connection, in egress-limit the kernel forwarded them
+    /// without conntrack.
+    #[test]
+    fn an_egress_run_off_its_path_is_an_error() {
+        let before = PathCounters {
+            egress_sent: 500,
+            egress_replies: 400,
+            forwarded: 3000,
+            masqueraded: 10,
+            conntrack_entries: 5,
+            xbr_egress_out: 70,
+            xbr_egress_in: 60,
+            ..PathCounters::default()
+        };
+        struct Grown {
+            sent: u64,
+            replies: u64,
+            forwarded: u64,
+            masqueraded: u64,
+            conntrack: u64,
+            out: u64,
+            back: u64,
+        }
+        let after = |g: Grown| PathCounters {
+            egress_sent: before.egress_sent + g.sent,
+            egress_replies: before.egress_replies + g.replies,
+            forwarded: before.forwarded + g.forwarded,
+            masqueraded: before.masqueraded + g.masqueraded,
+            conntrack_entries: before.conntrack_entries + g.conntrack,
+            xbr_egress_out: before.xbr_egress_out + g.out,
+            xbr_egress_in: before.xbr_egress_in + g.back,
+            ..PathCounters::default()
+        };
+        let connections = Ran {
+            completed: 5000,
+            connections: 0,
+        };
+        let check =
+            |config: Config, grown: Grown| check_path(config, &before, &after(grown), &connections);
+        // 5000 connections, 5 frames each way, on xbr's path: a few ARP frames aside.
+        let xbr = || Grown {
+            sent: 25_010,
+            replies: 25_005,
+            forwarded: 0,
+            masqueraded: 0,
+            conntrack: 0,
+            out: 25_000,
+            back: 25_000,
+        };
+        let path = check(Config::EgressXbr, xbr()).expect("xbr's path");
+        assert_eq!(path["xbr_egress_out"], 25_000);
+        // The same run carried by the kernel (a MASQUERADE rule left behind, xbr not on the
+        // uplink): forwarded, tracked and masqueraded, xbr's verdicts idle.
+        let kernel = || Grown {
+            sent: 25_010,
+            replies: 25_005,
+            forwarded: 50_000,
+            masqueraded: 5000,
+            conntrack: 5000,
+            out: 0,
+            back: 0,
+        };
+        let error = check(Config::EgressXbr, kernel()).unwrap_err().to_string();
+        assert!(error.contains("did not take its own path"), "{error}");
+        // Out through xbr, the replies through the kernel; or a conntrack entry per
+        // connection though xbr counted everything.
+        assert!(
+            check(
+                Config::EgressXbr,
+                Grown {
+                    back: 0,
+                    forwarded: 25_005,
+                    ..xbr()
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                Config::EgressXbr,
+                Grown {
+                    conntrack: 5000,
+                    ..xbr()
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                Config::EgressXbr,
+                Grown {
+                    masqueraded: 1,
+                    ..xbr()
+                }
+            )
+            .is_err()
+        );
+        // Flows xbr left to the kernel path (no free port): within slack, recorded; beyond
+        // it, not xbr's path.
+        let leaked = |left: u64| {
+            let mut after = after(xbr());
+            after.xbr_egress_kernel = before.xbr_egress_kernel + left;
+            check_path(Config::EgressXbr, &before, &after, &connections)
+        };
+        assert_eq!(
+            leaked(2).expect("two frames are slack")["xbr_egress_kernel"],
+            2
+        );
+        assert!(leaked(5000).is_err());
+        // Docker's way: the kernel's path is right there, xbr's is not.
+        assert!(check(Config::EgressDocker, kernel()).is_ok());
+        assert!(check(Config::EgressDocker, xbr()).is_err());
+        // Fewer masqueraded than connections: some went another way.
+        assert!(
+            check(
+                Config::EgressDocker,
+                Grown {
+                    masqueraded: 10,
+                    ..kernel()
+                }
+            )
+            .is_err()
+        );
+        // The limit forwards without NAT or conntrack.
+        let limit = Grown {
+            masqueraded: 0,
+            conntrack: 0,
+            ..kernel()
+        };
+        assert!(check(Config::EgressLimit, limit).is_ok());
+        assert!(check(Config::EgressLimit, kernel()).is_err());
+        // Nothing sent proves nothing.
+        let idle = Grown {
+            sent: 0,
+            replies: 0,
+            forwarded: 0,
+            masqueraded: 0,
+            conntrack: 0,
+            out: 0,
+            back: 0,
+        };
+        assert!(check(Config::EgressXbr, idle).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The chart: panels of grouped bars - east-west throughput relative to `limit` and cost
-//! relative to `docker-like`, published-port rates relative to `dnat` - each bar a median with
-//! its min-max as a whisker, drawn as SVG by plotters.
+//! relative to `docker-like`, published-port rates relative to `dnat`, and (when measured)
+//! egress rates relative to `egress-limit` - each bar a median with its min-max as a whisker,
+//! drawn as SVG by plotters.
 
 use std::path::Path;
 
@@ -23,6 +24,13 @@ const EAST_WEST_COLORS: [RGBColor; 4] = [
     RGBColor(0xf5, 0x85, 0x18), // docker-like
     RGBColor(0x54, 0xa2, 0x4b), // xbr
 ];
+const EGRESS_COLORS: [RGBColor; 3] = [
+    RGBColor(0x9a, 0x9a, 0x9a), // egress-limit
+    RGBColor(0xf5, 0x85, 0x18), // egress-docker-like
+    RGBColor(0x54, 0xa2, 0x4b), // egress-xbr
+];
+/// The egress panel and its legend, below the others when the report has egress rows.
+const EGRESS_HEIGHT: u32 = 420;
 const PUBLISHED_COLORS: [RGBColor; 4] = [
     RGBColor(0xf5, 0x85, 0x18), // dnat
     RGBColor(0xb2, 0x79, 0xa2), // docker-proxy
@@ -221,12 +229,19 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     })
     .collect();
     let published = published_groups(report, base);
+    let egress = egress_groups(report, base);
+    let size = if egress.is_empty() {
+        SIZE
+    } else {
+        (SIZE.0, SIZE.1 + EGRESS_HEIGHT)
+    };
 
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE)?;
     let machine = &report.machine;
     let title = format!(
-        "xbr east-west and published ports: medians of {} round{}, whiskers min-max",
+        "xbr east-west, published ports{}: medians of {} round{}, whiskers min-max",
+        if egress.is_empty() { "" } else { " and egress" },
         report.settings.rounds,
         if report.settings.rounds == 1 { "" } else { "s" }
     );
@@ -240,6 +255,13 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     )?;
     let height = root.dim_in_pixel().1 as i32;
     let (panels, footer) = root.split_vertically(height - 28);
+    let (panels, egress_area) = if egress.is_empty() {
+        (panels, None)
+    } else {
+        let height = panels.dim_in_pixel().1 as i32;
+        let (panels, egress_area) = panels.split_vertically(height - EGRESS_HEIGHT as i32);
+        (panels, Some(egress_area))
+    };
     let third = panels.dim_in_pixel().1 as i32 / 3;
     let (top, rest) = panels.split_vertically(third);
     let (middle, bottom) = rest.split_vertically(third);
@@ -271,6 +293,23 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
         &published,
         &PUBLISHED_COLORS,
     )?;
+    if let Some(area) = egress_area {
+        let (legend, area) = area.split_vertically(26);
+        draw_legend(
+            &legend,
+            &Config::EGRESS,
+            &EGRESS_COLORS,
+            "target: egress-xbr >= 0.9x limit; >= 1.3x docker-like conn/s",
+        )?;
+        panel(
+            &area,
+            "Egress, from a container to a server outside, relative to egress-limit (higher is \
+             better)",
+            "x egress-limit",
+            &egress,
+            &EGRESS_COLORS,
+        )?;
+    }
     let footer_text = format!(
         "{} CPUs ({}), kernel {}, {}; {} s per run; {} endpoints per bridge unless noted; `{}`",
         machine.nproc,
@@ -328,6 +367,46 @@ fn published_groups(report: &Report, endpoints: usize) -> Vec<Group> {
             }
             _ => Some(1.0),
         };
+        Some(Group { target, ..group })
+    })
+    .collect()
+}
+
+/// The egress groups, relative to egress-limit; the target drawn over them is 0.9x the limit,
+/// and on connections/s 1.3x egress-docker-like where that is higher.
+fn egress_groups(report: &Report, endpoints: usize) -> Vec<Group> {
+    [
+        (
+            "connections/s",
+            Workload::EgressConnections,
+            "connections_per_s",
+        ),
+        ("round trips/s", Workload::EgressRr, "k_round_trips_per_s"),
+        ("TCP stream", Workload::EgressStream, "gbit_per_s"),
+        ("UDP 64 B pps", Workload::EgressUdp64, "kpps"),
+        ("UDP 64 B sent pps", Workload::EgressUdp64, "sent_kpps"),
+    ]
+    .into_iter()
+    .filter_map(|(label, workload, metric)| {
+        let group = group(
+            report,
+            label.to_owned(),
+            (endpoints, workload, metric),
+            &Config::EGRESS,
+            Config::EgressLimit,
+        )?;
+        let median = |config| {
+            report
+                .find(endpoints, workload, metric, config)
+                .map(|r| r.median)
+        };
+        let docker = match workload {
+            Workload::EgressConnections => median(Config::EgressDocker)
+                .zip(median(Config::EgressLimit))
+                .map(|(docker, limit)| 1.3 * docker / limit),
+            _ => None,
+        };
+        let target = Some(docker.map_or(0.9, |docker| docker.max(0.9)));
         Some(Group { target, ..group })
     })
     .collect()

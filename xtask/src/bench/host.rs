@@ -179,6 +179,29 @@ pub fn tcp_passive_opens(netns: &str) -> anyhow::Result<u64> {
     snmp_counter(&text, "Tcp", "PassiveOpens").context(doing)
 }
 
+/// IPv4 datagrams NETNS has forwarded so far (Ip ForwDatagrams of its /proc/net/snmp): what
+/// its kernel routed, whether netfilter looked at it or not.
+pub fn ip_forwarded(netns: &str) -> anyhow::Result<u64> {
+    let doing = format!("reading /proc/net/snmp in {netns}");
+    let text = cmd::output(cmd::in_netns(netns, "cat").arg("/proc/net/snmp"), &doing)?;
+    snmp_counter(&text, "Ip", "ForwDatagrams").context(doing)
+}
+
+/// Connections NETNS's conntrack tracks now (net.netfilter.nf_conntrack_count, per namespace);
+/// 0 where conntrack is not loaded at all.
+pub fn conntrack_entries(netns: &str) -> anyhow::Result<u64> {
+    let doing = format!("reading nf_conntrack_count in {netns}");
+    let mut command = cmd::in_netns(netns, "sh");
+    command.args([
+        "-c",
+        "f=/proc/sys/net/netfilter/nf_conntrack_count; if [ -e $f ]; then cat $f; else echo 0; fi",
+    ]);
+    let text = cmd::output(&mut command, &doing)?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{doing}: not a number: {text:?}"))
+}
+
 /// CPU time a task has run, in ns (/proc/PID/schedstat: the scheduler's own clock, not
 /// sampled by ticks).
 pub fn task_runtime_ns(pid: u32) -> anyhow::Result<u64> {

@@ -24,14 +24,29 @@ impl Report {
                 section.title,
                 self.rounds_text()
             );
+            // Wide enough for the section's longest names (egress-docker-like).
+            let width = section
+                .rows
+                .iter()
+                .map(|row| row.config.len())
+                .max()
+                .unwrap_or(0)
+                .max(12);
+            let ratio_width = section
+                .references
+                .iter()
+                .map(|config| config.name().len() + 2)
+                .max()
+                .unwrap_or(0)
+                .max(14);
             let columns: String = section
                 .references
                 .iter()
-                .map(|config| format!(" {:>14}", format!("x {}", config.name())))
+                .map(|config| format!(" {:>ratio_width$}", format!("x {}", config.name())))
                 .collect();
             let _ = writeln!(
                 out,
-                "   {:<12} {:>10}  {:<21}{columns}",
+                "   {:<width$} {:>10}  {:<21}{columns}",
                 "config", "median", "[min - max]"
             );
             let mut heading = String::new();
@@ -44,11 +59,11 @@ impl Report {
                 let ratios: String = section
                     .references
                     .iter()
-                    .map(|config| format!(" {:>14}", ratio(row.ratio_to(*config))))
+                    .map(|config| format!(" {:>ratio_width$}", ratio(row.ratio_to(*config))))
                     .collect();
                 let _ = writeln!(
                     out,
-                    "   {:<12} {:>10}  {:<21}{ratios}",
+                    "   {:<width$} {:>10}  {:<21}{ratios}",
                     row.config,
                     number(row.median),
                     format!("[{} - {}]", number(row.min), number(row.max)),
@@ -131,15 +146,19 @@ impl Report {
         )
     }
 
-    /// East-west at each endpoint count, then the published port, then its host clients.
+    /// East-west at each endpoint count, then the published port, then its host clients, then
+    /// egress.
     fn sections(&self) -> Vec<Section<'_>> {
         let published =
             |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_published);
         let host = |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_host);
+        let egress =
+            |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_egress);
+        let east_west = |row: &Summary| !published(row) && !host(row) && !egress(row);
         let mut counts: Vec<usize> = self
             .summary
             .iter()
-            .filter(|row| !published(row) && !host(row))
+            .filter(|row| east_west(row))
             .map(|row| row.endpoints)
             .collect();
         counts.dedup();
@@ -151,7 +170,7 @@ impl Report {
                 rows: self
                     .summary
                     .iter()
-                    .filter(|row| row.endpoints == endpoints && !published(row) && !host(row))
+                    .filter(|row| row.endpoints == endpoints && east_west(row))
                     .collect(),
             })
             .collect();
@@ -176,6 +195,19 @@ impl Report {
                     first.endpoints
                 ),
                 references: &[Config::HostLimit, Config::HostProxy, Config::HostDnat],
+                rows,
+            });
+        }
+        let rows: Vec<&Summary> = self.summary.iter().filter(|row| egress(row)).collect();
+        if let Some(first) = rows.first() {
+            sections.push(Section {
+                title: format!(
+                    "egress, from a container through the uplink to a server outside that has no \
+                     route back (egress-limit: routed, no bridge, no NAT), {} endpoints on the \
+                     bridge",
+                    first.endpoints
+                ),
+                references: &[Config::EgressDocker, Config::EgressLimit],
                 rows,
             });
         }
@@ -297,6 +329,85 @@ impl Report {
                 out,
                 "{bullet}note: the flood sent less than 90% of its rate in: {}",
                 short.join(", ")
+            );
+        }
+        out
+    }
+
+    /// Egress targets: xbr >= 1.3x docker-like's connections/s, and >= 0.9x the limit on every
+    /// egress workload's rate (higher-is-better metrics).
+    fn egress_findings(&self, bullet: &str) -> String {
+        let mut out = String::new();
+        let verdict = |ratio: f64, target: f64| {
+            if ratio >= target {
+                "met".to_owned()
+            } else {
+                format!("missed by {}", percent((target - ratio) / target))
+            }
+        };
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::EgressXbr.name()
+                && row.workload == Workload::EgressConnections.id()
+        }) {
+            let Some(ratio) = row.vs_docker_like else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}egress-xbr >= 1.3x egress-docker-like, {} {}: {ratio:.2}x ({})",
+                row.workload,
+                row.unit,
+                verdict(ratio, 1.3)
+            );
+        }
+        for row in self.summary.iter().filter(|row| {
+            row.config == Config::EgressXbr.name()
+                && row.better == "higher"
+                && Workload::from_id(&row.workload).is_some_and(Workload::is_egress)
+        }) {
+            let Some(ratio) = row.vs_limit else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}egress-xbr >= 0.9x egress-limit, {} {}: {ratio:.2}x ({})",
+                row.workload,
+                row.unit,
+                verdict(ratio, 0.9)
+            );
+        }
+        // Flows xbr left to the kernel path (which, without a MASQUERADE rule, cannot reach
+        // the outside) and exchanges that failed, per run: within the path check's slack, but
+        // worth knowing.
+        let leaks: Vec<String> = self
+            .samples
+            .iter()
+            .filter(|sample| sample.config == Config::EgressXbr.name())
+            .filter_map(|sample| {
+                let path = &sample.details["path"];
+                let left = path["xbr_egress_kernel"].as_u64().unwrap_or(0);
+                let forwarded = path["kernel_forwarded"].as_u64().unwrap_or(0);
+                let failed = sample.details["failed"].as_u64().unwrap_or(0);
+                let exhausted =
+                    sample.details["xbr_nat"]["events"]["egress_ports_exhausted"].as_u64();
+                (left + forwarded + failed > 0).then(|| {
+                    format!(
+                        "{} round {}: {left} frames left to the kernel, {forwarded} forwarded by \
+                         it, {failed} failed exchanges{}",
+                        sample.workload,
+                        sample.round,
+                        exhausted.map_or_else(String::new, |n| format!(
+                            ", egress_ports_exhausted {n} so far"
+                        ))
+                    )
+                })
+            })
+            .collect();
+        if !leaks.is_empty() {
+            let _ = writeln!(
+                out,
+                "{bullet}note: egress-xbr runs where flows took the kernel path: {}",
+                leaks.join("; ")
             );
         }
         out
@@ -437,6 +548,7 @@ impl Report {
             }
         }
         out.push_str(&self.flood_findings(bullet));
+        out.push_str(&self.egress_findings(bullet));
         if let Some(program) = &self.xbr_program
             && let Some(ns) = program["ns_per_run"].as_f64()
         {

@@ -1,7 +1,7 @@
 //! The bench's results as data: every raw sample, and medians with min-max per configuration
 //! with their ratios against `docker-like` and `limit` (east-west), `dnat` and
-//! `docker-proxy` (published ports), or `host-limit`, `host-proxy` and `host-dnat` (host
-//! clients of a published port). Written out and rendered by report.rs, drawn by chart.rs.
+//! `docker-proxy` (published ports), `host-limit`, `host-proxy` and `host-dnat` (host
+//! clients of a published port), or `egress-docker-like` and `egress-limit` (egress). Written out and rendered by report.rs, drawn by chart.rs.
 
 use std::collections::BTreeMap;
 
@@ -37,7 +37,8 @@ pub struct Summary {
     pub median: f64,
     pub min: f64,
     pub max: f64,
-    /// Median over docker-like's median (and limit's) for the same workload and metric.
+    /// Median over docker-like's median (and limit's) for the same workload and metric (for
+    /// egress: over egress-docker-like's and egress-limit's).
     pub vs_docker_like: Option<f64>,
     pub vs_limit: Option<f64>,
     /// The same over dnat's and docker-proxy's, for the published-port workloads (for the
@@ -52,8 +53,8 @@ impl Summary {
     /// This row's median over REFERENCE's, for one of the references of its section.
     pub fn ratio_to(&self, reference: Config) -> Option<f64> {
         match reference {
-            Config::DockerLike => self.vs_docker_like,
-            Config::Limit | Config::HostLimit => self.vs_limit,
+            Config::DockerLike | Config::EgressDocker => self.vs_docker_like,
+            Config::Limit | Config::HostLimit | Config::EgressLimit => self.vs_limit,
             Config::Dnat | Config::HostDnat => self.vs_dnat,
             Config::DockerProxy | Config::HostProxy => self.vs_docker_proxy,
             _ => None,
@@ -62,8 +63,8 @@ impl Summary {
 
     fn set_ratio(&mut self, reference: Config, ratio: Option<f64>) {
         match reference {
-            Config::DockerLike => self.vs_docker_like = ratio,
-            Config::Limit | Config::HostLimit => self.vs_limit = ratio,
+            Config::DockerLike | Config::EgressDocker => self.vs_docker_like = ratio,
+            Config::Limit | Config::HostLimit | Config::EgressLimit => self.vs_limit = ratio,
             Config::Dnat | Config::HostDnat => self.vs_dnat = ratio,
             Config::DockerProxy | Config::HostProxy => self.vs_docker_proxy = ratio,
             _ => {}
@@ -75,7 +76,7 @@ impl Summary {
 #[cfg(test)]
 pub fn ratio_field(reference: Config) -> &'static str {
     match reference {
-        Config::DockerLike => "vs_docker_like",
+        Config::DockerLike | Config::EgressDocker => "vs_docker_like",
         Config::Dnat | Config::HostDnat => "vs_dnat",
         Config::DockerProxy | Config::HostProxy => "vs_docker_proxy",
         _ => "vs_limit",
@@ -88,6 +89,8 @@ pub fn references(workload: Workload) -> &'static [Config] {
         &[Config::Dnat, Config::DockerProxy]
     } else if workload.is_host() {
         &[Config::HostLimit, Config::HostProxy, Config::HostDnat]
+    } else if workload.is_egress() {
+        &[Config::EgressDocker, Config::EgressLimit]
     } else {
         &[Config::DockerLike, Config::Limit]
     }
@@ -99,6 +102,8 @@ pub fn configs(workload: Workload) -> &'static [Config] {
         &Config::PUBLISHED
     } else if workload.is_host() {
         &Config::HOST
+    } else if workload.is_egress() {
+        &Config::EGRESS
     } else {
         &Config::EAST_WEST
     }

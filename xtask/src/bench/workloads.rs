@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use super::host::{self, CpuTimes};
 use super::peer::{self, ClientKind, ClientReport, RateKind};
 use super::worlds::{
-    HOST_PARALLEL, IPERF3_PORT, Placement, SERVER_IP, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, UPLINK,
-    World, on_cpu,
+    HOST_PARALLEL, IPERF3_PORT, Placement, SOCKPERF_TCP_PORT, SOCKPERF_UDP_PORT, UPLINK, World,
+    on_cpu,
 };
 use crate::cmd::{Captured, Interrupt, Running, run_captured};
 
@@ -37,6 +37,10 @@ pub enum Workload {
     HostConnections,
     HostRequests,
     HostStream,
+    EgressConnections,
+    EgressRr,
+    EgressStream,
+    EgressUdp64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,7 +153,14 @@ impl Workload {
         Workload::HostRequests,
         Workload::HostStream,
     ];
-    pub const ALL: [Workload; 14] = [
+    /// From a container to a server outside, in the egress configurations.
+    pub const EGRESS: [Workload; 4] = [
+        Workload::EgressConnections,
+        Workload::EgressRr,
+        Workload::EgressStream,
+        Workload::EgressUdp64,
+    ];
+    pub const ALL: [Workload; 18] = [
         Workload::TcpOneStream,
         Workload::TcpTwoStreams,
         Workload::UdpPps,
@@ -164,6 +175,10 @@ impl Workload {
         Workload::HostConnections,
         Workload::HostRequests,
         Workload::HostStream,
+        Workload::EgressConnections,
+        Workload::EgressRr,
+        Workload::EgressStream,
+        Workload::EgressUdp64,
     ];
 
     pub fn id(self) -> &'static str {
@@ -182,6 +197,10 @@ impl Workload {
             Workload::HostConnections => "host-connections",
             Workload::HostRequests => "host-requests",
             Workload::HostStream => "host-stream",
+            Workload::EgressConnections => "egress-connections",
+            Workload::EgressRr => "egress-rr",
+            Workload::EgressStream => "egress-stream",
+            Workload::EgressUdp64 => "egress-udp64",
         }
     }
 
@@ -219,6 +238,13 @@ impl Workload {
                 "host client, TCP requests to 127.0.0.1:8080, 64 B each way, one connection"
             }
             Workload::HostStream => "host client, one TCP stream to 127.0.0.1:8080",
+            Workload::EgressConnections => {
+                "egress, TCP connections from a container to a server outside: connect, 64 B \
+                 request, response, close"
+            }
+            Workload::EgressRr => "egress, sockperf ping-pong TCP from a container to outside",
+            Workload::EgressStream => "egress, iperf3 TCP, 1 stream from a container to outside",
+            Workload::EgressUdp64 => "egress, iperf3 UDP 64 B from a container to outside",
         }
     }
 
@@ -235,6 +261,10 @@ impl Workload {
             Workload::HostConnections => &[CONNECTIONS],
             Workload::HostRequests => &[REQUESTS],
             Workload::HostStream => &[GBIT],
+            Workload::EgressConnections => &[CONNECTIONS],
+            Workload::EgressRr => &ROUND_TRIPS,
+            Workload::EgressStream => &[GBIT],
+            Workload::EgressUdp64 => &UDP_RATES,
         }
     }
 
@@ -244,6 +274,10 @@ impl Workload {
 
     pub fn is_host(self) -> bool {
         Workload::HOST.contains(&self)
+    }
+
+    pub fn is_egress(self) -> bool {
+        Workload::EGRESS.contains(&self)
     }
 
     /// Attaching is xbr's alone; traffic runs in every configuration.
@@ -295,6 +329,10 @@ pub fn run(
         Workload::HostConnections => host_client(world, ClientKind::Connections, load, interrupt),
         Workload::HostRequests => host_client(world, ClientKind::Requests, load, interrupt),
         Workload::HostStream => host_client(world, ClientKind::Stream, load, interrupt),
+        Workload::EgressConnections => rate(world, RateKind::Connections, load, interrupt),
+        Workload::EgressRr => sockperf(world, true, load, interrupt),
+        Workload::EgressStream => tcp(world, 1, load, interrupt),
+        Workload::EgressUdp64 => udp_pps(world, load, interrupt),
     }
 }
 
@@ -547,17 +585,10 @@ fn metrics(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
 /// `iperf3 -c` in the world's client namespace, on the client CPU, with a JSON report.
 fn iperf3_client(world: &World, args: &[String], seconds: u32, load: &Load) -> Command {
     let port = IPERF3_PORT.to_string();
+    let server = world.server_ip.to_string();
     let mut client = on_cpu(&world.client_netns, load.placement.client_cpu, "iperf3");
     client
-        .args([
-            "-c",
-            SERVER_IP,
-            "-p",
-            &port,
-            "-J",
-            "-t",
-            &seconds.to_string(),
-        ])
+        .args(["-c", &server, "-p", &port, "-J", "-t", &seconds.to_string()])
         .args(args);
     client
 }
@@ -816,11 +847,12 @@ fn sockperf(
         if tcp { "TCP" } else { "UDP" },
         world.config.name()
     );
+    let server = world.server_ip.to_string();
     let mut client = on_cpu(&world.client_netns, load.placement.client_cpu, "sockperf");
     client.args([
         "ping-pong",
         "-i",
-        SERVER_IP,
+        &server,
         "-p",
         &port.to_string(),
         "-m",

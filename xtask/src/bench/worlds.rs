@@ -7,7 +7,11 @@
 //! four more labs where a client in the lab's host namespace connects to 127.0.0.1:8080 -
 //! served by docker-proxy, by Docker's DNAT with `--userland-proxy=false`, by xbr's socket
 //! hooks (the client in a cgroup the bench makes), or, the limit, dialling the container
-//! itself. Everything made here is removed again on every way out.
+//! itself. Egress: a container's connections to a server outside, behind the uplink, which has
+//! no route back to the containers - source-NATed by Docker's MASQUERADE (egress-docker-like)
+//! or by xbr's datapath with no MASQUERADE rule at all (egress-xbr), against a routed limit
+//! without bridge, NAT or netfilter (egress-limit). Everything made here is removed again on
+//! every way out.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
@@ -82,6 +86,9 @@ pub enum Config {
     HostProxy,
     HostDnat,
     HostXbr,
+    EgressLimit,
+    EgressDocker,
+    EgressXbr,
 }
 
 impl Config {
@@ -106,7 +113,10 @@ impl Config {
         Config::HostDnat,
         Config::HostXbr,
     ];
-    pub const ALL: [Config; 12] = [
+    /// Egress: a container's connections to a server outside, source-NATed to the uplink's
+    /// address (the limit routes them, un-NATed, with no netfilter at all).
+    pub const EGRESS: [Config; 3] = [Config::EgressLimit, Config::EgressDocker, Config::EgressXbr];
+    pub const ALL: [Config; 15] = [
         Config::Limit,
         Config::Bridge,
         Config::DockerLike,
@@ -119,6 +129,9 @@ impl Config {
         Config::HostProxy,
         Config::HostDnat,
         Config::HostXbr,
+        Config::EgressLimit,
+        Config::EgressDocker,
+        Config::EgressXbr,
     ];
 
     pub fn name(self) -> &'static str {
@@ -135,6 +148,9 @@ impl Config {
             Config::HostProxy => "host-proxy",
             Config::HostDnat => "host-dnat",
             Config::HostXbr => "host-xbr",
+            Config::EgressLimit => "egress-limit",
+            Config::EgressDocker => "egress-docker-like",
+            Config::EgressXbr => "egress-xbr",
         }
     }
 
@@ -147,12 +163,18 @@ impl Config {
         Config::HOST.contains(&self)
     }
 
+    /// A lab whose client is a container talking to a server outside, behind the uplink.
+    pub fn is_egress(self) -> bool {
+        Config::EGRESS.contains(&self)
+    }
+
     /// Whether a run must show, in the counters, that it took the path it measures: every
-    /// published port, and xbr between containers. (The bridge's witness is an nftables
+    /// published port, xbr between containers, and every egress world (which path carried it
+    /// is the whole comparison there: the kernel's forwarding, or xbr's). (The bridge's witness is an nftables
     /// counter in its forward hook: in the xbr world the fast path never reaches it, in
     /// `bridge` and `docker-like` it would add a rule to the very path they measure.)
     pub fn path_checked(self) -> bool {
-        self.is_published() || self == Config::Xbr || self.is_host()
+        self.is_published() || self == Config::Xbr || self.is_host() || self.is_egress()
     }
 
     /// How xbr's uplink is hooked in the configurations that attach it for published ports.
@@ -212,13 +234,28 @@ impl Config {
                  127.0.0.1:8080:CONTAINER:80`, the client in DIR (a cgroup the bench makes): \
                  its socket is pointed at the container at connect(), docker-proxy stays idle"
             }
+            Config::EgressLimit => {
+                "a container's veth routed by the host namespace without a bridge (the host's \
+                 end has the gateway address), out of the uplink to a server outside that has \
+                 a route back to the containers: no NAT, no netfilter, no conntrack"
+            }
+            Config::EgressDocker => {
+                "a container on the bridge with Docker's netfilter setup talks to a server \
+                 outside, behind the uplink, which has no route back to the containers: \
+                 Docker's MASQUERADE (conntrack) source-NATs it, FORWARD accepts it"
+            }
+            Config::EgressXbr => {
+                "egress-docker-like without the MASQUERADE rule, after `xbr attach br0 --uplink \
+                 uplink0 --masquerade`: xbr's datapath source-NATs the container's flows to the \
+                 uplink's address, past netfilter and conntrack"
+            }
         }
     }
 
     /// The lab's name suffix; `limit` is no lab.
     fn lab_suffix(self) -> Option<&'static str> {
         match self {
-            Config::Limit => None,
+            Config::Limit | Config::EgressLimit => None,
             Config::Bridge => Some("bridge"),
             Config::DockerLike => Some("docker"),
             Config::Xbr => Some("xbr"),
@@ -230,6 +267,8 @@ impl Config {
             Config::HostProxy => Some("hproxy"),
             Config::HostDnat => Some("hdnat"),
             Config::HostXbr => Some("hxbr"),
+            Config::EgressDocker => Some("edocker"),
+            Config::EgressXbr => Some("exbr"),
         }
     }
 }
@@ -239,10 +278,13 @@ pub struct World {
     pub config: Config,
     pub client_netns: String,
     pub server_netns: String,
-    /// The namespace holding the bridge; None for `limit`.
+    /// The namespace holding the bridge (egress-limit: the router); None for `limit`.
     pub host_netns: Option<String>,
+    /// The server's address: a container's, or for egress the outside namespace's.
+    pub server_ip: Ipv4Addr,
     /// Where the client connects in the published-port worlds: the host's port 8080 (for
-    /// host clients 127.0.0.1:8080, or the container in host-limit).
+    /// host clients 127.0.0.1:8080, or the container in host-limit); in the egress worlds the
+    /// echo server outside.
     pub published: Option<SocketAddr>,
     /// The cgroup the host client runs in (host-xbr: the one xbr's socket hooks serve).
     pub cgroup: Option<PathBuf>,
@@ -328,8 +370,8 @@ pub struct Worlds {
     interrupt: Interrupt,
     processes: Processes,
     pub worlds: Vec<World>,
-    /// Set before the step that might leave something behind.
-    limit_made: bool,
+    /// Namespaces made with `ip netns add` (the limits), recorded before they are made.
+    netns_made: Vec<String>,
     labs_up: Vec<PathBuf>,
     /// Host namespaces of the labs xbr is attached in.
     attached: Vec<String>,
@@ -359,7 +401,7 @@ impl Worlds {
             interrupt: interrupt.clone(),
             processes: Processes::default(),
             worlds: Vec::new(),
-            limit_made: false,
+            netns_made: Vec::new(),
             labs_up: Vec::new(),
             attached: Vec::new(),
             notes: Vec::new(),
@@ -401,6 +443,7 @@ impl Worlds {
             Config::XbrNat,
             Config::XbrNatXdp,
             Config::HostXbr,
+            Config::EgressXbr,
         ] {
             let lab = self
                 .lab_name(config)
@@ -424,21 +467,35 @@ impl Worlds {
         Ok(leftovers.len())
     }
 
-    /// Builds every world with ENDPOINTS containers on each bridge, attaches xbr, publishes
-    /// the port, and starts the servers. STEP is told what is being built.
-    pub fn build(&mut self, endpoints: usize, step: &dyn Fn(&str)) -> anyhow::Result<()> {
+    /// Builds CONFIGS' worlds (in the order of `Config::ALL`) with ENDPOINTS containers on
+    /// each bridge, attaches xbr, publishes the port, and starts the servers. STEP is told what
+    /// is being built.
+    pub fn build(
+        &mut self,
+        endpoints: usize,
+        configs: &[Config],
+        step: &dyn Fn(&str),
+    ) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.lab_dir)
             .with_context(|| format!("creating {}", self.lab_dir.display()))?;
-        for config in Config::ALL {
+        for config in Config::ALL.into_iter().filter(|c| configs.contains(c)) {
             self.interrupt.check()?;
             step(&format!("building {}", config.name()));
             let world = match config {
                 Config::Limit => self.build_limit()?,
+                Config::EgressLimit => self.build_egress_limit()?,
                 _ => self.build_lab(config, endpoints)?,
             };
             self.worlds.push(world);
             match config {
-                Config::Limit => {}
+                Config::Limit | Config::EgressLimit => {}
+                Config::EgressDocker => self.docker_netfilter(config)?,
+                Config::EgressXbr => {
+                    self.docker_netfilter(config)?;
+                    self.without_masquerade(config)?;
+                    self.attach_masquerade(config)?;
+                    self.check_egress_accelerated(config)?;
+                }
                 Config::Bridge => self.plain_bridge()?,
                 Config::DockerLike => self.docker_netfilter(Config::DockerLike)?,
                 Config::Xbr => {
@@ -485,14 +542,118 @@ impl Worlds {
         Ok(())
     }
 
+    /// Whether CONFIG's world was built (`build` builds those of the workloads that run).
+    pub fn has(&self, config: Config) -> bool {
+        self.worlds.iter().any(|world| world.config == config)
+    }
+
+    /// `ip netns add NETNS`, recorded first so that teardown removes it whatever follows.
+    fn add_netns(&mut self, netns: &str, config: Config) -> anyhow::Result<()> {
+        self.netns_made.push(netns.to_owned());
+        cmd::run(
+            Command::new("ip").args(["netns", "add", netns]),
+            &format!("creating namespace {netns} for `{}`", config.name()),
+        )
+    }
+
+    fn egress_limit_netns(&self) -> [String; 3] {
+        ["a", "host", "out"].map(|part| format!("{}-elimit-{part}", self.prefix))
+    }
+
+    /// egress-limit: the container's veth peer in a router namespace, no bridge (its end has
+    /// the gateway address, the container's default route points there), the router's uplink0
+    /// to eth0 in an outside namespace that routes the containers' subnet back through it.
+    /// No NAT, no netfilter rule, no conntrack: the lab builder has no such topology, so it is
+    /// made with `ip` like `limit`.
+    fn build_egress_limit(&mut self) -> anyhow::Result<World> {
+        let config = Config::EgressLimit;
+        let [client, host, outside] = self.egress_limit_netns();
+        for netns in [&client, &host, &outside] {
+            self.add_netns(netns, config)?;
+        }
+        let ip = |netns: &str, args: &[&str]| {
+            cmd::run(
+                Command::new("ip").args(["-n", netns]).args(args),
+                &format!("`ip {}` in {netns} (`{}`)", args.join(" "), config.name()),
+            )
+        };
+        let client_mac = mac(2).to_string();
+        let client_address = format!("{CLIENT_IP}/{PREFIX_LEN}");
+        let gateway = BRIDGE_ADDRESS.addr.to_string();
+        let gateway_address = BRIDGE_ADDRESS.to_string();
+        let uplink_address = UPLINK_HOST_ADDRESS.to_string();
+        let outside_address = OUTSIDE_ADDRESS.to_string();
+        let uplink_ip = UPLINK_HOST_IP.to_string();
+        let steps: [(&str, &[&str]); 15] = [
+            (
+                &client,
+                &[
+                    "link",
+                    "add",
+                    "eth0",
+                    "address",
+                    &client_mac,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "veth-a",
+                    "netns",
+                    &host,
+                ],
+            ),
+            (&client, &["addr", "add", &client_address, "dev", "eth0"]),
+            (&client, &["link", "set", "eth0", "up"]),
+            (&client, &["link", "set", "lo", "up"]),
+            (&client, &["route", "add", "default", "via", &gateway]),
+            (&host, &["addr", "add", &gateway_address, "dev", "veth-a"]),
+            (&host, &["link", "set", "veth-a", "up"]),
+            (&host, &["link", "set", "lo", "up"]),
+            (
+                &host,
+                &[
+                    "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns",
+                    &outside,
+                ],
+            ),
+            (&host, &["addr", "add", &uplink_address, "dev", UPLINK]),
+            (&host, &["link", "set", UPLINK, "up"]),
+            (&outside, &["addr", "add", &outside_address, "dev", "eth0"]),
+            (&outside, &["link", "set", "eth0", "up"]),
+            (&outside, &["link", "set", "lo", "up"]),
+            (&outside, &["route", "add", SUBNET, "via", &uplink_ip]),
+        ];
+        for (netns, args) in steps {
+            ip(netns, args)?;
+        }
+        set_sysctl(&host, "net.ipv4.ip_forward", "1")?;
+        let ruleset = cmd::output(
+            cmd::in_netns(&host, "nft").args(["list", "ruleset"]),
+            &format!("listing the nftables ruleset of {host}"),
+        )?;
+        if !ruleset.trim().is_empty() {
+            bail!(
+                "{host} should have no netfilter rules, it has: {}",
+                ruleset.trim()
+            );
+        }
+        Ok(World {
+            config,
+            client_netns: client,
+            server_netns: outside,
+            host_netns: Some(host),
+            server_ip: OUTSIDE_ADDRESS.addr,
+            published: Some(SocketAddr::from((OUTSIDE_ADDRESS.addr, ECHO_PORT))),
+            cgroup: None,
+            lab: None,
+            servers: Servers::default(),
+        })
+    }
+
     fn build_limit(&mut self) -> anyhow::Result<World> {
         let [client, server] = self.limit_netns();
-        self.limit_made = true;
         for netns in [&client, &server] {
-            cmd::run(
-                Command::new("ip").args(["netns", "add", netns]),
-                &format!("creating namespace {netns} for `limit`"),
-            )?;
+            self.add_netns(netns, Config::Limit)?;
         }
         let ip = |netns: &str, args: &[&str], doing: &str| {
             cmd::run(
@@ -535,6 +696,7 @@ impl Worlds {
             client_netns: client,
             server_netns: server,
             host_netns: None,
+            server_ip: SERVER_IP.parse()?,
             published: None,
             cgroup: None,
             lab: None,
@@ -548,7 +710,8 @@ impl Worlds {
         // Host clients' labs have the uplink a Docker host has too (xbr's socket hooks serve a
         // published port only where its policy lets it take the fast path, and that policy is
         // about connections arriving from the uplink), but their client is on the host.
-        let uplink = config.is_published() || config.is_host();
+        // Egress labs have it for their server, outside.
+        let uplink = config.is_published() || config.is_host() || config.is_egress();
         write_lab_file(&file, &name, endpoints, uplink)?;
         self.labs_up.push(file.clone());
         self.xbr(&["lab", "up", &file.display().to_string()])?;
@@ -558,14 +721,25 @@ impl Worlds {
             // the host namespace.
             client_netns: if config.is_host() {
                 lab::host_netns(&name)
-            } else if uplink {
+            } else if uplink && !config.is_egress() {
                 lab::outside_netns(&name)
             } else {
                 lab::container_netns(&name, CLIENT)
             },
-            server_netns: lab::container_netns(&name, SERVER),
+            server_netns: if config.is_egress() {
+                lab::outside_netns(&name)
+            } else {
+                lab::container_netns(&name, SERVER)
+            },
             host_netns: Some(lab::host_netns(&name)),
-            published: if config == Config::HostLimit {
+            server_ip: if config.is_egress() {
+                OUTSIDE_ADDRESS.addr
+            } else {
+                SERVER_IP.parse()?
+            },
+            published: if config.is_egress() {
+                Some(SocketAddr::from((OUTSIDE_ADDRESS.addr, ECHO_PORT)))
+            } else if config == Config::HostLimit {
                 Some(SocketAddr::from((
                     SERVER_IP.parse::<Ipv4Addr>()?,
                     ECHO_PORT,
@@ -590,7 +764,7 @@ impl Worlds {
             self.interrupt.check()?;
             let world = &self.worlds[index];
             let Some(lab) = &world.lab else { continue };
-            if world.config.is_published() || world.config.is_host() {
+            if world.config.is_published() || world.config.is_host() || world.config.is_egress() {
                 continue;
             }
             step(&format!(
@@ -633,6 +807,73 @@ impl Worlds {
             &docker_ruleset(BRIDGE),
             &doing,
         )?;
+        Ok(())
+    }
+
+    /// Takes Docker's MASQUERADE rule out of CONFIG's nat table again, and makes sure no
+    /// masquerade or SNAT is left anywhere in its namespace (iptables or nft): xbr's is then the
+    /// only source NAT there, and a flow that missed it cannot reach the server outside, which
+    /// has no route back to the containers.
+    fn without_masquerade(&mut self, config: Config) -> anyhow::Result<()> {
+        let host = self.host(config);
+        let rule = format!("-t nat -D POSTROUTING -s {SUBNET} ! -o {BRIDGE} -j MASQUERADE");
+        cmd::run(
+            cmd::in_netns(&host, "iptables").args(rule.split_whitespace()),
+            &format!("removing Docker's rule `iptables {rule}` in {host}"),
+        )?;
+        let ruleset = cmd::output(
+            cmd::in_netns(&host, "nft").args(["list", "ruleset"]),
+            &format!("listing the nftables ruleset of {host}"),
+        )?;
+        let lower = ruleset.to_lowercase();
+        if lower.contains("masquerade") || lower.contains("snat") {
+            bail!(
+                "{host} still has a source NAT after removing Docker's MASQUERADE rule: {}",
+                ruleset.trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// `xbr -n HOST attach br0 --uplink uplink0 --masquerade`: xbr source-NATs the bridge's
+    /// containers' new flows out of the uplink to the uplink's address.
+    fn attach_masquerade(&mut self, config: Config) -> anyhow::Result<()> {
+        let host = self.host(config);
+        self.mark_attached(&host);
+        self.xbr(&[
+            "-n",
+            &host,
+            "attach",
+            BRIDGE,
+            "--uplink",
+            UPLINK,
+            "--uplink-mode",
+            "tc",
+            "--masquerade",
+            "--no-socket-hooks",
+            "--docker",
+            "off",
+        ])?;
+        Ok(())
+    }
+
+    /// Says so, with xbr's reason, when xbr leaves CONFIG's egress on the kernel path: every
+    /// run would then fail its path check, and the reason is what to look at.
+    fn check_egress_accelerated(&self, config: Config) -> anyhow::Result<()> {
+        let host = self.host(config);
+        let printed = self.xbr(&["-n", &host, "status", BRIDGE, "--json"])?;
+        let status: Value =
+            serde_json::from_str(&printed).context("`xbr status --json` printed no JSON")?;
+        let egress = &status["bridges"][0]["egress"];
+        if egress["accelerated"] != true {
+            bail!(
+                "xbr leaves {}'s egress on the kernel path: {}",
+                config.name(),
+                egress["reason"]
+                    .as_str()
+                    .map_or_else(|| egress.to_string(), str::to_owned)
+            );
+        }
         Ok(())
     }
 
@@ -875,6 +1116,9 @@ impl Worlds {
         if config == Config::Xbr {
             return self.east_west_counters();
         }
+        if config.is_egress() {
+            return self.egress_counters(config);
+        }
         let host = self.host(config);
         let listing = cmd::output(
             cmd::in_netns(&host, "iptables").args(["-t", "nat", "-L", "DOCKER", "-v", "-x", "-n"]),
@@ -951,6 +1195,38 @@ impl Worlds {
             sent,
             xbr_redirected: self.verdicts(Config::Xbr)?.count("redirected")?,
             bridge_forwarded_ipv4: witness.read()?.ipv4,
+            ..PathCounters::default()
+        })
+    }
+
+    /// An egress world's counters (see `PathCounters`).
+    fn egress_counters(&self, config: Config) -> anyhow::Result<PathCounters> {
+        let world = self.get(config);
+        let host = self.host(config);
+        let (xbr_egress_out, xbr_egress_in, xbr_egress_kernel) = if config == Config::EgressXbr {
+            let verdicts = self.verdicts(config)?;
+            (
+                verdicts.count("egress_out")?,
+                verdicts.count("egress_in")?,
+                verdicts.count("egress_kernel")?,
+            )
+        } else {
+            (0, 0, 0)
+        };
+        Ok(PathCounters {
+            egress_sent: host::link_packets(&world.client_netns, "eth0")?.tx,
+            egress_replies: host::link_packets(&world.server_netns, "eth0")?.tx,
+            forwarded: host::ip_forwarded(&host)?,
+            // The limit's namespace has no nat table, and listing one must not make it.
+            masqueraded: if config == Config::EgressLimit {
+                0
+            } else {
+                masquerade_packets(&host)?
+            },
+            conntrack_entries: host::conntrack_entries(&host)?,
+            xbr_egress_out,
+            xbr_egress_in,
+            xbr_egress_kernel,
             ..PathCounters::default()
         })
     }
@@ -1051,9 +1327,12 @@ impl Worlds {
         let netns = self.worlds[index].server_netns.clone();
         let cpu = self.placement.server_cpu;
         let name = config.name();
-        if config.is_published() || config.is_host() {
+        let server_ip = self.worlds[index].server_ip.to_string();
+        // Egress worlds have both: the echo server for connections, iperf3 and sockperf for
+        // the rest, all outside.
+        if config.is_published() || config.is_host() || config.is_egress() {
             let cpu = self.placement.published_cpu;
-            let address = SocketAddr::from((SERVER_IP.parse::<Ipv4Addr>()?, ECHO_PORT));
+            let address = SocketAddr::from((self.worlds[index].server_ip, ECHO_PORT));
             let acceptors = if config.is_host() { HOST_PARALLEL } else { 1 };
             self.worlds[index].servers.echo =
                 Some(EchoServer::start(&netns, address, cpu, acceptors)?);
@@ -1085,12 +1364,14 @@ impl Worlds {
                 )?;
                 self.worlds[index].servers.docker_proxy = Some(pid);
             }
-            return Ok(());
+            if !config.is_egress() {
+                return Ok(());
+            }
         }
         let port = IPERF3_PORT.to_string();
         let iperf3 = self.start_server(
             &format!("the iperf3 server of {name}"),
-            on_cpu(&netns, cpu, "iperf3").args(["-s", "-B", SERVER_IP, "-p", &port]),
+            on_cpu(&netns, cpu, "iperf3").args(["-s", "-B", &server_ip, "-p", &port]),
             &netns,
             "tcp",
             IPERF3_PORT,
@@ -1100,7 +1381,7 @@ impl Worlds {
         for (proto, port) in [("udp", SOCKPERF_UDP_PORT), ("tcp", SOCKPERF_TCP_PORT)] {
             let port_text = port.to_string();
             let mut command = on_cpu(&netns, cpu, "sockperf");
-            command.args(["server", "-i", SERVER_IP, "-p", &port_text]);
+            command.args(["server", "-i", &server_ip, "-p", &port_text]);
             if proto == "tcp" {
                 command.arg("--tcp");
             }
@@ -1200,16 +1481,14 @@ impl Worlds {
         {
             errors.push(format!("{error:#}"));
         }
-        if std::mem::take(&mut self.limit_made) {
-            for netns in self.limit_netns() {
-                if Path::new("/run/netns").join(&netns).exists()
-                    && let Err(error) = cmd::run(
-                        Command::new("ip").args(["netns", "delete", &netns]),
-                        &format!("removing namespace {netns}"),
-                    )
-                {
-                    errors.push(format!("{error:#}"));
-                }
+        for netns in std::mem::take(&mut self.netns_made) {
+            if Path::new("/run/netns").join(&netns).exists()
+                && let Err(error) = cmd::run(
+                    Command::new("ip").args(["netns", "delete", &netns]),
+                    &format!("removing namespace {netns}"),
+                )
+            {
+                errors.push(format!("{error:#}"));
             }
         }
         if !errors.is_empty() {
@@ -1252,6 +1531,21 @@ pub struct PathCounters {
     pub sent: u64,
     pub xbr_redirected: u64,
     pub bridge_forwarded_ipv4: u64,
+    /// Egress: frames the container sent from its eth0 (each crosses xbr's program on its
+    /// port) and the server outside sent from its eth0 (each crosses the uplink's), IPv4
+    /// datagrams the host namespace forwarded itself (Ip ForwDatagrams: the kernel's path,
+    /// whatever netfilter does), packets of Docker's MASQUERADE rule (the first of each
+    /// connection it translates), conntrack entries in the host namespace, and xbr's
+    /// `egress_out` and `egress_in` verdicts, and `egress_kernel` (frames of flows xbr left to
+    /// the kernel path: no free port, no room).
+    pub egress_sent: u64,
+    pub egress_replies: u64,
+    pub forwarded: u64,
+    pub masqueraded: u64,
+    pub conntrack_entries: u64,
+    pub xbr_egress_out: u64,
+    pub xbr_egress_in: u64,
+    pub xbr_egress_kernel: u64,
 }
 
 /// One bridge's verdicts from `xbr stats --json`.
@@ -1290,6 +1584,29 @@ fn docker_proxy(netns: &str) -> anyhow::Result<Command> {
         });
     }
     Ok(command)
+}
+
+/// Packets of the MASQUERADE rules in NETNS's nat POSTROUTING chain (0 when it has none, or no
+/// nat table at all).
+fn masquerade_packets(netns: &str) -> anyhow::Result<u64> {
+    let listing = cmd::output(
+        cmd::in_netns(netns, "iptables-save").args(["-c", "-t", "nat"]),
+        &format!("reading the nat table's counters in {netns}"),
+    )?;
+    Ok(masquerade_packets_in(&listing))
+}
+
+/// The packet counts of `[PACKETS:BYTES] -A POSTROUTING ... -j MASQUERADE` lines of
+/// `iptables-save -c`.
+fn masquerade_packets_in(listing: &str) -> u64 {
+    listing
+        .lines()
+        .filter(|line| line.contains("-A POSTROUTING") && line.contains("-j MASQUERADE"))
+        .filter_map(|line| {
+            let counters = line.strip_prefix('[')?.split(']').next()?;
+            counters.split(':').next()?.parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
@@ -1459,6 +1776,18 @@ mod tests {
         assert_eq!(uplink.host_address.to_string(), "10.78.0.1/24");
         assert_eq!(published.containers.len(), 10);
         assert!(bench_lab("xb-xbr", 10, false).uplink.is_none());
+    }
+
+    #[test]
+    fn masquerade_packets_are_read_from_iptables_save() {
+        let listing = "*nat\n\
+            :POSTROUTING ACCEPT [12:720]\n\
+            [7:420] -A POSTROUTING -s 10.77.0.0/16 ! -o br0 -j MASQUERADE\n\
+            [3:180] -A POSTROUTING -s 10.77.0.3/32 -d 10.77.0.3/32 -p tcp -m tcp --dport 80 -j MASQUERADE\n\
+            [9:540] -A DOCKER -i br0 -j RETURN\n\
+            COMMIT\n";
+        assert_eq!(masquerade_packets_in(listing), 10);
+        assert_eq!(masquerade_packets_in("*nat\nCOMMIT\n"), 0);
     }
 
     #[test]
