@@ -36,8 +36,12 @@ use crate::{
 
 /// `AF_INET`, the FIB lookup's family.
 const AF_INET: u8 = 2;
-/// How many random ports a new flow tries before it is left to the kernel path.
+/// How many random ports a new flow tries (after its own) before it is left to the kernel
+/// path.
 const PORT_TRIES: u32 = 8;
+/// Below it, the well-known ports: a source port there is never kept (as the kernel's
+/// MASQUERADE maps them elsewhere too) nor given.
+const FIRST_PORT: u16 = 1024;
 
 /// A frame a container sent on bridge port `port` that is no NATed connection's: the first
 /// frame of a new outbound flow, if egress takes it.
@@ -233,10 +237,22 @@ fn create(ctx: &TcContext, segment: &Segment, port: u32, route: &Route, ports: &
         src_port: key.dst_port,
         dst_port: [0; 2],
     };
+    // The container's own source port first, as the kernel's MASQUERADE keeps it: a
+    // container that opens the same connection again (its port reused, the server's side
+    // still in TIME_WAIT) then meets the server on the same tuple as before, with timestamps
+    // that follow on. Another container's flow on that tuple would be refused by the server's
+    // PAWS check.
     let mut free = None;
-    for _ in 0..PORT_TRIES {
-        // SAFETY: a BPF helper without arguments.
-        reply_key.dst_port = ports.nth(unsafe { bpf_get_prandom_u32() }).to_be_bytes();
+    for attempt in 0..=PORT_TRIES {
+        reply_key.dst_port = if attempt == 0 {
+            key.src_port
+        } else {
+            // SAFETY: a BPF helper without arguments.
+            ports.nth(unsafe { bpf_get_prandom_u32() }).to_be_bytes()
+        };
+        if attempt == 0 && u16::from_be_bytes(key.src_port) < FIRST_PORT {
+            continue;
+        }
         free = port_is_free(&reply_key);
         if free.is_some() && !local_socket_takes(ctx, &reply_key) {
             break;

@@ -31,6 +31,9 @@ const REQUEST_TIMEOUT_SECS: u64 = 10;
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 const MASQUERADE_OPTION: &str = "com.docker.network.bridge.enable_ip_masquerade";
+/// Docker 27+: `nat` (the default) and `nat-unprotected` masquerade; `routed` sends the
+/// containers' own addresses out, `isolated` nothing at all.
+const GATEWAY_MODE_OPTION: &str = "com.docker.network.bridge.gateway_mode_ipv4";
 
 /// `xbr attach --docker`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -104,7 +107,8 @@ pub fn network_view(network: &Network) -> Option<NetworkView> {
         name,
         bridge,
         icc: option(ICC_OPTION).is_none_or(parse_docker_bool),
-        masquerade: option(MASQUERADE_OPTION).is_none_or(parse_docker_bool),
+        masquerade: option(MASQUERADE_OPTION).is_none_or(parse_docker_bool)
+            && option(GATEWAY_MODE_OPTION).is_none_or(|mode| mode.starts_with("nat")),
         internal: network.internal.unwrap_or(false),
     })
 }
@@ -648,6 +652,48 @@ mod tests {
             ],
             "the host network has no bridge"
         );
+    }
+
+    #[test]
+    fn a_network_masquerades_unless_internal_or_told_not_to() {
+        let view = |json: &str| network_view(&serde_json::from_str(json).unwrap()).unwrap();
+        let default = view(r#"{"Name": "a", "Id": "a1", "Driver": "bridge"}"#);
+        assert!(default.masquerade && !default.internal);
+        let internal = view(r#"{"Name": "b", "Id": "b1", "Driver": "bridge", "Internal": true}"#);
+        assert!(internal.internal);
+        for (option, value, masquerades) in [
+            (
+                "com.docker.network.bridge.enable_ip_masquerade",
+                "false",
+                false,
+            ),
+            (
+                "com.docker.network.bridge.enable_ip_masquerade",
+                "true",
+                true,
+            ),
+            (
+                "com.docker.network.bridge.gateway_mode_ipv4",
+                "routed",
+                false,
+            ),
+            (
+                "com.docker.network.bridge.gateway_mode_ipv4",
+                "isolated",
+                false,
+            ),
+            ("com.docker.network.bridge.gateway_mode_ipv4", "nat", true),
+            (
+                "com.docker.network.bridge.gateway_mode_ipv4",
+                "nat-unprotected",
+                true,
+            ),
+        ] {
+            let network = view(&format!(
+                r#"{{"Name": "c", "Id": "c1", "Driver": "bridge", "Options": {{"{option}": "{value}"}}}}"#
+            ));
+            assert_eq!(network.masquerade, masquerades, "{option}={value}");
+        }
     }
 
     #[test]

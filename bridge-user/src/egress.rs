@@ -152,8 +152,9 @@ pub fn decide(facts: &Facts) -> Egress {
             ..
         } if !masquerade => {
             return Egress::Kernel(format!(
-                "Docker network {network} has enable_ip_masquerade=false: its containers' \
-                 addresses are routed as they are"
+                "Docker network {network} does not masquerade (enable_ip_masquerade=false, or \
+                 gateway_mode_ipv4 routed or isolated): its containers' addresses are routed as \
+                 they are"
             ));
         }
         _ => {}

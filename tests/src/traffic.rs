@@ -119,15 +119,17 @@ pub fn who_are_you_server(ns: &NetNs, address: Ipv4Addr, port: u16) {
 }
 
 /// Connects from `client` to a `who_are_you_server` at `to`: where the server saw the
-/// connection come from.
-pub fn seen_as(client: &NetNs, to: SocketAddr) -> std::io::Result<SocketAddr> {
+/// connection come from, and the client's own address (what a source NAT changed).
+pub fn seen_as(client: &NetNs, to: SocketAddr) -> std::io::Result<(SocketAddr, SocketAddr)> {
     let mut stream = client
         .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
         .unwrap()?;
+    let local = stream.local_addr()?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
-    answer
+    let seen = answer
         .parse()
-        .map_err(|e| std::io::Error::other(format!("answer {answer:?}: {e}")))
+        .map_err(|e| std::io::Error::other(format!("answer {answer:?}: {e}")))?;
+    Ok((seen, local))
 }

@@ -238,7 +238,10 @@ fn a_tcp_connection_out_is_translated_both_ways_byte_for_byte() {
             let (code, sent) = datapath.run(PORT_PROGRAM, &syn).unwrap();
             assert_eq!(code, TC_ACT_REDIRECT, "the SYN leaves by the uplink");
             let nat = nat_port(&datapath, IPPROTO_TCP, CONTAINER_PORT);
-            assert!((61000..=65535).contains(&nat), "{nat}");
+            assert_eq!(
+                nat, CONTAINER_PORT,
+                "the container's own port, free, is kept"
+            );
             assert_frame(
                 "SYN out",
                 &sent,
@@ -358,14 +361,16 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
     routes
         .netns
         .run(|| {
-            // One port to give: the first flow to the server takes it.
+            // One port to give: the first flow to the server takes it. (Source ports below
+            // 1024 are never kept: these flows need one of the range.)
             let mut datapath = egress_datapath(&routes, 61000, 61000);
             let syn = |port| tcp(&out(port), "S", 1000, 0, &[]);
             assert_eq!(
-                datapath.run(PORT_PROGRAM, &syn(40000)).unwrap().0,
+                datapath.run(PORT_PROGRAM, &syn(800)).unwrap().0,
                 TC_ACT_REDIRECT
             );
-            let second = syn(40001);
+            assert_eq!(nat_port(&datapath, IPPROTO_TCP, 800), 61000);
+            let second = syn(801);
             let (code, passed) = datapath.run(PORT_PROGRAM, &second).unwrap();
             assert_eq!(code, TC_ACT_OK, "no port left: the bridge takes it");
             assert_frame("exhausted", &passed, &second);
@@ -385,7 +390,7 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
                 datapath
                     .kernel_flows()
                     .iter()
-                    .any(|k| k.src_port == 40001u16.to_be_bytes())
+                    .any(|k| k.src_port == 801u16.to_be_bytes())
             );
             let (code, passed) = datapath.run(PORT_PROGRAM, &second).unwrap();
             assert_eq!(code, TC_ACT_OK);
@@ -399,20 +404,20 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
                 (range.skip_min, range.skip_max) = (skip_min, skip_max);
                 holed.enable_egress(range, routes.uplink, UPLINK_IP);
                 assert_eq!(
-                    holed.run(PORT_PROGRAM, &syn(40000)).unwrap().0,
+                    holed.run(PORT_PROGRAM, &syn(800)).unwrap().0,
                     TC_ACT_REDIRECT
                 );
-                assert_eq!(nat_port(&holed, IPPROTO_TCP, 40000), left);
-                assert_eq!(holed.run(PORT_PROGRAM, &syn(40001)).unwrap().0, TC_ACT_OK);
+                assert_eq!(nat_port(&holed, IPPROTO_TCP, 800), left);
+                assert_eq!(holed.run(PORT_PROGRAM, &syn(801)).unwrap().0, TC_ACT_OK);
             }
 
             // Without connection tables (none made yet): the kernel path, unchanged.
             let mut untracked = Datapath::load_without_connection_tables(true);
             untracked.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
             untracked.enable_egress(config(&routes, 61000, 65535), routes.uplink, UPLINK_IP);
-            let (code, passed) = untracked.run(PORT_PROGRAM, &syn(40002)).unwrap();
+            let (code, passed) = untracked.run(PORT_PROGRAM, &syn(802)).unwrap();
             assert_eq!(code, TC_ACT_OK);
-            assert_frame("no table", &passed, &syn(40002));
+            assert_frame("no table", &passed, &syn(802));
             assert_eq!(untracked.verdict_count(Verdict::EgressKernel), 1);
         })
         .unwrap();
@@ -424,10 +429,12 @@ fn a_port_the_hosts_own_sockets_use_is_never_given() {
     routes
         .netns
         .run(|| {
-            // The one port egress may give is a listener's (TCP) and a bound socket's (UDP)
-            // on the host: a reply to it would be theirs.
-            let _listener = std::net::TcpListener::bind(("0.0.0.0", 61000)).unwrap();
-            let _bound = std::net::UdpSocket::bind(("10.78.0.1", 61000)).unwrap();
+            // The container's own port and the one port egress may give are a listener's
+            // (TCP) and a bound socket's (UDP) on the host: a reply to them would be theirs.
+            let _listeners =
+                [40000, 61000].map(|port| std::net::TcpListener::bind(("0.0.0.0", port)).unwrap());
+            let _bound =
+                [40000, 61000].map(|port| std::net::UdpSocket::bind(("10.78.0.1", port)).unwrap());
             let mut datapath = egress_datapath(&routes, 61000, 61000);
             for frame in [
                 tcp(&out(40000), "S", 1000, 0, &[]),
@@ -438,7 +445,7 @@ fn a_port_the_hosts_own_sockets_use_is_never_given() {
                 assert_frame("the host's port", &passed, &frame);
             }
             assert_eq!(datapath.event_count(NatEvent::EgressPortsExhausted), 2);
-            // Another port is free for both.
+            // Another port of the range is free: given instead of the container's own.
             let mut datapath = egress_datapath(&routes, 61001, 61001);
             assert_eq!(
                 datapath
@@ -447,6 +454,7 @@ fn a_port_the_hosts_own_sockets_use_is_never_given() {
                     .0,
                 TC_ACT_REDIRECT
             );
+            assert_eq!(nat_port(&datapath, IPPROTO_TCP, 40000), 61001);
         })
         .unwrap();
 }

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::Array;
-use bridge_common::{BridgeRecord, EgressConfig, FlowKey};
+use bridge_common::{BridgeRecord, EgressConfig, Flow, FlowKey};
 
 use super::Pinned;
 use crate::{
@@ -22,6 +22,8 @@ pub struct EgressApplied {
     /// Tuples now left to the kernel path, and tuples no longer (their flows ended).
     pub kernel_flows_added: usize,
     pub kernel_flows_removed: usize,
+    /// Translated flows ended because egress turned off.
+    pub flows_ended: usize,
 }
 
 impl Pinned {
@@ -75,6 +77,10 @@ impl Pinned {
                 self.write_egress_config(wanted)?;
             }
             applied.turned_off = was_on;
+            // The flows xbr translated end with it: the kernel path has no state for them,
+            // and whatever turned egress off (a rule now holding it, Docker's settings) would
+            // apply to them there.
+            applied.flows_ended = self.retire_flows(|_, flow| flow.flags & Flow::EGRESS != 0);
             self.sync_egress_uplinks(&[])?;
             applied.kernel_flows_removed = self.sync_kernel_flows(&BTreeSet::new())?.1;
             self.release_unused_nat_tables()?;
