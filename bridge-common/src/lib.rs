@@ -558,7 +558,7 @@ pub struct EgressConfig {
 
 /// How many tuples `KERNEL_FLOWS` holds: flows the kernel path owns, which egress must not
 /// take over.
-pub const MAX_KERNEL_FLOWS: u32 = 65536;
+pub const MAX_KERNEL_FLOWS: u32 = 8192;
 
 /// `NAT_FLOWS` key: a connection as one direction sees it (source, then destination).
 #[repr(C)]

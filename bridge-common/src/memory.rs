@@ -13,10 +13,10 @@
 use core::mem::size_of;
 
 use crate::{
-    BridgeRecord, ClientHoldKey, ClientPrefix, Endpoint, EndpointKey, Flow, FlowKey, HoldKey,
-    MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_LOCAL_ADDRESSES, MAX_PORTS, MAX_PUBLISHED,
-    MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey, PublishedPort, SocketConfig,
-    SocketCounts, SocketDials, Verdict,
+    BridgeRecord, ClientHoldKey, ClientPrefix, EgressConfig, Endpoint, EndpointKey, Flow, FlowKey,
+    HoldKey, MAX_CLIENT_HOLDS, MAX_ENDPOINTS, MAX_HOLDS, MAX_KERNEL_FLOWS, MAX_LOCAL_ADDRESSES,
+    MAX_PORTS, MAX_PUBLISHED, MAX_UPLINKS, NatEvent, PortRecord, PortStats, PublishedKey,
+    PublishedPort, SocketConfig, SocketCounts, SocketDials, Verdict,
 };
 
 /// The kernel's map types that xbr uses (named as `aya::maps::MapType`).
@@ -50,6 +50,9 @@ pub enum Entries {
     Holds,
     /// The host's own addresses (with socket hooks only).
     LocalAddresses,
+    /// Egress NAT's state: the uplinks it may leave by, the kernel's flows it leaves alone;
+    /// written only while egress is on (the model counts none).
+    Egress,
 }
 
 /// One map as the object defines it (and the control plane creates the connection tables).
@@ -92,7 +95,7 @@ const fn map(
 
 /// The maps of one attachment (the object's, in `bridge-ebpf/src/maps.rs`).
 #[rustfmt::skip]
-pub const MAPS: [MapDefinition; 24] = [
+pub const MAPS: [MapDefinition; 28] = [
     map("ENDPOINTS", Kind::Hash, size_of::<EndpointKey>(), size_of::<Endpoint>(), MAX_ENDPOINTS, Entries::Ports),
     map("PORT_STATS", Kind::PerCpuHash, 4, size_of::<PortStats>(), MAX_PORTS, Entries::Ports),
     map("VERDICTS", Kind::PerCpuArray, 4, 8, Verdict::COUNT, Entries::Fixed),
@@ -120,6 +123,12 @@ pub const MAPS: [MapDefinition; 24] = [
     MapDefinition { max_entries: None, ..map("LOCAL_ADDRESSES", Kind::Hash, 4, 1, 0, Entries::LocalAddresses) },
     MapDefinition { max_entries: None, ..map("SOCKET_COUNTS", Kind::PerCpuHash, size_of::<PublishedKey>(), size_of::<SocketCounts>(), 0, Entries::Published) },
     map("SOCKET_DIALS", Kind::SkStorage, 4, size_of::<SocketDials>(), 0, Entries::Fixed),
+    // Egress NAT's maps.
+    map("EGRESS", Kind::Array, 4, size_of::<EgressConfig>(), 1, Entries::Fixed),
+    map("EGRESS_UPLINKS", Kind::Hash, 4, 4, MAX_UPLINKS, Entries::Egress),
+    map("KERNEL_FLOWS", Kind::Hash, size_of::<FlowKey>(), 1, MAX_KERNEL_FLOWS, Entries::Egress),
+    // A `struct bpf_fib_lookup`.
+    map("FIB_SCRATCH", Kind::PerCpuArray, 4, 64, 1, Entries::Fixed),
     MapDefinition {
         name: "AYA_LOGS",
         kind: Kind::RingBuf,
@@ -271,7 +280,7 @@ pub fn attachment_bytes(work: &Work) -> u64 {
         // Counters of published ports exist only with socket hooks.
         Entries::Published if map.name == "SOCKET_COUNTS" && !work.socket_hooks => 0,
         Entries::Published => work.published,
-        Entries::Fixed | Entries::Holds => 0,
+        Entries::Fixed | Entries::Holds | Entries::Egress => 0,
     };
     let (local_addresses, socket_counts) = socket_hooks_entries(work.socket_hooks);
     let made_with = |map: &MapDefinition| match map.name {

@@ -98,15 +98,31 @@ impl Pinned {
     }
 
     /// Adds tuples the kernel path owns (without removing any): for flows that began while
-    /// egress was being turned on.
+    /// egress was being turned on. A full map (`MAX_KERNEL_FLOWS`) takes no more: the flows
+    /// left out are warned of; TCP ones stay the kernel's anyway (egress takes only SYNs).
     pub fn add_kernel_flows(&mut self, kernel_flows: &BTreeSet<FlowKey>) -> Result<usize> {
         let present: BTreeSet<FlowKey> = self.kernel_flows.keys().filter_map(|k| k.ok()).collect();
         let mut added = 0;
+        let mut left_out = 0;
         for key in kernel_flows.difference(&present) {
-            self.kernel_flows
-                .insert(key, 1, 0)
-                .map_err(|e| Error::ebpf("writing the kernel's flows for egress", e))?;
-            added += 1;
+            match self.kernel_flows.insert(key, 1, 0) {
+                Ok(()) => added += 1,
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    left_out += 1;
+                }
+                Err(e) => return Err(Error::ebpf("writing the kernel's flows for egress", e)),
+            }
+        }
+        if left_out > 0 {
+            tracing::warn!(
+                bridge = %self.bridge,
+                left_out,
+                "the kernel's flows outnumber what egress can track ({}): egress may take \
+                 later datagrams of UDP flows that began on the kernel path",
+                bridge_common::MAX_KERNEL_FLOWS
+            );
         }
         Ok(added)
     }
