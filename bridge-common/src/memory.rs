@@ -6,7 +6,7 @@
 //! runs them.
 //!
 //! An attachment's maps, in short (`c` CPUs, `p` ports, N = `--max-flows`, `n` established
-//! connections): 270 KiB + 736·c + p·(256 + 48·c) bytes, 80 KiB more with socket hooks,
+//! connections): 401 KiB + 864·c + p·(256 + 48·c) bytes, 80 KiB more with socket hooks,
 //! and once a port is published 176·N + 272·n bytes more (the transient LRU is
 //! preallocated; the rest follows use).
 

@@ -5,6 +5,7 @@ pub mod cni_driver;
 pub mod datapath_support;
 pub mod docker_support;
 pub mod flood;
+pub mod frames;
 pub mod lab_support;
 pub mod skip;
 pub mod traffic;

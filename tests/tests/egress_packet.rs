@@ -14,6 +14,7 @@ use etherparse::PacketBuilder;
 use xbr::netns::NetNs;
 use xbr_tests::{
     datapath_support::{Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, UPLINK_PROGRAM},
+    frames::{Addresses, UDP_CHECKSUM, assert_frame, show, tcp_numbered as tcp, udp},
     lab_support::unique_name,
 };
 
@@ -114,13 +115,6 @@ fn egress_datapath(routes: &Routes, port_min: u16, port_max: u16) -> Datapath {
     datapath
 }
 
-struct Addresses {
-    eth: ([u8; 6], [u8; 6]),
-    ip: ([u8; 4], [u8; 4]),
-    ports: (u16, u16),
-    ttl: u8,
-}
-
 /// The container to the outside server, as it arrives at its bridge port.
 fn out(port: u16) -> Addresses {
     Addresses {
@@ -159,49 +153,6 @@ fn back_translated(port: u16) -> Addresses {
         ports: (SERVER_PORT, port),
         ttl: 63,
     }
-}
-
-fn tcp(a: &Addresses, flags: &str, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(a.eth.0, a.eth.1)
-        .ipv4(a.ip.0, a.ip.1, a.ttl)
-        .tcp(a.ports.0, a.ports.1, seq, 64240);
-    for flag in flags.chars() {
-        builder = match flag {
-            'S' => builder.syn(),
-            'A' => builder.ack(ack),
-            'F' => builder.fin(),
-            'R' => builder.rst(),
-            other => panic!("unknown TCP flag {other}"),
-        };
-    }
-    let mut frame = Vec::new();
-    builder.write(&mut frame, payload).unwrap();
-    frame
-}
-
-fn udp(a: &Addresses, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(a.eth.0, a.eth.1)
-        .ipv4(a.ip.0, a.ip.1, a.ttl)
-        .udp(a.ports.0, a.ports.1)
-        .write(&mut frame, payload)
-        .unwrap();
-    frame
-}
-
-const UDP_CHECKSUM: usize = 14 + 20 + 6;
-
-fn show(frame: &[u8]) -> String {
-    frame.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn assert_frame(case: &str, got: &[u8], want: &[u8]) {
-    assert!(
-        got == want,
-        "{case}: the frame differs\n got: {}\nwant: {}",
-        show(got),
-        show(want)
-    );
 }
 
 /// The port xbr gave the flow the container opened from `port`, from its outbound entry.

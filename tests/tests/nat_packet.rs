@@ -14,6 +14,7 @@ use xbr_tests::datapath_support::{
     Datapath, PORT_PROGRAM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UPLINK_PROGRAM, XDP_PASS,
     XDP_REDIRECT,
 };
+use xbr_tests::frames::{Addresses, UDP_CHECKSUM, assert_frame, show, tcp_numbered, udp};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x02];
 const UPLINK_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x01];
@@ -56,13 +57,6 @@ fn nat_datapath(flow_capacity: Option<u32>) -> Datapath {
         datapath.publish(key, port);
     }
     datapath
-}
-
-struct Addresses {
-    eth: ([u8; 6], [u8; 6]),
-    ip: ([u8; 4], [u8; 4]),
-    ports: (u16, u16),
-    ttl: u8,
 }
 
 /// Client -> host:8080, as it arrives on the uplink.
@@ -111,37 +105,6 @@ fn tcp(a: &Addresses, flags: &str, payload: &[u8]) -> Vec<u8> {
     tcp_numbered(a, flags, 1000, 2000, payload)
 }
 
-fn tcp_numbered(a: &Addresses, flags: &str, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(a.eth.0, a.eth.1)
-        .ipv4(a.ip.0, a.ip.1, a.ttl)
-        .tcp(a.ports.0, a.ports.1, seq, 64240);
-    for flag in flags.chars() {
-        builder = match flag {
-            'S' => builder.syn(),
-            'A' => builder.ack(ack),
-            'F' => builder.fin(),
-            'R' => builder.rst(),
-            'P' => builder.psh(),
-            other => panic!("unknown TCP flag {other}"),
-        };
-    }
-    let mut frame = Vec::new();
-    builder.write(&mut frame, payload).unwrap();
-    frame
-}
-
-fn udp(a: &Addresses, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(a.eth.0, a.eth.1)
-        .ipv4(a.ip.0, a.ip.1, a.ttl)
-        .udp(a.ports.0, a.ports.1)
-        .write(&mut frame, payload)
-        .unwrap();
-    frame
-}
-
-const UDP_CHECKSUM: usize = 14 + 20 + 6;
-
 /// Recomputes the IPv4 header checksum after a hand edit.
 fn fix_ip_checksum(frame: &mut [u8]) {
     let header_len = usize::from(frame[14] & 0x0f) * 4;
@@ -155,23 +118,6 @@ fn fix_ip_checksum(frame: &mut [u8]) {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-}
-
-fn show(frame: &[u8]) -> String {
-    frame
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join("")
-}
-
-fn assert_frame(case: &str, got: &[u8], want: &[u8]) {
-    assert!(
-        got == want,
-        "{case}: the translated frame differs\n got: {}\nwant: {}",
-        show(got),
-        show(want)
-    );
 }
 
 /// Client -> host:8080 from another client port.
