@@ -123,6 +123,34 @@ impl Egress {
     }
 }
 
+/// One line: accelerated (from which subnet, to which addresses, with which ports) or on the
+/// kernel path, and why.
+impl std::fmt::Display for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Egress::Accelerated {
+                subnet: (address, prefix_len),
+                uplinks,
+                ports: (port_min, port_max),
+                skip: (skip_min, skip_max),
+            } => {
+                let to: Vec<String> = uplinks
+                    .iter()
+                    .map(|(uplink, address)| format!("{address} on {}", uplink.name))
+                    .collect();
+                write!(
+                    f,
+                    "accelerated: new outbound flows from {address}/{prefix_len} are \
+                     source-NATed to {} (ports {port_min}-{port_max} except \
+                     {skip_min}-{skip_max})",
+                    to.join(", ")
+                )
+            }
+            Egress::Kernel(reason) => write!(f, "kernel path: {reason}"),
+        }
+    }
+}
+
 fn prefix_mask(prefix_len: u8) -> u32 {
     match prefix_len {
         0 => 0,
@@ -375,6 +403,11 @@ mod tests {
             panic!("{egress:?}");
         };
         assert_eq!((*ports, *skip), ((1024, 65535), (32768, 60999)));
+        assert_eq!(
+            egress.to_string(),
+            "accelerated: new outbound flows from 172.17.0.1/16 are source-NATed to 192.0.2.10 \
+             on eth0 (ports 1024-65535 except 32768-60999)"
+        );
         assert_eq!(*subnet, (Ipv4Addr::new(172, 17, 0, 1), 16));
         let config = egress.config(3);
         assert_eq!(config.subnet, [172, 17, 0, 0]);

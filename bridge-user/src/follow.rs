@@ -405,6 +405,19 @@ async fn reconcile(
     };
     log_policy(&pass.plan, policy_said);
     let mut step = Step::Done;
+    match &pass.egress {
+        Ok((egress, applied)) if applied.turned_on || applied.turned_off => info!(
+            egress = %egress,
+            flows_ended = applied.flows_ended,
+            "egress changed path"
+        ),
+        Ok(_) => {}
+        Err(error) => {
+            metrics.error();
+            warn!(%error, "deciding egress failed");
+            step = Step::Failed;
+        }
+    }
     match pass.changes {
         Ok(changes) => {
             metrics.reconciled(started.elapsed());

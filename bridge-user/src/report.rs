@@ -155,27 +155,6 @@ fn published_held(spec: &PublishSpec, policy: &PublishedPolicy) -> Vec<(String, 
 
 /// The policy's east-west hold-backs: `east_west` when none may take the fast path, else
 /// each held class.
-/// Egress NAT as one line: accelerated (from which subnet, to which addresses, with which
-/// ports) or on the kernel path, and why.
-pub fn egress_line(egress: &Egress) -> String {
-    match egress {
-        Egress::Accelerated {
-            subnet: (address, prefix_len),
-            uplinks,
-            ports: (port_min, port_max),
-            skip: (skip_min, skip_max),
-        } => format!(
-            "accelerated: new outbound flows from {address}/{prefix_len} are source-NATed to {} (ports {port_min}-{port_max} except {skip_min}-{skip_max})",
-            uplinks
-                .iter()
-                .map(|(uplink, address)| format!("{address} on {}", uplink.name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Egress::Kernel(reason) => format!("kernel path: {reason}"),
-    }
-}
-
 fn egress_json(egress: &Egress) -> Value {
     match egress {
         Egress::Accelerated {
@@ -287,7 +266,7 @@ pub fn attached(
     for (class, reason) in east_west_held(plan) {
         println!("  not accelerated: {class}: {reason}");
     }
-    println!("  egress: {}", egress_line(egress));
+    println!("  egress: {}", egress);
     if let Some((state, synced)) = &docker {
         let bindings = state.ports.specs.len();
         let mirrored = match (bindings, synced.mirrored) {
@@ -828,7 +807,7 @@ pub fn status(
             },
         );
         match egress {
-            Some(Ok(egress)) => println!("  egress: {}", egress_line(egress)),
+            Some(Ok(egress)) => println!("  egress: {}", egress),
             Some(Err(error)) => println!("  egress: cannot tell: {error}"),
             None => {}
         }
