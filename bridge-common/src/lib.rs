@@ -298,6 +298,9 @@ pub struct PortRecord {
     /// never deliver a frame to the wrong container.
     pub endpoint_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// That container's IPv4 address (all zero: not known). Egress NAT takes outbound flows
+    /// only from it: a reply goes to the port, and must go to the address's own container.
+    pub endpoint_ipv4: [u8; 4],
 }
 
 impl PortRecord {

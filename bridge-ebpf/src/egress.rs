@@ -59,10 +59,12 @@ pub fn open(ctx: &TcContext, segment: &Segment, port: u32) -> Nat {
     if !outbound || !opens_connection(segment) {
         return Nat::NotOurs;
     }
-    // Only the container learned on this port: replies are delivered to its MAC.
+    // Only the container learned on this port, from its own address: replies are delivered
+    // to its MAC, and the kernel path would route them to the address's owner.
     // SAFETY: a map value, only read, during the run (see `nat`'s "Map access").
     match unsafe { PORTS.get(&port) } {
-        Some(record) if record.endpoint_mac == segment.eth_src => {}
+        Some(record)
+            if record.endpoint_mac == segment.eth_src && record.endpoint_ipv4 == key.src_ip => {}
         _ => return Nat::NotOurs,
     }
     // SAFETY: as above.

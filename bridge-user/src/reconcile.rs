@@ -31,11 +31,12 @@ pub struct Inputs<'a> {
 }
 
 /// How much to read about the containers: their addresses only when published ports (ours or
-/// Docker's) have to find them, or rules are to be honoured.
-fn detail(pinned: Option<&Pinned>, inputs: &Inputs) -> Detail {
+/// Docker's) have to find them, egress checks them, or rules are to be honoured.
+fn detail(pinned: Option<&Pinned>, masquerade: bool, inputs: &Inputs) -> Detail {
     // Rules are decided for containers that use their own addresses, which the datapath
     // checks: it needs them too.
-    if pinned.is_some_and(Pinned::has_published)
+    if pinned.is_some_and(|p| p.has_published() || p.masquerade_requested())
+        || masquerade
         || inputs.docker.is_some()
         || inputs.policy.has_rules()
     {
@@ -47,7 +48,18 @@ fn detail(pinned: Option<&Pinned>, inputs: &Inputs) -> Detail {
 
 /// Observe `bridge` and plan what its datapath should hold.
 pub fn observe_and_plan(bridge: &str, pinned: Option<&Pinned>, inputs: &Inputs) -> Result<Plan> {
-    let detail = detail(pinned, inputs);
+    observe_and_plan_with(bridge, pinned, false, inputs)
+}
+
+/// `observe_and_plan`, reading the containers' addresses also when `masquerade` (an attach
+/// that turns egress on: its ports' records want them).
+fn observe_and_plan_with(
+    bridge: &str,
+    pinned: Option<&Pinned>,
+    masquerade: bool,
+    inputs: &Inputs,
+) -> Result<Plan> {
+    let detail = detail(pinned, masquerade, inputs);
     let name = bridge.to_owned();
     let mut view =
         netlink::run(|handle| async move { observe::bridge(&handle, &name, detail).await })
@@ -147,7 +159,7 @@ pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<A
         Err(error) => return Err(error),
     };
     let first_attach = existing.is_none();
-    let plan = observe_and_plan(bridge, existing.as_ref(), inputs)?;
+    let plan = observe_and_plan_with(bridge, existing.as_ref(), options.masquerade, inputs)?;
     drop(existing);
     let requested = options.uplinks;
     let default_uplinks = options.default_uplinks;

@@ -266,6 +266,24 @@ impl Datapath {
         flows.keys().map(|key| key.unwrap()).collect()
     }
 
+    /// The container's IPv4 address in `port`'s record, as the control plane writes it where
+    /// it read the containers' addresses.
+    pub fn set_port_ipv4(&mut self, port: u32, ipv4: [u8; 4]) {
+        let mut ports: HashMap<_, u32, PortRecord> =
+            HashMap::try_from(self.ebpf.map_mut("PORTS").unwrap()).unwrap();
+        let record = ports.get(&port, 0).unwrap();
+        ports
+            .insert(
+                port,
+                PortRecord {
+                    endpoint_ipv4: ipv4,
+                    ..record
+                },
+                0,
+            )
+            .unwrap();
+    }
+
     pub fn event_count(&self, event: NatEvent) -> u64 {
         let events: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("NAT_EVENTS").unwrap()).unwrap();

@@ -111,6 +111,7 @@ fn config(routes: &Routes, port_min: u16, port_max: u16) -> EgressConfig {
 fn egress_datapath(routes: &Routes, port_min: u16, port_max: u16) -> Datapath {
     let mut datapath = Datapath::load(true, None);
     datapath.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+    datapath.set_port_ipv4(CONTAINER_PORT_IFINDEX, CONTAINER_IP);
     datapath.enable_egress(config(routes, port_min, port_max), routes.uplink, UPLINK_IP);
     datapath
 }
@@ -351,6 +352,7 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
             for ((skip_min, skip_max), left) in [((1024, 65534), 65535), ((1025, 65535), 1024)] {
                 let mut holed = Datapath::load(true, None);
                 holed.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+                holed.set_port_ipv4(CONTAINER_PORT_IFINDEX, CONTAINER_IP);
                 let mut range = config(&routes, 1024, 65535);
                 (range.skip_min, range.skip_max) = (skip_min, skip_max);
                 holed.enable_egress(range, routes.uplink, UPLINK_IP);
@@ -365,6 +367,7 @@ fn no_free_port_and_no_table_leave_the_flow_to_the_kernel_unchanged() {
             // Without connection tables (none made yet): the kernel path, unchanged.
             let mut untracked = Datapath::load_without_connection_tables(true);
             untracked.add_endpoint(CONTAINER_MAC, CONTAINER_PORT_IFINDEX);
+            untracked.set_port_ipv4(CONTAINER_PORT_IFINDEX, CONTAINER_IP);
             untracked.enable_egress(config(&routes, 61000, 65535), routes.uplink, UPLINK_IP);
             let (code, passed) = untracked.run(PORT_PROGRAM, &syn(802)).unwrap();
             assert_eq!(code, TC_ACT_OK);
@@ -425,12 +428,18 @@ fn frames_egress_must_not_take_pass_unchanged() {
             stranger.eth.0 = [0x02, 0x77, 0, 0, 0, 0x63];
             let mut unrouted = out(40003);
             unrouted.ip.1 = [192, 0, 2, 1];
+            let mut spoofed = out(40007);
+            spoofed.ip.0 = [10, 77, 0, 9];
             let mut to_host = out(40004);
             to_host.ip.1 = UPLINK_IP;
             let cases: Vec<(&str, Vec<u8>)> = vec![
                 ("TTL 1", tcp(&expiring, "S", 1, 0, &[])),
                 ("a destination in the subnet", tcp(&inside, "S", 1, 0, &[])),
                 ("not the port's container", tcp(&stranger, "S", 1, 0, &[])),
+                (
+                    "another address of the subnet, from the container's MAC",
+                    tcp(&spoofed, "S", 1, 0, &[]),
+                ),
                 ("no route out", tcp(&unrouted, "S", 1, 0, &[])),
                 ("the host's own address", tcp(&to_host, "S", 1, 0, &[])),
                 (

@@ -156,6 +156,11 @@ impl Pinned {
                             Ok(mut record) => {
                                 record.endpoint_mac =
                                     wanted_mac.get(&port.ifindex).copied().unwrap_or_default();
+                                record.endpoint_ipv4 = plan
+                                    .port_ipv4s
+                                    .get(&port.ifindex)
+                                    .copied()
+                                    .unwrap_or_default();
                                 self.write_record(Role::Port, port.ifindex, record)?;
                                 changes.ports_added.push(port.name.clone());
                             }

@@ -284,6 +284,7 @@ impl Pinned {
         if record.endpoint_mac != [0; 6] {
             let silent = PortRecord {
                 endpoint_mac: [0; 6],
+                endpoint_ipv4: [0; 4],
                 ..*record
             };
             self.write_record(Role::Port, ifindex, silent)?;

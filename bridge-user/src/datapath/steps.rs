@@ -23,6 +23,8 @@ pub(super) struct Wanted<'p> {
     pub ports: &'p [PlannedPort],
     /// The endpoint MAC each port's record delivers to (absent: none).
     pub port_macs: &'p BTreeMap<u32, [u8; 6]>,
+    /// ... and its container's IPv4 address (absent: not known).
+    pub port_ipv4s: &'p BTreeMap<u32, [u8; 4]>,
     pub endpoints: &'p BTreeMap<EndpointKey, Endpoint>,
     /// The plan read the containers' addresses: published ports can follow them.
     pub containers_read: bool,
@@ -33,6 +35,7 @@ impl<'p> Wanted<'p> {
         Wanted {
             ports: &plan.ports,
             port_macs: &plan.port_macs,
+            port_ipv4s: &plan.port_ipv4s,
             endpoints: &plan.endpoints,
             containers_read: plan.containers.is_some(),
         }
@@ -90,14 +93,18 @@ pub(super) fn steps<'p>(
             });
         }
     }
-    // 2. Kept ports whose endpoint MAC changed.
+    // 2. Kept ports whose endpoint (MAC, address) changed.
     for (ifindex, record) in ports {
         let mac = wanted.port_macs.get(ifindex).copied().unwrap_or_default();
-        if wanted_ports.contains_key(ifindex) && record.endpoint_mac != mac {
+        let ipv4 = wanted.port_ipv4s.get(ifindex).copied().unwrap_or_default();
+        if wanted_ports.contains_key(ifindex)
+            && (record.endpoint_mac != mac || record.endpoint_ipv4 != ipv4)
+        {
             steps.push(Step::SetPortRecord {
                 ifindex: *ifindex,
                 record: PortRecord {
                     endpoint_mac: mac,
+                    endpoint_ipv4: ipv4,
                     ..*record
                 },
             });
@@ -227,6 +234,7 @@ mod tests {
             &Wanted {
                 ports: planned_ports,
                 port_macs,
+                port_ipv4s: Box::leak(Box::new(BTreeMap::new())),
                 endpoints: planned_endpoints,
                 containers_read: true,
             },
@@ -356,6 +364,7 @@ mod tests {
         let wanted = Wanted {
             ports: &planned,
             port_macs: &port_macs,
+            port_ipv4s: &BTreeMap::new(),
             endpoints: &endpoints,
             containers_read: false,
         };

@@ -28,6 +28,9 @@ pub struct Plan {
     /// also the ports the policy keeps out of `endpoints`, whose containers still get their
     /// published ports.
     pub port_macs: BTreeMap<u32, [u8; 6]>,
+    /// Port -> its container's IPv4 address (its record's `endpoint_ipv4`), where the
+    /// observation read addresses.
+    pub port_ipv4s: BTreeMap<u32, [u8; 4]>,
     /// Ports (or their MACs) left to the bridge, and why.
     pub skipped: Vec<Skipped>,
     /// Containers' IPv4 addresses -> (bridge port, container MAC), for published ports;
@@ -146,9 +149,21 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
         }
         containers
     });
-    let port_macs = endpoints
+    let port_macs: BTreeMap<u32, [u8; 6]> = endpoints
         .iter()
         .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
+        .collect();
+    let port_ipv4s = view
+        .ports
+        .iter()
+        .filter(|port| view.addresses_read && port_macs.contains_key(&port.ifindex))
+        .filter_map(|port| {
+            let peer = port.peer.as_ref()?;
+            peer.addresses.iter().find_map(|address| match address {
+                std::net::IpAddr::V4(address) => Some((port.ifindex, address.octets())),
+                _ => None,
+            })
+        })
         .collect();
     // With rules to honour (and the containers' addresses known), the policy is decided for
     // containers that use their own IPv4 addresses, and the datapath checks that they do.
@@ -187,6 +202,7 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
         ports,
         endpoints,
         port_macs,
+        port_ipv4s,
         skipped,
         containers,
         bridge_mac: view.mac,
