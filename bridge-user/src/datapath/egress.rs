@@ -79,8 +79,10 @@ impl Pinned {
             applied.turned_off = was_on;
             // The flows xbr translated end with it: the kernel path has no state for them,
             // and whatever turned egress off (a rule now holding it, Docker's settings) would
-            // apply to them there.
-            applied.flows_ended = self.retire_flows(|_, flow| flow.flags & Flow::EGRESS != 0);
+            // apply to them there. (Only then: the walk costs a pass over both tables.)
+            if was_on {
+                applied.flows_ended = self.retire_flows(|_, flow| flow.flags & Flow::EGRESS != 0);
+            }
             self.sync_egress_uplinks(&[])?;
             applied.kernel_flows_removed = self.sync_kernel_flows(&BTreeSet::new())?.1;
             self.release_unused_nat_tables()?;
