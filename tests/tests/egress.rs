@@ -235,3 +235,64 @@ fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
     assert_eq!(udp_seen_as(&socket, b"still").unwrap(), kernel_udp);
     seen_as(&a).expect("a new connection after detach, masqueraded by the kernel");
 }
+
+#[test]
+fn a_rule_added_behind_xbrs_back_puts_egress_back_on_the_kernel_path() {
+    let lab = LabBuilder::three_containers().with_uplink().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
+    let a = NetNs::open(&spec.container_netns("a")).unwrap();
+    let pins = PinRoot::new(&host);
+    who_are_you_server(&outside, WHO_PORT);
+    let _echo = tcp_echo_server(&outside, OUTSIDE, ECHO_PORT);
+    pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
+    let mut stream = a
+        .run(|| TcpStream::connect_timeout(&(OUTSIDE, ECHO_PORT).into(), Duration::from_secs(2)))
+        .unwrap()
+        .expect("connect through xbr");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let round_trip = |stream: &mut TcpStream| -> std::io::Result<()> {
+        stream.write_all(b"ping")?;
+        let mut answer = [0u8; 4];
+        stream.read_exact(&mut answer)
+    };
+    round_trip(&mut stream).expect("a round trip through xbr");
+
+    // A rule the class would meet on the kernel path: egress goes back there, named, and
+    // the flows xbr translated end (the kernel path has no state for them; here, with no
+    // MASQUERADE, nothing at all carries them).
+    nft(
+        &host,
+        &["-f", "-"],
+        Some(
+            "table inet xbrtest {\n chain forward {\n  type filter hook forward priority 0;\n  \
+             ip daddr 198.51.100.7 drop\n }\n}\n",
+        ),
+    );
+    pins.xbr_ok(&["attach", "br0"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&pins.xbr_ok(&["status", "--json"])).unwrap();
+    let egress = &status["bridges"][0]["egress"];
+    assert_eq!(egress["accelerated"], false, "{status}");
+    assert!(
+        egress["reason"].as_str().unwrap().contains("198.51.100.7"),
+        "{status}"
+    );
+    assert!(
+        round_trip(&mut stream).is_err(),
+        "the translated flow ended with egress"
+    );
+    assert!(
+        seen_as(&a).is_err(),
+        "no masquerade on the kernel path here"
+    );
+
+    // The rule gone: accelerated again.
+    nft(&host, &["delete", "table", "inet", "xbrtest"], None);
+    pins.xbr_ok(&["attach", "br0"]);
+    let (seen, local) = seen_as(&a).expect("a new connection through xbr again");
+    assert!(translated_keeping_the_port(seen, local), "{seen}");
+}
