@@ -67,10 +67,12 @@ fn docker_containers_reach_out_through_xbr_and_internal_networks_stay_closed() {
     for round in 0..50 {
         let (seen, local) = seen_as(&client.netns, server)
             .unwrap_or_else(|e| panic!("connection {round} through xbr: {e}"));
-        assert_eq!(
-            seen,
-            SocketAddr::from((UPLINK_HOST_IP, local.port())),
-            "connection {round}: the uplink's address, the container's own port"
+        // The uplink's address; the container's own port, unless a flow to the server
+        // held it (then one of xbr's, outside the local port range).
+        assert_eq!(seen.ip(), UPLINK_HOST_IP, "connection {round}");
+        assert!(
+            seen.port() == local.port() || !(32768..=60999).contains(&seen.port()),
+            "connection {round} from {local} seen as {seen}"
         );
     }
     assert_eq!(

@@ -68,10 +68,14 @@ fn verdict(pins: &PinRoot, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no verdict {name}: {stats}"))
 }
 
-/// Whether the server saw the client `local` as the uplink's address with the client's own
-/// port: the container's source port kept, as the kernel's MASQUERADE keeps it.
-fn translated_keeping_the_port(seen: SocketAddr, local: SocketAddr) -> bool {
-    seen == SocketAddr::from((UPLINK_ADDRESS, local.port()))
+/// Whether the server saw the client `local` as xbr translates it: from the uplink's address,
+/// with the client's own port (kept, as the kernel's MASQUERADE keeps it) or, where another
+/// flow to the same server held that one, a port of xbr's range (outside the default
+/// `ip_local_port_range`, 32768-60999).
+fn translated_by_xbr(seen: SocketAddr, local: SocketAddr) -> bool {
+    seen.ip() == UPLINK_ADDRESS
+        && (seen.port() == local.port()
+            || (seen.port() >= 1024 && !(32768..=60999).contains(&seen.port())))
 }
 
 fn egress_opened(pins: &PinRoot) -> u64 {
@@ -110,23 +114,27 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
         "{status}"
     );
 
-    // Many connections, from two containers: each seen from the uplink's address with the
-    // container's own port (nothing else in the lab translates: every answer is xbr's doing).
+    // Many connections, from two containers: each seen from the uplink's address, nearly all
+    // with the container's own port (nothing else in the lab translates: every answer is
+    // xbr's doing).
+    let mut kept = 0;
     for round in 0..100 {
         let client = if round % 2 == 0 { &a } else { &b };
         let (seen, local) = seen_as(client).unwrap_or_else(|e| panic!("connection {round}: {e}"));
         assert!(
-            translated_keeping_the_port(seen, local),
+            translated_by_xbr(seen, local),
             "connection {round} from {local} seen as {seen}"
         );
+        kept += usize::from(seen.port() == local.port());
     }
+    assert!(kept >= 90, "{kept} of 100 connections kept their port");
     // A large transfer with the veths' offloads on: GSO segments and partial checksums.
     exchange(&a, echo, 4 << 20).expect("4 MiB through egress NAT");
     // UDP, odd sizes, up to a full frame.
     let socket = udp_socket(&a);
     let first = udp_seen_as(&socket, b"x").expect("a datagram's answer");
     assert!(
-        translated_keeping_the_port(first, socket.local_addr().unwrap()),
+        translated_by_xbr(first, socket.local_addr().unwrap()),
         "{first}"
     );
     for size in [3usize, 512, 1401] {
@@ -220,13 +228,10 @@ fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
     assert!(verdict(&pins, "egress_kernel") >= 1, "{}", stats(&pins));
     // New flows are xbr's: one opened for each.
     let (seen, local) = seen_as(&a).expect("a new connection");
-    assert!(translated_keeping_the_port(seen, local), "{seen}");
+    assert!(translated_by_xbr(seen, local), "{seen}");
     let fresh = udp_socket(&a);
     let new_udp = udp_seen_as(&fresh, b"new").unwrap();
-    assert!(translated_keeping_the_port(
-        new_udp,
-        fresh.local_addr().unwrap()
-    ));
+    assert!(translated_by_xbr(new_udp, fresh.local_addr().unwrap()));
     assert_eq!(egress_opened(&pins), 2, "{}", stats(&pins));
 
     // Detached: the kernel's flows never noticed; new flows are the kernel's again.
@@ -294,5 +299,5 @@ fn a_rule_added_behind_xbrs_back_puts_egress_back_on_the_kernel_path() {
     nft(&host, &["delete", "table", "inet", "xbrtest"], None);
     pins.xbr_ok(&["attach", "br0"]);
     let (seen, local) = seen_as(&a).expect("a new connection through xbr again");
-    assert!(translated_keeping_the_port(seen, local), "{seen}");
+    assert!(translated_by_xbr(seen, local), "{seen}");
 }
