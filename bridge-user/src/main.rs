@@ -107,10 +107,12 @@ enum Command {
         /// addresses outside the bridge's subnet are source-NATed to the uplink's address,
         /// the way a MASQUERADE rule would, and sent out of the uplink the kernel's routing
         /// picks, skipping the bridge, netfilter and conntrack; replies go straight back into
-        /// the container. Source ports come from above net.ipv4.ip_local_port_range, which
-        /// the host's own sockets never use. A Docker network asks for this by itself (unless
-        /// --internal or enable_ip_masquerade=false); `xbr status` says whether egress is
-        /// accelerated and why not. Kept by later attaches until detach.
+        /// the container. A flow keeps the container's own source port where nothing else
+        /// holds it (as MASQUERADE does), else gets one outside
+        /// net.ipv4.ip_local_port_range; never one a socket of the host holds. A Docker
+        /// network asks for this by itself (unless --internal or
+        /// enable_ip_masquerade=false); `xbr status` says whether egress is accelerated and
+        /// why not. Kept by later attaches until detach.
         #[arg(long)]
         masquerade: bool,
         /// Stay in the foreground and follow the bridge: containers that join are on the fast
