@@ -27,7 +27,10 @@ mod report;
                   traffic to the host or the outside, unknown MACs - takes the bridge as before.\n\n\
                   Published ports (`xbr publish`, or Docker's `-p` with --follow) are NATed in \
                   the datapath too: connections arriving on an uplink go straight into their \
-                  container, replies straight back out.\n\n\
+                  container, replies straight back out. So are the containers' own outbound \
+                  connections (egress NAT: --masquerade, or a Docker network that masquerades): \
+                  source-NATed to the uplink's address and sent straight out, replies straight \
+                  back in.\n\n\
                   Netfilter rules are honoured: traffic a rule on the skipped path could drop, \
                   translate or mark stays on the kernel path (`xbr status` says which rule holds \
                   what).\n\n\
@@ -37,6 +40,7 @@ mod report;
                   xbr attach docker0          accelerate docker0\n  \
                   xbr attach docker0 --follow follow containers (and Docker's -p) as they come and go\n  \
                   xbr publish docker0 8080:172.17.0.2:80  a published port in the datapath\n  \
+                  xbr attach br0 --uplink eth0 --masquerade  containers' outbound NAT in the datapath\n  \
                   xbr status                  what is attached, with which mode\n  \
                   xbr stats docker0 --json    per-container counters for scripts\n  \
                   xbr detach docker0          back to the plain bridge\n  \
