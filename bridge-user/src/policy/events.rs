@@ -4,7 +4,7 @@
 //! br_netfilter's switches.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::Duration,
 };
 
@@ -99,33 +99,7 @@ struct NftablesEvents {
 
 impl NftablesEvents {
     fn open() -> std::io::Result<NftablesEvents> {
-        // SAFETY: plain socket(2); the result is checked and owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero sockaddr_nl is a valid value (pid 0: the kernel assigns one).
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: the address and its length describe the struct above.
-        let rc = unsafe {
-            libc::bind(
-                socket.as_raw_fd(),
-                (&address as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let socket = crate::netlink::netfilter_socket(libc::SOCK_NONBLOCK)?;
         let group: libc::c_int = libc::NFNLGRP_NFTABLES;
         // SAFETY: the option value and its length describe `group`.
         let rc = unsafe {
