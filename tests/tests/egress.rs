@@ -12,7 +12,7 @@ use std::{
 use xbr::netns::NetNs;
 use xbr_tests::{
     lab_support::LabBuilder,
-    traffic::{self, exchange, tcp_echo_server},
+    traffic::{self, EchoServer, exchange, tcp_echo_server},
     witness::{PinRoot, nft},
 };
 
@@ -82,25 +82,47 @@ fn egress_opened(pins: &PinRoot) -> u64 {
     stats(pins)["nat"][0]["egress_opened"].as_u64().unwrap()
 }
 
-#[test]
-fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
+/// A lab with an uplink to an outside namespace, whose server answers who-are-you (TCP and
+/// UDP 7000) and echoes (TCP 80); removed on drop (the servers' sockets go with their
+/// namespace).
+struct EgressLab {
+    host: String,
+    a: NetNs,
+    b: NetNs,
+    pins: PinRoot,
+    _echo: EchoServer,
+    _lab: xbr::lab::LabGuard,
+}
+
+fn egress_lab() -> EgressLab {
     let lab = LabBuilder::three_containers().with_uplink().up();
     let spec = lab.spec().clone();
     let host = spec.host_netns();
     let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
-    let a = NetNs::open(&spec.container_netns("a")).unwrap();
-    let b = NetNs::open(&spec.container_netns("b")).unwrap();
-    let pins = PinRoot::new(&host);
     who_are_you_server(&outside, WHO_PORT);
-    let _echo = tcp_echo_server(&outside, OUTSIDE, ECHO_PORT);
+    EgressLab {
+        a: NetNs::open(&spec.container_netns("a")).unwrap(),
+        b: NetNs::open(&spec.container_netns("b")).unwrap(),
+        pins: PinRoot::new(&host),
+        host,
+        _echo: tcp_echo_server(&outside, OUTSIDE, ECHO_PORT),
+        _lab: lab,
+    }
+}
+
+#[test]
+fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
+    let EgressLab {
+        host, a, b, pins, ..
+    } = &egress_lab();
     let echo = SocketAddr::from((OUTSIDE, ECHO_PORT));
     assert!(
-        !nft(&host, &["list", "ruleset"], None).contains("masquerade"),
+        !nft(host, &["list", "ruleset"], None).contains("masquerade"),
         "the lab has no MASQUERADE rule"
     );
 
     // The outside has no route back: without a translation nothing answers.
-    assert!(seen_as(&a).is_err(), "the outside answered before xbr");
+    assert!(seen_as(a).is_err(), "the outside answered before xbr");
 
     pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
     let status: serde_json::Value =
@@ -129,9 +151,9 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
     }
     assert!(kept >= 90, "{kept} of 100 connections kept their port");
     // A large transfer with the veths' offloads on: GSO segments and partial checksums.
-    exchange(&a, echo, 4 << 20).expect("4 MiB through egress NAT");
+    exchange(a, echo, 4 << 20).expect("4 MiB through egress NAT");
     // UDP, odd sizes, up to a full frame.
-    let socket = udp_socket(&a);
+    let socket = udp_socket(a);
     let first = udp_seen_as(&socket, b"x").expect("a datagram's answer");
     assert!(
         translated_by_xbr(first, socket.local_addr().unwrap()),
@@ -144,7 +166,7 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
     }
 
     // A closed port outside: the outside's ICMP error reaches the container's socket.
-    let refused = udp_socket(&a);
+    let refused = udp_socket(a);
     refused.connect((OUTSIDE, 9)).unwrap();
     refused.send(b"anyone?").unwrap();
     let mut buffer = [0u8; 64];
@@ -157,33 +179,26 @@ fn containers_reach_the_outside_through_xbrs_source_nat_alone() {
         "the port unreachable was translated back: {error}"
     );
 
-    let out = verdict(&pins, "egress_out");
-    let back = verdict(&pins, "egress_in");
+    let out = verdict(pins, "egress_out");
+    let back = verdict(pins, "egress_in");
     assert!(
         out > 100 * 3 && back > 100 * 2,
         "egress_out {out}, egress_in {back}"
     );
-    assert!(egress_opened(&pins) >= 102, "{}", stats(&pins));
+    assert!(egress_opened(pins) >= 102, "{}", stats(pins));
 
     // Detached, egress is the kernel's again: which, in this lab, answers nothing.
     pins.xbr_ok(&["detach", "br0"]);
-    assert!(seen_as(&a).is_err(), "the outside answered after detach");
+    assert!(seen_as(a).is_err(), "the outside answered after detach");
     assert!(!pins.path.exists());
 }
 
 #[test]
 fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
-    let lab = LabBuilder::three_containers().with_uplink().up();
-    let spec = lab.spec().clone();
-    let host = spec.host_netns();
-    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
-    let a = NetNs::open(&spec.container_netns("a")).unwrap();
-    let pins = PinRoot::new(&host);
-    who_are_you_server(&outside, WHO_PORT);
-    let _echo = tcp_echo_server(&outside, OUTSIDE, ECHO_PORT);
+    let EgressLab { host, a, pins, .. } = &egress_lab();
     // The kernel masquerades, as Docker's rule does.
     nft(
-        &host,
+        host,
         &["-f", "-"],
         Some(
             "table ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat;\n  \
@@ -208,7 +223,7 @@ fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
         assert_eq!(&answer, b"ping");
     };
     round_trip(&mut stream, "before attach");
-    let socket = udp_socket(&a);
+    let socket = udp_socket(a);
     let kernel_udp = udp_seen_as(&socket, b"first").expect("UDP on the kernel path");
 
     pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
@@ -224,33 +239,26 @@ fn flows_the_kernel_holds_stay_the_kernels_across_attach_and_detach() {
     for _ in 0..3 {
         assert_eq!(udp_seen_as(&socket, b"again").unwrap(), kernel_udp);
     }
-    assert_eq!(egress_opened(&pins), 0, "{}", stats(&pins));
-    assert!(verdict(&pins, "egress_kernel") >= 1, "{}", stats(&pins));
+    assert_eq!(egress_opened(pins), 0, "{}", stats(pins));
+    assert!(verdict(pins, "egress_kernel") >= 1, "{}", stats(pins));
     // New flows are xbr's: one opened for each.
-    let (seen, local) = seen_as(&a).expect("a new connection");
+    let (seen, local) = seen_as(a).expect("a new connection");
     assert!(translated_by_xbr(seen, local), "{seen}");
-    let fresh = udp_socket(&a);
+    let fresh = udp_socket(a);
     let new_udp = udp_seen_as(&fresh, b"new").unwrap();
     assert!(translated_by_xbr(new_udp, fresh.local_addr().unwrap()));
-    assert_eq!(egress_opened(&pins), 2, "{}", stats(&pins));
+    assert_eq!(egress_opened(pins), 2, "{}", stats(pins));
 
     // Detached: the kernel's flows never noticed; new flows are the kernel's again.
     pins.xbr_ok(&["detach", "br0"]);
     round_trip(&mut stream, "after detach");
     assert_eq!(udp_seen_as(&socket, b"still").unwrap(), kernel_udp);
-    seen_as(&a).expect("a new connection after detach, masqueraded by the kernel");
+    seen_as(a).expect("a new connection after detach, masqueraded by the kernel");
 }
 
 #[test]
 fn a_rule_added_behind_xbrs_back_puts_egress_back_on_the_kernel_path() {
-    let lab = LabBuilder::three_containers().with_uplink().up();
-    let spec = lab.spec().clone();
-    let host = spec.host_netns();
-    let outside = NetNs::open(&spec.outside_netns().unwrap()).unwrap();
-    let a = NetNs::open(&spec.container_netns("a")).unwrap();
-    let pins = PinRoot::new(&host);
-    who_are_you_server(&outside, WHO_PORT);
-    let _echo = tcp_echo_server(&outside, OUTSIDE, ECHO_PORT);
+    let EgressLab { host, a, pins, .. } = &egress_lab();
     pins.xbr_ok(&["attach", "br0", "--uplink", "uplink0", "--masquerade"]);
     let mut stream = a
         .run(|| TcpStream::connect_timeout(&(OUTSIDE, ECHO_PORT).into(), Duration::from_secs(2)))
@@ -270,7 +278,7 @@ fn a_rule_added_behind_xbrs_back_puts_egress_back_on_the_kernel_path() {
     // the flows xbr translated end (the kernel path has no state for them; here, with no
     // MASQUERADE, nothing at all carries them).
     nft(
-        &host,
+        host,
         &["-f", "-"],
         Some(
             "table inet xbrtest {\n chain forward {\n  type filter hook forward priority 0;\n  \
@@ -290,14 +298,11 @@ fn a_rule_added_behind_xbrs_back_puts_egress_back_on_the_kernel_path() {
         round_trip(&mut stream).is_err(),
         "the translated flow ended with egress"
     );
-    assert!(
-        seen_as(&a).is_err(),
-        "no masquerade on the kernel path here"
-    );
+    assert!(seen_as(a).is_err(), "no masquerade on the kernel path here");
 
     // The rule gone: accelerated again.
-    nft(&host, &["delete", "table", "inet", "xbrtest"], None);
+    nft(host, &["delete", "table", "inet", "xbrtest"], None);
     pins.xbr_ok(&["attach", "br0"]);
-    let (seen, local) = seen_as(&a).expect("a new connection through xbr again");
+    let (seen, local) = seen_as(a).expect("a new connection through xbr again");
     assert!(translated_by_xbr(seen, local), "{seen}");
 }
