@@ -86,7 +86,7 @@ pub struct Endpoint {
     /// Host-side ifindex of the bridge port the MAC lives behind; the datapath redirects into
     /// that port's veth peer.
     pub ifindex: u32,
-    /// `Endpoint::CHECK_IPV4`.
+    /// `Endpoint::CHECK_IPV4`, `Endpoint::REMOTE`.
     pub flags: u32,
     /// The container's IPv4 address (all zero: none known).
     pub ipv4: [u8; 4],
@@ -97,6 +97,9 @@ impl Endpoint {
     /// addresses: an IPv4 frame takes the fast path only from the sender's `ipv4` to the
     /// receiver's. Others take the bridge, where the rules see them.
     pub const CHECK_IPV4: u32 = 1;
+    /// A container on another host: `ifindex` is the VXLAN bridge port whose own forwarding
+    /// table sends to that host, and frames go out of it (not into a veth peer).
+    pub const REMOTE: u32 = 2;
 }
 
 /// Per-port counters (per CPU; userspace sums them), keyed by the port's host-side ifindex.

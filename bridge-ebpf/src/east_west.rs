@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 // Pruned by the verifier unless the loader turns eBPF logging on (AYA_LOG_LEVEL).
 use aya_log_ebpf::debug;
-use bridge_common::{EndpointKey, Verdict};
+use bridge_common::{Endpoint, EndpointKey, Verdict};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -22,6 +22,8 @@ use crate::{
 enum Decision {
     /// Into the container behind this bridge port.
     Redirect(u32),
+    /// Out of this VXLAN port, to a container on another host.
+    Tunnel(u32),
     /// A reply on a NATed connection, translated: out of this uplink.
     Uplink(u32),
     /// A frame of an outbound flow, translated: out of this uplink (`resolve_neigh`: with the
@@ -84,6 +86,16 @@ pub fn forward(ctx: &TcContext) -> i32 {
             count_sent(ctx, ingress_port, true);
             count_delivered(ctx, port);
             deliver::into_container(ctx, port)
+        }
+        Decision::Tunnel(port) => {
+            debug!(
+                ctx,
+                "port {}: fast path out of tunnel {}", ingress_port, port
+            );
+            count_verdict(Verdict::Redirected);
+            count_sent(ctx, ingress_port, true);
+            count_delivered(ctx, port);
+            deliver::out_of(port)
         }
         Decision::Uplink(uplink) => {
             debug!(
@@ -165,11 +177,16 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
         _ => return Decision::Pass(Verdict::UnknownSource),
     };
     // The target port must still hold that MAC: endpoint and port records are written
-    // separately, and either one being current is enough to stop a wrong delivery.
-    // SAFETY: as for the endpoint above.
-    match unsafe { PORTS.get(&endpoint.ifindex) } {
-        Some(port) if port.endpoint_mac == eth.dst_addr => {}
-        _ => return Decision::Pass(Verdict::StaleEndpoint),
+    // separately, and either one being current is enough to stop a wrong delivery. A VXLAN
+    // port holds many MACs of other hosts and no record of them: its own forwarding table
+    // decides the host, so a MAC it no longer has is not sent anywhere.
+    let remote = endpoint.flags & Endpoint::REMOTE != 0;
+    if !remote {
+        // SAFETY: as for the endpoint above.
+        match unsafe { PORTS.get(&endpoint.ifindex) } {
+            Some(port) if port.endpoint_mac == eth.dst_addr => {}
+            _ => return Decision::Pass(Verdict::StaleEndpoint),
+        }
     }
     // A netfilter rule on the bridge's path could touch it: the bridge takes it.
     let ipv4 = ether_type == EtherType::Ipv4 as u16;
@@ -178,7 +195,11 @@ fn decide(ctx: &TcContext, ingress_port: u32) -> Decision {
     {
         return Decision::Pass(Verdict::HeldByPolicy);
     }
-    Decision::Redirect(endpoint.ifindex)
+    if remote {
+        Decision::Tunnel(endpoint.ifindex)
+    } else {
+        Decision::Redirect(endpoint.ifindex)
+    }
 }
 
 /// The kernel's IP input drops frames whose header does not parse; such frames must meet

@@ -8,9 +8,10 @@ use netlink_packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
     link::{
-        BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData,
+        BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan,
         LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
     },
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
 };
 use rtnetlink::Handle;
 
@@ -45,6 +46,29 @@ pub struct PortView {
     pub isolated: bool,
     /// The other end of a veth port: the container's interface.
     pub peer: Option<PeerView>,
+    /// A VXLAN port: the containers on other hosts that its own forwarding table sends to.
+    pub tunnel: Option<TunnelView>,
+}
+
+/// A VXLAN bridge port, as an overlay network (Docker's `vxlan0`) uses one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelView {
+    /// Metadata mode (`external`): the device has no forwarding table of its own, frames
+    /// need a tunnel key from whoever sends them.
+    pub external: bool,
+    /// The static entries of the device's forwarding table (`bridge fdb ... dst NODE self
+    /// permanent`, what Docker writes for a container on another node).
+    pub remotes: Vec<RemoteView>,
+}
+
+/// A MAC that a VXLAN device sends to another host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteView {
+    pub mac: Mac,
+    /// The host (VTEP) the device encapsulates it to.
+    pub node: IpAddr,
+    /// The container's IPv4 address, from a static neighbour entry on the device.
+    pub ipv4: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +163,11 @@ async fn port(handle: &Handle, link: &LinkMessage, detail: Detail) -> Result<Por
     } else {
         None
     };
+    let tunnel = if kind == "vxlan" {
+        Some(tunnel(handle, link).await?)
+    } else {
+        None
+    };
     Ok(PortView {
         name: link_name(link),
         ifindex: link.header.index,
@@ -151,7 +180,105 @@ async fn port(handle: &Handle, link: &LinkMessage, detail: Detail) -> Result<Por
         },
         isolated,
         peer,
+        tunnel,
     })
+}
+
+/// A VXLAN port's static remote MACs: its own forwarding table's permanent entries with a
+/// destination (learned entries age out and are the bridge's business), each with the IPv4
+/// address a permanent neighbour entry on the device gives it.
+async fn tunnel(handle: &Handle, link: &LinkMessage) -> Result<TunnelView> {
+    let ifindex = link.header.index;
+    let external = link_infos(link).any(|info| {
+        matches!(info, LinkInfo::Data(InfoData::Vxlan(infos))
+            if infos.iter().any(|i| matches!(i, InfoVxlan::CollectMetadata(true))))
+    });
+    // NUD_PERMANENT or NUD_NOARP; a VXLAN device reports its static entries with both bits.
+    let static_entries = |message: &NeighbourMessage| {
+        message.header.ifindex == ifindex && u16::from(message.header.state) & 0xc0 != 0
+    };
+    let mut addresses = std::collections::BTreeMap::new();
+    let mut neighbours = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    while let Some(message) = neighbours
+        .try_next()
+        .await
+        .map_err(|e| Error::netlink("listing the neighbours of a VXLAN port", e))?
+    {
+        if !static_entries(&message) {
+            continue;
+        }
+        let mut ipv4 = None;
+        let mut mac = None;
+        for attribute in &message.attributes {
+            match attribute {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(address)) => {
+                    ipv4 = Some(*address)
+                }
+                NeighbourAttribute::LinkLayerAddress(bytes) => {
+                    mac = <Mac>::try_from(bytes.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        if let (Some(ipv4), Some(mac)) = (ipv4, mac) {
+            addresses.insert(mac, ipv4);
+        }
+    }
+    let mut remotes = Vec::new();
+    let mut entries = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute();
+    while let Some(message) = entries
+        .try_next()
+        .await
+        .map_err(|e| Error::netlink("listing the forwarding table of a VXLAN port", e))?
+    {
+        // `self`: the device's own table, not the bridge's entries for the port.
+        if !static_entries(&message) || !message.header.flags.contains(NeighbourFlags::Own) {
+            continue;
+        }
+        let mut node = None;
+        let mut mac = None;
+        for attribute in &message.attributes {
+            match attribute {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(address)) => {
+                    node = Some(IpAddr::V4(*address))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(address)) => {
+                    node = Some(IpAddr::V6(*address))
+                }
+                // In an AF_BRIDGE message the VTEP's address comes as plain bytes.
+                NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                    node = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(bytes.as_slice())
+                            .ok()
+                            .map(IpAddr::from),
+                        _ => None,
+                    }
+                }
+                NeighbourAttribute::LinkLayerAddress(bytes) => {
+                    mac = <Mac>::try_from(bytes.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        if let (Some(node), Some(mac)) = (node, mac) {
+            remotes.push(RemoteView {
+                mac,
+                node,
+                ipv4: addresses.get(&mac).copied(),
+            });
+        }
+    }
+    remotes.sort_by_key(|remote| remote.mac);
+    Ok(TunnelView { external, remotes })
 }
 
 /// The container's end of a veth port, read across namespaces by netns id

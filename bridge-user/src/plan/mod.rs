@@ -70,7 +70,47 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
     let mut ports = Vec::new();
     let mut skipped = Vec::new();
     let mut candidates: BTreeMap<EndpointKey, Vec<(&str, u32)>> = BTreeMap::new();
+    // MACs on other hosts, behind a VXLAN port: their container IPv4 address.
+    let mut remote_ipv4s: BTreeMap<EndpointKey, Option<std::net::Ipv4Addr>> = BTreeMap::new();
     for port in &view.ports {
+        if let Some(tunnel) = &port.tunnel {
+            let reason = match (tunnel.external, port.state, port.isolated) {
+                (true, _, _) => {
+                    skipped.push(Skipped {
+                        port: port.name.clone(),
+                        reason: "VXLAN port in metadata mode (external): left to the bridge"
+                            .to_owned(),
+                    });
+                    continue;
+                }
+                (_, PortState::NotForwarding, _) => {
+                    Some("port is not forwarding (down or blocked)")
+                }
+                (_, _, true) => Some("port is isolated"),
+                (false, PortState::Forwarding, false) => None,
+            };
+            // The program runs there to deliver frames from other hosts into containers.
+            ports.push(PlannedPort {
+                name: port.name.clone(),
+                ifindex: port.ifindex,
+            });
+            if let Some(reason) = reason {
+                skipped.push(Skipped {
+                    port: port.name.clone(),
+                    reason: format!("no remote endpoints: {reason}"),
+                });
+                continue;
+            }
+            for remote in tunnel.remotes.iter().filter(|r| is_unicast_mac(&r.mac)) {
+                let key = EndpointKey { mac: remote.mac };
+                candidates
+                    .entry(key)
+                    .or_default()
+                    .push((&port.name, port.ifindex));
+                remote_ipv4s.insert(key, remote.ipv4);
+            }
+            continue;
+        }
         if port.kind != "veth" {
             let kind = if port.kind.is_empty() {
                 "physical"
@@ -110,10 +150,16 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
     for (key, owners) in candidates {
         match owners.as_slice() {
             [(_, ifindex)] => {
+                let flags = if remote_ipv4s.contains_key(&key) {
+                    Endpoint::REMOTE
+                } else {
+                    0
+                };
                 endpoints.insert(
                     key,
                     Endpoint {
                         ifindex: *ifindex,
+                        flags,
                         ..Endpoint::default()
                     },
                 );
@@ -149,8 +195,10 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
         }
         containers
     });
+    // A VXLAN port holds no container of its own: its record stays without one.
     let port_macs: BTreeMap<u32, [u8; 6]> = endpoints
         .iter()
+        .filter(|(_, endpoint)| endpoint.flags & Endpoint::REMOTE == 0)
         .map(|(key, endpoint)| (endpoint.ifindex, key.mac))
         .collect();
     let port_ipv4s = view
@@ -183,6 +231,16 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
             if let Some(ipv4) = ipv4 {
                 endpoint.ipv4 = ipv4.octets();
                 own_addresses.push(ipv4);
+            }
+        }
+        for (key, ipv4) in &remote_ipv4s {
+            let Some(endpoint) = endpoints.get_mut(key) else {
+                continue;
+            };
+            endpoint.flags |= Endpoint::CHECK_IPV4;
+            if let Some(ipv4) = ipv4 {
+                endpoint.ipv4 = ipv4.octets();
+                own_addresses.push(*ipv4);
             }
         }
     }
@@ -245,7 +303,7 @@ fn is_unicast_mac(mac: &[u8; 6]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::{PeerView, PortView};
+    use crate::observe::{PeerView, PortView, RemoteView, TunnelView};
 
     fn veth(name: &str, ifindex: u32, peer_mac: [u8; 6]) -> PortView {
         PortView {
@@ -259,6 +317,30 @@ mod tests {
                 name: "eth0".to_owned(),
                 mac: peer_mac,
                 addresses: vec![],
+            }),
+            tunnel: None,
+        }
+    }
+
+    fn vxlan(name: &str, ifindex: u32, remotes: &[([u8; 6], [u8; 4])]) -> PortView {
+        PortView {
+            name: name.to_owned(),
+            ifindex,
+            kind: "vxlan".to_owned(),
+            mac: [0x0a, 0, 0, 0, 0, ifindex as u8],
+            state: PortState::Forwarding,
+            isolated: false,
+            peer: None,
+            tunnel: Some(TunnelView {
+                external: false,
+                remotes: remotes
+                    .iter()
+                    .map(|(mac, ipv4)| RemoteView {
+                        mac: *mac,
+                        node: std::net::IpAddr::V4([10, 250, 0, 2].into()),
+                        ipv4: Some((*ipv4).into()),
+                    })
+                    .collect(),
             }),
         }
     }
@@ -316,6 +398,82 @@ mod tests {
         );
         assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
         assert_eq!(plan.skipped.len(), 2);
+    }
+
+    const MAC_REMOTE: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc];
+
+    #[test]
+    fn a_vxlan_ports_static_macs_are_remote_endpoints() {
+        let plan = plan(&bridge(vec![
+            veth("veth-a", 10, MAC_A),
+            vxlan("vxlan0", 12, &[(MAC_REMOTE, [10, 0, 0, 3])]),
+        ]))
+        .unwrap();
+        assert_eq!(plan.ports.len(), 2, "the VXLAN port gets the program");
+        assert_eq!(
+            plan.endpoints[&EndpointKey { mac: MAC_REMOTE }],
+            Endpoint {
+                ifindex: 12,
+                flags: Endpoint::REMOTE,
+                ..Endpoint::default()
+            }
+        );
+        assert_eq!(
+            plan.port_macs,
+            BTreeMap::from([(10, MAC_A)]),
+            "the VXLAN port holds no container"
+        );
+    }
+
+    #[test]
+    fn remote_endpoints_carry_their_address_when_rules_are_checked() {
+        let mut view = bridge(vec![vxlan("vxlan0", 12, &[(MAC_REMOTE, [10, 0, 0, 3])])]);
+        view.addresses_read = true;
+        // An empty table: rules to honour, none that holds anything.
+        let table = crate::policy::model::Table {
+            family: crate::policy::model::Family::Inet,
+            name: "filter".to_owned(),
+            origin: crate::policy::model::Origin::Nftables,
+            chains: vec![],
+        };
+        let policy = Policy {
+            firewall: Ok(crate::policy::Firewall {
+                ruleset: crate::policy::model::Ruleset {
+                    tables: vec![table],
+                },
+                ..Default::default()
+            }),
+            icc_off: None,
+        };
+        let plan = plan_with(&view, &policy).unwrap();
+        assert_eq!(
+            plan.endpoints[&EndpointKey { mac: MAC_REMOTE }],
+            Endpoint {
+                ifindex: 12,
+                flags: Endpoint::REMOTE | Endpoint::CHECK_IPV4,
+                ipv4: [10, 0, 0, 3],
+            }
+        );
+    }
+
+    #[test]
+    fn a_mac_both_local_and_remote_is_no_endpoint() {
+        let plan = plan(&bridge(vec![
+            veth("veth-a", 10, MAC_A),
+            vxlan("vxlan0", 12, &[(MAC_A, [10, 0, 0, 3])]),
+        ]))
+        .unwrap();
+        assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
+    }
+
+    #[test]
+    fn a_vxlan_port_in_metadata_mode_is_left_to_the_bridge() {
+        let mut port = vxlan("vxlan0", 12, &[(MAC_REMOTE, [10, 0, 0, 3])]);
+        port.tunnel.as_mut().unwrap().external = true;
+        let plan = plan(&bridge(vec![port])).unwrap();
+        assert!(plan.ports.is_empty());
+        assert!(plan.endpoints.is_empty());
+        assert_eq!(plan.skipped[0].port, "vxlan0");
     }
 
     #[test]
