@@ -248,7 +248,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         netns::enter(name)?;
     }
     let root = &cli.pin_root;
-    match cli.command {
+    // BRIDGE may name a Docker network: find its bridge (and enter its namespace).
+    let mut command = cli.command;
+    let network = match command.bridge_mut() {
+        Some(bridge) if cli.netns.is_none() => {
+            let placed = locate(bridge)?;
+            if let Some(placed) = &placed {
+                bridge.clone_from(&placed.bridge);
+            }
+            placed
+        }
+        _ => None,
+    };
+    match command {
         Command::Attach {
             bridge,
             mode,
@@ -388,15 +400,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report::detached(&bridge, &detached, output.json)
         }
         Command::Status { bridge, output } => {
-            let (attachments, incomplete) = read_attachments(root, bridge.as_deref(), true)?;
+            let (attachments, incomplete) =
+                read_attachments(root, bridge.as_deref(), true, network.as_ref())?;
             report::status(&attachments, &incomplete, &features::detect(), output.json)
         }
         Command::Stats { bridge, output } => {
-            let (attachments, _) = read_attachments(root, bridge.as_deref(), false)?;
+            let (attachments, _) =
+                read_attachments(root, bridge.as_deref(), false, network.as_ref())?;
             report::stats(&attachments, output.json)
         }
         Command::Lab(_) => unreachable!("handled above"),
     }
+}
+
+impl Command {
+    /// The bridge a command names, where it names one.
+    fn bridge_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Command::Attach { bridge, .. }
+            | Command::Publish { bridge, .. }
+            | Command::Unpublish { bridge, .. }
+            | Command::Detach { bridge, .. } => Some(bridge),
+            Command::Status { bridge, .. } | Command::Stats { bridge, .. } => bridge.as_mut(),
+            Command::Lab(_) => None,
+        }
+    }
+}
+
+/// What `name` names when no link here has that name: a Docker network, whose bridge is then
+/// used (after entering its namespace, for an overlay network). A Linux bridge of that name
+/// wins; `None` when Docker does not answer or knows no such network (then the bridge is
+/// looked for as named, and its absence reported as such).
+fn locate(name: &str) -> anyhow::Result<Option<xbr::docker::networks::Placed>> {
+    let owned = name.to_owned();
+    let exists =
+        netlink::run(|handle| async move { observe::link_by_name(&handle, &owned).await })??;
+    if exists.is_some() {
+        return Ok(None);
+    }
+    let Ok(socket) = xbr::docker::socket() else {
+        return Ok(None);
+    };
+    if !socket.exists() {
+        return Ok(None);
+    }
+    let found = xbr::docker::block_on(async {
+        let client = xbr::docker::Client::connect(&socket).await?;
+        client.placed(name).await
+    })?;
+    let placed = match found {
+        Ok(Some(Ok(placed))) => placed,
+        Ok(Some(Err(why))) => bail!(
+            "Docker network {name} is not accelerated by xbr: {why}; `docker network inspect              {name}` shows it"
+        ),
+        // No such network, or Docker does not answer: `name` is looked for as a bridge.
+        Ok(None) | Err(_) => return Ok(None),
+    };
+    if let Some(path) = &placed.netns {
+        netns::enter_path(path).with_context(|| {
+            format!(
+                "entering the namespace of Docker network {} ({})",
+                placed.name, placed.driver
+            )
+        })?;
+    }
+    tracing::info!(network = %placed.name, bridge = %placed.bridge, "using Docker network");
+    Ok(Some(placed))
 }
 
 /// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and
@@ -407,6 +476,7 @@ fn read_attachments(
     root: &std::path::Path,
     only: Option<&str>,
     with_docker: bool,
+    network: Option<&xbr::docker::networks::Placed>,
 ) -> anyhow::Result<(Vec<report::Observed>, Vec<report::Incomplete>)> {
     let names = match only {
         Some(name) => vec![name.to_owned()],
@@ -471,6 +541,7 @@ fn read_attachments(
             docker,
             plan,
             egress,
+            network: network.cloned(),
         });
     }
     Ok((attachments, incomplete))

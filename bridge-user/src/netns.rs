@@ -53,6 +53,12 @@ pub enum NetNsError {
     Delete { name: String, cause: io::Error },
     #[error("cannot start a thread to work in network namespace {name}: {cause}")]
     Thread { name: String, cause: io::Error },
+    #[error("no network namespace at {path} (no such file)")]
+    NoFile { path: String },
+    #[error(
+        "{path} is not a network namespace (expected a file like /run/netns/NAME or /proc/PID/ns/net)"
+    )]
+    NotANamespace { path: String },
     #[error("cannot read the current network namespace ({THREAD_SELF_NET}): {cause}")]
     CurrentInode { cause: io::Error },
 }
@@ -200,14 +206,45 @@ impl NetNs {
     }
 }
 
-/// Enters namespace `name` on the calling thread, for good (`xbr -n NAME` does it first thing).
+/// Enters namespace `name` on the calling thread, for good (`xbr -n NAME` does it first
+/// thing). A name with a `/` is a path to a namespace file (a Docker sandbox such as
+/// /var/run/docker/netns/1-0123456789, or /proc/PID/ns/net).
 pub fn enter(name: &str) -> Result<(), NetNsError> {
+    if name.contains('/') {
+        return enter_path(Path::new(name));
+    }
     let netns = NetNs::open(name)?;
     let file = netns.file()?;
     setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| NetNsError::Enter {
         name: name.to_owned(),
         cause: errno.into(),
     })
+}
+
+/// Enters the network namespace at `path` on the calling thread, for good.
+pub fn enter_path(path: &Path) -> Result<(), NetNsError> {
+    let name = path.display().to_string();
+    let file = File::open(path).map_err(|cause| match cause.kind() {
+        io::ErrorKind::NotFound => NetNsError::NoFile { path: name.clone() },
+        _ => NetNsError::Open {
+            name: name.clone(),
+            cause,
+        },
+    })?;
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| match errno {
+        // setns says EINVAL for a file that is not a network namespace.
+        Errno::EINVAL => NetNsError::NotANamespace { path: name.clone() },
+        errno => NetNsError::Enter {
+            name,
+            cause: errno.into(),
+        },
+    })
+}
+
+/// Whether `path` is a live namespace (an nsfs file, or a bind mount of one) with inode `inode`.
+pub fn path_is(path: &Path, inode: u64) -> bool {
+    statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as u64 == NSFS_MAGIC)
+        && fs::metadata(path).is_ok_and(|meta| meta.ino() == inode)
 }
 
 /// Inode of the calling thread's network namespace; it keys per-namespace pins.

@@ -6,7 +6,7 @@ use bridge_common::{AttachMode, EndpointKey, NatEvent, PortStats, PublishedPort}
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
-    docker::DockerState,
+    docker::{DockerState, networks::Placed},
     egress::Egress,
     features::Features,
     hooks::Drift,
@@ -28,6 +28,8 @@ pub struct Observed {
     pub plan: Option<Plan>,
     /// Egress NAT as decided now (or why it could not be decided).
     pub egress: Option<std::result::Result<Egress, String>>,
+    /// The Docker network it was named by, with its driver and namespace.
+    pub network: Option<Placed>,
 }
 
 /// Pins that are not a whole attachment: an attach or detach interrupted, or running now.
@@ -609,6 +611,7 @@ pub fn status(
                     docker,
                     plan,
                     egress,
+                    network,
                 } = observed;
                 let ports: Vec<Value> = port_lines(attachment, view.as_ref())
                     .into_iter()
@@ -695,6 +698,7 @@ pub fn status(
                         policy
                     }),
                     "docker": docker.as_ref().map(docker_json),
+                    "docker_network": network,
                     "egress": egress.as_ref().map(|egress| match egress {
                         Ok(egress) => egress_json(egress),
                         Err(error) => json!({ "accelerated": null, "error": error }),
@@ -756,6 +760,7 @@ pub fn status(
             docker,
             plan,
             egress,
+            network,
         } = observed;
         println!();
         println!(
@@ -878,6 +883,17 @@ pub fn status(
                     attachment.bridge, attachment.bridge
                 );
             }
+        }
+        if let Some(network) = network.as_ref().filter(|_| docker.is_none()) {
+            let netns = network
+                .netns
+                .as_ref()
+                .map(|path| format!(", namespace {}", path.display()))
+                .unwrap_or_default();
+            println!(
+                "  Docker network {} ({} driver{netns})",
+                network.name, network.driver
+            );
         }
         if let Some(docker) = docker {
             println!(

@@ -17,6 +17,8 @@ use bollard::{
 use futures::{Stream, StreamExt as _};
 use tracing::{debug, info, warn};
 
+pub mod networks;
+
 use crate::{
     datapath::Pinned,
     error::{Error, Result},
@@ -96,12 +98,7 @@ pub fn network_view(network: &Network) -> Option<NetworkView> {
             .and_then(|options| options.get(key))
             .map(String::as_str)
     };
-    let bridge = match option(BRIDGE_NAME_OPTION) {
-        Some(bridge) if !bridge.is_empty() => bridge.to_owned(),
-        // The daemon names the default network's bridge in its options; older ones did not.
-        _ if name == "bridge" => "docker0".to_owned(),
-        _ => format!("br-{}", &id[..id.len().min(12)]),
-    };
+    let bridge = bridge_name(&id, &name, network.options.as_ref());
     Some(NetworkView {
         id,
         name,
@@ -111,6 +108,16 @@ pub fn network_view(network: &Network) -> Option<NetworkView> {
             && option(GATEWAY_MODE_OPTION).is_none_or(|mode| mode.starts_with("nat")),
         internal: network.internal.unwrap_or(false),
     })
+}
+
+/// The Linux bridge Docker gives bridge network `name` (`id`).
+fn bridge_name(id: &str, name: &str, options: Option<&HashMap<String, String>>) -> String {
+    match options.and_then(|options| options.get(BRIDGE_NAME_OPTION)) {
+        Some(bridge) if !bridge.is_empty() => bridge.to_owned(),
+        // The daemon names the default network's bridge in its options; older ones did not.
+        _ if name == "bridge" => "docker0".to_owned(),
+        _ => format!("br-{}", &id[..id.len().min(12)]),
+    }
 }
 
 /// Go's strconv.ParseBool, which Docker uses for network options. Anything else is read as
@@ -365,7 +372,7 @@ pub struct DockerBridge {
     pub network: NetworkView,
 }
 
-fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
+pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -399,8 +406,12 @@ pub fn find(choice: DockerChoice, bridge: &str) -> Result<Option<DockerBridge>> 
     };
     match choice {
         DockerChoice::Off => return Ok(None),
-        DockerChoice::Auto if !in_host_netns() => {
-            return unavailable("not in the host's network namespace".to_owned());
+        // Another namespace's daemon (a Docker node in a namespace) is asked only when
+        // DOCKER_HOST names it.
+        DockerChoice::Auto if !in_host_netns() && std::env::var_os("DOCKER_HOST").is_none() => {
+            return unavailable(
+                "not in the host's network namespace (and DOCKER_HOST is not set)".to_owned(),
+            );
         }
         _ => {}
     }
