@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    NetNs(#[from] crate::netns::NetNsError),
     #[error("bridge {0} not found; list bridges with `ip -br link show type bridge`")]
     BridgeNotFound(String),
     #[error(

@@ -63,12 +63,14 @@ pub struct FollowOptions {
     pub docker: Option<DockerBridge>,
     /// After waiting this long for another writer, say who holds the bridge (and wait on).
     pub wait: Duration,
+    /// Becomes true when whoever started the follower wants it to stop (as on a signal).
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Why the follower stopped.
 #[derive(Debug)]
 pub enum Stopped {
-    /// SIGTERM or SIGINT: the datapath stays in place.
+    /// SIGTERM or SIGINT (or `FollowOptions::stop`): the datapath stays in place.
     Signal,
     /// `xbr detach` removed the pins.
     Detached,
@@ -89,8 +91,9 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
         signal(SignalKind::terminate()).map_err(|e| Error::io("handling SIGTERM", e))?;
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| Error::io("handling SIGINT", e))?;
+    let mut stop_asked = options.stop.clone();
     // One follower per bridge: a second one waits here until the first stops.
-    let _following = match stand_by(&pinned, &mut terminate, &mut interrupt).await? {
+    let _following = match stand_by(&pinned, &mut terminate, &mut interrupt, &mut stop_asked).await? {
         Ok(following) => following,
         Err(stopped) => return Ok(stopped),
     };
@@ -237,6 +240,7 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
             },
             _ = terminate.recv() => return Ok(stop(&mut pinned, &docker, options.wait)),
             _ = interrupt.recv() => return Ok(stop(&mut pinned, &docker, options.wait)),
+            _ = asked_to_stop(&mut stop_asked) => return Ok(stop(&mut pinned, &docker, options.wait)),
             _ = docker::changed(&mut docker) => dirty = true,
             _ = ruleset_changes.changed() => {
                 debug!("the netfilter ruleset changed");
@@ -280,6 +284,7 @@ async fn stand_by(
     pinned: &Pinned,
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
+    stop: &mut Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<std::result::Result<lock::Following, Stopped>> {
     let mut standing_by = false;
     let mut check = tokio::time::interval(PIN_CHECK);
@@ -311,7 +316,20 @@ async fn stand_by(
             _ = check.tick() => {}
             _ = terminate.recv() => return Ok(Err(Stopped::Signal)),
             _ = interrupt.recv() => return Ok(Err(Stopped::Signal)),
+            _ = asked_to_stop(stop) => return Ok(Err(Stopped::Signal)),
         }
+    }
+}
+
+/// Returns once `stop` says true; never without a `stop` (or once its sender is gone).
+async fn asked_to_stop(stop: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match stop {
+        Some(receiver) => {
+            if receiver.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod docker;
 pub mod egress;
+pub mod engine;
 pub mod error;
 pub mod features;
 pub mod follow;

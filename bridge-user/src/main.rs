@@ -44,6 +44,7 @@ mod report;
                   xbr status                  what is attached, with which mode\n  \
                   xbr stats docker0 --json    per-container counters for scripts\n  \
                   xbr detach docker0          back to the plain bridge\n  \
+                  xbr follow                  every Docker network, overlay (Swarm) ones too\n  \
                   xbr -n lab-host attach br0  the same inside network namespace lab-host\n  \
                   xbr lab up examples/lab.toml  build a lab of namespaces to try it on"
 )]
@@ -176,6 +177,26 @@ enum Command {
         bridge: String,
         #[command(flatten)]
         output: Output,
+    },
+    /// Follow every network of the Docker engine, present and future: bridge networks on
+    /// their bridges, overlay networks (Swarm) on the bridge in their namespace, each as
+    /// `xbr attach NETWORK --follow` would. One process per host. Networks that stay on
+    /// Docker's path (the ingress network, encrypted overlays, drivers without a bridge) are
+    /// named once with the reason. SIGTERM or Ctrl-C stop following and leave the datapaths
+    /// in place; an overlay network that leaves this host is detached.
+    #[command(after_help = "Examples:\n  \
+                            xbr follow                       every network of the local engine\n  \
+                            DOCKER_HOST=unix:///run/d2.sock xbr follow   another engine's")]
+    Follow {
+        /// Reconcile each network this often even without events (1 to 60 s), and list
+        /// Docker's networks again.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 30,
+            value_parser = clap::value_parser!(u64).range(1..=60)
+        )]
+        resync: u64,
     },
     /// Show attached bridges, their ports and endpoints, and the kernel features in use.
     Status {
@@ -333,6 +354,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 resync: std::time::Duration::from_secs(resync),
                 docker,
                 wait,
+                stop: None,
             };
             match xbr::follow::follow(pinned, options)? {
                 Stopped::Signal => {
@@ -409,6 +431,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 read_attachments(root, bridge.as_deref(), false, network.as_ref())?;
             report::stats(&attachments, output.json)
         }
+        Command::Follow { resync } => {
+            let features = features::detect();
+            if !features.sched_cls {
+                bail!(xbr::error::Error::MissingFeature {
+                    feature: "tc BPF programs (BPF_PROG_TYPE_SCHED_CLS)",
+                    detail: format!("kernel {} refused a test program", features.kernel),
+                });
+            }
+            let socket = xbr::docker::socket()?;
+            if !socket.exists() {
+                bail!(
+                    "no Docker socket at {} (start dockerd, or set DOCKER_HOST=unix:///PATH)",
+                    socket.display()
+                );
+            }
+            xbr::engine::follow_engine(xbr::engine::EngineOptions {
+                socket,
+                root: root.to_owned(),
+                features,
+                resync: std::time::Duration::from_secs(resync),
+                wait,
+            })?;
+            Ok(())
+        }
         Command::Lab(_) => unreachable!("handled above"),
     }
 }
@@ -422,7 +468,7 @@ impl Command {
             | Command::Unpublish { bridge, .. }
             | Command::Detach { bridge, .. } => Some(bridge),
             Command::Status { bridge, .. } | Command::Stats { bridge, .. } => bridge.as_mut(),
-            Command::Lab(_) => None,
+            Command::Follow { .. } | Command::Lab(_) => None,
         }
     }
 }

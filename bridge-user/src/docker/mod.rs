@@ -254,7 +254,7 @@ pub fn container_ports(container: &ContainerInspectResponse, network_id: &str) -
 // Talking to Docker.
 
 /// Docker's event stream.
-type Events =
+pub type Events =
     Pin<Box<dyn Stream<Item = std::result::Result<EventMessage, bollard::errors::Error>> + Send>>;
 
 /// A connection to the Docker daemon, on an API version it speaks.
@@ -323,6 +323,27 @@ impl Client {
             }
         }
         Ok(ports)
+    }
+
+    /// Networks created and removed, containers joining and leaving them: what changes the
+    /// networks a host carries (an overlay has a namespace here while a container is on it).
+    pub fn engine_events(&self) -> Events {
+        let filters = HashMap::from([
+            (
+                "type".to_owned(),
+                vec!["container".to_owned(), "network".to_owned()],
+            ),
+            (
+                "event".to_owned(),
+                ["start", "die", "create", "destroy", "connect", "disconnect"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+        ]);
+        Box::pin(self.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        })))
     }
 
     /// Container start/stop/die and network connect/disconnect: what changes published ports.
