@@ -20,6 +20,9 @@
 //! was made, and only the processes the lab started (checked by their command line) are
 //! signalled.
 //!
+//! A test process killed before its `Drop` ran leaves its lab up; `swarm-lab down --state
+//! /run/xbrsw-TAG/state.json` removes it.
+//!
 //! No `MachineLock` (docker_support.rs): that lock keeps two daemons from fighting over the
 //! root namespace's iptables chains, and a lab's daemons only touch the iptables and sysctls
 //! of their own node namespaces. What they share with the rest of the machine is
@@ -134,7 +137,10 @@ impl SwarmLab {
         // From here on, dropping `lab` removes whatever was made.
         lab.make_underlay();
         let image = lab.make_image_tar();
-        lab.start_daemons()?;
+        let started = lab.start_daemons();
+        // The pids are known now: a process that dies hard leaves the means to clean up.
+        lab.save_state();
+        started?;
         for node in &lab.nodes {
             node.docker(&[
                 "import",
@@ -403,6 +409,23 @@ impl SwarmLab {
             "lib_dir": self.lib_dir,
             "nodes": nodes,
         })
+    }
+
+    /// `<run dir>/state.json`: `swarm-lab down --state` on it removes the lab of a process
+    /// that died before its `Drop` ran.
+    pub fn state_file(&self) -> PathBuf {
+        self.run_dir.join("state.json")
+    }
+
+    fn save_state(&self) {
+        let text = serde_json::to_string_pretty(&self.state()).expect("JSON");
+        if let Err(e) = fs::write(self.state_file(), text + "\n") {
+            eprintln!(
+                "swarm lab {}: write {}: {e}",
+                self.tag,
+                self.state_file().display()
+            );
+        }
     }
 
     /// Tears down exactly the lab `state` (from `state`) names; the daemons' pids are only
@@ -879,8 +902,9 @@ fn kill_ours(pid: i32, marker: &str) {
         unsafe { libc::kill(pid, signal) };
         let started = Instant::now();
         while started.elapsed() < limit {
-            reap(pid);
             if !alive(pid) {
+                // Reaped after it died, or a child of ours would stay a zombie.
+                reap(pid);
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

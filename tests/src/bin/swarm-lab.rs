@@ -5,10 +5,12 @@
 //!     Builds lab TAG, overlay network `xbrov` (10.251.0.0/24, attachable), containers c1 on
 //!     node 1 and c2 on node 2 (`sleep 100000`), writes FILE (JSON: the nodes, the overlay
 //!     network and the containers) and exits with everything up. A failure tears down what
-//!     was made. Exit status 3: Docker cannot run on this machine (the reason is printed).
+//!     was made. Exit status 3: the lab cannot be built (Docker cannot run on this machine,
+//!     or a lab tagged TAG is already up); the reason is printed.
 //! swarm-lab down --state FILE
 //!     Tears down exactly what FILE names (daemons only while their command lines still name
-//!     the lab's paths), then removes FILE.
+//!     the lab's paths), then removes FILE. /run/xbrsw-TAG/state.json, which every lab
+//!     writes, serves too: for a lab whose test process was killed.
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
@@ -19,7 +21,7 @@ const USAGE: &str =
     "usage: swarm-lab up --tag TAG --state FILE\n       swarm-lab down --state FILE";
 const NETWORK: &str = "xbrov";
 const SUBNET: &str = "10.251.0.0/24";
-/// Exit status when Docker cannot run here, so a caller can report a skip.
+/// Exit status when the lab cannot be built here, so a caller can report a skip.
 const UNAVAILABLE: u8 = 3;
 
 enum Action {
@@ -92,7 +94,7 @@ fn up(tag: &str, state_file: &PathBuf) -> Result<String, (u8, String)> {
         ));
     }
     let lab = SwarmLab::up(tag)
-        .map_err(|reason| (UNAVAILABLE, format!("Docker cannot run here: {reason}")))?;
+        .map_err(|reason| (UNAVAILABLE, format!("lab {tag} not built: {reason}")))?;
     let network = lab.create_overlay(NETWORK, SUBNET);
     let containers = [(1, "c1"), (2, "c2")].map(|(node, name)| {
         let container = lab.run_container(node, name, NETWORK);
@@ -132,7 +134,11 @@ fn down(state_file: &PathBuf) -> Result<String, (u8, String)> {
     let state: Value = serde_json::from_str(&text)
         .map_err(|e| (1, format!("{}: not JSON: {e}", state_file.display())))?;
     SwarmLab::down_from_state(&state).map_err(|e| (1, e))?;
-    std::fs::remove_file(state_file)
-        .map_err(|e| (1, format!("remove {}: {e}", state_file.display())))?;
+    // Already gone when it was the lab's own (in its run dir).
+    if let Err(e) = std::fs::remove_file(state_file)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err((1, format!("remove {}: {e}", state_file.display())));
+    }
     Ok(format!("lab {} down", state["tag"].as_str().unwrap_or("?")))
 }
