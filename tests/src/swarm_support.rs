@@ -106,8 +106,9 @@ pub struct SwarmLab {
 impl SwarmLab {
     /// Builds the lab named by `tag` (letters, digits and `-`; unique among the labs that
     /// run at the same time, e.g. `lab_support::unique_name`): two nodes, containerd and
-    /// dockerd in each, a swarm of the two, the busybox image on both. `Err` says why Docker
-    /// cannot run here.
+    /// dockerd in each, a swarm of the two, the busybox image on both. `Err` says why the lab
+    /// cannot be built here (Docker cannot run, or a lab of this tag is up); a later step
+    /// that fails panics, naming it. Either way, what was made is removed.
     pub fn up(tag: &str) -> Result<SwarmLab, String> {
         check_tag(tag)?;
         crate::docker_support::ensure_installed()?;

@@ -3,7 +3,8 @@
 //! in each, an attachable overlay network, a container on each node. Checks that traffic
 //! crosses the overlay and that Docker built what xbr relies on: per node an overlay
 //! namespace with bridge `br0` and `vxlan0` (VNI, UDP port 4789), and static fdb entries for
-//! the remote containers' MACs pointing at the remote node's underlay address.
+//! the remote containers' MACs pointing at the remote node's underlay address, gone again
+//! when the remote container is.
 //!
 //! Not covered here: this kernel has no IPVS, so swarm services' virtual IPs
 //! (`--endpoint-mode vip`, the default) and the ingress routing mesh (`-p` on a service) do
@@ -138,6 +139,20 @@ fn docker_overlay_path_across_nodes() {
             .map(|_| ())
             .ok_or_else(|| format!("no `{} {remote} ... permanent` in:\n{fdb}", c2.mac))
     });
+
+    // A container that goes away takes its fdb entry on the other node with it.
+    lab.stop_container(2, "c2");
+    eventually(
+        "c2's fdb entry on node 1 gone",
+        Duration::from_secs(15),
+        || {
+            let fdb = in_netns(&overlay, "bridge", &["fdb", "show", "dev", "vxlan0"])?;
+            match fdb.lines().find(|line| line.contains(&c2.mac)) {
+                Some(line) => Err(format!("still there: {line}")),
+                None => Ok(()),
+            }
+        },
+    );
 
     let stopping = Instant::now();
     lab.down();
