@@ -8,6 +8,7 @@ pub mod flood;
 pub mod frames;
 pub mod lab_support;
 pub mod skip;
+pub mod swarm_support;
 pub mod traffic;
 pub mod witness;
 pub mod writers_support;
