@@ -7,6 +7,7 @@ pub mod docker_support;
 pub mod flood;
 pub mod frames;
 pub mod lab_support;
+pub mod overlay_support;
 pub mod skip;
 pub mod swarm_support;
 pub mod traffic;
