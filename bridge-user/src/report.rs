@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use bridge_common::{AttachMode, EndpointKey, NatEvent, PortStats, PublishedPort};
+use bridge_common::{AttachMode, Endpoint, EndpointKey, NatEvent, PortStats, PublishedPort};
 use serde_json::{Value, json};
 use xbr::{
     datapath::{Attached, Attachment, Detached, mode_name, uplink_mode_name},
@@ -498,12 +498,21 @@ fn skipped_json(plan: &Plan) -> Value {
 }
 
 /// The endpoint MAC of each port, from the pinned endpoints map.
+/// The container MAC behind each port (a VXLAN port's remote MACs are not its own).
 fn macs_by_port(attachment: &Attachment) -> BTreeMap<u32, EndpointKey> {
     attachment
         .endpoints
         .iter()
+        .filter(|(_, endpoint)| endpoint.flags & Endpoint::REMOTE == 0)
         .map(|(key, endpoint)| (endpoint.ifindex, *key))
         .collect()
+}
+
+/// A remote endpoint as people read it: its MAC and, when known, its IPv4 address.
+#[derive(serde::Serialize)]
+struct Remote {
+    mac: String,
+    ipv4: Option<String>,
 }
 
 struct PortLine {
@@ -512,6 +521,8 @@ struct PortLine {
     mac: Option<String>,
     container_interface: Option<String>,
     container_ips: Vec<String>,
+    /// A VXLAN port: the containers on other hosts that frames reach through it.
+    remotes: Vec<Remote>,
 }
 
 fn port_lines(attachment: &Attachment, view: Option<&BridgeView>) -> Vec<PortLine> {
@@ -532,6 +543,16 @@ fn port_lines(attachment: &Attachment, view: Option<&BridgeView>) -> Vec<PortLin
                 container_ips: peer
                     .map(|p| p.addresses.iter().map(|a| a.to_string()).collect())
                     .unwrap_or_default(),
+                remotes: attachment
+                    .endpoints
+                    .iter()
+                    .filter(|(_, e)| e.ifindex == *ifindex && e.flags & Endpoint::REMOTE != 0)
+                    .map(|(key, endpoint)| Remote {
+                        mac: format_mac(&key.mac),
+                        ipv4: (endpoint.ipv4 != [0; 4])
+                            .then(|| std::net::Ipv4Addr::from(endpoint.ipv4).to_string()),
+                    })
+                    .collect(),
             }
         })
         .collect()
@@ -620,6 +641,7 @@ pub fn status(
                             "name": line.name,
                             "ifindex": line.ifindex,
                             "endpoint_mac": line.mac,
+                            "remote_endpoints": line.remotes,
                             "container_interface": line.container_interface,
                             "container_ips": line.container_ips,
                             "hook": attachment.port_drift.get(&line.ifindex).map_or("ok", |d| d.name()),
@@ -793,6 +815,16 @@ pub fn status(
                 line.container_interface.as_deref().unwrap_or("-"),
                 line.container_ips.join(" ")
             );
+            for remote in &line.remotes {
+                println!(
+                    "  {:<16} {:>7}  {:<17}  {:<10} {}",
+                    "",
+                    "",
+                    remote.mac,
+                    "(remote)",
+                    remote.ipv4.as_deref().unwrap_or("")
+                );
+            }
         }
         let uplinks: Vec<String> = attachment
             .uplinks

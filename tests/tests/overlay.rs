@@ -89,19 +89,16 @@ impl VxlanCounters {
     }
 }
 
-/// Whether `xbr status --json` names `mac` anywhere in its bridge's entry (`bridges[]`: the
-/// ports and whatever lists remote endpoints), case-insensitively. Where xbr lists remote
-/// endpoints is not settled yet, so any mention counts; nothing else there names a remote MAC.
+/// Whether `xbr status --json` lists `mac` as a remote endpoint of the bridge's vxlan0 port
+/// (`bridges[].ports[].remote_endpoints[].mac`).
 fn status_lists_mac(pins: &SharedPinRoot, overlay: &str, mac: &str) -> bool {
-    fn mentions(value: &Value, mac: &str) -> bool {
-        match value {
-            Value::String(text) => text.eq_ignore_ascii_case(mac),
-            Value::Array(items) => items.iter().any(|item| mentions(item, mac)),
-            Value::Object(fields) => fields.values().any(|field| mentions(field, mac)),
-            _ => false,
-        }
-    }
-    mentions(&pins.status(overlay)["bridges"], mac)
+    let status = pins.status(overlay);
+    let ports = status["bridges"][0]["ports"].as_array().cloned().unwrap_or_default();
+    ports
+        .iter()
+        .filter(|port| port["name"] == "vxlan0")
+        .flat_map(|port| port["remote_endpoints"].as_array().cloned().unwrap_or_default())
+        .any(|remote| remote["mac"].as_str().is_some_and(|m| m.eq_ignore_ascii_case(mac)))
 }
 
 /// Ports of `br0` in overlay namespace `node` of `network`: the containers' veths and vxlan0.
