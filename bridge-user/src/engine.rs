@@ -43,6 +43,8 @@ pub struct EngineOptions {
     pub socket: PathBuf,
     pub root: PathBuf,
     pub features: Features,
+    /// Socket programs for bridge networks (an overlay namespace never has host clients).
+    pub socket_hooks: SocketHooksChoice,
     /// Each follower's full reconcile period, and the engine's own rescan of the networks.
     pub resync: Duration,
     pub wait: Duration,
@@ -291,7 +293,7 @@ fn follow_network(
     let socket_hooks = if overlay {
         SocketHooksChoice::Off
     } else {
-        SocketHooksChoice::Auto
+        options.socket_hooks.clone()
     };
     let attach = reconcile::AttachOptions {
         uplinks: vec![],

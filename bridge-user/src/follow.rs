@@ -93,10 +93,11 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
         signal(SignalKind::interrupt()).map_err(|e| Error::io("handling SIGINT", e))?;
     let mut stop_asked = options.stop.clone();
     // One follower per bridge: a second one waits here until the first stops.
-    let _following = match stand_by(&pinned, &mut terminate, &mut interrupt, &mut stop_asked).await? {
-        Ok(following) => following,
-        Err(stopped) => return Ok(stopped),
-    };
+    let _following =
+        match stand_by(&pinned, &mut terminate, &mut interrupt, &mut stop_asked).await? {
+            Ok(following) => following,
+            Err(stopped) => return Ok(stopped),
+        };
 
     let (mut connection, _, mut events) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,

@@ -197,6 +197,13 @@ enum Command {
             value_parser = clap::value_parser!(u64).range(1..=60)
         )]
         resync: u64,
+        /// As for `attach`: hook the socket programs of bridge networks to this cgroup v2
+        /// directory (default: the root, when the kernel can).
+        #[arg(long, value_name = "PATH", conflicts_with = "no_socket_hooks")]
+        cgroup: Option<PathBuf>,
+        /// As for `attach`: no socket programs for clients on the host.
+        #[arg(long)]
+        no_socket_hooks: bool,
     },
     /// Show attached bridges, their ports and endpoints, and the kernel features in use.
     Status {
@@ -272,7 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // BRIDGE may name a Docker network: find its bridge (and enter its namespace).
     let mut command = cli.command;
     let network = match command.bridge_mut() {
-        Some(bridge) if cli.netns.is_none() => {
+        Some(bridge) => {
             let placed = locate(bridge)?;
             if let Some(placed) = &placed {
                 bridge.clone_from(&placed.bridge);
@@ -318,11 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mirror_docker: follow,
                 leaving: &[],
             };
-            let socket_hooks = match (cgroup, no_socket_hooks) {
-                (_, true) => datapath::SocketHooksChoice::Off,
-                (Some(path), false) => datapath::SocketHooksChoice::At(path),
-                (None, false) => datapath::SocketHooksChoice::Auto,
-            };
+            let socket_hooks = socket_hooks_choice(cgroup, no_socket_hooks);
             let options = reconcile::AttachOptions {
                 uplinks,
                 default_uplinks: true,
@@ -431,7 +434,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 read_attachments(root, bridge.as_deref(), false, network.as_ref())?;
             report::stats(&attachments, output.json)
         }
-        Command::Follow { resync } => {
+        Command::Follow {
+            resync,
+            cgroup,
+            no_socket_hooks,
+        } => {
             let features = features::detect();
             if !features.sched_cls {
                 bail!(xbr::error::Error::MissingFeature {
@@ -450,12 +457,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 socket,
                 root: root.to_owned(),
                 features,
+                socket_hooks: socket_hooks_choice(cgroup, no_socket_hooks),
                 resync: std::time::Duration::from_secs(resync),
                 wait,
             })?;
             Ok(())
         }
         Command::Lab(_) => unreachable!("handled above"),
+    }
+}
+
+fn socket_hooks_choice(
+    cgroup: Option<PathBuf>,
+    no_socket_hooks: bool,
+) -> datapath::SocketHooksChoice {
+    match (cgroup, no_socket_hooks) {
+        (_, true) => datapath::SocketHooksChoice::Off,
+        (Some(path), false) => datapath::SocketHooksChoice::At(path),
+        (None, false) => datapath::SocketHooksChoice::Auto,
     }
 }
 

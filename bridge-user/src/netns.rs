@@ -241,10 +241,15 @@ pub fn enter_path(path: &Path) -> Result<(), NetNsError> {
     })
 }
 
-/// Whether `path` is a live namespace (an nsfs file, or a bind mount of one) with inode `inode`.
-pub fn path_is(path: &Path, inode: u64) -> bool {
+/// Whether `path` is a namespace: an nsfs file, or a bind mount of one (a mount point left
+/// without its mount is a plain file).
+pub fn is_namespace(path: &Path) -> bool {
     statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as u64 == NSFS_MAGIC)
-        && fs::metadata(path).is_ok_and(|meta| meta.ino() == inode)
+}
+
+/// Whether `path` is a namespace with inode `inode`.
+pub fn path_is(path: &Path, inode: u64) -> bool {
+    is_namespace(path) && fs::metadata(path).is_ok_and(|meta| meta.ino() == inode)
 }
 
 /// Inode of the calling thread's network namespace; it keys per-namespace pins.

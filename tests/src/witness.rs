@@ -193,15 +193,17 @@ pub fn xbr_quietly(args: &[&str]) {
     }
 }
 
-/// Tests never hook socket programs to the machine's root cgroup, which `xbr attach` does by
-/// default: an attach without `--cgroup` gets `--no-socket-hooks`. Every test's xbr command
+/// Tests never hook socket programs to the machine's root cgroup, which `xbr attach` and
+/// `xbr follow` do by default: one without `--cgroup` gets `--no-socket-hooks`. Every test's xbr command
 /// line goes through this.
 pub fn without_root_cgroup<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut args = args.to_vec();
     let chooses = |arg: &&str| {
         *arg == "--cgroup" || arg.starts_with("--cgroup=") || *arg == "--no-socket-hooks"
     };
-    if let Some(at) = args.iter().position(|arg| *arg == "attach")
+    if let Some(at) = args
+        .iter()
+        .position(|arg| *arg == "attach" || *arg == "follow")
         && !args.iter().any(chooses)
     {
         args.insert(at + 1, "--no-socket-hooks");

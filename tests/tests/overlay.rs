@@ -21,7 +21,6 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use serde_json::Value;
 use xbr_tests::{
     lab_support::{assert_ping, ip_in, netns_list, ping},
     overlay_support::{
@@ -93,12 +92,24 @@ impl VxlanCounters {
 /// (`bridges[].ports[].remote_endpoints[].mac`).
 fn status_lists_mac(pins: &SharedPinRoot, overlay: &str, mac: &str) -> bool {
     let status = pins.status(overlay);
-    let ports = status["bridges"][0]["ports"].as_array().cloned().unwrap_or_default();
+    let ports = status["bridges"][0]["ports"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     ports
         .iter()
         .filter(|port| port["name"] == "vxlan0")
-        .flat_map(|port| port["remote_endpoints"].as_array().cloned().unwrap_or_default())
-        .any(|remote| remote["mac"].as_str().is_some_and(|m| m.eq_ignore_ascii_case(mac)))
+        .flat_map(|port| {
+            port["remote_endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|remote| {
+            remote["mac"]
+                .as_str()
+                .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+        })
 }
 
 /// Ports of `br0` in overlay namespace `node` of `network`: the containers' veths and vxlan0.

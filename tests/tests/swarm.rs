@@ -12,14 +12,17 @@
 //! Skipped, with the reason printed, only where Docker cannot run.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use aya::programs::{SchedClassifier, tc::TcAttachType};
+use serde_json::Value;
 use xbr_tests::{
     lab_support::unique_name,
     skip::skip,
-    swarm_support::{SwarmLab, in_netns_path},
+    swarm_support::{Node, SwarmLab, in_netns_path},
+    witness::{Follower, without_root_cgroup, xbr_binary},
 };
 
 const NETWORK: &str = "xbrov";
@@ -157,4 +160,360 @@ fn docker_overlay_path_across_nodes() {
     let stopping = Instant::now();
     lab.down();
     eprintln!("lab down in {:.1} s", stopping.elapsed().as_secs_f64());
+}
+
+/// An nftables counter of the unicast IPv4 frames bridge `br0` forwards in an overlay
+/// namespace (given by path): frames xbr redirects never reach the bridge's forward hook.
+struct OverlayWitness {
+    netns: PathBuf,
+}
+
+impl OverlayWitness {
+    fn install(netns: &Path) -> OverlayWitness {
+        let nft = |args: &[&str]| {
+            in_netns(netns, "nft", args).unwrap_or_else(|e| panic!("installing the witness: {e}"))
+        };
+        nft(&["add", "table", "bridge", "xbr_witness"]);
+        nft(&[
+            "add chain bridge xbr_witness forward { type filter hook forward priority 0; policy accept; }",
+        ]);
+        nft(&[
+            "add rule bridge xbr_witness forward ether type ip ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 counter",
+        ]);
+        OverlayWitness {
+            netns: netns.to_owned(),
+        }
+    }
+
+    fn ipv4_unicast(&self) -> u64 {
+        let listing = in_netns(
+            &self.netns,
+            "nft",
+            &["-j", "list", "table", "bridge", "xbr_witness"],
+        )
+        .unwrap_or_else(|e| panic!("reading the witness: {e}"));
+        let json: Value = serde_json::from_str(&listing).expect("nft -j prints JSON");
+        json["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item["rule"]["expr"].as_array())
+            .flatten()
+            .find_map(|expr| expr["counter"]["packets"].as_u64())
+            .expect("the witness rule has a counter")
+    }
+}
+
+/// A pin root of this test's own, removed on drop (after the lab, whose namespaces take the
+/// hooks with their devices: declare it before the lab).
+struct Pins {
+    path: PathBuf,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A program of the test's own in a namespace given by path, killed by pid on drop.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `xbr -n NODE --pin-root PINS ARGS...` with the node's Docker as DOCKER_HOST.
+fn xbr_on(node: &Node, pins: &Pins, args: &[&str]) -> (i32, String, String) {
+    let mut full = vec![
+        "-n",
+        node.netns_name(),
+        "--pin-root",
+        pins.path.to_str().expect("UTF-8 pin root"),
+    ];
+    full.extend_from_slice(args);
+    let output = std::process::Command::new(xbr_binary())
+        .env("DOCKER_HOST", node.docker_host())
+        .args(without_root_cgroup(&full))
+        .output()
+        .expect("run xbr");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn xbr_on_ok(node: &Node, pins: &Pins, args: &[&str]) -> String {
+    let (code, stdout, stderr) = xbr_on(node, pins, args);
+    assert_eq!(code, 0, "`xbr {}` failed: {stderr}", args.join(" "));
+    stdout
+}
+
+/// The vxlan0 row of `xbr stats NETWORK --json` on `node`.
+fn vxlan0_stats(node: &Node, pins: &Pins) -> Value {
+    let stats: Value = serde_json::from_str(&xbr_on_ok(node, pins, &["stats", NETWORK, "--json"]))
+        .expect("stats --json");
+    stats["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["port"] == "vxlan0")
+        .cloned()
+        .unwrap_or_else(|| panic!("no vxlan0 row in {stats}"))
+}
+
+/// The MACs `xbr status NETWORK --json` lists behind vxlan0 on `node`.
+fn remote_macs(node: &Node, pins: &Pins) -> Vec<String> {
+    let status: Value =
+        serde_json::from_str(&xbr_on_ok(node, pins, &["status", NETWORK, "--json"]))
+            .expect("status --json");
+    status["bridges"][0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|port| port["name"] == "vxlan0")
+        .flat_map(|port| {
+            port["remote_endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|remote| remote["mac"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Names of the tc (tcx) programs on `port` in the namespace at `netns`.
+fn tcx_programs(netns: &Path, port: &str) -> Vec<String> {
+    let (netns, port) = (netns.to_owned(), port.to_owned());
+    std::thread::spawn(move || {
+        xbr::netns::enter_path(&netns).expect("enter the overlay namespace");
+        match SchedClassifier::query_tcx(&port, TcAttachType::Ingress) {
+            Ok((_, programs)) => programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    })
+    .join()
+    .expect("query thread")
+}
+
+/// `xbr follow` on both nodes: the overlay network is followed in its namespace on each,
+/// traffic across the nodes (ping, HTTP, a TCP stream) skips br0 on both (the nft witness
+/// stays flat) while xbr's vxlan0 counters grow, a container stopped on node 2 stops being a
+/// destination on node 1 within a second, and the followers' exit plus `xbr detach NETWORK`
+/// leave no program and no pin.
+#[test]
+fn xbr_follow_accelerates_the_overlay_across_nodes() {
+    const TEST: &str = "xbr_follow_accelerates_the_overlay_across_nodes";
+    if !xbr::features::detect().tcx {
+        skip(
+            TEST,
+            "the kernel has no tcx links (6.6+), which this test inspects",
+        );
+        return;
+    }
+    let pins = Pins {
+        path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbrsw"))),
+    };
+    let lab = match SwarmLab::up(&unique_name("sw")) {
+        Ok(lab) => lab,
+        Err(reason) => {
+            skip(TEST, &reason);
+            return;
+        }
+    };
+    let network = lab.create_overlay(NETWORK, SUBNET);
+    let c1 = lab.run_container(1, "c1", NETWORK);
+    let c2 = lab.run_container(2, "c2", NETWORK);
+    let (node1, node2) = (lab.node(1), lab.node(2));
+    let overlays = [node1.overlay_netns(&network), node2.overlay_netns(&network)];
+
+    let pin_root = pins.path.to_str().expect("UTF-8 pin root");
+    let followers: Vec<Follower> = [node1, node2]
+        .iter()
+        .map(|node| {
+            let host = node.docker_host();
+            let follower = Follower::start_quietly(
+                &[("DOCKER_HOST", host.as_str())],
+                &["-n", node.netns_name(), "--pin-root", pin_root, "follow"],
+            );
+            follower.wait_for_log(
+                &format!("following Docker network {NETWORK} (overlay)"),
+                Duration::from_secs(20),
+            );
+            follower
+        })
+        .collect();
+    for follower in &followers {
+        let log = follower.log();
+        assert!(
+            log.contains("Docker network ingress stays on Docker's path"),
+            "the ingress network is left to Docker, and said so: {log}"
+        );
+    }
+    let witnesses: Vec<OverlayWitness> = overlays
+        .iter()
+        .map(|o| OverlayWitness::install(o))
+        .collect();
+    let stats_before = [vxlan0_stats(node1, &pins), vxlan0_stats(node2, &pins)];
+    let forwarded_before: Vec<u64> = witnesses.iter().map(OverlayWitness::ipv4_unicast).collect();
+
+    // Ping, HTTP and a TCP stream from c1 on node 1 to c2 on node 2.
+    let c2_ip = c2.ip.to_string();
+    eventually("ping c1 -> c2", Duration::from_secs(15), || {
+        in_netns(&c1.sandbox_key, "ping", &["-c", "1", "-W", "1", &c2_ip]).map(|_| ())
+    });
+    in_netns(&c1.sandbox_key, "ping", &["-c", "5", "-i", "0.2", &c2_ip])
+        .unwrap_or_else(|e| panic!("ping across nodes: {e}"));
+    node2.docker(&[
+        "exec",
+        "c2",
+        "sh",
+        "-c",
+        &format!(
+            "printf '{}' >/www/index.html && httpd -p 80 -h /www",
+            PAGE.escape_default()
+        ),
+    ]);
+    let url = format!("http://{c2_ip}/index.html");
+    let page = in_netns(
+        &c1.sandbox_key,
+        "timeout",
+        &["10", "busybox", "wget", "-q", "-O", "-", &url],
+    )
+    .unwrap_or_else(|e| panic!("HTTP across nodes: {e}"));
+    assert_eq!(page, PAGE, "c1's GET {url}");
+    let _server = Background(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", c2.sandbox_key.display()))
+            .args(["iperf3", "-s", "-1", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start iperf3 in c2"),
+    );
+    let report = eventually("an iperf3 stream c1 -> c2", Duration::from_secs(10), || {
+        in_netns(
+            &c1.sandbox_key,
+            "iperf3",
+            &["-c", &c2_ip, "-p", "5201", "-t", "2", "-J"],
+        )
+    });
+    let report: Value = serde_json::from_str(&report).expect("iperf3 -J prints JSON");
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(received > 1 << 20, "the stream moved {received} bytes");
+
+    // Neither bridge forwarded IPv4 between the containers; xbr carried it both ways.
+    for (node, witness) in witnesses.iter().enumerate() {
+        assert_eq!(
+            witness.ipv4_unicast(),
+            forwarded_before[node],
+            "br0 on node {} forwarded unicast IPv4",
+            node + 1
+        );
+    }
+    for (index, node) in [node1, node2].into_iter().enumerate() {
+        let (was, now) = (&stats_before[index], vxlan0_stats(node, &pins));
+        let grew =
+            |field: &str| now[field].as_u64().unwrap_or(0) - was[field].as_u64().unwrap_or(0);
+        // Node 1 sends the stream out of vxlan0 and gets the ACKs; node 2 the other way.
+        let (sent, got) = (grew("delivered_bytes"), grew("fast_path_bytes"));
+        let (sender_side, receiver_side) = if index == 0 { (sent, got) } else { (got, sent) };
+        assert!(
+            sender_side >= received,
+            "node {}: the stream's {received} bytes should cross vxlan0 on the fast path: {was} -> {now}",
+            index + 1
+        );
+        assert!(
+            receiver_side > 0,
+            "node {}: the replies should cross vxlan0 on the fast path: {was} -> {now}",
+            index + 1
+        );
+    }
+
+    // c2 stops: node 1 stops sending to it within a second of Docker removing its entry.
+    assert!(
+        remote_macs(node1, &pins).contains(&c2.mac),
+        "c2 {} is a remote endpoint on node 1",
+        c2.mac
+    );
+    lab.stop_container(2, "c2");
+    let fdb_gone = Instant::now();
+    eventually(
+        "c2's fdb entry gone on node 1",
+        Duration::from_secs(15),
+        || {
+            let fdb = in_netns(&overlays[0], "bridge", &["fdb", "show", "dev", "vxlan0"])?;
+            match fdb.contains(&c2.mac) {
+                true => Err(fdb),
+                false => Ok(()),
+            }
+        },
+    );
+    eventually(
+        "c2 no longer a destination on node 1",
+        Duration::from_secs(1),
+        || match remote_macs(node1, &pins).contains(&c2.mac) {
+            true => Err(format!(
+                "still listed {:?} after Docker removed it",
+                fdb_gone.elapsed()
+            )),
+            false => Ok(()),
+        },
+    );
+
+    // The followers stop (the datapath stays), then detach by network name.
+    for follower in &followers {
+        follower.terminate();
+    }
+    for mut follower in followers {
+        assert_eq!(
+            follower.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "the follower exits cleanly on SIGTERM: {}",
+            follower.log()
+        );
+    }
+    assert!(
+        tcx_programs(&overlays[0], "vxlan0").contains(&"port_ingress".to_owned()),
+        "the datapath stays on node 1 after the follower's exit"
+    );
+    for node in [node1, node2] {
+        for network in [NETWORK, "docker_gwbridge", "bridge"] {
+            let (code, _, stderr) = xbr_on(node, &pins, &["detach", network]);
+            assert!(
+                code == 0 || stderr.contains("not attached"),
+                "`xbr detach {network}` on node {}: {stderr}",
+                node.number()
+            );
+        }
+    }
+    for port in ["vxlan0", "br0"] {
+        assert!(
+            tcx_programs(&overlays[0], port).is_empty(),
+            "a program is left on {port} in node 1's overlay namespace"
+        );
+    }
+    let left: Vec<String> = walk(&pins.path);
+    assert!(left.is_empty(), "pins left behind: {left:?}");
+}
+
+/// Every file below `dir` (pins), as paths.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path.display().to_string());
+        }
+    }
+    files
 }

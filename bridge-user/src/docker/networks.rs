@@ -76,8 +76,8 @@ pub fn place(
             )),
             Some(_) => Err(format!("Docker gave it an id too short to name it ({id})")),
             None => Err(
-                "no container of this host is on it, so it has no namespace \
-                         here yet (start one, or follow all networks with `xbr follow`)"
+                "no container of this host is on it, so it has no namespace here \
+                         yet (start one on it)"
                     .to_owned(),
             ),
         },
@@ -105,8 +105,56 @@ impl Client {
             }) => return Ok(None),
             Err(e) => return Err(Error::docker(format!("inspecting network {name}"), e)),
         };
-        let sandboxes = self.sandboxes(&network).await?;
-        Ok(Some(place(&network, sandboxes.as_deref())))
+        let sandboxes = match self.sandboxes(&network).await? {
+            Some(dir) => Some(dir),
+            None => self.any_sandboxes().await?,
+        };
+        let placed = place(&network, sandboxes.as_deref()).and_then(|placed| match &placed.netns {
+            // Docker makes an overlay's namespace when a container of this host joins it, and
+            // removes it when nothing of this host (a container, its load balancer) is left.
+            Some(path) if !crate::netns::is_namespace(path) => Err(format!(
+                "nothing of this host is on it, so it has no namespace here ({} does not \
+                 exist; start a container on it)",
+                path.display()
+            )),
+            _ => Ok(placed),
+        });
+        Ok(Some(placed))
+    }
+
+    /// The daemon's directory of namespace files, from any container of this host.
+    async fn any_sandboxes(&self) -> Result<Option<PathBuf>> {
+        let containers = self
+            .docker
+            .list_containers(None::<bollard::query_parameters::ListContainersOptions>)
+            .await
+            .map_err(|e| Error::docker("listing containers", e))?;
+        for id in containers.into_iter().filter_map(|c| c.id) {
+            if let Some(dir) = self.sandbox_dir_of(&id).await? {
+                return Ok(Some(dir));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The directory of container `id`'s namespace file; `None` when it has none (or is gone).
+    async fn sandbox_dir_of(&self, id: &str) -> Result<Option<PathBuf>> {
+        let container = match self.docker.inspect_container(id, None).await {
+            Ok(container) => container,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(Error::docker(format!("inspecting container {id}"), e)),
+        };
+        let key = container
+            .network_settings
+            .and_then(|settings| settings.sandbox_key)
+            .filter(|key| !key.is_empty());
+        Ok(key
+            .as_deref()
+            .map(Path::new)
+            .and_then(Path::parent)
+            .map(Path::to_owned))
     }
 
     /// Every network of the engine and where it is carried here (or why not), by name.
@@ -140,19 +188,8 @@ impl Client {
             .collect();
         ids.sort();
         for id in ids {
-            let container = match self.docker.inspect_container(id, None).await {
-                Ok(container) => container,
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => continue,
-                Err(e) => return Err(Error::docker(format!("inspecting container {id}"), e)),
-            };
-            let key = container
-                .network_settings
-                .and_then(|settings| settings.sandbox_key)
-                .filter(|key| !key.is_empty());
-            if let Some(dir) = key.as_deref().map(Path::new).and_then(Path::parent) {
-                return Ok(Some(dir.to_owned()));
+            if let Some(dir) = self.sandbox_dir_of(id).await? {
+                return Ok(Some(dir));
             }
         }
         Ok(None)
