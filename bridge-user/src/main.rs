@@ -49,7 +49,8 @@ mod report;
                   xbr lab up examples/lab.toml  build a lab of namespaces to try it on"
 )]
 struct Cli {
-    /// Run in network namespace NAME (as created by `ip netns add`), like `ip -n NAME`.
+    /// Run in network namespace NAME (as created by `ip netns add`), like `ip -n NAME`; a
+    /// path names a namespace file (/proc/PID/ns/net, /var/run/docker/netns/1-0123456789).
     #[arg(short = 'n', long = "netns", global = true, value_name = "NAME")]
     netns: Option<String>,
     /// More log output: -v info, -vv debug (also logs from the eBPF programs of a new
@@ -71,7 +72,8 @@ struct Cli {
 enum Command {
     /// Attach the fast path to BRIDGE's veth ports, pin it and exit.
     Attach {
-        /// The bridge, e.g. docker0, br-1a2b3c4d5e6f, cni0.
+        /// The bridge, e.g. docker0, br-1a2b3c4d5e6f, cni0; or a Docker network's name or ID
+        /// (an overlay network: its bridge br0, in its namespace).
         bridge: String,
         /// How to hook the ports: tcx links (kernel 6.6+) or a clsact qdisc with a cls_bpf filter.
         #[arg(long, value_enum, default_value = "auto")]
@@ -425,8 +427,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report::detached(&bridge, &detached, output.json)
         }
         Command::Status { bridge, output } => {
-            let (attachments, incomplete) =
+            let (mut attachments, mut incomplete) =
                 read_attachments(root, bridge.as_deref(), true, network.as_ref())?;
+            if bridge.is_none() {
+                for (more, unfinished) in overlay_attachments(root)? {
+                    attachments.extend(more);
+                    incomplete.extend(unfinished);
+                }
+            }
             report::status(&attachments, &incomplete, &features::detect(), output.json)
         }
         Command::Stats { bridge, output } => {
@@ -531,6 +539,39 @@ fn locate(name: &str) -> anyhow::Result<Option<xbr::docker::networks::Placed>> {
     }
     tracing::info!(network = %placed.name, bridge = %placed.bridge, "using Docker network");
     Ok(Some(placed))
+}
+
+type Attachments = (Vec<report::Observed>, Vec<report::Incomplete>);
+
+/// The attachments in the namespaces of Docker's overlay networks (when Docker answers):
+/// `xbr status` on a Swarm node shows them beside the bridges of this namespace.
+fn overlay_attachments(root: &std::path::Path) -> anyhow::Result<Vec<Attachments>> {
+    let Ok(socket) = xbr::docker::socket() else {
+        return Ok(vec![]);
+    };
+    if !socket.exists() {
+        return Ok(vec![]);
+    }
+    let Ok(Ok(networks)) = xbr::docker::block_on(async {
+        let client = xbr::docker::Client::connect(&socket).await?;
+        client.all_placed().await
+    }) else {
+        return Ok(vec![]);
+    };
+    let mut found = Vec::new();
+    for placed in networks.into_iter().filter_map(|(_, placed)| placed.ok()) {
+        let Some(path) = placed.netns.clone() else {
+            continue;
+        };
+        let attachments = netns::run_in_path(&path, || {
+            let attached = pins::bridge_dir(root, &placed.bridge).is_ok_and(|dir| dir.exists());
+            attached
+                .then(|| read_attachments(root, Some(&placed.bridge), true, Some(&placed)))
+                .transpose()
+        })?;
+        found.extend(attachments?);
+    }
+    Ok(found)
 }
 
 /// Pinned attachments, each with a fresh look at its bridge (names, container IPs, and

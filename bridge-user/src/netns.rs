@@ -221,6 +221,20 @@ pub fn enter(name: &str) -> Result<(), NetNsError> {
     })
 }
 
+/// Runs `f` on a scoped thread that has entered the namespace at `path` (as `NetNs::run`).
+pub fn run_in_path<T: Send, F: FnOnce() -> T + Send>(path: &Path, f: F) -> Result<T, NetNsError> {
+    thread::scope(|scope| {
+        let worker = thread::Builder::new()
+            .name("xbr-netns-run".into())
+            .spawn_scoped(scope, move || enter_path(path).map(|()| f()))
+            .map_err(|cause| NetNsError::Thread {
+                name: path.display().to_string(),
+                cause,
+            })?;
+        join(worker)
+    })
+}
+
 /// Enters the network namespace at `path` on the calling thread, for good.
 pub fn enter_path(path: &Path) -> Result<(), NetNsError> {
     let name = path.display().to_string();

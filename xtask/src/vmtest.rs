@@ -37,9 +37,11 @@ const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
 /// What the suites use, loaded with the host's modprobe from the kernel's own tree; the
 /// kernel's autoloader (pointed at the same modprobe) brings in whatever else they touch.
 /// Names a kernel does not have (nft_counter became part of nf_tables in 5.x) are left out.
-const TEST_MODULES: [&str; 10] = [
+const TEST_MODULES: [&str; 11] = [
     "veth",
     "bridge",
+    // The overlay suite's VXLAN ports (Docker's overlay networks).
+    "vxlan",
     "sch_ingress",
     "cls_bpf",
     "nf_tables",
@@ -160,6 +162,7 @@ struct Binaries {
     nat_packet: PathBuf,
     egress_packet: PathBuf,
     egress: PathBuf,
+    overlay: PathBuf,
     east_west: PathBuf,
     published: PathBuf,
     sockets: PathBuf,
@@ -191,6 +194,7 @@ impl Binaries {
             nat_packet: find("nat_packet")?,
             egress_packet: find("egress_packet")?,
             egress: find("egress")?,
+            overlay: find("overlay")?,
             east_west: find("east_west")?,
             published: find("published")?,
             sockets: find("sockets")?,
@@ -316,6 +320,16 @@ fn default_suites(binaries: &Binaries, vmtest_dir: &Path) -> anyhow::Result<Vec<
         Suite {
             name: "egress".to_owned(),
             argv: vec![program(&binaries.egress)],
+            dir: tests_dir.clone(),
+            timeout: Duration::from_secs(300),
+            needs: None,
+        },
+        // Docker's overlay layout across two nodes (br0 + vxlan0 in an overlay namespace per
+        // node): remote MACs out of vxlan0 and decapsulated frames into containers, skipping
+        // br0; a removed peer stops being a destination; two overlays stay isolated.
+        Suite {
+            name: "overlay".to_owned(),
+            argv: vec![program(&binaries.overlay)],
             dir: tests_dir.clone(),
             timeout: Duration::from_secs(300),
             needs: None,
