@@ -7,7 +7,10 @@ use std::path::PathBuf;
 pub enum Error {
     #[error(transparent)]
     NetNs(#[from] crate::netns::NetNsError),
-    #[error("bridge {0} not found; list bridges with `ip -br link show type bridge`")]
+    #[error(
+        "bridge {0} not found; list bridges with `ip -br link show type bridge` (or Docker \
+         networks with `docker network ls`)"
+    )]
     BridgeNotFound(String),
     #[error(
         "{name} is a {kind} device, not a bridge; list bridges with `ip -br link show type bridge`"
