@@ -306,13 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             docker,
             output,
         } => {
-            let features = features::detect();
-            if !features.sched_cls {
-                bail!(xbr::error::Error::MissingFeature {
-                    feature: "tc BPF programs (BPF_PROG_TYPE_SCHED_CLS)",
-                    detail: format!("kernel {} refused a test program", features.kernel),
-                });
-            }
+            let features = tc_features()?;
             // One writer at a time, from the first look at the bridge to the last write.
             let writer = lock::Writer::acquire(root, &bridge, true, wait)?;
             let docker = xbr::docker::find(docker, &bridge)?;
@@ -447,13 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cgroup,
             no_socket_hooks,
         } => {
-            let features = features::detect();
-            if !features.sched_cls {
-                bail!(xbr::error::Error::MissingFeature {
-                    feature: "tc BPF programs (BPF_PROG_TYPE_SCHED_CLS)",
-                    detail: format!("kernel {} refused a test program", features.kernel),
-                });
-            }
+            let features = tc_features()?;
             let socket = xbr::docker::socket()?;
             if !socket.exists() {
                 bail!(
@@ -473,6 +461,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Lab(_) => unreachable!("handled above"),
     }
+}
+
+/// This kernel's features, when it runs tc BPF programs at all (else nothing can attach).
+fn tc_features() -> anyhow::Result<features::Features> {
+    let features = features::detect();
+    if !features.sched_cls {
+        bail!(xbr::error::Error::MissingFeature {
+            feature: "tc BPF programs (BPF_PROG_TYPE_SCHED_CLS)",
+            detail: format!("kernel {} refused a test program", features.kernel),
+        });
+    }
+    Ok(features)
 }
 
 fn socket_hooks_choice(

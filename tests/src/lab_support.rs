@@ -169,7 +169,8 @@ pub fn assert_ping(netns: &str, addr: Ipv4Addr) {
     );
 }
 
-fn run(program: &str, args: &[&str]) -> String {
+/// Runs a command and panics with its stderr unless it succeeds; returns stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)
         .args(args)
         .output()

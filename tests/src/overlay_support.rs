@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use xbr::netns::NetNs;
 
-use crate::lab_support::unique_name;
+use crate::lab_support::{run, unique_name};
 use crate::witness::{without_root_cgroup, xbr_ok, xbr_quietly};
 
 /// The VXLAN UDP port Docker uses.
@@ -504,18 +504,4 @@ pub fn vxlan_destinations(overlay: &str, mac: &str) -> Vec<String> {
         .filter(|line| line.starts_with(mac) && line.contains(" dst "))
         .map(str::to_owned)
         .collect()
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|error| panic!("cannot run {program} {}: {error}", args.join(" ")));
-    assert!(
-        output.status.success(),
-        "`{program} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }

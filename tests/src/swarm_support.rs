@@ -42,6 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::lab_support::run;
 use xbr::netns::NetNs;
 
 const DOCKER: &str = "/usr/bin/docker";
@@ -841,21 +842,6 @@ fn check_tag(tag: &str) -> Result<(), String> {
             "lab tag `{tag}`: use 1 to 24 letters, digits or `-` (it names namespaces and paths)"
         ))
     }
-}
-
-/// Runs a command and panics with its stderr unless it succeeds; returns stdout.
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Whether `pid` runs (a zombie does not).

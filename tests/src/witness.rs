@@ -65,6 +65,33 @@ impl BridgeForwardCounter {
     }
 }
 
+/// The packet count of the first counter in `nft -j list table ...` output.
+pub fn first_counter(listing: &[u8]) -> u64 {
+    let json: serde_json::Value = serde_json::from_slice(listing).expect("nft -j prints JSON");
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item["rule"]["expr"].as_array())
+        .flatten()
+        .find_map(|expr| expr["counter"]["packets"].as_u64())
+        .expect("the witness rule has a counter")
+}
+
+/// The MACs `xbr status --json` lists behind the first bridge's port `port` as containers on
+/// other hosts (`bridges[0].ports[].remote_endpoints[].mac`), lower case.
+pub fn remote_endpoint_macs(status: &serde_json::Value, port: &str) -> Vec<String> {
+    status["bridges"][0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["name"] == port)
+        .filter_map(|entry| entry["remote_endpoints"].as_array())
+        .flatten()
+        .filter_map(|remote| remote["mac"].as_str().map(str::to_lowercase))
+        .collect()
+}
+
 /// `nft ARGS...` in `netns` (`stdin` fed to it: `-f -`); panics when nft fails.
 pub fn nft(netns: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut command = Command::new("ip");

@@ -21,7 +21,7 @@ use xbr_tests::{
     cni_driver::{SYSTEM_PLUGIN_DIR, SYSTEM_PLUGINS, TempDir, verdict_total, xbr_cni_binary},
     lab_support::unique_name,
     skip::skip,
-    witness::{tcp_echo, xbr, xbr_quietly},
+    witness::{first_counter, tcp_echo, xbr, xbr_quietly},
 };
 
 const TEST: &str = "podman_containers_take_the_fast_path_through_their_lifecycle";
@@ -129,15 +129,7 @@ impl BridgeWitness {
             .args(["-j", "list", "table", "bridge", &self.table])
             .output()
             .expect("run nft");
-        let json: Value = serde_json::from_slice(&output.stdout).expect("nft -j prints JSON");
-        json["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|item| item["rule"]["expr"].as_array())
-            .flatten()
-            .find_map(|e| e["counter"]["packets"].as_u64())
-            .expect("the witness rule has a counter")
+        first_counter(&output.stdout)
     }
 }
 

@@ -28,8 +28,8 @@ use xbr_tests::{
         send_udp, tcp_connects, vxlan_destinations,
     },
     witness::{
-        BridgeForwardCounter, Follower, IngressCounter, tc_ingress_filters, tc_programs, tc_qdiscs,
-        tcp_echo, udp_echo, wait_for,
+        BridgeForwardCounter, Follower, IngressCounter, remote_endpoint_macs, tc_ingress_filters,
+        tc_programs, tc_qdiscs, tcp_echo, udp_echo, wait_for,
     },
 };
 
@@ -91,25 +91,7 @@ impl VxlanCounters {
 /// Whether `xbr status --json` lists `mac` as a remote endpoint of the bridge's vxlan0 port
 /// (`bridges[].ports[].remote_endpoints[].mac`).
 fn status_lists_mac(pins: &SharedPinRoot, overlay: &str, mac: &str) -> bool {
-    let status = pins.status(overlay);
-    let ports = status["bridges"][0]["ports"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    ports
-        .iter()
-        .filter(|port| port["name"] == "vxlan0")
-        .flat_map(|port| {
-            port["remote_endpoints"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .any(|remote| {
-            remote["mac"]
-                .as_str()
-                .is_some_and(|m| m.eq_ignore_ascii_case(mac))
-        })
+    remote_endpoint_macs(&pins.status(overlay), "vxlan0").contains(&mac.to_lowercase())
 }
 
 /// Ports of `br0` in overlay namespace `node` of `network`: the containers' veths and vxlan0.

@@ -22,12 +22,26 @@ use xbr_tests::{
     lab_support::unique_name,
     skip::skip,
     swarm_support::{Node, SwarmLab, in_netns_path},
-    witness::{Follower, without_root_cgroup, xbr_binary},
+    witness::{Follower, first_counter, remote_endpoint_macs, without_root_cgroup, xbr_binary},
 };
 
 const NETWORK: &str = "xbrov";
 const SUBNET: &str = "10.251.0.0/24";
 const PAGE: &str = "served by c2 on node 2 across the overlay\n";
+
+/// Starts busybox httpd in `container` on `node`, serving PAGE as /index.html.
+fn serve_page(node: &Node, container: &str) {
+    node.docker(&[
+        "exec",
+        container,
+        "sh",
+        "-c",
+        &format!(
+            "printf '{}' >/www/index.html && httpd -p 80 -h /www",
+            PAGE.escape_default()
+        ),
+    ]);
+}
 
 /// Retries `attempt` until it returns `Ok` or `limit` passes; the last failure explains.
 fn eventually<T>(what: &str, limit: Duration, mut attempt: impl FnMut() -> Result<T, String>) -> T {
@@ -95,16 +109,7 @@ fn docker_overlay_path_across_nodes() {
     node1.docker(&["exec", "c1", "ping", "-c", "3", "-W", "2", &c2_ip]);
 
     // HTTP from c1 to busybox httpd in c2. busybox 1.35's `wget -T` segfaults: timeout(1).
-    node2.docker(&[
-        "exec",
-        "c2",
-        "sh",
-        "-c",
-        &format!(
-            "printf '{}' >/www/index.html && httpd -p 80 -h /www",
-            PAGE.escape_default()
-        ),
-    ]);
+    serve_page(node2, "c2");
     let url = format!("http://{c2_ip}/index.html");
     let page = node1.docker(&["exec", "c1", "timeout", "10", "wget", "-q", "-O", "-", &url]);
     assert_eq!(page, PAGE.trim_end(), "c1's wget of {url}");
@@ -192,15 +197,7 @@ impl OverlayWitness {
             &["-j", "list", "table", "bridge", "xbr_witness"],
         )
         .unwrap_or_else(|e| panic!("reading the witness: {e}"));
-        let json: Value = serde_json::from_str(&listing).expect("nft -j prints JSON");
-        json["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|item| item["rule"]["expr"].as_array())
-            .flatten()
-            .find_map(|expr| expr["counter"]["packets"].as_u64())
-            .expect("the witness rule has a counter")
+        first_counter(listing.as_bytes())
     }
 }
 
@@ -271,19 +268,7 @@ fn remote_macs(node: &Node, pins: &Pins) -> Vec<String> {
     let status: Value =
         serde_json::from_str(&xbr_on_ok(node, pins, &["status", NETWORK, "--json"]))
             .expect("status --json");
-    status["bridges"][0]["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|port| port["name"] == "vxlan0")
-        .flat_map(|port| {
-            port["remote_endpoints"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|remote| remote["mac"].as_str().map(str::to_owned))
-        .collect()
+    remote_endpoint_macs(&status, "vxlan0")
 }
 
 /// Names of the tc (tcx) programs on `port` in the namespace at `netns`.
@@ -371,16 +356,7 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
     });
     in_netns(&c1.sandbox_key, "ping", &["-c", "5", "-i", "0.2", &c2_ip])
         .unwrap_or_else(|e| panic!("ping across nodes: {e}"));
-    node2.docker(&[
-        "exec",
-        "c2",
-        "sh",
-        "-c",
-        &format!(
-            "printf '{}' >/www/index.html && httpd -p 80 -h /www",
-            PAGE.escape_default()
-        ),
-    ]);
+    serve_page(node2, "c2");
     let url = format!("http://{c2_ip}/index.html");
     let page = in_netns(
         &c1.sandbox_key,
