@@ -281,6 +281,7 @@ fn follow_network(
     let policy = plan::Policy {
         firewall: policy::read(),
         icc_off: docker_state.as_ref().and_then(|d| d.icc_off()),
+        held_endpoints: placed.held_endpoints(),
     };
     let inputs = reconcile::Inputs {
         policy: &policy,
@@ -327,6 +328,7 @@ fn follow_network(
         docker,
         wait: options.wait,
         stop: Some(stop),
+        held_endpoints: placed.held_endpoints(),
     };
     match follow::follow(pinned, follow)? {
         Stopped::Signal if remove.load(Ordering::SeqCst) => {

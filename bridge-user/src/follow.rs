@@ -12,7 +12,7 @@
 //! full reconcile runs anyway. A reconcile that fails is retried with backoff.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -65,6 +65,8 @@ pub struct FollowOptions {
     pub wait: Duration,
     /// Becomes true when whoever started the follower wants it to stop (as on a signal).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Container MACs kept off the fast path (`Policy::held_endpoints`).
+    pub held_endpoints: BTreeMap<[u8; 6], String>,
 }
 
 /// Why the follower stopped.
@@ -207,6 +209,7 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
                 &mut pinned,
                 &metrics,
                 firewall_now,
+                &options.held_endpoints,
                 docker.as_mut(),
                 &mut policy_said,
             );
@@ -395,6 +398,7 @@ async fn reconcile(
     pinned: &mut Pinned,
     metrics: &FollowMetrics,
     firewall: std::result::Result<policy::Firewall, policy::ReadError>,
+    held_endpoints: &BTreeMap<[u8; 6], String>,
     docker: Option<&mut docker::Follow>,
     policy_said: &mut Option<String>,
 ) -> Result<Step> {
@@ -406,6 +410,7 @@ async fn reconcile(
     let policy = Policy {
         firewall,
         icc_off: docker.as_ref().and_then(|d| d.icc_off()),
+        held_endpoints: held_endpoints.clone(),
     };
     let inputs = reconcile::Inputs {
         policy: &policy,

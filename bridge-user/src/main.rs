@@ -311,9 +311,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let writer = lock::Writer::acquire(root, &bridge, true, wait)?;
             let docker = xbr::docker::find(docker, &bridge)?;
             let docker_state = docker.as_ref().map(|d| d.observe_blocking()).transpose()?;
+            let held_endpoints = network
+                .as_ref()
+                .map(|placed| placed.held_endpoints())
+                .unwrap_or_default();
             let policy = plan::Policy {
                 firewall: xbr::policy::read(),
                 icc_off: docker_state.as_ref().and_then(|d| d.icc_off()),
+                held_endpoints: held_endpoints.clone(),
             };
             let inputs = reconcile::Inputs {
                 policy: &policy,
@@ -354,6 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 docker,
                 wait,
                 stop: None,
+                held_endpoints,
             };
             match xbr::follow::follow(pinned, options)? {
                 Stopped::Signal => {
@@ -389,6 +395,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let policy = plan::Policy {
                 firewall: xbr::policy::read(),
                 icc_off: None,
+                held_endpoints: network
+                    .as_ref()
+                    .map(|placed| placed.held_endpoints())
+                    .unwrap_or_default(),
             };
             let plan = plan::plan_with(&view, &policy)?;
             pinned.publish(
@@ -620,6 +630,9 @@ fn read_attachments(
                 let policy = plan::Policy {
                     firewall: firewall.clone(),
                     icc_off: docker.as_ref().and_then(|d| d.icc_off()),
+                    held_endpoints: network
+                        .map(|placed| placed.held_endpoints())
+                        .unwrap_or_default(),
                 };
                 plan::plan_with(view, &policy).ok()
             }

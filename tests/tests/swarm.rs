@@ -342,6 +342,17 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
             "the ingress network is left to Docker, and said so: {log}"
         );
     }
+    // The network's load balancer endpoint on node 1 stays on Docker's path, and says so.
+    let status: Value =
+        serde_json::from_str(&xbr_on_ok(node1, &pins, &["status", NETWORK, "--json"]))
+            .expect("status --json");
+    let held: Vec<&Value> = status["bridges"][0]["not_accelerated"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry.to_string().contains("load balancer endpoint"))
+        .collect();
+    assert_eq!(held.len(), 1, "the load balancer is held: {status}");
     let witnesses: Vec<OverlayWitness> = overlays
         .iter()
         .map(|o| OverlayWitness::install(o))

@@ -207,7 +207,7 @@ fn place_from_netns(netns: &Path, ifname: &str) -> Result<Option<Place>, CniErro
 fn policy() -> plan::Policy {
     plan::Policy {
         firewall: crate::policy::read(),
-        icc_off: None,
+        ..plan::Policy::default()
     }
 }
 

@@ -30,6 +30,36 @@ pub struct Placed {
     /// an overlay network's namespace file otherwise.
     pub netns: Option<PathBuf>,
     pub bridge: String,
+    /// An overlay network's load balancer endpoint on this host (`lb-<network>`), which
+    /// stays on Docker's path; its MAC.
+    pub load_balancer: Option<String>,
+}
+
+impl Placed {
+    /// The endpoints that stay on Docker's path, for `Policy::held_endpoints`.
+    pub fn held_endpoints(&self) -> std::collections::BTreeMap<[u8; 6], String> {
+        self.load_balancer
+            .as_deref()
+            .and_then(parse_mac)
+            .map(|mac| {
+                (
+                    mac,
+                    "is the network's load balancer endpoint (Docker's path)".to_owned(),
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+}
+
+/// `02:42:0a:fb:00:03`
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|part| u8::from_str_radix(part, 16))
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
+    bytes.try_into().ok()
 }
 
 /// Where `network` is carried on this host, or why xbr leaves it to Docker. `sandboxes`: the
@@ -42,12 +72,20 @@ pub fn place(
     let id = network.id.clone().unwrap_or_default();
     let name = network.name.clone().unwrap_or_default();
     let driver = network.driver.clone().unwrap_or_default();
+    // Docker lists the load balancer endpoint under `lb-<network>` among the containers.
+    let load_balancer = network
+        .containers
+        .iter()
+        .flatten()
+        .find(|(key, _)| key.starts_with("lb-"))
+        .and_then(|(_, endpoint)| endpoint.mac_address.clone());
     let placed = |netns: Option<PathBuf>, bridge: String| Placed {
         id: id.clone(),
         name: name.clone(),
         driver: driver.clone(),
         netns,
         bridge,
+        load_balancer: load_balancer.clone(),
     };
     match driver.as_str() {
         "bridge" => Ok(placed(
@@ -258,6 +296,27 @@ mod tests {
                 None
             )
             .contains("driver, host,")
+        );
+    }
+
+    #[test]
+    fn the_load_balancer_endpoint_is_held() {
+        let placed = place(
+            &network(&format!(
+                r#"{{"Name": "swlov", "Id": "{OVERLAY_ID}", "Driver": "overlay",
+                     "Containers": {{
+                       "lb-swlov": {{"Name": "swlov-endpoint", "MacAddress": "02:42:0a:fb:00:03",
+                                    "IPv4Address": "10.251.0.3/24"}},
+                       "{c1}": {{"Name": "c1", "MacAddress": "02:42:0a:fb:00:02",
+                                 "IPv4Address": "10.251.0.2/24"}}}}}}"#,
+                c1 = "ab".repeat(32)
+            )),
+            Some(Path::new("/run/docker/netns")),
+        )
+        .unwrap();
+        assert_eq!(
+            placed.held_endpoints().into_keys().collect::<Vec<_>>(),
+            [[0x02, 0x42, 0x0a, 0xfb, 0x00, 0x03]]
         );
     }
 

@@ -180,6 +180,19 @@ pub fn plan_with(view: &BridgeView, policy: &Policy) -> Result<Plan> {
             }
         }
     }
+    for (mac, reason) in &policy.held_endpoints {
+        if let Some(endpoint) = endpoints.remove(&EndpointKey { mac: *mac }) {
+            let port = view
+                .ports
+                .iter()
+                .find(|port| port.ifindex == endpoint.ifindex)
+                .map_or_else(|| endpoint.ifindex.to_string(), |port| port.name.clone());
+            skipped.push(Skipped {
+                port,
+                reason: format!("not an endpoint: {} {reason}", format_mac(mac)),
+            });
+        }
+    }
     let containers = view.addresses_read.then(|| {
         let mut containers = BTreeMap::new();
         for port in &view.ports {
@@ -444,6 +457,7 @@ mod tests {
                 ..Default::default()
             }),
             icc_off: None,
+            ..Policy::default()
         };
         let plan = plan_with(&view, &policy).unwrap();
         assert_eq!(
@@ -464,6 +478,26 @@ mod tests {
         ]))
         .unwrap();
         assert!(plan.endpoints.is_empty(), "{:?}", plan.endpoints);
+    }
+
+    #[test]
+    fn a_held_endpoint_stays_on_the_bridge() {
+        let policy = Policy {
+            held_endpoints: BTreeMap::from([(MAC_B, "is the load balancer".to_owned())]),
+            ..Policy::default()
+        };
+        let plan = plan_with(
+            &bridge(vec![veth("veth-a", 10, MAC_A), veth("lb-b", 11, MAC_B)]),
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.endpoints.keys().map(|key| key.mac).collect::<Vec<_>>(),
+            [MAC_A]
+        );
+        assert_eq!(plan.ports.len(), 2, "its port keeps the program");
+        assert_eq!(plan.skipped[0].port, "lb-b");
+        assert!(plan.skipped[0].reason.contains("load balancer"));
     }
 
     #[test]

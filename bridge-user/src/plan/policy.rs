@@ -28,6 +28,9 @@ pub struct Policy {
     pub firewall: std::result::Result<Firewall, ReadError>,
     /// Docker's `enable_icc=false` on the bridge's network: no east-west traffic at all.
     pub icc_off: Option<String>,
+    /// Container MACs that stay off the fast path, each with why (an overlay network's load
+    /// balancer endpoint).
+    pub held_endpoints: BTreeMap<[u8; 6], String>,
 }
 
 impl Policy {
@@ -45,6 +48,7 @@ impl Default for Policy {
         Policy {
             firewall: Ok(Firewall::default()),
             icc_off: None,
+            held_endpoints: BTreeMap::new(),
         }
     }
 }
@@ -439,6 +443,7 @@ mod tests {
                 tool: "nft".to_owned(),
             }),
             icc_off: None,
+            ..Policy::default()
         };
         let plan = east_west(&policy, "br0", &[], None);
         assert!(plan.off.unwrap().contains("nft is not installed"));

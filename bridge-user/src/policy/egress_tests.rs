@@ -53,6 +53,7 @@ fn held(firewall: &Firewall, egress: &Egress) -> Option<String> {
     let policy = Policy {
         firewall: Ok(firewall.clone()),
         icc_off: None,
+        ..Policy::default()
     };
     let reason = plan::egress(&policy, egress);
     assert_eq!(
@@ -375,6 +376,7 @@ fn an_unreadable_ruleset_holds_egress() {
             tool: "nft".to_owned(),
         }),
         icc_off: None,
+        ..Policy::default()
     };
     let reason = plan::egress(&policy, &docker0()).expect("nothing can be told");
     assert!(
