@@ -60,7 +60,7 @@ pub struct Args {
     flood_kpps: u32,
     /// Run only these workloads (repeatable; ids as in bench.json, e.g.
     /// tcp-connections-syn-flood): for trying one thing. The report then lacks the rest.
-    #[arg(long = "workload", value_name = "ID", value_parser = parse_workload)]
+    #[arg(long = "workload", value_name = "ID", value_parser = workload_parser())]
     workloads: Vec<Workload>,
     /// Where bench.json, bench.svg and bench.md go [default: target/bench].
     #[arg(long, value_name = "DIR")]
@@ -98,11 +98,11 @@ pub struct Settings {
     pub only: Vec<String>,
 }
 
-fn parse_workload(id: &str) -> Result<Workload, String> {
-    Workload::from_id(id).ok_or_else(|| {
-        let ids: Vec<&str> = Workload::ALL.iter().map(|w| w.id()).collect();
-        format!("no workload {id}; the workloads are {}", ids.join(", "))
-    })
+/// A workload id: one of `Workload::ALL`'s, which `--help` lists and an error names.
+fn workload_parser() -> impl clap::builder::TypedValueParser<Value = Workload> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Workload::ALL.map(Workload::id))
+        .map(|id| Workload::from_id(&id).expect("every possible value is a workload's id"))
 }
 
 impl Settings {
