@@ -318,7 +318,8 @@ impl Config {
                 "Docker's overlay network: per node an overlay namespace with br0 whose ports \
                  are vxlan0 (made in the node's namespace, so its UDP socket stays there) and a \
                  container's veth, the other node's container as permanent FDB and neighbour \
-                 entries on vxlan0; container to container across the nodes (an nftables \
+                 entries on vxlan0, br_netfilter on (the kernel's default in a new namespace) \
+                 and no iptables rules; container to container across the nodes (an nftables \
                  counter in each br0's forward hook witnesses the bridge)"
             }
             Config::OverlayXbr => {
