@@ -66,9 +66,9 @@ const DOCKER_PROXY: &str = "/usr/sbin/docker-proxy";
 /// From a server starting to its socket listening: milliseconds, unless the machine is busy.
 const SERVER_START: Duration = Duration::from_secs(10);
 
-/// The overlay worlds: Docker's VXLAN device, its VNI and port as in /tmp/ovl.sh (Docker's
-/// first overlay network gets VNI 4097), the underlay veth of each node and its address, the
-/// overlay's MTU (1500 less VXLAN's 50 bytes), and the address /tmp/ovl.sh gives each br0.
+/// The overlay worlds: Docker's VXLAN device, its VNI and port (Docker's first overlay
+/// network gets VNI 4097), the underlay veth of each node and its address, the overlay's MTU
+/// (1500 less VXLAN's 50 bytes), and an address for each node's br0 in the overlay subnet.
 const OVERLAY_VXLAN: &str = "vxlan0";
 const OVERLAY_VNI: u32 = 4097;
 const OVERLAY_PORT: u16 = 4789;
@@ -765,7 +765,7 @@ impl Worlds {
         }
     }
 
-    /// An overlay world, as /tmp/ovl.sh-style Docker overlay networks are laid out: two node
+    /// An overlay world, laid out as Docker lays out an overlay network: two node
     /// namespaces joined by an underlay veth (10.250.0.1 and .2), and a VXLAN device per node
     /// (VNI 4097, port 4789, `proxy l2miss l3miss learning`, MTU 1450), made in the node's
     /// namespace, so that its UDP socket is the node's. The limit gives that device the
