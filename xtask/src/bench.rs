@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: xbr side by side with a plain bridge, Docker's netfilter path and a
 //! direct veth pair (the limit), for published ports with Docker's DNAT and docker-proxy, and
 //! for host clients of a published port with docker-proxy, hairpin DNAT and a direct
-//! connection, and for a container's connections to the outside with Docker's MASQUERADE and
-//! a routed limit, interleaved round by round; see BENCHMARKS.md.
+//! connection, for a container's connections to the outside with Docker's MASQUERADE and
+//! a routed limit, and for containers on two nodes of a Docker overlay network (VXLAN) with
+//! the nodes' own VXLAN devices as the limit, interleaved round by round; see BENCHMARKS.md.
 
 mod chart;
 mod host;
@@ -59,7 +60,7 @@ pub struct Args {
     flood_kpps: u32,
     /// Run only these workloads (repeatable; ids as in bench.json, e.g.
     /// tcp-connections-syn-flood): for trying one thing. The report then lacks the rest.
-    #[arg(long = "workload", value_name = "ID", value_parser = parse_workload)]
+    #[arg(long = "workload", value_name = "ID", value_parser = workload_parser())]
     workloads: Vec<Workload>,
     /// Where bench.json, bench.svg and bench.md go [default: target/bench].
     #[arg(long, value_name = "DIR")]
@@ -97,11 +98,11 @@ pub struct Settings {
     pub only: Vec<String>,
 }
 
-fn parse_workload(id: &str) -> Result<Workload, String> {
-    Workload::from_id(id).ok_or_else(|| {
-        let ids: Vec<&str> = Workload::ALL.iter().map(|w| w.id()).collect();
-        format!("no workload {id}; the workloads are {}", ids.join(", "))
-    })
+/// A workload id: one of `Workload::ALL`'s, which `--help` lists and an error names.
+fn workload_parser() -> impl clap::builder::TypedValueParser<Value = Workload> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Workload::ALL.map(Workload::id))
+        .map(|id| Workload::from_id(&id).expect("every possible value is a workload's id"))
 }
 
 impl Settings {
@@ -169,7 +170,8 @@ impl Settings {
         let base = runs(&Workload::TRAFFIC)
             + runs(&Workload::PUBLISHED)
             + runs(&Workload::HOST)
-            + runs(&Workload::EGRESS);
+            + runs(&Workload::EGRESS)
+            + runs(&Workload::OVERLAY);
         let scale_runs = runs(&Workload::SCALE);
         let attach = Workload::ATTACH
             .iter()
@@ -369,7 +371,8 @@ pub fn measure(
         let runs = every_config(&Workload::TRAFFIC)
             .chain(every_config(&Workload::PUBLISHED))
             .chain(every_config(&Workload::HOST))
-            .chain(every_config(&Workload::EGRESS));
+            .chain(every_config(&Workload::EGRESS))
+            .chain(every_config(&Workload::OVERLAY));
         let built: Vec<Config> = Config::ALL
             .into_iter()
             .filter(|config| worlds.has(*config))
@@ -651,6 +654,9 @@ fn check_path(
     if config.is_egress() {
         return check_egress_path(config, before, after, ran);
     }
+    if config.is_overlay() {
+        return check_overlay_path(config, before, after);
+    }
     if config == Config::Xbr {
         let sent = grown(|c| c.sent);
         let redirected = grown(|c| c.xbr_redirected);
@@ -752,6 +758,69 @@ fn check_egress_path(
         "masqueraded": masqueraded,
         "conntrack_entries_added": conntrack,
     }))
+}
+
+/// Across nodes: which path carried a run between the two nodes' endpoints. Node 1 is the
+/// client's, node 2 the server's; each sent frames (`overlay_sent`).
+/// - every overlay world: each node's underlay veth sent (about) a VXLAN packet per frame its
+///   end sent: the traffic crossed the underlay, encapsulated.
+/// - overlay-xbr: in each overlay namespace, xbr's vxlan0 port sent (`delivered_packets`)
+///   about every frame the local container sent, and redirected into the container
+///   (`fast_path_packets`) about every frame the other node's container sent, while the
+///   bridge's forward hook counted (about) no IPv4 frame: br0 was skipped both ways.
+/// - overlay-docker-like: in each overlay namespace br0 forwarded (about) every frame of both
+///   directions (out of the local container, into it from vxlan0), and xbr is not attached.
+/// - overlay-limit: there is no bridge (checked when built); the underlay check alone.
+fn check_overlay_path(
+    config: Config,
+    before: &PathCounters,
+    after: &PathCounters,
+) -> anyhow::Result<Value> {
+    let grown = |counter: fn(&PathCounters) -> [u64; 2]| -> [u64; 2] {
+        let (after, before) = (counter(after), counter(before));
+        [
+            after[0].saturating_sub(before[0]),
+            after[1].saturating_sub(before[1]),
+        ]
+    };
+    let sent = grown(|c| c.overlay_sent);
+    let underlay = grown(|c| c.overlay_underlay);
+    let bridged = grown(|c| c.overlay_bridged);
+    let tunnelled = grown(|c| c.overlay_tunnelled);
+    let arrived = grown(|c| c.overlay_arrived);
+    let slack = |frames: u64| EAST_WEST_SLACK_FRAMES + frames / 100;
+    let both = sent[0] + sent[1];
+    let mut took_its_path = sent[0] > 0 && sent[1] > 0;
+    for node in 0..2 {
+        let (own, other) = (sent[node], sent[1 - node]);
+        took_its_path &= underlay[node] + slack(own) >= own;
+        took_its_path &= match config {
+            Config::OverlayXbr => {
+                tunnelled[node] + slack(own) >= own
+                    && arrived[node] + slack(other) >= other
+                    && bridged[node] <= slack(both)
+            }
+            Config::OverlayDocker => bridged[node] + slack(both) >= both,
+            _ => true,
+        };
+    }
+    anyhow::ensure!(
+        took_its_path,
+        "{} did not take its own path: the nodes' ends sent {sent:?} frames and their \
+         underlays {underlay:?} packets; each br0 forwarded {bridged:?} IPv4 frames, xbr's \
+         vxlan0 ports sent {tunnelled:?} frames to the other node and redirected {arrived:?} \
+         from it into the containers (node 1, node 2)",
+        config.name()
+    );
+    let mut path = json!({ "sent": sent, "underlay_sent": underlay });
+    if config != Config::OverlayLimit {
+        path["bridge_forwarded_ipv4"] = json!(bridged);
+    }
+    if config == Config::OverlayXbr {
+        path["xbr_vxlan0_delivered"] = json!(tunnelled);
+        path["xbr_vxlan0_fast_path"] = json!(arrived);
+    }
+    Ok(path)
 }
 
 /// Detach, then time `xbr attach --mode tcx|clsact` on the xbr lab's grown bridge. The last
@@ -894,6 +963,7 @@ mod tests {
             .chain(Workload::PUBLISHED)
             .chain(Workload::HOST)
             .chain(Workload::EGRESS)
+            .chain(Workload::OVERLAY)
         {
             expected.push((settings.endpoints, workload));
         }
@@ -1245,6 +1315,74 @@ mod tests {
             back: 0,
         };
         assert!(check(Config::EgressXbr, idle).is_err());
+    }
+
+    /// An overlay run is a number only when its path carried it: in overlay-xbr, xbr's vxlan0
+    /// port in each overlay namespace sent every frame of the local container to the other
+    /// node and redirected every frame from it into the container, and neither br0 forwarded
+    /// IPv4; in overlay-docker-like both br0s forwarded every frame; in every world the
+    /// underlays carried them.
+    #[test]
+    fn an_overlay_run_off_its_path_is_an_error() {
+        let before = PathCounters {
+            overlay_sent: [100, 200],
+            overlay_underlay: [110, 210],
+            overlay_bridged: [5, 6],
+            overlay_tunnelled: [70, 80],
+            overlay_arrived: [60, 50],
+            ..PathCounters::default()
+        };
+        let after = |sent: [u64; 2], underlay: [u64; 2], bridged: [u64; 2], xbr: [u64; 2]| {
+            let add = |base: [u64; 2], grown: [u64; 2]| [base[0] + grown[0], base[1] + grown[1]];
+            PathCounters {
+                overlay_sent: add(before.overlay_sent, sent),
+                overlay_underlay: add(before.overlay_underlay, underlay),
+                overlay_bridged: add(before.overlay_bridged, bridged),
+                // Node 1's vxlan0 sends node 1's frames and takes in node 2's.
+                overlay_tunnelled: add(before.overlay_tunnelled, xbr),
+                overlay_arrived: add(before.overlay_arrived, [xbr[1], xbr[0]]),
+                ..PathCounters::default()
+            }
+        };
+        let check = |config: Config, after: PathCounters| {
+            check_path(config, &before, &after, &Ran::default())
+        };
+        let sent = [50_000, 30_000];
+        // xbr's path: a few ARP frames bridged, the rest tunnelled both ways.
+        let path = check(Config::OverlayXbr, after(sent, sent, [4, 4], sent)).expect("xbr's path");
+        assert_eq!(path["xbr_vxlan0_delivered"], json!([50_000, 30_000]));
+        // The bridge carried it (xbr not attached in one namespace, or stale endpoints).
+        let error = check(
+            Config::OverlayXbr,
+            after(sent, sent, [80_000, 80_000], [0, 0]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("did not take its own path"), "{error}");
+        // Out of vxlan0 on node 1, through br0 on node 2.
+        assert!(
+            check(
+                Config::OverlayXbr,
+                after(sent, sent, [4, 80_000], [50_000, 0])
+            )
+            .is_err()
+        );
+        // Docker's path: both bridges forwarded both directions.
+        let bridged = [80_000, 80_000];
+        assert!(check(Config::OverlayDocker, after(sent, sent, bridged, [0, 0])).is_ok());
+        assert!(check(Config::OverlayDocker, after(sent, sent, [4, 4], sent)).is_err());
+        // The underlay must carry it in every world; the limit has nothing else to show.
+        assert!(check(Config::OverlayLimit, after(sent, sent, [0, 0], [0, 0])).is_ok());
+        assert!(check(Config::OverlayLimit, after(sent, [0, 0], [0, 0], [0, 0])).is_err());
+        assert!(
+            check(
+                Config::OverlayDocker,
+                after(sent, [50_000, 0], bridged, [0, 0])
+            )
+            .is_err()
+        );
+        // Nothing sent proves nothing.
+        assert!(check(Config::OverlayLimit, after([0, 0], [0, 0], [0, 0], [0, 0])).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The chart: panels of grouped bars - east-west throughput relative to `limit` and cost
 //! relative to `docker-like`, published-port rates relative to `dnat`, and (when measured)
-//! egress rates relative to `egress-limit` - each bar a median with its min-max as a whisker,
-//! drawn as SVG by plotters.
+//! egress rates relative to `egress-limit` and overlay rates relative to `overlay-limit` -
+//! each bar a median with its min-max as a whisker, drawn as SVG by plotters.
 
 use std::path::Path;
 
@@ -31,6 +31,9 @@ const EGRESS_COLORS: [RGBColor; 3] = [
 ];
 /// The egress panel and its legend, below the others when the report has egress rows.
 const EGRESS_HEIGHT: u32 = 420;
+const OVERLAY_COLORS: [RGBColor; 3] = EGRESS_COLORS;
+/// The overlay panel and its legend, at the bottom when the report has overlay rows.
+const OVERLAY_HEIGHT: u32 = 420;
 const PUBLISHED_COLORS: [RGBColor; 4] = [
     RGBColor(0xf5, 0x85, 0x18), // dnat
     RGBColor(0xb2, 0x79, 0xa2), // docker-proxy
@@ -230,18 +233,26 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     .collect();
     let published = published_groups(report, base);
     let egress = egress_groups(report, base);
-    let size = if egress.is_empty() {
-        SIZE
-    } else {
-        (SIZE.0, SIZE.1 + EGRESS_HEIGHT)
-    };
+    let overlay = overlay_groups(report, base);
+    let mut size = SIZE;
+    if !egress.is_empty() {
+        size.1 += EGRESS_HEIGHT;
+    }
+    if !overlay.is_empty() {
+        size.1 += OVERLAY_HEIGHT;
+    }
 
     let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE)?;
     let machine = &report.machine;
     let title = format!(
-        "xbr east-west, published ports{}: medians of {} round{}, whiskers min-max",
-        if egress.is_empty() { "" } else { " and egress" },
+        "xbr east-west, published ports{}{}: medians of {} round{}, whiskers min-max",
+        if egress.is_empty() { "" } else { ", egress" },
+        if overlay.is_empty() {
+            ""
+        } else {
+            ", across nodes"
+        },
         report.settings.rounds,
         if report.settings.rounds == 1 { "" } else { "s" }
     );
@@ -255,6 +266,13 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     )?;
     let height = root.dim_in_pixel().1 as i32;
     let (panels, footer) = root.split_vertically(height - 28);
+    let (panels, overlay_area) = if overlay.is_empty() {
+        (panels, None)
+    } else {
+        let height = panels.dim_in_pixel().1 as i32;
+        let (panels, overlay_area) = panels.split_vertically(height - OVERLAY_HEIGHT as i32);
+        (panels, Some(overlay_area))
+    };
     let (panels, egress_area) = if egress.is_empty() {
         (panels, None)
     } else {
@@ -308,6 +326,23 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
             "x egress-limit",
             &egress,
             &EGRESS_COLORS,
+        )?;
+    }
+    if let Some(area) = overlay_area {
+        let (legend, area) = area.split_vertically(26);
+        draw_legend(
+            &legend,
+            &Config::OVERLAY,
+            &OVERLAY_COLORS,
+            "target: overlay-xbr >= 0.9x limit; >= 1.3x docker-like rr, UDP",
+        )?;
+        panel(
+            &area,
+            "Across nodes (overlay), container to container over VXLAN, relative to \
+             overlay-limit (higher is better)",
+            "x overlay-limit",
+            &overlay,
+            &OVERLAY_COLORS,
         )?;
     }
     let footer_text = format!(
@@ -403,6 +438,41 @@ fn egress_groups(report: &Report, endpoints: usize) -> Vec<Group> {
         let docker = match workload {
             Workload::EgressConnections => median(Config::EgressDocker)
                 .zip(median(Config::EgressLimit))
+                .map(|(docker, limit)| 1.3 * docker / limit),
+            _ => None,
+        };
+        let target = Some(docker.map_or(0.9, |docker| docker.max(0.9)));
+        Some(Group { target, ..group })
+    })
+    .collect()
+}
+
+/// The overlay groups, relative to overlay-limit; the target drawn over them is 0.9x the
+/// limit, and on round trips/s and 64-byte UDP 1.3x overlay-docker-like where that is higher.
+fn overlay_groups(report: &Report, endpoints: usize) -> Vec<Group> {
+    [
+        ("TCP stream", Workload::OverlayStream, "gbit_per_s"),
+        ("UDP 64 B pps", Workload::OverlayUdp64, "kpps"),
+        ("UDP 64 B sent pps", Workload::OverlayUdp64, "sent_kpps"),
+        ("round trips/s", Workload::OverlayRr, "k_round_trips_per_s"),
+    ]
+    .into_iter()
+    .filter_map(|(label, workload, metric)| {
+        let group = group(
+            report,
+            label.to_owned(),
+            (endpoints, workload, metric),
+            &Config::OVERLAY,
+            Config::OverlayLimit,
+        )?;
+        let median = |config| {
+            report
+                .find(endpoints, workload, metric, config)
+                .map(|r| r.median)
+        };
+        let docker = match workload {
+            Workload::OverlayRr | Workload::OverlayUdp64 => median(Config::OverlayDocker)
+                .zip(median(Config::OverlayLimit))
                 .map(|(docker, limit)| 1.3 * docker / limit),
             _ => None,
         };

@@ -128,6 +128,13 @@ impl Report {
                 );
             }
         }
+        let overlay = self.overlay_markdown();
+        if !overlay.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n**Across nodes (overlay)**, as BENCHMARKS.md shows it\n\n{overlay}"
+            );
+        }
         out.push_str(&super::memory::render(
             &self.memory,
             &self.memory_measured,
@@ -154,7 +161,10 @@ impl Report {
         let host = |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_host);
         let egress =
             |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_egress);
-        let east_west = |row: &Summary| !published(row) && !host(row) && !egress(row);
+        let overlay =
+            |row: &Summary| Workload::from_id(&row.workload).is_some_and(Workload::is_overlay);
+        let east_west =
+            |row: &Summary| !published(row) && !host(row) && !egress(row) && !overlay(row);
         let mut counts: Vec<usize> = self
             .summary
             .iter()
@@ -211,7 +221,122 @@ impl Report {
                 rows,
             });
         }
+        let rows: Vec<&Summary> = self.summary.iter().filter(|row| overlay(row)).collect();
+        if !rows.is_empty() {
+            sections.push(Section {
+                title: OVERLAY_TITLE.to_owned(),
+                references: &[Config::OverlayDocker, Config::OverlayLimit],
+                rows,
+            });
+        }
         sections
+    }
+
+    /// The overlay results as BENCHMARKS.md's "Across nodes (overlay)" table shows them: one
+    /// row per workload metric, one column per world, then xbr's ratios; empty without them.
+    pub fn overlay_markdown(&self) -> String {
+        let endpoints = self.settings.endpoints;
+        let find = |workload: Workload, metric: &str, config: Config| {
+            self.find(endpoints, workload, metric, config)
+        };
+        if !Config::OVERLAY.iter().any(|config| {
+            Workload::OVERLAY.iter().any(|workload| {
+                workload
+                    .metrics()
+                    .iter()
+                    .any(|metric| find(*workload, metric.key, *config).is_some())
+            })
+        }) {
+            return String::new();
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "| median of {} [min - max] | overlay-limit | overlay-docker-like | overlay-xbr | \
+             xbr × docker-like | xbr × limit |\n| --- | ---: | ---: | ---: | ---: | ---: |",
+            self.rounds_text()
+        );
+        let cell = |row: Option<&Summary>, bold: bool| {
+            row.map_or_else(
+                || "-".to_owned(),
+                |row| {
+                    let median = number(row.median);
+                    let median = if bold {
+                        format!("**{median}**")
+                    } else {
+                        median
+                    };
+                    format!("{median} [{} - {}]", number(row.min), number(row.max))
+                },
+            )
+        };
+        let rows: [(&str, Workload, &str); 4] = [
+            (
+                "TCP stream (iperf3, 1 stream), Gbit/s",
+                Workload::OverlayStream,
+                "gbit_per_s",
+            ),
+            (
+                "UDP 64 B (iperf3), kpps received",
+                Workload::OverlayUdp64,
+                "kpps",
+            ),
+            (
+                "UDP 64 B (iperf3), kpps sent",
+                Workload::OverlayUdp64,
+                "sent_kpps",
+            ),
+            (
+                "round trips/s on one connection (sockperf ping-pong TCP), thousands",
+                Workload::OverlayRr,
+                "k_round_trips_per_s",
+            ),
+        ];
+        for (label, workload, metric) in rows {
+            let xbr = find(workload, metric, Config::OverlayXbr);
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {} | {} | {} |",
+                cell(find(workload, metric, Config::OverlayLimit), false),
+                cell(find(workload, metric, Config::OverlayDocker), false),
+                cell(xbr, true),
+                ratio(xbr.and_then(|row| row.vs_docker_like)),
+                ratio(xbr.and_then(|row| row.vs_limit)),
+            );
+        }
+        // Latency: p50 / p99 medians side by side, as the egress table has them.
+        let pair = |config: Config| {
+            let p50 = find(Workload::OverlayRr, "p50_rtt_us", config);
+            let p99 = find(Workload::OverlayRr, "p99_rtt_us", config);
+            (p50, p99)
+        };
+        let (xbr50, xbr99) = pair(Config::OverlayXbr);
+        if xbr50.is_some() || xbr99.is_some() {
+            let medians = |config: Config| {
+                let (p50, p99) = pair(config);
+                let show = |row: Option<&Summary>| {
+                    row.map_or_else(|| "-".to_owned(), |r| number(r.median))
+                };
+                format!("{} / {}", show(p50), show(p99))
+            };
+            let ratios = |reference: fn(&Summary) -> Option<f64>| {
+                format!(
+                    "{} / {}",
+                    ratio(xbr50.and_then(reference)),
+                    ratio(xbr99.and_then(reference))
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| RTT p50 / p99, µs (lower is better) | {} | {} | **{}** | {} | {} |",
+                medians(Config::OverlayLimit),
+                medians(Config::OverlayDocker),
+                medians(Config::OverlayXbr),
+                ratios(|row| row.vs_docker_like),
+                ratios(|row| row.vs_limit),
+            );
+        }
+        out
     }
 
     fn row_title(&self, row: &Summary) -> String {
@@ -413,6 +538,53 @@ impl Report {
         out
     }
 
+    /// Overlay targets: xbr >= 1.3x docker-like on round trips/s and 64-byte UDP, and >= 0.9x
+    /// the limit on every overlay workload's rate (higher-is-better metrics).
+    fn overlay_findings(&self, bullet: &str) -> String {
+        let mut out = String::new();
+        let verdict = |ratio: f64, target: f64| {
+            if ratio >= target {
+                "met".to_owned()
+            } else {
+                format!("missed by {}", percent((target - ratio) / target))
+            }
+        };
+        let xbr_rates = || {
+            self.summary.iter().filter(|row| {
+                row.config == Config::OverlayXbr.name()
+                    && row.better == "higher"
+                    && Workload::from_id(&row.workload).is_some_and(Workload::is_overlay)
+            })
+        };
+        for row in xbr_rates().filter(|row| {
+            row.workload == Workload::OverlayRr.id() || row.workload == Workload::OverlayUdp64.id()
+        }) {
+            let Some(ratio) = row.vs_docker_like else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}overlay-xbr >= 1.3x overlay-docker-like, {} {}: {ratio:.2}x ({})",
+                row.workload,
+                row.unit,
+                verdict(ratio, 1.3)
+            );
+        }
+        for row in xbr_rates() {
+            let Some(ratio) = row.vs_limit else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{bullet}overlay-xbr >= 0.9x overlay-limit, {} {}: {ratio:.2}x ({})",
+                row.workload,
+                row.unit,
+                verdict(ratio, 0.9)
+            );
+        }
+        out
+    }
+
     fn findings(&self, markdown: bool) -> String {
         let bullet = if markdown { "- " } else { "   " };
         let mut out = String::new();
@@ -549,6 +721,7 @@ impl Report {
         }
         out.push_str(&self.flood_findings(bullet));
         out.push_str(&self.egress_findings(bullet));
+        out.push_str(&self.overlay_findings(bullet));
         if let Some(program) = &self.xbr_program
             && let Some(ns) = program["ns_per_run"].as_f64()
         {
@@ -631,6 +804,11 @@ impl Report {
         Ok(written)
     }
 }
+
+/// The overlay section's title.
+const OVERLAY_TITLE: &str = "across nodes (overlay), from a container on one node to a container \
+     on another over VXLAN (overlay-limit: the two nodes' own VXLAN devices, no bridge, no \
+     container)";
 
 /// One block of the tables.
 struct Section<'a> {

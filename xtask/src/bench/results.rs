@@ -1,7 +1,9 @@
 //! The bench's results as data: every raw sample, and medians with min-max per configuration
 //! with their ratios against `docker-like` and `limit` (east-west), `dnat` and
 //! `docker-proxy` (published ports), `host-limit`, `host-proxy` and `host-dnat` (host
-//! clients of a published port), or `egress-docker-like` and `egress-limit` (egress). Written out and rendered by report.rs, drawn by chart.rs.
+//! clients of a published port), `egress-docker-like` and `egress-limit` (egress), or
+//! `overlay-docker-like` and `overlay-limit` (across nodes). Written out and rendered by
+//! report.rs, drawn by chart.rs.
 
 use std::collections::BTreeMap;
 
@@ -38,7 +40,8 @@ pub struct Summary {
     pub min: f64,
     pub max: f64,
     /// Median over docker-like's median (and limit's) for the same workload and metric (for
-    /// egress: over egress-docker-like's and egress-limit's).
+    /// egress: over egress-docker-like's and egress-limit's; across nodes, over
+    /// overlay-docker-like's and overlay-limit's).
     pub vs_docker_like: Option<f64>,
     pub vs_limit: Option<f64>,
     /// The same over dnat's and docker-proxy's, for the published-port workloads (for the
@@ -53,8 +56,12 @@ impl Summary {
     /// This row's median over REFERENCE's, for one of the references of its section.
     pub fn ratio_to(&self, reference: Config) -> Option<f64> {
         match reference {
-            Config::DockerLike | Config::EgressDocker => self.vs_docker_like,
-            Config::Limit | Config::HostLimit | Config::EgressLimit => self.vs_limit,
+            Config::DockerLike | Config::EgressDocker | Config::OverlayDocker => {
+                self.vs_docker_like
+            }
+            Config::Limit | Config::HostLimit | Config::EgressLimit | Config::OverlayLimit => {
+                self.vs_limit
+            }
             Config::Dnat | Config::HostDnat => self.vs_dnat,
             Config::DockerProxy | Config::HostProxy => self.vs_docker_proxy,
             _ => None,
@@ -63,8 +70,12 @@ impl Summary {
 
     fn set_ratio(&mut self, reference: Config, ratio: Option<f64>) {
         match reference {
-            Config::DockerLike | Config::EgressDocker => self.vs_docker_like = ratio,
-            Config::Limit | Config::HostLimit | Config::EgressLimit => self.vs_limit = ratio,
+            Config::DockerLike | Config::EgressDocker | Config::OverlayDocker => {
+                self.vs_docker_like = ratio
+            }
+            Config::Limit | Config::HostLimit | Config::EgressLimit | Config::OverlayLimit => {
+                self.vs_limit = ratio
+            }
             Config::Dnat | Config::HostDnat => self.vs_dnat = ratio,
             Config::DockerProxy | Config::HostProxy => self.vs_docker_proxy = ratio,
             _ => {}
@@ -76,7 +87,7 @@ impl Summary {
 #[cfg(test)]
 pub fn ratio_field(reference: Config) -> &'static str {
     match reference {
-        Config::DockerLike | Config::EgressDocker => "vs_docker_like",
+        Config::DockerLike | Config::EgressDocker | Config::OverlayDocker => "vs_docker_like",
         Config::Dnat | Config::HostDnat => "vs_dnat",
         Config::DockerProxy | Config::HostProxy => "vs_docker_proxy",
         _ => "vs_limit",
@@ -91,6 +102,8 @@ pub fn references(workload: Workload) -> &'static [Config] {
         &[Config::HostLimit, Config::HostProxy, Config::HostDnat]
     } else if workload.is_egress() {
         &[Config::EgressDocker, Config::EgressLimit]
+    } else if workload.is_overlay() {
+        &[Config::OverlayDocker, Config::OverlayLimit]
     } else {
         &[Config::DockerLike, Config::Limit]
     }
@@ -104,6 +117,8 @@ pub fn configs(workload: Workload) -> &'static [Config] {
         &Config::HOST
     } else if workload.is_egress() {
         &Config::EGRESS
+    } else if workload.is_overlay() {
+        &Config::OVERLAY
     } else {
         &Config::EAST_WEST
     }

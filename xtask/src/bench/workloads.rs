@@ -41,6 +41,9 @@ pub enum Workload {
     EgressRr,
     EgressStream,
     EgressUdp64,
+    OverlayStream,
+    OverlayUdp64,
+    OverlayRr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,7 +163,14 @@ impl Workload {
         Workload::EgressStream,
         Workload::EgressUdp64,
     ];
-    pub const ALL: [Workload; 18] = [
+    /// From a container on one node to a container on another, over VXLAN, in the overlay
+    /// configurations.
+    pub const OVERLAY: [Workload; 3] = [
+        Workload::OverlayStream,
+        Workload::OverlayUdp64,
+        Workload::OverlayRr,
+    ];
+    pub const ALL: [Workload; 21] = [
         Workload::TcpOneStream,
         Workload::TcpTwoStreams,
         Workload::UdpPps,
@@ -179,6 +189,9 @@ impl Workload {
         Workload::EgressRr,
         Workload::EgressStream,
         Workload::EgressUdp64,
+        Workload::OverlayStream,
+        Workload::OverlayUdp64,
+        Workload::OverlayRr,
     ];
 
     pub fn id(self) -> &'static str {
@@ -201,6 +214,9 @@ impl Workload {
             Workload::EgressRr => "egress-rr",
             Workload::EgressStream => "egress-stream",
             Workload::EgressUdp64 => "egress-udp64",
+            Workload::OverlayStream => "overlay-stream",
+            Workload::OverlayUdp64 => "overlay-udp64",
+            Workload::OverlayRr => "overlay-rr",
         }
     }
 
@@ -245,6 +261,15 @@ impl Workload {
             Workload::EgressRr => "egress, sockperf ping-pong TCP from a container to outside",
             Workload::EgressStream => "egress, iperf3 TCP, 1 stream from a container to outside",
             Workload::EgressUdp64 => "egress, iperf3 UDP 64 B from a container to outside",
+            Workload::OverlayStream => {
+                "across nodes, iperf3 TCP, 1 stream from a container to one on the other node"
+            }
+            Workload::OverlayUdp64 => {
+                "across nodes, iperf3 UDP 64 B from a container to one on the other node"
+            }
+            Workload::OverlayRr => {
+                "across nodes, sockperf ping-pong TCP from a container to one on the other node"
+            }
         }
     }
 
@@ -265,6 +290,9 @@ impl Workload {
             Workload::EgressRr => &ROUND_TRIPS,
             Workload::EgressStream => &[GBIT],
             Workload::EgressUdp64 => &UDP_RATES,
+            Workload::OverlayStream => &[GBIT],
+            Workload::OverlayUdp64 => &UDP_RATES,
+            Workload::OverlayRr => &ROUND_TRIPS,
         }
     }
 
@@ -278,6 +306,10 @@ impl Workload {
 
     pub fn is_egress(self) -> bool {
         Workload::EGRESS.contains(&self)
+    }
+
+    pub fn is_overlay(self) -> bool {
+        Workload::OVERLAY.contains(&self)
     }
 
     /// Attaching is xbr's alone; traffic runs in every configuration.
@@ -333,6 +365,9 @@ pub fn run(
         Workload::EgressRr => sockperf(world, true, load, interrupt),
         Workload::EgressStream => tcp(world, 1, load, interrupt),
         Workload::EgressUdp64 => udp_pps(world, load, interrupt),
+        Workload::OverlayStream => tcp(world, 1, load, interrupt),
+        Workload::OverlayUdp64 => udp_pps(world, load, interrupt),
+        Workload::OverlayRr => sockperf(world, true, load, interrupt),
     }
 }
 

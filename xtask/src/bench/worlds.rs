@@ -10,8 +10,11 @@
 //! itself. Egress: a container's connections to a server outside, behind the uplink, which has
 //! no route back to the containers - source-NATed by Docker's MASQUERADE (egress-docker-like)
 //! or by xbr's datapath with no MASQUERADE rule at all (egress-xbr), against a routed limit
-//! without bridge, NAT or netfilter (egress-limit). Everything made here is removed again on
-//! every way out.
+//! without bridge, NAT or netfilter (egress-limit). Across nodes: two node namespaces joined by
+//! an underlay veth, with Docker's overlay network between them (an overlay namespace per node
+//! with br0 and vxlan0, a container behind a veth: overlay-docker-like, and with xbr attached:
+//! overlay-xbr), against the nodes' own VXLAN devices (overlay-limit). Everything made here is
+//! removed again on every way out.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
@@ -63,6 +66,35 @@ const DOCKER_PROXY: &str = "/usr/sbin/docker-proxy";
 /// From a server starting to its socket listening: milliseconds, unless the machine is busy.
 const SERVER_START: Duration = Duration::from_secs(10);
 
+/// The overlay worlds: Docker's VXLAN device, its VNI and port (Docker's first overlay
+/// network gets VNI 4097), the underlay veth of each node and its address, the overlay's MTU
+/// (1500 less VXLAN's 50 bytes), and an address for each node's br0 in the overlay subnet.
+const OVERLAY_VXLAN: &str = "vxlan0";
+const OVERLAY_VNI: u32 = 4097;
+const OVERLAY_PORT: u16 = 4789;
+const OVERLAY_MTU: u32 = 1450;
+const OVERLAY_UNDERLAY: [&str; 2] = ["und1", "und2"];
+const OVERLAY_UNDERLAY_IPS: [&str; 2] = ["10.250.0.1", "10.250.0.2"];
+const OVERLAY_BRIDGE_IPS: [&str; 2] = ["10.251.0.251", "10.251.0.252"];
+
+/// The overlay endpoint of node N (0, 1): the client's 10.251.0.2, the server's .3.
+fn overlay_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 251, 0, 2 + node as u8)
+}
+
+/// Its MAC, as Docker derives one from the address: 02:42 and the address's four bytes.
+fn overlay_mac(node: usize) -> MacAddr {
+    let [a, b, c, d] = overlay_ip(node).octets();
+    MacAddr([0x02, 0x42, a, b, c, d])
+}
+
+/// The namespaces of one overlay world (`Worlds::overlay_names`).
+pub struct OverlayNames {
+    pub nodes: [String; 2],
+    pub overlays: [String; 2],
+    pub containers: [String; 2],
+}
+
 /// br_netfilter's switches, per network namespace since Linux 5.3.
 const BR_NETFILTER_SYSCTLS: [&str; 3] = [
     "net.bridge.bridge-nf-call-iptables",
@@ -89,6 +121,9 @@ pub enum Config {
     EgressLimit,
     EgressDocker,
     EgressXbr,
+    OverlayLimit,
+    OverlayDocker,
+    OverlayXbr,
 }
 
 impl Config {
@@ -116,7 +151,14 @@ impl Config {
     /// Egress: a container's connections to a server outside, source-NATed to the uplink's
     /// address (the limit routes them, un-NATed, with no netfilter at all).
     pub const EGRESS: [Config; 3] = [Config::EgressLimit, Config::EgressDocker, Config::EgressXbr];
-    pub const ALL: [Config; 15] = [
+    /// Across nodes: a container on one node to a container on another, over VXLAN (the
+    /// limit: the two nodes' own VXLAN devices, no bridge, no container).
+    pub const OVERLAY: [Config; 3] = [
+        Config::OverlayLimit,
+        Config::OverlayDocker,
+        Config::OverlayXbr,
+    ];
+    pub const ALL: [Config; 18] = [
         Config::Limit,
         Config::Bridge,
         Config::DockerLike,
@@ -132,6 +174,9 @@ impl Config {
         Config::EgressLimit,
         Config::EgressDocker,
         Config::EgressXbr,
+        Config::OverlayLimit,
+        Config::OverlayDocker,
+        Config::OverlayXbr,
     ];
 
     pub fn name(self) -> &'static str {
@@ -151,6 +196,9 @@ impl Config {
             Config::EgressLimit => "egress-limit",
             Config::EgressDocker => "egress-docker-like",
             Config::EgressXbr => "egress-xbr",
+            Config::OverlayLimit => "overlay-limit",
+            Config::OverlayDocker => "overlay-docker-like",
+            Config::OverlayXbr => "overlay-xbr",
         }
     }
 
@@ -168,13 +216,24 @@ impl Config {
         Config::EGRESS.contains(&self)
     }
 
+    /// A world of two nodes whose containers talk over VXLAN.
+    pub fn is_overlay(self) -> bool {
+        Config::OVERLAY.contains(&self)
+    }
+
     /// Whether a run must show, in the counters, that it took the path it measures: every
     /// published port, xbr between containers, and every egress world (which path carried it
-    /// is the whole comparison there: the kernel's forwarding, or xbr's). (The bridge's witness is an nftables
-    /// counter in its forward hook: in the xbr world the fast path never reaches it, in
-    /// `bridge` and `docker-like` it would add a rule to the very path they measure.)
+    /// is the whole comparison there: the kernel's forwarding, or xbr's), and every overlay
+    /// world (the underlay carried it; the bridge or xbr's tunnel fast path, which). (The
+    /// bridge's witness is an nftables counter in its forward hook: in the xbr world the fast
+    /// path never reaches it, in `bridge` and `docker-like` it would add a rule to the very
+    /// path they measure; the overlay worlds have it in both, as their check needs it.)
     pub fn path_checked(self) -> bool {
-        self.is_published() || self == Config::Xbr || self.is_host() || self.is_egress()
+        self.is_published()
+            || self == Config::Xbr
+            || self.is_host()
+            || self.is_egress()
+            || self.is_overlay()
     }
 
     /// How xbr's uplink is hooked in the configurations that attach it for published ports.
@@ -249,13 +308,36 @@ impl Config {
                  uplink0 --masquerade`: xbr's datapath source-NATs the container's flows to the \
                  uplink's address, past netfilter and conntrack"
             }
+            Config::OverlayLimit => {
+                "two node namespaces joined by an underlay veth, each with a VXLAN device of its \
+                 own (VNI 4097, port 4789, proxy l2miss l3miss learning, MTU 1450) holding an \
+                 overlay address, and static FDB and neighbour entries for the other: node to \
+                 node over VXLAN, no bridge, no container"
+            }
+            Config::OverlayDocker => {
+                "Docker's overlay network: per node an overlay namespace with br0 whose ports \
+                 are vxlan0 (made in the node's namespace, so its UDP socket stays there) and a \
+                 container's veth, the other node's container as permanent FDB and neighbour \
+                 entries on vxlan0, br_netfilter on (the kernel's default in a new namespace) \
+                 and no iptables rules; container to container across the nodes (an nftables \
+                 counter in each br0's forward hook witnesses the bridge)"
+            }
+            Config::OverlayXbr => {
+                "overlay-docker-like after `xbr attach br0` in both overlay namespaces: vxlan0's \
+                 static MACs are remote endpoints, so a container's frames go straight out of \
+                 vxlan0 and decapsulated ones straight into the container, past br0"
+            }
         }
     }
 
     /// The lab's name suffix; `limit` is no lab.
     fn lab_suffix(self) -> Option<&'static str> {
         match self {
-            Config::Limit | Config::EgressLimit => None,
+            Config::Limit
+            | Config::EgressLimit
+            | Config::OverlayLimit
+            | Config::OverlayDocker
+            | Config::OverlayXbr => None,
             Config::Bridge => Some("bridge"),
             Config::DockerLike => Some("docker"),
             Config::Xbr => Some("xbr"),
@@ -383,6 +465,8 @@ pub struct Worlds {
     cgroup: Option<PathBuf>,
     /// The bridge's own count of what it forwarded in the xbr world.
     witness: Option<Witness>,
+    /// The same in each overlay namespace (node 1's, node 2's) of the overlay worlds.
+    overlay_witnesses: Vec<(Config, [Witness; 2])>,
 }
 
 impl Worlds {
@@ -407,6 +491,7 @@ impl Worlds {
             notes: Vec::new(),
             pins: None,
             witness: None,
+            overlay_witnesses: Vec::new(),
             cgroup: None,
         }
     }
@@ -453,6 +538,11 @@ impl Worlds {
                 self.detach(&host)?;
             }
         }
+        for overlay in self.overlay_names(Config::OverlayXbr).overlays {
+            if leftovers.contains(&overlay) {
+                self.detach(&overlay)?;
+            }
+        }
         for netns in &leftovers {
             cmd::run(
                 Command::new("ip").args(["netns", "delete", netns]),
@@ -484,11 +574,19 @@ impl Worlds {
             let world = match config {
                 Config::Limit => self.build_limit()?,
                 Config::EgressLimit => self.build_egress_limit()?,
+                Config::OverlayLimit | Config::OverlayDocker | Config::OverlayXbr => {
+                    self.build_overlay(config)?
+                }
                 _ => self.build_lab(config, endpoints)?,
             };
             self.worlds.push(world);
             match config {
-                Config::Limit | Config::EgressLimit => {}
+                Config::Limit | Config::EgressLimit | Config::OverlayLimit => {}
+                Config::OverlayDocker => self.overlay_witnesses(config)?,
+                Config::OverlayXbr => {
+                    self.overlay_witnesses(config)?;
+                    self.attach_overlay()?;
+                }
                 Config::EgressDocker => self.docker_netfilter(config)?,
                 Config::EgressXbr => {
                     self.docker_netfilter(config)?;
@@ -648,6 +746,214 @@ impl Worlds {
             lab: None,
             servers: Servers::default(),
         })
+    }
+
+    /// The namespaces of an overlay world: `{prefix}-{tag}-node1` and `-node2` (joined by the
+    /// underlay; in the limit each has its VXLAN device), and in the others `-ovl1`/`-ovl2`
+    /// (br0 and vxlan0, Docker's overlay namespace) and `-c1`/`-c2` (the containers).
+    pub fn overlay_names(&self, config: Config) -> OverlayNames {
+        let tag = match config {
+            Config::OverlayLimit => "olimit",
+            Config::OverlayDocker => "odocker",
+            _ => "oxbr",
+        };
+        let name = |part: &str| format!("{}-{tag}-{part}", self.prefix);
+        OverlayNames {
+            nodes: [name("node1"), name("node2")],
+            overlays: [name("ovl1"), name("ovl2")],
+            containers: [name("c1"), name("c2")],
+        }
+    }
+
+    /// An overlay world, laid out as Docker lays out an overlay network: two node
+    /// namespaces joined by an underlay veth (10.250.0.1 and .2), and a VXLAN device per node
+    /// (VNI 4097, port 4789, `proxy l2miss l3miss learning`, MTU 1450), made in the node's
+    /// namespace, so that its UDP socket is the node's. The limit gives that device the
+    /// overlay address itself; Docker moves it into an overlay namespace as a port of br0,
+    /// beside the veth of a container. Either way the other node's overlay address is a
+    /// permanent neighbour entry on vxlan0, and its MAC a permanent FDB entry pointing at the
+    /// other node, as Docker writes them.
+    fn build_overlay(&mut self, config: Config) -> anyhow::Result<World> {
+        let names = self.overlay_names(config);
+        let limit = config == Config::OverlayLimit;
+        let mut made: Vec<&String> = names.nodes.iter().collect();
+        if !limit {
+            made.extend(names.overlays.iter().chain(&names.containers));
+        }
+        for netns in made {
+            self.add_netns(netns, config)?;
+        }
+        let run = |command: &mut Command, netns: &str, args: &[&str]| {
+            let doing = format!(
+                "`{} {}` in {netns} (`{}`)",
+                command.get_program().to_string_lossy(),
+                args.join(" "),
+                config.name()
+            );
+            cmd::run(command.args(args), &doing)
+        };
+        let ip =
+            |netns: &str, args: &[&str]| run(Command::new("ip").args(["-n", netns]), netns, args);
+        let bridge =
+            |netns: &str, args: &[&str]| run(&mut cmd::in_netns(netns, "bridge"), netns, args);
+        let [node1, node2] = &names.nodes;
+        ip(
+            node1,
+            &[
+                "link",
+                "add",
+                OVERLAY_UNDERLAY[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                OVERLAY_UNDERLAY[1],
+                "netns",
+                node2,
+            ],
+        )?;
+        let mtu = OVERLAY_MTU.to_string();
+        for n in 0..2 {
+            let node = &names.nodes[n];
+            let underlay = OVERLAY_UNDERLAY[n];
+            let underlay_address = format!("{}/24", OVERLAY_UNDERLAY_IPS[n]);
+            ip(node, &["addr", "add", &underlay_address, "dev", underlay])?;
+            ip(node, &["link", "set", underlay, "up"])?;
+            ip(node, &["link", "set", "lo", "up"])?;
+            let vni = OVERLAY_VNI.to_string();
+            let port = OVERLAY_PORT.to_string();
+            let mac = overlay_mac(n).to_string();
+            let mut add = vec!["link", "add", OVERLAY_VXLAN];
+            if limit {
+                // The limit's node is the endpoint itself: the device has the container's MAC.
+                add.extend(["address", &mac]);
+            }
+            add.extend([
+                "type", "vxlan", "id", &vni, "dstport", &port, "proxy", "l2miss", "l3miss",
+                "learning",
+            ]);
+            ip(node, &add)?;
+            let address = format!("{}/24", overlay_ip(n));
+            let (holder, other) = if limit {
+                ip(node, &["link", "set", OVERLAY_VXLAN, "mtu", &mtu])?;
+                ip(node, &["addr", "add", &address, "dev", OVERLAY_VXLAN])?;
+                ip(node, &["link", "set", OVERLAY_VXLAN, "up"])?;
+                (node, 1 - n)
+            } else {
+                let overlay = &names.overlays[n];
+                let container = &names.containers[n];
+                ip(node, &["link", "set", OVERLAY_VXLAN, "netns", overlay])?;
+                ip(overlay, &["link", "add", BRIDGE, "type", "bridge"])?;
+                ip(
+                    overlay,
+                    &["link", "set", OVERLAY_VXLAN, "master", BRIDGE, "mtu", &mtu],
+                )?;
+                let bridge_address = format!("{}/24", OVERLAY_BRIDGE_IPS[n]);
+                ip(overlay, &["addr", "add", &bridge_address, "dev", BRIDGE])?;
+                for link in [BRIDGE, OVERLAY_VXLAN, "lo"] {
+                    ip(overlay, &["link", "set", link, "up"])?;
+                }
+                ip(
+                    overlay,
+                    &[
+                        "link", "add", "veth0", "mtu", &mtu, "type", "veth", "peer", "name",
+                        "eth0", "netns", container, "mtu", &mtu,
+                    ],
+                )?;
+                ip(overlay, &["link", "set", "veth0", "master", BRIDGE, "up"])?;
+                ip(container, &["link", "set", "eth0", "address", &mac])?;
+                ip(container, &["addr", "add", &address, "dev", "eth0"])?;
+                ip(container, &["link", "set", "eth0", "up"])?;
+                ip(container, &["link", "set", "lo", "up"])?;
+                (overlay, 1 - n)
+            };
+            // The other node's endpoint, as Docker's overlay driver writes it.
+            let other_ip = overlay_ip(other).to_string();
+            let other_mac = overlay_mac(other).to_string();
+            ip(
+                holder,
+                &[
+                    "neigh",
+                    "add",
+                    &other_ip,
+                    "lladdr",
+                    &other_mac,
+                    "dev",
+                    OVERLAY_VXLAN,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+            bridge(
+                holder,
+                &[
+                    "fdb",
+                    "add",
+                    &other_mac,
+                    "dev",
+                    OVERLAY_VXLAN,
+                    "dst",
+                    OVERLAY_UNDERLAY_IPS[other],
+                    "self",
+                    "permanent",
+                ],
+            )?;
+        }
+        if limit {
+            for node in &names.nodes {
+                let bridges = cmd::output(
+                    cmd::in_netns(node, "ip").args(["-o", "link", "show", "type", "bridge"]),
+                    &format!("listing the bridges of {node}"),
+                )?;
+                if !bridges.trim().is_empty() {
+                    bail!("{node} should have no bridge, it has: {}", bridges.trim());
+                }
+            }
+        }
+        let (client, server) = if limit {
+            (names.nodes[0].clone(), names.nodes[1].clone())
+        } else {
+            (names.containers[0].clone(), names.containers[1].clone())
+        };
+        Ok(World {
+            config,
+            client_netns: client,
+            server_netns: server,
+            host_netns: (!limit).then(|| names.overlays[0].clone()),
+            server_ip: overlay_ip(1),
+            published: None,
+            cgroup: None,
+            lab: None,
+            servers: Servers::default(),
+        })
+    }
+
+    /// The bridge's witness in both overlay namespaces of CONFIG's world.
+    fn overlay_witnesses(&mut self, config: Config) -> anyhow::Result<()> {
+        let [first, second] = self.overlay_names(config).overlays;
+        let witnesses = [Witness::install(&first)?, Witness::install(&second)?];
+        self.overlay_witnesses.push((config, witnesses));
+        Ok(())
+    }
+
+    /// `xbr -n OVERLAY attach br0` in both overlay namespaces of overlay-xbr (after the FDB
+    /// entries exist: they are its remote endpoints), then a check that each sees the other
+    /// node's container as one.
+    fn attach_overlay(&mut self) -> anyhow::Result<()> {
+        let names = self.overlay_names(Config::OverlayXbr);
+        for overlay in &names.overlays {
+            self.mark_attached(overlay);
+            self.xbr(&[
+                "-n",
+                overlay,
+                "attach",
+                BRIDGE,
+                "--no-socket-hooks",
+                "--docker",
+                "off",
+            ])?;
+        }
+        Ok(())
     }
 
     fn build_limit(&mut self) -> anyhow::Result<World> {
@@ -1119,6 +1425,9 @@ impl Worlds {
         if config.is_egress() {
             return self.egress_counters(config);
         }
+        if config.is_overlay() {
+            return self.overlay_counters(config);
+        }
         let host = self.host(config);
         let listing = cmd::output(
             cmd::in_netns(&host, "iptables").args(["-t", "nat", "-L", "DOCKER", "-v", "-x", "-n"]),
@@ -1229,6 +1538,58 @@ impl Worlds {
             xbr_egress_kernel,
             ..PathCounters::default()
         })
+    }
+
+    /// An overlay world's counters (see `PathCounters`).
+    fn overlay_counters(&self, config: Config) -> anyhow::Result<PathCounters> {
+        let names = self.overlay_names(config);
+        let mut counters = PathCounters::default();
+        for (n, (node, underlay)) in names.nodes.iter().zip(OVERLAY_UNDERLAY).enumerate() {
+            let (netns, link) = if config == Config::OverlayLimit {
+                (node, OVERLAY_VXLAN)
+            } else {
+                (&names.containers[n], "eth0")
+            };
+            counters.overlay_sent[n] = host::link_packets(netns, link)?.tx;
+            counters.overlay_underlay[n] = host::link_packets(node, underlay)?.tx;
+        }
+        if let Some((_, witnesses)) = self
+            .overlay_witnesses
+            .iter()
+            .find(|(world, _)| *world == config)
+        {
+            for (n, witness) in witnesses.iter().enumerate() {
+                counters.overlay_bridged[n] = witness.read()?.ipv4;
+            }
+        }
+        if config == Config::OverlayXbr {
+            for (n, overlay) in names.overlays.iter().enumerate() {
+                let (delivered, fast_path) = self.overlay_port_stats(overlay)?;
+                counters.overlay_tunnelled[n] = delivered;
+                counters.overlay_arrived[n] = fast_path;
+            }
+        }
+        Ok(counters)
+    }
+
+    /// xbr's counters of vxlan0 in OVERLAY (`xbr stats --json`): its `delivered_packets`
+    /// and `fast_path_packets`.
+    fn overlay_port_stats(&self, overlay: &str) -> anyhow::Result<(u64, u64)> {
+        let printed = self.xbr(&["-n", overlay, "stats", BRIDGE, "--json"])?;
+        let stats: Value =
+            serde_json::from_str(&printed).context("`xbr stats --json` printed no JSON")?;
+        let port = stats["endpoints"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["port"] == OVERLAY_VXLAN))
+            .with_context(|| {
+                format!("`xbr -n {overlay} stats --json` has no row for {OVERLAY_VXLAN}: {stats}")
+            })?;
+        let count = |field: &str| {
+            port[field].as_u64().with_context(|| {
+                format!("`xbr -n {overlay} stats --json` has no {field} for {OVERLAY_VXLAN}")
+            })
+        };
+        Ok((count("delivered_packets")?, count("fast_path_packets")?))
     }
 
     /// xbr's verdict counters on CONFIG's bridge (`xbr stats --json`).
@@ -1546,6 +1907,17 @@ pub struct PathCounters {
     pub xbr_egress_out: u64,
     pub xbr_egress_in: u64,
     pub xbr_egress_kernel: u64,
+    /// Overlay, per node (the client's, the server's): frames its end of the traffic sent
+    /// (the container's eth0; in the limit the node's vxlan0), UDP datagrams its underlay veth
+    /// sent (the VXLAN packets), IPv4 frames its br0 forwarded (the nftables witness), and
+    /// xbr's counters of its vxlan0 port: `delivered_packets`, frames the fast path sent out
+    /// of vxlan0 to the other node, and `fast_path_packets`, decapsulated frames from the
+    /// other node it redirected into the container.
+    pub overlay_sent: [u64; 2],
+    pub overlay_underlay: [u64; 2],
+    pub overlay_bridged: [u64; 2],
+    pub overlay_tunnelled: [u64; 2],
+    pub overlay_arrived: [u64; 2],
 }
 
 /// One bridge's verdicts from `xbr stats --json`.
