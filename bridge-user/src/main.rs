@@ -175,8 +175,17 @@ enum Command {
         output: Output,
     },
     /// Remove everything xbr added to BRIDGE: programs, links, filters, qdiscs, pins.
+    #[command(after_help = "Examples:\n  \
+                            xbr detach docker0   one bridge\n  \
+                            xbr detach --all     every attachment under the pin root, in every namespace")]
     Detach {
-        bridge: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        bridge: Option<String>,
+        /// Every attachment under the pin root, in every network namespace (Docker's overlay
+        /// namespaces and lab namespaces too). Attachments of namespaces that no longer exist
+        /// lose their pins (their hooks went with their devices).
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         output: Output,
     },
@@ -425,10 +434,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ended = pinned.unpublish(&spec)?;
             report::unpublished(&bridge, &spec, ended, output.json)
         }
-        Command::Detach { bridge, output } => {
+        Command::Detach {
+            bridge: Some(bridge),
+            output,
+            ..
+        } => {
             let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
             let detached = datapath::detach(root, &bridge)?;
             report::detached(&bridge, &detached, output.json)
+        }
+        Command::Detach {
+            bridge: None,
+            output,
+            ..
+        } => {
+            let detached = detach_all(root, wait)?;
+            report::detached_all(&detached, output.json)
         }
         Command::Status { bridge, output } => {
             let (mut attachments, mut incomplete) =
@@ -502,11 +523,81 @@ impl Command {
         match self {
             Command::Attach { bridge, .. }
             | Command::Publish { bridge, .. }
-            | Command::Unpublish { bridge, .. }
-            | Command::Detach { bridge, .. } => Some(bridge),
-            Command::Status { bridge, .. } | Command::Stats { bridge, .. } => bridge.as_mut(),
+            | Command::Unpublish { bridge, .. } => Some(bridge),
+            Command::Detach { bridge, .. }
+            | Command::Status { bridge, .. }
+            | Command::Stats { bridge, .. } => bridge.as_mut(),
             Command::Follow { .. } | Command::Lab(_) => None,
         }
+    }
+}
+
+/// `xbr detach --all`: every attachment under `root`, in every namespace, each detached in
+/// its namespace; those of namespaces that are gone lose their pins.
+fn detach_all(
+    root: &std::path::Path,
+    wait: std::time::Duration,
+) -> anyhow::Result<Vec<report::DetachedOne>> {
+    let namespaces = pins::attached_namespaces(root);
+    let inodes: Vec<u64> = namespaces.iter().map(|(inode, _)| *inode).collect();
+    let overlays = docker_overlay_namespaces();
+    let paths = netns::find_paths(&inodes, &overlays);
+    let mut detached = Vec::new();
+    for (inode, dir) in namespaces {
+        match paths.get(&inode) {
+            Some(path) => {
+                let in_namespace = netns::run_in_path(path, || -> anyhow::Result<_> {
+                    let mut here = Vec::new();
+                    for bridge in pins::attached_bridges(root)? {
+                        let _writer = lock::Writer::acquire(root, &bridge, false, wait)?;
+                        let result = datapath::detach(root, &bridge)?;
+                        here.push(report::DetachedOne {
+                            bridge,
+                            netns: path.clone(),
+                            ports: Some(result.ports),
+                            removed: result.dir,
+                        });
+                    }
+                    Ok(here)
+                })?;
+                detached.extend(in_namespace?);
+            }
+            None => {
+                for bridge_dir in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+                    let bridge = bridge_dir.file_name().to_string_lossy().into_owned();
+                    pins::remove(&bridge_dir.path(), root)?;
+                    detached.push(report::DetachedOne {
+                        bridge,
+                        netns: dir.clone(),
+                        ports: None,
+                        removed: bridge_dir.path(),
+                    });
+                }
+                pins::remove(&dir, root)?;
+            }
+        }
+    }
+    Ok(detached)
+}
+
+/// The namespaces of the local Docker engine's overlay networks, when Docker answers.
+fn docker_overlay_namespaces() -> Vec<PathBuf> {
+    let Ok(socket) = xbr::docker::socket() else {
+        return vec![];
+    };
+    if !socket.exists() {
+        return vec![];
+    }
+    let placed = xbr::docker::block_on(async {
+        let client = xbr::docker::Client::connect(&socket).await?;
+        client.all_placed().await
+    });
+    match placed {
+        Ok(Ok(networks)) => networks
+            .into_iter()
+            .filter_map(|(_, placed)| placed.ok()?.netns)
+            .collect(),
+        _ => vec![],
     }
 }
 

@@ -261,6 +261,44 @@ pub fn is_namespace(path: &Path) -> bool {
     statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as u64 == NSFS_MAGIC)
 }
 
+/// A file for each live network namespace of `inodes` that can be found: this thread's,
+/// those named in /run/netns, Docker's (`extra`, and its default /run/docker/netns), and
+/// those of running processes. A namespace without any is gone (or held only by a socket).
+pub fn find_paths(inodes: &[u64], extra: &[PathBuf]) -> std::collections::BTreeMap<u64, PathBuf> {
+    let listed = |dir: &str| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let processes = listed("/proc")
+        .into_iter()
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|path| path.join("ns/net"));
+    let candidates = [PathBuf::from(THREAD_SELF_NET)]
+        .into_iter()
+        .chain(listed(RUN_DIR))
+        .chain(listed("/run/docker/netns"))
+        .chain(extra.iter().cloned())
+        .chain(processes);
+    let mut found = std::collections::BTreeMap::new();
+    for path in candidates {
+        if found.len() == inodes.len() {
+            break;
+        }
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if inodes.contains(&meta.ino()) && !found.contains_key(&meta.ino()) && is_namespace(&path) {
+            found.insert(meta.ino(), path);
+        }
+    }
+    found
+}
+
 /// Whether `path` is a namespace with inode `inode`.
 pub fn path_is(path: &Path, inode: u64) -> bool {
     is_namespace(path) && fs::metadata(path).is_ok_and(|meta| meta.ino() == inode)

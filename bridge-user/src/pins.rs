@@ -245,6 +245,23 @@ pub fn clear(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The namespaces with attachments under `root`: each one's inode and directory.
+pub fn attached_namespaces(root: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let inode = name.strip_prefix("netns-")?.parse().ok()?;
+            Some((inode, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// Bridges attached in this network namespace under `root`.
 pub fn attached_bridges(root: &Path) -> Result<Vec<String>> {
     let dir = netns_dir(root)?;

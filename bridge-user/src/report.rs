@@ -1,6 +1,6 @@
 //! What the CLI prints: a table for people, JSON (`--json`) for scripts, from the same values.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use bridge_common::{AttachMode, Endpoint, EndpointKey, NatEvent, PortStats, PublishedPort};
 use serde_json::{Value, json};
@@ -343,6 +343,41 @@ pub fn unpublished(
         );
     }
     println!("unpublished {spec} on {bridge}; ended {ended} connections");
+    Ok(())
+}
+
+/// One attachment `xbr detach --all` removed.
+#[derive(serde::Serialize)]
+pub struct DetachedOne {
+    pub bridge: String,
+    /// Its namespace (a file to enter), or its pin directory when the namespace is gone.
+    pub netns: PathBuf,
+    /// Ports it was removed from; `None`: its namespace was gone, only pins were left.
+    pub ports: Option<usize>,
+    pub removed: PathBuf,
+}
+
+pub fn detached_all(detached: &[DetachedOne], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return print_json(&json!({ "detached": detached }));
+    }
+    if detached.is_empty() {
+        println!("nothing attached");
+    }
+    for one in detached {
+        match one.ports {
+            Some(ports) => println!(
+                "detached {} in {}: {ports} ports back on the plain bridge",
+                one.bridge,
+                one.netns.display()
+            ),
+            None => println!(
+                "removed the pins of {} ({}): its namespace is gone",
+                one.bridge,
+                one.removed.display()
+            ),
+        }
+    }
     Ok(())
 }
 

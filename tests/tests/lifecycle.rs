@@ -11,6 +11,7 @@ use xbr_tests::{
     witness::{
         Addressed, AddressedCounter, BridgeForwardCounter, BridgeUdpForwardCounter, Follower,
         IngressCounter, PinRoot, UdpStream, scrape_metrics, tc_programs, tcp_echo, wait_for,
+        xbr_ok,
     },
 };
 
@@ -505,4 +506,51 @@ fn metrics_are_served_in_prometheus_text_format() {
         .unwrap_or_else(|| panic!("no fast path counter for veth-a: {body}"));
     let value: u64 = fast_path_a.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(value > 0, "{fast_path_a}");
+}
+
+/// `xbr detach --all` removes every attachment under its pin root, in every namespace: two
+/// live labs are detached in their namespaces (no program left on any port), and a lab whose
+/// namespaces were deleted under its attachment loses its pins.
+#[test]
+fn detach_all_removes_every_attachment_in_every_namespace() {
+    let first = LabBuilder::three_containers().up();
+    let second = LabBuilder::three_containers().up();
+    let gone = LabBuilder::three_containers().up();
+    let pins = PinRoot::new(&first.spec().host_netns());
+    for lab in [&first, &second, &gone] {
+        xbr_ok(&[
+            "-n",
+            &lab.spec().host_netns(),
+            "--pin-root",
+            pins.arg(),
+            "attach",
+            "br0",
+        ]);
+    }
+    // The third lab's namespaces go with its ports; only its pins remain.
+    drop(gone);
+
+    let output = xbr_ok(&["--pin-root", pins.arg(), "detach", "--all", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&output).expect("detach --json");
+    let detached = json["detached"]
+        .as_array()
+        .expect("a list of detached bridges");
+    assert_eq!(detached.len(), 3, "{json}");
+    let live: Vec<&serde_json::Value> = detached.iter().filter(|d| !d["ports"].is_null()).collect();
+    assert_eq!(
+        live.len(),
+        2,
+        "two live attachments detached in place: {json}"
+    );
+    assert!(live.iter().all(|d| d["ports"] == 3), "{json}");
+    for lab in [&first, &second] {
+        let host = lab.spec().host_netns();
+        for port in ["veth-a", "veth-b", "veth-c"] {
+            assert!(
+                tc_programs(&host, port).is_empty(),
+                "a program is left on {port} in {host}"
+            );
+        }
+    }
+    assert!(!pins.path.exists(), "pins left at {}", pins.path.display());
 }
