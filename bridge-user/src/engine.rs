@@ -30,7 +30,9 @@ use crate::{
     error::{Error, Result},
     features::Features,
     follow::{self, FollowOptions, Stopped},
-    lock, netns, plan, policy, reconcile,
+    lock,
+    metrics::{SharedMetrics, Watched, serve_metrics},
+    netns, plan, policy, reconcile,
 };
 
 /// Docker's events come in bursts (a container start is several): one scan after the burst.
@@ -45,6 +47,8 @@ pub struct EngineOptions {
     pub features: Features,
     /// Socket programs for bridge networks (an overlay namespace never has host clients).
     pub socket_hooks: SocketHooksChoice,
+    /// Serve every followed network's metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Each follower's full reconcile period, and the engine's own rescan of the networks.
     pub resync: Duration,
     pub wait: Duration,
@@ -94,6 +98,15 @@ pub fn follow_engine(options: EngineOptions) -> Result<()> {
 }
 
 async fn run(options: Arc<EngineOptions>) -> Result<()> {
+    let shared_metrics = SharedMetrics::default();
+    if let Some(address) = options.metrics {
+        serve_metrics(
+            address,
+            shared_metrics.watched.clone(),
+            shared_metrics.metrics.clone(),
+        )?;
+        info!(%address, "serving Prometheus metrics of every followed network at /metrics");
+    }
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| Error::io("handling SIGTERM", e))?;
     let mut interrupt =
@@ -116,7 +129,13 @@ async fn run(options: Arc<EngineOptions>) -> Result<()> {
             while let Ok(Some(_)) = tokio::time::timeout(QUIET, events.next()).await {}
             dirty = false;
             match client.all_placed().await {
-                Ok(placed) => scan(&options, placed, &mut running, &mut left_to_docker),
+                Ok(placed) => scan(
+                    &options,
+                    &shared_metrics,
+                    placed,
+                    &mut running,
+                    &mut left_to_docker,
+                ),
                 Err(error) => {
                     warn!(%error, "listing Docker's networks failed; retrying at the next resync");
                 }
@@ -166,6 +185,7 @@ async fn run(options: Arc<EngineOptions>) -> Result<()> {
 /// Starts a follower for every network that has none, stops those of networks that are gone.
 fn scan(
     options: &Arc<EngineOptions>,
+    shared_metrics: &SharedMetrics,
     placed: Vec<(String, std::result::Result<Placed, String>)>,
     running: &mut BTreeMap<Key, Running>,
     left_to_docker: &mut BTreeMap<String, String>,
@@ -195,7 +215,7 @@ fn scan(
         if running.contains_key(&key) {
             continue;
         }
-        match start(options, placed) {
+        match start(options, shared_metrics, placed) {
             Ok(follower) => {
                 running.insert(key, follower);
             }
@@ -219,7 +239,11 @@ fn reap(running: &mut BTreeMap<Key, Running>) -> bool {
     !ended.is_empty()
 }
 
-fn start(options: &Arc<EngineOptions>, placed: Placed) -> Result<Running> {
+fn start(
+    options: &Arc<EngineOptions>,
+    shared_metrics: &SharedMetrics,
+    placed: Placed,
+) -> Result<Running> {
     let inode = match &placed.netns {
         Some(path) => Some(
             std::fs::metadata(path)
@@ -234,12 +258,13 @@ fn start(options: &Arc<EngineOptions>, placed: Placed) -> Result<Running> {
         let options = options.clone();
         let to_follow = placed.clone();
         let remove = remove.clone();
+        let shared_metrics = options.metrics.map(|_| shared_metrics.clone());
         std::thread::Builder::new()
             .name(format!("xbr-{}", placed.name))
             .spawn(move || {
                 let placed = to_follow;
                 let name = placed.name.clone();
-                match follow_network(&options, &placed, stop_receiver, &remove) {
+                match follow_network(&options, &placed, shared_metrics, stop_receiver, &remove) {
                     Ok(said) => eprintln!("xbr: Docker network {name}: {said}"),
                     Err(error) => eprintln!("xbr: Docker network {name}: {error}"),
                 }
@@ -260,6 +285,7 @@ fn start(options: &Arc<EngineOptions>, placed: Placed) -> Result<Running> {
 fn follow_network(
     options: &EngineOptions,
     placed: &Placed,
+    shared_metrics: Option<SharedMetrics>,
     stop: watch::Receiver<bool>,
     remove: &AtomicBool,
 ) -> Result<String> {
@@ -329,6 +355,18 @@ fn follow_network(
         wait: options.wait,
         stop: Some(stop),
         held_endpoints: placed.held_endpoints(),
+        shared_metrics: shared_metrics.map(|shared| {
+            let watched = Watched {
+                labels: vec![
+                    ("bridge".to_owned(), bridge.to_owned()),
+                    ("network".to_owned(), placed.name.clone()),
+                ],
+                root: root.to_owned(),
+                bridge: bridge.to_owned(),
+                netns: placed.netns.clone(),
+            };
+            (shared, watched)
+        }),
     };
     match follow::follow(pinned, follow)? {
         Stopped::Signal if remove.load(Ordering::SeqCst) => {

@@ -33,7 +33,7 @@ use crate::{
     docker::{self, DockerBridge},
     error::{Error, Result},
     lock::{self, Attempt},
-    metrics::{FollowMetrics, serve_metrics},
+    metrics::{FollowMetrics, SharedMetrics, Watched, serve_metrics},
     plan::Policy,
     policy,
     publish::Timeouts,
@@ -67,6 +67,8 @@ pub struct FollowOptions {
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
     /// Container MACs kept off the fast path (`Policy::held_endpoints`).
     pub held_endpoints: BTreeMap<[u8; 6], String>,
+    /// A metrics server shared with other followers, and how this attachment is listed there.
+    pub shared_metrics: Option<(SharedMetrics, Watched)>,
 }
 
 /// Why the follower stopped.
@@ -117,12 +119,24 @@ async fn run(mut pinned: Pinned, options: FollowOptions) -> Result<Stopped> {
         .map_err(|e| Error::io("listening to all namespaces' netlink events", e))?;
     tokio::spawn(connection);
 
-    let metrics = Arc::new(FollowMetrics::default());
+    let metrics = match &options.shared_metrics {
+        Some((shared, _)) => shared.metrics.clone(),
+        None => Arc::new(FollowMetrics::default()),
+    };
+    let _listed = options
+        .shared_metrics
+        .as_ref()
+        .map(|(shared, watched)| shared.list(watched.clone()));
     if let Some(address) = options.metrics {
+        let watched = Watched {
+            labels: vec![("bridge".to_owned(), pinned.bridge.clone())],
+            root: pinned.root().to_owned(),
+            bridge: pinned.bridge.clone(),
+            netns: None,
+        };
         serve_metrics(
             address,
-            pinned.root().to_owned(),
-            pinned.bridge.clone(),
+            Arc::new(std::sync::Mutex::new(vec![watched])),
             metrics.clone(),
         )?;
         info!(%address, "serving Prometheus metrics at /metrics");

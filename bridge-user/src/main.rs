@@ -208,6 +208,10 @@ enum Command {
             value_parser = clap::value_parser!(u64).range(1..=60)
         )]
         resync: u64,
+        /// Serve Prometheus metrics of every followed network at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9477); series carry `bridge` and `network` labels.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
         /// As for `attach`: hook the socket programs of bridge networks to this cgroup v2
         /// directory (default: the root, when the kernel can).
         #[arg(long, value_name = "PATH", conflicts_with = "no_socket_hooks")]
@@ -369,6 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 wait,
                 stop: None,
                 held_endpoints,
+                shared_metrics: None,
             };
             match xbr::follow::follow(pinned, options)? {
                 Stopped::Signal => {
@@ -469,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Follow {
             resync,
+            metrics,
             cgroup,
             no_socket_hooks,
         } => {
@@ -485,6 +491,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 root: root.to_owned(),
                 features,
                 socket_hooks: socket_hooks_choice(cgroup, no_socket_hooks),
+                metrics,
                 resync: std::time::Duration::from_secs(resync),
                 wait,
             })?;

@@ -75,14 +75,42 @@ impl FollowMetrics {
     }
 }
 
-/// Reads the pinned counters at scrape time.
-#[derive(Debug)]
-struct DatapathCollector {
-    root: PathBuf,
-    bridge: String,
+/// An attachment whose pinned counters are served: its pins, the namespace it lives in
+/// (`None`: the server's own), and the labels its series carry (`bridge`, and `network` for
+/// a Docker network).
+#[derive(Clone, Debug)]
+pub struct Watched {
+    pub labels: Labels,
+    pub root: PathBuf,
+    pub bridge: String,
+    pub netns: Option<PathBuf>,
 }
 
-type Labels = Vec<(String, String)>;
+impl Watched {
+    /// Its attachment now; `None` when it was detached meanwhile (or its namespace is gone).
+    fn snapshot(&self) -> Option<crate::datapath::Attachment> {
+        let read = || {
+            Pinned::open(&self.root, &self.bridge)
+                .and_then(|p| p.snapshot())
+                .ok()
+        };
+        match &self.netns {
+            Some(path) => crate::netns::run_in_path(path, read).ok().flatten(),
+            None => read(),
+        }
+    }
+}
+
+/// The attachments a server reports; a follower of many networks adds and removes its own.
+pub type WatchList = Arc<Mutex<Vec<Watched>>>;
+
+/// Reads the pinned counters of every watched attachment at scrape time.
+#[derive(Debug)]
+struct DatapathCollector {
+    watched: WatchList,
+}
+
+pub type Labels = Vec<(String, String)>;
 
 /// A per-port counter series: name, help, and which counter of `PortStats` it shows.
 type Series = (
@@ -93,14 +121,11 @@ type Series = (
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), std::fmt::Error> {
-        let Ok(attachment) = Pinned::open(&self.root, &self.bridge).and_then(|p| p.snapshot())
-        else {
-            return Ok(()); // detached meanwhile: nothing to report
-        };
-        let macs: std::collections::BTreeMap<u32, String> = attachment
-            .ports
+        let watched = self.watched.lock().expect("watch list").clone();
+        // Detached meanwhile: nothing to report for it.
+        let attachments: Vec<(Labels, crate::datapath::Attachment)> = watched
             .iter()
-            .map(|(ifindex, record)| (*ifindex, format_mac(&record.endpoint_mac)))
+            .filter_map(|w| Some((w.labels.clone(), w.snapshot()?)))
             .collect();
         let series: [Series; 5] = [
             (
@@ -129,25 +154,55 @@ impl Collector for DatapathCollector {
                 |s| s.delivered_packets,
             ),
         ];
+        // A port's name, read in its namespace while the snapshot is taken would be better;
+        // the ifindex stands in where the name is not this namespace's.
+        let port_names: Vec<std::collections::BTreeMap<u32, String>> = watched
+            .iter()
+            .zip(&attachments)
+            .map(|(w, (_, attachment))| {
+                let ifindexes: Vec<u32> = attachment.stats.keys().copied().collect();
+                let names = move || {
+                    ifindexes
+                        .iter()
+                        .map(|i| {
+                            let name = nix::net::if_::if_indextoname(*i)
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_else(|_| i.to_string());
+                            (*i, name)
+                        })
+                        .collect()
+                };
+                match &w.netns {
+                    Some(path) => crate::netns::run_in_path(path, names).unwrap_or_default(),
+                    None => names(),
+                }
+            })
+            .collect();
         for (name, help, value) in series {
             let counter_type = ConstCounter::new(0u64).metric_type();
             let mut family = encoder.encode_descriptor(name, help, None, counter_type)?;
-            for (ifindex, stats) in &attachment.stats {
-                let port = nix::net::if_::if_indextoname(*ifindex)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| ifindex.to_string());
-                let labels: Labels = vec![
-                    ("bridge".to_owned(), self.bridge.clone()),
-                    ("port".to_owned(), port),
-                    (
-                        "mac".to_owned(),
-                        macs.get(ifindex).cloned().unwrap_or_default(),
-                    ),
-                ];
-                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+            for ((base, attachment), names) in attachments.iter().zip(&port_names) {
+                for (ifindex, stats) in &attachment.stats {
+                    let mac = attachment
+                        .ports
+                        .get(ifindex)
+                        .map(|record| format_mac(&record.endpoint_mac))
+                        .unwrap_or_default();
+                    let mut labels = base.clone();
+                    labels.push((
+                        "port".to_owned(),
+                        names.get(ifindex).cloned().unwrap_or_default(),
+                    ));
+                    labels.push(("mac".to_owned(), mac));
+                    ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
-        let bridge = || ("bridge".to_owned(), self.bridge.clone());
+        let with = |base: &Labels, extra: &[(&str, String)]| -> Labels {
+            let mut labels = base.clone();
+            labels.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+            labels
+        };
         let counter_type = ConstCounter::new(0u64).metric_type();
         let gauge_type = ConstGauge::new(0i64).metric_type();
 
@@ -157,25 +212,30 @@ impl Collector for DatapathCollector {
             None,
             counter_type,
         )?;
-        for (verdict, count) in &attachment.verdicts {
-            let labels: Labels = vec![bridge(), ("verdict".to_owned(), verdict.name().to_owned())];
-            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        for (base, attachment) in &attachments {
+            for (verdict, count) in &attachment.verdicts {
+                let labels = with(base, &[("verdict", verdict.name().to_owned())]);
+                ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+            }
         }
 
-        let nat = &attachment.nat;
-        let tables = [
-            ("established", nat.established, nat.established_capacity),
-            ("transient", nat.transient, nat.transient_capacity),
-        ];
+        let tables = |nat: &crate::publish::NatState| {
+            [
+                ("established", nat.established, nat.established_capacity),
+                ("transient", nat.transient, nat.transient_capacity),
+            ]
+        };
         let mut family = encoder.encode_descriptor(
             "xbr_nat_connections",
             "NATed connections now: established, or transient (not established, or closing)",
             None,
             gauge_type,
         )?;
-        for (table, now, _) in tables {
-            let labels: Labels = vec![bridge(), ("table".to_owned(), table.to_owned())];
-            ConstGauge::new(now as i64).encode(family.encode_family(&labels)?)?;
+        for (base, attachment) in &attachments {
+            for (table, now, _) in tables(&attachment.nat) {
+                let labels = with(base, &[("table", table.to_owned())]);
+                ConstGauge::new(now as i64).encode(family.encode_family(&labels)?)?;
+            }
         }
         let mut family = encoder.encode_descriptor(
             "xbr_nat_capacity_connections",
@@ -183,9 +243,11 @@ impl Collector for DatapathCollector {
             None,
             gauge_type,
         )?;
-        for (table, _, capacity) in tables {
-            let labels: Labels = vec![bridge(), ("table".to_owned(), table.to_owned())];
-            ConstGauge::new(capacity as i64).encode(family.encode_family(&labels)?)?;
+        for (base, attachment) in &attachments {
+            for (table, _, capacity) in tables(&attachment.nat) {
+                let labels = with(base, &[("table", table.to_owned())]);
+                ConstGauge::new(capacity as i64).encode(family.encode_family(&labels)?)?;
+            }
         }
         let mut family = encoder.encode_descriptor(
             "xbr_nat_transient_expired_entries",
@@ -193,8 +255,10 @@ impl Collector for DatapathCollector {
             None,
             gauge_type,
         )?;
-        ConstGauge::new(nat.transient_expired as i64)
-            .encode(family.encode_family(&vec![bridge()])?)?;
+        for (base, attachment) in &attachments {
+            ConstGauge::new(attachment.nat.transient_expired as i64)
+                .encode(family.encode_family(base)?)?;
+        }
         let mut family = encoder.encode_descriptor(
             "xbr_nat_connection_events",
             "What happened to NATed connections: opened, established, established_table_full \
@@ -202,15 +266,19 @@ impl Collector for DatapathCollector {
             None,
             counter_type,
         )?;
-        for (event, count) in &nat.events {
-            if matches!(
-                event,
-                NatEvent::TransientAdded | NatEvent::TransientRemoved | NatEvent::TransientSwept
-            ) {
-                continue;
+        for (base, attachment) in &attachments {
+            for (event, count) in &attachment.nat.events {
+                if matches!(
+                    event,
+                    NatEvent::TransientAdded
+                        | NatEvent::TransientRemoved
+                        | NatEvent::TransientSwept
+                ) {
+                    continue;
+                }
+                let labels = with(base, &[("event", event.name().to_owned())]);
+                ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
             }
-            let labels: Labels = vec![bridge(), ("event".to_owned(), event.name().to_owned())];
-            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "xbr_nat_replaced",
@@ -219,20 +287,24 @@ impl Collector for DatapathCollector {
             None,
             counter_type,
         )?;
-        ConstCounter::new(nat.replaced).encode(family.encode_family(&vec![bridge()])?)?;
-        let fallbacks = attachment
-            .verdicts
-            .iter()
-            .find(|(verdict, _)| *verdict == Verdict::NatTableFull)
-            .map_or(0, |(_, count)| *count);
+        for (base, attachment) in &attachments {
+            ConstCounter::new(attachment.nat.replaced).encode(family.encode_family(base)?)?;
+        }
         let mut family = encoder.encode_descriptor(
             "xbr_nat_fallbacks",
             "New connections to published ports left to the kernel path for want of room",
             None,
             counter_type,
         )?;
-        ConstCounter::new(fallbacks).encode(family.encode_family(&vec![bridge()])?)?;
-        if attachment.socket_hooks.is_some() {
+        for (base, attachment) in &attachments {
+            let fallbacks = attachment
+                .verdicts
+                .iter()
+                .find(|(verdict, _)| *verdict == Verdict::NatTableFull)
+                .map_or(0, |(_, count)| *count);
+            ConstCounter::new(fallbacks).encode(family.encode_family(base)?)?;
+        }
+        if attachments.iter().any(|(_, a)| a.socket_hooks.is_some()) {
             let mut family = encoder.encode_descriptor(
                 "xbr_host_clients",
                 "What the socket hooks did with the host's own clients of a published port: \
@@ -241,19 +313,26 @@ impl Collector for DatapathCollector {
                 None,
                 counter_type,
             )?;
-            for published in &attachment.published {
-                let counts = &published.host_clients;
-                for (outcome, count) in [
-                    ("connect", counts.connects),
-                    ("datagram", counts.datagrams),
-                    ("kernel_path", counts.kernel_path),
-                ] {
-                    let labels: Labels = vec![
-                        bridge(),
-                        ("published".to_owned(), published.spec.to_string()),
-                        ("outcome".to_owned(), outcome.to_owned()),
-                    ];
-                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            for (base, attachment) in &attachments {
+                if attachment.socket_hooks.is_none() {
+                    continue;
+                }
+                for published in &attachment.published {
+                    let counts = &published.host_clients;
+                    for (outcome, count) in [
+                        ("connect", counts.connects),
+                        ("datagram", counts.datagrams),
+                        ("kernel_path", counts.kernel_path),
+                    ] {
+                        let labels = with(
+                            base,
+                            &[
+                                ("published", published.spec.to_string()),
+                                ("outcome", outcome.to_owned()),
+                            ],
+                        );
+                        ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                    }
                 }
             }
         }
@@ -261,11 +340,45 @@ impl Collector for DatapathCollector {
     }
 }
 
+/// One metrics server for many followers (`xbr follow`): their reconcile counters, summed,
+/// and the attachments they follow, each listed while its follower runs.
+#[derive(Clone, Debug, Default)]
+pub struct SharedMetrics {
+    pub metrics: Arc<FollowMetrics>,
+    pub watched: WatchList,
+}
+
+impl SharedMetrics {
+    /// Lists `watched` until the returned guard is dropped.
+    pub fn list(&self, watched: Watched) -> Listed {
+        self.watched
+            .lock()
+            .expect("watch list")
+            .push(watched.clone());
+        Listed {
+            watched: self.watched.clone(),
+            entry: (watched.netns, watched.bridge),
+        }
+    }
+}
+
+/// An attachment listed on a shared metrics server; unlisted on drop.
+pub struct Listed {
+    watched: WatchList,
+    entry: (Option<PathBuf>, String),
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut list = self.watched.lock().expect("watch list");
+        list.retain(|w| (w.netns.as_ref(), &w.bridge) != (self.entry.0.as_ref(), &self.entry.1));
+    }
+}
+
 /// Serves /metrics on `address` from a thread of its own until the process exits.
 pub fn serve_metrics(
     address: SocketAddr,
-    root: PathBuf,
-    bridge: String,
+    watched: WatchList,
     metrics: Arc<FollowMetrics>,
 ) -> Result<()> {
     let server = tiny_http::Server::http(address).map_err(|e| {
@@ -300,7 +413,7 @@ pub fn serve_metrics(
         "How long a reconcile took",
         metrics.duration.clone(),
     );
-    registry.register_collector(Box::new(DatapathCollector { root, bridge }));
+    registry.register_collector(Box::new(DatapathCollector { watched }));
     let registry = Mutex::new(registry);
     std::thread::Builder::new()
         .name("xbr-metrics".into())

@@ -22,7 +22,10 @@ use xbr_tests::{
     lab_support::unique_name,
     skip::skip,
     swarm_support::{Node, SwarmLab, in_netns_path},
-    witness::{Follower, first_counter, remote_endpoint_macs, without_root_cgroup, xbr_binary},
+    witness::{
+        Follower, first_counter, remote_endpoint_macs, scrape_metrics, without_root_cgroup,
+        xbr_binary,
+    },
 };
 
 const NETWORK: &str = "xbrov";
@@ -326,7 +329,15 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
             let host = node.docker_host();
             let follower = Follower::start_quietly(
                 &[("DOCKER_HOST", host.as_str())],
-                &["-n", node.netns_name(), "--pin-root", pin_root, "follow"],
+                &[
+                    "-n",
+                    node.netns_name(),
+                    "--pin-root",
+                    pin_root,
+                    "follow",
+                    "--metrics",
+                    "127.0.0.1:9477",
+                ],
             );
             follower.wait_for_log(
                 &format!("following Docker network {NETWORK} (overlay)"),
@@ -379,7 +390,7 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
     let _server = Background(
         std::process::Command::new("nsenter")
             .arg(format!("--net={}", c2.sandbox_key.display()))
-            .args(["iperf3", "-s", "-1", "-p", "5201"])
+            .args(["iperf3", "-s", "-p", "5201"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -394,7 +405,11 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
     });
     let report: Value = serde_json::from_str(&report).expect("iperf3 -J prints JSON");
     let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(received > 1 << 20, "the stream moved {received} bytes");
+    assert!(
+        received > 1 << 20,
+        "the stream moved {received} bytes: {}",
+        report["end"]
+    );
 
     // Neither bridge forwarded IPv4 between the containers; xbr carried it both ways.
     for (node, witness) in witnesses.iter().enumerate() {
@@ -423,6 +438,24 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
             index + 1
         );
     }
+
+    // One metrics endpoint per node serves every network it follows, labelled by network.
+    let body = scrape_metrics(node1.netns_name());
+    let vxlan0_sent: u64 = body
+        .lines()
+        .filter(|line| line.starts_with("xbr_delivered_packets_total{"))
+        .filter(|line| line.contains(&format!("network=\"{NETWORK}\"")))
+        .filter(|line| line.contains("port=\"vxlan0\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        vxlan0_sent > 0,
+        "node 1's metrics show vxlan0's fast path on {NETWORK}:\n{body}"
+    );
+    assert!(
+        body.contains("network=\"docker_gwbridge\""),
+        "node 1's metrics list docker_gwbridge too:\n{body}"
+    );
 
     // c2 stops: node 1 stops sending to it within a second of Docker removing its entry.
     assert!(
