@@ -188,7 +188,7 @@ fn package() {
     generated_files(&extracted);
     maintainer_scripts(&control);
 
-    if !nix_is_root() {
+    if !is_root() {
         skip(
             &format!("{TEST} (install into a scratch root)"),
             "dpkg --root needs root to give the files their owner",
@@ -198,7 +198,7 @@ fn package() {
     install_and_purge(&deb, &scratch.0);
 }
 
-fn nix_is_root() -> bool {
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -470,6 +470,14 @@ fn install_and_purge(deb: &Path, scratch: &Path) {
         "postinst did not enable xbr.service:\n{recorded}"
     );
 
+    // Remove keeps the conffile (an admin's XBR_OPTS), purge takes it too.
+    dpkg(&["--remove", "xbr"]);
+    let kept = files_below(&root, &[Path::new("var/lib/dpkg")]);
+    assert_eq!(
+        kept,
+        BTreeSet::from([PathBuf::from("etc/default/xbr")]),
+        "files after remove"
+    );
     dpkg(&["--purge", "xbr"]);
     let left = files_below(&root, &[Path::new("var/lib/dpkg")]);
     assert!(left.is_empty(), "files left after purge: {left:?}");
