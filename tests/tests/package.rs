@@ -73,7 +73,8 @@ fn have(program: &str) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-/// `cargo xtask package` (as `cargo run -p xtask -- package`), under a deadline; returns the
+/// `cargo xtask package` (as `cargo run --release -p xtask -- package`: release, like the
+/// suite, so its dependencies are built already), under a deadline; returns the
 /// .deb's path from its output. `XBR_DEB` names an already built package instead.
 fn build_package() -> PathBuf {
     if let Some(deb) = std::env::var_os("XBR_DEB") {
@@ -81,7 +82,7 @@ fn build_package() -> PathBuf {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(cargo)
-        .args(["run", "-q", "-p", "xtask", "--", "package"])
+        .args(["run", "-q", "--release", "-p", "xtask", "--", "package"])
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
