@@ -237,6 +237,51 @@ enum Command {
     /// Build or remove a lab of network namespaces from a topology file.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Print a shell completion script to stdout (needs no root).
+    #[command(after_help = "Examples:\n  \
+                            xbr completions bash > /etc/bash_completion.d/xbr\n  \
+                            xbr completions zsh > /usr/local/share/zsh/site-functions/_xbr\n  \
+                            xbr completions fish > ~/.config/fish/completions/xbr.fish")]
+    Completions {
+        /// The shell to complete for.
+        shell: CompletionShell,
+    },
+    /// Print the xbr(8) man page (roff) to stdout; the package installs it.
+    #[command(hide = true)]
+    Man,
+}
+
+/// The shells `xbr completions` writes for (the ones the package ships).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// `xbr completions` and `xbr man`: generated from this very clap definition, without root.
+fn print_generated(command: &Command) -> Option<anyhow::Result<()>> {
+    use clap::CommandFactory as _;
+    let mut cli = Cli::command();
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut cli, "xbr", &mut stdout);
+            Some(Ok(()))
+        }
+        Command::Man => Some(
+            clap_mangen::Man::new(cli)
+                .section("8")
+                .render(&mut stdout)
+                .context("writing the man page"),
+        ),
+        _ => None,
+    }
 }
 
 #[derive(Subcommand)]
@@ -256,6 +301,13 @@ struct Output {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(result) = print_generated(&cli.command) {
+        if let Err(error) = result {
+            eprintln!("xbr: {error:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     init_logging(cli.verbose);
     if let Err(error) = run(cli) {
         eprintln!("xbr: {error:#}");
@@ -498,6 +550,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Lab(_) => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man => unreachable!("handled in main"),
     }
 }
 
@@ -535,6 +588,7 @@ impl Command {
             | Command::Status { bridge, .. }
             | Command::Stats { bridge, .. } => bridge.as_mut(),
             Command::Follow { .. } | Command::Lab(_) => None,
+            Command::Completions { .. } | Command::Man => None,
         }
     }
 }

@@ -6,6 +6,7 @@ mod build;
 mod cmd;
 mod demo;
 mod lab;
+mod package;
 mod setup;
 mod test;
 mod vmtest;
@@ -67,6 +68,10 @@ enum Verb {
         #[arg(long, value_enum, default_value_t = vmtest::Accel::Auto)]
         accel: vmtest::Accel,
     },
+    /// Set up, build, then make the Debian package with cargo-deb: xbr in /usr/sbin, xbr-cni in
+    /// /usr/lib/cni, xbr.service (`xbr follow`), /etc/default/xbr, completions and the man page;
+    /// prints the .deb's path (target/debian/xbr_*.deb).
+    Package,
 }
 
 fn main() {
@@ -90,6 +95,7 @@ fn main() {
             suites,
             accel,
         }),
+        Verb::Package => package::run(),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");

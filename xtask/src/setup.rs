@@ -42,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
     apt_packages().context("installing Debian packages")?;
     nightly_rust_src().context("installing the nightly toolchain's rust-src")?;
     bpf_linker().context("installing bpf-linker")?;
+    cargo_deb().context("installing cargo-deb")?;
     Ok(())
 }
 
@@ -170,5 +171,26 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", LLVM_PREFIX),
         "building bpf-linker against LLVM 22 with `cargo install`",
+    )
+}
+
+/// `cargo xtask package` builds the .deb with cargo-deb (`cargo deb`).
+fn cargo_deb() -> anyhow::Result<()> {
+    // cmd::cargo() puts cargo's bin directory on PATH, where `cargo install` leaves it.
+    let present = cmd::succeeds(cmd::cargo().args(["deb", "--version"]));
+    report(
+        "cargo-deb",
+        if present {
+            "present"
+        } else {
+            "installing (a few minutes)"
+        },
+    );
+    if present {
+        return Ok(());
+    }
+    cmd::run(
+        cmd::cargo().args(["install", "cargo-deb", "--locked", "--quiet"]),
+        "installing cargo-deb with `cargo install`",
     )
 }
