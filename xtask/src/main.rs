@@ -77,7 +77,7 @@ enum Verb {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.verb {
-        Verb::Setup => setup::run(),
+        Verb::Setup => setup::run().and_then(|()| setup::packaging()),
         Verb::Build => build::run().map(|_| ()),
         Verb::Test { args } => test::run(&args),
         Verb::Demo { lab, seconds } => demo::run(demo::Options {

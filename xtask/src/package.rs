@@ -18,6 +18,7 @@ const MAN_PAGE: &str = "xbr.8";
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
+    setup::packaging()?;
     let deb = package()?;
     println!("the package is at {}", deb.display());
     println!("install it with: dpkg -i {}", deb.display());

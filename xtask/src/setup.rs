@@ -42,8 +42,13 @@ pub fn run() -> anyhow::Result<()> {
     apt_packages().context("installing Debian packages")?;
     nightly_rust_src().context("installing the nightly toolchain's rust-src")?;
     bpf_linker().context("installing bpf-linker")?;
-    cargo_deb().context("installing cargo-deb")?;
     Ok(())
+}
+
+/// What `cargo xtask package` (and the test suite, which builds the package) needs beyond
+/// `run`: cargo-deb. Not part of `run`, so that the demo and a build do not wait for it.
+pub fn packaging() -> anyhow::Result<()> {
+    cargo_deb().context("installing cargo-deb")
 }
 
 fn report(what: &str, state: &str) {

@@ -20,6 +20,7 @@ const SKIPPED: &str = "SKIPPED ";
 pub fn run(extra_args: &[String]) -> anyhow::Result<()> {
     cmd::require_root("the tests create network namespaces and load BPF programs")?;
     setup::run()?;
+    setup::packaging()?;
     mount_bpffs()?;
     // The traffic tests drive the real binary; `cargo test` builds no other package's bins.
     let xbr = build::release_binary()?;
