@@ -291,7 +291,7 @@ fn tcx_programs(netns: &Path, port: &str) -> Vec<String> {
     .expect("query thread")
 }
 
-/// `xbr follow` on both nodes: the overlay network is followed in its namespace on each,
+/// `xbr follow` on both nodes, as the package's unit starts it: the overlay network is followed in its namespace on each,
 /// traffic across the nodes (ping, HTTP, a TCP stream) skips br0 on both (the nft witness
 /// stays flat) while xbr's vxlan0 counters grow, a container stopped on node 2 stops being a
 /// destination on node 1 within a second, and the followers' exit plus `xbr detach NETWORK`
@@ -323,22 +323,21 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
     let overlays = [node1.overlay_netns(&network), node2.overlay_netns(&network)];
 
     let pin_root = pins.path.to_str().expect("UTF-8 pin root");
+    // Each node runs what the package's unit runs, with XBR_OPTS set to a metrics address,
+    // plus this test's namespace and pin root.
+    let unit_command = unit_exec_start();
     let followers: Vec<Follower> = [node1, node2]
         .iter()
         .map(|node| {
             let host = node.docker_host();
-            let follower = Follower::start_quietly(
-                &[("DOCKER_HOST", host.as_str())],
-                &[
-                    "-n",
-                    node.netns_name(),
-                    "--pin-root",
-                    pin_root,
-                    "follow",
-                    "--metrics",
-                    "127.0.0.1:9477",
-                ],
-            );
+            let mut args: Vec<&str> = vec!["-n", node.netns_name(), "--pin-root", pin_root];
+            for word in &unit_command {
+                match word.as_str() {
+                    "$XBR_OPTS" => args.extend(["--metrics", "127.0.0.1:9477"]),
+                    word => args.push(word),
+                }
+            }
+            let follower = Follower::start_quietly(&[("DOCKER_HOST", host.as_str())], &args);
             follower.wait_for_log(
                 &format!("following Docker network {NETWORK} (overlay)"),
                 Duration::from_secs(20),
@@ -396,20 +395,20 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
             .spawn()
             .expect("start iperf3 in c2"),
     );
-    let report = eventually("an iperf3 stream c1 -> c2", Duration::from_secs(10), || {
-        in_netns(
+    // iperf3 -J says "error" (and may exit 0) when the server is not listening yet.
+    let received = eventually("an iperf3 stream c1 -> c2", Duration::from_secs(15), || {
+        let report = in_netns(
             &c1.sandbox_key,
             "iperf3",
             &["-c", &c2_ip, "-p", "5201", "-t", "2", "-J"],
-        )
+        )?;
+        let report: Value = serde_json::from_str(&report).map_err(|e| e.to_string())?;
+        match report["end"]["sum_received"]["bytes"].as_u64() {
+            Some(bytes) if report["error"].is_null() => Ok(bytes),
+            _ => Err(format!("iperf3: {}", report["error"])),
+        }
     });
-    let report: Value = serde_json::from_str(&report).expect("iperf3 -J prints JSON");
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(
-        received > 1 << 20,
-        "the stream moved {received} bytes: {}",
-        report["end"]
-    );
+    assert!(received > 1 << 20, "the stream moved {received} bytes");
 
     // Neither bridge forwarded IPv4 between the containers; xbr carried it both ways.
     for (node, witness) in witnesses.iter().enumerate() {
@@ -527,6 +526,21 @@ fn xbr_follow_accelerates_the_overlay_across_nodes() {
     }
     let left: Vec<String> = walk(&pins.path);
     assert!(left.is_empty(), "pins left behind: {left:?}");
+}
+
+/// The arguments of the packaged unit's ExecStart (`packaging/xbr.service`), after the
+/// binary, which must be /usr/sbin/xbr.
+fn unit_exec_start() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/xbr.service");
+    let unit = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let line = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart");
+    let mut words = line.split_whitespace().map(str::to_owned);
+    assert_eq!(words.next().as_deref(), Some("/usr/sbin/xbr"), "{line}");
+    words.collect()
 }
 
 /// Every file below `dir` (pins), as paths.
