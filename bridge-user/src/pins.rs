@@ -56,6 +56,10 @@ pub const MAPS: [(&str, &str); 25] = [
     ("FIB_SCRATCH", "fib_scratch"),
 ];
 
+/// A replacement's staging directory (`datapath::replace`) is named this and the bridge's
+/// name: 16 characters and more, never an interface's name.
+pub const REPLACEMENT_PREFIX: &str = "xbr-replacement-";
+
 /// The pinned layout's stamp directory starts with this, then the stamp (see `layout_stamp`).
 pub const LAYOUT_PREFIX: &str = "layout-";
 
@@ -380,7 +384,7 @@ pub fn attached_bridges(root: &Path) -> Result<Vec<String>> {
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
         // A replacement being built (`datapath::replace`) is no bridge.
-        .filter(|name| !name.starts_with('.'))
+        .filter(|name| !name.starts_with(REPLACEMENT_PREFIX))
         .collect();
     names.sort();
     Ok(names)

@@ -45,9 +45,10 @@ pub(crate) struct Adopt {
     uplink_program_id: u32,
 }
 
-/// The staging directory of `bridge`'s replacement (no interface name is this long).
+/// The staging directory of `bridge`'s replacement: `pins::REPLACEMENT_PREFIX` and the
+/// bridge's name, longer than any interface name (bpffs refuses names with a dot).
 pub fn staging_dir(root: &Path, bridge: &str) -> Result<PathBuf> {
-    Ok(pins::netns_dir(root)?.join(format!(".{bridge}.replacing")))
+    Ok(pins::netns_dir(root)?.join(format!("{}{bridge}", pins::REPLACEMENT_PREFIX)))
 }
 
 /// Replaces the attachment of `plan`'s bridge, of another layout (`found`), with this xbr's.
