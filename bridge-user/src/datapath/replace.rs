@@ -253,7 +253,7 @@ impl Pinned {
         match self.modes.attach {
             AttachMode::Tcx => {
                 let target = crate::bpf_link::pinned_link_target(&old_pin).ok().flatten();
-                if !target.is_some_and(|t| t.ifindex == ifindex) {
+                if target.is_none_or(|t| t.ifindex != ifindex) {
                     return Ok(None);
                 }
                 self.write_record(role, ifindex, record)?;
