@@ -6,6 +6,12 @@
 pub mod lab;
 pub mod memory;
 
+/// The hand-kept part of the pinned layout's stamp (`xbr::pins::layout_stamp`): bump it when
+/// the meaning of a pinned map or record changes without its definition or size changing
+/// (a field reused, a flag's bit moved). Sizes, map types and the map set are stamped
+/// automatically from the compiled object.
+pub const PIN_LAYOUT_REVISION: u32 = 1;
+
 /// How many bridge ports one attached bridge can hold: all of them, since a Linux bridge has
 /// at most 1024 ports (`BR_MAX_PORTS`).
 pub const MAX_PORTS: u32 = 1024;

@@ -82,6 +82,19 @@ pub enum Error {
         detail: String,
     },
     #[error(
+        "the pins at {} were made by an xbr with another pinned layout (found {}, this xbr \
+         pins layout-{wanted}); they keep forwarding as they are, but this xbr cannot \
+         update them: `xbr detach {bridge}` and attach again",
+        pins.display(),
+        found.as_deref().map_or_else(|| "no layout stamp".to_owned(), |f| format!("layout-{f}"))
+    )]
+    OtherLayout {
+        bridge: String,
+        pins: PathBuf,
+        found: Option<String>,
+        wanted: String,
+    },
+    #[error(
         "the pins at {} are an interrupted attach or detach of {bridge} (no bridge record); \
          `xbr attach {bridge}` attaches afresh, `xbr detach {bridge}` removes them",
         pins.display()

@@ -56,6 +56,128 @@ pub const MAPS: [(&str, &str); 25] = [
     ("FIB_SCRATCH", "fib_scratch"),
 ];
 
+/// A replacement's staging directory (`datapath::replace`) is named this and the bridge's
+/// name: 16 characters and more, never an interface's name.
+pub const REPLACEMENT_PREFIX: &str = "xbr-replacement-";
+
+/// The pinned layout's stamp directory starts with this, then the stamp (see `layout_stamp`).
+pub const LAYOUT_PREFIX: &str = "layout-";
+
+/// The stamp of the layout this xbr pins: a hash of what another xbr opening the pins relies
+/// on, so that an upgrade which changes any of it is told apart from one that does not. It
+/// covers every pinned map's definition in the compiled object (name, type, key and value
+/// sizes, flags, entries, an inner map's definition), which programs the object has, the
+/// sizes of the shared records, and `bridge_common::PIN_LAYOUT_REVISION` (the hand-kept part,
+/// for a meaning changed without a size changed). Computed from the object itself, so that a
+/// changed map cannot ship with a stale stamp.
+pub fn layout_stamp() -> &'static str {
+    static STAMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    STAMP.get_or_init(|| format!("{:016x}", layout_hash(crate::datapath::OBJECT)))
+}
+
+/// FNV-1a, 64 bits: stable across builds and Rust versions (unlike `DefaultHasher`).
+struct Fnv(u64);
+
+impl Fnv {
+    fn bytes(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn word(&mut self, word: u64) {
+        self.bytes(&word.to_le_bytes());
+    }
+    fn text(&mut self, text: &str) {
+        self.word(text.len() as u64);
+        self.bytes(text.as_bytes());
+    }
+}
+
+fn layout_hash(object: &[u8]) -> u64 {
+    use bridge_common as c;
+    use std::mem::size_of;
+    let object = aya_obj::Object::parse(object).expect("xbr's own eBPF object parses");
+    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    hash.word(u64::from(c::PIN_LAYOUT_REVISION));
+    let definition = |hash: &mut Fnv, map: &aya_obj::Map| {
+        for field in [
+            map.map_type(),
+            map.key_size(),
+            map.value_size(),
+            map.map_flags(),
+            map.max_entries(),
+        ] {
+            hash.word(u64::from(field));
+        }
+    };
+    for (object_name, pin) in MAPS {
+        hash.text(object_name);
+        hash.text(pin);
+        match object.maps.get(object_name) {
+            Some(map) => {
+                definition(&mut hash, map);
+                if let Some(inner) = map.inner() {
+                    definition(&mut hash, &inner);
+                }
+            }
+            None => hash.text("absent"),
+        }
+    }
+    for program in programs::ALL {
+        hash.text(program);
+        hash.word(u64::from(object.programs.contains_key(program)));
+    }
+    for size in [
+        size_of::<c::BridgeRecord>(),
+        size_of::<c::PortRecord>(),
+        size_of::<c::PortStats>(),
+        size_of::<c::Endpoint>(),
+        size_of::<c::EndpointKey>(),
+        size_of::<c::PublishedKey>(),
+        size_of::<c::PublishedPort>(),
+        size_of::<c::SocketConfig>(),
+        size_of::<c::SocketCounts>(),
+        size_of::<c::SocketDials>(),
+        size_of::<c::HoldKey>(),
+        size_of::<c::ClientHoldKey>(),
+        size_of::<c::ClientPrefix>(),
+        size_of::<c::EgressConfig>(),
+        size_of::<c::FlowKey>(),
+        size_of::<c::Flow>(),
+    ] {
+        hash.word(size as u64);
+    }
+    hash.0
+}
+
+/// The stamp directory of `dir`'s layout, when it is this xbr's.
+pub fn layout_pin(dir: &Path) -> PathBuf {
+    dir.join(format!("{LAYOUT_PREFIX}{}", layout_stamp()))
+}
+
+/// The layout stamp `dir` holds, if any (None: pinned by an xbr from before stamps).
+pub fn found_layout(dir: &Path) -> Option<String> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            name.strip_prefix(LAYOUT_PREFIX).map(str::to_owned)
+        })
+}
+
+/// Records this xbr's layout in `dir` (bpffs holds pins and directories only: a directory).
+pub fn stamp_layout(dir: &Path) -> Result<()> {
+    let pin = layout_pin(dir);
+    match fs::create_dir(&pin) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(Error::io(format!("creating {}", pin.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The pins of the links that attach the socket programs to their cgroup start with this,
 /// then the program's name.
 pub const CGROUP_LINK_PREFIX: &str = "cgroup_link_";
@@ -199,11 +321,17 @@ pub fn remove(dir: &Path, root: &Path) -> Result<()> {
 /// bridge record goes first, so a writer stopped half-way leaves a directory that says it is
 /// incomplete; links are detached at once rather than whenever the kernel frees them.
 pub fn clear(dir: &Path) -> Result<()> {
+    clear_keeping(dir, &[])
+}
+
+/// `clear`, keeping the entries `keep` (a follower's lock directory).
+pub fn clear_keeping(dir: &Path, keep: &[PathBuf]) -> Result<()> {
     let listing = |e| Error::io(format!("listing {}", dir.display()), e);
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(listing)?
         .map(|entry| entry.map(|e| e.path()).map_err(listing))
         .collect::<Result<_>>()?;
+    entries.retain(|path| !keep.contains(path));
     let rank = |path: &PathBuf| {
         let name = path
             .file_name()
@@ -272,7 +400,25 @@ pub fn attached_bridges(root: &Path) -> Result<Vec<String>> {
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
+        // A replacement being built (`datapath::replace`) is no bridge.
+        .filter(|name| !name.starts_with(REPLACEMENT_PREFIX))
         .collect();
     names.sort();
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_stamp_is_stable_and_follows_the_maps() {
+        let stamp = layout_stamp();
+        assert_eq!(stamp.len(), 16, "{stamp}");
+        assert_eq!(
+            format!("{:016x}", layout_hash(crate::datapath::OBJECT)),
+            stamp
+        );
+        assert!(found_layout(Path::new("/nonexistent")).is_none());
+    }
 }

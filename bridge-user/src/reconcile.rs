@@ -153,12 +153,19 @@ pub struct Attach {
 pub fn attach(bridge: &str, options: AttachOptions, inputs: &Inputs) -> Result<Attach> {
     // Pins that are there but unusable (`BrokenPins`, another layout) are the user's to see
     // now, not after observing the bridge as if it were a first attach.
+    let mut replacing = false;
     let existing = match Pinned::open(options.root, bridge) {
         Ok(pinned) => Some(pinned),
         Err(Error::NotAttached { .. } | Error::Incomplete { .. }) => None,
+        // Another layout (an upgrade): `datapath::attach` replaces it, planned as a first
+        // attach; what can still be read of it (its published ports) is planned with.
+        Err(Error::OtherLayout { .. }) => {
+            replacing = true;
+            Pinned::open_any_layout(options.root, bridge).ok()
+        }
         Err(error) => return Err(error),
     };
-    let first_attach = existing.is_none();
+    let first_attach = existing.is_none() || replacing;
     let plan = observe_and_plan_with(bridge, existing.as_ref(), options.masquerade, inputs)?;
     drop(existing);
     let requested = options.uplinks;

@@ -206,6 +206,9 @@ impl Pinned {
         previous: Option<PortRecord>,
         observed: &Observed,
     ) -> Result<PortRecord> {
+        if let Some(record) = self.adopt_hook(role, port, previous)? {
+            return Ok(record);
+        }
         let ifindex = port.ifindex;
         let mut record = previous.unwrap_or_default();
         let pin = self.link_pin(role, ifindex);

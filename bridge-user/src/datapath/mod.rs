@@ -22,6 +22,7 @@ mod egress;
 mod hooking;
 mod pinned;
 mod published;
+mod replace;
 mod snapshot;
 mod sockets;
 mod steps;
@@ -132,6 +133,9 @@ pub struct Attached {
     pub created: bool,
     /// The pins were an interrupted attach or detach, removed before attaching afresh.
     pub replaced_incomplete: bool,
+    /// The pins were of another layout (an xbr upgrade): replaced, their hooks taken over in
+    /// place. Holds the layout found (None: pinned before layouts were stamped).
+    pub replaced_layout: Option<Option<String>>,
     pub ports: usize,
     pub endpoints: usize,
     pub changes: Changes,
@@ -158,6 +162,9 @@ pub fn attach(
             return reattach(pinned, plan, uplinks, choices, features);
         }
         Err(Error::NotAttached { .. } | Error::Incomplete { .. }) => {}
+        Err(Error::OtherLayout { found, .. }) => {
+            return replace::replace(plan, uplinks, choices, features, root, found);
+        }
         Err(error) => return Err(error),
     }
     // Nothing, or what an attach or detach stopped half-way left: start afresh. (The caller's
@@ -179,6 +186,7 @@ pub fn attach(
         socket_cgroup.as_deref(),
         features,
         root,
+        &dir,
     ) {
         Ok(pinned) => pinned,
         Err(error) => {
@@ -288,6 +296,7 @@ impl Pinned {
             uplink_mode: self.modes.uplink,
             created,
             replaced_incomplete: false,
+            replaced_layout: None,
             ports: self.ports.keys().filter_map(|k| k.ok()).count(),
             endpoints: plan.endpoints.len(),
             changes,
@@ -359,7 +368,13 @@ impl Pinned {
 /// detach stopped half-way) are removed as they are: links are detached with their pins, and
 /// clsact filters exist only once the attachment is whole.
 pub fn detach(root: &Path, bridge: &str) -> Result<Detached> {
-    match Pinned::open(root, bridge) {
+    let opened = match Pinned::open(root, bridge) {
+        // Another layout's attachment is whole: its hooks (clsact filters have no pins) are
+        // taken off as this xbr's are, when its records can be read.
+        Err(Error::OtherLayout { .. }) => Pinned::open_any_layout(root, bridge),
+        opened => opened,
+    };
+    match opened {
         Ok(pinned) => pinned.detach(),
         Err(Error::BrokenPins { pins: dir, .. } | Error::Incomplete { pins: dir, .. }) => {
             pins::remove(&dir, root)?;

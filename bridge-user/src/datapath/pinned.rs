@@ -77,6 +77,9 @@ pub struct Pinned {
     pub(super) egress: Array<MapData, EgressConfig>,
     pub(super) egress_uplinks: HashMap<MapData, u32, [u8; 4]>,
     pub(super) kernel_flows: HashMap<MapData, FlowKey, u8>,
+    /// While this attachment replaces one of another layout: that one's hooks, taken over
+    /// in place as this one's are made (see `replace`).
+    pub(super) adopt: Option<super::replace::Adopt>,
 }
 
 pub(super) fn open_pinned<T>(dir: &Path, object_name: &str) -> Result<T>
@@ -311,8 +314,31 @@ impl Pinned {
         self.published.keys().next().is_some()
     }
 
+    /// Opens the attachment of `bridge`: `NotAttached`, `Incomplete`, `OtherLayout` (pinned by
+    /// an xbr whose pinned layout differs from this one's, see `pins::layout_stamp`) or
+    /// `BrokenPins` when it cannot.
     pub fn open(root: &Path, bridge: &str) -> Result<Pinned> {
-        let dir = pins::bridge_dir(root, bridge)?;
+        Self::open_checking(root, bridge, true)
+    }
+
+    /// Opens the attachment of `bridge` whatever its layout stamp says (for a detach: what
+    /// can be read of another layout is used to take its hooks off).
+    pub fn open_any_layout(root: &Path, bridge: &str) -> Result<Pinned> {
+        Self::open_checking(root, bridge, false)
+    }
+
+    fn open_checking(root: &Path, bridge: &str, check_layout: bool) -> Result<Pinned> {
+        Self::open_at(root, bridge, pins::bridge_dir(root, bridge)?, check_layout)
+    }
+
+    /// Opens the attachment of `bridge` pinned in `dir` (its own directory, or a replacement
+    /// being built, see `replace`).
+    pub(super) fn open_at(
+        root: &Path,
+        bridge: &str,
+        dir: PathBuf,
+        check_layout: bool,
+    ) -> Result<Pinned> {
         if !dir.exists() {
             return Err(Error::NotAttached {
                 bridge: bridge.to_owned(),
@@ -326,6 +352,15 @@ impl Pinned {
             });
         };
         let record_pin_id = (record_pin.dev(), record_pin.ino());
+        // The stamp first: another layout's maps may open, and then be misread.
+        if check_layout && !pins::layout_pin(&dir).exists() {
+            return Err(Error::OtherLayout {
+                bridge: bridge.to_owned(),
+                found: pins::found_layout(&dir),
+                wanted: pins::layout_stamp().to_owned(),
+                pins: dir,
+            });
+        }
         let broken = |e: Error| Error::BrokenPins {
             bridge: bridge.to_owned(),
             pins: dir.clone(),
@@ -393,11 +428,13 @@ impl Pinned {
             ports: open_pinned(&dir, "PORTS").map_err(broken)?,
             stats: open_pinned(&dir, "PORT_STATS").map_err(broken)?,
             verdicts: open_pinned(&dir, "VERDICTS").map_err(broken)?,
+            adopt: None,
             dir,
         })
     }
 
-    /// Loads the programs, pins them and their (empty) maps, and opens the result.
+    /// Loads the programs, pins them and their (empty) maps in `dir`, and opens the result.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn create(
         plan: &Plan,
         mode: AttachMode,
@@ -406,9 +443,10 @@ impl Pinned {
         socket_cgroup: Option<&Path>,
         features: &Features,
         root: &Path,
+        dir: &Path,
     ) -> Result<Pinned> {
         pins::ensure_bpffs(root)?;
-        let dir = pins::bridge_dir(root, &plan.bridge)?;
+        let dir = dir.to_path_buf();
         // eBPF logging is decided at load time: off, the verifier prunes every log call.
         let log_level: u8 = if tracing::enabled!(target: "xbr::ebpf", tracing::Level::DEBUG) {
             aya_log::Level::Debug as u8
@@ -481,6 +519,8 @@ impl Pinned {
                 Error::ebpf(format!("pinning program {name} in {}", dir.display()), e)
             })?;
         }
+        // The layout's stamp before the bridge record: a whole attachment always has one.
+        pins::stamp_layout(&dir)?;
         // The bridge record last: its pin says the attachment is whole (see `pins`).
         let (complete, rest): (Vec<_>, Vec<_>) = pins::MAPS
             .iter()
@@ -491,7 +531,7 @@ impl Pinned {
                 Error::ebpf(format!("pinning map {object_name} in {}", dir.display()), e)
             })?;
         }
-        Pinned::open(root, &plan.bridge)
+        Pinned::open_at(root, &plan.bridge, dir, true)
     }
 
     /// Whether the attachment this was opened from is still the one pinned: false once a
