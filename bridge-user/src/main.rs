@@ -758,7 +758,8 @@ fn read_attachments(
             Ok(attachment) => attachment,
             Err(
                 error @ (xbr::error::Error::Incomplete { .. }
-                | xbr::error::Error::BrokenPins { .. }),
+                | xbr::error::Error::BrokenPins { .. }
+                | xbr::error::Error::OtherLayout { .. }),
             ) => {
                 let dir = pins::bridge_dir(root, &name)?;
                 incomplete.push(report::Incomplete {

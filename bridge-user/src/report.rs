@@ -236,6 +236,7 @@ pub fn attached(
                 .map(|(port, drift)| json!({ "port": port, "problem": drift.name() }))
                 .collect::<Vec<_>>(),
             "replaced_incomplete": attached.replaced_incomplete,
+            "replaced_layout": attached.replaced_layout.as_ref().map(|found| found.clone().unwrap_or_else(|| "none".to_owned())),
             "egress": egress_json(egress),
         }));
     }
@@ -248,6 +249,14 @@ pub fn attached(
         println!(
             "found the pins of an interrupted attach or detach of {}; removed them",
             plan.bridge
+        );
+    }
+    if let Some(found) = &attached.replaced_layout {
+        println!(
+            "found {} pinned by another version of xbr (layout {}); replaced it in place, \
+             port by port, without a gap (its NAT connections start again)",
+            plan.bridge,
+            found.as_deref().unwrap_or("without a stamp")
         );
     }
     println!(
