@@ -71,6 +71,21 @@ fn layout_stamps(dir: &PathBuf) -> Vec<String> {
         .collect()
 }
 
+/// A UDP stream from container a to b (a datagram a millisecond), running for 300 ms.
+fn stream_a_to_b(spec: &xbr::lab::LabSpec, port: u16) -> UdpStream {
+    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
+    let server_ip = spec.container("b").unwrap().address.addr;
+    let stream = UdpStream::start(
+        &ns("a"),
+        &ns("b"),
+        server_ip,
+        port,
+        Duration::from_millis(1),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stream
+}
+
 #[test]
 fn a_follower_restart_loses_nothing() {
     let lab = LabBuilder::three_containers().up();
@@ -79,16 +94,7 @@ fn a_follower_restart_loses_nothing() {
     let pins = PinRoot::new(&host);
     let mut first = Follower::start(&host, &pins.path, "br0", &[]);
     let bridge = BridgeForwardCounter::install(&host);
-    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
-    let server_ip = spec.container("b").unwrap().address.addr;
-    let stream = UdpStream::start(
-        &ns("a"),
-        &ns("b"),
-        server_ip,
-        40401,
-        Duration::from_millis(1),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let stream = stream_a_to_b(&spec, 40401);
     let sampler = Sampler::start(&host);
     first.terminate();
     first.wait_exit(Duration::from_secs(10));
@@ -126,16 +132,7 @@ fn another_layout_is_replaced_without_a_gap(mode: &str) {
     eprintln!("{mode}: status of the old layout ({code}): {stdout}{stderr}");
     let bridge = BridgeForwardCounter::install(&host);
 
-    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
-    let server_ip = spec.container("b").unwrap().address.addr;
-    let stream = UdpStream::start(
-        &ns("a"),
-        &ns("b"),
-        server_ip,
-        40402,
-        Duration::from_millis(1),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let stream = stream_a_to_b(&spec, 40402);
     let sampler = Sampler::start(&host);
     let (code, _, stderr) = pins.xbr(&["attach", "br0"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -155,7 +152,7 @@ fn another_layout_is_replaced_without_a_gap(mode: &str) {
     let via_bridge = bridge.read().ipv4_unicast;
     eprintln!("{mode}: {via_bridge} of {sent} datagrams crossed the bridge during the replacement");
     assert!(
-        via_bridge * 10 < sent as u64,
+        via_bridge * 10 < sent,
         "{via_bridge} of {sent} datagrams left the fast path"
     );
     for port in PORTS {
