@@ -6,7 +6,9 @@
 //! and `--force-script-chrootless`, and the maintainer scripts find recording stand-ins for
 //! deb-systemd-helper, deb-systemd-invoke and systemctl first on their PATH.
 //!
-//! Running the unit's ExecStart against a real dockerd is the Docker tests' business, not this.
+//! An upgrade under a stream: the installed binary's follower stops, the package is installed
+//! over itself, a new follower starts; not one datagram of a stream through the fast path is
+//! lost. Running the unit's ExecStart against a real dockerd is the Swarm test's business.
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
@@ -14,7 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use xbr_tests::skip::skip;
+use xbr_tests::{
+    lab_support::{LabBuilder, unique_name},
+    skip::skip,
+    witness::{BridgeForwardCounter, PinRoot, UdpStream, tc_programs},
+};
 
 const TEST: &str = "package";
 /// Building the release binaries from nothing, and `cargo install cargo-deb` on a clean machine.
@@ -471,6 +477,12 @@ fn install_and_purge(deb: &Path, scratch: &Path) {
         "postinst did not enable xbr.service:\n{recorded}"
     );
 
+    // An upgrade: the package reinstalled over itself and its follower restarted, under a
+    // stream through the fast path.
+    upgrade_under_a_stream(&root.join("usr/sbin/xbr"), || {
+        dpkg(&["--install", &deb.to_string_lossy()]);
+    });
+
     // Remove keeps the conffile (an admin's XBR_OPTS), purge takes it too.
     dpkg(&["--remove", "xbr"]);
     let kept = files_below(&root, &[Path::new("var/lib/dpkg")]);
@@ -498,4 +510,94 @@ fn install_and_purge(deb: &Path, scratch: &Path) {
             .any(|l| l.contains("deb-systemd-helper") && l.contains("purge")),
         "postrm did not purge xbr.service's enablement:\n{recorded}"
     );
+}
+
+/// A follower run from the installed binary `xbr`, killed by pid on drop.
+struct InstalledFollower {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl InstalledFollower {
+    fn start(xbr: &Path, host: &str, pins: &PinRoot) -> InstalledFollower {
+        let log = std::env::temp_dir().join(format!("{}.log", unique_name("xbr-upgrade")));
+        let child = Command::new(xbr)
+            .args(["-v", "-n", host, "--pin-root", pins.arg()])
+            .args(["attach", "br0", "--no-socket-hooks", "--follow"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("follower log"))
+            .spawn()
+            .expect("start the installed xbr");
+        let follower = InstalledFollower { child, log };
+        let started = Instant::now();
+        while !std::fs::read_to_string(&follower.log)
+            .unwrap_or_default()
+            .contains("following the bridge")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the installed xbr did not start following: {}",
+                std::fs::read_to_string(&follower.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        follower
+    }
+
+    /// SIGTERM, as systemd stops the service, and wait for the exit.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for the follower");
+        assert!(status.success(), "the follower's exit on SIGTERM: {status}");
+    }
+}
+
+impl Drop for InstalledFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// What an upgrade does, under a UDP stream between two lab containers: the follower (from
+/// the installed binary) stops, `reinstall` puts the package's files in place again, a new
+/// follower starts. Not one datagram lost, nothing crosses the bridge, one program per port.
+fn upgrade_under_a_stream(xbr: &Path, reinstall: impl FnOnce()) {
+    let lab = LabBuilder::three_containers().up();
+    let spec = lab.spec().clone();
+    let host = spec.host_netns();
+    let pins = PinRoot::new(&host);
+    let old = InstalledFollower::start(xbr, &host, &pins);
+    let bridge = BridgeForwardCounter::install(&host);
+    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
+    let server_ip = spec.container("b").unwrap().address.addr;
+    let stream = UdpStream::start(
+        &ns("a"),
+        &ns("b"),
+        server_ip,
+        40403,
+        Duration::from_millis(1),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    old.stop();
+    reinstall();
+    let new = InstalledFollower::start(xbr, &host, &pins);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (sent, received) = stream.finish();
+    println!("upgrade under a stream: sent {sent}, received {received}");
+    assert!(sent > 100, "the stream sent {sent} datagrams");
+    assert_eq!(sent, received, "datagrams lost across the upgrade");
+    assert_eq!(
+        bridge.read().ipv4_unicast,
+        0,
+        "the stream left the fast path during the upgrade"
+    );
+    for port in ["veth-a", "veth-b", "veth-c"] {
+        assert_eq!(tc_programs(&host, port), vec!["port_ingress"], "{port}");
+    }
+    drop(new);
 }
