@@ -63,7 +63,8 @@ struct Running {
     stop: watch::Sender<bool>,
     /// Set before `stop`: the network left this host, so its datapath goes too.
     remove: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    /// Says whether the follower ended without an error.
+    thread: JoinHandle<bool>,
 }
 
 impl Running {
@@ -120,6 +121,9 @@ async fn run(options: Arc<EngineOptions>) -> Result<()> {
     let mut running: BTreeMap<Key, Running> = BTreeMap::new();
     // What was last said about each network left to Docker, so it is said once.
     let mut left_to_docker: BTreeMap<String, String> = BTreeMap::new();
+    // Followers that failed, and when: started again only after a resync period, so that a
+    // network xbr cannot attach to is not retried (and reported) every second.
+    let mut failed: BTreeMap<Key, std::time::Instant> = BTreeMap::new();
     let mut resync = tokio::time::interval(options.resync);
     let mut namespace_check = tokio::time::interval(NAMESPACE_CHECK);
     let mut dirty = true;
@@ -129,13 +133,17 @@ async fn run(options: Arc<EngineOptions>) -> Result<()> {
             while let Ok(Some(_)) = tokio::time::timeout(QUIET, events.next()).await {}
             dirty = false;
             match client.all_placed().await {
-                Ok(placed) => scan(
-                    &options,
-                    &shared_metrics,
-                    placed,
-                    &mut running,
-                    &mut left_to_docker,
-                ),
+                Ok(placed) => {
+                    failed.retain(|_, at| at.elapsed() < options.resync);
+                    scan(
+                        &options,
+                        &shared_metrics,
+                        placed,
+                        &mut running,
+                        &failed,
+                        &mut left_to_docker,
+                    );
+                }
                 Err(error) => {
                     warn!(%error, "listing Docker's networks failed; retrying at the next resync");
                 }
@@ -165,7 +173,12 @@ async fn run(options: Arc<EngineOptions>) -> Result<()> {
                     info!(network = %follower.placed.name, "the network's namespace is gone; removing its datapath");
                     follower.stop(true);
                 }
-                dirty |= reap(&mut running);
+                for (key, ended_well) in reap(&mut running) {
+                    if !ended_well {
+                        failed.insert(key, std::time::Instant::now());
+                    }
+                    dirty = true;
+                }
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -188,6 +201,7 @@ fn scan(
     shared_metrics: &SharedMetrics,
     placed: Vec<(String, std::result::Result<Placed, String>)>,
     running: &mut BTreeMap<Key, Running>,
+    failed: &BTreeMap<Key, std::time::Instant>,
     left_to_docker: &mut BTreeMap<String, String>,
 ) {
     let mut wanted = BTreeMap::new();
@@ -212,7 +226,7 @@ fn scan(
         }
     }
     for (key, placed) in wanted {
-        if running.contains_key(&key) {
+        if running.contains_key(&key) || failed.contains_key(&key) {
             continue;
         }
         match start(options, shared_metrics, placed) {
@@ -224,19 +238,21 @@ fn scan(
     }
 }
 
-/// Joins the followers that ended; whether any did (then their networks are looked at again).
-fn reap(running: &mut BTreeMap<Key, Running>) -> bool {
+/// Joins the followers that ended: each one's key and whether it ended without an error
+/// (their networks are looked at again).
+fn reap(running: &mut BTreeMap<Key, Running>) -> Vec<(Key, bool)> {
     let ended: Vec<Key> = running
         .iter()
         .filter(|(_, follower)| follower.thread.is_finished())
         .map(|(key, _)| key.clone())
         .collect();
-    for key in &ended {
-        if let Some(follower) = running.remove(key) {
-            let _ = follower.thread.join();
-        }
-    }
-    !ended.is_empty()
+    ended
+        .into_iter()
+        .filter_map(|key| {
+            let follower = running.remove(&key)?;
+            Some((key, follower.thread.join().unwrap_or(false)))
+        })
+        .collect()
 }
 
 fn start(
@@ -265,8 +281,16 @@ fn start(
                 let placed = to_follow;
                 let name = placed.name.clone();
                 match follow_network(&options, &placed, shared_metrics, stop_receiver, &remove) {
-                    Ok(said) => eprintln!("xbr: Docker network {name}: {said}"),
-                    Err(error) => eprintln!("xbr: Docker network {name}: {error}"),
+                    Ok(said) => {
+                        eprintln!("xbr: Docker network {name}: {said}");
+                        true
+                    }
+                    Err(error) => {
+                        eprintln!(
+                            "xbr: Docker network {name}: {error}; trying again after the next resync"
+                        );
+                        false
+                    }
                 }
             })
             .map_err(|e| Error::io(format!("starting a follower for {}", placed.name), e))?

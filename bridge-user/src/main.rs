@@ -31,6 +31,9 @@ mod report;
                   connections (egress NAT: --masquerade, or a Docker network that masquerades): \
                   source-NATed to the uplink's address and sent straight out, replies straight \
                   back in.\n\n\
+                  On Docker overlay networks (Swarm), frames to containers on other hosts skip \
+                  the bridge too, straight out of the VXLAN device, and frames from them go \
+                  straight in; `xbr follow` follows every network of a Docker engine.\n\n\
                   Netfilter rules are honoured: traffic a rule on the skipped path could drop, \
                   translate or mark stays on the kernel path (`xbr status` says which rule holds \
                   what).\n\n\
@@ -189,8 +192,10 @@ enum Command {
         #[command(flatten)]
         output: Output,
     },
-    /// Follow every network of the Docker engine, present and future: bridge networks on
-    /// their bridges, overlay networks (Swarm) on the bridge in their namespace, each as
+    /// Follow every network of the Docker engine (bridge and overlay), present and future.
+    ///
+    /// Bridge networks are followed on their bridges, overlay networks (Swarm) on the bridge
+    /// in their namespace, each as
     /// `xbr attach NETWORK --follow` would. One process per host. Networks that stay on
     /// Docker's path (the ingress network, encrypted overlays, drivers without a bridge) are
     /// named once with the reason. SIGTERM or Ctrl-C stop following and leave the datapaths
