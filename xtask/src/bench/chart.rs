@@ -410,7 +410,7 @@ fn published_groups(report: &Report, endpoints: usize) -> Vec<Group> {
 /// The egress groups, relative to egress-limit; the target drawn over them is 0.9x the limit,
 /// and on connections/s 1.3x egress-docker-like where that is higher.
 fn egress_groups(report: &Report, endpoints: usize) -> Vec<Group> {
-    [
+    let rows = [
         (
             "connections/s",
             Workload::EgressConnections,
@@ -420,66 +420,70 @@ fn egress_groups(report: &Report, endpoints: usize) -> Vec<Group> {
         ("TCP stream", Workload::EgressStream, "gbit_per_s"),
         ("UDP 64 B pps", Workload::EgressUdp64, "kpps"),
         ("UDP 64 B sent pps", Workload::EgressUdp64, "sent_kpps"),
-    ]
-    .into_iter()
-    .filter_map(|(label, workload, metric)| {
-        let group = group(
-            report,
-            label.to_owned(),
-            (endpoints, workload, metric),
-            &Config::EGRESS,
-            Config::EgressLimit,
-        )?;
-        let median = |config| {
-            report
-                .find(endpoints, workload, metric, config)
-                .map(|r| r.median)
-        };
-        let docker = match workload {
-            Workload::EgressConnections => median(Config::EgressDocker)
-                .zip(median(Config::EgressLimit))
-                .map(|(docker, limit)| 1.3 * docker / limit),
-            _ => None,
-        };
-        let target = Some(docker.map_or(0.9, |docker| docker.max(0.9)));
-        Some(Group { target, ..group })
-    })
-    .collect()
+    ];
+    limit_groups(
+        report,
+        endpoints,
+        &rows,
+        (&Config::EGRESS, Config::EgressLimit, Config::EgressDocker),
+        &[Workload::EgressConnections],
+    )
 }
 
 /// The overlay groups, relative to overlay-limit; the target drawn over them is 0.9x the
 /// limit, and on round trips/s and 64-byte UDP 1.3x overlay-docker-like where that is higher.
 fn overlay_groups(report: &Report, endpoints: usize) -> Vec<Group> {
-    [
+    let rows = [
         ("TCP stream", Workload::OverlayStream, "gbit_per_s"),
         ("UDP 64 B pps", Workload::OverlayUdp64, "kpps"),
         ("UDP 64 B sent pps", Workload::OverlayUdp64, "sent_kpps"),
         ("round trips/s", Workload::OverlayRr, "k_round_trips_per_s"),
-    ]
-    .into_iter()
-    .filter_map(|(label, workload, metric)| {
-        let group = group(
-            report,
-            label.to_owned(),
-            (endpoints, workload, metric),
+    ];
+    limit_groups(
+        report,
+        endpoints,
+        &rows,
+        (
             &Config::OVERLAY,
             Config::OverlayLimit,
-        )?;
-        let median = |config| {
-            report
-                .find(endpoints, workload, metric, config)
-                .map(|r| r.median)
-        };
-        let docker = match workload {
-            Workload::OverlayRr | Workload::OverlayUdp64 => median(Config::OverlayDocker)
-                .zip(median(Config::OverlayLimit))
-                .map(|(docker, limit)| 1.3 * docker / limit),
-            _ => None,
-        };
-        let target = Some(docker.map_or(0.9, |docker| docker.max(0.9)));
-        Some(Group { target, ..group })
-    })
-    .collect()
+            Config::OverlayDocker,
+        ),
+        &[Workload::OverlayRr, Workload::OverlayUdp64],
+    )
+}
+
+/// Groups of `rows` (label, workload, metric) over `configs`, relative to `limit`; the target
+/// drawn is 0.9x the limit, and on `docker_targets` 1.3x `docker` where that is higher.
+fn limit_groups(
+    report: &Report,
+    endpoints: usize,
+    rows: &[(&str, Workload, &'static str)],
+    (configs, limit, docker): (&[Config], Config, Config),
+    docker_targets: &[Workload],
+) -> Vec<Group> {
+    rows.iter()
+        .filter_map(|&(label, workload, metric)| {
+            let group = group(
+                report,
+                label.to_owned(),
+                (endpoints, workload, metric),
+                configs,
+                limit,
+            )?;
+            let median = |config| {
+                report
+                    .find(endpoints, workload, metric, config)
+                    .map(|r| r.median)
+            };
+            let above_docker = docker_targets
+                .contains(&workload)
+                .then(|| median(docker).zip(median(limit)))
+                .flatten()
+                .map(|(docker, limit)| 1.3 * docker / limit);
+            let target = Some(above_docker.map_or(0.9, |docker| docker.max(0.9)));
+            Some(Group { target, ..group })
+        })
+        .collect()
 }
 
 /// A legend row: a colour per configuration, and the targets for the panels below.
