@@ -789,3 +789,19 @@ pub fn scrape_metrics(netns: &str) -> String {
         })
         .unwrap()
 }
+
+/// A UDP stream from container a to b of a lab (a datagram a millisecond), already running
+/// for 300 ms when returned.
+pub fn stream_a_to_b(spec: &xbr::lab::LabSpec, port: u16) -> UdpStream {
+    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
+    let server_ip = spec.container("b").unwrap().address.addr;
+    let stream = UdpStream::start(
+        &ns("a"),
+        &ns("b"),
+        server_ip,
+        port,
+        Duration::from_millis(1),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stream
+}

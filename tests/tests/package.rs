@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use xbr_tests::{
     lab_support::{LabBuilder, unique_name},
     skip::skip,
-    witness::{BridgeForwardCounter, PinRoot, UdpStream, tc_programs},
+    witness::{BridgeForwardCounter, PinRoot, stream_a_to_b, tc_programs},
 };
 
 const TEST: &str = "package";
@@ -571,16 +571,7 @@ fn upgrade_under_a_stream(xbr: &Path, reinstall: impl FnOnce()) {
     let pins = PinRoot::new(&host);
     let old = InstalledFollower::start(xbr, &host, &pins);
     let bridge = BridgeForwardCounter::install(&host);
-    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
-    let server_ip = spec.container("b").unwrap().address.addr;
-    let stream = UdpStream::start(
-        &ns("a"),
-        &ns("b"),
-        server_ip,
-        40403,
-        Duration::from_millis(1),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let stream = stream_a_to_b(&spec, 40403);
 
     old.stop();
     reinstall();

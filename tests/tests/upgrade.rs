@@ -14,7 +14,7 @@ use std::{
 
 use xbr_tests::{
     lab_support::LabBuilder,
-    witness::{BridgeForwardCounter, Follower, PinRoot, UdpStream, tc_programs},
+    witness::{BridgeForwardCounter, Follower, PinRoot, stream_a_to_b, tc_programs},
 };
 
 const PORTS: [&str; 3] = ["veth-a", "veth-b", "veth-c"];
@@ -69,21 +69,6 @@ fn layout_stamps(dir: &PathBuf) -> Vec<String> {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|name| name.starts_with("layout-"))
         .collect()
-}
-
-/// A UDP stream from container a to b (a datagram a millisecond), running for 300 ms.
-fn stream_a_to_b(spec: &xbr::lab::LabSpec, port: u16) -> UdpStream {
-    let ns = |name: &str| xbr::netns::NetNs::open(&spec.container_netns(name)).unwrap();
-    let server_ip = spec.container("b").unwrap().address.addr;
-    let stream = UdpStream::start(
-        &ns("a"),
-        &ns("b"),
-        server_ip,
-        port,
-        Duration::from_millis(1),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    stream
 }
 
 #[test]
